@@ -1,0 +1,46 @@
+# Berth: the two set-up commands (`make demo`, `make test`) and the checks they stand on.
+# Everything the tests need is installed here: the Python venv (keyed by the lock file, so a hit
+# is a no-op) and the Go-built control-plane binaries (cached by version by e2e/build-k8s.sh).
+SHELL := /bin/bash
+PYTHON ?= python3
+CACHE ?= $(or $(BERTH_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/berth)
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])')
+VENV_KEY := $(shell cat requirements.lock | sha256sum | cut -c1-16)
+VENV ?= $(CACHE)/venv-py$(PYVER)-$(VENV_KEY)
+BIN := $(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: venv toolchain demo test unit e2e lint lock crds
+
+$(VENV)/.installed: requirements.lock
+	@echo "[berth] installing Python packages into $(VENV) (about 5 min the first time)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv==0.13.8
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	touch $@
+
+venv: $(VENV)/.installed
+	@$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+
+toolchain:
+	@bash e2e/build-k8s.sh >/dev/null
+
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest tests
+
+e2e: venv toolchain
+	$(BIN)/pytest e2e
+
+test: venv toolchain lint
+	$(BIN)/pytest
+
+demo: venv toolchain
+	$(BIN)/berth demo

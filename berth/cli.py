@@ -1,0 +1,43 @@
+"""The ``berth`` command. Each subcommand lives beside the code it drives and is imported lazily,
+so that ``berth version`` or ``berth crds`` never pays for importing torch."""
+
+import importlib
+
+import click
+
+import berth
+
+# name -> "module:attribute" of a click command; imported only when that subcommand runs.
+SUBCOMMANDS: dict[str, str] = {
+    "cluster": "berth.e2e.cli:cluster",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def __init__(self, *args: object, lazy: dict[str, str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = self.lazy[cmd_name].split(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        assert isinstance(command, click.Command), f"{self.lazy[cmd_name]} is not a click command"
+        return command
+
+
+@click.group(cls=LazyGroup, lazy=SUBCOMMANDS)
+def main() -> None:
+    """Berth: pack LLMs onto fractional GPUs, burst, park and wake them."""
+
+
+@main.command()
+def version() -> None:
+    """Print Berth's version."""
+    click.echo(f"berth {berth.__version__}")

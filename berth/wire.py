@@ -1,0 +1,36 @@
+"""Names that the operator and the runtime both read: pod annotations, labels and env vars.
+
+Torch-free and dependency-free, so that the operator image and the runtime image agree on one
+spelling. The GPU scheduler writes the ``GPU_*`` annotations on a pod before it binds it; the
+runtime reads them through the downward API (an env var or a mounted file).
+"""
+
+from typing import Final
+
+GROUP: Final = "berth.dev"
+VERSION: Final = "v1alpha1"
+FIELD_MANAGER: Final = "berth"
+SCHEDULER_NAME: Final = "berth"
+
+# Node labels published by NVIDIA's GPU feature discovery (or, on kwok nodes, by the inventory).
+NODE_GPU_PRODUCT: Final = "nvidia.com/gpu.product"
+NODE_GPU_MEMORY_MIB: Final = "nvidia.com/gpu.memory"  # per GPU, MiB
+NODE_GPU_COUNT: Final = "nvidia.com/gpu.count"
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+# Comma-separated GPU UUIDs in device-index order, annotated on the Node by Berth's node agent.
+NODE_GPU_UUIDS: Final = f"{GROUP}/gpu-uuids"
+
+# Pod annotations written by the GPU scheduler (the ledger lives in these).
+POD_GPU_UUID: Final = f"{GROUP}/gpu-uuid"
+POD_GPU_INDEX: Final = f"{GROUP}/gpu-index"
+POD_GPU_MEMORY_REQUEST: Final = f"{GROUP}/gpu-memory-request"  # bytes
+POD_GPU_MEMORY_LIMIT: Final = f"{GROUP}/gpu-memory-limit"  # bytes
+
+# Labels on every object the operator renders.
+LABEL_SERVICE: Final = f"{GROUP}/inference-service"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+
+# Environment variables through which the runtime learns its GPU budget (downward API).
+ENV_GPU_MEMORY_REQUEST: Final = "BERTH_GPU_MEMORY_REQUEST"
+ENV_GPU_MEMORY_LIMIT: Final = "BERTH_GPU_MEMORY_LIMIT"
+ENV_GPU_UUID: Final = "BERTH_GPU_UUID"
