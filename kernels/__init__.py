@@ -1,0 +1,13 @@
+"""Berth's paged-attention kernels (Triton) and their PyTorch references.
+
+KV cache layout, shared by every kernel and the runtime (one tensor per layer for K and one for V):
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], the model's dtype.
+    A token's slot is ``block_id * block_size + offset``; ``block_tables[b, i]`` (int32
+    [num_seqs, max_blocks_per_seq]) is the block holding tokens ``i*block_size ..`` of sequence
+    b; entries past a sequence's last page are never read. ``seq_lens`` (int32 [num_seqs]) counts
+    the tokens in the cache per sequence, including the ones being computed now.
+
+Token-major pages keep one token's heads together, so ``write_kv_cache`` stores each new token
+as one contiguous run and the attention kernels read a head's page rows with unit stride.
+"""

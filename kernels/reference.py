@@ -1,0 +1,136 @@
+"""Pure-PyTorch paged attention: the specification the Triton kernels are tested against.
+
+Same names and signatures as ``berth.kernels`` (see the layout in ``berth.kernels``'s module
+docstring). These run on any device and dtype; they gather the pages of a whole batch in one
+indexing operation and hand the attention itself to ``scaled_dot_product_attention``, so the
+engine's CPU path can use them directly. Scores and softmax run in at least float32 (float64
+inputs stay float64, which is what the tests use as ground truth); the result is cast back to
+the query's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, float64 for float64: never compute softmax in 16 bits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _flat_slots(cache: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, block_size, Hkv, D] -> [num_slots, Hkv, D], a view (never a copy)."""
+    return cache.view(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
+
+
+def _gather_tokens(
+    cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """The first ``num_tokens`` cached tokens of each sequence: [B, num_tokens, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_pages = -(-num_tokens // block_size)
+    pages = block_tables[:, :num_pages].long()  # [B, P]
+    tokens = cache[pages]  # [B, P, block_size, Hkv, D]
+    b, p = pages.shape
+    return tokens.reshape(b, p * block_size, cache.shape[2], cache.shape[3])[:, :num_tokens]
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter key/value [T, Hkv, D] into the caches at ``slot_mapping`` [T]; slot < 0 skips."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    _flat_slots(k_cache)[slots] = key[keep].to(k_cache.dtype)
+    _flat_slots(v_cache)[slots] = value[keep].to(v_cache.dtype)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence ([B, Hq, D]) attending to its first ``seq_lens[b]`` tokens.
+
+    The batch is padded to ``max_seq_len`` (read from ``seq_lens`` when not given) and the
+    padding masked out, so the whole batch is one gather and one attention call.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max().item()) if num_seqs > 0 else 0
+    if out is None:
+        out = torch.empty_like(query)
+    if num_seqs == 0 or max_seq_len == 0:
+        return out
+    dtype = _compute_dtype(query.dtype)
+    keys = _gather_tokens(k_cache, block_tables, max_seq_len).to(dtype)  # [B, L, Hkv, D]
+    values = _gather_tokens(v_cache, block_tables, max_seq_len).to(dtype)
+    positions = torch.arange(max_seq_len, device=query.device)
+    visible = positions[None, :] < seq_lens[:, None].to(query.device)  # [B, L]
+    attn = F.scaled_dot_product_attention(
+        query.to(dtype).unsqueeze(2),  # [B, Hq, 1, D]
+        keys.transpose(1, 2),  # [B, Hkv, L, D]
+        values.transpose(1, 2),
+        attn_mask=visible[:, None, None, :],
+        scale=scale,
+        enable_gqa=num_heads != k_cache.shape[2],
+    )
+    out.copy_(attn.squeeze(2))
+    return out
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Packed new tokens [T, Hq, D] attending causally to their cached prefix and to themselves.
+
+    Query token i of sequence b sits at absolute position ``seq_lens[b] - q_len_b + i`` and sees
+    cache positions up to and including it; the new tokens' K/V must already be in the cache
+    (``write_kv_cache`` first). One attention call per sequence: lengths differ too much between
+    a prefill chunk and a decode token to pad the batch.
+    """
+    num_heads = query.shape[1]
+    if out is None:
+        out = torch.empty_like(query)
+    dtype = _compute_dtype(query.dtype)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    gqa = num_heads != k_cache.shape[2]
+    for b, context_len in enumerate(lens):
+        q_start, q_end = starts[b], starts[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        table = block_tables[b : b + 1]
+        keys = _gather_tokens(k_cache, table, context_len)[0].to(dtype)  # [L, Hkv, D]
+        values = _gather_tokens(v_cache, table, context_len)[0].to(dtype)
+        q_pos = torch.arange(context_len - q_len, context_len, device=query.device)
+        k_pos = torch.arange(context_len, device=query.device)
+        causal = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]
+        attn = F.scaled_dot_product_attention(
+            query[q_start:q_end].to(dtype).transpose(0, 1),  # [Hq, q_len, D]
+            keys.transpose(0, 1),  # [Hkv, L, D]
+            values.transpose(0, 1),
+            attn_mask=causal,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out[q_start:q_end] = attn.transpose(0, 1).to(out.dtype)
+    return out
