@@ -14,6 +14,7 @@ ETCD_VERSION=${BERTH_ETCD_VERSION:-3.6.16}
 HELM_VERSION=${BERTH_HELM_VERSION:-v3.19.0}
 CACHE=${BERTH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
 BIN="$CACHE/toolchain/k8s-$K8S_VERSION/bin"
+if [ "${1:-}" = --print-bin-dir ]; then echo "$BIN"; exit 0; fi
 
 log() { printf '[berth build-k8s] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -1,0 +1,73 @@
+"""``berth cluster up|down|status``: the loopback control plane for development and demos."""
+
+import time
+from pathlib import Path
+
+import click
+
+from berth.e2e.cluster import ClusterError, LocalCluster, default_state_dir
+from berth.e2e.toolchain import ToolchainError
+from berth.operator.inventory import DEFAULT_INVENTORY, load_inventory
+
+NODE_COLUMNS = (
+    "NAME:.metadata.name,STATUS:.status.conditions[?(@.type=='Ready')].status,"
+    "GPUS:.status.capacity.nvidia\\.com/gpu,"
+    "PRODUCT:.metadata.labels.nvidia\\.com/gpu\\.product,"
+    "GPU-MEMORY-MIB:.metadata.labels.nvidia\\.com/gpu\\.memory"
+)
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_state_dir,
+    show_default="~/.cache/berth/cluster",
+    help="Folder for certificates, kubeconfig, logs and process ids.",
+)
+
+
+@click.group()
+def cluster() -> None:
+    """A real local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)."""
+
+
+@cluster.command()
+@state_dir_option
+@click.option("--nodes", "nodes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Inventory YAML of simulated nodes (default: 4 nodes x 8 H100 + 1 CPU node).")  # fmt: skip
+@click.option("--port", default=6443, show_default=True, help="kube-apiserver port; 0 = any free.")
+def up(state_dir: Path, nodes_file: Path | None, port: int) -> None:
+    """Start the control plane in the background and print its GPU nodes."""
+    started = time.monotonic()
+    try:
+        inventory = load_inventory(nodes_file) if nodes_file else DEFAULT_INVENTORY
+        local = LocalCluster(state_dir=state_dir, inventory=inventory, api_port=port, attach=False)
+        local.up()
+    except (ClusterError, ToolchainError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"control plane ready in {time.monotonic() - started:.1f} s at {local.server}")
+    click.echo(local.kubectl("get", "nodes", "-o", f"custom-columns={NODE_COLUMNS}").rstrip())
+    click.echo(f"\nexport KUBECONFIG={local.kubeconfig}\nexport PATH={local.bin_dir}:$PATH")
+
+
+@cluster.command()
+@state_dir_option
+def down(state_dir: Path) -> None:
+    """Stop every component and check that none is left."""
+    try:
+        LocalCluster(state_dir=state_dir).down()
+    except ClusterError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo("control plane stopped")
+
+
+@cluster.command()
+@state_dir_option
+def status(state_dir: Path) -> None:
+    """Show each component's process and, when it runs, the nodes."""
+    local = LocalCluster(state_dir=state_dir)
+    states = local.status()
+    for component, state in states.items():
+        click.echo(f"{component:25} {state}")
+    if states["kube-apiserver"].startswith("running"):
+        local = LocalCluster.attach_existing(state_dir)
+        click.echo(local.kubectl("get", "nodes", "-o", f"custom-columns={NODE_COLUMNS}").rstrip())
