@@ -11,3 +11,9 @@ KV cache layout, shared by every kernel and the runtime (one tensor per layer fo
 Token-major pages keep one token's heads together, so ``write_kv_cache`` stores each new token
 as one contiguous run and the attention kernels read a head's page rows with unit stride.
 """
+
+from berth.kernels.decode import paged_decode_attention
+from berth.kernels.kv_cache import write_kv_cache
+from berth.kernels.prefill import paged_prefill_attention
+
+__all__ = ["paged_decode_attention", "paged_prefill_attention", "write_kv_cache"]

@@ -65,7 +65,7 @@ def paged_decode_attention(
     The batch is padded to ``max_seq_len`` (read from ``seq_lens`` when not given) and the
     padding masked out, so the whole batch is one gather and one attention call.
     """
-    num_seqs, num_heads, head_dim = query.shape
+    num_seqs, num_heads, _ = query.shape
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item()) if num_seqs > 0 else 0
     if out is None:

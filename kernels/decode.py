@@ -1,0 +1,312 @@
+"""Paged decode attention (flash-decoding): one new query token per sequence.
+
+Decode is memory-bound: each KV byte is used once per query group, so the kernel's job is to
+stream the pages at HBM speed. One program owns (sequence, KV head, split): it loads each page
+row of that KV head once and applies it to all ``Hq / Hkv`` query heads of the group with one
+tensor-core dot (the group padded to 16 rows). A batch too small to fill the GPU has its KV
+sequence split into ``num_splits`` pieces; each writes its partial output, normalised, and its
+log-sum-exp, and a second kernel merges them. The split count depends only on shapes and the
+caller's ``max_seq_len`` so the launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from berth.kernels import checks
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape: tokens per loop step, programs per SM to aim for, Triton's knobs."""
+
+    block_n: int = 64
+    waves: float = 4.0  # aim for this many programs per SM before splitting stops
+    min_split_tokens: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, Hq, D]; written when SINGLE_SPLIT
+    part_out_ptr,  # [B, Hq, num_splits, D] float32; written otherwise
+    part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_b,
+    stride_q_h,
+    stride_k_block,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_block,
+    stride_v_slot,
+    stride_v_head,
+    stride_bt_b,
+    stride_out_b,
+    stride_out_h,
+    num_splits,
+    split_tokens,  # tokens per split, a multiple of BLOCK_N
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * split_tokens
+    end = tl.minimum(start + split_tokens, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)  # query heads of this group
+    row_ok = rows < GROUP
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + seq * stride_q_b + heads[:, None] * stride_q_h + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )  # [G, D]
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)  # noqa: E741
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
+    k_base = k_cache_ptr + kv_head * stride_k_head
+    v_base = v_cache_ptr + kv_head * stride_v_head
+    for tok0 in range(start, end, BLOCK_N):
+        toks = tok0 + tl.arange(0, BLOCK_N)
+        tok_ok = toks < end
+        block = tl.load(table + toks // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+        slot = toks % BLOCK_SIZE
+        k = tl.load(
+            k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :],
+            mask=tok_ok[:, None],
+            other=0.0,
+        )  # [N, D]
+        v = tl.load(
+            v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :],
+            mask=tok_ok[:, None],
+            other=0.0,
+        )  # [N, D]
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, N], log2 units
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    if SINGLE_SPLIT:
+        # An empty sequence (padding in a captured batch) gets zeros, not NaN.
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        dst = out_ptr + seq * stride_out_b + heads[:, None] * stride_out_h + dims[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [G]
+        partial = acc / tl.where(l > 0, l, 1.0)[:, None]  # normalised within the split
+        dst = part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(dst, partial, mask=row_ok[:, None])
+        lse = tl.where(l > 0, m + tl.math.log2(l), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr,  # [B, Hq, num_splits, D] float32, each split normalised by its own sum
+    part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
+    out_ptr,  # [B, Hq, D]
+    stride_out_b,
+    stride_out_h,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < num_splits
+    lse = tl.load(part_lse_ptr + row * num_splits + splits, mask=split_ok, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    # Split i covers a softmax mass of 2^lse_i; the merged output is the mass-weighted mean.
+    weight = tl.math.exp2(lse - lse_max)  # [S]
+    total = tl.sum(weight, axis=0)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.load(
+        part_out_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+        mask=split_ok[:, None],
+        other=0.0,
+    )  # [S, D]
+    out = tl.sum(acc * weight[:, None], axis=0)
+    out = out / tl.where(total > 0, total, 1.0)
+    tl.store(
+        out_ptr + seq * stride_out_b + head * stride_out_h + dims, out.to(out_ptr.dtype.element_ty)
+    )
+
+
+@cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: few programs keep CPU tests fast
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, config: DecodeConfig
+) -> tuple[int, int]:
+    """(num_splits, tokens per split): split until the grid holds ``waves`` programs per SM,
+    but never below ``min_split_tokens`` per split, where the merge would cost more than it buys."""
+    max_seq_len = max(max_seq_len, 1)
+    base = max(num_seqs * num_kv_heads, 1)
+    wanted = triton.cdiv(int(config.waves * num_sms), base)
+    most = triton.cdiv(max_seq_len, config.min_split_tokens)
+    splits = max(1, min(wanted, most))
+    split_tokens = triton.cdiv(triton.cdiv(max_seq_len, splits), config.block_n) * config.block_n
+    return triton.cdiv(max_seq_len, split_tokens), split_tokens
+
+
+def default_config(head_dim: int, block_size: int) -> DecodeConfig:
+    """Tokens per step sized so one K and one V tile stay near 16 KB each."""
+    block_n = max(block_size, 8192 // head_dim)  # 64 tokens at D=128
+    return DecodeConfig(block_n=block_n)
+
+
+def launch_decode(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None,
+    max_seq_len: int | None,
+    config: DecodeConfig | None,
+) -> torch.Tensor:
+    """``paged_decode_attention`` with an explicit launch config (the benchmark sweeps it)."""
+    _, block_size, num_kv_heads, head_dim = checks.check_cache_pair(k_cache, v_cache)
+    device = checks.check_device(
+        query=query, k_cache=k_cache, block_tables=block_tables, seq_lens=seq_lens
+    )
+    checks.check_shape("query", query, (None, None, head_dim), "[num_seqs, num_heads, head_dim]")
+    num_seqs, num_heads, _ = query.shape
+    group = checks.check_attention_dims(num_heads, num_kv_heads, head_dim)
+    checks.check_same_dtype(query=query, k_cache=k_cache)
+    checks.check_unit_last_stride("query", query)
+    checks.check_shape("block_tables", block_tables, (num_seqs, None), "[num_seqs, max_blocks]")
+    checks.check_shape("seq_lens", seq_lens, (num_seqs,), "[num_seqs]")
+    checks.check_dtype("block_tables", block_tables, checks.INDEX_DTYPES)
+    checks.check_dtype("seq_lens", seq_lens, checks.INDEX_DTYPES)
+    checks.check_unit_last_stride("block_tables", block_tables)
+    checks.check_contiguous("seq_lens", seq_lens)
+    if max_seq_len is None:
+        # Without the caller's bound the table's capacity is the bound: no sync, still capturable.
+        max_seq_len = block_tables.shape[1] * block_size
+    if max_seq_len > block_tables.shape[1] * block_size:
+        raise ValueError(
+            f"max_seq_len {max_seq_len} exceeds the block table's capacity "
+            f"{block_tables.shape[1]} blocks x {block_size} tokens"
+        )
+    if out is None:
+        out = torch.empty_like(query)
+    else:
+        checks.check_out(out, query)
+    if num_seqs == 0:
+        return out
+    config = config or default_config(head_dim, block_size)
+    if config.block_n % block_size and block_size % config.block_n:
+        raise ValueError(f"block_n {config.block_n} and block_size {block_size} must nest")
+    num_splits, split_tokens = plan_splits(
+        num_seqs, num_kv_heads, max_seq_len, _num_sms(device), config
+    )
+    single = num_splits == 1
+    if single:
+        part_out = part_lse = out  # unused by the kernel
+    else:
+        part_out = torch.empty(
+            (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=device
+        )
+        part_lse = torch.empty(
+            (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
+        )
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * LOG2E,
+        query.stride(0),
+        query.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        num_splits,
+        split_tokens,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config.block_n,
+        SINGLE_SPLIT=single,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if not single:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            num_splits,
+            HEAD_DIM=head_dim,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Attention of query [B, Hq, D] over each sequence's first ``seq_lens[b]`` cached tokens.
+
+    ``max_seq_len`` (an upper bound of ``seq_lens``, a Python int) sets how far the KV sequence
+    is split; without it the block table's capacity is used. No host sync: graph-capturable.
+    """
+    return launch_decode(
+        query, k_cache, v_cache, block_tables, seq_lens, scale, out, max_seq_len, None
+    )

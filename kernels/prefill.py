@@ -1,0 +1,279 @@
+"""Paged prefill / extend attention: chunks of new tokens over their cached prefix and themselves.
+
+Serves chunked prefill, prefix-cache hits and decode tokens alike (a decode token is a chunk of
+one), so a mixed batch is one launch. The queries of all sequences are packed ``[T, Hq, D]`` and
+delimited by ``query_start_loc``; their K/V are already in the cache (``write_kv_cache`` first),
+so every key is read from pages the same way.
+
+One program owns ``BLOCK_Q`` consecutive query tokens of one sequence and one KV head, and
+stacks the ``Hq / Hkv`` query heads of the group as extra rows (row = token * GROUP_PAD + head):
+each K/V tile is loaded once for the whole group and the tensor-core tile is ``BLOCK_M`` rows
+tall whatever the GQA ratio. Program ids map to (sequence, tile) without a host sync: sequence
+b's tiles start at ``query_start_loc[b] // BLOCK_Q + b`` (increasing in b, never overlapping),
+found by binary search; ids past a sequence's last tile exit at once. Keys wholly before a
+tile's first query are visible to every row and run without masks; only the diagonal band
+pays for the causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from berth.kernels import checks
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile shape: ``block_m`` rows (query tokens x group heads), ``block_n`` keys per step."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The last sequence b whose first tile ``query_start_loc[b] // BLOCK_Q + b`` is <= tile."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32, tokens in cache including the new ones
+    query_start_loc_ptr,  # [B + 1] int32
+    out_ptr,  # [T, Hq, D]
+    qk_scale,  # softmax scale * log2(e)
+    num_seqs,
+    stride_q_t,
+    stride_q_h,
+    stride_k_block,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_block,
+    stride_v_slot,
+    stride_v_head,
+    stride_bt_b,
+    stride_out_t,
+    stride_out_h,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Heaviest tiles (the last ones of the last sequences) first, to shorten the tail.
+    tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(query_start_loc_ptr, tile_id, num_seqs, BLOCK_Q)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    q_first = (tile_id - (q_begin // BLOCK_Q + seq)) * BLOCK_Q  # first query of this tile
+    if q_first >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len  # cached tokens before this chunk
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_first + rows // GROUP_PAD  # query token within the chunk
+    group_head = rows % GROUP_PAD
+    row_ok = (q_idx < q_len) & (group_head < GROUP)
+    q_pos = prefix + q_idx  # absolute position; sees keys <= q_pos
+    dims = tl.arange(0, HEAD_DIM)
+    token = (q_begin + q_idx).to(tl.int64)
+    head = kv_head * GROUP + group_head
+    q = tl.load(
+        q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )  # [M, D]
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)  # noqa: E741
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
+    k_base = k_cache_ptr + kv_head * stride_k_head
+    v_base = v_cache_ptr + kv_head * stride_v_head
+    offsets = tl.arange(0, BLOCK_N)
+
+    # Keys before the tile's first query: visible to every row, no masks.
+    unmasked_end = (prefix + q_first) // BLOCK_N * BLOCK_N
+    for tok0 in range(0, unmasked_end, BLOCK_N):
+        toks = tok0 + offsets
+        block = tl.load(table + toks // BLOCK_SIZE).to(tl.int64)
+        slot = toks % BLOCK_SIZE
+        k = tl.load(
+            k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :]
+        )
+        v = tl.load(
+            v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :]
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    # The diagonal band: causal mask, and the chunk's end.
+    band_end = tl.minimum(prefix + q_first + BLOCK_Q, seq_len)
+    for tok0 in range(unmasked_end, band_end, BLOCK_N):
+        toks = tok0 + offsets
+        tok_ok = toks < band_end
+        block = tl.load(table + toks // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+        slot = toks % BLOCK_SIZE
+        k = tl.load(
+            k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :],
+            mask=tok_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :],
+            mask=tok_ok[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = (toks[None, :] <= q_pos[:, None]) & tok_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    dst = out_ptr + token[:, None] * stride_out_t + head[:, None] * stride_out_h + dims[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def default_config(head_dim: int, block_size: int) -> PrefillConfig:
+    """128 x 64 tiles at D <= 128; half the rows at D = 256 to stay within registers."""
+    if head_dim > 128:
+        return PrefillConfig(block_m=64, block_n=max(32, block_size), num_warps=8, num_stages=2)
+    return PrefillConfig(block_n=max(64, block_size))
+
+
+def launch_prefill(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None,
+    config: PrefillConfig | None,
+) -> torch.Tensor:
+    """``paged_prefill_attention`` with an explicit tile config (the benchmark sweeps it)."""
+    _, block_size, num_kv_heads, head_dim = checks.check_cache_pair(k_cache, v_cache)
+    checks.check_device(
+        query=query,
+        k_cache=k_cache,
+        block_tables=block_tables,
+        seq_lens=seq_lens,
+        query_start_loc=query_start_loc,
+    )
+    checks.check_shape("query", query, (None, None, head_dim), "[num_tokens, num_heads, head_dim]")
+    num_tokens, num_heads, _ = query.shape
+    group = checks.check_attention_dims(num_heads, num_kv_heads, head_dim)
+    checks.check_same_dtype(query=query, k_cache=k_cache)
+    checks.check_unit_last_stride("query", query)
+    checks.check_shape("seq_lens", seq_lens, (None,), "[num_seqs]")
+    num_seqs = seq_lens.shape[0]
+    checks.check_shape("block_tables", block_tables, (num_seqs, None), "[num_seqs, max_blocks]")
+    checks.check_shape("query_start_loc", query_start_loc, (num_seqs + 1,), "[num_seqs + 1]")
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        checks.check_dtype(name, t, checks.INDEX_DTYPES)
+    checks.check_dtype("query_start_loc", query_start_loc, checks.INDEX_DTYPES)
+    checks.check_unit_last_stride("block_tables", block_tables)
+    checks.check_contiguous("seq_lens", seq_lens)
+    checks.check_contiguous("query_start_loc", query_start_loc)
+    if out is None:
+        out = torch.empty_like(query)
+    else:
+        checks.check_out(out, query)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    config = config or default_config(head_dim, block_size)
+    group_pad = triton.next_power_of_2(group)
+    if config.block_m % group_pad:
+        raise ValueError(f"block_m {config.block_m} must be a multiple of the group {group_pad}")
+    if config.block_n % block_size and block_size % config.block_n:
+        raise ValueError(f"block_n {config.block_n} and block_size {block_size} must nest")
+    block_q = config.block_m // group_pad
+    num_tiles = num_tokens // block_q + num_seqs  # bounds sum_b cdiv(q_len_b, block_q)
+    _prefill_kernel[(num_tiles, num_kv_heads)](
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        out,
+        scale * LOG2E,
+        num_seqs,
+        query.stride(0),
+        query.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed new tokens [T, Hq, D] over their sequences' cached pages.
+
+    Query token i of sequence b sits at position ``seq_lens[b] - q_len_b + i``; its K/V must
+    already be in the cache. No host sync: mixed prefill/decode batches are one launch.
+    """
+    return launch_prefill(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, None
+    )
