@@ -1,0 +1,226 @@
+"""The paged KV block pool: reference-counted fixed-size blocks with a prefix cache.
+
+A block holds ``block_size`` consecutive tokens' keys and values for every layer. A sequence
+owns an ordered list of block ids (its block table). Full blocks are named by a hash chain over
+their tokens (each hash covers the block and everything before it), so a new sequence whose
+prompt starts with the same tokens reuses those blocks instead of computing them again.
+
+Free blocks come in two kinds: plain ones (no cached content), used first, and *evictable*
+ones, which still hold a cached prefix and are reused least-recently-freed first. The pool's
+capacity can change while it runs: ``resize`` grows it, or shrinks it by giving back its highest
+block ids once nobody holds them (the elastic-memory path maps and unmaps that region).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence as Seq
+
+from berth.runtime.engine.sequence import Sequence
+
+
+class KvBlockPool:
+    """Hands out KV blocks to sequences; knows which cached prefixes it still holds."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_blocks = 0
+        self.ref_counts: list[int] = []
+        self.block_hash: list[int | None] = []
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.free: deque[int] = deque()  # ref 0, no cached content
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached; LRU first
+        self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the runner
+        self.resize(num_blocks)
+
+    # ---- capacity -------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def resize(self, num_blocks: int) -> None:
+        """Grow to, or shrink to, ``num_blocks`` blocks (ids ``0..num_blocks-1``).
+
+        Shrinking gives back the highest ids; each of them must be free (the scheduler preempts
+        their holders first). Cached content in a given-back block is forgotten.
+        """
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        if num_blocks >= self.num_blocks:
+            new = range(self.num_blocks, num_blocks)
+            self.ref_counts.extend(0 for _ in new)
+            self.block_hash.extend(None for _ in new)
+            self.free.extend(new)
+            self.num_blocks = num_blocks
+            return
+        held = [b for b in range(num_blocks, self.num_blocks) if self.ref_counts[b]]
+        if held:
+            raise RuntimeError(f"cannot shrink to {num_blocks} blocks: blocks {held[:8]} are held")
+        for b in range(num_blocks, self.num_blocks):
+            h = self.block_hash[b]
+            if h is not None:
+                del self.cached[h]
+                del self.evictable[b]
+        self.free = deque(b for b in self.free if b < num_blocks)
+        del self.ref_counts[num_blocks:]
+        del self.block_hash[num_blocks:]
+        self.num_blocks = num_blocks
+
+    # ---- prefix cache ---------------------------------------------------------------------
+
+    def _extend_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
+        """Extend ``seq.block_hashes`` (the hash chain) to its first ``num_full_blocks`` blocks."""
+        bs = self.block_size
+        hashes = seq.block_hashes
+        prev = hashes[-1] if hashes else 0
+        for i in range(len(hashes), num_full_blocks):
+            prev = hash((prev, *seq.token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(prev)
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks that hold ``seq``'s leading full blocks, in order.
+
+        The last token is never covered: its logits are needed to sample, so at least one
+        token is always computed.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        num_full = (seq.num_tokens - 1) // self.block_size
+        self._extend_hashes(seq, num_full)
+        hits: list[int] = []
+        for h in seq.block_hashes[:num_full]:
+            b = self.cached.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Name the blocks that became full and computed, so later prompts can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_hashed_blocks:
+            return
+        self._extend_hashes(seq, num_full)
+        for i in range(seq.num_hashed_blocks, num_full):
+            h = seq.block_hashes[i]
+            b = seq.block_table[i]
+            if h not in self.cached and self.block_hash[b] is None:
+                self.cached[h] = b
+                self.block_hash[b] = h
+        seq.num_hashed_blocks = num_full
+
+    # ---- allocation -----------------------------------------------------------------------
+
+    def _take(self) -> int:
+        if self.free:
+            b = self.free.popleft()
+        else:
+            b, _ = self.evictable.popitem(last=False)
+            h = self.block_hash[b]
+            assert h is not None
+            del self.cached[h]
+            self.block_hash[b] = None
+        self.ref_counts[b] = 1
+        return b
+
+    def _release(self, b: int) -> None:
+        self.ref_counts[b] -= 1
+        if self.ref_counts[b] == 0:
+            if self.block_hash[b] is None:
+                self.free.append(b)
+            else:
+                self.evictable[b] = None
+
+    def allocate(
+        self, seq: Sequence, num_new_tokens: int, prefix: Seq[int] = (), reserve: int = 0
+    ) -> bool:
+        """Give ``seq`` room for ``num_new_tokens`` more tokens after its computed ones.
+
+        ``prefix`` (from ``match_prefix``, only for a sequence that holds no blocks yet) are
+        cached blocks it takes as already computed. Fails, changing nothing, unless at least
+        ``reserve`` free blocks (the admission watermark) would remain.
+        """
+        bs = self.block_size
+        num_computed = seq.num_computed_tokens + len(prefix) * bs
+        held = len(seq.block_table) + len(prefix)
+        need = max(0, self.blocks_needed(num_computed + num_new_tokens) - held)
+        # Appending into a partial last block that a fork shares: copy it first.
+        cow = (
+            num_new_tokens > 0
+            and num_computed % bs != 0
+            and self.ref_counts[seq.block_table[-1]] > 1
+        )
+        revived = sum(1 for b in prefix if self.ref_counts[b] == 0)
+        if self.num_free_blocks - revived - need - cow < reserve:
+            return False
+        if prefix:
+            assert not seq.block_table, "a prefix is only taken by a sequence with no blocks"
+            for b in prefix:
+                if self.ref_counts[b] == 0:
+                    del self.evictable[b]
+                self.ref_counts[b] += 1
+            seq.block_table.extend(prefix)
+            seq.num_computed_tokens = num_computed
+            seq.num_hashed_blocks = len(prefix)
+        if cow:
+            src = seq.block_table[-1]
+            dst = self._take()
+            self._release(src)
+            seq.block_table[-1] = dst
+            self.pending_copies.append((src, dst))
+        for _ in range(need):
+            seq.block_table.append(self._take())
+        return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let ``child`` share all of ``parent``'s blocks (copy-on-write for a partial last one)."""
+        assert not child.block_table
+        for b in parent.block_table:
+            self.ref_counts[b] += 1
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_hashes = list(parent.block_hashes)
+        child.num_hashed_blocks = parent.num_hashed_blocks
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Drop ``seq``'s blocks; tail first, so a cached prefix outlives its suffix in the LRU."""
+        for b in reversed(seq.block_table):
+            self._release(b)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    # ---- invariants (tests and debugging) ---------------------------------------------------
+
+    def check_invariants(self, holders: Iterable[Sequence]) -> None:
+        """Assert that reference counts match the holders' block tables and nothing leaked."""
+        counts = [0] * self.num_blocks
+        for seq in holders:
+            for b in seq.block_table:
+                counts[b] += 1
+        assert counts == self.ref_counts, "reference counts disagree with the block tables"
+        free = set(self.free)
+        assert len(free) == len(self.free), "a block is on the free list twice"
+        assert not free & set(self.evictable), "a block is both free and evictable"
+        unheld = {b for b in range(self.num_blocks) if counts[b] == 0}
+        assert free | set(self.evictable) == unheld, "free + evictable != unheld blocks (leak)"
+        assert all(self.block_hash[b] is None for b in free), "a plain free block has a hash"
+        assert all(self.block_hash[b] is not None for b in self.evictable)
+        for h, b in self.cached.items():
+            assert self.block_hash[b] == h, "the cache map and the block hashes disagree"
+        assert sum(h is not None for h in self.block_hash) == len(self.cached)

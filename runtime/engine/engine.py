@@ -1,0 +1,267 @@
+"""The engine: requests in, tokens out, one scheduler iteration per ``step()``.
+
+Synchronous and single-threaded by design: the server drives ``step()`` from one thread and
+the benchmarks and the CLI call ``generate``/``stream``. Each step schedules a batch, runs the
+model, samples, and turns the new tokens into per-request outputs (text, stops, log-probs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from berth.runtime.engine.block_manager import KvBlockPool
+from berth.runtime.engine.config import EngineConfig, SamplingParams
+from berth.runtime.engine.detokenizer import Detokenizer
+from berth.runtime.engine.model_config import ModelConfig
+from berth.runtime.engine.model_runner import ModelRunner
+from berth.runtime.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob
+from berth.runtime.engine.sampler import Sampler
+from berth.runtime.engine.scheduler import Scheduler
+from berth.runtime.engine.sequence import Sequence
+from berth.runtime.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    detokenizer: Detokenizer
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+
+
+class Engine:
+    """Loads one model and serves many concurrent requests with continuous batching."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = Tokenizer(config.model)
+        self.model_name = Path(config.model).resolve().name
+        self.max_model_len = self._max_model_len(config, self.model_config)
+        self.runner = ModelRunner(config, self.model_config, self.max_model_len)
+        self.pool = KvBlockPool(
+            self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.pool)
+        self.sampler = Sampler(self.runner.device, config.seed)
+        self.requests: dict[str, _Request] = {}
+        self._eos = frozenset(self.tokenizer.eos_token_ids)
+        self._ids = itertools.count()
+        log.info(
+            "engine ready: %s (%s, %s, %s kernels), %d KV blocks of %d tokens, max_model_len %d",
+            self.model_name, self.runner.device, self.runner.dtype, self.runner.kernel_backend,
+            self.pool.num_blocks, config.block_size, self.max_model_len,
+        )
+
+    @staticmethod
+    def _max_model_len(config: EngineConfig, model: ModelConfig) -> int:
+        limit = model.max_position_embeddings
+        if model.sliding_window is not None:
+            limit = min(limit, model.sliding_window)  # no sliding-window attention kernel
+        if config.max_model_len is None:
+            return limit
+        if config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds what the model supports ({limit})"
+            )
+        return config.max_model_len
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> None:
+        """Queue a request; raise ``ValueError`` if it is empty, too long, or its params are bad."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params.validate(self.max_model_len)
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens; this model's context holds "
+                f"{self.max_model_len}, and at least one must be left for the output"
+            )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        seq = Sequence(request_id, token_ids, len(token_ids), params)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        generator = None if params.seed is None else self.sampler.request_generator(params.seed)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self._eos
+        )
+        self.requests[request_id] = _Request(
+            seq, Detokenizer(self.tokenizer, params.stop), generator, stop_ids
+        )
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; an unknown id is a no-op."""
+        if self.requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration; an output for each request that gained tokens or finished."""
+        batch = self.scheduler.schedule()
+        outputs = [self._finished_output(seq) for seq in batch.aborted]
+        if not batch.seqs:
+            return outputs
+        copies = self.pool.take_pending_copies()
+        if copies:
+            self.runner.copy_blocks(copies)
+        logits = self.runner.execute(batch)
+        sampling: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+            self.pool.register_computed(seq)
+        requests = [self.requests[s.request_id] for s in sampling]
+        token_ids, logprobs = self.sampler(
+            logits, [s.params for s in sampling], [r.generator for r in requests]
+        )
+        for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
+            outputs.append(self._append(req, token, logprobs[i] if logprobs else None))
+        self.scheduler.drop_finished()
+        return outputs
+
+    def _append(self, req: _Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        """Add a sampled token to its sequence, and decide whether the request is done."""
+        seq = req.seq
+        seq.token_ids.append(token)
+        if logprob is not None and seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+        reason: FinishReason | None = None
+        if token in req.stop_ids:
+            reason = "stop"
+        elif req.detokenizer.add(token):
+            reason = "stop"
+        elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_text=req.detokenizer.take(reason is not None),
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=None if logprob is None else [logprob],
+        )
+
+    def _finished_output(self, seq: Sequence) -> RequestOutput:
+        """The final output of a request the scheduler ended on its own (it can never fit)."""
+        req = self.requests.pop(seq.request_id)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[],
+            new_text=req.detokenizer.take(True),
+            finished=True,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=[] if seq.logprobs is not None else None,
+        )
+
+    # ---- capacity and gauges -------------------------------------------------------------------
+
+    def resize_kv_pool(self, num_blocks: int) -> int:
+        """Change how many KV blocks the scheduler may use (at most the allocated tensor's);
+        shrinking preempts the sequences holding the blocks given back. Returns how many
+        sequences were preempted. The elastic-memory path backs growth past the allocation."""
+        if not 1 <= num_blocks <= self.runner.num_kv_blocks:
+            raise ValueError(
+                f"num_blocks must be in [1, {self.runner.num_kv_blocks}] (the allocated KV "
+                f"tensor), got {num_blocks}"
+            )
+        return len(self.scheduler.resize_pool(num_blocks))
+
+    def stats(self) -> EngineStats:
+        pool = self.pool
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_total_blocks=pool.num_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            kv_cache_usage=pool.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            kv_cache_bytes=pool.num_blocks * self.runner.block_bytes,
+        )
+
+    # ---- conveniences ---------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams
+    ) -> list[RequestOutput]:
+        """Run ``prompts`` to completion together; one aggregated output per prompt, in order
+        (all token ids, the whole text, every log-prob). Needs an otherwise idle engine."""
+        self._require_idle("generate")
+        ids = [f"generate-{next(self._ids)}" for _ in prompts]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            self.add_request(request_id, prompt, params)
+        merged: dict[str, RequestOutput] = {}
+        try:
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.request_id in merged:
+                        _merge(merged[out.request_id], out)
+                    else:
+                        merged[out.request_id] = out
+        finally:
+            for request_id in ids:
+                self.abort_request(request_id)
+        return [merged[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Yield one request's outputs as they come; closing the iterator aborts it."""
+        self._require_idle("stream")
+        request_id = f"stream-{next(self._ids)}"
+        self.add_request(request_id, prompt, params)
+        try:
+            while self.has_unfinished():
+                for out in self.step():
+                    yield out
+                    if out.finished:
+                        return
+        finally:
+            self.abort_request(request_id)
+
+    def _require_idle(self, what: str) -> None:
+        if self.has_unfinished():
+            raise RuntimeError(
+                f"Engine.{what} drives the engine itself; it cannot run beside other requests "
+                "(use add_request/step instead)"
+            )
+
+
+def _merge(into: RequestOutput, out: RequestOutput) -> None:
+    into.new_token_ids += out.new_token_ids
+    into.new_text += out.new_text
+    into.finished, into.finish_reason = out.finished, out.finish_reason
+    into.num_output_tokens = out.num_output_tokens
+    if into.logprobs is not None and out.logprobs is not None:
+        into.logprobs += out.logprobs

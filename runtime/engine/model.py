@@ -1,0 +1,219 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2 with QKV bias, Qwen3 with q/k norm).
+
+Tokens of all sequences in a step are packed into one ``[T, hidden]`` batch. Attention reads
+and writes the paged KV cache through three kernel functions (Triton on the GPU, their PyTorch
+references on the CPU) chosen once by the runner. Projections are fused (QKV, gate+up) so a
+layer is a handful of launches; numerics otherwise follow Hugging Face's implementation (norms
+in fp32, RoPE tables in fp32 cast to the model dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from berth.runtime.engine.model_config import ModelConfig
+
+
+@dataclass
+class AttentionOps:
+    """The paged-attention kernels in use: ``berth.kernels`` or ``berth.kernels.reference``."""
+
+    write_kv_cache: Callable[..., Any]
+    paged_decode_attention: Callable[..., Any]
+    paged_prefill_attention: Callable[..., Any]
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and what each may attend to."""
+
+    slot_mapping: torch.Tensor  # int64 [T]; -1 = padding
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor  # int32 [B], tokens in the cache including the new ones
+    query_start_loc: torch.Tensor | None  # int32 [B+1]; None = decode (one token per sequence)
+    max_seq_len: int  # upper bound of seq_lens (decode kernel split count)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2], with Llama 3's long-context rescaling."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv
+    factor = float(scaling["factor"])
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        return inv / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, ops: AttentionOps) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.scale = self.head_dim**-0.5
+        self.ops = ops
+        self.k_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D], set by the runner
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.query_start_loc is None:
+            o = self.ops.paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                max_seq_len=meta.max_seq_len,
+            )
+        else:
+            o = self.ops.paged_prefill_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                meta.query_start_loc, self.scale,
+            )
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, ops: AttentionOps) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, ops: AttentionOps) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, ops) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Token ids and positions in, hidden states out; ``logits`` for the rows that sample."""
+
+    # checkpoint projection -> (fused parameter, index of its part)
+    PACKED = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig, ops: AttentionOps, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, ops)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.max_positions = max_positions
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def init_rope(self) -> None:
+        """Build the [max_positions, 2, head_dim] cos/sin table (fp32 math, model dtype)."""
+        inv = rope_inv_freq(self.config).to(self.model.norm.weight.device)
+        pos = torch.arange(self.max_positions, device=inv.device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.model.norm.weight.dtype
+        self.cos_sin = torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype)
+
+    def part_rows(self, fused: str, index: int) -> tuple[int, int]:
+        """Row range of part ``index`` inside fused parameter ``fused``."""
+        c = self.config
+        if fused == "qkv_proj":
+            sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        else:
+            sizes = [c.intermediate_size, c.intermediate_size]
+        start = sum(sizes[:index])
+        return start, start + sizes[index]
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        cos_sin = self.cos_sin[positions]  # [T, 2, D]
+        cos, sin = cos_sin[:, 0], cos_sin[:, 1]
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, meta)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()

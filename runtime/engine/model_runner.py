@@ -1,0 +1,298 @@
+"""Runs the model for one scheduled batch: builds the step's inputs, owns the KV cache, and
+replays CUDA graphs for decode steps.
+
+A decode step (one token per sequence) on the GPU replays a graph captured for the next larger
+batch size, padded with rows that write nowhere, so its CPU cost is filling a few pinned host
+arrays and one replay instead of hundreds of kernel launches. Prefill and mixed steps run
+eagerly. On the CPU the same code runs with the kernels' PyTorch references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from berth.runtime.engine.config import EngineConfig
+from berth.runtime.engine.model import AttentionMetadata, AttentionOps, CausalLM
+from berth.runtime.engine.model_config import DTYPES, ModelConfig
+from berth.runtime.engine.scheduler import ScheduledBatch
+from berth.runtime.engine.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+_PAD_TOKENS = np.array([[0], [0], [-1]])  # token id, position, slot of a padding row
+
+CPU_KV_CACHE_BYTES = 512 << 20  # default pool on the CPU
+GPU_MEMORY_HEADROOM = 0.10  # of total device memory, kept free for activations and graphs
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, checkpoint: torch.dtype) -> torch.dtype:
+    return checkpoint if name == "auto" else DTYPES[name]
+
+
+def attention_ops(device: torch.device) -> tuple[AttentionOps, str]:
+    """Triton kernels on the GPU when ``berth.kernels`` provides them, else the references."""
+    if device.type == "cuda":
+        try:
+            from berth import kernels
+
+            return (
+                AttentionOps(
+                    kernels.write_kv_cache,  # type: ignore[attr-defined]
+                    kernels.paged_decode_attention,  # type: ignore[attr-defined]
+                    kernels.paged_prefill_attention,  # type: ignore[attr-defined]
+                ),
+                "triton",
+            )
+        except (ImportError, AttributeError) as e:
+            log.warning("Triton kernels unavailable (%s); using the PyTorch references", e)
+    from berth.kernels import reference
+
+    ops = AttentionOps(
+        reference.write_kv_cache,
+        reference.paged_decode_attention,
+        reference.paged_prefill_attention,
+    )
+    return ops, "reference"
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))
+    return [*sizes, max_num_seqs]
+
+
+class ModelRunner:
+    """Owns the weights, the KV cache tensors and the captured decode graphs."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_config.dtype)
+        self.model_config = model_config
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // config.block_size)
+        self.max_num_seqs = config.max_num_seqs
+        self.ops, self.kernel_backend = attention_ops(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with torch.device("meta"), _default_dtype(self.dtype):
+            model = CausalLM(model_config, self.ops, max_model_len)
+        self.model = model.to_empty(device=self.device).eval()
+        load_weights(self.model, model_config, Path(config.model))
+        self.model.init_rope()
+        self.num_kv_blocks = self._size_kv_pool(config)
+        self._allocate_kv_cache()
+        pin = self.device.type == "cuda"
+        # Host staging for decode steps: [3, max_num_seqs] (ids, positions, slots), seq lens,
+        # block tables. Pinned, so the copies to the device are asynchronous.
+        self.h_tokens = torch.zeros((3, self.max_num_seqs), dtype=torch.int64, pin_memory=pin)
+        self.h_seq_lens = torch.ones(self.max_num_seqs, dtype=torch.int32, pin_memory=pin)
+        self.h_block_tables = torch.zeros(
+            (self.max_num_seqs, self.max_blocks_per_seq), dtype=torch.int32, pin_memory=pin
+        )
+        self.np_tokens = self.h_tokens.numpy()
+        self.np_seq_lens = self.h_seq_lens.numpy()
+        self.np_block_tables = self.h_block_tables.numpy()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_sizes: list[int] = []
+        use_graphs = (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.kernel_backend == "triton"
+        )
+        if use_graphs:
+            self._capture_decode_graphs()
+
+    # ---- KV cache -------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        c = self.model_config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * itemsize
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_kv_blocks * self.block_bytes
+
+    def _size_kv_pool(self, config: EngineConfig) -> int:
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        if config.kv_cache_bytes is not None:
+            n = config.kv_cache_bytes // self.block_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            n = int(free - GPU_MEMORY_HEADROOM * total) // self.block_bytes
+        else:
+            most = self.max_num_seqs * self.max_blocks_per_seq
+            n = min(CPU_KV_CACHE_BYTES // self.block_bytes, most)
+        if n < 1:
+            raise ValueError(
+                f"no room for a single KV block ({self.block_bytes} bytes): give the engine "
+                "more memory or set kv_cache_bytes / num_kv_blocks"
+            )
+        return int(n)
+
+    def _allocate_kv_cache(self) -> None:
+        c = self.model_config
+        shape = (c.num_layers, 2, self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache = self.kv_cache[i, 0]
+            layer.self_attn.v_cache = self.kv_cache[i, 1]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (all layers, K and V)."""
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    # ---- one step -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the batch; return fp32 logits [S, vocab] for the sequences that sample, i.e.
+        those whose new tokens reach their last token, in batch order."""
+        if batch.is_decode:
+            return self._decode(batch)
+        return self._prefill(batch)
+
+    def _fill_block_tables(self, seqs: list, rows: int) -> int:  # type: ignore[type-arg]
+        """Write each sequence's block table into the pinned host rows; return the widest."""
+        table = self.np_block_tables
+        width = 1
+        for i, seq in enumerate(seqs):
+            bt = seq.block_table
+            table[i, : len(bt)] = bt
+            width = max(width, len(bt))
+        table[len(seqs) : rows, 0] = 0
+        return width
+
+    def _decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        seqs = batch.seqs
+        b = len(seqs)
+        bs = self.block_size
+        graph_size = next((g for g in self.graph_sizes if g >= b), 0)
+        rows = graph_size or b
+        tokens, seq_lens = self.np_tokens, self.np_seq_lens
+        positions = [s.num_computed_tokens for s in seqs]
+        tokens[0, :b] = [s.token_ids[-1] for s in seqs]
+        tokens[1, :b] = positions
+        tokens[2, :b] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        seq_lens[:b] = positions
+        seq_lens[:b] += 1
+        if rows > b:  # graph padding: read block 0, write nowhere
+            tokens[:, b:rows] = _PAD_TOKENS
+            seq_lens[b:rows] = 1
+        width = self._fill_block_tables(seqs, rows)
+        if graph_size:
+            self.d_tokens[:, :rows].copy_(self.h_tokens[:, :rows], non_blocking=True)
+            self.d_seq_lens[:rows].copy_(self.h_seq_lens[:rows], non_blocking=True)
+            self.d_block_tables[:rows, :width].copy_(
+                self.h_block_tables[:rows, :width], non_blocking=True
+            )
+            self.graphs[graph_size].replay()
+            return self.d_logits[:b]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=self.h_tokens[2, :b].to(dev),
+            block_tables=self.h_block_tables[:b, :width].to(dev),
+            seq_lens=self.h_seq_lens[:b].to(dev),
+            query_start_loc=None,
+            max_seq_len=int(seq_lens[:b].max()),
+        )
+        hidden = self.model(self.h_tokens[0, :b].to(dev), self.h_tokens[1, :b].to(dev), meta)
+        return self.model.logits(hidden)
+
+    def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        seq_lens: list[int] = []
+        starts = [0]
+        sample_rows: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids += seq.token_ids[start:end]
+            pos = np.arange(start, end)
+            positions.append(pos)
+            slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
+            seq_lens.append(end)
+            starts.append(starts[-1] + n)
+            if end == seq.num_tokens:
+                sample_rows.append(starts[-1] - 1)
+        b = len(batch.seqs)
+        width = self._fill_block_tables(batch.seqs, b)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            block_tables=self.h_block_tables[:b, :width].to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev),
+            max_seq_len=max(seq_lens),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev)
+        hidden = self.model(input_ids, torch.from_numpy(np.concatenate(positions)).to(dev), meta)
+        return self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
+
+    # ---- CUDA graphs ----------------------------------------------------------------------
+
+    def _capture_decode_graphs(self) -> None:
+        """Capture one decode graph per batch size, largest first, sharing one memory pool."""
+        n = self.max_num_seqs
+        dev = self.device
+        self.d_tokens = torch.zeros((3, n), dtype=torch.int64, device=dev)
+        self.d_tokens[2].fill_(-1)
+        self.d_seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.d_block_tables = torch.zeros(
+            (n, self.max_blocks_per_seq), dtype=torch.int32, device=dev
+        )
+        self.d_logits = torch.zeros((n, self.model_config.vocab_size), dtype=torch.float32, device=dev)
+        pool = None
+        sizes = graph_batch_sizes(n)
+        for size in reversed(sizes):
+            meta = AttentionMetadata(
+                slot_mapping=self.d_tokens[2, :size],
+                block_tables=self.d_block_tables[:size],
+                seq_lens=self.d_seq_lens[:size],
+                query_start_loc=None,
+                max_seq_len=self.max_model_len,
+            )
+            with torch.inference_mode():
+                hidden = self.model(self.d_tokens[0, :size], self.d_tokens[1, :size], meta)
+                self.d_logits[:size] = self.model.logits(hidden)  # warm-up: compile, autotune
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self.model(self.d_tokens[0, :size], self.d_tokens[1, :size], meta)
+                    self.d_logits[:size] = self.model.logits(hidden)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(dev)
+        self.graph_sizes = sizes

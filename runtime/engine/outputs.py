@@ -1,0 +1,47 @@
+"""What the engine hands back: per-request increments and engine-wide gauges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the ``top`` N alternatives, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class RequestOutput:
+    """One request's progress in one step: the tokens and text it gained since the last one."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # incrementally detokenized, stop strings removed
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the scheduler and KV pool, for metrics and the node agent."""
+
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float  # 0..1, blocks held by live sequences
+    num_preemptions: int  # cumulative
+    prefix_cache_queries: int  # tokens looked up, cumulative
+    prefix_cache_hits: int  # tokens found, cumulative
+    kv_cache_bytes: int

@@ -1,0 +1,104 @@
+"""Choosing the next token of each sequence from its logits, in one batched pass.
+
+Greedy rows take the argmax. Random rows apply temperature, then top-k and top-p on the sorted
+distribution, then min-p, and draw with the exponential-race trick (argmax of p / E with
+E ~ Exp(1)), which needs one noise vector per row: a request with a seed draws its noise from
+its own generator, so its tokens do not depend on what else is in the batch. Log-probabilities
+come from the model's raw distribution (before temperature and truncation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from berth.runtime.engine.config import SamplingParams
+from berth.runtime.engine.outputs import TokenLogprob
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def request_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [S, V] float32
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> tuple[list[int], list[TokenLogprob | None] | None]:
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = self._sample(logits, params, generators, greedy)
+        want = [p.logprobs for p in params]
+        if all(n is None for n in want):
+            return chosen.tolist(), None
+        return self._with_logprobs(logits, chosen, want)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        greedy: list[bool],
+    ) -> torch.Tensor:
+        rows, vocab = logits.shape
+        dev = logits.device
+        temperature = torch.tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev
+        )
+        x = logits / temperature[:, None]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=dev)[None, :]
+            cut = ranks >= torch.tensor(top_k, device=dev)[:, None]
+            if any(p < 1.0 for p in top_p):  # over what top-k kept, renormalised
+                probs = sorted_x.masked_fill(cut, -torch.inf).softmax(dim=-1)
+                before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
+                cut |= before > torch.tensor(top_p, device=dev)[:, None]
+            cut[:, 0] = False
+            x = torch.empty_like(x).scatter_(-1, order, sorted_x.masked_fill(cut, -torch.inf))
+        probs = x.softmax(dim=-1)
+        min_p = [p.min_p for p in params]
+        if any(m > 0.0 for m in min_p):
+            floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < floor, 0.0)
+        noise = torch.empty_like(probs)
+        shared = [i for i, g in enumerate(generators) if g is None]
+        if shared:
+            noise[shared] = torch.empty(len(shared), vocab, device=dev).exponential_(
+                generator=self.generator
+            )
+        for i, g in enumerate(generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        sampled = (probs / noise).argmax(dim=-1)
+        if any(greedy):
+            mask = torch.tensor(greedy, device=dev)
+            sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
+        return sampled
+
+    @staticmethod
+    def _with_logprobs(
+        logits: torch.Tensor, chosen: torch.Tensor, want: list[int | None]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        logprobs = logits.log_softmax(dim=-1)
+        picked = logprobs.gather(-1, chosen[:, None])[:, 0]
+        n = max((k for k in want if k is not None), default=0)
+        top_vals, top_ids = logprobs.topk(n, dim=-1) if n else (logprobs[:, :0], chosen[:, None][:, :0])
+        ids = chosen.tolist()
+        picked_l, vals_l, top_l = picked.tolist(), top_vals.tolist(), top_ids.tolist()
+        out: list[TokenLogprob | None] = []
+        for i, k in enumerate(want):
+            if k is None:
+                out.append(None)
+            else:
+                top = list(zip(top_l[i][:k], vals_l[i][:k], strict=True))
+                out.append(TokenLogprob(ids[i], picked_l[i], top))
+        return ids, out

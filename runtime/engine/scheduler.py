@@ -1,0 +1,152 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Each step spends a token budget: running sequences first (decodes before unfinished prefills),
+then waiting ones in arrival order (FCFS), their prompts cut into chunks so that one long prompt
+never stalls everyone's decoding. When the pool runs out of blocks the newest running sequence
+is preempted: it drops its blocks and later computes them again (mostly from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from berth.runtime.engine.block_manager import KvBlockPool
+from berth.runtime.engine.config import EngineConfig
+from berth.runtime.engine.outputs import FinishReason
+from berth.runtime.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: ``num_new_tokens[i]`` tokens of ``seqs[i]``, after its computed ones."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    aborted: list[Sequence] = field(default_factory=list)  # can never fit the pool
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds one token: the shape the CUDA graphs were captured for."""
+        return len(self.num_new_tokens) == len(self.seqs) and all(
+            n == 1 for n in self.num_new_tokens
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    """Holds the waiting queue and the running set, and the pool they draw blocks from."""
+
+    def __init__(self, config: EngineConfig, pool: KvBlockPool, watermark: float = 0.01) -> None:
+        self.pool = pool
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.watermark = watermark
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens
+        self.prefix_cache_hits = 0  # tokens
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        preempted = False
+        # Decodes first, then running prefills; each group keeps its order.
+        order = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        if len(order) != len(self.running):
+            order += [s for s in self.running if s.num_tokens - s.num_computed_tokens != 1]
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.pool.allocate(seq, n):
+                victim = max(
+                    (s for s in self.running if id(s) not in scheduled), key=lambda s: s.arrival
+                )
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                scheduled.add(id(seq))
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+        if preempted:
+            return batch
+        reserve = int(self.watermark * self.pool.num_blocks)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.pool.blocks_needed(seq.num_tokens + 1) > self.pool.num_blocks:
+                self.waiting.popleft()
+                self._finish(seq, "abort")
+                batch.aborted.append(seq)
+                continue
+            prefix = self.pool.match_prefix(seq)
+            n = min(seq.num_tokens - len(prefix) * self.pool.block_size, budget)
+            if not self.pool.allocate(seq, n, prefix, reserve if self.running else 0):
+                break
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = len(prefix) * self.pool.block_size
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_cached_tokens
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: drop the blocks, go back to the head of the queue."""
+        self.pool.free_sequence(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.pool.free_sequence(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark ``seq`` finished and free its blocks; ``drop_finished`` takes it off the list."""
+        self._finish(seq, reason)
+
+    def drop_finished(self) -> None:
+        self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish the request's sequence wherever it is and free its blocks; None if unknown."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, "abort")
+                    return seq
+        return None
+
+    def resize_pool(self, num_blocks: int) -> list[Sequence]:
+        """Change the pool's capacity; to shrink, first preempt whoever holds the region given
+        back. Returns the preempted sequences."""
+        victims = [s for s in self.running if any(b >= num_blocks for b in s.block_table)]
+        for seq in victims:
+            self._preempt(seq)
+        self.pool.resize(num_blocks)
+        return victims

@@ -1,0 +1,130 @@
+"""The model's tokenizer, chat template and end-of-sequence ids, read from its directory.
+
+Built on the ``tokenizers`` library alone (no transformers import, which costs seconds), with
+the chat template rendered by jinja2 the way Hugging Face renders it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HfTokenizer
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+class Tokenizer:
+    """Encodes prompts, decodes outputs and renders chat messages for one model."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_path = Path(model_dir)
+        tokenizer_file = model_path / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise FileNotFoundError(
+                f"{tokenizer_file} is missing: Berth needs a fast tokenizer (tokenizer.json) "
+                "in the model directory"
+            )
+        self.hf = HfTokenizer.from_file(str(tokenizer_file))
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        config = _load_json(model_path / "tokenizer_config.json")
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token_id = self.hf.token_to_id(self.bos_token) if self.bos_token else None
+        self.chat_template = self._find_chat_template(model_path, config)
+        eos: list[int] = []
+        for source in (
+            _load_json(model_path / "generation_config.json").get("eos_token_id"),
+            _load_json(model_path / "config.json").get("eos_token_id"),
+        ):
+            eos += _ids(source)
+        if self.eos_token and (eos_id := self.hf.token_to_id(self.eos_token)) is not None:
+            eos.append(eos_id)
+        self.eos_token_ids: list[int] = sorted(set(eos))
+        self.special_token_ids = frozenset(
+            i for i, t in self.hf.get_added_tokens_decoder().items() if t.special
+        )
+
+    @staticmethod
+    def _find_chat_template(model_path: Path, config: dict[str, Any]) -> str | None:
+        jinja_file = model_path / "chat_template.jinja"
+        if jinja_file.exists():
+            return jinja_file.read_text()
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template if isinstance(template, str) else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; a BOS that the text already starts with is not added twice."""
+        ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        known = [t for t in token_ids if 0 <= t < self.vocab_size]
+        return str(self.hf.decode(known, skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
+        """Render ``messages`` with the model's chat template, as Hugging Face would."""
+        if self.chat_template is None:
+            raise ValueError(
+                "this model has no chat template (tokenizer_config.json 'chat_template' or "
+                "chat_template.jinja); send a plain prompt instead"
+            )
+        return _compile(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **extra,
+        )
+
+
+_compiled: dict[str, Any] = {}
+
+
+def _raise_exception(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+def _compile(template: str) -> Any:
+    """Compile once per template, in a sandbox, with Hugging Face's extra globals."""
+    if template not in _compiled:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(
+            x, ensure_ascii=False, indent=indent
+        )
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _compiled[template] = env.from_string(template)
+    return _compiled[template]
