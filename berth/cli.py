@@ -10,6 +10,9 @@ import berth
 # name -> "module:attribute" of a click command; imported only when that subcommand runs.
 SUBCOMMANDS: dict[str, str] = {
     "cluster": "berth.e2e.cli:cluster",
+    "crds": "berth.operator.cli:crds",
+    "plan": "berth.operator.cli:plan",
+    "operator": "berth.operator.cli:operator",
 }
 
 

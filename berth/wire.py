@@ -25,6 +25,15 @@ POD_GPU_UUID: Final = f"{GROUP}/gpu-uuid"
 POD_GPU_INDEX: Final = f"{GROUP}/gpu-index"
 POD_GPU_MEMORY_REQUEST: Final = f"{GROUP}/gpu-memory-request"  # bytes
 POD_GPU_MEMORY_LIMIT: Final = f"{GROUP}/gpu-memory-limit"  # bytes
+# The device the container sees: the GPU's UUID when the node agent published it, else its index.
+POD_VISIBLE_DEVICES: Final = f"{GROUP}/visible-devices"
+
+# Pod annotations written by the reconciler into the pod template: what the pod asks for.
+POD_WANTS_GPU_FRACTION: Final = f"{GROUP}/wants-gpu-fraction"  # "0.5"
+POD_WANTS_GPU_MEMORY: Final = f"{GROUP}/wants-gpu-memory"  # a quantity, "20Gi"
+POD_WANTS_GPU_MEMORY_LIMIT: Final = f"{GROUP}/wants-gpu-memory-limit"  # a quantity
+# "true" while the tenant is parked in host memory (holds no GPU memory); set by the node agent.
+POD_STANDBY: Final = f"{GROUP}/standby"
 
 # Labels on every object the operator renders.
 LABEL_SERVICE: Final = f"{GROUP}/inference-service"
@@ -34,3 +43,7 @@ LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 ENV_GPU_MEMORY_REQUEST: Final = "BERTH_GPU_MEMORY_REQUEST"
 ENV_GPU_MEMORY_LIMIT: Final = "BERTH_GPU_MEMORY_LIMIT"
 ENV_GPU_UUID: Final = "BERTH_GPU_UUID"
+ENV_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"  # read by the NVIDIA container runtime
+ENV_RUNTIME_IMAGE: Final = "BERTH_RUNTIME_IMAGE"  # operator setting: the image it renders
+# Where the downward-API volume puts the pod's annotations (updated live, unlike env vars).
+POD_INFO_DIR: Final = "/etc/berth/pod"

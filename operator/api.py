@@ -1,0 +1,381 @@
+"""The ``InferenceService`` API (``berth.dev/v1alpha1``): the pydantic models are the source.
+
+``berth crds`` turns these models into the CRD's structural OpenAPI schema (see ``crd.py``), so
+every default, bound and description here is also what the API server enforces. Rules that span
+fields are CEL rules attached with ``validations(...)``; the API server runs them at admission,
+and ``InferenceService.model_validate`` runs the same checks in Python (``berth plan`` and the
+reconciler parse manifests with these models too).
+"""
+
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from kubernetes.utils import parse_quantity
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+SINGULAR = "inferenceservice"
+SHORT_NAMES = ["bis"]  # KServe owns "isvc"
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    """Attach CEL rules (``x-kubernetes-validations``) to a model or field schema."""
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def _quantity(value: str) -> str:
+    try:
+        parse_quantity(value)
+    except ValueError as error:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 20Gi)") from error
+    return value
+
+
+Quantity = Annotated[
+    str,
+    AfterValidator(_quantity),
+    Field(
+        json_schema_extra=validations(
+            {"rule": "isQuantity(self)", "message": "must be a quantity such as 20Gi"}
+        )
+    ),
+]
+
+
+def quantity_bytes(value: str) -> int:
+    """A memory quantity in whole bytes (``20Gi`` -> 21474836480)."""
+    return int(Decimal(parse_quantity(value)))
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, unknown fields refused (the API server prunes them anyway)."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+# --- model source -------------------------------------------------------------------------
+
+
+class PvcSource(ApiModel):
+    """Weights on a PersistentVolumeClaim, mounted read-only."""
+
+    claim_name: str = Field(min_length=1, description="Name of the PVC in the service's namespace.")
+    path: str = Field(default="", description="Directory of the model inside the volume.")
+
+
+class HostPathSource(ApiModel):
+    """Weights in a directory on the node (single-node clusters, pre-seeded nodes)."""
+
+    path: str = Field(pattern="^/", description="Absolute directory on the node.")
+
+
+class ImageSource(ApiModel):
+    """Weights packaged as an OCI image, mounted as an image volume (Kubernetes 1.31+)."""
+
+    reference: str = Field(min_length=1, description="OCI image reference holding the weights.")
+    path: str = Field(default="", description="Directory of the model inside the image.")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="When the kubelet pulls the image."
+    )
+
+
+class ModelSource(ApiModel):
+    """Where the weights come from: exactly one of pvc, hostPath, image or uri."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "[has(self.pvc), has(self.hostPath), has(self.image), has(self.uri)]"
+                ".filter(x, x).size() == 1",
+                "message": "set exactly one of pvc, hostPath, image or uri",
+            }
+        )
+    )
+
+    pvc: PvcSource | None = None
+    host_path: HostPathSource | None = None
+    image: ImageSource | None = None
+    uri: str | None = Field(
+        default=None,
+        pattern="^(hf|s3|gs|https)://",
+        description="Download location, for clusters with network access (hf://, s3://, gs://, https://).",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ModelSource":
+        chosen = [self.pvc, self.host_path, self.image, self.uri]
+        if sum(x is not None for x in chosen) != 1:
+            raise ValueError("set exactly one of pvc, hostPath, image or uri")
+        return self
+
+
+class ModelSpec(ApiModel):
+    source: ModelSource
+    served_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Model name clients send in the OpenAI API; defaults to the service's name.",
+    )
+
+
+# --- runtime, GPU, scaling ---------------------------------------------------------------
+
+
+class RuntimeSpec(ApiModel):
+    """Engine settings passed to ``berth serve``."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weight and KV-cache dtype; auto takes the model's."
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, le=1_048_576, description="Longest prompt + output in tokens."
+    )
+    block_size: Literal[8, 16, 32] = Field(default=16, description="Tokens per KV-cache block.")
+    max_num_seqs: int = Field(default=256, ge=1, le=4096, description="Most sequences per batch.")
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse KV blocks of shared prefixes."
+    )
+    image: str | None = Field(
+        default=None, description="Runtime image; defaults to the operator's BERTH_RUNTIME_IMAGE."
+    )
+    args: list[str] = Field(default_factory=list, description="Extra arguments to berth serve.")
+
+
+class GpuMemory(ApiModel):
+    """Memory on one GPU: the request is reserved by the scheduler, the limit is the burst ceiling."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "!has(self.limit) || quantity(self.request).compareTo(quantity(self.limit)) <= 0",
+                "message": "request must not exceed limit",
+                "fieldPath": ".request",
+                "reason": "FieldValueInvalid",
+            }
+        )
+    )
+
+    request: Quantity = Field(description="Guaranteed GPU memory, e.g. 20Gi.")
+    limit: Quantity | None = Field(
+        default=None, description="Burst ceiling; defaults to the request."
+    )
+
+    @model_validator(mode="after")
+    def _request_within_limit(self) -> "GpuMemory":
+        if self.limit is not None and quantity_bytes(self.request) > quantity_bytes(self.limit):
+            raise ValueError("request must not exceed limit")
+        return self
+
+
+class GpuSpec(ApiModel):
+    """A share of one GPU: a fraction of its memory, or an absolute request/limit."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "has(self.fraction) != has(self.memory)",
+                "message": "set exactly one of fraction or memory",
+            }
+        )
+    )
+
+    fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of one GPU's memory (0 < fraction <= 1); request = limit = fraction x capacity.",
+    )
+    memory: GpuMemory | None = None
+    product: str | None = Field(
+        default=None,
+        description="Only GPUs whose nvidia.com/gpu.product label equals this, e.g. NVIDIA-H100-80GB-HBM3.",
+    )
+
+    @model_validator(mode="after")
+    def _fraction_or_memory(self) -> "GpuSpec":
+        if (self.fraction is None) == (self.memory is None):
+            raise ValueError("set exactly one of fraction or memory")
+        return self
+
+
+class AutoscalingSpec(ApiModel):
+    """Concurrency-based scaling (stable and panic windows, as in Knative's KPA)."""
+
+    target_concurrency: float = Field(
+        default=8, gt=0, description="In-flight requests per replica."
+    )
+    stable_window_seconds: int = Field(default=60, ge=6, le=3600)
+    panic_window_seconds: int = Field(default=6, ge=1, le=600)
+    panic_threshold: float = Field(
+        default=2.0, gt=1, description="Panic when demand exceeds this multiple of capacity."
+    )
+    max_scale_up_rate: float = Field(default=10.0, gt=1, description="Most growth factor per step.")
+    max_scale_down_rate: float = Field(
+        default=2.0, gt=1, description="Most shrink factor per step."
+    )
+    metrics: Literal["Pods", "Prometheus"] = Field(
+        default="Pods",
+        description="Read concurrency from the runtimes' /metrics or from Prometheus.",
+    )
+    prometheus_url: str | None = Field(default=None, pattern="^https?://")
+
+
+class StandbySpec(ApiModel):
+    """Warm standby: idle replicas park in host RAM instead of being deleted."""
+
+    enabled: bool = Field(default=True, description="Park idle replicas rather than remove them.")
+    idle_seconds: int = Field(default=300, ge=0, description="Idle time before a replica parks.")
+    min_active_replicas: int = Field(
+        default=0, ge=0, description="Replicas that never park (0 = scale to standby)."
+    )
+
+
+class EgressRule(ApiModel):
+    cidrs: list[str] = Field(default_factory=list, description="Allowed destination CIDRs.")
+    hosts: list[str] = Field(default_factory=list, description="Allowed destination host names.")
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list, description="Allowed ports; empty means all ports."
+    )
+
+
+class IngressRule(ApiModel):
+    cidrs: list[str] = Field(default_factory=list)
+    namespace_labels: dict[str, str] = Field(default_factory=dict)
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+
+
+class SandboxSpec(ApiModel):
+    """Seal the runtime for agent workloads: network allowlists, syscall denials, limits."""
+
+    enabled: bool = False
+    egress: list[EgressRule] = Field(default_factory=list, description="Default deny; allow these.")
+    ingress: list[IngressRule] = Field(
+        default_factory=list, description="Default deny; allow these."
+    )
+    denied_syscalls: list[str] = Field(
+        default_factory=list, description="Syscalls refused (EPERM)."
+    )
+    runtime_class_name: str | None = None
+    max_request_seconds: int | None = Field(default=None, ge=1)
+
+
+class Toleration(ApiModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class EnvVar(ApiModel):
+    name: str = Field(min_length=1)
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(
+        default=None,
+        description="A core/v1 EnvVarSource.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class Resources(ApiModel):
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class PodOverrides(ApiModel):
+    """Pod-level settings merged into the rendered Deployment's pod template."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    resources: Resources | None = Field(
+        default=None, description="CPU and memory for the runtime container (not GPUs)."
+    )
+    env: list[EnvVar] = Field(default_factory=list)
+    service_account_name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class InferenceServiceSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "!has(self.maxReplicas) || self.maxReplicas >= self.minReplicas",
+                "message": "maxReplicas must be at least minReplicas",
+                "fieldPath": ".maxReplicas",
+            },
+            {
+                "rule": "!has(self.replicas) || !has(self.maxReplicas) || self.replicas <= self.maxReplicas",
+                "message": "replicas must not exceed maxReplicas",
+                "fieldPath": ".replicas",
+            },
+        )
+    )
+
+    model: ModelSpec
+    gpu: GpuSpec
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, json_schema_extra={"default": {}})
+    replicas: int | None = Field(
+        default=None,
+        ge=0,
+        description="Desired replicas (the scale subresource); unset means minReplicas.",
+    )
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (active or standby).")
+    max_replicas: int | None = Field(default=None, ge=1, description="Most replicas.")
+    autoscaling: AutoscalingSpec | None = None
+    standby: StandbySpec | None = None
+    sandbox: SandboxSpec | None = None
+    pod: PodOverrides = Field(default_factory=PodOverrides, json_schema_extra={"default": {}})
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "InferenceServiceSpec":
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError("maxReplicas must be at least minReplicas")
+        too_many = (
+            self.replicas is not None
+            and self.max_replicas is not None
+            and self.replicas > self.max_replicas
+        )
+        if too_many:
+            raise ValueError("replicas must not exceed maxReplicas")
+        return self
+
+    def desired_replicas(self) -> int:
+        """The replica count to run: ``replicas`` (or ``minReplicas``) clamped to the bounds."""
+        wanted = self.min_replicas if self.replicas is None else self.replicas
+        wanted = max(wanted, self.min_replicas)
+        return wanted if self.max_replicas is None else min(wanted, self.max_replicas)
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+class Condition(ApiModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern="^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    observed_generation: int | None = None
+    last_transition_time: str | None = Field(default=None, description="RFC 3339 time.")
+
+
+class InferenceServiceStatus(ApiModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    replicas: int = Field(default=0, description="Pods that exist.")
+    ready_replicas: int = Field(default=0, description="Pods passing readiness.")
+    standby_replicas: int = Field(default=0, description="Pods parked in host memory.")
+    selector: str = Field(default="", description="Label selector of the pods (scale subresource).")
+    url: str | None = Field(default=None, description="In-cluster endpoint of the OpenAI API.")
+
+
+class InferenceService(ApiModel):
+    """A model served on a share of a GPU, packed next to others by Berth's scheduler."""
+
+    api_version: str = "berth.dev/v1alpha1"
+    kind: Literal["InferenceService"] = "InferenceService"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: InferenceServiceSpec
+    status: InferenceServiceStatus | None = None

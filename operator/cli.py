@@ -1,0 +1,144 @@
+"""``berth crds``, ``berth plan`` and ``berth operator``."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from berth.operator import crd
+from berth.operator.settings import OperatorSettings
+
+DEFAULT_CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
+
+
+@click.command("crds")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_CRD_DIR,
+    show_default=True,
+    help="Directory to write the CRD YAML into.",
+)
+@click.option("--stdout", is_flag=True, help="Print the CRDs instead of writing files.")
+def crds(out: Path, stdout: bool) -> None:
+    """Generate the CustomResourceDefinitions from the API models."""
+    if stdout:
+        click.echo("---\n".join(crd.render_crds().values()), nl=False)
+        return
+    for path in crd.write_crds(out):
+        click.echo(f"wrote {path}")
+
+
+@click.command("plan")
+@click.argument(
+    "manifests",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option(
+    "--inventory",
+    "inventory_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Node inventory YAML (as for `berth cluster up --nodes`); default: 4 x 8 H100 + 1 CPU node.",
+)
+@click.option("--output", "-o", type=click.Choice(["table", "yaml"]), default="table")
+@click.option("--gpu-reserve-mib", type=int, default=None, help="Memory kept free per GPU.")
+def plan(
+    manifests: tuple[Path, ...],
+    inventory_path: Path | None,
+    output: str,
+    gpu_reserve_mib: int | None,
+) -> None:
+    """Place InferenceService manifests onto an inventory without a cluster (dry run)."""
+    from berth.operator import gpus
+    from berth.operator import plan as planning
+    from berth.operator.inventory import DEFAULT_INVENTORY, load_inventory
+
+    try:
+        inventory = load_inventory(inventory_path) if inventory_path else DEFAULT_INVENTORY
+        services = planning.load_services(p.read_text() for p in manifests)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    settings = OperatorSettings.from_env(gpu_reserve_mib=gpu_reserve_mib)
+    result = planning.make_plan(
+        gpus.nodes_from_inventory(inventory), services, settings.placement_policy
+    )
+    if output == "yaml":
+        click.echo(yaml.safe_dump(planning.plan_summary(result), sort_keys=False), nl=False)
+    else:
+        click.echo(planning.format_plan(result))
+    if any(d.allocation is None for d in result.decisions):
+        sys.exit(2)
+
+
+@click.command("operator")
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Default: $KUBECONFIG, then in-cluster.",
+)
+@click.option(
+    "--namespace", "namespaces", multiple=True, help="Watch only these namespaces (repeatable)."
+)
+@click.option(
+    "--runtime-image", default=None, help="Image of the model runtime (env BERTH_RUNTIME_IMAGE)."
+)
+@click.option(
+    "--scheduler/--no-scheduler", "run_scheduler", default=True, help="Run the GPU scheduler."
+)
+@click.option(
+    "--reconciler/--no-reconciler", "run_reconciler", default=True, help="Run the kopf reconciler."
+)
+@click.option("--verbose", "-v", is_flag=True)
+def operator(
+    kubeconfig: Path | None,
+    namespaces: tuple[str, ...],
+    runtime_image: str | None,
+    run_scheduler: bool,
+    run_reconciler: bool,
+    verbose: bool,
+) -> None:
+    """Run the reconciler (kopf) and the GPU scheduler in one process."""
+    import threading
+
+    import kopf
+
+    from berth.operator.kube import KubeClient
+    from berth.operator.scheduler import GpuScheduler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = str(kubeconfig)  # kopf logs in through the same file
+    settings = OperatorSettings.from_env(
+        runtime_image=runtime_image,
+        namespaces=namespaces or None,
+        run_scheduler=run_scheduler,
+        run_reconciler=run_reconciler,
+    )
+    client = KubeClient.from_config(kubeconfig, pool=settings.bind_workers + 8)
+    scheduler = GpuScheduler(client, settings) if run_scheduler else None
+    if scheduler:
+        scheduler.start()
+    try:
+        if run_reconciler:
+            from berth.operator import reconciler
+
+            reconciler.configure(settings, client)
+            kopf.run(
+                standalone=True,
+                clusterwide=not settings.namespaces,
+                namespaces=list(settings.namespaces),
+            )
+        else:
+            threading.Event().wait()
+    finally:
+        if scheduler:
+            scheduler.shutdown()
+        client.close()

@@ -1,0 +1,220 @@
+"""A thin, thread-safe Kubernetes REST client over JSON dicts (httpx).
+
+The generated ``kubernetes`` models cost milliseconds per pod to deserialize; the scheduler
+handles thousands of pods, so it speaks plain JSON. The ``kubernetes`` package is used only to
+read kubeconfig / in-cluster credentials.
+"""
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from berth import wire
+
+Obj = dict[str, Any]
+log = logging.getLogger(__name__)
+
+# (apiVersion, kind) -> plural, for the kinds Berth reads and writes.
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "Pod"): "pods",
+    ("v1", "Node"): "nodes",
+    ("v1", "Service"): "services",
+    ("v1", "Event"): "events",
+    ("apps/v1", "Deployment"): "deployments",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    (f"{wire.GROUP}/{wire.VERSION}", "InferenceService"): "inferenceservices",
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
+}
+CLUSTER_SCOPED = {"Node", "CustomResourceDefinition"}
+
+
+class KubeError(RuntimeError):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status, self.reason, self.message = status, reason, message
+
+
+def resource_path(
+    api_version: str, kind: str, namespace: str | None = None, name: str | None = None
+) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = base
+    if namespace and kind not in CLUSTER_SCOPED:
+        path += f"/namespaces/{namespace}"
+    path += f"/{PLURALS[(api_version, kind)]}"
+    return f"{path}/{name}" if name else path
+
+
+def object_path(obj: Obj) -> str:
+    meta = obj["metadata"]
+    return resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+
+
+class KubeClient:
+    """One connection pool to one API server; safe to share between threads."""
+
+    def __init__(
+        self,
+        server: str,
+        verify: str | bool,
+        cert: tuple[str, str] | None,
+        token: str | None,
+        pool: int = 32,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.server = server
+        self.http = httpx.Client(
+            base_url=server,
+            verify=verify,
+            cert=cert,
+            headers=headers,
+            timeout=httpx.Timeout(30.0),
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+        )
+
+    @classmethod
+    def from_config(cls, kubeconfig: Path | None = None, pool: int = 32) -> "KubeClient":
+        """Credentials from ``kubeconfig``, else $KUBECONFIG / ~/.kube/config, else in-cluster."""
+        cfg = k8s_client.Configuration()
+        path = kubeconfig or os.environ.get("KUBECONFIG")
+        if path or Path("~/.kube/config").expanduser().exists():
+            k8s_config.load_kube_config(
+                config_file=str(path) if path else None, client_configuration=cfg
+            )
+        else:
+            k8s_config.load_incluster_config(client_configuration=cfg)
+        token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+        if token and token.lower().startswith("bearer "):
+            token = token.split(" ", 1)[1]
+        verify: str | bool = cfg.ssl_ca_cert or cfg.verify_ssl
+        cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file and cfg.key_file else None
+        return cls(cfg.host, verify, cert, token, pool)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Obj:
+        content = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type} if content is not None else {}
+        response = self.http.request(method, path, params=params, content=content, headers=headers)
+        if response.status_code >= 400:
+            raise _error(response.status_code, response.text)
+        result: Obj = response.json() if response.content else {}
+        return result
+
+    def get(self, path: str, **params: str) -> Obj:
+        return self.request("GET", path, params=params or None)
+
+    def post(self, path: str, body: Obj) -> Obj:
+        return self.request("POST", path, body=body)
+
+    def delete(self, path: str) -> Obj:
+        return self.request("DELETE", path, params={"propagationPolicy": "Background"})
+
+    def merge_patch(self, path: str, body: Obj) -> Obj:
+        return self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
+
+    def strategic_patch(self, path: str, body: Obj) -> Obj:
+        return self.request(
+            "PATCH", path, body=body, content_type="application/strategic-merge-patch+json"
+        )
+
+    def apply(self, obj: Obj, force: bool = True) -> Obj:
+        """Server-side apply as field manager ``berth``."""
+        params = {"fieldManager": wire.FIELD_MANAGER, "force": "true" if force else "false"}
+        return self.request(
+            "PATCH",
+            object_path(obj),
+            params=params,
+            body=obj,
+            content_type="application/apply-patch+yaml",
+        )
+
+    def watch(
+        self, path: str, resource_version: str, timeout_s: int = 240, **params: str
+    ) -> Iterator[tuple[str, Obj]]:
+        """Yield (type, object) until the server closes the watch; raises KubeError(410) when stale."""
+        query = {
+            **params,
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_s),
+        }
+        timeout = httpx.Timeout(30.0, read=timeout_s + 30.0)
+        with self.http.stream("GET", path, params=query, timeout=timeout) as response:
+            if response.status_code >= 400:
+                raise _error(response.status_code, response.read().decode())
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                event = json.loads(line)
+                if event["type"] == "ERROR":
+                    status = event["object"]
+                    raise KubeError(
+                        status.get("code", 500), status.get("reason", ""), status.get("message", "")
+                    )
+                yield event["type"], event["object"]
+
+
+def _error(status: int, text: str) -> KubeError:
+    try:
+        body = json.loads(text)
+        return KubeError(status, body.get("reason", ""), body.get("message", text))
+    except ValueError:
+        return KubeError(status, "", text)
+
+
+def reflect(
+    client: KubeClient,
+    path: str,
+    on_list: Callable[[list[Obj]], None],
+    on_event: Callable[[str, Obj], None],
+    stop: threading.Event,
+    **params: str,
+) -> None:
+    """List, then watch from the list's resourceVersion; relist when the watch goes stale (410).
+
+    Runs until ``stop`` is set (checked whenever the server ends a watch, at most every 60 s).
+    Transient failures back off and relist, so callers see a complete picture after each
+    ``on_list``.
+    """
+    backoff = 0.5
+    while not stop.is_set():
+        try:
+            listing = client.get(path, **params)
+            on_list(listing.get("items") or [])
+            version = listing["metadata"]["resourceVersion"]
+            backoff = 0.5
+            while not stop.is_set():
+                for kind, obj in client.watch(path, version, timeout_s=60, **params):
+                    version = obj.get("metadata", {}).get("resourceVersion", version)
+                    if kind != "BOOKMARK":
+                        on_event(kind, obj)
+                    if stop.is_set():
+                        return
+        except KubeError as error:
+            if error.status != 410:
+                log.warning("watch %s failed: %s; relisting", path, error)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        except httpx.HTTPError as error:
+            log.warning("watch %s broke: %s; relisting", path, error)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 10.0)

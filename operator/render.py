@@ -1,0 +1,233 @@
+"""``render(service) -> manifests``: the Deployment, Service and PodDisruptionBudget of one model.
+
+Pure: a parsed InferenceService in, plain dicts out; the reconciler applies them with
+server-side apply. How a pod gets its GPU: it requests *no* ``nvidia.com/gpu`` (a fraction is
+not an integer device); Berth's scheduler picks the GPU and writes it into the pod's annotations
+in the same API call that binds the pod, and the container reads them through the downward API:
+``NVIDIA_VISIBLE_DEVICES`` (the GPU's UUID, honoured by the NVIDIA container runtime) and
+``BERTH_GPU_MEMORY_REQUEST/LIMIT`` as env vars, plus a downward-API volume at
+``/etc/berth/pod`` whose ``annotations`` file follows later budget changes live.
+"""
+
+from typing import Any
+
+from berth import wire
+from berth.operator.api import InferenceService, InferenceServiceSpec
+from berth.operator.settings import OperatorSettings
+
+PORT = 8000
+MODEL_DIR = "/models"
+MANAGED_BY = "berth"
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        wire.LABEL_SERVICE: name,
+        wire.LABEL_MANAGED_BY: MANAGED_BY,
+        "app.kubernetes.io/name": "berth-runtime",
+        "app.kubernetes.io/instance": name,
+    }
+
+
+def selector(name: str) -> dict[str, str]:
+    return {wire.LABEL_SERVICE: name}
+
+
+def owner_reference(service: InferenceService) -> dict[str, Any]:
+    meta = service.metadata
+    return {
+        "apiVersion": f"{wire.GROUP}/{wire.VERSION}",
+        "kind": service.kind,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(service: InferenceService) -> dict[str, Any]:
+    return {
+        "name": service.metadata["name"],
+        "namespace": service.metadata.get("namespace", "default"),
+        "labels": labels(service.metadata["name"]),
+        "ownerReferences": [owner_reference(service)],
+    }
+
+
+def gpu_annotations(spec: InferenceServiceSpec) -> dict[str, str]:
+    """What each pod asks of its GPU; the scheduler reads these."""
+    if spec.gpu.fraction is not None:
+        return {wire.POD_WANTS_GPU_FRACTION: repr(spec.gpu.fraction)}
+    assert spec.gpu.memory is not None
+    wants = {wire.POD_WANTS_GPU_MEMORY: spec.gpu.memory.request}
+    if spec.gpu.memory.limit is not None:
+        wants[wire.POD_WANTS_GPU_MEMORY_LIMIT] = spec.gpu.memory.limit
+    return wants
+
+
+def _model_volume(spec: InferenceServiceSpec) -> tuple[dict[str, Any] | None, str]:
+    """The volume holding the weights and the path ``berth serve --model`` gets."""
+    source = spec.model.source
+    if source.pvc is not None:
+        volume = {"persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True}}
+        return {"name": "model", **volume}, f"{MODEL_DIR}/{source.pvc.path}".rstrip("/")
+    if source.host_path is not None:
+        volume = {"hostPath": {"path": source.host_path.path, "type": "Directory"}}
+        return {"name": "model", **volume}, MODEL_DIR
+    if source.image is not None:
+        image = {"reference": source.image.reference, "pullPolicy": source.image.pull_policy}
+        return {"name": "model", "image": image}, f"{MODEL_DIR}/{source.image.path}".rstrip("/")
+    assert source.uri is not None
+    return None, source.uri  # the runtime downloads it
+
+
+def _downward_env() -> list[dict[str, Any]]:
+    def annotation(name: str, key: str) -> dict[str, Any]:
+        path = f"metadata.annotations['{key}']"
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    return [
+        annotation(wire.ENV_VISIBLE_DEVICES, wire.POD_VISIBLE_DEVICES),
+        annotation(wire.ENV_GPU_UUID, wire.POD_GPU_UUID),
+        annotation(wire.ENV_GPU_MEMORY_REQUEST, wire.POD_GPU_MEMORY_REQUEST),
+        annotation(wire.ENV_GPU_MEMORY_LIMIT, wire.POD_GPU_MEMORY_LIMIT),
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+
+
+def _serve_args(service: InferenceService, model_path: str) -> list[str]:
+    spec = service.spec
+    runtime = spec.runtime
+    args = [
+        "--model", model_path,
+        "--served-model-name", spec.model.served_name or service.metadata["name"],
+        "--dtype", runtime.dtype,
+        "--block-size", str(runtime.block_size),
+        "--max-num-seqs", str(runtime.max_num_seqs),
+        "--port", str(PORT),
+    ]  # fmt: skip
+    if runtime.max_model_len is not None:
+        args += ["--max-model-len", str(runtime.max_model_len)]
+    if not runtime.enable_prefix_caching:
+        args.append("--no-enable-prefix-caching")
+    return args + runtime.args
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+    }
+
+
+def deployment(service: InferenceService, settings: OperatorSettings) -> dict[str, Any]:
+    spec = service.spec
+    name = service.metadata["name"]
+    pod = spec.pod
+    volume, model_path = _model_volume(spec)
+    pod_info = {
+        "name": "pod-info",
+        "downwardAPI": {
+            "items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
+        },
+    }
+    mounts = [{"name": "pod-info", "mountPath": wire.POD_INFO_DIR, "readOnly": True}]
+    volumes = [pod_info]
+    if volume is not None:
+        volumes.append(volume)
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": spec.runtime.image or settings.runtime_image,
+        "command": ["berth", "serve"],
+        "args": _serve_args(service, model_path),
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": _downward_env() + [e.model_dump(by_alias=True, exclude_none=True) for e in pod.env],
+        "volumeMounts": mounts,
+        # Loading weights can take minutes: the startup probe holds liveness off until then.
+        "startupProbe": _probe("/health", period=5, failures=120),
+        "livenessProbe": _probe("/health", period=10, failures=3),
+        "readinessProbe": _probe("/ready", period=5, failures=2),
+    }
+    if pod.resources is not None:
+        container["resources"] = pod.resources.model_dump(by_alias=True, exclude_defaults=True)
+    node_selector = dict(pod.node_selector)
+    if spec.gpu.product:
+        node_selector[wire.NODE_GPU_PRODUCT] = spec.gpu.product
+    pod_spec: dict[str, Any] = {
+        "schedulerName": wire.SCHEDULER_NAME,
+        "containers": [container],
+        "volumes": volumes,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if pod.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in pod.tolerations
+        ]
+    if pod.service_account_name:
+        pod_spec["serviceAccountName"] = pod.service_account_name
+    if spec.sandbox is not None and spec.sandbox.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.sandbox.runtime_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(service),
+        "spec": {
+            "replicas": spec.desired_replicas(),
+            "selector": {"matchLabels": selector(name)},
+            # Surge first: a replacement is placed before the old pod frees its GPU share.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**pod.labels, **labels(name)},
+                    "annotations": {**pod.annotations, **gpu_annotations(spec)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def service_object(service: InferenceService) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(service),
+        "spec": {
+            "selector": selector(service.metadata["name"]),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def disruption_budget(service: InferenceService) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(service),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector(service.metadata["name"])},
+        },
+    }
+
+
+def endpoint_url(service: InferenceService) -> str:
+    meta = service.metadata
+    return f"http://{meta['name']}.{meta.get('namespace', 'default')}.svc:{PORT}/v1"
+
+
+def render(service: InferenceService, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Every object the service owns; the PDB only when more than one replica can run."""
+    objects = [deployment(service, settings), service_object(service)]
+    if service.spec.desired_replicas() > 1:
+        objects.append(disruption_budget(service))
+    return objects

@@ -1,0 +1,57 @@
+"""The operator's settings: one typed object, read once at start-up from env vars and flags."""
+
+import os
+from dataclasses import dataclass
+
+import berth
+from berth import wire
+from berth.operator.placement import PlacementPolicy
+
+MIB = 2**20
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    # The runtime image rendered into every Deployment (kwok never pulls it).
+    runtime_image: str = f"ghcr.io/berth-dev/berth-runtime:{berth.__version__}"
+    # GPU memory kept free on every GPU for CUDA contexts and the node agent.
+    gpu_reserve_mib: int = 0
+    # Standby tenants may overcommit a GPU's memory up to this factor (they hold none of it).
+    standby_overcommit: float = 2.0
+    # Only these namespaces (empty: all).
+    namespaces: tuple[str, ...] = ()
+    # Pending pods gathered for this long are placed together, largest first.
+    batch_window_s: float = 0.2
+    # Concurrent Binding requests in flight.
+    bind_workers: int = 8
+    run_reconciler: bool = True
+    run_scheduler: bool = True
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "OperatorSettings":
+        """Env vars ``BERTH_*`` first, then explicit overrides (the CLI's flags)."""
+        namespaces = os.environ.get("BERTH_NAMESPACES", "")
+        values: dict[str, object] = {
+            "runtime_image": os.environ.get(wire.ENV_RUNTIME_IMAGE, cls.runtime_image),
+            "gpu_reserve_mib": _env_int("BERTH_GPU_RESERVE_MIB", cls.gpu_reserve_mib),
+            "standby_overcommit": _env_float("BERTH_STANDBY_OVERCOMMIT", cls.standby_overcommit),
+            "namespaces": tuple(n for n in namespaces.split(",") if n),
+            "batch_window_s": _env_float("BERTH_BATCH_WINDOW_S", cls.batch_window_s),
+            "bind_workers": _env_int("BERTH_BIND_WORKERS", cls.bind_workers),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def placement_policy(self) -> PlacementPolicy:
+        return PlacementPolicy(
+            reserve=self.gpu_reserve_mib * MIB, standby_overcommit=self.standby_overcommit
+        )

@@ -1,0 +1,176 @@
+"""``service_status(...)``: what an InferenceService's status says, from what its children show.
+
+Pure: summaries of the Deployment and pods in, the ``status`` dict out. Spec is intent, status is
+observation, so nothing here is remembered between calls except each condition's
+``lastTransitionTime``, carried over from the previous status while the condition's status holds.
+
+- ``Scheduled``: every pod is bound to a GPU; False with the scheduler's reason when one fits
+  nowhere.
+- ``Ready``: at least the desired number of replicas pass readiness (``InvalidSpec`` when the
+  spec passed admission but its objects were refused).
+- ``Progressing``: a rollout is under way (True) or finished (False/``RolloutComplete``), in the
+  kstatus sense.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from berth import wire
+
+Obj = dict[str, Any]
+GENERATION_ANNOTATION = f"{wire.GROUP}/generation"  # IS generation a Deployment was rendered from
+
+
+@dataclass(frozen=True)
+class PodSummary:
+    name: str
+    bound: bool
+    ready: bool
+    standby: bool
+    terminating: bool
+    unschedulable: str | None = None  # the scheduler's message while it fits nowhere
+
+
+@dataclass(frozen=True)
+class DeploymentSummary:
+    rendered_generation: int | None  # the InferenceService generation it was applied for
+    generation: int
+    observed_generation: int
+    replicas: int
+    updated_replicas: int
+    ready_replicas: int
+    progress_deadline_exceeded: bool = False
+
+
+@dataclass
+class ServiceView:
+    """Everything the status is computed from."""
+
+    generation: int
+    desired_replicas: int
+    url: str
+    selector: str
+    deployment: DeploymentSummary | None = None
+    pods: list[PodSummary] = field(default_factory=list)
+    render_error: str | None = None  # the API server's reason for refusing a rendered object
+
+
+def summarize_pod(pod: Obj) -> PodSummary:
+    meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
+    conditions = {c["type"]: c for c in status.get("conditions") or []}
+    scheduled = conditions.get("PodScheduled", {})
+    unschedulable = None
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        unschedulable = scheduled.get("message") or "no GPU fits"
+    annotations = meta.get("annotations") or {}
+    return PodSummary(
+        name=meta["name"],
+        bound=bool(spec.get("nodeName")),
+        ready=conditions.get("Ready", {}).get("status") == "True",
+        standby=annotations.get(wire.POD_STANDBY) == "true",
+        terminating=bool(meta.get("deletionTimestamp")),
+        unschedulable=None if spec.get("nodeName") else unschedulable,
+    )
+
+
+def summarize_deployment(deployment: Obj) -> DeploymentSummary:
+    meta, status = deployment["metadata"], deployment.get("status", {})
+    rendered = (meta.get("annotations") or {}).get(GENERATION_ANNOTATION)
+    conditions = {c["type"]: c for c in status.get("conditions") or []}
+    return DeploymentSummary(
+        rendered_generation=int(rendered) if rendered else None,
+        generation=meta.get("generation", 0),
+        observed_generation=status.get("observedGeneration", 0),
+        replicas=status.get("replicas", 0),
+        updated_replicas=status.get("updatedReplicas", 0),
+        ready_replicas=status.get("readyReplicas", 0),
+        progress_deadline_exceeded=conditions.get("Progressing", {}).get("reason")
+        == "ProgressDeadlineExceeded",
+    )
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> Obj:
+    return {
+        "type": kind,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+
+
+def _scheduled(view: ServiceView, live: list[PodSummary], generation: int) -> Obj:
+    stuck = [p for p in live if p.unschedulable]
+    if stuck:
+        message = f"{len(stuck)} pod(s) fit on no GPU: {stuck[0].unschedulable}"
+        return _condition("Scheduled", False, "NoGpuFits", message, generation)
+    waiting = [p for p in live if not p.bound]
+    if waiting:
+        message = f"{len(waiting)} pod(s) waiting for the GPU scheduler"
+        return _condition("Scheduled", False, "Pending", message, generation)
+    message = f"{len(live)} pod(s) placed on GPUs"
+    return _condition("Scheduled", True, "AllPodsPlaced", message, generation)
+
+
+def _progressing(view: ServiceView, generation: int) -> Obj:
+    d = view.deployment
+    if d is None:
+        return _condition("Progressing", True, "Creating", "rendering the Deployment", generation)
+    if d.progress_deadline_exceeded:
+        message = "the rollout made no progress within its deadline"
+        return _condition("Progressing", False, "ProgressDeadlineExceeded", message, generation)
+    rolling = (
+        d.rendered_generation != view.generation
+        or d.observed_generation < d.generation
+        or d.updated_replicas < view.desired_replicas
+        or d.replicas > d.updated_replicas
+    )
+    if rolling:
+        message = f"{d.updated_replicas}/{view.desired_replicas} replicas updated"
+        return _condition("Progressing", True, "RollingOut", message, generation)
+    return _condition(
+        "Progressing", False, "RolloutComplete", "all replicas run the current spec", generation
+    )
+
+
+def service_status(view: ServiceView, previous: Obj | None, now: str) -> Obj:
+    """The status subresource for one InferenceService."""
+    generation = view.generation
+    live = [p for p in view.pods if not p.terminating]
+    ready = sum(p.ready for p in live)
+    standby = sum(p.standby for p in live)
+    scheduled = _scheduled(view, live, generation)
+    if view.render_error:
+        ready_condition = _condition("Ready", False, "InvalidSpec", view.render_error, generation)
+        scheduled = _condition("Scheduled", False, "InvalidSpec", "nothing to schedule", generation)
+    elif view.desired_replicas == 0:
+        ready_condition = _condition(
+            "Ready", False, "ScaledToZero", "no replicas requested", generation
+        )
+    elif ready >= view.desired_replicas:
+        message = f"{ready}/{view.desired_replicas} replicas ready"
+        ready_condition = _condition("Ready", True, "ReplicasReady", message, generation)
+    elif scheduled["reason"] == "NoGpuFits":
+        ready_condition = _condition(
+            "Ready", False, "Unschedulable", scheduled["message"], generation
+        )
+    else:
+        message = f"{ready}/{view.desired_replicas} replicas ready"
+        ready_condition = _condition("Ready", False, "ReplicasNotReady", message, generation)
+    conditions = [ready_condition, scheduled, _progressing(view, generation)]
+    before = {c["type"]: c for c in (previous or {}).get("conditions") or []}
+    for condition in conditions:
+        old = before.get(condition["type"])
+        held = old is not None and old.get("status") == condition["status"]
+        condition["lastTransitionTime"] = old["lastTransitionTime"] if held and old else now
+    observed = view.deployment.rendered_generation if view.deployment else None
+    status: Obj = {
+        "observedGeneration": generation if view.render_error else observed,
+        "conditions": conditions,
+        "replicas": len(live),
+        "readyReplicas": ready,
+        "standbyReplicas": standby,
+        "selector": view.selector,
+        "url": view.url,
+    }
+    return status

@@ -1,0 +1,106 @@
+"""The CRD is generated from the API models, structural, and committed up to date."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from berth.operator import api, crd
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_crds_match_the_api_models() -> None:
+    for name, text in crd.render_crds().items():
+        committed = ROOT / "crds" / name
+        assert committed.exists(), f"crds/{name} missing: run `berth crds`"
+        assert committed.read_text() == text, f"crds/{name} is stale: run `berth crds`"
+
+
+def walk(node: dict[str, Any], path: str = "") -> list[str]:
+    """Paths of schema nodes that break the structural rules (untyped, refs, unions)."""
+    bad = []
+    if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        bad.append(path or "<root>")
+    bad += [
+        f"{path}: {k}" for k in ("$ref", "anyOf", "oneOf", "allOf", "$defs", "title") if k in node
+    ]
+    for name, child in (node.get("properties") or {}).items():
+        bad += walk(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        bad += walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        bad += walk(node["additionalProperties"], f"{path}{{}}")
+    return bad
+
+
+def test_schema_is_structural_with_descriptions_defaults_and_cel() -> None:
+    version = crd.custom_resource_definition()["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    assert walk(schema) == []
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["runtime"]["properties"]["blockSize"]["default"] == 16
+    assert spec["gpu"]["properties"]["fraction"]["exclusiveMinimum"] is True
+    assert spec["gpu"]["properties"]["fraction"]["description"]
+    assert spec["replicas"]["minimum"] == 0
+    rules = [r["rule"] for r in spec["gpu"]["properties"]["memory"]["x-kubernetes-validations"]]
+    assert any("quantity(self.request)" in r for r in rules)
+    assert set(version["subresources"]) == {"status", "scale"}
+    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Ready", "GPU", "Age"}
+
+
+def test_short_names_do_not_clash_with_kserve() -> None:
+    names = crd.custom_resource_definition()["spec"]["names"]
+    assert "isvc" not in names["shortNames"]
+
+
+def manifest(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"source": {"uri": "hf://org/model"}},
+        "gpu": {"fraction": 0.5},
+    }
+    return {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "InferenceService",
+        "spec": {**base, **spec},
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"gpu": {"fraction": 0}}, "fraction"),
+        ({"gpu": {"fraction": 1.5}}, "fraction"),
+        (
+            {"gpu": {"memory": {"request": "40Gi", "limit": "20Gi"}}},
+            "request must not exceed limit",
+        ),
+        (
+            {"gpu": {"fraction": 0.5, "memory": {"request": "1Gi"}}},
+            "exactly one of fraction or memory",
+        ),
+        ({"replicas": -1}, "replicas"),
+        ({"minReplicas": 3, "maxReplicas": 2}, "maxReplicas"),
+        ({"colour": "blue"}, "colour"),
+        ({"model": {"source": {}}}, "exactly one of pvc"),
+    ],
+)
+def test_python_validation_refuses_what_the_crd_refuses(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        api.InferenceService.model_validate(manifest(**spec))
+
+
+def test_examples_are_valid_services() -> None:
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == api.KIND:
+                api.InferenceService.model_validate(doc)
+
+
+def test_desired_replicas_clamps_to_bounds() -> None:
+    spec = api.InferenceService.model_validate(manifest(minReplicas=2, maxReplicas=4)).spec
+    assert spec.desired_replicas() == 2
+    assert spec.model_copy(update={"replicas": 3}).desired_replicas() == 3
+    assert spec.model_copy(update={"replicas": 0}).desired_replicas() == 2

@@ -1,0 +1,236 @@
+"""The placement core: capacity, spread, selectors, determinism and packing quality."""
+
+import itertools
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from berth.operator.placement import (
+    Allocation,
+    Gpu,
+    GpuDemand,
+    GpuLedger,
+    Node,
+    PlacementPolicy,
+    PodRequest,
+    Taint,
+    Toleration,
+    lower_bound_gpus,
+    place,
+)
+
+GIB = 2**30
+CAP = 80 * GIB
+EIGHTHS = [k / 8 for k in range(1, 9)]
+
+
+def cluster(nodes: int, gpus: int = 8, labels: dict[str, str] | None = None) -> list[Node]:
+    return [
+        Node(f"n{i}", tuple(Gpu(f"n{i}", g, CAP) for g in range(gpus)), labels or {})
+        for i in range(nodes)
+    ]
+
+
+def requests(fractions: list[float], replicas: int = 1) -> list[PodRequest]:
+    return [
+        PodRequest(f"ns/s{i}-{r}", f"ns/s{i}", GpuDemand(fraction=f))
+        for i, f in enumerate(fractions)
+        for r in range(replicas)
+    ]
+
+
+def check_invariants(nodes: list[Node], ledger: GpuLedger, policy: PlacementPolicy) -> None:
+    for node in nodes:
+        for gpu in node.gpus:
+            assert ledger.resident[gpu.key] <= gpu.memory - policy.reserve
+            assert (
+                ledger.total[gpu.key] <= (gpu.memory - policy.reserve) * policy.standby_overcommit
+            )
+            services = ledger.services_on_gpu.get(gpu.key, {})
+            assert all(n <= 1 for n in services.values()), f"two replicas share {gpu.key}"
+
+
+def placed(decisions: list) -> GpuLedger:  # type: ignore[type-arg]
+    return GpuLedger(d.allocation for d in decisions if d.allocation)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    fractions=st.lists(st.sampled_from(EIGHTHS), min_size=1, max_size=40),
+    replicas=st.integers(1, 3),
+    reserve_gib=st.sampled_from([0, 1]),
+)
+def test_no_gpu_is_over_capacity_and_replicas_never_share_a_gpu(
+    fractions: list[float], replicas: int, reserve_gib: int
+) -> None:
+    nodes = cluster(3, gpus=4)
+    policy = PlacementPolicy(reserve=reserve_gib * GIB)
+    decisions = place(nodes, GpuLedger(), requests(fractions, replicas), policy)
+    check_invariants(nodes, placed(decisions), policy)
+    assert len(decisions) == len(fractions) * replicas
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    fractions=st.lists(st.sampled_from(EIGHTHS), min_size=1, max_size=30), seed=st.integers(0, 1000)
+)
+def test_placement_is_deterministic_whatever_the_input_order(
+    fractions: list[float], seed: int
+) -> None:
+    nodes = cluster(3, gpus=4)
+    batch = requests(fractions, replicas=2)
+    shuffled_nodes, shuffled_batch = nodes[:], batch[:]
+    random.Random(seed).shuffle(shuffled_nodes)
+    random.Random(seed).shuffle(shuffled_batch)
+    first = {d.request.pod: d.allocation for d in place(nodes, GpuLedger(), batch)}
+    second = {
+        d.request.pod: d.allocation for d in place(shuffled_nodes, GpuLedger(), shuffled_batch)
+    }
+    assert first == second
+
+
+def test_replicas_spread_across_nodes_before_doubling_up() -> None:
+    nodes = cluster(4, gpus=2)
+    decisions = place(nodes, GpuLedger(), requests([0.25], replicas=4))
+    assert sorted(d.allocation.node for d in decisions if d.allocation) == ["n0", "n1", "n2", "n3"]
+    # A fifth replica has no node left to itself: it shares a node, never a GPU.
+    decisions = place(nodes, GpuLedger(), requests([0.25], replicas=5))
+    ledger = placed(decisions)
+    assert len(ledger.by_pod) == 5
+    check_invariants(nodes, ledger, PlacementPolicy())
+
+
+def test_best_fit_fills_the_tightest_used_gpu_before_opening_one() -> None:
+    nodes = cluster(1, gpus=3)
+    ledger = GpuLedger(
+        [
+            Allocation("ns/a", "ns/a", "n0", 0, int(0.5 * CAP), int(0.5 * CAP)),
+            Allocation("ns/b", "ns/b", "n0", 1, int(0.75 * CAP), int(0.75 * CAP)),
+        ]
+    )
+    (decision,) = place(nodes, ledger, [PodRequest("ns/c", "ns/c", GpuDemand(fraction=0.25))])
+    assert decision.allocation is not None and decision.allocation.gpu_index == 1
+
+
+def test_node_selector_and_taints_are_respected() -> None:
+    plain = Node("plain", (Gpu("plain", 0, CAP),), {"nvidia.com/gpu.product": "A100"})
+    tainted = Node(
+        "tainted",
+        (Gpu("tainted", 0, CAP),),
+        {"nvidia.com/gpu.product": "H100"},
+        (Taint("dedicated", "llm", "NoSchedule"),),
+    )
+    want_h100 = PodRequest(
+        "ns/x", "ns/x", GpuDemand(fraction=0.5), {"nvidia.com/gpu.product": "H100"}
+    )
+    (refused,) = place([plain, tainted], GpuLedger(), [want_h100])
+    assert refused.allocation is None and "match" in refused.reason
+    tolerant = PodRequest(
+        "ns/x", "ns/x", GpuDemand(fraction=0.5), {"nvidia.com/gpu.product": "H100"},
+        (Toleration("dedicated", "Equal", "llm", "NoSchedule"),),
+    )  # fmt: skip
+    (accepted,) = place([plain, tainted], GpuLedger(), [tolerant])
+    assert accepted.allocation is not None and accepted.allocation.node == "tainted"
+
+
+def test_cordoned_nodes_get_nothing() -> None:
+    node = Node("n0", (Gpu("n0", 0, CAP),), schedulable=False)
+    (decision,) = place([node], GpuLedger(), requests([0.5]))
+    assert decision.allocation is None
+
+
+def test_memory_requests_place_absolute_bytes_and_cap_the_limit() -> None:
+    nodes = cluster(1, gpus=1)
+    demand = GpuDemand(request=30 * GIB, limit=200 * GIB)
+    (decision,) = place(nodes, GpuLedger(), [PodRequest("ns/m", "ns/m", demand)])
+    assert decision.allocation is not None
+    assert decision.allocation.request == 30 * GIB and decision.allocation.limit == CAP
+
+
+def test_standby_tenants_overcommit_up_to_the_factor_but_residents_do_not() -> None:
+    nodes = cluster(1, gpus=1)
+    ledger = GpuLedger([Allocation("ns/a", "ns/a", "n0", 0, CAP, CAP)])
+    resident = PodRequest("ns/b", "ns/b", GpuDemand(fraction=0.5))
+    standby = PodRequest("ns/c", "ns/c", GpuDemand(fraction=0.5), standby=True)
+    policy = PlacementPolicy(standby_overcommit=1.5)
+    decisions = {d.request.pod: d for d in place(nodes, ledger, [resident, standby], policy)}
+    assert decisions["ns/b"].allocation is None
+    assert decisions["ns/c"].allocation is not None
+    too_many = [
+        PodRequest(f"ns/s{i}", f"ns/s{i}", GpuDemand(fraction=0.5), standby=True) for i in range(2)
+    ]
+    assert sum(d.allocation is not None for d in place(nodes, ledger, too_many, policy)) == 1
+
+
+def test_an_unplaceable_pod_gets_a_reason_naming_the_shortfall() -> None:
+    nodes = cluster(1, gpus=1)
+    ledger = GpuLedger([Allocation("ns/a", "ns/a", "n0", 0, int(0.75 * CAP), int(0.75 * CAP))])
+    (decision,) = place(nodes, ledger, requests([0.5]))
+    assert decision.allocation is None
+    assert "needs 40.0 GiB" in decision.reason and "20.0 GiB" in decision.reason
+
+
+def optimum(sizes: list[int], capacity: int) -> int:
+    """Fewest bins, by trying every assignment (tiny inputs only)."""
+    best = len(sizes)
+
+    def search(i: int, bins: list[int]) -> None:
+        nonlocal best
+        if len(bins) >= best:
+            return
+        if i == len(sizes):
+            best = len(bins)
+            return
+        for b in range(len(bins)):
+            if bins[b] + sizes[i] <= capacity:
+                bins[b] += sizes[i]
+                search(i + 1, bins)
+                bins[b] -= sizes[i]
+        search(i + 1, [*bins, sizes[i]])
+
+    search(0, [])
+    return best
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+def test_exhaustively_within_one_gpu_of_optimal_on_small_workloads(count: int) -> None:
+    sizes = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
+    for fractions in itertools.combinations_with_replacement(sizes, count):
+        nodes = cluster(2, gpus=3)
+        decisions = place(nodes, GpuLedger(), requests(list(fractions)))
+        ledger = placed(decisions)
+        assert len(ledger.by_pod) == count
+        best = optimum([round(f * 8) for f in fractions], 8)
+        assert len(ledger.used_gpus()) <= best + 1, fractions
+        check_invariants(nodes, ledger, PlacementPolicy())
+
+
+def test_random_workloads_pack_within_three_percent_of_the_lower_bound() -> None:
+    rng = random.Random(7)
+    ratios = []
+    for _ in range(20):
+        fractions = [rng.choice(EIGHTHS) for _ in range(rng.randint(50, 150))]
+        demands = [GpuDemand(fraction=f) for f in fractions]
+        bound = lower_bound_gpus(demands, CAP)
+        nodes = cluster(math.ceil(bound / 8) + 4)
+        ledger = placed(place(nodes, GpuLedger(), requests(fractions)))
+        assert len(ledger.by_pod) == len(fractions)
+        assert len(ledger.used_gpus()) <= math.ceil(11 / 9 * bound) + 1  # BFD's worst case
+        ratios.append(len(ledger.used_gpus()) / bound)
+    assert sum(ratios) / len(ratios) <= 1.03, ratios
+
+
+def test_lower_bound_counts_volume_and_large_items() -> None:
+    assert lower_bound_gpus([GpuDemand(fraction=0.5)] * 3, CAP) == 2
+    assert lower_bound_gpus([GpuDemand(fraction=0.625)] * 3, CAP) == 3
+    assert lower_bound_gpus([], CAP) == 0
+
+
+def test_ledger_add_and_remove_are_inverse() -> None:
+    a = Allocation("ns/a", "ns/s", "n0", 0, 10, 10)
+    ledger = GpuLedger([a])
+    assert ledger.remove("ns/a") == a and ledger.remove("ns/a") is None
+    assert ledger.resident[("n0", 0)] == 0 and not ledger.used_gpus()

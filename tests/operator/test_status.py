@@ -1,0 +1,63 @@
+"""Status conditions computed from what the service's children show."""
+
+from berth.operator.status import DeploymentSummary, PodSummary, ServiceView, service_status
+
+NOW = "2026-11-22T22:00:00Z"
+
+
+def pod(
+    name: str, bound: bool = True, ready: bool = True, unschedulable: str | None = None
+) -> PodSummary:
+    return PodSummary(
+        name, bound, ready, standby=False, terminating=False, unschedulable=unschedulable
+    )
+
+
+def view(pods: list[PodSummary], desired: int = 2, rendered: int = 3) -> ServiceView:
+    deployment = DeploymentSummary(rendered, 5, 5, len(pods), len(pods), sum(p.ready for p in pods))
+    return ServiceView(3, desired, "http://x", "sel", deployment, pods)
+
+
+def conditions(status: dict) -> dict[str, tuple[str, str]]:  # type: ignore[type-arg]
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_all_ready_and_placed() -> None:
+    status = service_status(view([pod("a"), pod("b")]), None, NOW)
+    assert conditions(status) == {
+        "Ready": ("True", "ReplicasReady"),
+        "Scheduled": ("True", "AllPodsPlaced"),
+        "Progressing": ("False", "RolloutComplete"),
+    }
+    assert status["observedGeneration"] == 3 and status["readyReplicas"] == 2
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+
+
+def test_a_pod_that_fits_nowhere_makes_scheduled_false_with_the_scheduler_reason() -> None:
+    stuck = pod("b", bound=False, ready=False, unschedulable="0/32 GPUs fit: needs 40.0 GiB")
+    status = service_status(view([pod("a"), stuck]), None, NOW)
+    assert conditions(status)["Scheduled"] == ("False", "NoGpuFits")
+    assert conditions(status)["Ready"] == ("False", "Unschedulable")
+    assert "needs 40.0 GiB" in status["conditions"][1]["message"]
+
+
+def test_a_new_generation_is_progressing_until_rendered() -> None:
+    status = service_status(view([pod("a"), pod("b")], rendered=2), None, NOW)
+    assert conditions(status)["Progressing"] == ("True", "RollingOut")
+    assert status["observedGeneration"] == 2
+
+
+def test_refused_objects_become_invalid_spec() -> None:
+    v = view([])
+    v.render_error = "Deployment.apps is invalid: cpu request must be <= limit"
+    status = service_status(v, None, NOW)
+    assert conditions(status)["Ready"] == ("False", "InvalidSpec")
+
+
+def test_transition_time_holds_while_the_status_holds() -> None:
+    first = service_status(view([pod("a"), pod("b")]), None, "2026-01-01T00:00:00Z")
+    again = service_status(view([pod("a"), pod("b")]), first, NOW)
+    assert [c["lastTransitionTime"] for c in again["conditions"]] == ["2026-01-01T00:00:00Z"] * 3
+    flipped = service_status(view([pod("a"), pod("b", ready=False)]), first, NOW)
+    ready = next(c for c in flipped["conditions"] if c["type"] == "Ready")
+    assert ready["lastTransitionTime"] == NOW
