@@ -1,0 +1,180 @@
+"""``POST /v1/chat/completions``: the conversation through the model's chat template."""
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from jinja2 import TemplateError
+
+from berth.runtime.server.body import parse_body
+from berth.runtime.server.engine_loop import EngineRequest, Update
+from berth.runtime.server.errors import invalid_request
+from berth.runtime.server.generation import ChoiceProgress, respond
+from berth.runtime.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+from berth.runtime.server.sampling import (
+    chat_messages,
+    check_prompt,
+    check_supported,
+    resolve_max_tokens,
+    sampling_params,
+    validate_params,
+)
+
+if TYPE_CHECKING:
+    from berth.runtime.engine import TokenLogprob
+    from berth.runtime.engine.tokenizer import Tokenizer
+
+
+def chat_logprobs(entries: "list[TokenLogprob]", tokenizer: "Tokenizer") -> ChatLogprobs:
+    """OpenAI's chat logprobs: per token, its text, bytes, logprob and top alternatives."""
+
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        text = tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    content = []
+    for entry in entries:
+        chosen = top(entry.token_id, entry.logprob)
+        alternatives = [top(t, lp) for t, lp in entry.top]
+        content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
+    return ChatLogprobs(content=content)
+
+
+class ChatRenderer:
+    """Chat completion bodies and ``chat.completion.chunk`` events for one request."""
+
+    def __init__(
+        self,
+        request: ChatCompletionRequest,
+        model: str,
+        tokenizer: "Tokenizer",
+        prompt_tokens: int,
+        choices: int,
+    ) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.tokenizer = tokenizer
+        self.with_logprobs = bool(request.logprobs)
+        options = request.stream_options
+        self.include_usage = bool(options and options.include_usage)
+        self.prompt_tokens = prompt_tokens
+        self.choices = choices
+
+    def usage(self, choices: list[ChoiceProgress]) -> UsageInfo:
+        completion = sum(c.output_tokens for c in choices)
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
+        body = ChatCompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=AssistantMessage(content="".join(c.text)),
+                    logprobs=chat_logprobs(c.logprobs, self.tokenizer)
+                    if self.with_logprobs
+                    else None,
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ],
+            usage=self.usage(choices),
+        )
+        return body.model_dump()
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
+
+    def opening_chunks(self) -> Iterator[str]:
+        for index in range(self.choices):
+            delta = ChatDelta(role="assistant", content="")
+            yield self._chunk([ChatChunkChoice(index=index, delta=delta)])
+
+    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]:
+        output = update.output
+        text = output.new_text if output is not None else ""
+        if not text and not choice.finish_reason:
+            return
+        logprobs = None
+        if self.with_logprobs and output is not None and output.logprobs:
+            logprobs = chat_logprobs(output.logprobs, self.tokenizer)
+        delta = ChatDelta(content=text) if text else ChatDelta()
+        yield self._chunk(
+            [
+                ChatChunkChoice(
+                    index=choice.index,
+                    delta=delta,
+                    logprobs=logprobs,
+                    finish_reason=choice.finish_reason,
+                )
+            ]
+        )
+
+    def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]:
+        if self.include_usage:
+            yield self._chunk([], usage=self.usage(choices))
+
+
+def _max_tokens(request: ChatCompletionRequest) -> tuple[int | None, str]:
+    """The completion budget and the field it came from (the newer name wins)."""
+    if request.max_completion_tokens is not None:
+        return request.max_completion_tokens, "max_completion_tokens"
+    return request.max_tokens, "max_tokens"
+
+
+async def create_chat_completion(raw: Request) -> Response:
+    """Render the messages with the chat template, admit n samples and answer."""
+    from berth.runtime.server.app import get_server
+
+    arrival = time.monotonic()
+    server = get_server(raw)
+    request = await parse_body(raw, ChatCompletionRequest, server.settings.max_body_bytes)
+    loop = server.serving_loop(request.model)
+    check_supported(request)
+    assert server.engine is not None
+    tokenizer, max_len = server.engine.tokenizer, server.engine.max_model_len
+    messages = chat_messages(request)
+    try:
+        prompt = tokenizer.apply_chat_template(messages)
+    except (ValueError, TemplateError) as exc:
+        raise invalid_request(f"messages: {exc}", param="messages") from exc
+    ids = tokenizer.encode(prompt)
+    check_prompt(ids, max_len, "messages")
+    requested, param = _max_tokens(request)
+    max_tokens = resolve_max_tokens(requested, param, len(ids), max_len)
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    n = request.n or 1
+    renderer = ChatRenderer(request, server.model_name, tokenizer, len(ids), n)
+    engine_requests = []
+    for choice in range(n):
+        params = sampling_params(request, max_tokens, logprobs, choice)
+        validate_params(params, max_len)
+        engine_requests.append(EngineRequest(f"{renderer.id}-{choice}", ids, params))
+    stream = loop.submit(engine_requests, arrival, server.settings.request_timeout_s)
+    headers = {"X-Request-Id": renderer.id}
+    return await respond(raw, loop, stream, renderer, bool(request.stream), headers)

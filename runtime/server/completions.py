@@ -1,0 +1,195 @@
+"""``POST /v1/completions``: legacy text completion, one choice per prompt and sample."""
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from berth.runtime.server.body import parse_body
+from berth.runtime.server.engine_loop import EngineRequest, Update
+from berth.runtime.server.generation import ChoiceProgress, respond
+from berth.runtime.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from berth.runtime.server.sampling import (
+    check_prompt,
+    check_supported,
+    resolve_max_tokens,
+    sampling_params,
+    validate_params,
+)
+
+if TYPE_CHECKING:
+    from berth.runtime.engine import TokenLogprob
+    from berth.runtime.engine.tokenizer import Tokenizer
+
+
+def _prompts(request: CompletionRequest, tokenizer: "Tokenizer") -> list[list[int]]:
+    """Token ids of each prompt: a string, a list of strings, token ids, or lists of those."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not prompt:
+        return [[]]
+    if isinstance(prompt[0], str):
+        return [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+    if isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return [list(p) for p in prompt]  # type: ignore[arg-type]
+
+
+def legacy_logprobs(
+    entries: "list[TokenLogprob]", tokenizer: "Tokenizer", offset: int
+) -> CompletionLogprobs:
+    """OpenAI's parallel-list logprobs; ``offset`` is the text length before these tokens."""
+    out = CompletionLogprobs()
+    for entry in entries:
+        token = tokenizer.decode([entry.token_id])
+        out.tokens.append(token)
+        out.token_logprobs.append(entry.logprob)
+        out.top_logprobs.append({tokenizer.decode([t]): lp for t, lp in entry.top})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+class CompletionRenderer:
+    """Completion bodies and ``text_completion`` chunks for one request."""
+
+    def __init__(
+        self,
+        request: CompletionRequest,
+        model: str,
+        tokenizer: "Tokenizer",
+        prompt_texts: list[str],
+        prompt_tokens: int,
+        choices_per_prompt: int,
+    ) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.tokenizer = tokenizer
+        self.echo = bool(request.echo)
+        self.with_logprobs = request.logprobs is not None
+        options = request.stream_options
+        self.include_usage = bool(options and options.include_usage)
+        self.prompt_texts = prompt_texts
+        self.prompt_tokens = prompt_tokens
+        self.n = choices_per_prompt
+        self._text_so_far: dict[int, int] = {}
+
+    def _echoed(self, index: int) -> str:
+        return self.prompt_texts[index // self.n] if self.echo else ""
+
+    def usage(self, choices: list[ChoiceProgress]) -> UsageInfo:
+        completion = sum(c.output_tokens for c in choices)
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
+        body = CompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[
+                CompletionChoice(
+                    index=c.index,
+                    text=self._echoed(c.index) + "".join(c.text),
+                    logprobs=legacy_logprobs(c.logprobs, self.tokenizer, 0)
+                    if self.with_logprobs
+                    else None,
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ],
+            usage=self.usage(choices),
+        )
+        return body.model_dump()
+
+    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        chunk = CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
+
+    def opening_chunks(self) -> Iterator[str]:
+        if self.echo:
+            for index in range(len(self.prompt_texts) * self.n):
+                yield self._chunk([CompletionChoice(index=index, text=self._echoed(index))])
+
+    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]:
+        output = update.output
+        text = output.new_text if output is not None else ""
+        if not text and not choice.finish_reason:
+            return
+        logprobs = None
+        if self.with_logprobs and output is not None and output.logprobs:
+            offset = self._text_so_far.get(choice.index, 0)
+            logprobs = legacy_logprobs(output.logprobs, self.tokenizer, offset)
+        self._text_so_far[choice.index] = self._text_so_far.get(choice.index, 0) + len(text)
+        yield self._chunk(
+            [
+                CompletionChoice(
+                    index=choice.index,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=choice.finish_reason,
+                )
+            ]
+        )
+
+    def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]:
+        if self.include_usage:
+            yield self._chunk([], usage=self.usage(choices))
+
+
+def _echo_texts(
+    request: CompletionRequest, prompts: list[list[int]], tokenizer: "Tokenizer"
+) -> list[str]:
+    """Each prompt as text, for ``echo``: as sent, or decoded when sent as token ids."""
+    if isinstance(request.prompt, str):
+        return [request.prompt]
+    if request.prompt and isinstance(request.prompt[0], str):
+        return [str(p) for p in request.prompt]
+    return [tokenizer.decode(ids) for ids in prompts]
+
+
+async def create_completion(raw: Request) -> Response:
+    """Admit the prompts (times n) as engine requests and answer, collected or streamed."""
+    from berth.runtime.server.app import get_server
+
+    arrival = time.monotonic()
+    server = get_server(raw)
+    request = await parse_body(raw, CompletionRequest, server.settings.max_body_bytes)
+    loop = server.serving_loop(request.model)
+    check_supported(request)
+    assert server.engine is not None
+    tokenizer, max_len = server.engine.tokenizer, server.engine.max_model_len
+    n = request.n or 1
+    prompts = _prompts(request, tokenizer)
+    echo_texts = _echo_texts(request, prompts, tokenizer) if request.echo else []
+    renderer = CompletionRenderer(
+        request, server.model_name, tokenizer, echo_texts, sum(map(len, prompts)), n
+    )
+    engine_requests: list[EngineRequest] = []
+    for ids in prompts:
+        check_prompt(ids, max_len, "prompt")
+        max_tokens = resolve_max_tokens(request.max_tokens, "max_tokens", len(ids), max_len)
+        for choice in range(n):
+            params = sampling_params(request, max_tokens, request.logprobs, choice)
+            validate_params(params, max_len)
+            request_id = f"{renderer.id}-{len(engine_requests)}"
+            engine_requests.append(EngineRequest(request_id, ids, params))
+    stream = loop.submit(engine_requests, arrival, server.settings.request_timeout_s)
+    headers = {"X-Request-Id": renderer.id}
+    return await respond(raw, loop, stream, renderer, bool(request.stream), headers)

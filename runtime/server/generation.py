@@ -1,0 +1,162 @@
+"""Driving one admitted HTTP request to its response: collected, or streamed as SSE.
+
+Both routes (completions, chat) share this: they differ only in how a choice's progress is
+rendered, which a :class:`Renderer` supplies. The driver owns the request's lifecycle rules:
+
+- the per-request deadline (408 before the first byte, an SSE error event after it);
+- a client that disconnects aborts its sequences, which frees their KV blocks at once;
+- a streamed response starts only once the first update is in, so that a refusal or a timeout
+  before the first token still gets a proper HTTP status instead of a broken stream.
+"""
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from berth.runtime.server import errors
+from berth.runtime.server.engine_loop import EngineLoop, RequestStream, Update
+from berth.runtime.server.errors import APIError
+
+if TYPE_CHECKING:
+    from berth.runtime.engine import TokenLogprob
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: str) -> bytes:
+    """One server-sent event carrying a JSON payload."""
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+@dataclass
+class ChoiceProgress:
+    """Everything one choice has produced so far."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: "list[TokenLogprob]" = field(default_factory=list)
+    finish_reason: str | None = None
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, update: Update) -> None:
+        output = update.output
+        if output is None:  # aborted by the server: drain deadline, timeout or disconnect
+            self.finish_reason = "abort"
+            return
+        self.text.append(output.new_text)
+        self.token_ids += output.new_token_ids
+        if output.logprobs:
+            self.logprobs += output.logprobs
+        self.output_tokens = output.num_output_tokens
+        self.cached_tokens = output.num_cached_tokens
+        if output.finished:
+            self.finish_reason = output.finish_reason or "stop"
+
+
+class Renderer(Protocol):
+    """How one route turns choice progress into its response body and SSE chunks."""
+
+    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]: ...
+    def opening_chunks(self) -> Iterator[str]: ...
+    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]: ...
+    def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]: ...
+
+
+async def next_update(loop: EngineLoop, stream: RequestStream) -> Update:
+    """The stream's next update; a timeout aborts the request and raises a 408 APIError."""
+    try:
+        update = await stream.next_update()
+    except TimeoutError:
+        loop.abort(stream, "timeout")
+        raise errors.request_timeout(stream.timeout_s) from None
+    if update.error is not None:
+        loop.abort(stream, "error")
+        raise update.error
+    return update
+
+
+@contextlib.asynccontextmanager
+async def abort_on_disconnect(
+    request: Request, loop: EngineLoop, stream: RequestStream
+) -> AsyncIterator[None]:
+    """While inside, a client disconnect aborts ``stream`` (its updates then end it)."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                loop.abort(stream, "client_disconnect")
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+async def respond(
+    request: Request,
+    loop: EngineLoop,
+    stream: RequestStream,
+    renderer: Renderer,
+    streaming: bool,
+    headers: dict[str, str],
+) -> Response:
+    """Run ``stream`` to its response; the caller has admitted it already."""
+    choices = [ChoiceProgress(i) for i in range(len(stream.request_ids))]
+    try:
+        async with abort_on_disconnect(request, loop, stream):
+            first = await next_update(loop, stream)
+            choices[first.index].add(first)
+            if not streaming:
+                while not stream.done:
+                    update = await next_update(loop, stream)
+                    choices[update.index].add(update)
+                return JSONResponse(renderer.response(choices), headers=headers)
+    except BaseException:
+        loop.abort(stream, "error")
+        raise
+    body = _event_stream(loop, stream, renderer, choices, first)
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+    )
+
+
+async def _event_stream(
+    loop: EngineLoop,
+    stream: RequestStream,
+    renderer: Renderer,
+    choices: list[ChoiceProgress],
+    first: Update,
+) -> AsyncIterator[bytes]:
+    """The SSE body. Starlette cancels it when the client leaves; ``finally`` then aborts."""
+    try:
+        for chunk in renderer.opening_chunks():
+            yield sse(chunk)
+        for chunk in renderer.update_chunks(first, choices[first.index]):
+            yield sse(chunk)
+        while not stream.done:
+            try:
+                update = await next_update(loop, stream)
+            except APIError as error:
+                yield sse(json.dumps(error.body().model_dump()))
+                yield DONE
+                return
+            choices[update.index].add(update)
+            for chunk in renderer.update_chunks(update, choices[update.index]):
+                yield sse(chunk)
+        for chunk in renderer.closing_chunks(choices):
+            yield sse(chunk)
+        yield DONE
+    finally:
+        loop.abort(stream, "client_disconnect")

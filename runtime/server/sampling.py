@@ -1,0 +1,127 @@
+"""From an OpenAI request to the engine's prompts and sampling parameters, refusing what the
+engine cannot do with a 400 that says so (rather than silently ignoring a penalty)."""
+
+from typing import Any
+
+from berth.runtime.engine import SamplingParams
+from berth.runtime.server.errors import APIError, invalid_request
+from berth.runtime.server.protocol import ChatCompletionRequest, CompletionRequest
+
+SamplingRequest = CompletionRequest | ChatCompletionRequest
+
+
+def _unsupported(param: str, what: str) -> APIError:
+    return invalid_request(
+        f"{param}: {what} is not supported by this server.", param=param, code="unsupported"
+    )
+
+
+def check_supported(request: SamplingRequest) -> None:
+    """Refuse fields that parse but that the engine cannot honour, unless neutral."""
+    if request.presence_penalty:
+        raise _unsupported("presence_penalty", "a non-zero presence penalty")
+    if request.frequency_penalty:
+        raise _unsupported("frequency_penalty", "a non-zero frequency penalty")
+    if request.logit_bias:
+        raise _unsupported("logit_bias", "logit bias")
+    if not request.stream and request.stream_options is not None:
+        raise invalid_request(
+            "stream_options: only allowed when stream is true.", param="stream_options"
+        )
+    if isinstance(request, CompletionRequest):
+        if request.suffix:
+            raise _unsupported("suffix", "a suffix (insertion)")
+        if request.best_of is not None and request.best_of != (request.n or 1):
+            raise _unsupported("best_of", "best_of other than n")
+        if request.echo and request.logprobs is not None:
+            raise _unsupported("logprobs", "logprobs together with echo (prompt logprobs)")
+    else:
+        if request.tools:
+            raise _unsupported("tools", "tool calling")
+        if request.tool_choice not in (None, "none", "auto"):
+            raise _unsupported("tool_choice", "forcing a tool")
+        if request.response_format and request.response_format.get("type") not in (None, "text"):
+            raise _unsupported("response_format", "structured output")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise invalid_request(
+                "top_logprobs: only allowed when logprobs is true.", param="top_logprobs"
+            )
+
+
+def check_prompt(token_ids: list[int], max_model_len: int, param: str) -> None:
+    """The prompt must be non-empty and leave room for one new token (token ids outside the
+    model's vocabulary are refused by ``Engine.add_request``, which knows the vocabulary)."""
+    if not token_ids:
+        raise invalid_request(f"{param}: the prompt is empty.", param=param, code="empty_prompt")
+    if len(token_ids) >= max_model_len:
+        raise invalid_request(
+            f"{param}: the prompt has {len(token_ids)} tokens, but this model's context length "
+            f"is {max_model_len} tokens, which must also hold at least one new token. "
+            "Shorten the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def resolve_max_tokens(
+    requested: int | None, param: str, prompt_len: int, max_model_len: int
+) -> int:
+    """``requested`` if prompt plus completion fit the context; None means all the room left."""
+    room = max_model_len - prompt_len
+    if requested is None:
+        return room
+    if requested > room:
+        raise invalid_request(
+            f"{param}: {requested} new tokens plus the {prompt_len}-token prompt exceed this "
+            f"model's context length of {max_model_len} tokens; ask for at most {room}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def sampling_params(
+    request: SamplingRequest, max_tokens: int, logprobs: int | None, choice: int
+) -> SamplingParams:
+    """The engine's parameters for choice number ``choice`` of ``request``.
+
+    With a seed and n > 1, choice i uses seed + i: n identical samples would be useless.
+    """
+    stop = request.stop
+    seed = None if request.seed is None else request.seed + choice
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=max(request.top_k or 0, 0),
+        min_p=request.min_p or 0.0,
+        seed=seed,
+        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        stop_token_ids=list(request.stop_token_ids or []),
+        ignore_eos=bool(request.ignore_eos),
+        logprobs=logprobs,
+    )
+    return params
+
+
+def validate_params(params: SamplingParams, max_model_len: int) -> None:
+    """The engine's own checks, as a 400 (its messages name the parameter)."""
+    try:
+        params.validate(max_model_len)
+    except ValueError as exc:
+        raise invalid_request(str(exc)) from exc
+
+
+def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The conversation as the chat template expects it: role and plain-text content."""
+    if not request.messages:
+        raise invalid_request(
+            "messages: at least one message is required.", param="messages", code="empty_messages"
+        )
+    rendered: list[dict[str, Any]] = []
+    for message in request.messages:
+        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.name is not None:
+            entry["name"] = message.name
+        rendered.append(entry)
+    return rendered

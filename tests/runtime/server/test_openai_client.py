@@ -1,0 +1,113 @@
+"""The official ``openai`` client, streaming and not, against a real server and engine."""
+
+import openai
+import pytest
+from server_harness import RunningServer
+
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture
+def client(served: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model_with_its_context_length(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert models[0].model_extra == {"max_model_len": 512}
+
+
+def test_completion_returns_max_tokens_tokens_and_usage(client: openai.OpenAI) -> None:
+    result = client.completions.create(model="tiny", prompt="The harbour", max_tokens=7, **GREEDY)
+    assert result.object == "text_completion"
+    assert result.choices[0].finish_reason == "length"
+    assert result.choices[0].text
+    assert result.usage is not None
+    assert result.usage.completion_tokens == 7
+    assert result.usage.prompt_tokens > 0
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 7
+
+
+def test_streamed_completion_concatenates_to_the_collected_text(client: openai.OpenAI) -> None:
+    full = client.completions.create(model="tiny", prompt="A ship", max_tokens=12, **GREEDY)
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="A ship", max_tokens=12, stream=True,
+            stream_options={"include_usage": True}, **GREEDY,
+        )
+    )  # fmt: skip
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) <= {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_uses_the_template_and_reports_usage(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        **GREEDY,
+    )
+    choice = result.choices[0]
+    assert result.object == "chat.completion"
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    assert result.usage is not None and result.usage.completion_tokens == 5
+    # The template wraps each message in header tokens, so the prompt is longer than its words.
+    assert result.usage.prompt_tokens > 10
+
+
+def test_streamed_chat_sends_role_then_content_then_finish_and_usage(
+    client: openai.OpenAI,
+) -> None:
+    messages = [{"role": "user", "content": "Tell me about ships."}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=9, **GREEDY)
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=9, stream=True,
+        stream_options={"include_usage": True}, **GREEDY,
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == full.choices[0].message.content
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
+    assert all(c.id == chunks[0].id for c in chunks)
+
+
+def test_n_samples_and_prompt_lists_give_one_choice_each(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model="tiny", prompt=["one", "two"], n=2, max_tokens=3, temperature=1.0, seed=7
+    )
+    assert sorted(c.index for c in result.choices) == [0, 1, 2, 3]
+    assert result.usage is not None and result.usage.completion_tokens <= 12
+
+
+def test_logprobs_come_back_for_every_generated_token(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+        logprobs=True, top_logprobs=3, **GREEDY,
+    )  # fmt: skip
+    content = result.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 4
+    for entry in content:
+        assert entry.logprob <= 0.0
+        assert len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs))
+
+
+def test_stop_string_ends_the_completion(client: openai.OpenAI) -> None:
+    full = client.completions.create(model="tiny", prompt="Ports", max_tokens=20, **GREEDY)
+    text = full.choices[0].text
+    stop = text[len(text) // 2 :][:2]
+    assert stop.strip(), "the greedy text should have a non-blank middle"
+    cut = client.completions.create(
+        model="tiny", prompt="Ports", max_tokens=20, stop=[stop], **GREEDY
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
