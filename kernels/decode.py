@@ -35,7 +35,7 @@ class DecodeConfig:
 
 
 @triton.jit
-def _decode_kernel(
+def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -122,12 +122,12 @@ def _decode_kernel(
         partial = acc / tl.where(l > 0, l, 1.0)[:, None]  # normalised within the split
         dst = part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :]
         tl.store(dst, partial, mask=row_ok[:, None])
-        lse = tl.where(l > 0, m + tl.math.log2(l), float("-inf"))
+        lse = tl.where(l > 0, m + tl.math.log2(tl.maximum(l, 1e-30)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
 
 @triton.jit
-def _merge_splits_kernel(
+def _merge_splits_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     part_out_ptr,  # [B, Hq, num_splits, D] float32, each split normalised by its own sum
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
     out_ptr,  # [B, Hq, D]

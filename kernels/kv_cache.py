@@ -15,7 +15,7 @@ from berth.kernels import checks
 
 
 @triton.jit
-def _write_kv_cache_kernel(
+def _write_kv_cache_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     key_ptr,  # [T, Hkv, D]
     value_ptr,  # [T, Hkv, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]

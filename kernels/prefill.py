@@ -39,7 +39,7 @@ class PrefillConfig:
 
 
 @triton.jit
-def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):  # type: ignore[no-untyped-def]
     """The last sequence b whose first tile ``query_start_loc[b] // BLOCK_Q + b`` is <= tile."""
     lo = 0
     hi = num_seqs
@@ -54,7 +54,7 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _prefill_kernel(
+def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D]

@@ -25,15 +25,25 @@ def _flat_slots(cache: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_tokens(
-    cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int
+    cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
-    """The first ``num_tokens`` cached tokens of each sequence: [B, num_tokens, Hkv, D]."""
+    """The first ``num_tokens`` slots of each sequence's pages: [B, num_tokens, Hkv, D].
+
+    Slots at or past a sequence's length come back as zeros, whatever the cache or the unused
+    tail of the block table holds there (the layout leaves both undefined).
+    """
     block_size = cache.shape[1]
     num_pages = -(-num_tokens // block_size)
     pages = block_tables[:, :num_pages].long()  # [B, P]
-    tokens = cache[pages]  # [B, P, block_size, Hkv, D]
+    owned = torch.arange(num_pages, device=pages.device)[None, :] * block_size < seq_lens[
+        :, None
+    ].to(pages.device)
+    tokens = cache[torch.where(owned, pages, 0)]  # [B, P, block_size, Hkv, D]
     b, p = pages.shape
-    return tokens.reshape(b, p * block_size, cache.shape[2], cache.shape[3])[:, :num_tokens]
+    tokens = tokens.reshape(b, p * block_size, cache.shape[2], cache.shape[3])[:, :num_tokens]
+    positions = torch.arange(num_tokens, device=cache.device)
+    visible = positions[None, :] < seq_lens[:, None].to(cache.device)  # [B, L]
+    return tokens.masked_fill(~visible[:, :, None, None], 0)
 
 
 def write_kv_cache(
@@ -73,8 +83,8 @@ def paged_decode_attention(
     if num_seqs == 0 or max_seq_len == 0:
         return out
     dtype = _compute_dtype(query.dtype)
-    keys = _gather_tokens(k_cache, block_tables, max_seq_len).to(dtype)  # [B, L, Hkv, D]
-    values = _gather_tokens(v_cache, block_tables, max_seq_len).to(dtype)
+    keys = _gather_tokens(k_cache, block_tables, seq_lens, max_seq_len).to(dtype)  # [B, L, Hkv, D]
+    values = _gather_tokens(v_cache, block_tables, seq_lens, max_seq_len).to(dtype)
     positions = torch.arange(max_seq_len, device=query.device)
     visible = positions[None, :] < seq_lens[:, None].to(query.device)  # [B, L]
     attn = F.scaled_dot_product_attention(
@@ -118,9 +128,9 @@ def paged_prefill_attention(
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        table = block_tables[b : b + 1]
-        keys = _gather_tokens(k_cache, table, context_len)[0].to(dtype)  # [L, Hkv, D]
-        values = _gather_tokens(v_cache, table, context_len)[0].to(dtype)
+        table, length = block_tables[b : b + 1], seq_lens[b : b + 1]
+        keys = _gather_tokens(k_cache, table, length, context_len)[0].to(dtype)  # [L, Hkv, D]
+        values = _gather_tokens(v_cache, table, length, context_len)[0].to(dtype)
         q_pos = torch.arange(context_len - q_len, context_len, device=query.device)
         k_pos = torch.arange(context_len, device=query.device)
         causal = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]

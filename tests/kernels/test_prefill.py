@@ -1,0 +1,102 @@
+"""Paged prefill / extend attention: the Triton kernel against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged_checks import CPU_DTYPES, GPU_DTYPES, assert_close, poisoned_like
+
+from berth.kernels import paged_prefill_attention, reference
+from berth.kernels.prefill import PrefillConfig, launch_prefill
+from berth.kernels.synthetic import random_paged_batch
+
+
+def run_prefill(
+    seq_lens: list[int],
+    query_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    config: PrefillConfig | None = None,
+    **batch_options: bool,
+) -> None:
+    """Each sequence's last ``query_lens[b]`` cached tokens are its new queries."""
+    batch = random_paged_batch(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, device, **batch_options
+    )
+    starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    query_start_loc = starts.to(device)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, dtype=dtype, device=device)
+    scale = head_dim**-0.5
+    out = poisoned_like(query)
+    args = (query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens)
+    launch_prefill(*args, query_start_loc, scale, out, config)
+    expected = reference.paged_prefill_attention(
+        query.double(), batch.k_cache.double(), batch.v_cache.double(), batch.block_tables,
+        batch.seq_lens, query_start_loc, scale,
+    )  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+SMALL = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_prefill_mixed_batch_matches_reference(
+    device: torch.device, dtype: torch.dtype, group: int
+) -> None:
+    """A fresh prompt, a chunk after a cached prefix, and two decode tokens in one launch."""
+    run_prefill([21, 45, 9, 1], [21, 13, 1, 1], 2 * group, 2, 32, 16, dtype, device, SMALL)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_page_sizes_and_ragged_lengths(device: torch.device, block_size: int) -> None:
+    run_prefill([33, 70], [33, 20], 4, 2, 64, block_size, torch.float16, device, SMALL)
+
+
+def test_prefill_shared_prefix_page(device: torch.device) -> None:
+    run_prefill(
+        [30, 30, 19], [14, 14, 3], 4, 2, 32, 16, torch.float16, device, SMALL,
+        share_first_page=True,
+    )  # fmt: skip
+
+
+def test_prefill_empty_chunk_is_skipped(device: torch.device) -> None:
+    """A sequence with no new tokens in the batch (q_len 0) neither reads nor writes."""
+    run_prefill([12, 40], [0, 5], 2, 1, 16, 16, torch.float16, device, SMALL)
+
+
+def test_prefill_default_config(device: torch.device) -> None:
+    run_prefill([40, 7], [40, 7], 8, 2, 32, 16, torch.float16, device)
+
+
+def test_prefill_rejects_bad_query_start_loc(device: torch.device) -> None:
+    batch = random_paged_batch([8, 8], 2, 32, 16, torch.float16, device)
+    query = torch.randn(16, 4, 32, dtype=torch.float16, device=device)
+    qsl = torch.tensor([0, 8, 16], dtype=torch.int64, device=device)
+    with pytest.raises(TypeError, match="query_start_loc"):
+        paged_prefill_attention(
+            query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, qsl, 0.1
+        )
+    with pytest.raises(ValueError, match="query_start_loc"):
+        paged_prefill_attention(
+            query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+            qsl[:2].int(), 0.1,
+        )  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_full_shapes_on_gpu(
+    device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int, group: int
+) -> None:
+    seq_lens = [2048, 4096, 1000, 700, 1, 5000]
+    query_lens = [2048, 2048, 1, 1, 1, 333]
+    run_prefill(seq_lens, query_lens, 8 * group, 8, head_dim, block_size, dtype, device)
