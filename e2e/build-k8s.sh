@@ -22,6 +22,10 @@ die() { log "error: $*"; exit 1; }
 command -v go >/dev/null || die "Go is not on PATH; install Go >= 1.24 (https://go.dev/doc/install) and retry"
 mkdir -p "$BIN"
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
+# Only the module proxy is reachable here: without the ",direct" fallback, a missing version fails
+# at once instead of hanging on a VCS host.
+GOPROXY=$(go env GOPROXY)
+export GOPROXY=${GOPROXY%,direct}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/berth-build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
@@ -29,7 +33,9 @@ timed() {  # timed NAME MINUTES CMD...: runs CMD, saying what is built and how l
   local name=$1 minutes=$2; shift 2
   local start=$SECONDS
   log "building $name (about $minutes min on 2 cores, cached afterwards in $BIN)"
-  "$@" >"$WORK/$name.log" 2>&1 || { tail -n 40 "$WORK/$name.log" >&2; die "building $name failed (log above)"; }
+  # In the background so that `set -e` holds inside the build function (it is ignored in `||`).
+  "$@" >"$WORK/$name.log" 2>&1 &
+  wait $! || { tail -n 40 "$WORK/$name.log" >&2; die "building $name failed (log above)"; }
   log "built $name in $((SECONDS - start)) s"
 }
 

@@ -66,7 +66,7 @@ class LocalCluster:
     """One loopback control plane. ``api_port`` 0 picks a free port."""
 
     state_dir: Path = field(default_factory=default_state_dir)
-    inventory: Inventory = DEFAULT_INVENTORY
+    inventory: Inventory = field(default_factory=lambda: DEFAULT_INVENTORY)
     api_port: int = 0
     bin_dir: Path | None = None
     # With attach=True (tests), components die with this process even if it is SIGKILLed.
