@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "crds": "berth.operator.cli:crds",
     "plan": "berth.operator.cli:plan",
     "operator": "berth.operator.cli:operator",
+    "serve": "berth.runtime.server.cli:serve",
 }
 
 
