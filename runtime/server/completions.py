@@ -39,10 +39,10 @@ def _prompts(request: CompletionRequest, tokenizer: "Tokenizer") -> list[list[in
     if not prompt:
         return [[]]
     if isinstance(prompt[0], str):
-        return [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+        return [tokenizer.encode(p) for p in prompt]
     if isinstance(prompt[0], int):
-        return [list(prompt)]  # type: ignore[arg-type]
-    return [list(p) for p in prompt]  # type: ignore[arg-type]
+        return [list(prompt)]
+    return [list(p) for p in prompt]
 
 
 def legacy_logprobs(

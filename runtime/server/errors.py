@@ -113,7 +113,7 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
     if not errors:
         return invalid_request("The request body is invalid.")
     first = errors[0]
-    param = _param(first)  # type: ignore[arg-type]
+    param = _param(first)
     if first["type"] == "extra_forbidden":
         return invalid_request(
             f"Unrecognized request argument supplied: {param}", param=param, code="unknown_argument"
@@ -142,7 +142,8 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[APIError], None]) -
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = NOT_FOUND if exc.status_code == 404 else INVALID_REQUEST
-        error = APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        error = APIError(exc.status_code, str(exc.detail), type=kind, headers=headers)
         on_error(error)
         return error.response()
 

@@ -183,8 +183,8 @@ def _is_none(value: object) -> bool:
 class ChatDelta(BaseModel):
     """A chunk's increment; absent fields are left out (the final delta is ``{}``)."""
 
-    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
-    content: str | None = Field(None, exclude_if=_is_none)
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
+    content: str | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,0 +1,158 @@
+"""Every kind of bad input gets a 4xx with OpenAI's error object, and the server keeps serving."""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from server_harness import RunningServer
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "hello"}]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: str
+    body: bytes | dict[str, Any]
+    status: int
+    param: str | None = None
+    code: str | None = None
+    error_type: str = "invalid_request_error"
+    method: str = "POST"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "tiny", "prompt": "hello", "max_tokens": 2, **fields}
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": USER, "max_tokens": 2, **fields}
+
+
+LONG_TEXT = "ships and berths " * 400  # far more than the tiny model's 512-token context
+
+CASES = [
+    Case("malformed json", COMPLETIONS, b'{"model": "tiny", "prompt": ', 400, code="invalid_json"),
+    Case("json array body", COMPLETIONS, b"[1, 2]", 400),
+    Case("empty body", CHAT, b"", 400, code="invalid_json"),
+    Case("nan is not json", COMPLETIONS, b'{"model":"tiny","prompt":"x","temperature":NaN}', 400),
+    Case("invalid utf-8", COMPLETIONS, b'{"model":"tiny","prompt":"\xff\xfe"}', 400,
+         code="invalid_encoding"),
+    Case("max_tokens as string", COMPLETIONS, completion(max_tokens="5"), 400, "max_tokens"),
+    Case("prompt as number", COMPLETIONS, completion(prompt=5), 400, "prompt"),
+    Case("messages as string", CHAT, chat(messages="hi"), 400, "messages"),
+    Case("stream as string", CHAT, chat(stream="yes"), 400, "stream"),
+    Case("temperature as string", CHAT, chat(temperature="hot"), 400, "temperature"),
+    Case("stop as numbers", COMPLETIONS, completion(stop=[1, 2]), 400, "stop"),
+    Case("unknown field", COMPLETIONS, completion(foo=1), 400, "foo", "unknown_argument"),
+    Case("unknown message field", CHAT, chat(messages=[{"role": "user", "content": "x", "x": 1}]),
+         400, "messages.0.x", "unknown_argument"),
+    Case("missing model", CHAT, {"messages": USER}, 400, "model"),
+    Case("unknown model", CHAT, chat(model="gpt-4"), 404, "model", "model_not_found"),
+    Case("empty messages", CHAT, chat(messages=[]), 400, "messages", "empty_messages"),
+    Case("bad role", CHAT, chat(messages=[{"role": "robot", "content": "x"}]), 400,
+         "messages.0.role"),
+    Case("image content", CHAT, chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400),
+    Case("empty token prompt", COMPLETIONS, completion(prompt=[[]]), 400, "prompt", "empty_prompt"),
+    Case("empty prompt list", COMPLETIONS, completion(prompt=[]), 400, "prompt", "empty_prompt"),
+    Case("token id outside vocabulary", COMPLETIONS, completion(prompt=[1, 10**9]), 400),
+    Case("prompt longer than context", COMPLETIONS, completion(prompt=LONG_TEXT), 400, "prompt",
+         "context_length_exceeded"),
+    Case("chat longer than context", CHAT, chat(messages=[{"role": "user", "content": LONG_TEXT}]),
+         400, "messages", "context_length_exceeded"),
+    Case("max_tokens zero", COMPLETIONS, completion(max_tokens=0), 400, "max_tokens"),
+    Case("max_tokens negative", CHAT, chat(max_tokens=-3), 400, "max_tokens"),
+    Case("max_completion_tokens zero", CHAT, chat(max_completion_tokens=0), 400,
+         "max_completion_tokens"),
+    Case("max_tokens beyond context", COMPLETIONS, completion(max_tokens=100000), 400,
+         "max_tokens", "context_length_exceeded"),
+    Case("max_tokens beyond context, chat", CHAT, chat(max_tokens=600), 400, "max_tokens",
+         "context_length_exceeded"),
+    Case("temperature negative", COMPLETIONS, completion(temperature=-0.5), 400, "temperature"),
+    Case("temperature too high", CHAT, chat(temperature=2.5), 400, "temperature"),
+    Case("temperature infinite", CHAT, b'{"model":"tiny","messages":[{"role":"user","content":"x"}],'
+         b'"temperature":1e999}', 400, "temperature"),
+    Case("top_p zero", COMPLETIONS, completion(top_p=0), 400, "top_p"),
+    Case("top_p above one", CHAT, chat(top_p=1.5), 400, "top_p"),
+    Case("top_k below -1", COMPLETIONS, completion(top_k=-2), 400, "top_k"),
+    Case("top_k fractional", COMPLETIONS, completion(top_k=1.5), 400, "top_k"),
+    Case("min_p above one", CHAT, chat(min_p=2), 400, "min_p"),
+    Case("n zero", COMPLETIONS, completion(n=0), 400, "n"),
+    Case("logprobs too many", COMPLETIONS, completion(logprobs=50), 400, "logprobs"),
+    Case("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
+    Case("presence penalty", CHAT, chat(presence_penalty=0.5), 400, "presence_penalty",
+         "unsupported"),
+    Case("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+         "tools", "unsupported"),
+    Case("stream_options without stream", CHAT, chat(stream_options={"include_usage": True}),
+         400, "stream_options"),
+    Case("huge body", COMPLETIONS, completion(prompt="x" * (9 << 20)), 413,
+         code="request_too_large"),
+    Case("wrong method", COMPLETIONS, b"", 405, method="GET"),
+    Case("unknown route", "/v1/embeddings", completion(), 404, error_type="not_found_error"),
+]  # fmt: skip
+
+
+def send(client: httpx.Client, case: Case) -> httpx.Response:
+    content = case.body if isinstance(case.body, bytes) else json.dumps(case.body).encode()
+    headers = {"Content-Type": "application/json", **dict(case.headers)}
+    return client.request(case.method, case.path, content=content, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def client(served: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_an_openai_error_and_the_server_serves_on(
+    client: httpx.Client, case: Case
+) -> None:
+    response = send(client, case)
+    assert response.status_code == case.status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["type"] == case.error_type
+    if case.param is not None:
+        assert error["param"] == case.param
+    if case.code is not None:
+        assert error["code"] == case.code
+    ok = client.post(COMPLETIONS, json=completion(max_tokens=1))
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 1
+
+
+def test_huge_chunked_body_without_content_length_is_refused(client: httpx.Client) -> None:
+    def body() -> Iterator[bytes]:
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(10):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    response = client.post(
+        COMPLETIONS, content=body(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert client.post(COMPLETIONS, json=completion(max_tokens=1)).status_code == 200
+
+
+def test_streaming_request_with_bad_input_gets_a_status_not_a_broken_stream(
+    client: httpx.Client,
+) -> None:
+    response = client.post(COMPLETIONS, json=completion(prompt=[10**9], stream=True))
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/json")
+    assert (
+        "vocab" in response.json()["error"]["message"]
+        or "[0," in response.json()["error"]["message"]
+    )
