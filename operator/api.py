@@ -37,9 +37,10 @@ Quantity = Annotated[
     str,
     AfterValidator(_quantity),
     Field(
+        max_length=64,
         json_schema_extra=validations(
             {"rule": "isQuantity(self)", "message": "must be a quantity such as 20Gi"}
-        )
+        ),
     ),
 ]
 
@@ -280,8 +281,8 @@ class EnvVar(ApiModel):
 
 
 class Resources(ApiModel):
-    requests: dict[str, Quantity] = Field(default_factory=dict)
-    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
 
 
 class PodOverrides(ApiModel):

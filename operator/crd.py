@@ -26,6 +26,8 @@ _KEPT = {
     "maxLength",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "pattern",
     "enum",
     "format",

@@ -69,8 +69,8 @@ class KubeClient:
         token: str | None,
         pool: int = 32,
     ) -> None:
+        self.server, self.verify, self.cert, self.token = server, verify, cert, token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.server = server
         self.http = httpx.Client(
             base_url=server,
             verify=verify,

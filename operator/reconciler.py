@@ -118,6 +118,21 @@ def tune_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.batching.worker_limit = 64
 
 
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf connects with the same credentials as the rest of the process."""
+    client = Context.client
+    return kopf.ConnectionInfo(
+        server=client.server,
+        ca_path=client.verify if isinstance(client.verify, str) else None,
+        insecure=client.verify is False,
+        token=client.token,
+        scheme="Bearer" if client.token else None,
+        certificate_path=client.cert[0] if client.cert else None,
+        private_key_path=client.cert[1] if client.cert else None,
+    )
+
+
 # ---- indices: the in-memory picture the status is computed from ------------------------
 
 
@@ -160,17 +175,17 @@ def _indices(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @kopf.on.event("", "v1", "pods", labels={wire.LABEL_SERVICE: kopf.PRESENT})
-def pod_changed(*, namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+async def pod_changed(*, namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     Context.board.touch((namespace or "default", labels[wire.LABEL_SERVICE]), _indices(kwargs))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={wire.LABEL_MANAGED_BY: render.MANAGED_BY})
-def deployment_changed(*, namespace: str | None, name: str, **kwargs: Any) -> None:
+async def deployment_changed(*, namespace: str | None, name: str, **kwargs: Any) -> None:
     Context.board.touch((namespace or "default", name), _indices(kwargs))
 
 
 @kopf.on.event(*RESOURCE)
-def service_changed(*, namespace: str | None, name: str, **kwargs: Any) -> None:
+async def service_changed(*, namespace: str | None, name: str, **kwargs: Any) -> None:
     Context.board.touch((namespace or "default", name), _indices(kwargs))
 
 

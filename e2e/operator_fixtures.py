@@ -1,0 +1,188 @@
+"""The operator as a real child process, plus helpers the operator's e2e tests share."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from berth import wire
+from berth.e2e.cluster import LocalCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+class OperatorProcess:
+    """``python -m berth operator`` against the cluster; killed and restarted by tests."""
+
+    def __init__(self, cluster: LocalCluster, log_dir: Path, *args: str) -> None:
+        self.cluster, self.log_dir, self.args = cluster, log_dir, args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
+        env = {
+            **self.cluster.env(),
+            "BERTH_RUNTIME_IMAGE": "berth-runtime:e2e",
+            "PYTHONUNBUFFERED": "1",
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "berth",
+            "operator",
+            "--kubeconfig",
+            str(self.cluster.kubeconfig),
+            *self.args,
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, like a node failure."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        path = self.log_dir / f"operator-{self.starts}.log"
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            if path.exists()
+            else ""
+        )
+
+
+def wait_for(
+    what: str, check: Callable[[], T | None], timeout: float = 90.0, every: float = 1.0
+) -> T:
+    """Poll until ``check`` returns something truthy; fail with ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def get_json(cluster: LocalCluster, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json"))
+
+
+def apply_docs(cluster: LocalCluster, docs: list[dict[str, Any]]) -> str:
+    return cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def install_crds(cluster: LocalCluster) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/inferenceservices.berth.dev", "--timeout=60s"
+    )
+
+
+def service_manifest(
+    name: str, namespace: str, fraction: float, replicas: int = 1, **spec: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{wire.GROUP}/{wire.VERSION}",
+        "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"source": {"hostPath": {"path": f"/models/{name}"}}},
+            "gpu": {"fraction": fraction},
+            "replicas": replicas,
+            "maxReplicas": max(replicas, 1),
+            **spec,
+        },
+    }
+
+
+def berth_pods(cluster: LocalCluster, namespace: str) -> list[dict[str, Any]]:
+    pods = get_json(cluster, "pods", "-n", namespace, "-l", wire.LABEL_SERVICE)["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def gpu_usage(cluster: LocalCluster) -> dict[tuple[str, int], list[tuple[str, int]]]:
+    """(node, gpu index) -> [(pod, request bytes)] over every bound berth pod in the cluster."""
+    pods = get_json(
+        cluster, "pods", "-A", "--field-selector", f"spec.schedulerName={wire.SCHEDULER_NAME}"
+    )
+    usage: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    for pod in pods["items"]:
+        node = pod["spec"].get("nodeName")
+        annotations = pod["metadata"].get("annotations") or {}
+        if not node or pod["status"].get("phase") in ("Succeeded", "Failed"):
+            continue
+        key = (node, int(annotations[wire.POD_GPU_INDEX]))
+        usage.setdefault(key, []).append(
+            (pod["metadata"]["name"], int(annotations[wire.POD_GPU_MEMORY_REQUEST]))
+        )
+    return usage
+
+
+def gpu_capacity(cluster: LocalCluster) -> dict[str, int]:
+    """Node -> bytes per GPU, from the GPU memory label."""
+    nodes = get_json(cluster, "nodes")["items"]
+    return {
+        n["metadata"]["name"]: int(n["metadata"]["labels"][wire.NODE_GPU_MEMORY_MIB]) * 2**20
+        for n in nodes
+        if wire.NODE_GPU_MEMORY_MIB in n["metadata"].get("labels", {})
+    }
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c["type"] == kind:
+            return dict(c)
+    return {}
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """CRDs installed and one operator process running; stopped when the module ends."""
+    install_crds(cluster)
+    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        print(process.log_tail(), file=sys.stderr)
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = f"e2e-{request.node.name.replace('_', '-')[5:40].strip('-')}-{os.getpid() % 1000}"
+    cluster.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
