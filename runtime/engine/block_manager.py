@@ -14,7 +14,8 @@ block ids once nobody holds them (the elastic-memory path maps and unmaps that r
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence as Seq
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 
 from berth.runtime.engine.sequence import Sequence
 
@@ -22,7 +23,9 @@ from berth.runtime.engine.sequence import Sequence
 class KvBlockPool:
     """Hands out KV blocks to sequences; knows which cached prefixes it still holds."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.num_blocks = 0

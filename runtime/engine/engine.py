@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,18 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
+        # Host time of the last step that ran the model, excluding the wait for the device:
+        # scheduling, input preparation, sampling and output processing (seconds).
+        self.last_step_host_seconds = 0.0
         log.info(
             "engine ready: %s (%s, %s, %s kernels), %d KV blocks of %d tokens, max_model_len %d",
-            self.model_name, self.runner.device, self.runner.dtype, self.runner.kernel_backend,
-            self.pool.num_blocks, config.block_size, self.max_model_len,
+            self.model_name,
+            self.runner.device,
+            self.runner.dtype,
+            self.runner.kernel_backend,
+            self.pool.num_blocks,
+            config.block_size,
+            self.max_model_len,
         )
 
     @staticmethod
@@ -77,9 +86,7 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Queue a request; raise ``ValueError`` if it is empty, too long, or its params are bad."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -119,6 +126,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One scheduler iteration; an output for each request that gained tokens or finished."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         outputs = [self._finished_output(seq) for seq in batch.aborted]
         if not batch.seqs:
@@ -127,6 +135,9 @@ class Engine:
         if copies:
             self.runner.copy_blocks(copies)
         logits = self.runner.execute(batch)
+        launched = time.perf_counter()
+        self.runner.synchronize()
+        synced = time.perf_counter()
         sampling: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
@@ -140,6 +151,7 @@ class Engine:
         for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
             outputs.append(self._append(req, token, logprobs[i] if logprobs else None))
         self.scheduler.drop_finished()
+        self.last_step_host_seconds = (launched - start) + (time.perf_counter() - synced)
         return outputs
 
     def _append(self, req: _Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
@@ -149,9 +161,7 @@ class Engine:
         if logprob is not None and seq.logprobs is not None:
             seq.logprobs.append(logprob)
         reason: FinishReason | None = None
-        if token in req.stop_ids:
-            reason = "stop"
-        elif req.detokenizer.add(token):
+        if token in req.stop_ids or req.detokenizer.add(token):
             reason = "stop"
         elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +116,23 @@ class Attention(nn.Module):
         self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.query_start_loc is None:
             o = self.ops.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                self.scale,
                 max_seq_len=meta.max_seq_len,
             )
         else:
             o = self.ops.paged_prefill_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                meta.query_start_loc, self.scale,
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                self.scale,
             )
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -165,7 +175,7 @@ class CausalLM(nn.Module):
     """Token ids and positions in, hidden states out; ``logits`` for the rows that sample."""
 
     # checkpoint projection -> (fused parameter, index of its part)
-    PACKED = {
+    PACKED: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),
@@ -198,7 +208,11 @@ class CausalLM(nn.Module):
         """Row range of part ``index`` inside fused parameter ``fused``."""
         c = self.config
         if fused == "qkv_proj":
-            sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+            sizes = [
+                c.num_heads * c.head_dim,
+                c.num_kv_heads * c.head_dim,
+                c.num_kv_heads * c.head_dim,
+            ]
         else:
             sizes = [c.intermediate_size, c.intermediate_size]
         start = sum(sizes[:index])

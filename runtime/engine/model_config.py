@@ -83,7 +83,9 @@ class ModelConfig:
             if kind in ("default", None):
                 scaling = None
             elif kind not in ("llama3", "linear"):
-                raise ValueError(f"unsupported rope scaling {kind!r}; Berth supports llama3, linear")
+                raise ValueError(
+                    f"unsupported rope scaling {kind!r}; Berth supports llama3, linear"
+                )
         num_heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         head_dim = raw.get("head_dim") or hidden // num_heads

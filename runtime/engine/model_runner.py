@@ -172,6 +172,11 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
+    def synchronize(self) -> None:
+        """Wait for the device to finish the step (a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---- one step -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -203,7 +208,9 @@ class ModelRunner:
         positions = [s.num_computed_tokens for s in seqs]
         tokens[0, :b] = [s.token_ids[-1] for s in seqs]
         tokens[1, :b] = positions
-        tokens[2, :b] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        tokens[2, :b] = [
+            s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)
+        ]
         seq_lens[:b] = positions
         seq_lens[:b] += 1
         if rows > b:  # graph padding: read block 0, write nowhere
@@ -259,7 +266,7 @@ class ModelRunner:
         )
         input_ids = torch.tensor(ids, dtype=torch.int64).to(dev)
         hidden = self.model(input_ids, torch.from_numpy(np.concatenate(positions)).to(dev), meta)
-        return self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
+        return self.model.logits(hidden[torch.tensor(sample_rows, dtype=torch.int64, device=dev)])
 
     # ---- CUDA graphs ----------------------------------------------------------------------
 
@@ -273,7 +280,9 @@ class ModelRunner:
         self.d_block_tables = torch.zeros(
             (n, self.max_blocks_per_seq), dtype=torch.int32, device=dev
         )
-        self.d_logits = torch.zeros((n, self.model_config.vocab_size), dtype=torch.float32, device=dev)
+        self.d_logits = torch.zeros(
+            (n, self.model_config.vocab_size), dtype=torch.float32, device=dev
+        )
         pool = None
         sizes = graph_batch_sizes(n)
         for size in reversed(sizes):

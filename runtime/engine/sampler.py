@@ -46,7 +46,7 @@ class Sampler:
         generators: list[torch.Generator | None],
         greedy: list[bool],
     ) -> torch.Tensor:
-        rows, vocab = logits.shape
+        vocab = logits.shape[1]
         dev = logits.device
         temperature = torch.tensor(
             [p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev
@@ -91,7 +91,9 @@ class Sampler:
         logprobs = logits.log_softmax(dim=-1)
         picked = logprobs.gather(-1, chosen[:, None])[:, 0]
         n = max((k for k in want if k is not None), default=0)
-        top_vals, top_ids = logprobs.topk(n, dim=-1) if n else (logprobs[:, :0], chosen[:, None][:, :0])
+        top_vals, top_ids = (
+            logprobs.topk(n, dim=-1) if n else (logprobs[:, :0], chosen[:, None][:, :0])
+        )
         ids = chosen.tolist()
         picked_l, vals_l, top_l = picked.tolist(), top_vals.tolist(), top_ids.tolist()
         out: list[TokenLogprob | None] = []

@@ -104,25 +104,65 @@ SHAPES: dict[str, ModelShape] = {
         "qwen2", 64, 128, 2, 4, 2, 16, 512, rope_theta=10000.0, rms_norm_eps=1e-6
     ),
     "tiny-qwen3": ModelShape(
-        "qwen3", 64, 128, 2, 4, 2, 32, 512, rope_theta=10000.0, rms_norm_eps=1e-6,
+        "qwen3",
+        64,
+        128,
+        2,
+        4,
+        2,
+        32,
+        512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     ),
     "tiny-llama-3.2": ModelShape(
-        "llama", 64, 128, 2, 4, 2, 16, 512, rope_scaling=_LLAMA_3_1_ROPE,
+        "llama",
+        64,
+        128,
+        2,
+        4,
+        2,
+        16,
+        512,
+        rope_scaling=_LLAMA_3_1_ROPE,
         tie_word_embeddings=True,
     ),
     "llama-3-8b": ModelShape("llama", 4096, 14336, 32, 32, 8, 128, 8192, vocab_size=128256),
     "llama-3.2-1b": ModelShape(
-        "llama", 2048, 8192, 16, 32, 8, 64, 131072, vocab_size=128256,
-        rope_scaling=_LLAMA_3_1_ROPE, tie_word_embeddings=True,
+        "llama",
+        2048,
+        8192,
+        16,
+        32,
+        8,
+        64,
+        131072,
+        vocab_size=128256,
+        rope_scaling=_LLAMA_3_1_ROPE,
+        tie_word_embeddings=True,
     ),
     "qwen3-4b": ModelShape(
-        "qwen3", 2560, 9728, 36, 32, 8, 128, 40960, vocab_size=151936, rope_theta=1000000.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=True,
+        "qwen3",
+        2560,
+        9728,
+        36,
+        32,
+        8,
+        128,
+        40960,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
     ),
 }
 
-_ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCH_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -170,7 +210,9 @@ def pad_vocab(tok: Any, vocab_size: int) -> Any:
     return Tokenizer.from_str(json.dumps(data))
 
 
-def _config_json(shape: ModelShape, vocab_size: int, dtype: str, bos: int, eos: list[int]) -> dict[str, Any]:
+def _config_json(
+    shape: ModelShape, vocab_size: int, dtype: str, bos: int, eos: list[int]
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "architectures": [_ARCH_CLASS[shape.architecture]],
         "model_type": shape.architecture,

@@ -26,7 +26,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
-            raise FileNotFoundError(f"{model_dir}: shards named in the index are missing: {missing}")
+            raise FileNotFoundError(
+                f"{model_dir}: shards named in the index are missing: {missing}"
+            )
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -67,10 +69,14 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path) -> None:
                 seen.add(name)
     missing = [n for n in expected if n not in seen]
     if missing:
-        raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:4]}")
+        raise ValueError(
+            f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:4]}"
+        )
 
 
-def _assign(model: CausalLM, params: dict[str, torch.nn.Parameter], name: str, t: torch.Tensor) -> None:
+def _assign(
+    model: CausalLM, params: dict[str, torch.nn.Parameter], name: str, t: torch.Tensor
+) -> None:
     """Copy a checkpoint tensor into its parameter, or into its rows of a fused one."""
     module, _, kind = name.rpartition(".")  # kind: weight / bias
     parent, _, proj = module.rpartition(".")

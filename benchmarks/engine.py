@@ -1,0 +1,285 @@
+"""Engine decode benchmark on one GPU, against Hugging Face ``generate`` and the decode roofline.
+
+For each concurrency (1, 16, 64, 256 by default) it submits that many random 512-token prompts
+asking for 256 tokens each (greedy, ignore_eos) and records every step. Reported per
+concurrency: output tokens/s (end to end), the median decode-step time at full batch, the
+median inter-token latency seen by requests, the host (CPU) time per decode step, and the
+decode roofline: (weight bytes + KV bytes read that step) / HBM read bandwidth measured in this
+run. Then Hugging Face ``generate`` runs the same model and batch (a shorter output: its step
+time does not depend on the step) and time to first token is measured on an idle engine.
+
+    PYTHONPATH=. python benchmarks/engine.py --out $OUT        # on the GPU machine
+
+Writes ``engine-<gpu>.md`` (the table) and ``engine-<gpu>.json`` (all numbers) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams
+from berth.runtime.engine.testmodels import make_model
+
+
+def measure_bandwidth(gib: int = 4) -> dict[str, float]:
+    """HBM read bandwidth (a reduction over a large tensor) and copy bandwidth (read+write)."""
+    n = (gib << 30) // 2
+    x = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    results = {}
+    for name, fn, nbytes in (
+        ("read", lambda: x.sum(dtype=torch.float32), x.numel() * 2),
+        ("copy", lambda: y.copy_(x), x.numel() * 4),
+    ):
+        fn()
+        times = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        results[name] = nbytes / statistics.median(times)
+    torch.cuda.empty_cache()
+    return results
+
+
+def run_engine(
+    engine: Engine, concurrency: int, prompt_len: int, output_len: int, rng: random.Random
+) -> dict[str, Any]:
+    """Submit ``concurrency`` requests at once and record every step until all finish."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i in range(concurrency):
+        engine.add_request(
+            f"c{concurrency}-{i}", [rng.randrange(vocab) for _ in range(prompt_len)], params
+        )
+    token_times: dict[str, list[float]] = {}
+    decode_steps: list[tuple[float, float, int]] = []  # (wall, host, kv tokens read)
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        running = list(engine.scheduler.running)
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        t1 = time.perf_counter()
+        for out in outputs:
+            token_times.setdefault(out.request_id, []).append(t1)
+        decoding = (
+            len(outputs) == concurrency
+            and all(s.num_computed_tokens >= s.num_prompt_tokens for s in running)
+            and len(running) == concurrency
+        )
+        if decoding:
+            kv_tokens = sum(s.num_computed_tokens for s in running)
+            decode_steps.append((t1 - t0, engine.last_step_host_seconds, kv_tokens))
+    total = time.perf_counter() - start
+    itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
+    return {
+        "concurrency": concurrency,
+        "total_s": total,
+        "output_tokens": concurrency * output_len,
+        "tokens_per_s": concurrency * output_len / total,
+        "decode_steps": len(decode_steps),
+        "step_ms": 1e3 * statistics.median(w for w, _, _ in decode_steps),
+        "host_ms": 1e3 * statistics.median(h for _, h, _ in decode_steps),
+        "host_ms_p90": 1e3 * sorted(h for _, h, _ in decode_steps)[int(0.9 * len(decode_steps))],
+        "kv_tokens_mean": statistics.mean(k for _, _, k in decode_steps),
+        "itl_ms": 1e3 * statistics.median(itl),
+        "itl_ms_p99": 1e3 * sorted(itl)[int(0.99 * len(itl))],
+    }
+
+
+def time_to_first_token(
+    engine: Engine, prompt_len: int, rng: random.Random, repeats: int = 5
+) -> float:
+    vocab = engine.model_config.vocab_size
+    times = []
+    for i in range(repeats):
+        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+        t0 = time.perf_counter()
+        engine.add_request(f"ttft-{i}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        while not engine.step():
+            pass
+        times.append(time.perf_counter() - t0)
+        while engine.has_unfinished():
+            engine.step()
+    return 1e3 * statistics.median(times)
+
+
+def run_hf(
+    model_dir: Path, concurrencies: list[int], prompt_len: int, new_tokens: int
+) -> dict[int, dict[str, Any]]:
+    """Hugging Face generate on the same model and batches: per-step time from two lengths."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda")
+    results: dict[int, dict[str, Any]] = {}
+    for c in concurrencies:
+        ids = torch.randint(0, model.config.vocab_size, (c, prompt_len), device="cuda")
+        try:
+            timings = {}
+            for n in (1, new_tokens):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(
+                    ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+                )
+                torch.cuda.synchronize()
+                timings[n] = time.perf_counter() - t0
+            step = (timings[new_tokens] - timings[1]) / (new_tokens - 1)
+            results[c] = {"step_ms": 1e3 * step, "tokens_per_s": c / step}
+        except torch.OutOfMemoryError as e:
+            results[c] = {"error": f"out of memory: {e}"[:120]}
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"HF c={c}: {results[c]}", flush=True)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3-8b", help="test-model shape to generate")
+    ap.add_argument("--model-dir", default="/tmp/berth-bench-model")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--concurrency", default="1,16,64,256")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument(
+        "--hf-tokens", type=int, default=17, help="generate length for the HF step time"
+    )
+    ap.add_argument("--kv-cache-gib", type=float, default=30.0)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
+    report: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+    }
+
+    def save() -> None:
+        (out / f"engine-{gpu}.json").write_text(json.dumps(report, indent=2))
+
+    t0 = time.perf_counter()
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        make_model(args.model, model_dir, seed=0, dtype="bfloat16", device="cuda")
+    report["make_model_s"] = time.perf_counter() - t0
+    print(f"model ready in {report['make_model_s']:.1f}s", flush=True)
+    bw = measure_bandwidth()
+    report["hbm_read_bytes_per_s"], report["hbm_copy_bytes_per_s"] = bw["read"], bw["copy"]
+    print(f"HBM read {bw['read'] / 1e12:.2f} TB/s, copy {bw['copy'] / 1e12:.2f} TB/s", flush=True)
+
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    t0 = time.perf_counter()
+    engine = Engine(
+        EngineConfig(
+            model=str(model_dir),
+            dtype="bfloat16",
+            device="cuda",
+            max_model_len=args.prompt_len + args.output_len + 256,
+            max_num_seqs=max(concurrencies),
+            max_num_batched_tokens=8192,
+            kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+        )
+    )
+    report["engine_start_s"] = time.perf_counter() - t0
+    report["kernels"] = engine.runner.kernel_backend
+    report["cuda_graphs"] = bool(engine.runner.graphs)
+    print(f"engine up in {report['engine_start_s']:.1f}s ({report['kernels']} kernels)", flush=True)
+    mc = engine.model_config
+    params = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    embed = engine.runner.model.model.embed_tokens.weight
+    weight_bytes = params - (0 if mc.tie_word_embeddings else embed.numel() * embed.element_size())
+    report["weight_bytes_read_per_step"] = weight_bytes
+    rng = random.Random(0)
+    report["ttft_ms"] = time_to_first_token(engine, args.prompt_len, rng)
+    print(f"TTFT {report['ttft_ms']:.1f} ms", flush=True)
+    report["engine"] = []
+    for c in concurrencies:
+        r = run_engine(engine, c, args.prompt_len, args.output_len, rng)
+        kv_bytes = r["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
+        r["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
+        r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
+        report["engine"].append(r)
+        save()
+        print(json.dumps(r), flush=True)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    report["hf"] = (
+        {} if args.skip_hf else run_hf(model_dir, concurrencies, args.prompt_len, args.hf_tokens)
+    )
+    table = render(report)
+    (out / f"engine-{gpu}.md").write_text(table)
+    save()
+    print(table)
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Engine decode benchmark: {report['model']} (random weights, bf16) on {report['gpu']}",
+        "",
+        f"{report['prompt_len']}-token prompts, {report['output_len']} output tokens, greedy, "
+        f"ignore_eos; {report['kernels']} kernels, CUDA graphs {'on' if report['cuda_graphs'] else 'off'}; "
+        f"torch {report['torch']}. HBM read bandwidth measured in this run: "
+        f"{report['hbm_read_bytes_per_s'] / 1e12:.2f} TB/s (copy {report['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s). "
+        f"Roofline = (weight bytes read per step {report['weight_bytes_read_per_step'] / 1e9:.2f} GB + KV bytes "
+        "read per step, averaged over the full-batch decode steps) / read bandwidth.",
+        "",
+        f"Time to first token, 512-token prompt, idle engine: **{report['ttft_ms']:.1f} ms** (median of 5).",
+        "",
+        "| concurrency | output tok/s | decode step (ms) | roofline (ms) | step / roofline | ITL median / p99 (ms) | host CPU per step median / p90 (ms) | HF generate step (ms) | HF tok/s (decode) | speed-up vs HF |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["engine"]:
+        hf = report.get("hf", {}).get(r["concurrency"], {})
+        if "step_ms" in hf:
+            hf_cells = [
+                f"{hf['step_ms']:.1f}",
+                f"{hf['tokens_per_s']:.0f}",
+                f"{hf['step_ms'] / r['step_ms']:.1f}x",
+            ]
+        else:
+            hf_cells = [hf.get("error", "n/a"), "n/a", "n/a"]
+        cells = [
+            str(r["concurrency"]),
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['step_ms']:.2f}",
+            f"{r['roofline_ms']:.2f}",
+            f"{r['vs_roofline']:.2f}x",
+            f"{r['itl_ms']:.2f} / {r['itl_ms_p99']:.2f}",
+            f"{r['host_ms']:.2f} / {r['host_ms_p90']:.2f}",
+            *hf_cells,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Output tok/s is end to end (all requests submitted at once; prefill included). The decode "
+        "step is the median wall time of steps in which every request decodes (full batch). "
+        "Host CPU per step is the step's wall time minus the wait for the device "
+        "(scheduling, input preparation, sampling, detokenization, outputs). HF generate's step "
+        "time is (time for N tokens - time for 1 token) / (N - 1) on the same model and batch.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
