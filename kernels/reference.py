@@ -87,15 +87,16 @@ def paged_decode_attention(
     values = _gather_tokens(v_cache, block_tables, seq_lens, max_seq_len).to(dtype)
     positions = torch.arange(max_seq_len, device=query.device)
     visible = positions[None, :] < seq_lens[:, None].to(query.device)  # [B, L]
+    num_kv_heads = k_cache.shape[2]
+    # GQA as extra query rows: [B, Hkv, G, D] against [B, Hkv, L, D], no K/V repetition.
     attn = F.scaled_dot_product_attention(
-        query.to(dtype).unsqueeze(2),  # [B, Hq, 1, D]
-        keys.transpose(1, 2),  # [B, Hkv, L, D]
+        query.to(dtype).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, -1),
+        keys.transpose(1, 2),
         values.transpose(1, 2),
         attn_mask=visible[:, None, None, :],
         scale=scale,
-        enable_gqa=num_heads != k_cache.shape[2],
     )
-    out.copy_(attn.squeeze(2))
+    out.copy_(attn.reshape(num_seqs, num_heads, -1))
     return out
 
 
@@ -122,7 +123,8 @@ def paged_prefill_attention(
     dtype = _compute_dtype(query.dtype)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    gqa = num_heads != k_cache.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     for b, context_len in enumerate(lens):
         q_start, q_end = starts[b], starts[b + 1]
         q_len = q_end - q_start
@@ -134,13 +136,15 @@ def paged_prefill_attention(
         q_pos = torch.arange(context_len - q_len, context_len, device=query.device)
         k_pos = torch.arange(context_len, device=query.device)
         causal = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]
+        # GQA as extra query rows: [Hkv, G * q_len, D] against [Hkv, L, D].
+        q = query[q_start:q_end].to(dtype).view(q_len, num_kv_heads, group, -1)
         attn = F.scaled_dot_product_attention(
-            query[q_start:q_end].to(dtype).transpose(0, 1),  # [Hq, q_len, D]
-            keys.transpose(0, 1),  # [Hkv, L, D]
+            q.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, -1),
+            keys.transpose(0, 1),
             values.transpose(0, 1),
-            attn_mask=causal,
+            attn_mask=causal.repeat(group, 1),
             scale=scale,
-            enable_gqa=gqa,
         )
-        out[q_start:q_end] = attn.transpose(0, 1).to(out.dtype)
+        attn = attn.view(num_kv_heads, group, q_len, -1).permute(2, 0, 1, 3)
+        out[q_start:q_end] = attn.reshape(q_len, num_heads, -1).to(out.dtype)
     return out

@@ -42,8 +42,8 @@ def run_decode(
 
 
 # Small steps and splits so the interpreter walks several pages, splits and a merge.
-SPLIT = DecodeConfig(block_n=16, waves=4, min_split_tokens=16)
-SINGLE = DecodeConfig(block_n=16, waves=0.01, min_split_tokens=10**6)
+SPLIT = DecodeConfig(block_n=16, split_waves=4, min_split_tokens=16)
+SINGLE = DecodeConfig(block_n=16, min_split_tokens=10**6)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -97,12 +97,14 @@ def test_decode_default_config_and_no_max_seq_len(device: torch.device) -> None:
 
 
 def test_split_plan_fills_the_gpu_only_when_the_batch_cannot() -> None:
-    config = DecodeConfig(block_n=64, waves=4, min_split_tokens=256)
+    config = DecodeConfig(block_n=64, no_split_waves=3, split_waves=8, min_split_tokens=256)
     assert plan_splits(256, 8, 4096, 132, config) == (1, 4096)
+    assert plan_splits(64, 8, 2048, 132, config) == (1, 2048)
     splits, tokens = plan_splits(1, 8, 4096, 132, config)
-    assert splits == 16 and tokens == 256 and tokens % 64 == 0
+    assert splits == 16 and tokens == 256
     splits, tokens = plan_splits(8, 8, 32768, 132, config)
-    assert splits * tokens >= 32768 and 8 * 8 * splits >= 4 * 132
+    assert splits * tokens >= 32768 > (splits - 1) * tokens and tokens % 64 == 0
+    assert 8 * 8 * splits >= 8 * 132
 
 
 def _bad_inputs(device: torch.device) -> PagedBatch:
@@ -156,7 +158,7 @@ def test_decode_rejects_cpu_tensors_without_interpreter(monkeypatch: pytest.Monk
 def test_decode_full_shapes_on_gpu(
     device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int, group: int
 ) -> None:
-    lens = torch.randint(1, 3000, (24,)).tolist() + [1, 4096]
+    lens = [*torch.randint(1, 3000, (24,)).tolist(), 1, 4096]
     run_decode(lens, 8 * group, 8, head_dim, block_size, dtype, device)
 
 
