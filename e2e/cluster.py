@@ -9,6 +9,7 @@ state folder keeps each component's log for debugging and the process ids, so ``
 down`` from another shell stops a cluster that ``berth cluster up`` left running.
 """
 
+import contextlib
 import ctypes
 import json
 import os
@@ -22,6 +23,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import yaml
 
@@ -34,6 +36,14 @@ from berth.operator.inventory import DEFAULT_INVENTORY, Inventory
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 SERVICE_CIDR = "10.96.0.0/16"
 _PR_SET_PDEATHSIG = 1
+
+
+class SavedState(TypedDict, total=False):
+    """``state.json``: what another process needs to find and stop a running cluster."""
+
+    pids: dict[str, int]
+    ports: dict[str, int]
+    bin_dir: str
 
 
 class ClusterError(RuntimeError):
@@ -130,13 +140,13 @@ class LocalCluster:
         self.pids = self.pids or self._load_state().get("pids", {})
         for component in reversed(COMPONENTS):
             pid = self.pids.get(component)
-            if pid is None or not _alive(pid):
+            if pid is None or not process_alive(pid):
                 continue
             os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout / len(COMPONENTS)
-            while _alive(pid) and time.monotonic() < deadline:
+            while process_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid):
+            if process_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
             _reap(pid)
         left = self._running_pids()
@@ -173,7 +183,7 @@ class LocalCluster:
         """component -> 'running (pid N)' or 'stopped'."""
         pids = self.pids or self._load_state().get("pids", {})
         return {
-            c: f"running (pid {pids[c]})" if c in pids and _alive(pids[c]) else "stopped"
+            c: f"running (pid {pids[c]})" if c in pids and process_alive(pids[c]) else "stopped"
             for c in COMPONENTS
         }
 
@@ -184,7 +194,7 @@ class LocalCluster:
         state = cluster._load_state()
         if not state:
             raise ClusterError(f"no cluster state in {cluster.state_dir}; run `berth cluster up`")
-        cluster.pids, cluster.ports = state["pids"], state["ports"]
+        cluster.pids, cluster.ports = state.get("pids", {}), state.get("ports", {})
         cluster.bin_dir = Path(state["bin_dir"])
         return cluster
 
@@ -277,7 +287,7 @@ class LocalCluster:
         )
         last_error = ""
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not process_alive(pid):
                 raise ClusterError(self._exited_message(component))
             try:
                 with urllib.request.urlopen(request, timeout=2, context=context) as response:
@@ -341,16 +351,17 @@ class LocalCluster:
         state = {"pids": self.pids, "ports": self.ports, "bin_dir": str(self.bin_dir)}
         (self.state_dir / "state.json").write_text(json.dumps(state))
 
-    def _load_state(self) -> dict[str, dict]:  # type: ignore[type-arg]
+    def _load_state(self) -> "SavedState":
         path = self.state_dir / "state.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _running_pids(self) -> list[int]:
         pids = self.pids or self._load_state().get("pids", {})
-        return [pid for pid in pids.values() if _alive(pid)]
+        return [pid for pid in pids.values() if process_alive(pid)]
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -373,7 +384,5 @@ def _not_zombie(pid: int) -> bool:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass

@@ -4,15 +4,18 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import yaml
 
-from berth.e2e.cluster import COMPONENTS, ClusterError, LocalCluster, port_in_use
+from berth.e2e.cluster import COMPONENTS, ClusterError, LocalCluster, port_in_use, process_alive
 from berth.operator.inventory import Inventory
 
 pytestmark = pytest.mark.e2e
+T = TypeVar("T")
 
 GPU_DEPLOYMENT = """
 apiVersion: apps/v1
@@ -32,7 +35,7 @@ spec:
 """
 
 
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -42,8 +45,8 @@ def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-d
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def pods(cluster: LocalCluster, namespace: str) -> list[dict]:  # type: ignore[type-arg]
-    items: list[dict] = json.loads(  # type: ignore[type-arg]
+def pods(cluster: LocalCluster, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(
         cluster.kubectl("get", "pods", "-n", namespace, "-o", "json")
     )["items"]
     return items
@@ -70,7 +73,9 @@ def test_kwok_gpu_nodes_are_ready_with_gpu_capacity_and_labels(cluster: LocalClu
         assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
         assert node["metadata"]["labels"]["nvidia.com/gpu.memory"] == "81559"
         assert len(node["metadata"]["annotations"]["berth.dev/gpu-uuids"].split(",")) == 8
-    table = cluster.kubectl("get", "nodes", "-o", "custom-columns=N:.metadata.name,G:.status.capacity.nvidia\\.com/gpu")
+    table = cluster.kubectl(
+        "get", "nodes", "-o", "custom-columns=N:.metadata.name,G:.status.capacity.nvidia\\.com/gpu"
+    )
     assert "gpu-node-0   8" in table
 
 
@@ -78,7 +83,7 @@ def test_scheduler_binds_gpu_pods_and_gc_removes_them(cluster: LocalCluster) -> 
     cluster.kubectl("create", "namespace", "smoke")
     cluster.kubectl("apply", "-f", "-", input=GPU_DEPLOYMENT)
 
-    def all_running() -> list[dict] | None:  # type: ignore[type-arg]
+    def all_running() -> list[dict[str, Any]] | None:
         current = pods(cluster, "smoke")
         running = [p for p in current if p["status"].get("phase") == "Running"]
         return running if len(running) == 3 else None
@@ -100,8 +105,16 @@ def test_cli_up_status_down_leaves_no_process_or_port(tmp_path: Path) -> None:
     inventory = tmp_path / "nodes.yaml"
     inventory.write_text(
         yaml.safe_dump(
-            {"nodes": [{"name": "a100", "gpus": 4, "gpuProduct": "NVIDIA-A100-SXM4-40GB",
-                        "gpuMemoryMiB": 40960}]}  # fmt: skip
+            {
+                "nodes": [
+                    {
+                        "name": "a100",
+                        "gpus": 4,
+                        "gpuProduct": "NVIDIA-A100-SXM4-40GB",
+                        "gpuMemoryMiB": 40960,
+                    }
+                ]
+            }
         )
     )
     state = tmp_path / "state"
@@ -125,7 +138,7 @@ def test_cli_up_status_down_leaves_no_process_or_port(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert down.returncode == 0, down.stderr
     for pid in saved["pids"].values():
-        assert not Path(f"/proc/{pid}").exists(), f"pid {pid} outlived `berth cluster down`"
+        assert not process_alive(pid), f"pid {pid} outlived `berth cluster down`"
     for port in saved["ports"].values():
         assert not port_in_use(port), f"port {port} still listening after down"
 
@@ -133,7 +146,9 @@ def test_cli_up_status_down_leaves_no_process_or_port(tmp_path: Path) -> None:
 def test_port_already_taken_is_a_clear_error(cluster: LocalCluster, tmp_path: Path) -> None:
     taken = cluster.ports["kube-apiserver"]
     other = LocalCluster(
-        state_dir=tmp_path, api_port=taken, inventory=Inventory.model_validate({"nodes": [{"name": "x"}]})
+        state_dir=tmp_path,
+        api_port=taken,
+        inventory=Inventory.model_validate({"nodes": [{"name": "x"}]}),
     )
     with pytest.raises(ClusterError, match=f"port {taken} on 127.0.0.1 is already in use"):
         other.up()

@@ -9,7 +9,9 @@ import pytest
 from berth.e2e.toolchain import BUILD_SCRIPT, ToolchainError, ensure_binaries
 
 
-def test_missing_go_and_no_cache_says_how_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_go_and_no_cache_says_how_to_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("BERTH_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no Go here
     monkeypatch.delenv("BERTH_K8S_BIN", raising=False)
@@ -19,7 +21,9 @@ def test_missing_go_and_no_cache_says_how_to_fix(tmp_path: Path, monkeypatch: py
         ensure_binaries()
 
 
-def test_prebuilt_folder_missing_binaries_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prebuilt_folder_missing_binaries_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "etcd").write_text("")
     monkeypatch.setenv("BERTH_K8S_BIN", str(tmp_path))
     with pytest.raises(ToolchainError, match="lacks kube-apiserver, kube-controller-manager"):
