@@ -123,7 +123,6 @@ class _Abort:
 
 
 _STOP = object()
-GAUGE_REFRESH_S = 0.02  # engine.stats() at most this often while busy; always when idle
 
 
 class EngineLoop:
@@ -154,7 +153,6 @@ class EngineLoop:
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._gauges = RuntimeGauges()
         self._engine_waiting = 0  # the engine's own waiting queue at the last refresh
-        self._gauges_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -162,7 +160,7 @@ class EngineLoop:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._refresh_gauges(time.monotonic())
+        self._refresh_gauges()
         self._thread = threading.Thread(target=self._run, name="berth-engine-loop", daemon=True)
         self._thread.start()
 
@@ -247,8 +245,8 @@ class EngineLoop:
             for command in commands:
                 if command is _STOP:
                     self._abort(None, "shutdown", deliveries)
+                    self._refresh_gauges()
                     self._deliver(deliveries)
-                    self._refresh_gauges(time.monotonic())
                     return
                 if isinstance(command, _Add):
                     self._add(command, deliveries)
@@ -262,10 +260,9 @@ class EngineLoop:
                     self._fail_all(exc, deliveries)
                 else:
                     self._route(outputs, time.monotonic(), deliveries)
+            # Gauges first: a client that has seen an output must not scrape older gauges.
+            self._refresh_gauges()
             self._deliver(deliveries)
-            now = time.monotonic()
-            if now - self._gauges_at >= GAUGE_REFRESH_S or not engine.has_unfinished():
-                self._refresh_gauges(now)
 
     def _add(self, command: _Add, deliveries: list[tuple[RequestStream, Update]]) -> None:
         added: list[str] = []
@@ -364,7 +361,7 @@ class EngineLoop:
         if deliveries and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_put_all, deliveries)
 
-    def _refresh_gauges(self, now: float) -> None:
+    def _refresh_gauges(self) -> None:
         stats = self._engine.stats()
         with self._lock:
             pending = self._pending
@@ -381,7 +378,6 @@ class EngineLoop:
             kv_cache_bytes=stats.kv_cache_bytes,
             resident_bytes=stats.kv_cache_bytes + self._weights_bytes,
         )
-        self._gauges_at = now
 
 
 def _put_all(deliveries: list[tuple[RequestStream, Update]]) -> None:

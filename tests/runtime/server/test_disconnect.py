@@ -1,0 +1,75 @@
+"""A client that leaves mid-request aborts it: its KV blocks go back to the pool at once."""
+
+import threading
+import time
+
+import httpx
+import pytest
+from server_harness import RunningServer
+from test_metrics import value
+
+MAX_TOKENS = 450  # far more than a test waits for: the request cannot finish on its own
+
+
+def wait_idle(server: RunningServer, timeout_s: float = 20.0) -> str:
+    """Poll /metrics until nothing runs and no KV block is held; return the last scrape."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = server.metrics()
+        idle = (
+            value(text, "berth_requests_running") == 0
+            and value(text, "berth_kv_cache_usage_ratio") == 0
+            and value(text, "berth_kv_cache_blocks_free")
+            == value(text, "berth_kv_cache_blocks_total")
+        )
+        if idle:
+            return text
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+
+
+def long_request(stream: bool) -> dict[str, object]:
+    return {"model": "tiny", "prompt": "Tell a long story", "max_tokens": MAX_TOKENS,
+            "ignore_eos": True, "stream": stream}  # fmt: skip
+
+
+def test_dropped_stream_frees_its_blocks(served: RunningServer) -> None:
+    before = value(served.metrics(), "berth_request_failure_total", reason="client_disconnect")
+    url = f"{served.base_url}/v1/completions"
+    with httpx.stream("POST", url, json=long_request(True), timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        busy = served.metrics()
+        assert value(busy, "berth_requests_running") == 1
+        assert value(busy, "berth_kv_cache_blocks_free") < value(
+            busy, "berth_kv_cache_blocks_total"
+        )
+    # Leaving the block closed the connection mid-stream.
+    text = wait_idle(served)
+    assert value(text, "berth_request_failure_total", reason="client_disconnect") == before + 1
+    assert value(text, "berth_request_success_total", finished_reason="length") == 0
+
+
+def test_client_that_gives_up_on_a_collected_response_aborts_its_request(
+    served: RunningServer,
+) -> None:
+    before = value(served.metrics(), "berth_request_failure_total", reason="client_disconnect")
+    tokens_before = value(served.metrics(), "berth_generation_tokens_total")
+    url = f"{served.base_url}/v1/completions"
+    started = threading.Event()
+
+    def watch() -> None:
+        while value(served.metrics(), "berth_requests_running") == 0:
+            time.sleep(0.02)
+        started.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    # The client's read timeout fires long before 450 tokens are done; httpx then hangs up.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=long_request(False), timeout=httpx.Timeout(60, read=1.0))
+    watcher.join()
+    assert started.is_set()
+    text = wait_idle(served)
+    assert value(text, "berth_request_failure_total", reason="client_disconnect") == before + 1
+    assert value(text, "berth_generation_tokens_total") - tokens_before < MAX_TOKENS
