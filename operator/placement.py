@@ -188,9 +188,13 @@ def eligible(node: Node, request: PodRequest) -> bool:
 
 
 def best_gpu(
-    nodes: Iterable[Node], ledger: GpuLedger, request: PodRequest, policy: PlacementPolicy
+    nodes: Iterable[Node],
+    ledger: GpuLedger,
+    request: PodRequest,
+    policy: PlacementPolicy,
 ) -> Allocation | None:
-    """The best feasible GPU for one pod (see the module docstring for the ranking)."""
+    """The best feasible GPU for one pod, by looking at every GPU: the definition of the ranking
+    (module docstring). ``FreeIndex.best`` finds the same GPU without the full scan."""
     best: tuple[int, int, int, str, int] | None = None
     chosen: Allocation | None = None
     service = request.service
@@ -245,16 +249,19 @@ def place(
     policy: PlacementPolicy = PlacementPolicy(),
 ) -> list[Decision]:
     """Best-fit decreasing placement of a batch; ``ledger`` is not modified."""
+    from berth.operator.free_index import FreeIndex  # the fast path; imports this module
+
     nodes = sorted(nodes, key=lambda n: n.name)
     working = ledger.copy()
+    index = FreeIndex(nodes, working, policy)
     capacity = max((g.memory for n in nodes for g in n.gpus), default=0)
     decisions = []
     for request in decreasing(requests, capacity):
-        allocation = best_gpu(nodes, working, request, policy)
+        allocation = index.best(request)
         if allocation is None:
             decisions.append(Decision(request, None, unplaceable_reason(nodes, working, request)))
         else:
-            working.add(allocation)
+            index.add(allocation)
             decisions.append(Decision(request, allocation))
     return decisions
 

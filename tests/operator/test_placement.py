@@ -18,6 +18,8 @@ from berth.operator.placement import (
     PodRequest,
     Taint,
     Toleration,
+    best_gpu,
+    decreasing,
     lower_bound_gpus,
     place,
 )
@@ -234,3 +236,34 @@ def test_ledger_add_and_remove_are_inverse() -> None:
     ledger = GpuLedger([a])
     assert ledger.remove("ns/a") == a and ledger.remove("ns/a") is None
     assert ledger.resident[("n0", 0)] == 0 and not ledger.used_gpus()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    fractions=st.lists(st.sampled_from(EIGHTHS), min_size=1, max_size=40),
+    replicas=st.integers(1, 3),
+    selective=st.booleans(),
+)
+def test_the_free_memory_index_chooses_exactly_what_the_full_scan_chooses(
+    fractions: list[float], replicas: int, selective: bool
+) -> None:
+    nodes = [
+        Node(
+            f"n{i}",
+            tuple(Gpu(f"n{i}", g, CAP if i % 2 else CAP // 2) for g in range(3)),
+            {"zone": str(i % 2)},
+        )
+        for i in range(4)
+    ]
+    batch = [
+        PodRequest(r.pod, r.service, r.demand, {"zone": "1"} if selective and i % 3 == 0 else {})
+        for i, r in enumerate(requests(fractions, replicas))
+    ]
+    policy = PlacementPolicy(reserve=GIB)
+    fast = {d.request.pod: d.allocation for d in place(nodes, GpuLedger(), batch, policy)}
+    ledger = GpuLedger()
+    for request in decreasing(batch, CAP):
+        naive = best_gpu(nodes, ledger, request, policy)
+        assert naive == fast[request.pod], request
+        if naive:
+            ledger.add(naive)
