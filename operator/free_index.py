@@ -92,7 +92,10 @@ class FreeIndex:
             usable = capacity - self.policy.reserve
             for free, node, index in entries[bisect_left(entries, (need, "", -1)) :]:
                 key = (node, index)
-                if node not in allowed or (ledger.services_on_gpu.get(key) or {}).get(service):
+                if node not in allowed:
+                    continue
+                on_gpu = ledger.services_on_gpu.get(key)
+                if on_gpu and on_gpu[service]:
                     continue
                 if ledger.total[key] + need > usable * usable_total:
                     continue
