@@ -5,12 +5,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_harness import RunningServer, running_server
+from server_harness import MAX_NUM_SEQS, RunningServer, running_server
 
 from berth.runtime.engine import Engine, EngineConfig
 from berth.runtime.engine.testmodels import make_model
-
-MAX_NUM_SEQS = 4
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,22 @@ from typing import Any
 
 import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from berth.runtime.engine import Engine
 from berth.runtime.server.app import ModelServer, create_app
+from berth.runtime.server.lifecycle import DrainingServer
 from berth.runtime.server.settings import ServerSettings
+
+MAX_NUM_SEQS = 4  # the test engine's running batch
 
 
 @dataclass
 class RunningServer:
     base_url: str
     model_server: ModelServer
+    http_server: DrainingServer
+    thread: threading.Thread
 
     def metrics(self) -> str:
         return httpx.get(f"{self.base_url}/metrics", timeout=10).text
@@ -35,8 +41,10 @@ def running_server(engine: Engine, **settings: Any) -> Iterator[RunningServer]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    server = DrainingServer(
+        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5),
+        app.state.server,
+        config.drain_grace_s,
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -50,10 +58,40 @@ def running_server(engine: Engine, **settings: Any) -> Iterator[RunningServer]:
         assert thread.is_alive(), "server thread died"
         time.sleep(0.05)
     try:
-        yield RunningServer(base_url, app.state.server)
+        yield RunningServer(base_url, app.state.server, server, thread)
     finally:
         server.should_exit = True
         thread.join(30)
         sock.close()
         assert not thread.is_alive(), "server thread did not stop"
         assert not engine.has_unfinished(), "the server left requests in the engine"
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k not in ("model", "model_name")}
+            out[(s.name, frozenset(labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, frozenset(labels.items())), 0.0)
+
+
+def wait_idle(server: RunningServer, timeout_s: float = 20.0) -> str:
+    """Poll /metrics until nothing runs and no KV block is held; return the last scrape."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = server.metrics()
+        idle = (
+            value(text, "berth_requests_running") == 0
+            and value(text, "berth_kv_cache_usage_ratio") == 0
+            and value(text, "berth_kv_cache_blocks_free")
+            == value(text, "berth_kv_cache_blocks_total")
+        )
+        if idle:
+            return text
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)

@@ -5,27 +5,9 @@ import time
 
 import httpx
 import pytest
-from server_harness import RunningServer
-from test_metrics import value
+from server_harness import RunningServer, value, wait_idle
 
 MAX_TOKENS = 450  # far more than a test waits for: the request cannot finish on its own
-
-
-def wait_idle(server: RunningServer, timeout_s: float = 20.0) -> str:
-    """Poll /metrics until nothing runs and no KV block is held; return the last scrape."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = server.metrics()
-        idle = (
-            value(text, "berth_requests_running") == 0
-            and value(text, "berth_kv_cache_usage_ratio") == 0
-            and value(text, "berth_kv_cache_blocks_free")
-            == value(text, "berth_kv_cache_blocks_total")
-        )
-        if idle:
-            return text
-        assert time.monotonic() < deadline, text
-        time.sleep(0.05)
 
 
 def long_request(stream: bool) -> dict[str, object]:

@@ -4,26 +4,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from server_harness import RunningServer, running_server
+from server_harness import RunningServer, running_server, samples, value
 
 from berth.runtime.engine import Engine
 from berth.runtime.server.metrics import MemoryBudget
 
 PROMPT = list(range(3, 43))  # 40 token ids: two full 16-token blocks for the prefix cache
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = {k: v for k, v in s.labels.items() if k not in ("model", "model_name")}
-            out[(s.name, frozenset(labels.items()))] = s.value
-    return out
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture
