@@ -118,6 +118,29 @@ def time_to_first_token(
     return 1e3 * statistics.median(times)
 
 
+def profile_decode(engine: Engine, concurrency: int, prompt_len: int, out: Path) -> None:
+    """GPU kernel time by kernel over 10 full-batch decode steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for i in range(concurrency):
+        engine.add_request(f"prof-{i}", [1 + (i * 7 + j) % 1000 for j in range(prompt_len)], params)
+    while engine.scheduler.waiting or any(
+        s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
+    ):
+        engine.step()
+    engine.step()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            engine.step()
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=30, max_name_column_width=60
+    )
+    (out / f"profile-decode-{concurrency}.txt").write_text(table)
+    while engine.has_unfinished():
+        engine.step()
+
+
 def run_hf(
     model_dir: Path, concurrencies: list[int], prompt_len: int, new_tokens: int
 ) -> dict[int, dict[str, Any]]:
@@ -161,6 +184,7 @@ def main() -> None:
     )
     ap.add_argument("--kv-cache-gib", type=float, default=30.0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", default="", help="concurrencies to profile, e.g. 1,64")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +244,8 @@ def main() -> None:
         report["engine"].append(r)
         save()
         print(json.dumps(r), flush=True)
+    for c in [int(c) for c in args.profile.split(",") if c]:
+        profile_decode(engine, c, args.prompt_len, out)
     del engine
     gc.collect()
     torch.cuda.empty_cache()

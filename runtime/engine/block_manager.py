@@ -155,6 +155,12 @@ class KvBlockPool:
         ``reserve`` free blocks (the admission watermark) would remain.
         """
         bs = self.block_size
+        if (
+            num_new_tokens == 1
+            and seq.num_computed_tokens % bs
+            and self.ref_counts[seq.block_table[-1]] == 1
+        ):
+            return True  # the common decode step: room left in an unshared last block
         num_computed = seq.num_computed_tokens + len(prefix) * bs
         held = len(seq.block_table) + len(prefix)
         need = max(0, self.blocks_needed(num_computed + num_new_tokens) - held)

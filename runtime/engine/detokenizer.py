@@ -17,7 +17,8 @@ class Detokenizer:
     """Turns one request's output tokens into text, and finds its stop strings."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
-        self.tokenizer = tokenizer
+        self.hf = tokenizer.hf
+        self.vocab_size = tokenizer.vocab_size
         self.stream = DecodeStream(skip_special_tokens=True)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -26,9 +27,9 @@ class Detokenizer:
 
     def add(self, token_id: int) -> bool:
         """Append one token's text; True when a stop string appeared (text cut before it)."""
-        if not 0 <= token_id < self.tokenizer.vocab_size:
+        if not 0 <= token_id < self.vocab_size:
             return False
-        piece = self.stream.step(self.tokenizer.hf, token_id)
+        piece = self.stream.step(self.hf, token_id)
         if not piece:
             return False
         start = len(self.text)
@@ -47,6 +48,8 @@ class Detokenizer:
 
     def take(self, finished: bool) -> str:
         """The text not yet returned (all of it once finished, else minus the held-back tail)."""
+        if self.emitted == len(self.text):
+            return ""
         end = len(self.text) if finished else max(self.emitted, len(self.text) - self.hold)
         new = self.text[self.emitted : end]
         self.emitted = end

@@ -36,6 +36,7 @@ class _Request:
     detokenizer: Detokenizer
     generator: torch.Generator | None
     stop_ids: frozenset[int]
+    max_len: int  # total tokens (prompt + output) at which it ends with "length"
 
 
 class Engine:
@@ -109,8 +110,9 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self._eos
         )
+        max_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
         self.requests[request_id] = _Request(
-            seq, Detokenizer(self.tokenizer, params.stop), generator, stop_ids
+            seq, Detokenizer(self.tokenizer, params.stop), generator, stop_ids, max_len
         )
         self.scheduler.add(seq)
 
@@ -139,11 +141,13 @@ class Engine:
         self.runner.synchronize()
         synced = time.perf_counter()
         sampling: list[Sequence] = []
+        block_size = self.pool.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:
+            if seq.num_computed_tokens == len(seq.token_ids):
                 sampling.append(seq)
-            self.pool.register_computed(seq)
+            if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size:
+                self.pool.register_computed(seq)
         requests = [self.requests[s.request_id] for s in sampling]
         token_ids, logprobs = self.sampler(
             logits, [s.params for s in sampling], [r.generator for r in requests]
@@ -157,27 +161,28 @@ class Engine:
     def _append(self, req: _Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         """Add a sampled token to its sequence, and decide whether the request is done."""
         seq = req.seq
-        seq.token_ids.append(token)
+        tokens = seq.token_ids
+        tokens.append(token)
         if logprob is not None and seq.logprobs is not None:
             seq.logprobs.append(logprob)
         reason: FinishReason | None = None
         if token in req.stop_ids or req.detokenizer.add(token):
             reason = "stop"
-        elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(tokens) >= req.max_len:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
         return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=[token],
-            new_text=req.detokenizer.take(reason is not None),
-            finished=reason is not None,
-            finish_reason=reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            logprobs=None if logprob is None else [logprob],
+            seq.request_id,
+            [token],
+            req.detokenizer.take(reason is not None),
+            reason is not None,
+            reason,
+            seq.num_prompt_tokens,
+            len(tokens) - seq.num_prompt_tokens,
+            seq.num_cached_tokens,
+            None if logprob is None else [logprob],
         )
 
     def _finished_output(self, seq: Sequence) -> RequestOutput:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from berth.runtime.engine.layers import Pointwise
 from berth.runtime.engine.model_config import ModelConfig
 
 
@@ -42,16 +43,12 @@ class AttentionMetadata:
 
 
 class RMSNorm(nn.Module):
+    """The norm's weight; the arithmetic is ``Pointwise.rms_norm`` / ``add_rms_norm``."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -74,14 +71,10 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, ops: AttentionOps) -> None:
+    def __init__(self, config: ModelConfig, ops: AttentionOps, pointwise: Pointwise) -> None:
         super().__init__()
+        self.pointwise = pointwise
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
@@ -109,10 +102,11 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+            q, k = self.pointwise.qk_norm_rope(
+                q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin
+            )
+        else:
+            q, k = self.pointwise.rope(q, k, cos, sin)
         self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.query_start_loc is None:
             o = self.ops.paged_decode_attention(
@@ -138,36 +132,52 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, pointwise: Pointwise) -> None:
         super().__init__()
+        self.pointwise = pointwise
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.pointwise.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, ops: AttentionOps) -> None:
+    def __init__(self, config: ModelConfig, ops: AttentionOps, pointwise: Pointwise) -> None:
         super().__init__()
+        self.pointwise = pointwise
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, ops)
+        self.self_attn = Attention(config, ops, pointwise)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, pointwise)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the previous layer's output, not yet added to the ``residual`` stream."""
+        pw, norm1, norm2 = self.pointwise, self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual = x
+            x = pw.rms_norm(x, norm1.weight, norm1.eps)
+        else:
+            x, residual = pw.add_rms_norm(x, residual, norm1.weight, norm1.eps)
+        x = self.self_attn(x, cos, sin, meta)
+        x, residual = pw.add_rms_norm(x, residual, norm2.weight, norm2.eps)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, ops: AttentionOps) -> None:
+    def __init__(self, config: ModelConfig, ops: AttentionOps, pointwise: Pointwise) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, ops) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, ops, pointwise) for _ in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -183,10 +193,13 @@ class CausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, ops: AttentionOps, max_positions: int) -> None:
+    def __init__(
+        self, config: ModelConfig, ops: AttentionOps, pointwise: Pointwise, max_positions: int
+    ) -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, ops)
+        self.pointwise = pointwise
+        self.model = DecoderModel(config, ops, pointwise)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -221,12 +234,14 @@ class CausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)
         cos_sin = self.cos_sin[positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0], cos_sin[:, 1]
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, meta)
-        return self.model.norm(h)
+            x, residual = layer(x, residual, cos, sin, meta)
+        norm = self.model.norm
+        return self.pointwise.add_rms_norm(x, residual, norm.weight, norm.eps)[0]  # type: ignore[no-any-return]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

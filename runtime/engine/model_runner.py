@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from berth.runtime.engine.config import EngineConfig
+from berth.runtime.engine.layers import Pointwise
 from berth.runtime.engine.model import AttentionMetadata, AttentionOps, CausalLM
 from berth.runtime.engine.model_config import DTYPES, ModelConfig
 from berth.runtime.engine.scheduler import ScheduledBatch
+from berth.runtime.engine.sequence import Sequence
 from berth.runtime.engine.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,13 @@ GPU_MEMORY_HEADROOM = 0.10  # of total device memory, kept free for activations 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -100,8 +105,14 @@ class ModelRunner:
         self.ops, self.kernel_backend = attention_ops(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        use_graphs = (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.kernel_backend == "triton"
+        )
+        self.pointwise = Pointwise.compiled() if use_graphs else Pointwise()
         with torch.device("meta"), _default_dtype(self.dtype):
-            model = CausalLM(model_config, self.ops, max_model_len)
+            model = CausalLM(model_config, self.ops, self.pointwise, max_model_len)
         self.model = model.to_empty(device=self.device).eval()
         load_weights(self.model, model_config, Path(config.model))
         self.model.init_rope()
@@ -120,13 +131,17 @@ class ModelRunner:
         self.np_block_tables = self.h_block_tables.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
-        use_graphs = (
-            self.device.type == "cuda"
-            and not config.enforce_eager
-            and self.kernel_backend == "triton"
-        )
+        self._table_seqs: list[Sequence] = []  # whose block tables the host rows hold
+        self._table_lens: list[int] = []
         if use_graphs:
-            self._capture_decode_graphs()
+            try:
+                self._capture_decode_graphs()
+            except Exception as e:  # torch.compile is optional: graphs work without it
+                if not self.pointwise.is_compiled:
+                    raise
+                log.warning("fused pointwise ops failed (%s); capturing eager ones", e)
+                self.pointwise.use_eager()
+                self._capture_decode_graphs()
 
     # ---- KV cache -------------------------------------------------------------------------
 
@@ -168,6 +183,7 @@ class ModelRunner:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers, K and V)."""
+        self.forget_block_tables()
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -187,16 +203,31 @@ class ModelRunner:
             return self._decode(batch)
         return self._prefill(batch)
 
-    def _fill_block_tables(self, seqs: list, rows: int) -> int:  # type: ignore[type-arg]
-        """Write each sequence's block table into the pinned host rows; return the widest."""
+    def _fill_block_tables(self, seqs: list[Sequence], rows: int) -> int:
+        """Write the sequences' block tables into the pinned host rows; return the widest.
+
+        Decode steps mostly see the same sequences in the same order, each with the same
+        blocks or one more, so only the new tail entries are written.
+        """
         table = self.np_block_tables
-        width = 1
-        for i, seq in enumerate(seqs):
-            bt = seq.block_table
-            table[i, : len(bt)] = bt
-            width = max(width, len(bt))
+        lens = self._table_lens
+        if seqs == self._table_seqs:
+            for i, seq in enumerate(seqs):
+                bt = seq.block_table
+                if len(bt) != lens[i]:
+                    table[i, lens[i] : len(bt)] = bt[lens[i] :]
+                    lens[i] = len(bt)
+        else:
+            lens = self._table_lens = [len(s.block_table) for s in seqs]
+            self._table_seqs = list(seqs)
+            for i, seq in enumerate(seqs):
+                table[i, : lens[i]] = seq.block_table
         table[len(seqs) : rows, 0] = 0
-        return width
+        return max(lens, default=1) or 1
+
+    def forget_block_tables(self) -> None:
+        """Block ids changed in place (copy-on-write, resize): rewrite all rows next step."""
+        self._table_seqs = []
 
     def _decode(self, batch: ScheduledBatch) -> torch.Tensor:
         seqs = batch.seqs

@@ -8,7 +8,7 @@ from typing import Literal
 FinishReason = Literal["stop", "length", "abort"]
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprob:
     """The chosen token's log-probability and the ``top`` N alternatives, best first."""
 
@@ -17,7 +17,7 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """One request's progress in one step: the tokens and text it gained since the last one."""
 

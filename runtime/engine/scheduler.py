@@ -63,9 +63,9 @@ class Scheduler:
         scheduled: set[int] = set()
         preempted = False
         # Decodes first, then running prefills; each group keeps its order.
-        order = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        order = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
         if len(order) != len(self.running):
-            order += [s for s in self.running if s.num_tokens - s.num_computed_tokens != 1]
+            order += [s for s in self.running if len(s.token_ids) - s.num_computed_tokens != 1]
         for seq in order:
             if budget == 0:
                 break

@@ -92,7 +92,7 @@ def test_fork_shares_blocks_and_copies_a_shared_partial_block_on_write() -> None
     assert child.block_table == parent.block_table
     child.token_ids.append(7)
     assert pool.allocate(child, 1)
-    (src, dst), = pool.take_pending_copies()
+    ((src, dst),) = pool.take_pending_copies()
     assert src == parent.block_table[1] and child.block_table == [parent.block_table[0], dst]
     pool.check_invariants([parent, child])
 

@@ -33,7 +33,13 @@ def _decode_logits(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_cuda_graph_decode_matches_eager(batch: int, tiny_model: Path) -> None:
     prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + 9 * i)] for i in range(batch)]
-    kw = {"model": str(tiny_model), "device": "cuda", "dtype": "bfloat16", "max_num_seqs": 32}
+    kw = {
+        "model": str(tiny_model),
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "max_num_seqs": 32,
+        "kv_cache_bytes": 64 << 20,
+    }
     graphed = Engine(EngineConfig(**kw))  # type: ignore[arg-type]
     assert graphed.runner.graphs, "no CUDA graphs were captured"
     eager = Engine(EngineConfig(**kw, enforce_eager=True))  # type: ignore[arg-type]
@@ -44,7 +50,9 @@ def test_cuda_graph_decode_matches_eager(batch: int, tiny_model: Path) -> None:
 def test_gpu_greedy_agrees_with_cpu(tiny_model: Path, model_factory: Callable[[str], Path]) -> None:
     prompts = [[(3 * i + j) % 400 + 1 for j in range(4 + 13 * i)] for i in range(6)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    gpu = Engine(EngineConfig(model=str(tiny_model), device="cuda", dtype="float32"))
+    gpu = Engine(
+        EngineConfig(model=str(tiny_model), device="cuda", dtype="float32", kv_cache_bytes=64 << 20)
+    )
     cpu = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32"))
     got = [o.new_token_ids for o in gpu.generate(list(prompts), params)]
     want = [o.new_token_ids for o in cpu.generate(list(prompts), params)]

@@ -1,0 +1,101 @@
+"""Continuous batching: decode first, token budget, sequence limit, FCFS, preemption, abort."""
+
+from __future__ import annotations
+
+from berth.runtime.engine.block_manager import KvBlockPool
+from berth.runtime.engine.config import EngineConfig, SamplingParams
+from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler
+from berth.runtime.engine.sequence import Sequence, SequenceStatus
+
+
+def _scheduler(num_blocks: int = 64, **overrides: int) -> Scheduler:
+    config = EngineConfig(model="unused", block_size=4, **overrides)  # type: ignore[arg-type]
+    return Scheduler(config, KvBlockPool(num_blocks, 4), watermark=0.0)
+
+
+def _seq(name: str, n: int) -> Sequence:
+    return Sequence(name, list(range(1, n + 1)), n, SamplingParams())
+
+
+def _run(s: Scheduler, batch: ScheduledBatch, token: int = 0) -> None:
+    """Pretend the model ran: the tokens are computed, finished prefills gain a token."""
+    for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        seq.num_computed_tokens += n
+        s.pool.register_computed(seq)
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.token_ids.append(token)
+
+
+def test_long_prompt_is_chunked_under_the_token_budget() -> None:
+    s = _scheduler(max_num_batched_tokens=8)
+    s.add(_seq("a", 20))
+    chunks = []
+    while not chunks or chunks[-1] == 8:
+        batch = s.schedule()
+        chunks.append(batch.num_tokens)
+        _run(s, batch)
+    assert chunks == [8, 8, 4]
+
+
+def test_decodes_go_before_prefills_and_new_prompts_fill_the_rest() -> None:
+    s = _scheduler(max_num_batched_tokens=8)
+    s.add(_seq("old", 3))
+    _run(s, s.schedule())  # old finished its prefill, now decodes
+    s.add(_seq("new", 20))
+    batch = s.schedule()
+    assert [q.request_id for q in batch.seqs] == ["old", "new"]
+    assert batch.num_new_tokens == [1, 7]
+    assert not batch.is_decode
+
+
+def test_admission_is_fcfs_and_bounded_by_max_num_seqs() -> None:
+    s = _scheduler(max_num_seqs=2)
+    for name in "abc":
+        s.add(_seq(name, 2))
+    batch = s.schedule()
+    assert [q.request_id for q in batch.seqs] == ["a", "b"]
+    assert [q.request_id for q in s.waiting] == ["c"]
+
+
+def test_out_of_blocks_preempts_the_newest_and_it_resumes_first() -> None:
+    s = _scheduler(num_blocks=4)
+    a, b = _seq("a", 8), _seq("b", 8)  # two blocks each: the pool is full
+    s.add(a)
+    s.add(b)
+    _run(s, s.schedule())
+    batch = s.schedule()  # a needs a third block: b goes
+    assert batch.seqs == [a] and b.status is SequenceStatus.WAITING
+    assert s.num_preemptions == 1 and b.block_table == [] and b.num_computed_tokens == 0
+    assert list(s.waiting) == [b]
+    s.pool.check_invariants(s.running)
+
+
+def test_a_request_larger_than_the_pool_is_aborted() -> None:
+    s = _scheduler(num_blocks=2)
+    big = _seq("big", 9)  # needs 3 blocks for its prompt and next token
+    s.add(big)
+    batch = s.schedule()
+    assert batch.aborted == [big] and big.finish_reason == "abort" and not s.has_unfinished()
+
+
+def test_abort_frees_blocks_wherever_the_request_is() -> None:
+    s = _scheduler(num_blocks=8, max_num_seqs=1)
+    s.add(_seq("running", 10))
+    s.add(_seq("waiting", 3))
+    s.schedule()
+    assert s.pool.num_free_blocks == 5
+    assert s.abort("running") is not None and s.pool.num_free_blocks == 8
+    assert s.abort("waiting") is not None and not s.has_unfinished()
+    assert s.abort("unknown") is None
+
+
+def test_shrinking_the_pool_preempts_holders_of_the_region_given_back() -> None:
+    s = _scheduler(num_blocks=8)
+    a, b = _seq("a", 8), _seq("b", 8)
+    s.add(a)
+    s.add(b)
+    _run(s, s.schedule())
+    assert b.block_table == [2, 3]
+    victims = s.resize_pool(3)
+    assert victims == [b] and s.pool.num_blocks == 3 and a.status is SequenceStatus.RUNNING
+    s.pool.check_invariants(s.running)
