@@ -14,6 +14,8 @@ SUBCOMMANDS: dict[str, str] = {
     "plan": "berth.operator.cli:plan",
     "operator": "berth.operator.cli:operator",
     "serve": "berth.runtime.server.cli:serve",
+    "make-model": "berth.runtime.engine.cli:make_model_command",
+    "generate": "berth.runtime.engine.cli:generate_command",
 }
 
 
