@@ -51,3 +51,8 @@ def test_bad_inventory_names_the_problem(tmp_path: Path, text: str, message: str
 def test_inventory_round_trips_through_its_yaml_aliases() -> None:
     dumped = DEFAULT_INVENTORY.model_dump(by_alias=True)
     assert Inventory.model_validate(dumped) == DEFAULT_INVENTORY
+
+
+def test_example_inventory_file_is_the_built_in_default() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "inventory.yaml"
+    assert load_inventory(example) == DEFAULT_INVENTORY
