@@ -215,11 +215,10 @@ def prefill_configs(sweep: bool) -> list[PrefillConfig | None]:
     if not sweep:
         return [None]
     configs: list[PrefillConfig | None] = [None]
-    for block_m in (64, 128):
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    configs.append(PrefillConfig(block_m, block_n, warps, stages))
+    for shape in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                  (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2)]:  # fmt: skip
+        for one_loop in (False, True):
+            configs.append(PrefillConfig(*shape, one_loop=one_loop))
     return configs
 
 

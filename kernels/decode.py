@@ -30,7 +30,7 @@ class DecodeConfig:
     block_n: int = 128
     no_split_waves: float = 3.0  # a grid of this many programs per SM is left unsplit
     split_waves: float = 8.0  # otherwise split until the grid holds this many per SM
-    min_split_tokens: int = 256  # below this, the merge costs more than the split buys
+    min_split_tokens: int = 128  # below this, the merge costs more than the split buys
     num_warps: int = 4
     num_stages: int = 3
 

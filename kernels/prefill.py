@@ -36,6 +36,7 @@ class PrefillConfig:
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    one_loop: bool = False  # mask every step in one loop instead of an unmasked loop + band
 
 
 @triton.jit
@@ -81,6 +82,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
 ):
     # Heaviest tiles (the last ones of the last sequences) first, to shorten the tail.
     tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -118,7 +120,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     offsets = tl.arange(0, BLOCK_N)
 
     # Keys before the tile's first query: visible to every row, no masks.
-    unmasked_end = (prefix + q_first) // BLOCK_N * BLOCK_N
+    unmasked_end = (prefix + q_first) // BLOCK_N * BLOCK_N * (1 - ONE_LOOP)
     for tok0 in range(0, unmasked_end, BLOCK_N):
         toks = tok0 + offsets
         block = tl.load(table + toks // BLOCK_SIZE).to(tl.int64)
@@ -253,6 +255,7 @@ def launch_prefill(
         BLOCK_SIZE=block_size,
         BLOCK_Q=block_q,
         BLOCK_N=config.block_n,
+        ONE_LOOP=config.one_loop,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
