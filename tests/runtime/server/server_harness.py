@@ -32,12 +32,13 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(engine: Engine, **settings: Any) -> Iterator[RunningServer]:
-    """A real uvicorn server in a thread, bound to a free loopback port, serving ``engine``."""
+def running_server(engine: Engine, driven: Any = None, **settings: Any) -> Iterator[RunningServer]:
+    """A real uvicorn server in a thread, bound to a free loopback port, serving ``engine``
+    (through ``driven``, a wrapper of it, when given)."""
     options: dict[str, Any] = {"served_model_name": "tiny", "log_level": "warning"}
     options.update(settings)
     config = ServerSettings(engine=engine.config, **options)
-    app = create_app(config, lambda: engine)
+    app = create_app(config, lambda: engine if driven is None else driven)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
