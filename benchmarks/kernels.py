@@ -134,15 +134,10 @@ def decode_batches(
 
 
 def decode_configs(sweep: bool) -> list[DecodeConfig | None]:
+    """The default, plus (with --sweep) neighbours of it; see kernels-notes.md for past grids."""
     if not sweep:
         return [None]
-    configs: list[DecodeConfig | None] = [None]
-    for block_n in (64, 128):
-        for min_split in (128, 256):
-            for stages in (3, 4):
-                for split_waves in (8.0, 16.0):
-                    configs.append(DecodeConfig(block_n, 3.0, split_waves, min_split, 4, stages))
-    return configs
+    return [None, DecodeConfig(block_n=64), DecodeConfig(num_stages=4)]
 
 
 def bench_decode(peak_read: float, sweep: bool, log: list[str]) -> list[dict[str, object]]:
@@ -212,14 +207,12 @@ def bench_decode(peak_read: float, sweep: bool, log: list[str]) -> list[dict[str
 
 
 def prefill_configs(sweep: bool) -> list[PrefillConfig | None]:
+    """The default, plus (with --sweep) tile shapes left to explore; earlier sweeps' grids and
+    results are in benchmarks/results/kernels-notes.md."""
     if not sweep:
         return [None]
-    configs: list[PrefillConfig | None] = [None]
-    for shape in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
-                  (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2)]:  # fmt: skip
-        for one_loop in (False, True):
-            configs.append(PrefillConfig(*shape, one_loop=one_loop))
-    return configs
+    shapes = [(256, 64, 8, 2), (256, 32, 8, 2), (128, 128, 8, 4), (64, 64, 4, 2)]
+    return [None, *(PrefillConfig(*shape) for shape in shapes)]
 
 
 def bench_prefill(sweep: bool, log: list[str]) -> list[dict[str, object]]:

@@ -173,10 +173,11 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
 
 
 def default_config(head_dim: int, block_size: int) -> PrefillConfig:
-    """128 x 64 tiles at D <= 128; half the rows at D = 256 to stay within registers."""
+    """128 x 128 tiles, 8 warps, 3 stages at D <= 128 (best of a sweep on H100 for 2k chunks,
+    benchmarks/results/kernels-notes.md); half the rows and keys at D = 256 to fit registers."""
     if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=max(32, block_size), num_warps=8, num_stages=2)
-    return PrefillConfig(block_n=max(64, block_size))
+    return PrefillConfig(block_m=128, block_n=max(128, block_size), num_warps=8, num_stages=3)
 
 
 def launch_prefill(
