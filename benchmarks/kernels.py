@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import triton
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -256,6 +257,20 @@ def bench_prefill(sweep: bool, log: list[str]) -> list[dict[str, object]]:
                     f"sdpa prefill prefix {prefix} gqa={gqa}: {sdpa_times[-1] * 1e3:.3f} ms err {err:.1e}"
                 )
             sdpa_t = min(sdpa_times)
+            # Context: which backend SDPA's default choice corresponds to.
+            backend_tflops = {}
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+                call = functools.partial(
+                    sdpa, qd, kd.repeat_interleave(HQ // HKV, dim=1),
+                    vd.repeat_interleave(HQ // HKV, dim=1), attn_mask=mask, is_causal=causal,
+                    scale=SCALE,
+                )  # fmt: skip
+                try:
+                    with sdpa_kernel(backend):
+                        backend_tflops[backend.name] = flops / time_per_call([call]) / 1e12
+                except Exception as exc:  # backend unavailable for this input
+                    log.append(f"SKIP sdpa {backend.name}: {type(exc).__name__}: {exc}")
+            log.append(f"sdpa backends prefix {prefix}: {backend_tflops}")
             best: tuple[float, str] | None = None
             for config in prefill_configs(sweep and page == PAGE_SIZES[0]):
                 out = torch.full_like(q, float("nan"))
@@ -287,6 +302,8 @@ def bench_prefill(sweep: bool, log: list[str]) -> list[dict[str, object]]:
                             "prefix": prefix, "page": page, "ms": t * 1e3,
                             "tflops": flops / t / 1e12, "sdpa_tflops": flops / sdpa_t / 1e12,
                             "vs_sdpa": sdpa_t / t, "err": err,
+                            "flash": backend_tflops.get("FLASH_ATTENTION", float("nan")),
+                            "cudnn": backend_tflops.get("CUDNN_ATTENTION", float("nan")),
                         }
                     )  # fmt: skip
                 if best is None or t < best[0]:
@@ -331,13 +348,15 @@ def report(bw: dict[str, float], decode: list[dict], prefill: list[dict]) -> str
         "",
         f"## Prefill ({PREFILL_BATCH} sequences x {PREFILL_CHUNK}-token chunks, causal)",
         "",
-        "| cached prefix | page | time (ms) | TFLOP/s | SDPA TFLOP/s | vs SDPA | rel err |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| cached prefix | page | time (ms) | TFLOP/s | SDPA TFLOP/s | vs SDPA | rel err "
+        "| SDPA flash-only | SDPA cuDNN-only |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in prefill:
         lines.append(
             f"| {r['prefix']} | {r['page']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
-            f"{r['sdpa_tflops']:.0f} | {r['vs_sdpa']:.2f}x | {r['err']:.1e} |"
+            f"{r['sdpa_tflops']:.0f} | {r['vs_sdpa']:.2f}x | {r['err']:.1e} | "
+            f"{r['flash']:.0f} | {r['cudnn']:.0f} |"
         )
     lines += [
         "",
