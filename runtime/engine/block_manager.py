@@ -35,6 +35,7 @@ class KvBlockPool:
         self.free: deque[int] = deque()  # ref 0, no cached content
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached; LRU first
         self.pending_copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) for the runner
+        self.grown: list[Sequence] = []  # sequences whose block tables gained blocks
         self.resize(num_blocks)
 
     # ---- capacity -------------------------------------------------------------------------
@@ -190,6 +191,8 @@ class KvBlockPool:
             self.pending_copies.append((src, dst))
         for _ in range(need):
             seq.block_table.append(self._take())
+        if need or prefix:
+            self.grown.append(seq)
         return True
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -209,6 +212,10 @@ class KvBlockPool:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
+
+    def take_grown(self) -> list[Sequence]:
+        grown, self.grown = self.grown, []
+        return grown
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

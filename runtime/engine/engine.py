@@ -37,6 +37,7 @@ class _Request:
     generator: torch.Generator | None
     stop_ids: frozenset[int]
     max_len: int  # total tokens (prompt + output) at which it ends with "length"
+    plain: bool  # greedy without log-probs: sampled by one batched argmax
 
 
 class Engine:
@@ -58,6 +59,7 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
+        self._num_special = 0  # live requests that need the full sampler
         # Host time of the last step that ran the model, excluding the wait for the device:
         # scheduling, input preparation, sampling and output processing (seconds).
         self.last_step_host_seconds = 0.0
@@ -111,14 +113,17 @@ class Engine:
             frozenset() if params.ignore_eos else self._eos
         )
         max_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        plain = params.greedy and params.logprobs is None
         self.requests[request_id] = _Request(
-            seq, Detokenizer(self.tokenizer, params.stop), generator, stop_ids, max_len
+            seq, Detokenizer(self.tokenizer, params.stop), generator, stop_ids, max_len, plain
         )
+        self._num_special += not plain
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; an unknown id is a no-op."""
-        if self.requests.pop(request_id, None) is not None:
+        if request_id in self.requests:
+            self._forget(request_id)
             self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -149,9 +154,12 @@ class Engine:
             if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size:
                 self.pool.register_computed(seq)
         requests = [self.requests[s.request_id] for s in sampling]
-        token_ids, logprobs = self.sampler(
-            logits, [s.params for s in sampling], [r.generator for r in requests]
-        )
+        if self._num_special == 0:  # all greedy, no log-probs: skip the sampler's bookkeeping
+            token_ids, logprobs = logits.argmax(dim=-1).tolist(), None
+        else:
+            token_ids, logprobs = self.sampler(
+                logits, [s.params for s in sampling], [r.generator for r in requests]
+            )
         for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
             outputs.append(self._append(req, token, logprobs[i] if logprobs else None))
         self.scheduler.drop_finished()
@@ -172,7 +180,7 @@ class Engine:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            del self.requests[seq.request_id]
+            self._forget(seq.request_id)
         return RequestOutput(
             seq.request_id,
             [token],
@@ -187,7 +195,7 @@ class Engine:
 
     def _finished_output(self, seq: Sequence) -> RequestOutput:
         """The final output of a request the scheduler ended on its own (it can never fit)."""
-        req = self.requests.pop(seq.request_id)
+        req = self._forget(seq.request_id)
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=[],
@@ -199,6 +207,11 @@ class Engine:
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[] if seq.logprobs is not None else None,
         )
+
+    def _forget(self, request_id: str) -> _Request:
+        req = self.requests.pop(request_id)
+        self._num_special -= not req.plain
+        return req
 
     # ---- capacity and gauges -------------------------------------------------------------------
 

@@ -130,9 +130,11 @@ class ModelRunner:
         self.np_seq_lens = self.h_seq_lens.numpy()
         self.np_block_tables = self.h_block_tables.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_logits: dict[int, torch.Tensor] = {}
         self.graph_sizes: list[int] = []
         self._table_seqs: list[Sequence] = []  # whose block tables the host rows hold
-        self._table_lens: list[int] = []
+        self._table_rows: dict[int, int] = {}  # id(seq) -> row
+        self._table_width = 1
         if use_graphs:
             try:
                 self._capture_decode_graphs()
@@ -197,33 +199,35 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run the batch; return fp32 logits [S, vocab] for the sequences that sample, i.e.
+        """Run the batch; return logits [S, vocab] (model dtype) for the sequences that sample, i.e.
         those whose new tokens reach their last token, in batch order."""
         if batch.is_decode:
             return self._decode(batch)
         return self._prefill(batch)
 
-    def _fill_block_tables(self, seqs: list[Sequence], rows: int) -> int:
+    def _fill_block_tables(self, seqs: list[Sequence], rows: int, grown: list[Sequence]) -> int:
         """Write the sequences' block tables into the pinned host rows; return the widest.
 
-        Decode steps mostly see the same sequences in the same order, each with the same
-        blocks or one more, so only the new tail entries are written.
+        Consecutive decode steps mostly run the same sequences in the same order, so then only
+        the rows of the sequences that gained a block (``grown``) are rewritten.
         """
         table = self.np_block_tables
-        lens = self._table_lens
         if seqs == self._table_seqs:
-            for i, seq in enumerate(seqs):
-                bt = seq.block_table
-                if len(bt) != lens[i]:
-                    table[i, lens[i] : len(bt)] = bt[lens[i] :]
-                    lens[i] = len(bt)
+            rows_of = self._table_rows
+            for seq in grown:
+                i = rows_of.get(id(seq))
+                if i is not None:
+                    table[i, : len(seq.block_table)] = seq.block_table
+                    self._table_width = max(self._table_width, len(seq.block_table))
         else:
-            lens = self._table_lens = [len(s.block_table) for s in seqs]
             self._table_seqs = list(seqs)
+            self._table_rows = {id(s): i for i, s in enumerate(seqs)}
+            self._table_width = 1
             for i, seq in enumerate(seqs):
-                table[i, : lens[i]] = seq.block_table
+                table[i, : len(seq.block_table)] = seq.block_table
+                self._table_width = max(self._table_width, len(seq.block_table))
         table[len(seqs) : rows, 0] = 0
-        return max(lens, default=1) or 1
+        return self._table_width
 
     def forget_block_tables(self) -> None:
         """Block ids changed in place (copy-on-write, resize): rewrite all rows next step."""
@@ -247,7 +251,7 @@ class ModelRunner:
         if rows > b:  # graph padding: read block 0, write nowhere
             tokens[:, b:rows] = _PAD_TOKENS
             seq_lens[b:rows] = 1
-        width = self._fill_block_tables(seqs, rows)
+        width = self._fill_block_tables(seqs, rows, batch.grown)
         if graph_size:
             self.d_tokens[:, :rows].copy_(self.h_tokens[:, :rows], non_blocking=True)
             self.d_seq_lens[:rows].copy_(self.h_seq_lens[:rows], non_blocking=True)
@@ -255,7 +259,7 @@ class ModelRunner:
                 self.h_block_tables[:rows, :width], non_blocking=True
             )
             self.graphs[graph_size].replay()
-            return self.d_logits[:b]
+            return self.graph_logits[graph_size][:b]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=self.h_tokens[2, :b].to(dev),
@@ -286,7 +290,7 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(starts[-1] - 1)
         b = len(batch.seqs)
-        width = self._fill_block_tables(batch.seqs, b)
+        width = self._fill_block_tables(batch.seqs, b, batch.grown)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
@@ -311,9 +315,6 @@ class ModelRunner:
         self.d_block_tables = torch.zeros(
             (n, self.max_blocks_per_seq), dtype=torch.int32, device=dev
         )
-        self.d_logits = torch.zeros(
-            (n, self.model_config.vocab_size), dtype=torch.float32, device=dev
-        )
         pool = None
         sizes = graph_batch_sizes(n)
         for size in reversed(sizes):
@@ -326,12 +327,13 @@ class ModelRunner:
             )
             with torch.inference_mode():
                 hidden = self.model(self.d_tokens[0, :size], self.d_tokens[1, :size], meta)
-                self.d_logits[:size] = self.model.logits(hidden)  # warm-up: compile, autotune
+                self.model.logits(hidden)  # warm-up: compile, autotune
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     hidden = self.model(self.d_tokens[0, :size], self.d_tokens[1, :size], meta)
-                    self.d_logits[:size] = self.model.logits(hidden)
+                    # The graph's own output, kept alive; read before the next replay.
+                    self.graph_logits[size] = self.model.logits(hidden)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(dev)

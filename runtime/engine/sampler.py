@@ -25,7 +25,7 @@ class Sampler:
 
     def __call__(
         self,
-        logits: torch.Tensor,  # [S, V] float32
+        logits: torch.Tensor,  # [S, V], the model's dtype
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
     ) -> tuple[list[int], list[TokenLogprob | None] | None]:
@@ -46,6 +46,7 @@ class Sampler:
         generators: list[torch.Generator | None],
         greedy: list[bool],
     ) -> torch.Tensor:
+        logits = logits.float()
         vocab = logits.shape[1]
         dev = logits.device
         temperature = torch.tensor(
@@ -88,7 +89,7 @@ class Sampler:
     def _with_logprobs(
         logits: torch.Tensor, chosen: torch.Tensor, want: list[int | None]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        logprobs = logits.log_softmax(dim=-1)
+        logprobs = logits.float().log_softmax(dim=-1)
         picked = logprobs.gather(-1, chosen[:, None])[:, 0]
         n = max((k for k in want if k is not None), default=0)
         top_vals, top_ids = (

@@ -24,6 +24,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     aborted: list[Sequence] = field(default_factory=list)  # can never fit the pool
+    grown: list[Sequence] = field(default_factory=list)  # whose block tables changed
 
     @property
     def is_decode(self) -> bool:
@@ -35,6 +36,10 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival
 
 
 class Scheduler:
@@ -60,31 +65,31 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        scheduled: set[int] = set()
         preempted = False
         # Decodes first, then running prefills; each group keeps its order.
         order = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
         if len(order) != len(self.running):
             order += [s for s in self.running if len(s.token_ids) - s.num_computed_tokens != 1]
-        for seq in order:
+        allocate, running = self.pool.allocate, SequenceStatus.RUNNING
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        for i, seq in enumerate(order):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not running:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.pool.allocate(seq, n):
-                victim = max(
-                    (s for s in self.running if id(s) not in scheduled), key=lambda s: s.arrival
-                )
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not allocate(seq, n):
+                # The newest sequence not yet scheduled in this step (possibly seq) makes room.
+                victim = max((s for s in order[i:] if s.status is running), key=_arrival)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                scheduled.add(id(seq))
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
+                seqs.append(seq)
+                counts.append(n)
                 budget -= n
+        batch.grown = self.pool.take_grown()
         if preempted:
             return batch
         reserve = int(self.watermark * self.pool.num_blocks)
@@ -109,6 +114,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        batch.grown += self.pool.take_grown()
         return batch
 
     def _preempt(self, seq: Sequence) -> None:
