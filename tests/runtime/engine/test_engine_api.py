@@ -1,0 +1,144 @@
+"""The Engine API the server codes against: requests, stops, aborts, streaming, stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from berth.runtime.engine import Engine, EngineConfig, RequestOutput, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def _drain(engine: Engine) -> dict[str, list[RequestOutput]]:
+    outs: dict[str, list[RequestOutput]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    return outs
+
+
+def test_add_request_rejects_bad_input_with_named_reasons(tiny_engine: Engine) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        tiny_engine.add_request("a", [], GREEDY)
+    with pytest.raises(ValueError, match="context"):
+        tiny_engine.add_request("b", [5] * tiny_engine.max_model_len, GREEDY)
+    with pytest.raises(ValueError, match="top_p"):
+        tiny_engine.add_request("c", "hi", SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="max_tokens"):
+        tiny_engine.add_request("d", "hi", SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="token ids"):
+        tiny_engine.add_request("e", [10**9], GREEDY)
+    assert not tiny_engine.has_unfinished()
+
+
+def test_outputs_stream_tokens_and_text_and_end_with_length(tiny_engine: Engine) -> None:
+    tiny_engine.add_request("r", "The harbour master", GREEDY)
+    outs = _drain(tiny_engine)["r"]
+    assert [len(o.new_token_ids) for o in outs] == [1] * 8
+    assert [o.finished for o in outs] == [False] * 7 + [True]
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 8
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert "".join(o.new_text for o in outs) == tiny_engine.tokenizer.decode(tokens)
+    assert outs[0].num_prompt_tokens == len(tiny_engine.tokenizer.encode("The harbour master"))
+
+
+def test_stop_token_ids_and_eos_end_the_request(tiny_engine: Engine) -> None:
+    first = tiny_engine.generate(["Call me Ishmael"], GREEDY)[0].new_token_ids
+    stop_at = first[3]
+    params = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop_at])
+    out = tiny_engine.generate(["Call me Ishmael"], params)[0]
+    assert out.new_token_ids == first[: first.index(stop_at) + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_stop_string_is_removed_and_ends_the_request(tiny_engine: Engine) -> None:
+    full = tiny_engine.generate(["It was the best"], GREEDY)[0]
+    assert len(full.new_text) >= 4
+    stop = full.new_text[2:4]
+    streamed = list(
+        tiny_engine.stream("It was the best", SamplingParams(**{**GREEDY.__dict__, "stop": [stop]}))
+    )
+    text = "".join(o.new_text for o in streamed)
+    assert text == full.new_text[: full.new_text.index(stop)]
+    assert streamed[-1].finish_reason == "stop"
+
+
+def test_abort_frees_blocks_and_unknown_ids_are_ignored(tiny_engine: Engine) -> None:
+    tiny_engine.add_request("x", "Pilots board at the fairway buoy", GREEDY)
+    tiny_engine.step()
+    assert tiny_engine.stats().num_running == 1
+    assert tiny_engine.stats().num_free_blocks < tiny_engine.stats().num_total_blocks
+    tiny_engine.abort_request("x")
+    tiny_engine.abort_request("never-seen")
+    stats = tiny_engine.stats()
+    assert not tiny_engine.has_unfinished() and stats.num_running == 0
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.kv_cache_usage == 0.0
+
+
+def test_closing_a_stream_aborts_its_request(tiny_engine: Engine) -> None:
+    stream = tiny_engine.stream("Each request brings a prompt", GREEDY)
+    next(stream)
+    stream.close()
+    assert not tiny_engine.has_unfinished()
+
+
+def test_logprobs_are_the_chosen_token_and_top_n(tiny_engine: Engine) -> None:
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2)
+    out = tiny_engine.generate(["Numbers: 0 1 2"], params)[0]
+    assert out.logprobs is not None and len(out.logprobs) == 3
+    for token, lp in zip(out.new_token_ids, out.logprobs, strict=True):
+        assert lp.token_id == token and len(lp.top) == 2
+        assert lp.top[0] == (token, pytest.approx(lp.logprob))  # greedy: the best token
+        assert lp.top[0][1] >= lp.top[1][1] and lp.logprob <= 0.0
+
+
+def test_seeded_sampling_repeats_and_does_not_depend_on_the_batch(tiny_engine: Engine) -> None:
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = tiny_engine.generate(["A container ship"], params)[0].new_token_ids
+    other = SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)
+    tiny_engine.add_request("seeded", "A container ship", params)
+    tiny_engine.add_request("noise", "Something else entirely", other)
+    together = [t for o in _drain(tiny_engine)["seeded"] for t in o.new_token_ids]
+    assert together == alone
+
+
+def test_stats_count_prefix_cache_queries_and_hits(tiny_model: Path) -> None:
+    engine = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32"))
+    prompt = list(range(1, 40))
+    engine.generate([prompt], GREEDY)
+    engine.generate([prompt], GREEDY)
+    stats = engine.stats()
+    assert stats.prefix_cache_queries == 78 and stats.prefix_cache_hits == 32
+    assert stats.kv_cache_bytes > 0 and stats.num_preemptions == 0
+
+
+def test_generate_refuses_to_run_beside_other_requests(tiny_engine: Engine) -> None:
+    tiny_engine.add_request("busy", "hello", GREEDY)
+    with pytest.raises(RuntimeError, match="beside other requests"):
+        tiny_engine.generate(["x"], GREEDY)
+    tiny_engine.abort_request("busy")
+
+
+def test_resize_kv_pool_preempts_and_the_request_still_completes(tiny_model: Path) -> None:
+    engine = Engine(
+        EngineConfig(model=str(tiny_model), device="cpu", dtype="float32", num_kv_blocks=32)
+    )
+    for i in range(4):
+        engine.add_request(str(i), list(range(1 + i, 40 + i)), GREEDY)
+    engine.step()
+    preempted = engine.resize_kv_pool(8)  # the four hold blocks 0..11
+    assert preempted == 2 and engine.stats().num_total_blocks == 8
+    outs = _drain(engine)
+    assert all(o[-1].finish_reason == "length" for o in outs.values()) and len(outs) == 4
+    with pytest.raises(ValueError, match="allocated"):
+        engine.resize_kv_pool(33)
+
+
+def test_chat_template_renders_messages(tiny_engine: Engine) -> None:
+    text = tiny_engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user")
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tiny_engine.tokenizer.encode(text)
+    assert ids.count(tiny_engine.tokenizer.bos_token_id) == 1  # the template's BOS, not two

@@ -1,0 +1,65 @@
+"""Sampling rules on hand-made logits: greedy, temperature, top-k, top-p, min-p, seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from berth.runtime.engine.config import SamplingParams
+from berth.runtime.engine.sampler import Sampler
+
+# Probabilities 0.5, 0.25, 0.15, 0.1 over tokens 3, 1, 0, 2.
+LOGITS = torch.log(torch.tensor([[0.15, 0.25, 0.10, 0.50]]))
+
+
+def _draw(params: SamplingParams, n: int = 400, seed: int = 0) -> set[int]:
+    sampler = Sampler(torch.device("cpu"), seed)
+    logits = LOGITS.expand(n, -1).contiguous()
+    tokens, _ = sampler(logits, [params] * n, [None] * n)
+    return set(tokens)
+
+
+def test_greedy_and_top_k_1_take_the_argmax() -> None:
+    assert _draw(SamplingParams(temperature=0.0)) == {3}
+    assert _draw(SamplingParams(top_k=1)) == {3}
+
+
+def test_plain_sampling_reaches_every_token() -> None:
+    assert _draw(SamplingParams()) == {0, 1, 2, 3}
+
+
+def test_top_k_top_p_and_min_p_truncate_the_tail() -> None:
+    assert _draw(SamplingParams(top_k=2)) == {3, 1}
+    assert _draw(SamplingParams(top_p=0.7)) == {3, 1}  # 0.5 + 0.25 covers 0.7
+    assert _draw(SamplingParams(top_p=0.45)) == {3}
+    assert _draw(SamplingParams(min_p=0.4)) == {3, 1}  # floor 0.2: keeps 0.5 and 0.25
+
+
+def test_low_temperature_sharpens_towards_the_argmax() -> None:
+    assert _draw(SamplingParams(temperature=0.01)) == {3}
+
+
+def test_a_seeded_row_does_not_depend_on_its_neighbours() -> None:
+    sampler = Sampler(torch.device("cpu"), 0)
+    params = SamplingParams(seed=7)
+    logits = torch.randn(3, 50)
+    alone = [sampler(logits[1:2], [params], [sampler.request_generator(7)])[0][0] for _ in range(5)]
+    mixed = [
+        sampler(
+            logits,
+            [SamplingParams(), params, SamplingParams()],
+            [None, sampler.request_generator(7), None],
+        )[0][1]
+        for _ in range(5)
+    ]
+    assert alone == mixed
+
+
+def test_logprobs_match_log_softmax() -> None:
+    sampler = Sampler(torch.device("cpu"), 0)
+    tokens, logprobs = sampler(LOGITS, [SamplingParams(temperature=0.0, logprobs=3)], [None])
+    assert logprobs is not None and logprobs[0] is not None
+    lp = logprobs[0]
+    ref = LOGITS.log_softmax(-1)[0]
+    assert lp.token_id == tokens[0] == 3
+    assert abs(lp.logprob - float(ref[3])) < 1e-6
+    assert [t for t, _ in lp.top] == [3, 1, 0]
