@@ -80,7 +80,7 @@ class Pointwise:
     @staticmethod
     def compiled() -> Pointwise:
         def fuse(fn: Callable[..., Any]) -> Callable[..., Any]:
-            return torch.compile(fn, dynamic=True, fullgraph=True)  # type: ignore[no-any-return]
+            return torch.compile(fn, dynamic=True, fullgraph=True)
 
         return Pointwise(
             fuse(rms_norm),

@@ -241,7 +241,7 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin, meta)
         norm = self.model.norm
-        return self.pointwise.add_rms_norm(x, residual, norm.weight, norm.eps)[0]  # type: ignore[no-any-return]
+        return self.pointwise.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -13,13 +13,14 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
 from berth.runtime.engine.config import EngineConfig
 from berth.runtime.engine.layers import Pointwise
-from berth.runtime.engine.model import AttentionMetadata, AttentionOps, CausalLM
+from berth.runtime.engine.model import AttentionMetadata, AttentionOps, CausalLM, DecoderLayer
 from berth.runtime.engine.model_config import DTYPES, ModelConfig
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
@@ -57,9 +58,9 @@ def attention_ops(device: torch.device) -> tuple[AttentionOps, str]:
 
             return (
                 AttentionOps(
-                    kernels.write_kv_cache,  # type: ignore[attr-defined]
-                    kernels.paged_decode_attention,  # type: ignore[attr-defined]
-                    kernels.paged_prefill_attention,  # type: ignore[attr-defined]
+                    kernels.write_kv_cache,
+                    kernels.paged_decode_attention,
+                    kernels.paged_prefill_attention,
                 ),
                 "triton",
             )
@@ -180,8 +181,9 @@ class ModelRunner:
         shape = (c.num_layers, 2, self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.k_cache = self.kv_cache[i, 0]
-            layer.self_attn.v_cache = self.kv_cache[i, 1]
+            attn = cast(DecoderLayer, layer).self_attn
+            attn.k_cache = self.kv_cache[i, 0]
+            attn.v_cache = self.kv_cache[i, 1]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers, K and V)."""

@@ -31,7 +31,7 @@ def test_unsupported_architecture_is_named(tiny_model: Path, tmp_path: Path) -> 
     config = json.loads((model / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (model / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
+    with pytest.raises(ValueError, match=r"unsupported architecture.*GPT2LMHeadModel"):
         _engine(model)
 
 
