@@ -48,5 +48,5 @@ e2e: venv toolchain
 test: venv toolchain lint
 	$(BIN)/pytest tests e2e
 
-demo: venv toolchain
+demo: venv
 	$(BIN)/berth demo

@@ -47,3 +47,12 @@ def main() -> None:
 def version() -> None:
     """Print Berth's version."""
     click.echo(f"berth {berth.__version__}")
+
+
+@main.command()
+def demo() -> None:
+    """Serve the built-in `tiny` model on the CPU, chat with it through the openai client and
+    print the answer and the metric lines that counted it."""
+    from berth.runtime.server.demo import run_demo
+
+    run_demo(say=click.echo)
