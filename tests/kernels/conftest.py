@@ -1,20 +1,24 @@
 """Kernel tests run the real Triton kernels: on the GPU when there is one, else in Triton's CPU
-interpreter (CI). The interpreter must be chosen before any kernel module is imported, because
-``triton.jit`` picks interpreted or compiled functions when it decorates them."""
+interpreter (CI). ``triton.jit`` chooses interpreted or compiled functions when it decorates them,
+so the variable is set here, and kernel modules that an earlier test module already imported
+(compiled flavour) are reloaded to pick it up."""
 
+import importlib
 import os
 import sys
 
 import pytest
 import torch
 
+KERNEL_MODULES = ("berth.kernels.kv_cache", "berth.kernels.decode", "berth.kernels.prefill")
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    if "berth.kernels.decode" in sys.modules and os.environ["TRITON_INTERPRET"] == "1":
-        from berth.kernels.decode import _decode_kernel
-
-        if type(_decode_kernel).__name__ != "InterpretedFunction":
-            raise RuntimeError("berth.kernels was imported before TRITON_INTERPRET was set")
+    stale = [name for name in KERNEL_MODULES if name in sys.modules]
+    for name in stale:
+        importlib.reload(sys.modules[name])
+    if stale:
+        importlib.reload(sys.modules["berth.kernels"])
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -6,6 +6,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from paged_checks import CPU_DTYPES, GPU_DTYPES, assert_close, poisoned_like
 
 from berth.kernels import paged_decode_attention, reference
@@ -81,6 +83,24 @@ def test_decode_largest_block_table(device: torch.device) -> None:
     run_decode(
         [16 * 12], 2, 1, 32, 16, torch.float16, device, SPLIT, spare_blocks=0, spare_columns=0
     )
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 80), min_size=1, max_size=4),
+    group=st.integers(1, 8),
+    block_size=st.sampled_from([8, 16, 32]),
+    block_n=st.sampled_from([16, 32]),
+    min_split=st.sampled_from([16, 48]),
+)
+def test_decode_any_small_batch_matches_reference(
+    lens: list[int], group: int, block_size: int, block_n: int, min_split: int
+) -> None:
+    """Any lengths, GQA ratio, page size and split plan: same function as the reference."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    block_n = max(block_n, block_size)
+    config = DecodeConfig(block_n=block_n, split_waves=4, min_split_tokens=min_split)
+    run_decode(lens, group, 1, 16, block_size, torch.float16, device, config)
 
 
 def test_decode_default_config_and_no_max_seq_len(device: torch.device) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from paged_checks import CPU_DTYPES, GPU_DTYPES, assert_close, poisoned_like
 
-from berth.kernels import paged_prefill_attention, reference
+from berth.kernels import paged_prefill_attention, reference, write_kv_cache
 from berth.kernels.prefill import PrefillConfig, launch_prefill
 from berth.kernels.synthetic import random_paged_batch
 
@@ -100,3 +100,33 @@ def test_prefill_full_shapes_on_gpu(
     seq_lens = [2048, 4096, 1000, 700, 1, 5000]
     query_lens = [2048, 2048, 1, 1, 1, 333]
     run_prefill(seq_lens, query_lens, 8 * group, 8, head_dim, block_size, dtype, device)
+
+
+def test_write_then_prefill_equals_dense_causal_attention(device: torch.device) -> None:
+    """The runtime's order, end to end: write a chunk's K/V into scattered pages with the Triton
+    scatter, then attend; compare with plain causal attention over the dense sequence."""
+    prefix, chunk, heads, kv_heads, dim, bs = 19, 12, 4, 2, 32, 16
+    total = prefix + chunk
+    keys = torch.randn(total, kv_heads, dim, dtype=torch.float16, device=device)
+    values = torch.randn(total, kv_heads, dim, dtype=torch.float16, device=device)
+    pages = torch.randperm(6)[: -(-total // bs)]
+    k_cache = torch.full((6, bs, kv_heads, dim), float("nan"), dtype=torch.float16, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    positions = torch.arange(total)
+    slots = (pages[positions // bs] * bs + positions % bs).to(device)
+    write_kv_cache(keys[:prefix], values[:prefix], k_cache, v_cache, slots[:prefix])
+    write_kv_cache(keys[prefix:], values[prefix:], k_cache, v_cache, slots[prefix:])
+    query = torch.randn(chunk, heads, dim, dtype=torch.float16, device=device)
+    out = paged_prefill_attention(
+        query, k_cache, v_cache, pages[None].int().to(device),
+        torch.tensor([total], dtype=torch.int32, device=device),
+        torch.tensor([0, chunk], dtype=torch.int32, device=device), dim**-0.5,
+    )  # fmt: skip
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.double().transpose(0, 1),
+        keys.double().repeat_interleave(2, dim=1).transpose(0, 1),
+        values.double().repeat_interleave(2, dim=1).transpose(0, 1),
+        attn_mask=(positions[None, :] <= positions[prefix:, None]).to(device),
+        scale=dim**-0.5,
+    ).transpose(0, 1)
+    assert_close(out, expected, torch.float16)
