@@ -146,15 +146,21 @@ async def _event_stream(
         for chunk in renderer.update_chunks(first, choices[first.index]):
             yield sse(chunk)
         while not stream.done:
+            # Everything already queued leaves in one write: under load the event loop falls
+            # behind the engine, and coalescing keeps its cost per step flat.
+            events: list[bytes] = []
             try:
-                update = await next_update(loop, stream)
+                while True:
+                    update = await next_update(loop, stream)
+                    choices[update.index].add(update)
+                    events += map(sse, renderer.update_chunks(update, choices[update.index]))
+                    if stream.done or stream.queue.empty():
+                        break
             except APIError as error:
-                yield sse(json.dumps(error.body().model_dump()))
-                yield DONE
+                yield b"".join([*events, sse(json.dumps(error.body().model_dump())), DONE])
                 return
-            choices[update.index].add(update)
-            for chunk in renderer.update_chunks(update, choices[update.index]):
-                yield sse(chunk)
+            if events:
+                yield b"".join(events)
         for chunk in renderer.closing_chunks(choices):
             yield sse(chunk)
         yield DONE
