@@ -42,20 +42,31 @@ def run_prefill(
 
 
 SMALL = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
+SMALL_ONE_LOOP = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, band_in_loop=True)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("config", [SMALL, SMALL_ONE_LOOP], ids=["two_loops", "band_in_loop"])
 def test_prefill_mixed_batch_matches_reference(
-    device: torch.device, dtype: torch.dtype, group: int
+    device: torch.device, dtype: torch.dtype, group: int, config: PrefillConfig
 ) -> None:
     """A fresh prompt, a chunk after a cached prefix, and two decode tokens in one launch."""
-    run_prefill([21, 45, 9, 1], [21, 13, 1, 1], 2 * group, 2, 32, 16, dtype, device, SMALL)
+    run_prefill([21, 45, 9, 1], [21, 13, 1, 1], 2 * group, 2, 32, 16, dtype, device, config)
+
+
+def test_prefill_batch_wider_than_one_sequence_search_step(device: torch.device) -> None:
+    """70 sequences: the tile-to-sequence search takes two 64-wide steps."""
+    lens = torch.randint(1, 12, (70,)).tolist()
+    run_prefill(lens, [min(n, 3) for n in lens], 2, 1, 16, 16, torch.float16, device, SMALL)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_prefill_page_sizes_and_ragged_lengths(device: torch.device, block_size: int) -> None:
-    run_prefill([33, 70], [33, 20], 4, 2, 64, block_size, torch.float16, device, SMALL)
+@pytest.mark.parametrize("config", [SMALL, SMALL_ONE_LOOP], ids=["two_loops", "band_in_loop"])
+def test_prefill_page_sizes_and_ragged_lengths(
+    device: torch.device, block_size: int, config: PrefillConfig
+) -> None:
+    run_prefill([33, 70], [33, 20], 4, 2, 64, block_size, torch.float16, device, config)
 
 
 def test_prefill_shared_prefix_page(device: torch.device) -> None:
