@@ -110,8 +110,8 @@ class ModelServer:
         return self.loop
 
     def count_error(self, error: APIError) -> None:
-        """Requests refused at the door (timeouts are counted by the engine loop)."""
-        if error.code != "request_timeout":
+        """Count a refused request by reason, unless the engine loop has counted it already."""
+        if not error.counted:
             self.metrics.failed(error.code or error.type)
 
 

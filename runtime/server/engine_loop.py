@@ -285,6 +285,7 @@ class EngineLoop:
                 else errors.unavailable(str(exc), "engine_failed", self._retry_after_s)
             )
             for index in range(len(command.requests)):
+                self._metrics.failed(error.code or "engine_refused")
                 deliveries.append((command.stream, Update(index, None, error)))
             with self._lock:
                 self._in_flight -= len(command.requests)
@@ -314,7 +315,7 @@ class EngineLoop:
 
     def _fail_all(self, exc: Exception, deliveries: list[tuple[RequestStream, Update]]) -> None:
         self._failure = f"The engine failed ({type(exc).__name__}: {exc}); the server must restart."
-        error = APIError(500, self._failure, type=errors.INTERNAL, code="engine_failed")
+        error = APIError(500, self._failure, type=errors.INTERNAL, code="engine_error")
         for request_id, tracked in self._tracked.items():
             try:
                 self._engine.abort_request(request_id)

@@ -48,6 +48,8 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        # True once the engine loop has counted this request's outcome in the metrics.
+        self.counted = False
 
     def body(self) -> ErrorResponse:
         detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)

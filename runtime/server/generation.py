@@ -77,9 +77,12 @@ async def next_update(loop: EngineLoop, stream: RequestStream) -> Update:
         update = await stream.next_update()
     except TimeoutError:
         loop.abort(stream, "timeout")
-        raise errors.request_timeout(stream.timeout_s) from None
+        error = errors.request_timeout(stream.timeout_s)
+        error.counted = True  # the abort counted each sequence as a timeout
+        raise error from None
     if update.error is not None:
         loop.abort(stream, "error")
+        update.error.counted = True  # counted by the engine loop when it failed the sequence
         raise update.error
     return update
 

@@ -33,7 +33,6 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
 
 
 class _SamplingRequest(_Request):

@@ -3,7 +3,7 @@
 from typing import Any
 
 import httpx
-from server_harness import running_server
+from server_harness import running_server, value
 
 from berth.runtime.engine import Engine, RequestOutput
 from berth.runtime.server.demo import run_demo
@@ -43,9 +43,12 @@ def test_engine_failure_fails_requests_with_500_and_fails_the_probes(engine: Eng
         body = {"model": "tiny", "prompt": "x", "max_tokens": 20, "ignore_eos": True}
         failed = httpx.post(url, json=body, timeout=30)
         assert failed.status_code == 500
-        assert failed.json()["error"]["code"] == "engine_failed"
+        assert failed.json()["error"]["code"] == "engine_error"
         assert httpx.get(f"{server.base_url}/health").status_code == 503
         assert httpx.get(f"{server.base_url}/ready").status_code == 503
         again = httpx.post(url, json=body, timeout=30)
         assert again.status_code == 503
         assert again.json()["error"]["code"] == "engine_failed"
+        text = server.metrics()
+        assert value(text, "berth_request_failure_total", reason="engine_error") == 1
+        assert value(text, "berth_request_failure_total", reason="engine_failed") == 1
