@@ -160,38 +160,64 @@ class Engine:
             token_ids, logprobs = self.sampler(
                 logits, [s.params for s in sampling], [r.generator for r in requests]
             )
-        for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
-            outputs.append(self._append(req, token, logprobs[i] if logprobs else None))
+        outputs += self._process(requests, token_ids, logprobs)
         self.scheduler.drop_finished()
         self.last_step_host_seconds = (launched - start) + (time.perf_counter() - synced)
         return outputs
 
-    def _append(self, req: _Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
-        """Add a sampled token to its sequence, and decide whether the request is done."""
-        seq = req.seq
-        tokens = seq.token_ids
-        tokens.append(token)
-        if logprob is not None and seq.logprobs is not None:
-            seq.logprobs.append(logprob)
-        reason: FinishReason | None = None
-        if token in req.stop_ids or req.detokenizer.add(token):
-            reason = "stop"
-        elif len(tokens) >= req.max_len:
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            self._forget(seq.request_id)
-        return RequestOutput(
-            seq.request_id,
-            [token],
-            req.detokenizer.take(reason is not None),
-            reason is not None,
-            reason,
-            seq.num_prompt_tokens,
-            len(tokens) - seq.num_prompt_tokens,
-            seq.num_cached_tokens,
-            None if logprob is None else [logprob],
-        )
+    def _process(
+        self,
+        requests: list[_Request],
+        token_ids: list[int],
+        logprobs: list[TokenLogprob | None] | None,
+    ) -> list[RequestOutput]:
+        """Append each sampled token, detokenize the whole batch in one call, and decide which
+        requests are done."""
+        stopped = [False] * len(requests)
+        windows: list[list[int]] = []
+        decoding: list[int] = []
+        for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
+            req.seq.token_ids.append(token)
+            if token in req.stop_ids:
+                stopped[i] = True
+                continue
+            window = req.detokenizer.push(token)
+            if window is not None:
+                windows.append(window)
+                decoding.append(i)
+        if windows:
+            texts = self.tokenizer.hf.decode_batch(windows, skip_special_tokens=True)
+            for i, full in zip(decoding, texts, strict=True):
+                stopped[i] = requests[i].detokenizer.accept(full)
+        outputs = []
+        for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
+            seq = req.seq
+            num_tokens = len(seq.token_ids)
+            logprob = logprobs[i] if logprobs else None
+            if logprob is not None and seq.logprobs is not None:
+                seq.logprobs.append(logprob)
+            reason: FinishReason | None = None
+            if stopped[i]:
+                reason = "stop"
+            elif num_tokens >= req.max_len:
+                reason = "length"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self._forget(seq.request_id)
+            outputs.append(
+                RequestOutput(
+                    seq.request_id,
+                    [token],
+                    req.detokenizer.take(reason is not None),
+                    reason is not None,
+                    reason,
+                    seq.num_prompt_tokens,
+                    num_tokens - seq.num_prompt_tokens,
+                    seq.num_cached_tokens,
+                    None if logprob is None else [logprob],
+                )
+            )
+        return outputs
 
     def _finished_output(self, seq: Sequence) -> RequestOutput:
         """The final output of a request the scheduler ended on its own (it can never fit)."""

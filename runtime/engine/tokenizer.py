@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HfTokenizer
+from tokenizers import decoders
 
 
 def _token_text(value: Any) -> str | None:
@@ -48,6 +49,8 @@ class Tokenizer:
                 "in the model directory"
             )
         self.hf = HfTokenizer.from_file(str(tokenizer_file))
+        # Byte-level BPE (Llama 3, Qwen): decoding is concatenation, which the detokenizer uses.
+        self.byte_level = isinstance(self.hf.decoder, decoders.ByteLevel)
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         config = _load_json(model_path / "tokenizer_config.json")
         self.bos_token = _token_text(config.get("bos_token"))

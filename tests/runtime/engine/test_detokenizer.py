@@ -42,3 +42,15 @@ def test_ids_beyond_the_tokenizer_vocabulary_decode_to_nothing(tiny_model: Path)
     tok = Tokenizer(tiny_model)
     d = Detokenizer(tok, [])
     assert d.add(tok.vocab_size + 5) is False and d.take(True) == ""
+
+
+def test_bytes_that_never_form_characters_do_not_grow_the_window(tiny_model: Path) -> None:
+    """Random byte tokens: the decode window stays short and every byte shows up as text."""
+    tok = Tokenizer(tiny_model)
+    byte_tokens = [t for t in range(tok.vocab_size) if "\ufffd" in tok.decode([t])]
+    assert byte_tokens, "the test tokenizer has lone UTF-8 continuation bytes"
+    d = Detokenizer(tok, [])
+    for i in range(300):
+        d.add(byte_tokens[i % len(byte_tokens)])
+        assert len(d.ids) - d.prefix_offset <= 2 * 4
+    assert len(d.take(True)) > 0
