@@ -36,7 +36,6 @@ class PrefillConfig:
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    band_in_loop: bool = False  # one loop that masks only its diagonal steps, not two loops
 
 
 @triton.jit
@@ -82,7 +81,6 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BAND_IN_LOOP: tl.constexpr,
 ):
     # Heaviest tiles (the last ones of the last sequences) first, to shorten the tail.
     tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -120,74 +118,52 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     offsets = tl.arange(0, BLOCK_N)
 
     # Keys before the tile's first query are visible to every row and need no mask; only the
-    # diagonal band from ``diag_start`` to ``band_end`` does.
+    # diagonal band from ``diag_start`` to ``band_end`` does. Two loops, not one loop with a
+    # masked branch: on H100 the branch cost 10-15% (benchmarks/results/kernels-notes.md).
     diag_start = (prefix + q_first) // BLOCK_N * BLOCK_N
     band_end = tl.minimum(prefix + q_first + BLOCK_Q, seq_len)
-    if BAND_IN_LOOP:
-        # One loop (one pipeline fill per program); indices clamped so no load needs a mask.
-        # Step 0 always shows every row key 0, so the running max is finite from then on.
-        for tok0 in range(0, band_end, BLOCK_N):
-            toks = tok0 + offsets
-            block = tl.load(table + tl.minimum(toks, band_end - 1) // BLOCK_SIZE).to(tl.int64)
-            slot = tl.minimum(toks, band_end - 1) % BLOCK_SIZE
-            k = tl.load(
-                k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :]
-            )
-            v = tl.load(
-                v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :]
-            )
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
-            if tok0 >= diag_start:
-                s = tl.where(toks[None, :] <= q_pos[:, None], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
-    else:
-        for tok0 in range(0, diag_start, BLOCK_N):
-            toks = tok0 + offsets
-            block = tl.load(table + toks // BLOCK_SIZE).to(tl.int64)
-            slot = toks % BLOCK_SIZE
-            k = tl.load(
-                k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :]
-            )
-            v = tl.load(
-                v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :]
-            )
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
-        for tok0 in range(diag_start, band_end, BLOCK_N):
-            toks = tok0 + offsets
-            tok_ok = toks < band_end
-            block = tl.load(table + toks // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
-            slot = toks % BLOCK_SIZE
-            k = tl.load(
-                k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :],
-                mask=tok_ok[:, None],
-                other=0.0,
-            )
-            v = tl.load(
-                v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :],
-                mask=tok_ok[:, None],
-                other=0.0,
-            )
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            visible = (toks[None, :] <= q_pos[:, None]) & tok_ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m - m_safe)
-            l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+    for tok0 in range(0, diag_start, BLOCK_N):
+        toks = tok0 + offsets
+        block = tl.load(table + toks // BLOCK_SIZE).to(tl.int64)
+        slot = toks % BLOCK_SIZE
+        k = tl.load(
+            k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :]
+        )
+        v = tl.load(
+            v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :]
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    for tok0 in range(diag_start, band_end, BLOCK_N):
+        toks = tok0 + offsets
+        tok_ok = toks < band_end
+        block = tl.load(table + toks // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+        slot = toks % BLOCK_SIZE
+        k = tl.load(
+            k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :],
+            mask=tok_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :],
+            mask=tok_ok[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = (toks[None, :] <= q_pos[:, None]) & tok_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     dst = out_ptr + token[:, None] * stride_out_t + head[:, None] * stride_out_h + dims[None, :]
@@ -278,7 +254,6 @@ def launch_prefill(
         BLOCK_SIZE=block_size,
         BLOCK_Q=block_q,
         BLOCK_N=config.block_n,
-        BAND_IN_LOOP=config.band_in_loop,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -42,12 +42,12 @@ def run_prefill(
 
 
 SMALL = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
-SMALL_ONE_LOOP = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, band_in_loop=True)
+WIDE = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("config", [SMALL, SMALL_ONE_LOOP], ids=["two_loops", "band_in_loop"])
+@pytest.mark.parametrize("config", [SMALL, WIDE], ids=["16x16", "32x32"])
 def test_prefill_mixed_batch_matches_reference(
     device: torch.device, dtype: torch.dtype, group: int, config: PrefillConfig
 ) -> None:
@@ -62,7 +62,7 @@ def test_prefill_batch_wider_than_one_sequence_search_step(device: torch.device)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("config", [SMALL, SMALL_ONE_LOOP], ids=["two_loops", "band_in_loop"])
+@pytest.mark.parametrize("config", [SMALL, WIDE], ids=["16x16", "32x32"])
 def test_prefill_page_sizes_and_ragged_lengths(
     device: torch.device, block_size: int, config: PrefillConfig
 ) -> None:
