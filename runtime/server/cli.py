@@ -16,46 +16,102 @@ def _env(name: str) -> str:
 
 
 @click.command("serve")
-@click.option("--model", required=True, envvar=_env("MODEL"),
-              help="Model directory (Hugging Face layout), or 'tiny' for the random test model.")  # fmt: skip
-@click.option("--served-model-name", envvar=_env("SERVED_MODEL_NAME"),
-              help="The name clients send as 'model' [default: the directory's name].")  # fmt: skip
+@click.option(
+    "--model",
+    required=True,
+    envvar=_env("MODEL"),
+    help="Model directory (Hugging Face layout), or 'tiny' for the random test model.",
+)
+@click.option(
+    "--served-model-name",
+    envvar=_env("SERVED_MODEL_NAME"),
+    help="The name clients send as 'model' [default: the directory's name].",
+)
 @click.option("--host", default="0.0.0.0", show_default=True, envvar=_env("HOST"))
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
-              envvar=_env("PORT"))  # fmt: skip
-@click.option("--max-waiting-requests", default=256, show_default=True, type=click.IntRange(0),
-              envvar=_env("MAX_WAITING_REQUESTS"),
-              help="Requests allowed to wait beyond the running batch; more get 429.")  # fmt: skip
-@click.option("--retry-after", "retry_after_s", default=1, show_default=True,
-              type=click.IntRange(1), help="Retry-After seconds of a 429 or 503.")  # fmt: skip
-@click.option("--request-timeout", "request_timeout_s", default=600.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), envvar=_env("REQUEST_TIMEOUT"),
-              help="Seconds from arrival to the last token; then 408 and the request is aborted.")  # fmt: skip
-@click.option("--drain-timeout", "drain_grace_s", default=30.0, show_default=True,
-              type=click.FloatRange(min=0), envvar=_env("DRAIN_TIMEOUT"),
-              help="On SIGTERM, seconds in-flight requests may take before they are aborted.")  # fmt: skip
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), envvar=_env("PORT")
+)
+@click.option(
+    "--max-waiting-requests",
+    default=256,
+    show_default=True,
+    type=click.IntRange(0),
+    envvar=_env("MAX_WAITING_REQUESTS"),
+    help="Requests allowed to wait beyond the running batch; more get 429.",
+)
+@click.option(
+    "--retry-after",
+    "retry_after_s",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Retry-After seconds of a 429 or 503.",
+)
+@click.option(
+    "--request-timeout",
+    "request_timeout_s",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    envvar=_env("REQUEST_TIMEOUT"),
+    help="Seconds from arrival to the last token; then 408 and the request is aborted.",
+)
+@click.option(
+    "--drain-timeout",
+    "drain_grace_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    envvar=_env("DRAIN_TIMEOUT"),
+    help="On SIGTERM, seconds in-flight requests may take before they are aborted.",
+)
 @click.option("--max-body-bytes", default=8 << 20, show_default=True, type=click.IntRange(1024))
-@click.option("--gpu-memory-request", type=click.IntRange(0), envvar=wire.ENV_GPU_MEMORY_REQUEST,
-              help="Guaranteed GPU memory in bytes (set by the Berth scheduler).")  # fmt: skip
-@click.option("--gpu-memory-limit", type=click.IntRange(0), envvar=wire.ENV_GPU_MEMORY_LIMIT,
-              help="Burst ceiling of GPU memory in bytes (set by the Berth scheduler).")  # fmt: skip
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "bfloat16", "float16", "float32"]))  # fmt: skip
-@click.option("--device", default="auto", show_default=True, envvar=_env("DEVICE"),
-              help="auto, cpu, cuda or cuda:N.")  # fmt: skip
+@click.option(
+    "--gpu-memory-request",
+    type=click.IntRange(0),
+    envvar=wire.ENV_GPU_MEMORY_REQUEST,
+    help="Guaranteed GPU memory in bytes (set by the Berth scheduler).",
+)
+@click.option(
+    "--gpu-memory-limit",
+    type=click.IntRange(0),
+    envvar=wire.ENV_GPU_MEMORY_LIMIT,
+    help="Burst ceiling of GPU memory in bytes (set by the Berth scheduler).",
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    envvar=_env("DEVICE"),
+    help="auto, cpu, cuda or cuda:N.",
+)
 @click.option("--max-model-len", type=click.IntRange(2), help="[default: the model's]")
 @click.option("--block-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--num-kv-blocks", type=click.IntRange(1), help="KV-cache blocks (wins over bytes).")
 @click.option("--kv-cache-bytes", type=click.IntRange(1), help="Bytes of KV cache to allocate.")
-@click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(1),
-              help="Sequences in the running batch.")  # fmt: skip
+@click.option(
+    "--max-num-seqs",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Sequences in the running batch.",
+)
 @click.option("--max-num-batched-tokens", default=2048, show_default=True, type=click.IntRange(1))
-@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True,
-              show_default=True)  # fmt: skip
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 def serve(
     model: str,

@@ -31,9 +31,23 @@ def _free_port() -> int:
 def serving_tiny(say: Callable[[str], None]) -> Iterator[str]:
     """``berth serve --model tiny`` on a free loopback port; yields its base URL."""
     port = _free_port()
-    command = [sys.executable, "-c", "from berth.cli import main; main()", "serve",
-               "--model", "tiny", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-               "--no-access-log", "--log-level", "warning"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "from berth.cli import main; main()",
+        "serve",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
     with tempfile.TemporaryDirectory(prefix="berth-demo-") as tmp:
         log_path = Path(tmp) / "serve.log"
         with log_path.open("w") as log:
@@ -69,8 +83,11 @@ def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path)
 
 def counted_lines(metrics_text: str) -> list[str]:
     """The exposition lines that count finished requests and their tokens."""
-    names = ("vllm:request_success_total{", "berth_generation_tokens_total{",
-             "berth_prompt_tokens_total{")  # fmt: skip
+    names = (
+        "vllm:request_success_total{",
+        "berth_generation_tokens_total{",
+        "berth_prompt_tokens_total{",
+    )
     return [line for line in metrics_text.splitlines() if line.startswith(names)]
 
 

@@ -185,7 +185,9 @@ class EngineLoop:
                     "draining",
                     self._retry_after_s,
                 )
-            if self._in_flight + count > capacity or self._engine_waiting >= self._max_waiting:
+            # max(1, ...): with max_waiting 0 an idle queue still admits up to max_running.
+            queue_full = self._engine_waiting >= max(1, self._max_waiting)
+            if self._in_flight + count > capacity or queue_full:
                 raise errors.queue_full(self._retry_after_s)
             self._in_flight += count
             self._pending += count

@@ -15,45 +15,97 @@ drift from the engine's own numbers.
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# Request-level metrics (pushed): Berth name, vLLM name (None where vLLM has none).
-TIME_TO_FIRST_TOKEN = ("berth_time_to_first_token_seconds", "vllm:time_to_first_token_seconds")
-INTER_TOKEN_LATENCY = ("berth_inter_token_latency_seconds", "vllm:inter_token_latency_seconds")
-E2E_LATENCY = ("berth_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds")
-PROMPT_TOKENS = ("berth_prompt_tokens", "vllm:prompt_tokens")  # counters: exposed with _total
-GENERATION_TOKENS = ("berth_generation_tokens", "vllm:generation_tokens")
-REQUEST_SUCCESS = ("berth_request_success", "vllm:request_success")  # label finished_reason
-REQUEST_FAILURE = ("berth_request_failure", None)  # label reason
 
-# Engine-wide metrics (read at scrape time).
-REQUESTS_RUNNING = ("berth_requests_running", "vllm:num_requests_running")
-REQUESTS_WAITING = ("berth_requests_waiting", "vllm:num_requests_waiting")
-KV_CACHE_USAGE = ("berth_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc")
-KV_CACHE_USAGE_LEGACY = "vllm:gpu_cache_usage_perc"  # vLLM < 0.10 and older endpoint pickers
-KV_CACHE_BLOCKS_TOTAL = ("berth_kv_cache_blocks_total", None)
-KV_CACHE_BLOCKS_FREE = ("berth_kv_cache_blocks_free", None)
-PREEMPTIONS = ("berth_preemptions", "vllm:num_preemptions")
-PREFIX_CACHE_QUERIES = ("berth_prefix_cache_queries", "vllm:prefix_cache_queries")  # tokens
-PREFIX_CACHE_HITS = ("berth_prefix_cache_hits", "vllm:prefix_cache_hits")  # tokens
-PREFIX_CACHE_HIT_RATE = ("berth_prefix_cache_hit_rate", "vllm:gpu_prefix_cache_hit_rate")
-KV_CACHE_BYTES = ("berth_kv_cache_bytes", None)
-MEMORY_REQUEST = ("berth_gpu_memory_request_bytes", None)
-MEMORY_LIMIT = ("berth_gpu_memory_limit_bytes", None)
-MEMORY_RESIDENT = ("berth_gpu_memory_resident_bytes", None)
-STANDBY_STATE = ("berth_standby_state", None)  # one series per state, 1 for the current one
-DRAINING = ("berth_draining", None)
+class Name(NamedTuple):
+    """One metric: Berth's name, vLLM's name for the same quantity (None: vLLM has none)."""
+
+    berth: str
+    vllm: str | None
+    doc: str
+
+
+# Request-level metrics, pushed by the engine loop. Counters are exposed with ``_total``.
+TIME_TO_FIRST_TOKEN = Name(
+    "berth_time_to_first_token_seconds",
+    "vllm:time_to_first_token_seconds",
+    "Time from arrival to the first token.",
+)
+INTER_TOKEN_LATENCY = Name(
+    "berth_inter_token_latency_seconds",
+    "vllm:inter_token_latency_seconds",
+    "Time between consecutive outputs of one request.",
+)
+E2E_LATENCY = Name(
+    "berth_e2e_request_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "Time from arrival to the last token.",
+)
+PROMPT_TOKENS = Name("berth_prompt_tokens", "vllm:prompt_tokens", "Prefilled prompt tokens.")
+GENERATION_TOKENS = Name("berth_generation_tokens", "vllm:generation_tokens", "Generated tokens.")
+REQUEST_SUCCESS = Name(
+    "berth_request_success",
+    "vllm:request_success",
+    "Sequences finished, by finish reason (label finished_reason).",
+)
+REQUEST_FAILURE = Name(
+    "berth_request_failure",
+    None,
+    "Requests refused or sequences aborted, by reason (label reason).",
+)
+
+# Engine-wide metrics, read from the latest snapshot at scrape time.
+REQUESTS_RUNNING = Name(
+    "berth_requests_running", "vllm:num_requests_running", "Requests in the running batch."
+)
+REQUESTS_WAITING = Name(
+    "berth_requests_waiting", "vllm:num_requests_waiting", "Requests admitted but not yet running."
+)
+KV_CACHE_USAGE = Name(
+    "berth_kv_cache_usage_ratio",
+    "vllm:kv_cache_usage_perc",
+    "Fraction of KV-cache blocks in use (0-1).",
+)
+# vLLM before 0.10, and endpoint pickers configured for it, read KV usage under this name.
+KV_CACHE_USAGE_LEGACY_VLLM = "vllm:gpu_cache_usage_perc"
+KV_CACHE_BLOCKS_TOTAL = Name("berth_kv_cache_blocks_total", None, "KV-cache blocks in the pool.")
+KV_CACHE_BLOCKS_FREE = Name("berth_kv_cache_blocks_free", None, "KV-cache blocks free.")
+PREEMPTIONS = Name(
+    "berth_preemptions", "vllm:num_preemptions", "Sequences preempted for lack of KV blocks."
+)
+PREFIX_CACHE_QUERIES = Name(
+    "berth_prefix_cache_queries",
+    "vllm:prefix_cache_queries",
+    "Prompt tokens looked up in the prefix cache.",
+)
+PREFIX_CACHE_HITS = Name(
+    "berth_prefix_cache_hits", "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache."
+)
+PREFIX_CACHE_HIT_RATE = Name(
+    "berth_prefix_cache_hit_rate",
+    "vllm:gpu_prefix_cache_hit_rate",
+    "Prefix-cache hit rate since start (0-1).",
+)
+KV_CACHE_BYTES = Name("berth_kv_cache_bytes", None, "Bytes of the KV-cache pool.")
+MEMORY_REQUEST = Name("berth_gpu_memory_request_bytes", None, "Guaranteed GPU memory, bytes.")
+MEMORY_LIMIT = Name("berth_gpu_memory_limit_bytes", None, "Burst ceiling of GPU memory, bytes.")
+MEMORY_RESIDENT = Name(
+    "berth_gpu_memory_resident_bytes", None, "GPU memory this runtime holds (weights + KV), bytes."
+)
+STANDBY_STATE = Name(
+    "berth_standby_state", None, "1 for the runtime's current residency state (label state)."
+)
+DRAINING = Name("berth_draining", None, "1 while the server drains before exit.")
 
 # Buckets: vLLM's, with finer steps at the low end where a GPU decode step lands (~5-10 ms).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)  # fmt: skip
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1,
-               0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
-E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)  # fmt: skip
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)  # fmt: skip
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)  # fmt: skip
 
 
 class StandbyState(enum.Enum):
@@ -112,60 +164,48 @@ class RuntimeCollector(Collector):
         self._draining = draining
         self._budget = budget
 
-    def _family(
-        self, names: tuple[str, str | None], doc: str, value: float, counter: bool = False
-    ) -> Iterable[Metric]:
-        berth_name, vllm_name = names
+    def _family(self, name: Name, value: float, counter: bool = False) -> Iterable[Metric]:
+        """The value under Berth's name and, where vLLM has one, under vLLM's."""
         family = CounterMetricFamily if counter else GaugeMetricFamily
-        berth = family(berth_name, doc, labels=["model"])
+        berth = family(name.berth, name.doc, labels=["model"])
         berth.add_metric([self._model], value)
         yield berth
-        if vllm_name is not None:
-            alias = family(vllm_name, doc, labels=["model_name"])
+        if name.vllm is not None:
+            alias = family(name.vllm, name.doc, labels=["model_name"])
             alias.add_metric([self._model], value)
             yield alias
 
     def collect(self) -> Iterable[Metric]:
         g = self._gauges()
-        yield from self._family(REQUESTS_RUNNING, "Requests in the running batch.", g.running)
-        yield from self._family(
-            REQUESTS_WAITING, "Requests admitted but not yet running.", g.waiting
+        yield from self._family(REQUESTS_RUNNING, g.running)
+        yield from self._family(REQUESTS_WAITING, g.waiting)
+        yield from self._family(KV_CACHE_USAGE, g.kv_cache_usage)
+        legacy = GaugeMetricFamily(
+            KV_CACHE_USAGE_LEGACY_VLLM, KV_CACHE_USAGE.doc, labels=["model_name"]
         )
-        yield from self._family(KV_CACHE_USAGE, "Fraction of KV-cache blocks in use (0-1).",
-                                g.kv_cache_usage)  # fmt: skip
-        legacy = GaugeMetricFamily(KV_CACHE_USAGE_LEGACY, "KV-cache usage (0-1), legacy name.",
-                                   labels=["model_name"])  # fmt: skip
         legacy.add_metric([self._model], g.kv_cache_usage)
         yield legacy
-        yield from self._family(KV_CACHE_BLOCKS_TOTAL, "KV-cache blocks in the pool.",
-                                g.total_blocks)  # fmt: skip
-        yield from self._family(KV_CACHE_BLOCKS_FREE, "KV-cache blocks free.", g.free_blocks)
-        yield from self._family(PREEMPTIONS, "Sequences preempted for lack of KV blocks.",
-                                g.preemptions, counter=True)  # fmt: skip
-        yield from self._family(PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache.",
-                                g.prefix_cache_queries, counter=True)  # fmt: skip
-        yield from self._family(PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache.",
-                                g.prefix_cache_hits, counter=True)  # fmt: skip
-        rate = g.prefix_cache_hits / g.prefix_cache_queries if g.prefix_cache_queries else 0.0
-        yield from self._family(PREFIX_CACHE_HIT_RATE, "Prefix-cache hit rate since start (0-1).",
-                                rate)  # fmt: skip
-        yield from self._family(KV_CACHE_BYTES, "Bytes of the KV-cache pool.", g.kv_cache_bytes)
-        yield from self._family(MEMORY_RESIDENT, "GPU bytes this runtime holds (weights + KV).",
-                                g.resident_bytes)  # fmt: skip
+        yield from self._family(KV_CACHE_BLOCKS_TOTAL, g.total_blocks)
+        yield from self._family(KV_CACHE_BLOCKS_FREE, g.free_blocks)
+        yield from self._family(PREEMPTIONS, g.preemptions, counter=True)
+        yield from self._family(PREFIX_CACHE_QUERIES, g.prefix_cache_queries, counter=True)
+        yield from self._family(PREFIX_CACHE_HITS, g.prefix_cache_hits, counter=True)
+        queries = g.prefix_cache_queries
+        yield from self._family(
+            PREFIX_CACHE_HIT_RATE, g.prefix_cache_hits / queries if queries else 0.0
+        )
+        yield from self._family(KV_CACHE_BYTES, g.kv_cache_bytes)
+        yield from self._family(MEMORY_RESIDENT, g.resident_bytes)
         if self._budget.request_bytes is not None:
-            yield from self._family(MEMORY_REQUEST, "Guaranteed GPU memory, bytes.",
-                                    self._budget.request_bytes)  # fmt: skip
+            yield from self._family(MEMORY_REQUEST, self._budget.request_bytes)
         if self._budget.limit_bytes is not None:
-            yield from self._family(MEMORY_LIMIT, "Burst ceiling of GPU memory, bytes.",
-                                    self._budget.limit_bytes)  # fmt: skip
+            yield from self._family(MEMORY_LIMIT, self._budget.limit_bytes)
+        state = GaugeMetricFamily(STANDBY_STATE.berth, STANDBY_STATE.doc, labels=["model", "state"])
         current = self._state()
-        state = GaugeMetricFamily(STANDBY_STATE[0], "1 for the runtime's current residency state.",
-                                  labels=["model", "state"])  # fmt: skip
         for member in StandbyState:
             state.add_metric([self._model, member.value], 1.0 if member is current else 0.0)
         yield state
-        yield from self._family(DRAINING, "1 while the server drains before exit.",
-                                1.0 if self._draining() else 0.0)  # fmt: skip
+        yield from self._family(DRAINING, 1.0 if self._draining() else 0.0)
 
 
 class RequestMetrics:
@@ -175,34 +215,30 @@ class RequestMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry, model: str) -> None:
-        def histogram(names: tuple[str, str | None], doc: str, buckets: tuple[float, ...]) -> list[Histogram]:  # fmt: skip
-            berth_name, vllm_name = names
-            out = [Histogram(berth_name, doc, ["model"], registry=registry, buckets=buckets)]
-            if vllm_name is not None:
-                out.append(Histogram(vllm_name, doc, ["model_name"], registry=registry,
-                                     buckets=buckets))  # fmt: skip
+        def histogram(name: Name, buckets: tuple[float, ...]) -> list[Histogram]:
+            out = [Histogram(name.berth, name.doc, ["model"], registry=registry, buckets=buckets)]
+            if name.vllm is not None:
+                out.append(
+                    Histogram(
+                        name.vllm, name.doc, ["model_name"], registry=registry, buckets=buckets
+                    )
+                )
             return [h.labels(model) for h in out]
 
-        def counter(names: tuple[str, str | None], doc: str, extra: tuple[str, ...] = ()) -> list[Counter]:  # fmt: skip
-            berth_name, vllm_name = names
-            out = [Counter(berth_name, doc, ["model", *extra], registry=registry)]
-            if vllm_name is not None:
-                out.append(Counter(vllm_name, doc, ["model_name", *extra], registry=registry))
+        def counter(name: Name, *labels: str) -> list[Counter]:
+            out = [Counter(name.berth, name.doc, ["model", *labels], registry=registry)]
+            if name.vllm is not None:
+                out.append(Counter(name.vllm, name.doc, ["model_name", *labels], registry=registry))
             return out
 
         self._model = model
-        self._ttft = histogram(TIME_TO_FIRST_TOKEN, "Time from arrival to the first token.",
-                               TTFT_BUCKETS)  # fmt: skip
-        self._itl = histogram(INTER_TOKEN_LATENCY, "Time between consecutive output tokens.",
-                              ITL_BUCKETS)  # fmt: skip
-        self._e2e = histogram(E2E_LATENCY, "Time from arrival to the last token.", E2E_BUCKETS)
-        self._prompt = [c.labels(model) for c in counter(PROMPT_TOKENS, "Prefilled prompt tokens.")]
-        self._generation = [
-            c.labels(model) for c in counter(GENERATION_TOKENS, "Generated tokens.")
-        ]
-        self._success = counter(REQUEST_SUCCESS, "Requests finished, by finish reason.",
-                                ("finished_reason",))  # fmt: skip
-        self._failure = counter(REQUEST_FAILURE, "Requests that failed, by reason.", ("reason",))
+        self._ttft = histogram(TIME_TO_FIRST_TOKEN, TTFT_BUCKETS)
+        self._itl = histogram(INTER_TOKEN_LATENCY, ITL_BUCKETS)
+        self._e2e = histogram(E2E_LATENCY, E2E_BUCKETS)
+        self._prompt = [c.labels(model) for c in counter(PROMPT_TOKENS)]
+        self._generation = [c.labels(model) for c in counter(GENERATION_TOKENS)]
+        self._success = counter(REQUEST_SUCCESS, "finished_reason")
+        self._failure = counter(REQUEST_FAILURE, "reason")
 
     def first_token(self, seconds: float, prompt_tokens: int) -> None:
         for h in self._ttft:
