@@ -267,33 +267,45 @@ class EngineLoop:
             self._deliver(deliveries)
 
     def _add(self, command: _Add, deliveries: list[tuple[RequestStream, Update]]) -> None:
+        """Hand the request's sequences to the engine, all or none."""
+        count = len(command.requests)
+        with self._lock:
+            self._pending -= count
+        error = self._add_all(command)
+        if error is None:
+            return
+        for index in range(count):
+            self._metrics.failed(error.code or "engine_refused")
+            deliveries.append((command.stream, Update(index, None, error)))
+        with self._lock:
+            self._in_flight -= count
+
+    def _add_all(self, command: _Add) -> APIError | None:
+        """Add every sequence, or none (undoing the added ones) and say why."""
+        if self._failure is not None:
+            return errors.unavailable(self._failure, "engine_failed", self._retry_after_s)
         added: list[str] = []
         try:
-            if self._failure is not None:
-                raise RuntimeError(self._failure)
             for index, request in enumerate(command.requests):
                 self._engine.add_request(
                     request.request_id, request.prompt_token_ids, request.params
                 )
                 self._tracked[request.request_id] = _Tracked(command.stream, index, command.arrival)
                 added.append(request.request_id)
-        except (ValueError, RuntimeError) as exc:
+            return None
+        except Exception as exc:
             for request_id in added:
                 self._engine.abort_request(request_id)
-                self._tracked.pop(request_id, None)
-            error = (
-                errors.invalid_request(str(exc))
-                if isinstance(exc, ValueError)
-                else errors.unavailable(str(exc), "engine_failed", self._retry_after_s)
+                del self._tracked[request_id]
+            if isinstance(exc, ValueError):  # the engine's verdict on bad input
+                return errors.invalid_request(str(exc))
+            log.exception("the engine failed to take a request")
+            return APIError(
+                500,
+                f"The engine could not take the request ({type(exc).__name__}: {exc}).",
+                type=errors.INTERNAL,
+                code="engine_error",
             )
-            for index in range(len(command.requests)):
-                self._metrics.failed(error.code or "engine_refused")
-                deliveries.append((command.stream, Update(index, None, error)))
-            with self._lock:
-                self._in_flight -= len(command.requests)
-        finally:
-            with self._lock:
-                self._pending -= len(command.requests)
 
     def _abort(
         self,

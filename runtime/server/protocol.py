@@ -22,6 +22,7 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Field(ge=1)]
 Choices = Annotated[int, Field(ge=1, le=64)]
 TokenId = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # a 64-bit generator seed
 Stop = str | list[str]
 
 
@@ -44,7 +45,7 @@ class _SamplingRequest(_Request):
     top_k: TopK | None = None
     min_p: MinP | None = None
     n: Choices | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop | None = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None

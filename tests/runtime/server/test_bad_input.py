@@ -85,6 +85,7 @@ CASES = [
     Case("top_k fractional", COMPLETIONS, completion(top_k=1.5), 400, "top_k"),
     Case("min_p above one", CHAT, chat(min_p=2), 400, "min_p"),
     Case("n zero", COMPLETIONS, completion(n=0), 400, "n"),
+    Case("seed beyond 64 bits", CHAT, chat(seed=2**70), 400, "seed"),
     Case("logprobs too many", COMPLETIONS, completion(logprobs=50), 400, "logprobs"),
     Case("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
     Case("presence penalty", CHAT, chat(presence_penalty=0.5), 400, "presence_penalty",
