@@ -21,10 +21,10 @@ from berth.runtime.engine.config import EngineConfig, SamplingParams
 from berth.runtime.engine.detokenizer import Detokenizer
 from berth.runtime.engine.model_config import ModelConfig
 from berth.runtime.engine.model_runner import ModelRunner
-from berth.runtime.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob
+from berth.runtime.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from berth.runtime.engine.sampler import Sampler
-from berth.runtime.engine.scheduler import Scheduler
-from berth.runtime.engine.sequence import Sequence
+from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler
+from berth.runtime.engine.sequence import Sequence, SequenceStatus
 from berth.runtime.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,15 @@ class _Request:
     stop_ids: frozenset[int]
     max_len: int  # total tokens (prompt + output) at which it ends with "length"
     plain: bool  # greedy without log-probs: sampled by one batched argmax
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A launched batch whose results the next ``step`` collects."""
+
+    batch: ScheduledBatch
+    sampling: list[Sequence]  # rows of ``logits``
+    logits: torch.Tensor
 
 
 class Engine:
@@ -60,6 +69,7 @@ class Engine:
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
         self._num_special = 0  # live requests that need the full sampler
+        self._in_flight: _InFlight | None = None
         # Host time of the last step that ran the model, excluding the wait for the device:
         # scheduling, input preparation, sampling and output processing (seconds).
         self.last_step_host_seconds = 0.0
@@ -127,92 +137,137 @@ class Engine:
             self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request waits, runs, or has tokens in flight on the device."""
+        if self.scheduler.has_unfinished():
+            return True
+        flight = self._in_flight
+        return flight is not None and any(
+            s.status is SequenceStatus.RUNNING for s in flight.sampling
+        )
 
     # ---- one step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One scheduler iteration; an output for each request that gained tokens or finished."""
+        """One scheduler iteration; an output for each request that gained tokens or finished.
+
+        Pipelined by one step on the device: a call collects the tokens of the batch launched by
+        the previous call, launches the next batch, and only then detokenizes and builds the
+        outputs, while the device computes. So a request's tokens come back one call after the
+        call that scheduled them, and ``has_unfinished`` stays true until they have.
+        """
         start = time.perf_counter()
+        waited = 0.0
+        collected = None
+        if self._in_flight is not None:
+            t = time.perf_counter()
+            self.runner.synchronize()
+            waited = time.perf_counter() - t
+            collected = self._collect(self._in_flight)
+            self._in_flight = None
+        self.scheduler.drop_finished()
         batch = self.scheduler.schedule()
         outputs = [self._finished_output(seq) for seq in batch.aborted]
-        if not batch.seqs:
-            return outputs
-        copies = self.pool.take_pending_copies()
-        if copies:
-            self.runner.copy_blocks(copies)
-        logits = self.runner.execute(batch)
-        launched = time.perf_counter()
-        self.runner.synchronize()
-        synced = time.perf_counter()
-        sampling: list[Sequence] = []
+        if batch.seqs:
+            copies = self.pool.take_pending_copies()
+            if copies:
+                self.runner.copy_blocks(copies)
+            sampling = [
+                seq
+                for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                if seq.num_computed_tokens + n == len(seq.token_ids)
+            ]
+            self._in_flight = _InFlight(batch, sampling, self.runner.execute(batch))
+        if collected is not None:
+            outputs += self._process(*collected)
+            self.scheduler.drop_finished()
+        self.last_step_host_seconds = time.perf_counter() - start - waited
+        return outputs
+
+    def _collect(
+        self, flight: _InFlight
+    ) -> tuple[list[_Request], list[int], list[TokenLogprob | None] | None, list[bool]]:
+        """Take a finished batch's results: count its tokens computed, sample, append the
+        tokens, and end the requests that a stop token or the length limit ends. Sequences that
+        finished or were aborted while it ran are skipped."""
+        running = SequenceStatus.RUNNING
         block_size = self.pool.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq.token_ids):
-                sampling.append(seq)
-            if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size:
-                self.pool.register_computed(seq)
-        requests = [self.requests[s.request_id] for s in sampling]
+        for seq, n in zip(flight.batch.seqs, flight.batch.num_new_tokens, strict=True):
+            if seq.status is running:
+                seq.num_computed_tokens += n
+                if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size:
+                    self.pool.register_computed(seq)
+        requests = [self.requests.get(s.request_id) for s in flight.sampling]
         if self._num_special == 0:  # all greedy, no log-probs: skip the sampler's bookkeeping
-            token_ids, logprobs = logits.argmax(dim=-1).tolist(), None
+            token_ids, logprobs = flight.logits.argmax(dim=-1).tolist(), None
         else:
             token_ids, logprobs = self.sampler(
-                logits, [s.params for s in sampling], [r.generator for r in requests]
+                flight.logits,
+                [s.params for s in flight.sampling],
+                [r.generator if r is not None else None for r in requests],
             )
-        outputs += self._process(requests, token_ids, logprobs)
-        self.scheduler.drop_finished()
-        self.last_step_host_seconds = (launched - start) + (time.perf_counter() - synced)
-        return outputs
+        live: list[_Request] = []
+        tokens: list[int] = []
+        probs: list[TokenLogprob | None] = []
+        stopped: list[bool] = []
+        for i, (seq, req) in enumerate(zip(flight.sampling, requests, strict=True)):
+            if req is None or req.seq is not seq or seq.status is not running:
+                continue
+            token = token_ids[i]
+            seq.token_ids.append(token)
+            stop = token in req.stop_ids
+            if stop or len(seq.token_ids) >= req.max_len:
+                self.scheduler.finish(seq, "stop" if stop else "length")
+                self._forget(seq.request_id)
+            live.append(req)
+            tokens.append(token)
+            stopped.append(stop)
+            if logprobs is not None:
+                probs.append(logprobs[i])
+        return live, tokens, probs if logprobs is not None else None, stopped
 
     def _process(
         self,
         requests: list[_Request],
         token_ids: list[int],
         logprobs: list[TokenLogprob | None] | None,
+        stopped: list[bool],
     ) -> list[RequestOutput]:
-        """Append each sampled token, detokenize the whole batch in one call, and decide which
-        requests are done."""
-        stopped = [False] * len(requests)
+        """Detokenize the collected tokens in one batched call, apply stop strings and build
+        the outputs (runs while the device computes the next batch)."""
         windows: list[list[int]] = []
         decoding: list[int] = []
         for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
-            req.seq.token_ids.append(token)
-            if token in req.stop_ids:
-                stopped[i] = True
-                continue
-            window = req.detokenizer.push(token)
-            if window is not None:
-                windows.append(window)
-                decoding.append(i)
+            if not stopped[i]:
+                window = req.detokenizer.push(token)
+                if window is not None:
+                    windows.append(window)
+                    decoding.append(i)
         if windows:
             texts = self.tokenizer.hf.decode_batch(windows, skip_special_tokens=True)
             for i, full in zip(decoding, texts, strict=True):
-                stopped[i] = requests[i].detokenizer.accept(full)
+                if requests[i].detokenizer.accept(full):
+                    seq = requests[i].seq
+                    if seq.is_finished:
+                        seq.finish_reason = "stop"  # the text ended it, not the length
+                    else:
+                        self.scheduler.finish(seq, "stop")
+                        self._forget(seq.request_id)
         outputs = []
         for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
             seq = req.seq
-            num_tokens = len(seq.token_ids)
-            logprob = logprobs[i] if logprobs else None
+            logprob = logprobs[i] if logprobs is not None else None
             if logprob is not None and seq.logprobs is not None:
                 seq.logprobs.append(logprob)
-            reason: FinishReason | None = None
-            if stopped[i]:
-                reason = "stop"
-            elif num_tokens >= req.max_len:
-                reason = "length"
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self._forget(seq.request_id)
+            finished = seq.is_finished
             outputs.append(
                 RequestOutput(
                     seq.request_id,
                     [token],
-                    req.detokenizer.take(reason is not None),
-                    reason is not None,
-                    reason,
+                    req.detokenizer.take(finished),
+                    finished,
+                    seq.finish_reason,
                     seq.num_prompt_tokens,
-                    num_tokens - seq.num_prompt_tokens,
+                    len(seq.token_ids) - seq.num_prompt_tokens,
                     seq.num_cached_tokens,
                     None if logprob is None else [logprob],
                 )
@@ -250,6 +305,7 @@ class Engine:
                 f"num_blocks must be in [1, {self.runner.num_kv_blocks}] (the allocated KV "
                 f"tensor), got {num_blocks}"
             )
+        self.runner.synchronize()  # the batch in flight may still write the region
         return len(self.scheduler.resize_pool(num_blocks))
 
     def stats(self) -> EngineStats:

@@ -21,10 +21,12 @@ def _decode_logits(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
-    engine.step()  # prefill (all fit one step) and the first token
-    batch = engine.scheduler.schedule()
-    assert batch.is_decode and len(batch.seqs) == len(prompts)
-    logits = engine.runner.execute(batch).clone()
+    engine.step()  # launches the prefill (all prompts fit one step)
+    engine.step()  # collects it and launches the first decode step
+    flight = engine._in_flight
+    assert flight is not None and flight.batch.is_decode and len(flight.sampling) == len(prompts)
+    engine.runner.synchronize()
+    logits = flight.logits.float().clone()
     for i in range(len(prompts)):
         engine.abort_request(str(i))
     return logits
