@@ -61,7 +61,7 @@ def test_full_waiting_queue_answers_429_with_retry_after(engine: Engine) -> None
 
 
 def test_request_past_its_deadline_gets_408_and_frees_its_blocks(engine: Engine) -> None:
-    with running_server(engine, request_timeout_s=0.5) as server:
+    with running_server(engine, request_timeout_s=0.3) as server:
         started = time.monotonic()
         response = httpx.post(f"{server.base_url}/v1/completions", json=body(450), timeout=60)
         assert response.status_code == 408
@@ -74,7 +74,7 @@ def test_request_past_its_deadline_gets_408_and_frees_its_blocks(engine: Engine)
 
 
 def test_streamed_request_past_its_deadline_ends_with_an_error(engine: Engine) -> None:
-    with running_server(engine, request_timeout_s=0.5) as server:
+    with running_server(engine, request_timeout_s=0.3) as server:
         sdk = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
         # Before the first token the timeout is a 408; after it, an error event ends the
         # stream. Either way the client learns of it as an error naming the timeout.

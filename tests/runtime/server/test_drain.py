@@ -98,7 +98,7 @@ def test_berth_serve_process_drains_on_sigterm_and_exits_zero(tmp_path: Path) ->
             assert time.monotonic() < deadline, "berth serve did not become ready"
             time.sleep(0.2)
         url = f"{base_url}/v1/completions"
-        with httpx.stream("POST", url, json=body(200), timeout=60) as response:
+        with httpx.stream("POST", url, json=body(400), timeout=60) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             process.send_signal(signal.SIGTERM)
