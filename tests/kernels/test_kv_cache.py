@@ -67,3 +67,18 @@ def test_write_kv_cache_rejects_bad_inputs(device: torch.device) -> None:
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_write_kv_cache_full_shapes_on_gpu(device: torch.device, dtype: torch.dtype) -> None:
     run_write(8192, 8, 128, dtype, device)
+
+
+def test_write_kv_cache_reads_keys_split_from_a_fused_projection(device: torch.device) -> None:
+    """The engine passes K and V as views into one fused QKV output (row stride > Hkv * D)."""
+    qkv = torch.randn(5, (4 + 2 + 2) * 16, dtype=torch.float16, device=device)
+    _, k, v = qkv.split([64, 32, 32], dim=-1)
+    key, value = k.reshape(5, 2, 16), v.reshape(5, 2, 16)
+    assert not key.is_contiguous()
+    k_cache = torch.zeros(2, 16, 2, 16, dtype=torch.float16, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([3, 4, 30, -1, 0], device=device)
+    write_kv_cache(key, value, k_cache, v_cache, slots)
+    k_expected, v_expected = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    reference.write_kv_cache(key, value, k_expected, v_expected, slots)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
