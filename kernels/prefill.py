@@ -10,9 +10,9 @@ stacks the ``Hq / Hkv`` query heads of the group as extra rows (row = token * GR
 each K/V tile is loaded once for the whole group and the tensor-core tile is ``BLOCK_M`` rows
 tall whatever the GQA ratio. Program ids map to (sequence, tile) without a host sync: sequence
 b's tiles start at ``query_start_loc[b] // BLOCK_Q + b`` (increasing in b, never overlapping),
-found by counting the first tiles <= the id; ids past a sequence's last tile exit at once. Keys wholly before a
-tile's first query are visible to every row and run without masks; only the diagonal band
-pays for the causal mask.
+found by counting the first tiles <= the id; ids past a sequence's last tile exit at once.
+Keys wholly before a tile's first query are visible to every row and run without masks; only
+the diagonal band pays for the causal mask.
 """
 
 from __future__ import annotations
