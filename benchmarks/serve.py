@@ -16,7 +16,8 @@ concurrency (target: at most 5%).
 On the GPU machine (no fastapi/uvicorn/pydantic/locust there, and no network) install the
 wheels that ``benchmarks/serve_wheels.sh`` downloads, then run::
 
-    pip install --no-index --find-links benchmarks/wheels fastapi uvicorn pydantic locust
+    python -m pip install --no-index --find-links benchmarks/wheels \
+        fastapi uvicorn pydantic click pyyaml locust
     python benchmarks/serve.py --shape llama-3-8b --model-cache /tmp/berth-models \
         --out $OUT/serve-h100.md
 
@@ -281,6 +282,8 @@ def report(args: argparse.Namespace, gpu: str, engine: dict, runs: list[dict]) -
         f"({verdict} the 5% target).",
         "",
     ]
+    if args.note:
+        lines += [args.note, ""]
     return "\n".join(lines)
 
 
@@ -303,6 +306,7 @@ def main() -> None:
     parser.add_argument("--model-name", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--model-cache", help="where to make (or find) the test model")
     parser.add_argument("--load-site", help="extra sys.path entry where locust is installed")
+    parser.add_argument("--note", default="", help="a paragraph to add to the results file")
     parser.add_argument("--out", help="results file (default: benchmarks/results/serve-<gpu>.md)")
     args = parser.parse_args()
     if args.mode == "_engine":
@@ -329,6 +333,10 @@ def main() -> None:
                 print(f"making the random-weight {name} model in {target} ...", flush=True)
                 make_model(name, target, dtype="bfloat16" if on_gpu else "float32",
                            device="cuda" if on_gpu else "cpu")  # fmt: skip
+                if on_gpu:
+                    import torch
+
+                    torch.cuda.empty_cache()  # the engine runs next door and sizes its KV pool
             args.model_dir = str(target)
         vocab = Tokenizer(args.model_dir).vocab_size
         gpu, slug = device_name(args.device)

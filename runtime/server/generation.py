@@ -126,8 +126,8 @@ async def respond(
                     update = await next_update(loop, stream)
                     choices[update.index].add(update)
                 return JSONResponse(renderer.response(choices), headers=headers)
-    except BaseException:
-        loop.abort(stream, "error")
+    except BaseException:  # an error, or the server cancelling the handler at shutdown
+        loop.abort(stream, "cancelled")
         raise
     body = _event_stream(loop, stream, renderer, choices, first)
     return StreamingResponse(
