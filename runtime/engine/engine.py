@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,8 +20,8 @@ from berth.runtime.engine.block_manager import KvBlockPool
 from berth.runtime.engine.config import EngineConfig, SamplingParams
 from berth.runtime.engine.detokenizer import Detokenizer
 from berth.runtime.engine.model_config import ModelConfig
-from berth.runtime.engine.model_runner import ModelRunner
-from berth.runtime.engine.outputs import EngineStats, RequestOutput, TokenLogprob
+from berth.runtime.engine.model_runner import PENDING, ModelRunner
+from berth.runtime.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob
 from berth.runtime.engine.sampler import Sampler
 from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
@@ -46,7 +46,12 @@ class _InFlight:
 
     batch: ScheduledBatch
     sampling: list[Sequence]  # rows of ``logits``
+    slots: list[int]  # index of each sampling sequence's placeholder token
     logits: torch.Tensor
+    sampled: torch.Tensor | None = None  # greedy token ids on the device
+    host_tokens: torch.Tensor | None = None  # their copy on the host, valid once ``done``
+    done: torch.cuda.Event | None = None
+    rows: dict[int, int] = field(default_factory=dict)  # id(sequence) -> row of ``sampled``
 
 
 class Engine:
@@ -70,6 +75,7 @@ class Engine:
         self._ids = itertools.count()
         self._num_special = 0  # live requests that need the full sampler
         self._in_flight: _InFlight | None = None
+        self._waited = 0.0  # seconds this step spent waiting for the device
         # Host time of the last step that ran the model, excluding the wait for the device:
         # scheduling, input preparation, sampling and output processing (seconds).
         self.last_step_host_seconds = 0.0
@@ -141,65 +147,90 @@ class Engine:
         if self.scheduler.has_unfinished():
             return True
         flight = self._in_flight
-        return flight is not None and any(
-            s.status is SequenceStatus.RUNNING for s in flight.sampling
-        )
+        return flight is not None and any(s.request_id in self.requests for s in flight.sampling)
 
     # ---- one step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """One scheduler iteration; an output for each request that gained tokens or finished.
 
-        Pipelined by one step on the device: a call collects the tokens of the batch launched by
-        the previous call, launches the next batch, and only then detokenizes and builds the
-        outputs, while the device computes. So a request's tokens come back one call after the
-        call that scheduled them, and ``has_unfinished`` stays true until they have.
+        Pipelined by one batch: a call launches the next batch before it collects the tokens
+        of the one the previous call launched, then detokenizes them and builds their outputs
+        while the device computes. A token not yet back is a placeholder in its sequence; a
+        decode step takes it straight from the previous batch's sampled ids on the device (so
+        the device never waits for the host between decode steps). A request's tokens come
+        back in the call after the one that launched them; ``has_unfinished`` stays true until
+        they have.
         """
         start = time.perf_counter()
-        waited = 0.0
-        collected = None
-        if self._in_flight is not None:
-            t = time.perf_counter()
-            self.runner.synchronize()
-            waited = time.perf_counter() - t
-            collected = self._collect(self._in_flight)
-            self._in_flight = None
+        self._waited = 0.0
+        flight, collected = self._in_flight, None
+        self._in_flight = None
+        if flight is not None and flight.host_tokens is None:
+            collected, flight = self._collect(flight), None  # the sampler needs the logits
         self.scheduler.drop_finished()
         batch = self.scheduler.schedule()
         outputs = [self._finished_output(seq) for seq in batch.aborted]
+        if flight is not None and not batch.is_decode:
+            collected, flight = self._collect(flight), None  # prefill inputs come from the host
         if batch.seqs:
             copies = self.pool.take_pending_copies()
             if copies:
                 self.runner.copy_blocks(copies)
-            sampling = [
-                seq
-                for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                if seq.num_computed_tokens + n == len(seq.token_ids)
-            ]
-            self._in_flight = _InFlight(batch, sampling, self.runner.execute(batch))
+            pending = None if flight is None else (flight.sampled, flight.rows)
+            self._in_flight = self._launch(batch, self.runner.execute(batch, pending))
+        if flight is not None:
+            collected = self._collect(flight)
         if collected is not None:
             outputs += self._process(*collected)
             self.scheduler.drop_finished()
-        self.last_step_host_seconds = time.perf_counter() - start - waited
+        self.last_step_host_seconds = time.perf_counter() - start - self._waited
         return outputs
+
+    def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> _InFlight:
+        """Count the launched tokens as computed, give each sampling sequence a placeholder
+        for its coming token, and start the greedy argmax and its copy to the host."""
+        sampling: list[Sequence] = []
+        slots: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == len(seq.token_ids):
+                slots.append(len(seq.token_ids))
+                seq.token_ids.append(PENDING)
+                sampling.append(seq)
+        for seq, slot in zip(sampling, slots, strict=True):
+            if slot + 1 >= self.requests[seq.request_id].max_len:
+                self.scheduler.finish(seq, "length")  # never schedule past its last token
+        flight = _InFlight(batch, sampling, slots, logits)
+        if self._num_special == 0 and sampling:
+            flight.sampled = logits.argmax(dim=-1)
+            flight.host_tokens, flight.done = self.runner.copy_to_host(flight.sampled)
+            flight.rows = {id(s): i for i, s in enumerate(sampling)}
+        return flight
 
     def _collect(
         self, flight: _InFlight
-    ) -> tuple[list[_Request], list[int], list[TokenLogprob | None] | None, list[bool]]:
-        """Take a finished batch's results: count its tokens computed, sample, append the
-        tokens, and end the requests that a stop token or the length limit ends. Sequences that
-        finished or were aborted while it ran are skipped."""
-        running = SequenceStatus.RUNNING
-        block_size = self.pool.block_size
-        for seq, n in zip(flight.batch.seqs, flight.batch.num_new_tokens, strict=True):
-            if seq.status is running:
-                seq.num_computed_tokens += n
-                if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size:
-                    self.pool.register_computed(seq)
-        requests = [self.requests.get(s.request_id) for s in flight.sampling]
-        if self._num_special == 0:  # all greedy, no log-probs: skip the sampler's bookkeeping
-            token_ids, logprobs = flight.logits.argmax(dim=-1).tolist(), None
+    ) -> tuple[
+        list[_Request],
+        list[int],
+        list[TokenLogprob | None] | None,
+        list[FinishReason | None],
+        list[int],
+    ]:
+        """Wait for a launched batch and take its tokens: fill in the placeholders, end the
+        requests that a stop token ends, and name the blocks it completed. Requests aborted or
+        ended by a stop string meanwhile are skipped."""
+        t = time.perf_counter()
+        if flight.done is not None:
+            flight.done.synchronize()
         else:
+            self.runner.synchronize()
+        self._waited += time.perf_counter() - t
+        if flight.host_tokens is not None:
+            token_ids = flight.host_tokens[: len(flight.sampling)].tolist()
+            logprobs = None
+        else:
+            requests = [self.requests.get(s.request_id) for s in flight.sampling]
             token_ids, logprobs = self.sampler(
                 flight.logits,
                 [s.params for s in flight.sampling],
@@ -208,36 +239,55 @@ class Engine:
         live: list[_Request] = []
         tokens: list[int] = []
         probs: list[TokenLogprob | None] = []
-        stopped: list[bool] = []
-        for i, (seq, req) in enumerate(zip(flight.sampling, requests, strict=True)):
-            if req is None or req.seq is not seq or seq.status is not running:
+        ended: list[FinishReason | None] = []
+        counts: list[int] = []
+        for i, (seq, slot) in enumerate(zip(flight.sampling, flight.slots, strict=True)):
+            req = self.requests.get(seq.request_id)
+            if req is None or req.seq is not seq:
                 continue
             token = token_ids[i]
-            seq.token_ids.append(token)
-            stop = token in req.stop_ids
-            if stop or len(seq.token_ids) >= req.max_len:
-                self.scheduler.finish(seq, "stop" if stop else "length")
+            seq.token_ids[slot] = token
+            reason: FinishReason | None = None
+            if token in req.stop_ids:
+                reason = "stop"
+                if seq.is_finished:  # ended at launch by its length; the stop token came first
+                    seq.finish_reason = "stop"
+                else:
+                    self.scheduler.finish(seq, "stop")
+            elif slot + 1 >= req.max_len:
+                reason = "length"  # the sequence was finished when this token was launched
+            if reason is not None:
                 self._forget(seq.request_id)
             live.append(req)
             tokens.append(token)
-            stopped.append(stop)
+            ended.append(reason)
+            counts.append(slot + 1 - seq.num_prompt_tokens)
             if logprobs is not None:
                 probs.append(logprobs[i])
-        return live, tokens, probs if logprobs is not None else None, stopped
+        block_size = self.pool.block_size
+        running = SequenceStatus.RUNNING
+        for seq in flight.batch.seqs:
+            if (
+                seq.status is running
+                and seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size
+            ):
+                self.pool.register_computed(seq)
+        return live, tokens, probs if logprobs is not None else None, ended, counts
 
     def _process(
         self,
         requests: list[_Request],
         token_ids: list[int],
         logprobs: list[TokenLogprob | None] | None,
-        stopped: list[bool],
+        ended: list[FinishReason | None],
+        counts: list[int],
     ) -> list[RequestOutput]:
         """Detokenize the collected tokens in one batched call, apply stop strings and build
         the outputs (runs while the device computes the next batch)."""
         windows: list[list[int]] = []
         decoding: list[int] = []
         for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
-            if not stopped[i]:
+            if ended[i] != "stop":
                 window = req.detokenizer.push(token)
                 if window is not None:
                     windows.append(window)
@@ -251,23 +301,25 @@ class Engine:
                         seq.finish_reason = "stop"  # the text ended it, not the length
                     else:
                         self.scheduler.finish(seq, "stop")
+                    if ended[i] is None:
                         self._forget(seq.request_id)
+                    ended[i] = "stop"
         outputs = []
         for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
             seq = req.seq
             logprob = logprobs[i] if logprobs is not None else None
             if logprob is not None and seq.logprobs is not None:
                 seq.logprobs.append(logprob)
-            finished = seq.is_finished
+            reason = ended[i]
             outputs.append(
                 RequestOutput(
                     seq.request_id,
                     [token],
-                    req.detokenizer.take(finished),
-                    finished,
-                    seq.finish_reason,
+                    req.detokenizer.take(reason is not None),
+                    reason is not None,
+                    reason,
                     seq.num_prompt_tokens,
-                    len(seq.token_ids) - seq.num_prompt_tokens,
+                    counts[i],
                     seq.num_cached_tokens,
                     None if logprob is None else [logprob],
                 )

@@ -29,6 +29,7 @@ from berth.runtime.engine.weights import load_weights
 log = logging.getLogger(__name__)
 
 _PAD_TOKENS = np.array([[0], [0], [-1]])  # token id, position, slot of a padding row
+PENDING = -1  # an input token the host has not seen yet (the engine's placeholder)
 
 CPU_KV_CACHE_BYTES = 512 << 20  # default pool on the CPU
 GPU_MEMORY_HEADROOM = 0.10  # of total device memory, kept free for activations and graphs
@@ -130,6 +131,10 @@ class ModelRunner:
         self.np_tokens = self.h_tokens.numpy()
         self.np_seq_lens = self.h_seq_lens.numpy()
         self.np_block_tables = self.h_block_tables.numpy()
+        self.h_sampled = [
+            torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)
+        ]
+        self._host_flip = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_logits: dict[int, torch.Tensor] = {}
         self.graph_sizes: list[int] = []
@@ -199,12 +204,27 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------
 
+    def copy_to_host(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying sampled ids to a pinned host buffer; the event marks them ready.
+
+        Two buffers alternate: the previous step's ids are read while this copy runs."""
+        self._host_flip ^= 1
+        host = self.h_sampled[self._host_flip]
+        host[: token_ids.shape[0]].copy_(token_ids, non_blocking=True)
+        if self.device.type != "cuda":
+            return host, None
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(
+        self, batch: ScheduledBatch, pending: tuple[torch.Tensor | None, dict[int, int]] | None
+    ) -> torch.Tensor:
         """Run the batch; return logits [S, vocab] (model dtype) for the sequences that sample, i.e.
         those whose new tokens reach their last token, in batch order."""
         if batch.is_decode:
-            return self._decode(batch)
+            return self._decode(batch, pending)
         return self._prefill(batch)
 
     def _fill_block_tables(self, seqs: list[Sequence], rows: int, grown: list[Sequence]) -> int:
@@ -235,7 +255,9 @@ class ModelRunner:
         """Block ids changed in place (copy-on-write, resize): rewrite all rows next step."""
         self._table_seqs = []
 
-    def _decode(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _decode(
+        self, batch: ScheduledBatch, pending: tuple[torch.Tensor | None, dict[int, int]] | None
+    ) -> torch.Tensor:
         seqs = batch.seqs
         b = len(seqs)
         bs = self.block_size
@@ -243,7 +265,8 @@ class ModelRunner:
         rows = graph_size or b
         tokens, seq_lens = self.np_tokens, self.np_seq_lens
         positions = [s.num_computed_tokens for s in seqs]
-        tokens[0, :b] = [s.token_ids[-1] for s in seqs]
+        ids = [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)]
+        tokens[0, :b] = ids
         tokens[1, :b] = positions
         tokens[2, :b] = [
             s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)
@@ -260,6 +283,7 @@ class ModelRunner:
             self.d_block_tables[:rows, :width].copy_(
                 self.h_block_tables[:rows, :width], non_blocking=True
             )
+            self._fill_pending(self.d_tokens[0], ids, seqs, pending)
             self.graphs[graph_size].replay()
             return self.graph_logits[graph_size][:b]
         dev = self.device
@@ -270,8 +294,32 @@ class ModelRunner:
             query_start_loc=None,
             max_seq_len=int(seq_lens[:b].max()),
         )
-        hidden = self.model(self.h_tokens[0, :b].to(dev), self.h_tokens[1, :b].to(dev), meta)
+        input_ids = self.h_tokens[0, :b].to(dev, copy=True)
+        self._fill_pending(input_ids, ids, seqs, pending)
+        hidden = self.model(input_ids, self.h_tokens[1, :b].to(dev), meta)
         return self.model.logits(hidden)
+
+    def _fill_pending(
+        self,
+        input_ids: torch.Tensor,
+        ids: list[int],
+        seqs: list[Sequence],
+        pending: tuple[torch.Tensor | None, dict[int, int]] | None,
+    ) -> None:
+        """Input tokens still on the device (sampled by the previous step, not yet seen by the
+        host) are copied there from its sampled ids, without a round trip."""
+        if PENDING not in ids:
+            return
+        assert pending is not None, "an input token is missing"
+        sampled, rows = pending
+        assert sampled is not None, "an input token is missing"
+        dst = [i for i, t in enumerate(ids) if t == PENDING]
+        src = [rows[id(seqs[i])] for i in dst]
+        if src == dst and dst[-1] == len(dst) - 1:  # the usual decode step: same rows
+            input_ids[: len(dst)].copy_(sampled[: len(dst)])
+        else:
+            dev = input_ids.device
+            input_ids[torch.tensor(dst, device=dev)] = sampled[torch.tensor(src, device=dev)]
 
     def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
         bs = self.block_size
@@ -284,6 +332,7 @@ class ModelRunner:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids += seq.token_ids[start:end]
+            assert ids[-1] != PENDING, "prefill inputs must be known on the host"
             pos = np.arange(start, end)
             positions.append(pos)
             slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)

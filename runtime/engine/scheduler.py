@@ -132,7 +132,10 @@ class Scheduler:
         seq.finish_reason = reason
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Mark ``seq`` finished and free its blocks; ``drop_finished`` takes it off the list."""
+        """Mark ``seq`` finished and free its blocks; ``drop_finished`` takes it off the list
+        (a preempted sequence is taken off the waiting queue at once)."""
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
         self._finish(seq, reason)
 
     def drop_finished(self) -> None:
