@@ -54,6 +54,8 @@ class ModelServer:
         self.load_error: str | None = None
         self.on_load_failure: Callable[[], None] = lambda: None
         self._engine_factory = engine_factory
+        self._lock = threading.Lock()
+        self._stopping = False
         self.registry.register(
             RuntimeCollector(
                 self.model_name,
@@ -65,9 +67,9 @@ class ModelServer:
         )
 
     def start_loading(self, event_loop: asyncio.AbstractEventLoop) -> None:
-        """Build the engine on a thread and hand it to a started :class:`EngineLoop`."""
+        """Build the engine on a thread of its own, which then drives it (EngineLoop.run)."""
 
-        def load() -> None:
+        def load_and_drive() -> None:
             try:
                 engine = self._engine_factory()
                 loop = EngineLoop(
@@ -78,21 +80,28 @@ class ModelServer:
                     retry_after_s=self.settings.retry_after_s,
                     weights_bytes=weights_bytes(engine),
                 )
-                loop.start(event_loop)
             except Exception as exc:
                 log.exception("loading the model failed")
                 self.load_error = f"loading the model failed: {type(exc).__name__}: {exc}"
                 event_loop.call_soon_threadsafe(self.on_load_failure)
                 return
-            self.engine, self.loop = engine, loop
+            with self._lock:
+                if self._stopping:
+                    return
+                self.engine, self.loop = engine, loop
             self.state = StandbyState.ACTIVE
             log.info("model %s loaded; serving", self.model_name)
+            loop.run(event_loop)
 
-        threading.Thread(target=load, name="berth-model-load", daemon=True).start()
+        threading.Thread(target=load_and_drive, name="berth-engine", daemon=True).start()
 
     def stop(self) -> None:
-        if self.loop is not None:
-            self.loop.stop()
+        """Stop the engine loop (aborting what runs) and wait for its thread."""
+        with self._lock:
+            self._stopping = True
+            loop = self.loop
+        if loop is not None:
+            loop.stop()
 
     def serving_loop(self, model: str) -> EngineLoop:
         """The engine loop for a request naming ``model``, or the 404/503 that explains why not."""

@@ -158,11 +158,16 @@ class EngineLoop:
 
     # Event-loop side.
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drive the engine on the calling thread until :meth:`stop`, delivering to ``loop``.
+
+        Call it on the thread that built the engine: CUDA's current device and stream, CUDA
+        graphs and compiled kernels are then used on the thread they were made on.
+        """
         self._loop = loop
+        self._thread = threading.current_thread()
         self._refresh_gauges()
-        self._thread = threading.Thread(target=self._run, name="berth-engine-loop", daemon=True)
-        self._thread.start()
+        self._run()
 
     def submit(
         self, requests: list[EngineRequest], arrival: float, timeout_s: float
@@ -226,8 +231,8 @@ class EngineLoop:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Abort whatever runs, end the thread and wait for it: the engine is free again."""
         self.close()
-        if self._thread is not None and self._thread.is_alive():
-            self._commands.put(_STOP)
+        self._commands.put(_STOP)
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
 
     # Engine-thread side.
