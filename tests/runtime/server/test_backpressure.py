@@ -86,3 +86,19 @@ def test_streamed_request_past_its_deadline_ends_with_an_error(engine: Engine) -
                 pass
         text = wait_idle(server)
         assert value(text, "berth_request_failure_total", reason="timeout") == 1
+
+
+def test_no_waiting_room_refuses_beyond_the_running_batch(engine: Engine) -> None:
+    with (
+        running_server(engine, max_waiting_requests=0) as server,
+        httpx.Client(base_url=server.base_url, timeout=60) as client,
+        contextlib.ExitStack() as running,
+    ):
+        for _ in range(MAX_NUM_SEQS):
+            response = running.enter_context(
+                client.stream("POST", "/v1/completions", json=body(450, stream=True))
+            )
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            running.callback(lambda lines=lines: lines.close())
+        assert client.post("/v1/completions", json=body(2)).status_code == 429

@@ -111,3 +111,19 @@ def test_stop_string_ends_the_completion(client: openai.OpenAI) -> None:
     )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_streamed_chat_with_n_choices_streams_each_to_its_finish(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Two answers"}], max_tokens=5, n=2,
+        stream=True, temperature=1.0, seed=3,
+    )  # fmt: skip
+    text: dict[int, str] = {0: "", 1: ""}
+    finish: dict[int, str | None] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            text[choice.index] += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                finish[choice.index] = choice.finish_reason
+    assert set(finish) == {0, 1}
+    assert all(text.values())
