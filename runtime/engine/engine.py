@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +51,6 @@ class _InFlight:
     sampled: torch.Tensor | None = None  # greedy token ids on the device
     host_tokens: torch.Tensor | None = None  # their copy on the host, valid once ``done``
     done: torch.cuda.Event | None = None
-    rows: dict[int, int] = field(default_factory=dict)  # id(sequence) -> row of ``sampled``
 
 
 class Engine:
@@ -177,7 +176,9 @@ class Engine:
             copies = self.pool.take_pending_copies()
             if copies:
                 self.runner.copy_blocks(copies)
-            pending = None if flight is None else (flight.sampled, flight.rows)
+            pending = None
+            if flight is not None and flight.sampled is not None:
+                pending = (flight.sampled, flight.sampling)
             self._in_flight = self._launch(batch, self.runner.execute(batch, pending))
         if flight is not None:
             collected = self._collect(flight)
@@ -205,7 +206,6 @@ class Engine:
         if self._num_special == 0 and sampling:
             flight.sampled = logits.argmax(dim=-1)
             flight.host_tokens, flight.done = self.runner.copy_to_host(flight.sampled)
-            flight.rows = {id(s): i for i, s in enumerate(sampling)}
         return flight
 
     def _collect(

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 _PAD_TOKENS = np.array([[0], [0], [-1]])  # token id, position, slot of a padding row
 PENDING = -1  # an input token the host has not seen yet (the engine's placeholder)
+# The previous step's sampled ids on the device, and the sequences of its rows.
+PendingTokens = tuple[torch.Tensor, list[Sequence]]
 
 CPU_KV_CACHE_BYTES = 512 << 20  # default pool on the CPU
 GPU_MEMORY_HEADROOM = 0.10  # of total device memory, kept free for activations and graphs
@@ -150,6 +152,10 @@ class ModelRunner:
                 log.warning("fused pointwise ops failed (%s); capturing eager ones", e)
                 self.pointwise.use_eager()
                 self._capture_decode_graphs()
+            # The graphs hold the fused kernels. Eager steps (prefill) launch few, large kernels,
+            # where a compiled function's per-call guard checks cost more host time than the
+            # launches it saves, so they run the eager functions.
+            self.pointwise.use_eager()
 
     # ---- KV cache -------------------------------------------------------------------------
 
@@ -218,9 +224,7 @@ class ModelRunner:
         return host, done
 
     @torch.inference_mode()
-    def execute(
-        self, batch: ScheduledBatch, pending: tuple[torch.Tensor | None, dict[int, int]] | None
-    ) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch, pending: PendingTokens | None) -> torch.Tensor:
         """Run the batch; return logits [S, vocab] (model dtype) for the sequences that sample, i.e.
         those whose new tokens reach their last token, in batch order."""
         if batch.is_decode:
@@ -255,9 +259,7 @@ class ModelRunner:
         """Block ids changed in place (copy-on-write, resize): rewrite all rows next step."""
         self._table_seqs = []
 
-    def _decode(
-        self, batch: ScheduledBatch, pending: tuple[torch.Tensor | None, dict[int, int]] | None
-    ) -> torch.Tensor:
+    def _decode(self, batch: ScheduledBatch, pending: PendingTokens | None) -> torch.Tensor:
         seqs = batch.seqs
         b = len(seqs)
         bs = self.block_size
@@ -304,20 +306,21 @@ class ModelRunner:
         input_ids: torch.Tensor,
         ids: list[int],
         seqs: list[Sequence],
-        pending: tuple[torch.Tensor | None, dict[int, int]] | None,
+        pending: PendingTokens | None,
     ) -> None:
         """Input tokens still on the device (sampled by the previous step, not yet seen by the
         host) are copied there from its sampled ids, without a round trip."""
         if PENDING not in ids:
             return
         assert pending is not None, "an input token is missing"
-        sampled, rows = pending
-        assert sampled is not None, "an input token is missing"
-        dst = [i for i, t in enumerate(ids) if t == PENDING]
-        src = [rows[id(seqs[i])] for i in dst]
-        if src == dst and dst[-1] == len(dst) - 1:  # the usual decode step: same rows
-            input_ids[: len(dst)].copy_(sampled[: len(dst)])
+        sampled, sampled_seqs = pending
+        b = len(seqs)
+        if seqs == sampled_seqs[:b] and ids.count(PENDING) == b:  # the usual decode step
+            input_ids[:b].copy_(sampled[:b])
         else:
+            rows = {id(s): i for i, s in enumerate(sampled_seqs)}
+            dst = [i for i, t in enumerate(ids) if t == PENDING]
+            src = [rows[id(seqs[i])] for i in dst]
             dev = input_ids.device
             input_ids[torch.tensor(dst, device=dev)] = sampled[torch.tensor(src, device=dev)]
 
