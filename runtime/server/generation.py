@@ -144,10 +144,8 @@ async def _event_stream(
 ) -> AsyncIterator[bytes]:
     """The SSE body. Starlette cancels it when the client leaves; ``finally`` then aborts."""
     try:
-        for chunk in renderer.opening_chunks():
-            yield sse(chunk)
-        for chunk in renderer.update_chunks(first, choices[first.index]):
-            yield sse(chunk)
+        opening = [*renderer.opening_chunks(), *renderer.update_chunks(first, choices[first.index])]
+        yield b"".join(map(sse, opening))
         while not stream.done:
             # Everything already queued leaves in one write: under load the event loop falls
             # behind the engine, and coalescing keeps its cost per step flat.
