@@ -1,8 +1,10 @@
 """The engine: requests in, tokens out, one scheduler iteration per ``step()``.
 
 Synchronous and single-threaded by design: the server drives ``step()`` from one thread and
-the benchmarks and the CLI call ``generate``/``stream``. Each step schedules a batch, runs the
-model, samples, and turns the new tokens into per-request outputs (text, stops, log-probs).
+the benchmarks and the CLI call ``generate``/``stream``. Each step schedules a batch and
+launches it on the device, then takes the tokens of the batch the previous step launched and
+turns them into per-request outputs (text, stops, log-probs) while the device computes: the
+device never waits for the host between decode steps (see ``step``).
 """
 
 from __future__ import annotations

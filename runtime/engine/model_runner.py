@@ -3,8 +3,10 @@ replays CUDA graphs for decode steps.
 
 A decode step (one token per sequence) on the GPU replays a graph captured for the next larger
 batch size, padded with rows that write nowhere, so its CPU cost is filling a few pinned host
-arrays and one replay instead of hundreds of kernel launches. Prefill and mixed steps run
-eagerly. On the CPU the same code runs with the kernels' PyTorch references.
+arrays and one replay instead of hundreds of kernel launches. An input token that the previous
+step sampled but the host has not read yet is copied on the device from that step's output.
+Prefill and mixed steps run eagerly. On the CPU the same code runs with the kernels' PyTorch
+references.
 """
 
 from __future__ import annotations

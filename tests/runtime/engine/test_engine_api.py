@@ -142,3 +142,19 @@ def test_chat_template_renders_messages(tiny_engine: Engine) -> None:
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     ids = tiny_engine.tokenizer.encode(text)
     assert ids.count(tiny_engine.tokenizer.bos_token_id) == 1  # the template's BOS, not two
+
+
+def test_tokens_in_flight_never_leak_and_counts_are_exact(tiny_engine: Engine) -> None:
+    """Steps are pipelined: the outputs of a step are those of the batch launched before it.
+    Aborting mid-flight and reusing the id yields only the new request's tokens."""
+    tiny_engine.add_request("same", "A prefix shared by many prompts", GREEDY)
+    tiny_engine.step()  # launched, nothing back yet
+    tiny_engine.step()
+    tiny_engine.abort_request("same")
+    tiny_engine.add_request("same", "Keys and values are cached", GREEDY)
+    outs = _drain(tiny_engine)["same"]
+    tokens = [t for o in outs for t in o.new_token_ids]
+    alone = tiny_engine.generate(["Keys and values are cached"], GREEDY)[0]
+    assert tokens == alone.new_token_ids and all(t >= 0 for t in tokens)
+    assert [o.num_output_tokens for o in outs] == list(range(1, 9))
+    assert tiny_engine.stats().num_free_blocks == tiny_engine.stats().num_total_blocks
