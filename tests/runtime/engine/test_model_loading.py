@@ -133,3 +133,16 @@ def test_cli_makes_a_model_and_generates_from_it(tmp_path: Path) -> None:
 def test_fixture_factory_models_load(model_factory: Callable[[str], Path]) -> None:
     engine = _engine(model_factory("tiny-qwen3"))
     assert engine.model_config.qk_norm and engine.model_config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engines_run_and_start_like_fp32(dtype: str, tiny_model: Path) -> None:
+    from berth.runtime.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prompts: list[str | list[int]] = ["Hello there", "The quick brown fox"]
+    half = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype=dtype))
+    full = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32"))
+    assert half.runner.dtype == getattr(torch, dtype)
+    got = [o.new_token_ids for o in half.generate(prompts, params)]
+    assert got == [o.new_token_ids for o in full.generate(prompts, params)]
