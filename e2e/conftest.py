@@ -1,5 +1,6 @@
 """The session's real control plane, shared by every end-to-end test."""
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -8,13 +9,23 @@ from berth.e2e.cluster import LocalCluster
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[LocalCluster]:
     """etcd, kube-apiserver, controller-manager, scheduler and kwok on loopback, with the default
     inventory (4 nodes x 8 GPUs + 1 CPU node). Torn down at the end even when tests fail; the
     components also die with the pytest process if it is killed."""
     local = LocalCluster(state_dir=tmp_path_factory.mktemp("cluster"), attach=True)
     local.up(timeout=120)
     try:
+        version = json.loads(local.kubectl("version", "-o", "json"))["serverVersion"]["gitVersion"]
+        nodes = local.kubectl("get", "nodes", "-o", "name").split()
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"\ne2e: real kube-apiserver {version} at {local.server}, {len(nodes)} kwok nodes, "
+                f"logs in {local.logs}"
+            )
         yield local
     finally:
         local.down()
