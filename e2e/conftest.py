@@ -20,9 +20,10 @@ def cluster(
     try:
         version = json.loads(local.kubectl("version", "-o", "json"))["serverVersion"]["gitVersion"]
         nodes = local.kubectl("get", "nodes", "-o", "name").split()
-        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(
+        capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        assert capture is not None
+        with capture.global_and_fixture_disabled():
+            print(
                 f"\ne2e: real kube-apiserver {version} at {local.server}, {len(nodes)} kwok nodes, "
                 f"logs in {local.logs}"
             )
