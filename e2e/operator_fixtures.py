@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -17,7 +17,6 @@ from berth import wire
 from berth.e2e.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 
 class OperatorProcess:
@@ -77,12 +76,10 @@ class OperatorProcess:
         )
 
 
-def wait_for(
-    what: str, check: Callable[[], T | None], timeout: float = 90.0, every: float = 1.0
-) -> T:
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 90.0, every: float = 1.0) -> Any:
     """Poll until ``check`` returns something truthy; fail with ``what`` and the last value."""
     deadline = time.monotonic() + timeout
-    last: T | None = None
+    last: Any = None
     while time.monotonic() < deadline:
         last = check()
         if last:

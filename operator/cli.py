@@ -1,7 +1,9 @@
 """``berth crds``, ``berth plan`` and ``berth operator``."""
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -110,10 +112,12 @@ def operator(
     from berth.operator.kube import KubeClient
     from berth.operator.scheduler import GpuScheduler
 
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     if kubeconfig:
         os.environ["KUBECONFIG"] = str(kubeconfig)  # kopf logs in through the same file
     settings = OperatorSettings.from_env(

@@ -115,7 +115,6 @@ def tune_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 120
     settings.networking.request_timeout = 60
-    settings.batching.worker_limit = 64
 
 
 @kopf.on.login()
@@ -211,7 +210,8 @@ async def reconcile(*, body: kopf.Body, reason: str, **kwargs: Any) -> None:
     try:
         for obj in objects:
             await asyncio.to_thread(Context.client.apply, obj)
-        if len(objects) < 3:
+        # A new service never had a budget; an existing one may have had one for more replicas.
+        if len(objects) < 3 and reason != kopf.Reason.CREATE:
             await _delete_if_present(resource_path("policy/v1", "PodDisruptionBudget", *key))
     except KubeError as error:
         if error.status in (400, 403, 422):

@@ -45,6 +45,8 @@ class GpuScheduler:
         self.pods_synced = threading.Event()
         self.nodes_synced = threading.Event()
         self.binder = ThreadPoolExecutor(settings.bind_workers, thread_name_prefix="bind")
+        # Events and status reports go through their own worker so that they never delay a bind.
+        self.reporter = ThreadPoolExecutor(2, thread_name_prefix="report")
         self.threads: list[threading.Thread] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -69,6 +71,7 @@ class GpuScheduler:
         with self.wake:
             self.wake.notify_all()
         self.binder.shutdown(wait=True, cancel_futures=True)
+        self.reporter.shutdown(wait=False, cancel_futures=True)
 
     # ---- reflector callbacks (watch threads) ---------------------------------------------
 
@@ -173,7 +176,7 @@ class GpuScheduler:
                     self.unschedulable[key] = str(error)
                     if self.reported.get(key) != str(error):
                         self.reported[key] = str(error)
-                        self.binder.submit(self._report_unschedulable, pod, str(error))
+                        self.reporter.submit(self._report_unschedulable, pod, str(error))
             decisions = place(self.nodes.values(), self.ledger, requests, self.policy)
             for decision in decisions:
                 key = decision.request.pod
@@ -182,7 +185,7 @@ class GpuScheduler:
                     self.unschedulable[key] = decision.reason
                     if self.reported.get(key) != decision.reason:
                         self.reported[key] = decision.reason
-                        self.binder.submit(self._report_unschedulable, pod, decision.reason)
+                        self.reporter.submit(self._report_unschedulable, pod, decision.reason)
                     continue
                 self.pending.pop(key)
                 self.binding[key] = decision.allocation
@@ -229,7 +232,7 @@ class GpuScheduler:
             self.binding.pop(allocation.pod, None)
             self.bound_total += 1
         gib = allocation.request / 2**30
-        record_event(self.client, pod, "Normal", "Scheduled",
+        self.reporter.submit(record_event, self.client, pod, "Normal", "Scheduled",
                     f"Assigned {allocation.pod} to {allocation.node} GPU {allocation.gpu_index} ({gib:.1f} GiB)")  # fmt: skip
 
     def _report_unschedulable(self, pod: Obj, reason: str) -> None:

@@ -31,7 +31,7 @@ class OperatorSettings:
     # Pending pods gathered for this long are placed together, largest first.
     batch_window_s: float = 0.2
     # Concurrent Binding requests in flight.
-    bind_workers: int = 8
+    bind_workers: int = 16
     run_reconciler: bool = True
     run_scheduler: bool = True
 

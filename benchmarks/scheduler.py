@@ -1,0 +1,281 @@
+"""GPU scheduler benchmark on the local control plane: N kwok nodes x 8 GPUs, M InferenceServices.
+
+    python benchmarks/scheduler.py --nodes 500 --services 5000
+
+1. A real control plane (etcd, kube-apiserver, controller-manager, kube-scheduler, kwok) with
+   the GPU nodes; the CRDs installed.
+2. The reconciler alone (``berth operator --no-scheduler``) turns M InferenceServices with
+   random fractions (1/8 .. 1) into Deployments; the controller-manager makes M Pending pods.
+3. The scheduler alone (``berth operator --no-reconciler``) starts on that backlog: the clock
+   runs from its process start until every pod is bound; a watch timestamps every bind.
+4. Packing is read back from the pods' annotations and compared with the lower bound
+   (ceil(sum of requests / capacity)) and with the offline best-fit-decreasing plan of the same
+   workload, computed in this process (the reference of the same run).
+
+Prints one table and writes benchmarks/results/scheduler.md.
+"""
+
+import argparse
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from berth import wire
+from berth.e2e.cluster import LocalCluster
+from berth.e2e.operator_fixtures import install_crds
+from berth.operator import gpus
+from berth.operator.inventory import Inventory
+from berth.operator.kube import KubeClient, reflect, resource_path
+from berth.operator.placement import GpuDemand, GpuLedger, PodRequest, lower_bound_gpus, place
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_MIB = 81559
+FRACTIONS = [k / 8 for k in range(1, 9)]
+NAMESPACE = "bench"
+
+
+def workload(count: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.choice(FRACTIONS) for _ in range(count)]
+
+
+def service(i: int, fraction: float) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{wire.GROUP}/{wire.VERSION}",
+        "kind": "InferenceService",
+        "metadata": {"name": f"svc-{i:05d}", "namespace": NAMESPACE},
+        "spec": {
+            "model": {"source": {"hostPath": {"path": "/models/m"}}},
+            "gpu": {"fraction": fraction},
+        },
+    }
+
+
+class BindClock:
+    """Watches berth pods and stamps the moment each is first seen bound."""
+
+    def __init__(self, client: KubeClient) -> None:
+        self.client = client
+        self.bound: dict[str, float] = {}
+        self.pods = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.seen: set[str] = set()
+
+    def _listed(self, items: list[dict[str, Any]]) -> None:
+        for pod in items:
+            self._event("ADDED", pod)
+
+    def _event(self, kind: str, pod: dict[str, Any]) -> None:
+        key = gpus.pod_key(pod)
+        with self.lock:
+            if kind != "DELETED":
+                self.seen.add(key)
+            if pod["spec"].get("nodeName") and key not in self.bound:
+                self.bound[key] = time.monotonic()
+
+    def start(self) -> None:
+        path = resource_path("v1", "Pod", NAMESPACE)
+        threading.Thread(target=reflect, daemon=True, args=(self.client, path, self._listed, self._event, self.stop),
+                         kwargs={"fieldSelector": f"spec.schedulerName={wire.SCHEDULER_NAME}"}).start()  # fmt: skip
+
+    def wait(
+        self, what: str, done: Callable[[], bool], timeout: float, every: float = 0.5
+    ) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if done():
+                return time.monotonic()
+            time.sleep(every)
+        raise TimeoutError(f"{what} not done in {timeout:.0f}s")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def operator_process(cluster: LocalCluster, log: Path, *flags: str) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "berth",
+        "operator",
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        *flags,
+    ]
+    return subprocess.Popen(
+        command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=cluster.env(), cwd=ROOT
+    )
+
+
+def packing(cluster_pods: list[dict[str, Any]], capacity: int) -> tuple[int, int]:
+    """(GPUs used, GPUs over capacity), from the pods' annotations."""
+    ledger = gpus.ledger_from_pods(cluster_pods)
+    over = sum(1 for used in ledger.resident.values() if used > capacity)
+    return len(ledger.used_gpus()), over
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    inventory = Inventory.model_validate(
+        {"nodes": [{"name": "gpu", "count": args.nodes, "gpus": 8, "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+                    "gpuMemoryMiB": GPU_MIB, "cpu": "192", "memory": "2Ti", "pods": 250}]}
+    )  # fmt: skip
+    fractions = workload(args.services, args.seed)
+    capacity = GPU_MIB * 2**20
+    result: dict[str, Any] = {
+        "nodes": args.nodes,
+        "gpus": args.nodes * 8,
+        "services": args.services,
+    }
+    with tempfile.TemporaryDirectory(prefix="berth-bench-") as tmp:
+        state = Path(tmp)
+        t = time.monotonic()
+        cluster = LocalCluster(state_dir=state / "cluster", inventory=inventory, attach=True)
+        say(f"starting the control plane with {args.nodes} GPU nodes")
+        cluster.up(timeout=600)
+        result["cluster_up_s"] = time.monotonic() - t
+        install_crds(cluster)
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        client = KubeClient.from_config(cluster.kubeconfig, pool=16)
+        clock = BindClock(client)
+        clock.start()
+
+        say(f"reconciler only: creating {args.services} InferenceServices")
+        reconciler = operator_process(cluster, state / "reconciler.log", "--no-scheduler")
+        t = time.monotonic()
+        path = resource_path(f"{wire.GROUP}/{wire.VERSION}", "InferenceService", NAMESPACE)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item: client.post(path, service(*item)), enumerate(fractions)))
+        result["create_s"] = time.monotonic() - t
+        clock.wait(
+            "all pods created", lambda: len(clock.seen) >= args.services, timeout=args.timeout
+        )
+        result["pods_created_s"] = time.monotonic() - t
+
+        def reconciled() -> bool:  # every Service applied and every status written
+            services = client.get(resource_path("v1", "Service", NAMESPACE))["items"]
+            if len(services) < args.services:
+                return False
+            listed = client.get(path)["items"]
+            return (
+                sum(1 for s in listed if (s.get("status") or {}).get("conditions")) >= args.services
+            )
+
+        clock.wait("the reconciler to settle", reconciled, timeout=args.timeout, every=5.0)
+        result["reconciled_s"] = time.monotonic() - t
+        result["reconciler_rss_mib"] = peak_rss_mib(reconciler.pid)
+
+        say(f"{len(clock.seen)} pods Pending; starting the scheduler")
+        scheduler = operator_process(cluster, state / "scheduler.log", "--no-reconciler")
+        start = time.monotonic()
+        done = clock.wait(
+            "all pods bound", lambda: len(clock.bound) >= args.services, timeout=args.timeout
+        )
+        result["scheduler_rss_mib"] = peak_rss_mib(scheduler.pid)
+        stamps = sorted(clock.bound.values())
+        result["all_bound_s"] = done - start
+        result["first_bind_s"] = stamps[0] - start
+        result["binds_per_s"] = len(stamps) / max(stamps[-1] - stamps[0], 1e-9)
+        per_second: dict[int, int] = {}
+        for s in stamps:
+            per_second[int(s - stamps[0])] = per_second.get(int(s - stamps[0]), 0) + 1
+        result["slowest_full_second"] = min(list(per_second.values())[:-1] or [len(stamps)])
+
+        say("all bound; reading the placements back")
+        pods = client.get(resource_path("v1", "Pod", NAMESPACE))["items"]
+        result["gpus_used"], result["gpus_over_capacity"] = packing(pods, capacity)
+        demands = [GpuDemand(fraction=f) for f in fractions]
+        result["lower_bound"] = lower_bound_gpus(demands, capacity)
+        nodes = gpus.nodes_from_inventory(inventory)
+        requests = [
+            PodRequest(f"{NAMESPACE}/p{i}", f"{NAMESPACE}/s{i}", d) for i, d in enumerate(demands)
+        ]
+        offline = GpuLedger(
+            d.allocation for d in place(nodes, GpuLedger(), requests) if d.allocation
+        )
+        result["offline_bfd_gpus"] = len(offline.used_gpus())
+        for process in (reconciler, scheduler):
+            process.terminate()
+            process.wait(timeout=30)
+        clock.stop.set()
+        client.close()
+        cluster.down()
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    over = r["gpus_used"] / r["lower_bound"] - 1
+    rows = [
+        ("cluster", f"{r['nodes']} kwok nodes x 8 GPUs = {r['gpus']} GPUs (H100 80GB labels)"),
+        ("workload", f"{r['services']} InferenceServices x 1 replica, fraction uniform in 1/8..1"),
+        (
+            "reconcile: services -> Pending pods",
+            f"{r['pods_created_s']:.1f} s (create requests {r['create_s']:.1f} s)",
+        ),
+        (
+            "scheduler: start -> all pods bound",
+            f"{r['all_bound_s']:.1f} s (first bind at {r['first_bind_s']:.1f} s)",
+        ),
+        ("binds per second (first to last bind)", f"{r['binds_per_s']:.0f}"),
+        ("slowest full second", f"{r['slowest_full_second']} binds"),
+        ("GPUs used / lower bound", f"{r['gpus_used']} / {r['lower_bound']} (+{100 * over:.2f}%)"),
+        ("offline BFD plan of the same workload", f"{r['offline_bfd_gpus']} GPUs"),
+        ("GPUs over capacity", str(r["gpus_over_capacity"])),
+        ("peak RSS: scheduler process", f"{r['scheduler_rss_mib']:.0f} MiB"),
+        ("peak RSS: reconciler process", f"{r['reconciler_rss_mib']:.0f} MiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    table = "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows)
+    return f"| {'metric'.ljust(width)} | value |\n| {'-' * width} | --- |\n{table}\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nodes", type=int, default=500)
+    parser.add_argument("--services", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "scheduler.md"
+    )
+    args = parser.parse_args()
+    result = run(args)
+    table = report(result)
+    print(table)
+    if args.out:
+        header = (
+            "# GPU scheduler benchmark\n\n"
+            f"`python benchmarks/scheduler.py --nodes {args.nodes} --services {args.services}` on "
+            f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, shared), "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
+        )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(header + table)
+    ok = result["binds_per_s"] >= 100 and result["gpus_used"] <= math.ceil(
+        1.03 * result["lower_bound"]
+    )
+    print("targets (>= 100 binds/s, within 3% of the lower bound):", "met" if ok else "NOT met")
+
+
+if __name__ == "__main__":
+    main()
