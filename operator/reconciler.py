@@ -13,6 +13,7 @@ loop; transient API failures are ``TemporaryError`` and retried with a delay.
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -34,6 +35,7 @@ from berth.operator.status import (
 log = logging.getLogger(__name__)
 RESOURCE = (wire.GROUP, wire.VERSION, api.PLURAL)
 REFRESH_DELAY_S = 0.5
+API_THREADS = 32
 Key = tuple[str, str]  # (namespace, InferenceService name)
 
 
@@ -105,8 +107,12 @@ def configure(settings: OperatorSettings, client: KubeClient) -> None:
 
 
 @kopf.on.startup()
-def tune_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Keep kopf's bookkeeping in annotations, so the status subresource is ours alone."""
+async def tune_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Keep kopf's bookkeeping in annotations, so the status subresource is ours alone; give
+    blocking API calls (``asyncio.to_thread``) enough threads for thousands of services."""
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(API_THREADS, thread_name_prefix="api")
+    )
     prefix = f"kopf.{wire.GROUP}"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

@@ -1,0 +1,76 @@
+"""Reading GPU inventory, demands and allocations out of Node and Pod objects."""
+
+from typing import Any
+
+from berth import wire
+from berth.e2e.nodes import node_manifest
+from berth.operator import gpus
+from berth.operator.inventory import Inventory, NodeGroup
+from berth.operator.placement import Allocation, Gpu
+
+GROUP = NodeGroup.model_validate(
+    {"name": "g", "gpus": 2, "gpuProduct": "NVIDIA-L4", "gpuMemoryMiB": 23034,
+     "taints": [{"key": "k", "value": "v", "effect": "NoSchedule"}]}
+)  # fmt: skip
+
+
+def ready(node: dict[str, Any]) -> dict[str, Any]:
+    node["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    return node
+
+
+def test_a_kwok_node_reads_as_its_inventory_entry() -> None:
+    node = gpus.node_from_object(ready(node_manifest(GROUP, "g")))
+    assert node.schedulable and [g.memory for g in node.gpus] == [23034 * 2**20] * 2
+    assert (
+        node.gpus[0].product == "NVIDIA-L4"
+        and node.gpus[1].uuid
+        and node.gpus[1].uuid.startswith("GPU-")
+    )
+    assert node.taints[0].effect == "NoSchedule"
+    (from_inventory,) = gpus.nodes_from_inventory(Inventory(nodes=[GROUP]))
+    assert from_inventory.gpus == tuple(
+        Gpu(g.node, g.index, g.memory, g.product) for g in node.gpus
+    )
+
+
+def test_not_ready_or_cordoned_nodes_are_unschedulable() -> None:
+    assert not gpus.node_from_object(node_manifest(GROUP, "g")).schedulable
+    cordoned = ready(node_manifest(GROUP, "g"))
+    cordoned["spec"]["unschedulable"] = True
+    assert not gpus.node_from_object(cordoned).schedulable
+
+
+def pod(
+    annotations: dict[str, str], node: str | None = None, phase: str = "Running"
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "p",
+            "namespace": "ns",
+            "annotations": annotations,
+            "labels": {wire.LABEL_SERVICE: "svc"},
+        },
+        "spec": {"nodeName": node} if node else {},
+        "status": {"phase": phase},
+    }
+
+
+def test_binding_annotations_round_trip_into_the_ledger() -> None:
+    allocation = Allocation("ns/p", "ns/svc", "g", 1, 5 * 2**30, 8 * 2**30)
+    annotations = gpus.binding_annotations(allocation, Gpu("g", 1, 23034 * 2**20, uuid="GPU-x"))
+    assert annotations[wire.POD_VISIBLE_DEVICES] == "GPU-x"
+    assert gpus.pod_allocation(pod(annotations, node="g")) == allocation
+    assert gpus.pod_allocation(pod(annotations)) is None  # not bound: holds nothing
+    assert gpus.pod_allocation(pod(annotations, node="g", phase="Succeeded")) is None
+    no_uuid = gpus.binding_annotations(allocation, Gpu("g", 1, 1))
+    assert no_uuid[wire.POD_VISIBLE_DEVICES] == "1" and wire.POD_GPU_UUID not in no_uuid
+
+
+def test_demands_come_from_the_template_annotations() -> None:
+    assert gpus.pod_demand(pod({wire.POD_WANTS_GPU_FRACTION: "0.25"})).fraction == 0.25  # type: ignore[union-attr]
+    demand = gpus.pod_demand(
+        pod({wire.POD_WANTS_GPU_MEMORY: "12Gi", wire.POD_WANTS_GPU_MEMORY_LIMIT: "30Gi"})
+    )
+    assert demand is not None and demand.request == 12 * 2**30 and demand.limit == 30 * 2**30
+    assert gpus.pod_demand(pod({})) is None
