@@ -16,9 +16,12 @@ Writes ``engine-<gpu>.md`` (the table) and ``engine-<gpu>.json`` (all numbers) t
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import itertools
 import json
+import pstats
 import random
 import statistics
 import sys
@@ -57,9 +60,15 @@ def measure_bandwidth(gib: int = 4) -> dict[str, float]:
 
 
 def run_engine(
-    engine: Engine, concurrency: int, prompt_len: int, output_len: int, rng: random.Random
+    engine: Engine,
+    concurrency: int,
+    prompt_len: int,
+    output_len: int,
+    rng: random.Random,
+    host_profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Submit ``concurrency`` requests at once and record every step until all finish."""
+    """Submit ``concurrency`` requests at once and record every step until all finish; with
+    ``host_profile``, cProfile the full-batch decode steps (host side) into that file."""
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for i in range(concurrency):
@@ -68,12 +77,18 @@ def run_engine(
         )
     token_times: dict[str, list[float]] = {}
     decode_steps: list[tuple[float, float, int]] = []  # (wall, host, kv tokens read)
+    profiler = cProfile.Profile() if host_profile is not None else None
     start = time.perf_counter()
     while engine.has_unfinished():
         running = list(engine.scheduler.running)
+        profiling = bool(decode_steps) and len(running) == concurrency
+        if profiler is not None and profiling:
+            profiler.enable()
         t0 = time.perf_counter()
         outputs = engine.step()
         t1 = time.perf_counter()
+        if profiler is not None and profiling:
+            profiler.disable()
         for out in outputs:
             token_times.setdefault(out.request_id, []).append(t1)
         decoding = (
@@ -85,6 +100,10 @@ def run_engine(
             kv_tokens = sum(s.num_computed_tokens for s in running)
             decode_steps.append((t1 - t0, engine.last_step_host_seconds, kv_tokens))
     total = time.perf_counter() - start
+    if profiler is not None and host_profile is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        host_profile.write_text(text.getvalue())
     itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
     return {
         "concurrency": concurrency,
@@ -185,6 +204,11 @@ def main() -> None:
     ap.add_argument("--kv-cache-gib", type=float, default=30.0)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--profile", default="", help="concurrencies to profile, e.g. 1,64")
+    ap.add_argument(
+        "--host-profile",
+        default="",
+        help="concurrencies whose decode steps cProfile (host side; slows them), e.g. 256",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,8 +260,13 @@ def main() -> None:
     report["ttft_ms"] = time_to_first_token(engine, args.prompt_len, rng)
     print(f"TTFT {report['ttft_ms']:.1f} ms", flush=True)
     report["engine"] = []
+    host_profiled = {int(c) for c in args.host_profile.split(",") if c}
     for c in concurrencies:
         r = run_engine(engine, c, args.prompt_len, args.output_len, rng)
+        if c in host_profiled:  # a second, profiled run: its timings are not reported
+            run_engine(
+                engine, c, args.prompt_len, args.output_len, rng, out / f"host-profile-{c}.txt"
+            )
         kv_bytes = r["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         r["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]

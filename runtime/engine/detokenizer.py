@@ -1,86 +1,134 @@
 """Incremental detokenization with stop strings, one ``Detokenizer`` per request.
 
-Each new token is decoded together with a short window of the tokens before it (so merges and
-leading-space rules apply as in a full decode), and only the text beyond the window's is new.
-The engine decodes the windows of a whole batch in one ``decode_batch`` call (``push`` then
-``accept``), which costs far less per sequence than one call each.
-Text that ends in an incomplete UTF-8 sequence waits for the next token, but never for more
-than ``MAX_PENDING`` tokens: a model may emit bytes that never form a character, and waiting
-forever would make every step decode an ever longer window. When stop strings are set, the last
-``max(len(stop)) - 1`` characters are held back until it is known that they do not begin a stop
-string, so a streamed client never sees text that a stop string later removes.
+The engine pushes every sampled token of every running request through here each step, so the
+common case costs a few Python operations and no tokenizer call. For byte-level tokenizers
+(Llama 3, Qwen) decoding is concatenation of each token's bytes, so a token's text is its bytes
+(a table built once per tokenizer) fed to an incremental UTF-8 decoder: a character split across
+tokens waits in the decoder, and bytes that never form a character come out as U+FFFD at once,
+exactly as the full decode (``errors="replace"``) writes them. Other tokenizers (SentencePiece
+with byte fallback, WordPiece) decode each new token together with a short window of the tokens
+before it, so that merges and leading-space rules apply as in a full decode.
+
+When stop strings are set, the last ``max(len(stop)) - 1`` characters are held back until it is
+known that they do not begin a stop string, so a streamed client never sees text that a stop
+string later removes. Without stop strings nothing is held back and no search runs.
 """
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Callable
+
 from berth.runtime.engine.tokenizer import Tokenizer
 
-MAX_PENDING = 4  # tokens; a UTF-8 character has at most 4 bytes
+MAX_PENDING = 4  # tokens a windowed decode waits for a character to complete
 REPLACEMENT = "\ufffd"
 
 
 class Detokenizer:
     """Turns one request's output tokens into text, and finds its stop strings."""
 
+    __slots__ = ("_next_piece", "_rest", "hold", "push", "stop", "stopped", "unsent")
+
     def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.unsent = ""  # text not yet returned: a possible stop-string prefix
+        self.stopped = False  # a stop string appeared; the text ends before it
+        table = tokenizer.token_bytes
+        if table is not None:
+            self._next_piece, self._rest = _byte_level(table)
+        else:
+            window = _Window(tokenizer)
+            self._next_piece, self._rest = window.next_piece, window.rest
+        # push(token_id) -> str: append a token, return the text now safe to send (and set
+        # ``stopped`` on a stop string). Without stop strings that is the token's piece itself,
+        # so the engine's per-token call goes straight to it.
+        self.push: Callable[[int], str] = self._push_and_cut if stop else self._next_piece
+
+    def _push_and_cut(self, token_id: int) -> str:
+        return self._cut(self._next_piece(token_id))
+
+    def flush(self) -> str:
+        """The rest of the text once the request ends: the held-back tail and any incomplete
+        character (as U+FFFD, like a full decode)."""
+        if self.stopped:
+            return ""
+        text = self._cut(self._rest()) if self.stop else self._rest()
+        text += self.unsent
+        self.unsent = ""
+        return text
+
+    def _cut(self, piece: str) -> str:
+        """Search the new text (and the held tail before it) for stop strings."""
+        if not piece or self.stopped:
+            return ""
+        start = len(self.unsent)
+        text = self.unsent + piece
+        window = max(0, start - self.hold)
+        cut = -1
+        for s in self.stop:
+            i = text.find(s, window)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut >= 0:
+            self.stopped = True
+            self.unsent = ""
+            return text[:cut]
+        send = max(0, len(text) - self.hold)
+        self.unsent = text[send:]
+        return text[:send]
+
+
+def _byte_level(table: list[bytes]) -> tuple[Callable[[int], str], Callable[[], str]]:
+    """A token's text from its bytes through an incremental UTF-8 decoder; ids beyond the
+    tokenizer's vocabulary (a model's padded rows) add nothing."""
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+    size = len(table)
+
+    def next_piece(token_id: int) -> str:
+        return decode(table[token_id]) if token_id < size else ""
+
+    def rest() -> str:
+        return decode(b"", True)
+
+    return next_piece, rest
+
+
+class _Window:
+    """Decodes each new token with the tokens before it; only the text beyond the window's own
+    is new. Text that ends in an incomplete character waits for the next token, but never for
+    more than ``MAX_PENDING`` tokens (bytes that never form a character must not make every
+    step decode an ever longer window)."""
+
+    __slots__ = ("decode", "ids", "prefix_offset", "prefix_text", "read_offset", "vocab_size")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.decode = tokenizer.hf.decode
         self.vocab_size = tokenizer.vocab_size
-        self.concatenative = tokenizer.byte_level
         self.ids: list[int] = []
         self.prefix_offset = 0  # ids[prefix_offset:read_offset] is the context window
         self.read_offset = 0
         self.prefix_text = ""  # decode(ids[prefix_offset:read_offset])
-        self.stop = stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.text = ""  # all text so far, stop string removed
-        self.emitted = 0  # characters of ``text`` already returned
 
-    def push(self, token_id: int) -> list[int] | None:
-        """Append a token; return the ids whose decode ``accept`` needs (None: no new text)."""
+    def next_piece(self, token_id: int) -> str:
         if not 0 <= token_id < self.vocab_size:
-            return None
-        self.ids.append(token_id)
-        return self.ids[self.prefix_offset :]
-
-    def accept(self, full: str) -> bool:
-        """Take ``full`` (the decode of ``push``'s ids); True when a stop string appeared (the
-        text is cut before it)."""
+            return ""
         ids = self.ids
+        ids.append(token_id)
+        full = self.decode(ids[self.prefix_offset :], skip_special_tokens=True)
         waiting = len(full) <= len(self.prefix_text) or full.endswith(REPLACEMENT)
         if waiting and len(ids) - self.read_offset < MAX_PENDING:
-            return False
-        piece = full[len(self.prefix_text) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-        if self.concatenative and not waiting:
-            self.prefix_text = piece  # byte-level decoding: the window decodes to the new piece
-        else:
-            self.prefix_text = self.decode(ids[self.prefix_offset :], skip_special_tokens=True)
-        if not piece:
-            return False
-        start = len(self.text)
-        self.text += piece
-        if self.stop:
-            window = max(0, start - self.hold)
-            cut = -1
-            for s in self.stop:
-                i = self.text.find(s, window)
-                if i >= 0 and (cut < 0 or i < cut):
-                    cut = i
-            if cut >= 0:
-                self.text = self.text[:cut]
-                return True
-        return False
-
-    def add(self, token_id: int) -> bool:
-        """``push`` and ``accept`` one token on its own (the engine batches the decodes)."""
-        window = self.push(token_id)
-        return window is not None and self.accept(self.decode(window, skip_special_tokens=True))
-
-    def take(self, finished: bool) -> str:
-        """The text not yet returned (all of it once finished, else minus the held-back tail)."""
-        if self.emitted == len(self.text):
             return ""
-        end = len(self.text) if finished else max(self.emitted, len(self.text) - self.hold)
-        new = self.text[self.emitted : end]
-        self.emitted = end
-        return new
+        return self._advance(full)
+
+    def rest(self) -> str:
+        if self.read_offset == len(self.ids):
+            return ""
+        return self._advance(self.decode(self.ids[self.prefix_offset :], skip_special_tokens=True))
+
+    def _advance(self, full: str) -> str:
+        piece = full[len(self.prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.prefix_text = self.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        return piece

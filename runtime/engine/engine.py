@@ -38,7 +38,6 @@ class _Request:
     detokenizer: Detokenizer
     generator: torch.Generator | None
     stop_ids: frozenset[int]
-    max_len: int  # total tokens (prompt + output) at which it ends with "length"
     plain: bool  # greedy without log-probs: sampled by one batched argmax
 
 
@@ -46,9 +45,9 @@ class _Request:
 class _InFlight:
     """A launched batch whose results the next ``step`` collects."""
 
-    batch: ScheduledBatch
     sampling: list[Sequence]  # rows of ``logits``
     slots: list[int]  # index of each sampling sequence's placeholder token
+    filled: list[Sequence]  # sequences whose computed tokens completed a KV block
     logits: torch.Tensor
     sampled: torch.Tensor | None = None  # greedy token ids on the device
     host_tokens: torch.Tensor | None = None  # their copy on the host, valid once ``done``
@@ -122,17 +121,17 @@ class Engine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        seq = Sequence(request_id, token_ids, len(token_ids), params)
+        max_num_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        seq = Sequence(request_id, token_ids, len(token_ids), params, max_num_tokens)
         if params.logprobs is not None:
             seq.logprobs = []
         generator = None if params.seed is None else self.sampler.request_generator(params.seed)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self._eos
         )
-        max_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
         plain = params.greedy and params.logprobs is None
         self.requests[request_id] = _Request(
-            seq, Detokenizer(self.tokenizer, params.stop), generator, stop_ids, max_len, plain
+            seq, Detokenizer(self.tokenizer, params.stop), generator, stop_ids, plain
         )
         self._num_special += not plain
         self.scheduler.add(seq)
@@ -165,7 +164,8 @@ class Engine:
         """
         start = time.perf_counter()
         self._waited = 0.0
-        flight, collected = self._in_flight, None
+        flight = self._in_flight
+        collected: list[RequestOutput] | None = None
         self._in_flight = None
         if flight is not None and flight.host_tokens is None:
             collected, flight = self._collect(flight), None  # the sampler needs the logits
@@ -185,7 +185,7 @@ class Engine:
         if flight is not None:
             collected = self._collect(flight)
         if collected is not None:
-            outputs += self._process(*collected)
+            outputs += collected
             self.scheduler.drop_finished()
         self.last_step_host_seconds = time.perf_counter() - start - self._waited
         return outputs
@@ -195,42 +195,52 @@ class Engine:
         for its coming token, and start the greedy argmax and its copy to the host."""
         sampling: list[Sequence] = []
         slots: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq.token_ids):
-                slots.append(len(seq.token_ids))
+        filled: list[Sequence] = []  # completed a KV block: name it once its tokens are known
+        block_size = self.pool.block_size
+        finish = self.scheduler.finish
+        if batch.is_decode:  # one token each: every sequence samples
+            sampling = batch.seqs
+            for seq in sampling:
+                seq.num_computed_tokens += 1
+                slot = len(seq.token_ids)
                 seq.token_ids.append(PENDING)
-                sampling.append(seq)
-        for seq, slot in zip(sampling, slots, strict=True):
-            if slot + 1 >= self.requests[seq.request_id].max_len:
-                self.scheduler.finish(seq, "length")  # never schedule past its last token
-        flight = _InFlight(batch, sampling, slots, logits)
+                slots.append(slot)
+                if slot % block_size == 0:
+                    filled.append(seq)
+                if slot + 1 >= seq.max_num_tokens:
+                    finish(seq, "length")  # never schedule past its last token
+        else:
+            for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+                seq.num_computed_tokens += n
+                if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size:
+                    filled.append(seq)
+                slot = len(seq.token_ids)
+                if seq.num_computed_tokens == slot:
+                    seq.token_ids.append(PENDING)
+                    slots.append(slot)
+                    sampling.append(seq)
+                    if slot + 1 >= seq.max_num_tokens:
+                        finish(seq, "length")
+        flight = _InFlight(sampling, slots, filled, logits)
         if self._num_special == 0 and sampling:
             flight.sampled = logits.argmax(dim=-1)
             flight.host_tokens, flight.done = self.runner.copy_to_host(flight.sampled)
         return flight
 
-    def _collect(
-        self, flight: _InFlight
-    ) -> tuple[
-        list[_Request],
-        list[int],
-        list[TokenLogprob | None] | None,
-        list[FinishReason | None],
-        list[int],
-    ]:
-        """Wait for a launched batch and take its tokens: fill in the placeholders, end the
-        requests that a stop token ends, and name the blocks it completed. Requests aborted or
-        ended by a stop string meanwhile are skipped."""
+    def _collect(self, flight: _InFlight) -> list[RequestOutput]:
+        """Wait for a launched batch and turn its tokens into outputs: fill in the placeholders,
+        detokenize, apply stop tokens and stop strings, and name the KV blocks it completed.
+        Requests aborted or ended by a stop string meanwhile are skipped. One pass, a few dozen
+        Python operations per sequence: at batch 256 this loop is most of a step's host time."""
         t = time.perf_counter()
         if flight.done is not None:
             flight.done.synchronize()
         else:
             self.runner.synchronize()
         self._waited += time.perf_counter() - t
+        logprobs: list[TokenLogprob | None] | None = None
         if flight.host_tokens is not None:
-            token_ids = flight.host_tokens[: len(flight.sampling)].tolist()
-            logprobs = None
+            token_ids: list[int] = flight.host_tokens[: len(flight.sampling)].tolist()
         else:
             requests = [self.requests.get(s.request_id) for s in flight.sampling]
             token_ids, logprobs = self.sampler(
@@ -238,95 +248,60 @@ class Engine:
                 [s.params for s in flight.sampling],
                 [r.generator if r is not None else None for r in requests],
             )
-        live: list[_Request] = []
-        tokens: list[int] = []
-        probs: list[TokenLogprob | None] = []
-        ended: list[FinishReason | None] = []
-        counts: list[int] = []
-        for i, (seq, slot) in enumerate(zip(flight.sampling, flight.slots, strict=True)):
-            req = self.requests.get(seq.request_id)
+        live = self.requests
+        outputs: list[RequestOutput] = []
+        for i, (seq, slot, token) in enumerate(
+            zip(flight.sampling, flight.slots, token_ids, strict=True)
+        ):
+            req = live.get(seq.request_id)
             if req is None or req.seq is not seq:
                 continue
-            token = token_ids[i]
             seq.token_ids[slot] = token
             reason: FinishReason | None = None
             if token in req.stop_ids:
                 reason = "stop"
-                if seq.is_finished:  # ended at launch by its length; the stop token came first
-                    seq.finish_reason = "stop"
-                else:
-                    self.scheduler.finish(seq, "stop")
-            elif slot + 1 >= req.max_len:
-                reason = "length"  # the sequence was finished when this token was launched
+                text = req.detokenizer.flush()
+            else:
+                text = req.detokenizer.push(token)
+                if req.detokenizer.stopped:
+                    reason = "stop"  # a stop string; the text ends before it
+                elif slot + 1 >= seq.max_num_tokens:
+                    reason = "length"  # the sequence was finished when this token was launched
+                    text += req.detokenizer.flush()
             if reason is not None:
+                if reason == "stop":
+                    self._stop(seq)
                 self._forget(seq.request_id)
-            live.append(req)
-            tokens.append(token)
-            ended.append(reason)
-            counts.append(slot + 1 - seq.num_prompt_tokens)
+            logprob = None
             if logprobs is not None:
-                probs.append(logprobs[i])
-        block_size = self.pool.block_size
-        running = SequenceStatus.RUNNING
-        for seq in flight.batch.seqs:
-            if (
-                seq.status is running
-                and seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size
-            ):
-                self.pool.register_computed(seq)
-        return live, tokens, probs if logprobs is not None else None, ended, counts
-
-    def _process(
-        self,
-        requests: list[_Request],
-        token_ids: list[int],
-        logprobs: list[TokenLogprob | None] | None,
-        ended: list[FinishReason | None],
-        counts: list[int],
-    ) -> list[RequestOutput]:
-        """Detokenize the collected tokens in one batched call, apply stop strings and build
-        the outputs (runs while the device computes the next batch)."""
-        windows: list[list[int]] = []
-        decoding: list[int] = []
-        for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
-            if ended[i] != "stop":
-                window = req.detokenizer.push(token)
-                if window is not None:
-                    windows.append(window)
-                    decoding.append(i)
-        if windows:
-            texts = self.tokenizer.hf.decode_batch(windows, skip_special_tokens=True)
-            for i, full in zip(decoding, texts, strict=True):
-                if requests[i].detokenizer.accept(full):
-                    seq = requests[i].seq
-                    if seq.is_finished:
-                        seq.finish_reason = "stop"  # the text ended it, not the length
-                    else:
-                        self.scheduler.finish(seq, "stop")
-                    if ended[i] is None:
-                        self._forget(seq.request_id)
-                    ended[i] = "stop"
-        outputs = []
-        for i, (req, token) in enumerate(zip(requests, token_ids, strict=True)):
-            seq = req.seq
-            logprob = logprobs[i] if logprobs is not None else None
-            if logprob is not None and seq.logprobs is not None:
-                seq.logprobs.append(logprob)
-            reason = ended[i]
+                logprob = logprobs[i]
+                if logprob is not None and seq.logprobs is not None:
+                    seq.logprobs.append(logprob)
             outputs.append(
                 RequestOutput(
                     seq.request_id,
                     [token],
-                    req.detokenizer.take(reason is not None),
+                    text,
                     reason is not None,
                     reason,
                     seq.num_prompt_tokens,
-                    counts[i],
+                    slot + 1 - seq.num_prompt_tokens,
                     seq.num_cached_tokens,
                     None if logprob is None else [logprob],
                 )
             )
+        running = SequenceStatus.RUNNING
+        for seq in flight.filled:
+            if seq.status is running:
+                self.pool.register_computed(seq)
         return outputs
+
+    def _stop(self, seq: Sequence) -> None:
+        """End ``seq`` with "stop"; one that its length already ended keeps its blocks freed."""
+        if seq.is_finished:  # ended at launch by its length; the stop came first
+            seq.finish_reason = "stop"
+        else:
+            self.scheduler.finish(seq, "stop")
 
     def _finished_output(self, seq: Sequence) -> RequestOutput:
         """The final output of a request the scheduler ended on its own (it can never fit)."""
@@ -334,7 +309,7 @@ class Engine:
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=[],
-            new_text=req.detokenizer.take(True),
+            new_text=req.detokenizer.flush(),
             finished=True,
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,

@@ -268,26 +268,27 @@ class ModelRunner:
         graph_size = next((g for g in self.graph_sizes if g >= b), 0)
         rows = graph_size or b
         tokens, seq_lens = self.np_tokens, self.np_seq_lens
-        positions = [s.num_computed_tokens for s in seqs]
-        ids = [s.token_ids[p] for s, p in zip(seqs, positions, strict=True)]
-        tokens[0, :b] = ids
+        # The usual step: the same sequences as the last one, whose input tokens are all still
+        # on the device (the host has not seen them yet), so no input id is read here.
+        from_device = pending is not None and seqs == pending[1][:b]
+        positions = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+        if not from_device:
+            tokens[0, :b] = [s.token_ids[p] for s, p in zip(seqs, positions.tolist(), strict=True)]
+        width = self._fill_block_tables(seqs, rows, batch.grown)
         tokens[1, :b] = positions
-        tokens[2, :b] = [
-            s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)
-        ]
+        tokens[2, :b] = self.np_block_tables[np.arange(b), positions // bs] * bs + positions % bs
         seq_lens[:b] = positions
         seq_lens[:b] += 1
         if rows > b:  # graph padding: read block 0, write nowhere
             tokens[:, b:rows] = _PAD_TOKENS
             seq_lens[b:rows] = 1
-        width = self._fill_block_tables(seqs, rows, batch.grown)
         if graph_size:
             self.d_tokens[:, :rows].copy_(self.h_tokens[:, :rows], non_blocking=True)
             self.d_seq_lens[:rows].copy_(self.h_seq_lens[:rows], non_blocking=True)
             self.d_block_tables[:rows, :width].copy_(
                 self.h_block_tables[:rows, :width], non_blocking=True
             )
-            self._fill_pending(self.d_tokens[0], ids, seqs, pending)
+            self._fill_pending(self.d_tokens[0], seqs, pending, from_device)
             self.graphs[graph_size].replay()
             return self.graph_logits[graph_size][:b]
         dev = self.device
@@ -299,32 +300,33 @@ class ModelRunner:
             max_seq_len=int(seq_lens[:b].max()),
         )
         input_ids = self.h_tokens[0, :b].to(dev, copy=True)
-        self._fill_pending(input_ids, ids, seqs, pending)
+        self._fill_pending(input_ids, seqs, pending, from_device)
         hidden = self.model(input_ids, self.h_tokens[1, :b].to(dev), meta)
         return self.model.logits(hidden)
 
     def _fill_pending(
         self,
         input_ids: torch.Tensor,
-        ids: list[int],
         seqs: list[Sequence],
         pending: PendingTokens | None,
+        from_device: bool,
     ) -> None:
         """Input tokens still on the device (sampled by the previous step, not yet seen by the
         host) are copied there from its sampled ids, without a round trip."""
-        if PENDING not in ids:
+        b = len(seqs)
+        if from_device:
+            assert pending is not None
+            input_ids[:b].copy_(pending[0][:b])
+            return
+        missing: list[int] = np.flatnonzero(self.np_tokens[0, :b] == PENDING).tolist()
+        if not missing:
             return
         assert pending is not None, "an input token is missing"
         sampled, sampled_seqs = pending
-        b = len(seqs)
-        if seqs == sampled_seqs[:b] and ids.count(PENDING) == b:  # the usual decode step
-            input_ids[:b].copy_(sampled[:b])
-        else:
-            rows = {id(s): i for i, s in enumerate(sampled_seqs)}
-            dst = [i for i, t in enumerate(ids) if t == PENDING]
-            src = [rows[id(seqs[i])] for i in dst]
-            dev = input_ids.device
-            input_ids[torch.tensor(dst, device=dev)] = sampled[torch.tensor(src, device=dev)]
+        rows = {id(s): i for i, s in enumerate(sampled_seqs)}
+        src = [rows[id(seqs[i])] for i in missing]
+        dev = input_ids.device
+        input_ids[torch.tensor(missing, device=dev)] = sampled[torch.tensor(src, device=dev)]
 
     def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
         bs = self.block_size

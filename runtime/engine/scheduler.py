@@ -29,9 +29,7 @@ class ScheduledBatch:
     @property
     def is_decode(self) -> bool:
         """Every sequence adds one token: the shape the CUDA graphs were captured for."""
-        return len(self.num_new_tokens) == len(self.seqs) and all(
-            n == 1 for n in self.num_new_tokens
-        )
+        return sum(self.num_new_tokens) == len(self.seqs)  # each count is at least 1
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +53,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens
         self.prefix_cache_hits = 0  # tokens
+        self._num_finished_running = 0  # > 0: ``running`` may hold finished sequences
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -70,6 +69,10 @@ class Scheduler:
         order = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
         if len(order) != len(self.running):
             order += [s for s in self.running if len(s.token_ids) - s.num_computed_tokens != 1]
+        elif budget >= len(order) and self._room_for_decodes(order):
+            batch.seqs, batch.num_new_tokens = order, [1] * len(order)
+            batch.grown = self.pool.take_grown()
+            return self._admit(batch, budget - len(order))
         allocate, running = self.pool.allocate, SequenceStatus.RUNNING
         seqs, counts = batch.seqs, batch.num_new_tokens
         for i, seq in enumerate(order):
@@ -92,6 +95,22 @@ class Scheduler:
         batch.grown = self.pool.take_grown()
         if preempted:
             return batch
+        return self._admit(batch, budget)
+
+    def _room_for_decodes(self, decodes: list[Sequence]) -> bool:
+        """The common step, every running sequence decoding: only those whose next token
+        starts a block (or shares its last one) ask the pool for one. False when the pool is
+        out of blocks (then the full path preempts; the blocks given here stay valid)."""
+        bs, refs, allocate = self.pool.block_size, self.pool.ref_counts, self.pool.allocate
+        return all(
+            allocate(s, 1)
+            for s in decodes
+            if not s.num_computed_tokens % bs or refs[s.block_table[-1]] > 1
+        )
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> ScheduledBatch:
+        """Waiting sequences join in arrival order while the budget, the batch size limit
+        and the pool (keeping a watermark of free blocks) allow."""
         reserve = int(self.watermark * self.pool.num_blocks)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -127,6 +146,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self._num_finished_running += 1
         self.pool.free_sequence(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -139,7 +160,9 @@ class Scheduler:
         self._finish(seq, reason)
 
     def drop_finished(self) -> None:
-        self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+        if self._num_finished_running:
+            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+            self._num_finished_running = 0
 
     def abort(self, request_id: str) -> Sequence | None:
         """Finish the request's sequence wherever it is and free its blocks; None if unknown."""

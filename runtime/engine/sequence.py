@@ -33,6 +33,7 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
+    max_num_tokens: int  # prompt + output tokens at which it ends with "length"
     arrival: int = field(default_factory=lambda: next(_arrival))
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)

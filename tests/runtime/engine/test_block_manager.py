@@ -14,7 +14,7 @@ BS = 4
 
 
 def _seq(tokens: list[int], name: str = "s") -> Sequence:
-    return Sequence(name, list(tokens), len(tokens), SamplingParams())
+    return Sequence(name, list(tokens), len(tokens), SamplingParams(), len(tokens) + 16)
 
 
 def _compute(pool: KvBlockPool, seq: Sequence, n: int) -> None:

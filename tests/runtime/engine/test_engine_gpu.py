@@ -24,7 +24,9 @@ def _decode_logits(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
     engine.step()  # launches the prefill (all prompts fit one step)
     engine.step()  # collects it and launches the first decode step
     flight = engine._in_flight
-    assert flight is not None and flight.batch.is_decode and len(flight.sampling) == len(prompts)
+    assert flight is not None and len(flight.sampling) == len(prompts)
+    # A decode step: one token past each prompt.
+    assert [s.num_computed_tokens for s in flight.sampling] == [len(p) + 1 for p in prompts]
     engine.runner.synchronize()
     logits = flight.logits.float().clone()
     for i in range(len(prompts)):

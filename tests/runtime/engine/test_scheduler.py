@@ -14,7 +14,7 @@ def _scheduler(num_blocks: int = 64, **overrides: int) -> Scheduler:
 
 
 def _seq(name: str, n: int) -> Sequence:
-    return Sequence(name, list(range(1, n + 1)), n, SamplingParams())
+    return Sequence(name, list(range(1, n + 1)), n, SamplingParams(), n + 16)
 
 
 def _run(s: Scheduler, batch: ScheduledBatch, token: int = 0) -> None:
