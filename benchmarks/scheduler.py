@@ -16,6 +16,7 @@ Prints one table and writes benchmarks/results/scheduler.md.
 """
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "nodes": args.nodes,
         "gpus": args.nodes * 8,
         "services": args.services,
+        "via": args.via,
     }
     with tempfile.TemporaryDirectory(prefix="berth-bench-") as tmp:
         state = Path(tmp)
@@ -278,6 +280,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     result = run(args)
+    say(json.dumps(result))  # the raw numbers, whatever happens to the table
     table = report(result)
     print(table)
     if args.out:

@@ -71,7 +71,7 @@ def percentile(values: list[float], q: float) -> float:
 def engine_baseline(args: argparse.Namespace) -> dict[str, float]:
     """Closed loop of ``--users`` streams on ``Engine.step()``; output tokens/s in the window."""
     from berth.runtime.engine import Engine, EngineConfig, SamplingParams
-    from berth.runtime.server.lifecycle import share_cpu_with_event_loop
+    from berth.runtime.server.engine_process import share_cpu_with_event_loop
 
     share_cpu_with_event_loop(args.device)  # the same threads as the server's engine gets
     engine = Engine(EngineConfig(model=args.model_dir, device=args.device))

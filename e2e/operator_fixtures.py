@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from berth import wire
-from berth.e2e.cluster import LocalCluster
+from berth.e2e.cluster import ClusterError, LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,10 +97,18 @@ def apply_docs(cluster: LocalCluster, docs: list[dict[str, Any]]) -> str:
 
 
 def install_crds(cluster: LocalCluster) -> None:
+    """Apply crds/ and wait until the API serves InferenceServices (Established comes first;
+    lists answer 429 while the storage initialises)."""
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/inferenceservices.berth.dev", "--timeout=60s"
-    )
+    wait_for("the InferenceService API to serve", lambda: _serves(cluster), timeout=60, every=0.5)
+
+
+def _serves(cluster: LocalCluster) -> bool:
+    try:
+        cluster.kubectl("get", "inferenceservices", "-A")
+        return True
+    except ClusterError:
+        return False
 
 
 def service_manifest(
