@@ -221,7 +221,7 @@ def test_no_fit_stays_pending_with_a_condition_until_a_deletion_frees_room(
 def test_spec_updates_roll_and_unservable_specs_become_conditions(
     cluster: LocalCluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    apply_docs(cluster, [service_manifest("roll", namespace, 0.25)])
+    apply_docs(cluster, [service_manifest("roll", namespace, 0.25, maxReplicas=3)])
     (first,) = wait_for(
         "roll Running", lambda: running(p := berth_pods(cluster, namespace)) and len(p) == 1 and p
     )
@@ -252,6 +252,21 @@ def test_spec_updates_roll_and_unservable_specs_become_conditions(
             )
             == service["metadata"]["generation"]
         ),
+    )
+
+    # The scale subresource: two replicas get a disruption budget, one replica loses it again.
+    cluster.kubectl("scale", "inferenceservice", "roll", "-n", namespace, "--replicas=2")
+    wait_for(
+        "two replicas Running", lambda: running(p := berth_pods(cluster, namespace)) and len(p) == 2
+    )
+    wait_for(
+        "a PodDisruptionBudget",
+        lambda: "roll" in cluster.kubectl("get", "pdb", "-n", namespace, "-o", "name"),
+    )
+    cluster.kubectl("scale", "inferenceservice", "roll", "-n", namespace, "--replicas=1")
+    wait_for(
+        "the budget pruned",
+        lambda: "roll" not in cluster.kubectl("get", "pdb", "-n", namespace, "-o", "name"),
     )
 
     # Admitted, yet its Deployment is refused (CPU request above its limit): a condition, no crash.
