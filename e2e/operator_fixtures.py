@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 class OperatorProcess:
     """``python -m berth operator`` against the cluster; killed and restarted by tests."""
 
-    def __init__(self, cluster: LocalCluster, log_dir: Path, *args: str) -> None:
+    def __init__(
+        self, cluster: LocalCluster, log_dir: Path, *args: str, kubeconfig: Path | None = None
+    ) -> None:
         self.cluster, self.log_dir, self.args = cluster, log_dir, args
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -32,6 +35,7 @@ class OperatorProcess:
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
         env = {
             **self.cluster.env(),
+            "KUBECONFIG": str(self.kubeconfig),
             "BERTH_RUNTIME_IMAGE": "berth-runtime:e2e",
             "PYTHONUNBUFFERED": "1",
         }
@@ -41,7 +45,7 @@ class OperatorProcess:
             "berth",
             "operator",
             "--kubeconfig",
-            str(self.cluster.kubeconfig),
+            str(self.kubeconfig),
             *self.args,
         ]
         self.process = subprocess.Popen(
@@ -168,13 +172,34 @@ def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
     return {}
 
 
+CHART = ROOT / "charts" / "berth"
+CHART_NAMESPACE = "berth-system"
+
+
+def install_chart(cluster: LocalCluster, state: Path) -> Path:
+    """``helm install`` the chart and return a kubeconfig for its ServiceAccount, so that the
+    operator process runs with exactly the chart's RBAC (its Deployment's pod is only a kwok
+    stand-in)."""
+    cluster.helm("upgrade", "--install", "berth", str(CHART), "--namespace", CHART_NAMESPACE,
+                 "--create-namespace", "--skip-crds", "--wait=false")  # fmt: skip
+    token = cluster.kubectl("create", "token", "berth-operator", "-n", CHART_NAMESPACE).strip()
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    path = state / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def operator(
     cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    """CRDs installed and one operator process running; stopped when the module ends."""
+    """CRDs and the chart installed, one operator process running as the chart's
+    ServiceAccount; stopped when the module ends."""
     install_crds(cluster)
-    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
+    state = tmp_path_factory.mktemp("operator")
+    process = OperatorProcess(cluster, state, kubeconfig=install_chart(cluster, state))
     process.start()
     try:
         yield process
