@@ -212,7 +212,7 @@ def prefill_configs(sweep: bool) -> list[PrefillConfig | None]:
     results are in benchmarks/results/kernels-notes.md."""
     if not sweep:
         return [None]
-    shapes = [(128, 128, 8, 4), (64, 64, 4, 2), (128, 64, 8, 3)]
+    shapes = [(128, 128, 8, 4), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)]
     return [None, *(PrefillConfig(*shape) for shape in shapes)]
 
 

@@ -12,7 +12,9 @@ tall whatever the GQA ratio. Program ids map to (sequence, tile) without a host 
 b's tiles start at ``query_start_loc[b] // BLOCK_Q + b`` (increasing in b, never overlapping),
 found by counting the first tiles <= the id; ids past a sequence's last tile exit at once.
 Keys wholly before a tile's first query are visible to every row and run without masks; only
-the diagonal band pays for the causal mask.
+the diagonal band pays for the causal mask, and its first key step runs before the others.
+The softmax scale folds into the exponent's FMA, and K/V offsets are 32-bit and shared by K and
+V where the caches allow (benchmarks/results/kernels-notes.md has the measured effect of each).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import triton.language as tl
 from berth.kernels import checks
 
 LOG2E = 1.4426950408889634
+WIDE_INDEX_FROM = 2**31  # caches with element offsets this large index K/V in 64 bits
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,36 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr): 
 
 
 @triton.jit
+def _slot_offsets(  # type: ignore[no-untyped-def]
+    table,
+    toks,
+    tok_ok,
+    stride_k_block,
+    stride_k_slot,
+    stride_v_block,
+    stride_v_slot,
+    BLOCK_SIZE: tl.constexpr,
+    V_LIKE_K: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+):
+    """Element offsets of tokens ``toks`` in the K and V caches, through the block table.
+
+    Index arithmetic is about a seventh of the key loop's instructions on H100 (SASS count), so
+    it stays 32-bit unless the cache needs more, and is shared by K and V when they can.
+    """
+    if tok_ok is None:
+        block = tl.load(table + toks // BLOCK_SIZE)
+    else:
+        block = tl.load(table + toks // BLOCK_SIZE, mask=tok_ok, other=0)
+    if WIDE_INDEX:
+        block = block.to(tl.int64)
+    slot = toks % BLOCK_SIZE
+    k_off = block * stride_k_block + slot * stride_k_slot
+    v_off = k_off if V_LIKE_K else block * stride_v_block + slot * stride_v_slot
+    return k_off, v_off
+
+
+@triton.jit
 def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -64,6 +97,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     out_ptr,  # [T, Hq, D]
     qk_scale,  # softmax scale * log2(e)
     num_seqs,
+    num_kv_heads,
     stride_q_t,
     stride_q_h,
     stride_k_block,
@@ -81,10 +115,15 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    V_LIKE_K: tl.constexpr,  # v_cache has k_cache's strides: one offset tensor serves both
+    WIDE_INDEX: tl.constexpr,  # a cache offset can pass 2**31: 64-bit offset arithmetic
 ):
-    # Heaviest tiles (the last ones of the last sequences) first, to shorten the tail.
-    tile_id = tl.num_programs(0) - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # Heaviest tiles (the last ones of the last sequences) first, all KV heads of a tile
+    # together, so the lightest programs form the tail (H100, 4 x 2k chunks, no prefix: +2-4%
+    # over heads-outer order; within noise with a 2k prefix).
+    rank = tl.num_programs(0) - 1 - tl.program_id(0)
+    tile_id = rank // num_kv_heads
+    kv_head = rank % num_kv_heads
     seq = _find_sequence(query_start_loc_ptr, tile_id, num_seqs, BLOCK_Q)
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
@@ -103,71 +142,83 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     dims = tl.arange(0, HEAD_DIM)
     token = (q_begin + q_idx).to(tl.int64)
     head = kv_head * GROUP + group_head
-    q = tl.load(
-        q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )  # [M, D]
-
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)  # noqa: E741
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
     offsets = tl.arange(0, BLOCK_N)
 
-    # Keys before the tile's first query are visible to every row and need no mask; only the
-    # diagonal band from ``diag_start`` to ``band_end`` does. Two loops, not one loop with a
-    # masked branch: on H100 the branch cost 10-15% (benchmarks/results/kernels-notes.md).
+    # The causal band [diag_start, band_end) needs a mask; keys before it are visible to every
+    # row. Its first block goes first, as straight-line code: its K/V loads are in flight
+    # together with Q's (one memory latency, not a second pipeline prologue after the main
+    # loop), and every row sees its first key (diag_start <= q_pos), so the running max is
+    # finite from here on and the loops below need no guard for rows that see nothing.
     diag_start = (prefix + q_first) // BLOCK_N * BLOCK_N
     band_end = tl.minimum(prefix + q_first + BLOCK_Q, seq_len)
-    for tok0 in range(0, diag_start, BLOCK_N):
+    toks = diag_start + offsets
+    tok_ok = toks < band_end
+    k_off, v_off = _slot_offsets(
+        table, toks, tok_ok, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+        BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+    )  # fmt: skip
+    k = tl.load(k_base + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+    v = tl.load(v_base + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )  # [M, D]
+    s = tl.dot(q, tl.trans(k))  # [M, N]; times qk_scale (> 0) gives log2 units
+    s = tl.where((toks[None, :] <= q_pos[:, None]) & tok_ok[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1) * qk_scale
+    p = tl.math.exp2(s * qk_scale - m[:, None])
+    l = tl.sum(p, axis=1)  # noqa: E741
+    acc = tl.dot(p.to(v.dtype), v)
+
+    # Rest of the band: only when it spans more than one key block (BLOCK_Q > 1 step, or a
+    # band that straddles a block edge).
+    for tok0 in tl.range(diag_start + BLOCK_N, band_end, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
-        block = tl.load(table + toks // BLOCK_SIZE).to(tl.int64)
-        slot = toks % BLOCK_SIZE
-        k = tl.load(
-            k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :]
-        )
-        v = tl.load(
-            v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :]
-        )
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
+        tok_ok = toks < band_end
+        k_off, v_off = _slot_offsets(
+            table, toks, tok_ok, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+            BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+        )  # fmt: skip
+        k = tl.load(k_base + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        v = tl.load(v_base + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        s = tl.where((toks[None, :] <= q_pos[:, None]) & tok_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    for tok0 in range(diag_start, band_end, BLOCK_N):
+
+    # Keys before the band: no mask. The scale folds into the exponent's FMA.
+    for tok0 in range(0, diag_start, BLOCK_N):
         toks = tok0 + offsets
-        tok_ok = toks < band_end
-        block = tl.load(table + toks // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
-        slot = toks % BLOCK_SIZE
-        k = tl.load(
-            k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + dims[None, :],
-            mask=tok_ok[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + dims[None, :],
-            mask=tok_ok[:, None],
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        visible = (toks[None, :] <= q_pos[:, None]) & tok_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m - m_safe)
+        k_off, v_off = _slot_offsets(
+            table, toks, None, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+            BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+        )  # fmt: skip
+        k = tl.load(k_base + k_off[:, None] + dims[None, :])
+        v = tl.load(v_base + v_off[:, None] + dims[None, :])
+        s = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc * (1.0 / l)[:, None]
     dst = out_ptr + token[:, None] * stride_out_t + head[:, None] * stride_out_h + dims[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset from ``t``'s first element (its view may be strided)."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
 def default_config(head_dim: int, block_size: int) -> PrefillConfig:
@@ -217,6 +268,10 @@ def launch_prefill(
         out = torch.empty_like(query)
     else:
         checks.check_out(out, query)
+    if not scale > 0:
+        raise ValueError(
+            f"scale must be positive (the kernel folds it into max and exp), got {scale}"
+        )
     if num_tokens == 0 or num_seqs == 0:
         return out
     config = config or default_config(head_dim, block_size)
@@ -227,7 +282,7 @@ def launch_prefill(
         raise ValueError(f"block_n {config.block_n} and block_size {block_size} must nest")
     block_q = config.block_m // group_pad
     num_tiles = num_tokens // block_q + num_seqs  # bounds sum_b cdiv(q_len_b, block_q)
-    _prefill_kernel[(num_tiles, num_kv_heads)](
+    _prefill_kernel[(num_tiles * num_kv_heads,)](
         query,
         k_cache,
         v_cache,
@@ -237,6 +292,7 @@ def launch_prefill(
         out,
         scale * LOG2E,
         num_seqs,
+        num_kv_heads,
         query.stride(0),
         query.stride(1),
         k_cache.stride(0),
@@ -254,6 +310,8 @@ def launch_prefill(
         BLOCK_SIZE=block_size,
         BLOCK_Q=block_q,
         BLOCK_N=config.block_n,
+        V_LIKE_K=k_cache.stride() == v_cache.stride(),
+        WIDE_INDEX=max(_max_offset(k_cache), _max_offset(v_cache)) >= WIDE_INDEX_FROM,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

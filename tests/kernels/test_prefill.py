@@ -6,7 +6,7 @@ import pytest
 import torch
 from paged_checks import CPU_DTYPES, GPU_DTYPES, assert_close, poisoned_like
 
-from berth.kernels import paged_prefill_attention, reference, write_kv_cache
+from berth.kernels import paged_prefill_attention, prefill, reference, write_kv_cache
 from berth.kernels.prefill import PrefillConfig, launch_prefill
 from berth.kernels.synthetic import random_paged_batch
 
@@ -67,6 +67,49 @@ def test_prefill_page_sizes_and_ragged_lengths(
     device: torch.device, block_size: int, config: PrefillConfig
 ) -> None:
     run_prefill([33, 70], [33, 20], 4, 2, 64, block_size, torch.float16, device, config)
+
+
+def test_prefill_band_wider_than_a_key_step(device: torch.device) -> None:
+    """32 queries per tile against 16-key steps: the causal band spans up to three steps after
+    a prefix that ends mid-step (the band's first step runs before the others)."""
+    config = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+    run_prefill([45, 38], [38, 38], 2, 2, 16, 16, torch.float16, device, config)
+
+
+def test_prefill_value_cache_with_other_strides(device: torch.device) -> None:
+    """V laid out heads-first (a strided view): K's offsets cannot serve V."""
+    batch = random_paged_batch([40, 23], 2, 32, 16, torch.float16, device)
+    num_blocks, block_size, kv_heads, dim = batch.v_cache.shape
+    v_cache = torch.empty(num_blocks, kv_heads, block_size, dim, dtype=torch.float16)
+    v_cache = v_cache.to(device).transpose(1, 2)
+    v_cache.copy_(batch.v_cache)
+    assert v_cache.stride() != batch.k_cache.stride()
+    query = torch.randn(30, 4, dim, dtype=torch.float16, device=device)
+    qsl = torch.tensor([0, 17, 30], dtype=torch.int32, device=device)
+    args = (batch.k_cache, v_cache, batch.block_tables, batch.seq_lens, qsl, dim**-0.5)
+    out = launch_prefill(query, *args, poisoned_like(query), SMALL)
+    expected = reference.paged_prefill_attention(
+        query.double(), batch.k_cache.double(), batch.v_cache.double(), batch.block_tables,
+        batch.seq_lens, qsl, dim**-0.5,
+    )  # fmt: skip
+    assert_close(out, expected, torch.float16)
+
+
+def test_prefill_wide_index_path(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches past 2**31 elements index in 64 bits; forced here on a small cache."""
+    monkeypatch.setattr(prefill, "WIDE_INDEX_FROM", 0)
+    run_prefill([45, 9], [13, 9], 4, 2, 32, 16, torch.float16, device, SMALL)
+
+
+def test_prefill_rejects_non_positive_scale(device: torch.device) -> None:
+    """The kernel folds the scale into the running max, which assumes it is positive."""
+    batch = random_paged_batch([8], 1, 16, 16, torch.float16, device)
+    query = torch.randn(8, 1, 16, dtype=torch.float16, device=device)
+    qsl = torch.tensor([0, 8], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="scale"):
+        paged_prefill_attention(
+            query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, qsl, 0.0
+        )
 
 
 def test_prefill_shared_prefix_page(device: torch.device) -> None:
