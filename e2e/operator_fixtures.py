@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from berth import wire
-from berth.e2e.cluster import ClusterError, LocalCluster
+from berth.e2e.cluster import ClusterError, LocalCluster, _die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,12 @@ class OperatorProcess:
             *self.args,
         ]
         self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=_die_with_parent,  # never outlive the test run
         )
 
     def kill(self) -> None:
