@@ -267,3 +267,19 @@ def test_the_free_memory_index_chooses_exactly_what_the_full_scan_chooses(
         assert naive == fast[request.pod], request
         if naive:
             ledger.add(naive)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    fractions=st.lists(st.sampled_from(EIGHTHS[:4]), min_size=1, max_size=12),
+    replicas=st.integers(1, 4),
+)
+def test_replicas_land_on_distinct_nodes_whenever_there_is_room(
+    fractions: list[float], replicas: int
+) -> None:
+    nodes = cluster(4, gpus=8)  # 32 GPUs; the workload asks for at most 24 GPUs' worth
+    ledger = placed(place(nodes, GpuLedger(), requests(fractions, replicas)))
+    by_service: dict[str, list[str]] = {}
+    for allocation in ledger.by_pod.values():
+        by_service.setdefault(allocation.service, []).append(allocation.node)
+    assert all(len(set(n)) == len(n) == replicas for n in by_service.values())
