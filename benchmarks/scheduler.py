@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from berth import wire
-from berth.e2e.cluster import LocalCluster, _die_with_parent
+from berth.e2e.cluster import LocalCluster, die_with_parent
 from berth.e2e.operator_fixtures import install_crds
 from berth.operator import gpus, render
 from berth.operator.api import InferenceService
@@ -135,7 +135,7 @@ def operator_process(cluster: LocalCluster, log: Path, *flags: str) -> subproces
         stderr=subprocess.STDOUT,
         env=cluster.env(),
         cwd=ROOT,
-        preexec_fn=_die_with_parent,  # never outlive the benchmark
+        preexec_fn=die_with_parent,  # never outlive the benchmark
     )
 
 

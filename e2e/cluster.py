@@ -67,7 +67,9 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child that must not outlive this process, even if it is SIGKILLed:
+    the kernel sends the child SIGKILL when its parent dies (runs between fork and exec)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -265,7 +267,7 @@ class LocalCluster:
             stdin=subprocess.DEVNULL,
             cwd=self.state_dir,
             start_new_session=True,
-            preexec_fn=_die_with_parent if self.attach else None,
+            preexec_fn=die_with_parent if self.attach else None,
         )
         self.pids[component] = process.pid
         self._save_state()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from berth import wire
-from berth.e2e.cluster import ClusterError, LocalCluster, _die_with_parent
+from berth.e2e.cluster import ClusterError, LocalCluster, die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ class OperatorProcess:
             stderr=subprocess.STDOUT,
             env=env,
             cwd=ROOT,
-            preexec_fn=_die_with_parent,  # never outlive the test run
+            preexec_fn=die_with_parent,  # never outlive the test run
         )
 
     def kill(self) -> None:
