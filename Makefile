@@ -18,7 +18,8 @@ system:
 	@command -v openssl >/dev/null || { echo "[berth] installing Debian package openssl"; \
 	  apt-get update -qq && apt-get install -y -qq openssl; }
 
-$(VENV)/.installed: requirements.lock | system
+# The venv's path carries the lock file's hash, so a changed lock makes a new venv; no mtime rule.
+$(VENV)/.installed: | system
 	@echo "[berth] installing Python packages into $(VENV) (about 5 min the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q uv==0.13.8
