@@ -11,7 +11,9 @@ Metrics, as aiperf defines them: TTFT is send to first chunk; ITL per request is
 the measurement window (after a warm-up) per second. The engine baseline drives
 ``Engine.step()`` in a closed loop with the same concurrency and request shape, in a process of
 its own; the server's overhead is 1 - server throughput / engine throughput at the top
-concurrency (target: at most 5%).
+concurrency (target: at most 5%). The server runs its engine in a process of its own too
+(``berth.runtime.server.engine_process``), so HTTP work and the engine's host work do not
+share a GIL.
 
 On the GPU machine (no fastapi/uvicorn/pydantic/locust there, and no network) install the
 wheels that ``benchmarks/serve_wheels.sh`` downloads, then run::

@@ -10,7 +10,9 @@ from fastapi.responses import Response
 from jinja2 import TemplateError
 
 from berth.runtime.server.body import parse_body
-from berth.runtime.server.engine_loop import EngineRequest, Update
+from berth.runtime.server.chunks import ChunkFrame, chat_choice
+from berth.runtime.server.engine_loop import Update
+from berth.runtime.server.engine_process import EngineRequest
 from berth.runtime.server.errors import invalid_request
 from berth.runtime.server.generation import ChoiceProgress, respond
 from berth.runtime.server.protocol import (
@@ -75,6 +77,9 @@ class ChatRenderer:
         self.include_usage = bool(options and options.include_usage)
         self.prompt_tokens = prompt_tokens
         self.choices = choices
+        self._frame = ChunkFrame(
+            self.id, "chat.completion.chunk", self.created, model, self.include_usage
+        )
 
     def usage(self, choices: list[ChoiceProgress]) -> UsageInfo:
         completion = sum(c.output_tokens for c in choices)
@@ -120,20 +125,10 @@ class ChatRenderer:
         text = output.new_text if output is not None else ""
         if not text and not choice.finish_reason:
             return
-        logprobs = None
+        logprobs = "null"
         if self.with_logprobs and output is not None and output.logprobs:
-            logprobs = chat_logprobs(output.logprobs, self.tokenizer)
-        delta = ChatDelta(content=text) if text else ChatDelta()
-        yield self._chunk(
-            [
-                ChatChunkChoice(
-                    index=choice.index,
-                    delta=delta,
-                    logprobs=logprobs,
-                    finish_reason=choice.finish_reason,
-                )
-            ]
-        )
+            logprobs = chat_logprobs(output.logprobs, self.tokenizer).model_dump_json()
+        yield self._frame.chunk(chat_choice(choice.index, text, logprobs, choice.finish_reason))
 
     def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]:
         if self.include_usage:
@@ -154,10 +149,9 @@ async def create_chat_completion(raw: Request) -> Response:
     arrival = time.monotonic()
     server = get_server(raw)
     request = await parse_body(raw, ChatCompletionRequest, server.settings.max_body_bytes)
-    loop = server.serving_loop(request.model)
+    loop, model = server.serving_loop(request.model)
     check_supported(request)
-    assert server.engine is not None
-    tokenizer, max_len = server.engine.tokenizer, server.engine.max_model_len
+    tokenizer, max_len = model.tokenizer, model.max_model_len
     messages = chat_messages(request)
     try:
         prompt = tokenizer.apply_chat_template(messages)

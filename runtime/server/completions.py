@@ -9,7 +9,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from berth.runtime.server.body import parse_body
-from berth.runtime.server.engine_loop import EngineRequest, Update
+from berth.runtime.server.chunks import ChunkFrame, completion_choice
+from berth.runtime.server.engine_loop import Update
+from berth.runtime.server.engine_process import EngineRequest
 from berth.runtime.server.generation import ChoiceProgress, respond
 from berth.runtime.server.protocol import (
     CompletionChoice,
@@ -84,6 +86,9 @@ class CompletionRenderer:
         self.prompt_tokens = prompt_tokens
         self.n = choices_per_prompt
         self._text_so_far: dict[int, int] = {}
+        self._frame = ChunkFrame(
+            self.id, "text_completion", self.created, model, self.include_usage
+        )
 
     def _echoed(self, index: int) -> str:
         return self.prompt_texts[index // self.n] if self.echo else ""
@@ -132,20 +137,14 @@ class CompletionRenderer:
         text = output.new_text if output is not None else ""
         if not text and not choice.finish_reason:
             return
-        logprobs = None
+        logprobs = "null"
         if self.with_logprobs and output is not None and output.logprobs:
             offset = self._text_so_far.get(choice.index, 0)
-            logprobs = legacy_logprobs(output.logprobs, self.tokenizer, offset)
-        self._text_so_far[choice.index] = self._text_so_far.get(choice.index, 0) + len(text)
-        yield self._chunk(
-            [
-                CompletionChoice(
-                    index=choice.index,
-                    text=text,
-                    logprobs=logprobs,
-                    finish_reason=choice.finish_reason,
-                )
-            ]
+            logprobs = legacy_logprobs(output.logprobs, self.tokenizer, offset).model_dump_json()
+        if self.with_logprobs:
+            self._text_so_far[choice.index] = self._text_so_far.get(choice.index, 0) + len(text)
+        yield self._frame.chunk(
+            completion_choice(choice.index, text, logprobs, choice.finish_reason)
         )
 
     def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]:
@@ -171,10 +170,9 @@ async def create_completion(raw: Request) -> Response:
     arrival = time.monotonic()
     server = get_server(raw)
     request = await parse_body(raw, CompletionRequest, server.settings.max_body_bytes)
-    loop = server.serving_loop(request.model)
+    loop, model = server.serving_loop(request.model)
     check_supported(request)
-    assert server.engine is not None
-    tokenizer, max_len = server.engine.tokenizer, server.engine.max_model_len
+    tokenizer, max_len = model.tokenizer, model.max_model_len
     n = request.n or 1
     prompts = _prompts(request, tokenizer)
     echo_texts = _echo_texts(request, prompts, tokenizer) if request.echo else []

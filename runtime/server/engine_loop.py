@@ -1,56 +1,54 @@
-"""The bridge between the synchronous, single-threaded engine and asyncio request handlers.
+"""The server's side of the engine process: admission, routing of outputs, failure handling.
 
-One background thread owns the engine: it alone calls ``add_request``, ``abort_request``,
-``step`` and ``stats``, so the engine needs no locks. Handlers talk to it through a command
-queue (add, abort) and receive outputs on a per-request :class:`asyncio.Queue`; the thread
-hands each step's outputs to the event loop in one ``call_soon_threadsafe`` call, so the
-cost per step does not grow with a thread hop per stream.
+The engine runs in a process of its own (:mod:`.engine_process`); this module spawns it and
+talks to it over a pipe. Everything here runs on the server's event loop, so it needs no locks:
+handlers call :meth:`EngineLoop.submit` and :meth:`EngineLoop.abort`, which send commands, and
+the pipe's file descriptor is watched by the loop (``add_reader``), which routes each
+:class:`StepReport`'s outputs to per-request :class:`asyncio.Queue` s and records metrics.
 
-Admission is decided on the event loop, under a lock shared with the thread: a request is
-refused with 429 when the engine's waiting queue (as of the last step) has ``max_waiting``
-requests, or when admitted-but-unfinished requests would exceed ``max_running + max_waiting``
-(which bounds a burst that arrives between two steps). Every admitted request is tracked until
-it finishes or is aborted; an abort always ends the request's stream with a final update, so a
-handler never waits on a request the engine has forgotten.
+Admission: a request is refused with 429 when the engine's waiting queue (as of its last
+report) has ``max_waiting`` requests, or when admitted-but-unfinished sequences would exceed
+``max_running + max_waiting`` (which bounds a burst that arrives between two reports). Every
+admitted sequence is tracked until it finishes or is aborted; an abort ends the sequence's
+stream at once with a final update, so a handler never waits on a request the engine has
+forgotten. If the engine process fails or dies, every tracked sequence ends with a 500, later
+requests get 503 and :attr:`EngineLoop.failure` says why (the probes fail on it).
 """
 
 import asyncio
+import contextlib
 import logging
-import queue
-import threading
+import multiprocessing
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from berth.runtime.server import errors
+from berth.runtime.server.engine_process import (
+    STOP,
+    AbortRequests,
+    AddRequests,
+    EngineFactory,
+    EngineFailed,
+    EngineReady,
+    EngineRequest,
+    OutputRow,
+    StepReport,
+    output_from_row,
+    run_engine_process,
+)
 from berth.runtime.server.errors import APIError
 from berth.runtime.server.metrics import RequestMetrics, RuntimeGauges
 
 if TYPE_CHECKING:
-    from berth.runtime.engine import EngineStats, RequestOutput, SamplingParams
+    from multiprocessing.process import BaseProcess
+
+    from berth.runtime.engine import EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
 
-
-class ServableEngine(Protocol):
-    """The part of the engine API (``berth.runtime.engine.Engine``) that the loop drives."""
-
-    def add_request(
-        self, request_id: str, prompt: str | list[int], params: "SamplingParams"
-    ) -> None: ...
-    def abort_request(self, request_id: str) -> None: ...
-    def step(self) -> "list[RequestOutput]": ...
-    def has_unfinished(self) -> bool: ...
-    def stats(self) -> "EngineStats": ...
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """One sequence to generate: an HTTP request with n choices or a prompt list makes several."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: "SamplingParams"
+STOP_TIMEOUT_S = 10.0  # how long a stopping engine process may take before it is killed
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +71,18 @@ class Update:
 
 @dataclass(eq=False)
 class RequestStream:
-    """The event-loop side of one admitted HTTP request: its updates, in engine order."""
+    """The event-loop side of one admitted HTTP request: its updates, in engine order.
+
+    The deadline is one timer per request that queues ``None`` when it passes (a timeout
+    around every wait for a token cost more than building the token's chunk).
+    """
 
     request_ids: list[str]
     deadline: float  # time.monotonic() after which the request times out
     timeout_s: float
-    queue: asyncio.Queue[Update] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Update | None] = field(default_factory=asyncio.Queue)
     unfinished: int = 0
+    _timer: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
         self.unfinished = len(self.request_ids)
@@ -88,20 +91,31 @@ class RequestStream:
     def done(self) -> bool:
         return self.unfinished == 0
 
+    def start_deadline(self) -> None:
+        """Arm the deadline on the running event loop."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + self.deadline - time.monotonic()
+        self._timer = loop.call_at(when, self.queue.put_nowait, None)
+
+    def cancel_deadline(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def next_update(self) -> Update:
         """The next update; raises TimeoutError past the deadline."""
-        if self.queue.empty():
-            loop_deadline = asyncio.get_running_loop().time() + self.deadline - time.monotonic()
-            async with asyncio.timeout_at(loop_deadline):
-                update = await self.queue.get()
-        else:
-            update = self.queue.get_nowait()
+        queue = self.queue
+        update = queue.get_nowait() if not queue.empty() else await queue.get()
+        if update is None:
+            raise TimeoutError
         if update.finished:
             self.unfinished -= 1
+            if self.unfinished == 0:
+                self.cancel_deadline()
         return update
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tracked:
     stream: RequestStream
     index: int
@@ -109,65 +123,70 @@ class _Tracked:
     last_token_at: float | None = None
 
 
-@dataclass(frozen=True)
-class _Add:
-    stream: RequestStream
-    requests: list[EngineRequest]
-    arrival: float
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_ids: list[str] | None  # None: every tracked request
-    reason: str
-
-
-_STOP = object()
+class EngineLoadError(Exception):
+    """The engine process could not load the model."""
 
 
 class EngineLoop:
-    """Drives ``engine.step()`` on a background thread and routes outputs to handlers."""
+    """Runs the engine in its own process and routes its outputs to request handlers."""
 
     def __init__(
         self,
-        engine: ServableEngine,
+        factory: EngineFactory,
         metrics: RequestMetrics,
         *,
         max_running: int,
         max_waiting: int,
         retry_after_s: int = 1,
-        weights_bytes: int = 0,
+        log_level: str = "info",
     ) -> None:
-        self._engine = engine
+        self._factory = factory
         self._metrics = metrics
         self._max_running = max_running
         self._max_waiting = max_waiting
         self._retry_after_s = retry_after_s
-        self._weights_bytes = weights_bytes
-        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._in_flight = 0  # admitted and not finished (guarded by _lock)
-        self._pending = 0  # admitted, not yet handed to the engine (guarded by _lock)
+        self._log_level = log_level
+        self._in_flight = 0  # admitted and not finished
+        self._sent = 0  # sequences sent to the engine, cumulative
+        self._taken = 0  # of those, taken by the engine as of its last report
         self._closed = False
         self._failure: str | None = None
-        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._tracked: dict[str, _Tracked] = {}
         self._gauges = RuntimeGauges()
-        self._engine_waiting = 0  # the engine's own waiting queue at the last refresh
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._weights_bytes = 0
+        self._engine_waiting = 0  # the engine's own waiting queue at its last report
+        self._conn: Connection | None = None
+        self._process: BaseProcess | None = None
+        self._ready: asyncio.Future[EngineReady] | None = None
 
-    # Event-loop side.
+    async def start(self) -> EngineReady:
+        """Spawn the engine process and wait until it has loaded the model.
 
-    def run(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Drive the engine on the calling thread until :meth:`stop`, delivering to ``loop``.
-
-        Call it on the thread that built the engine: CUDA's current device and stream, CUDA
-        graphs and compiled kernels are then used on the thread they were made on.
+        'spawn', not 'fork': CUDA cannot be used in a forked child of a process that touched it,
+        and a fresh interpreter does not inherit the server's threads.
         """
-        self._loop = loop
-        self._thread = threading.current_thread()
-        self._refresh_gauges()
-        self._run()
+        loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe(duplex=True)
+        process = context.Process(
+            target=run_engine_process,
+            args=(theirs, self._factory, self._log_level),
+            name="berth-engine",
+        )
+        self._ready = loop.create_future()
+        self._conn, self._process = ours, process
+        process.start()
+        theirs.close()  # the child holds its end: EOF here once the child is gone
+        loop.add_reader(ours.fileno(), self._on_readable)
+        ready = await self._ready
+        self._weights_bytes = ready.weights_bytes
+        self._refresh_gauges(ready.stats, 0)
+        return ready
+
+    @property
+    def process(self) -> "BaseProcess | None":
+        """The engine process (None before :meth:`start`)."""
+        return self._process
 
     def submit(
         self, requests: list[EngineRequest], arrival: float, timeout_s: float
@@ -181,44 +200,45 @@ class EngineLoop:
                 "at once. Lower n or send fewer prompts.",
                 param="n",
             )
-        with self._lock:
-            if self._failure is not None:
-                raise errors.unavailable(self._failure, "engine_failed", self._retry_after_s)
-            if self._closed:
-                raise errors.unavailable(
-                    "The server is shutting down and admits no new requests.",
-                    "draining",
-                    self._retry_after_s,
-                )
-            # max(1, ...): with max_waiting 0 an idle queue still admits up to max_running.
-            queue_full = self._engine_waiting >= max(1, self._max_waiting)
-            if self._in_flight + count > capacity or queue_full:
-                raise errors.queue_full(self._retry_after_s)
-            self._in_flight += count
-            self._pending += count
+        if self._failure is not None:
+            raise errors.unavailable(self._failure, "engine_failed", self._retry_after_s)
+        if self._closed:
+            raise errors.unavailable(
+                "The server is shutting down and admits no new requests.",
+                "draining",
+                self._retry_after_s,
+            )
+        # max(1, ...): with max_waiting 0 an idle queue still admits up to max_running.
+        queue_full = self._engine_waiting >= max(1, self._max_waiting)
+        if self._in_flight + count > capacity or queue_full:
+            raise errors.queue_full(self._retry_after_s)
         stream = RequestStream(
             [r.request_id for r in requests], deadline=arrival + timeout_s, timeout_s=timeout_s
         )
-        self._commands.put(_Add(stream, requests, arrival))
+        stream.start_deadline()
+        for index, request in enumerate(requests):
+            self._tracked[request.request_id] = _Tracked(stream, index, arrival)
+        self._in_flight += count
+        self._sent += count
+        self._send(AddRequests(requests))
         return stream
 
     def abort(self, stream: RequestStream, reason: str) -> None:
         """Abort the stream's unfinished sequences (frees their KV blocks); idempotent."""
+        stream.cancel_deadline()
         if not stream.done:
-            self._commands.put(_Abort(stream.request_ids, reason))
+            self._abort(stream.request_ids, reason)
+
+    def abort_all(self, reason: str) -> None:
+        self._abort(list(self._tracked), reason)
 
     def close(self) -> None:
         """Stop admitting: every later ``submit`` is a 503 (the drain's first step)."""
-        with self._lock:
-            self._closed = True
-
-    def abort_all(self, reason: str) -> None:
-        self._commands.put(_Abort(None, reason))
+        self._closed = True
 
     @property
     def in_flight(self) -> int:
-        with self._lock:
-            return self._in_flight
+        return self._in_flight
 
     @property
     def failure(self) -> str | None:
@@ -228,163 +248,147 @@ class EngineLoop:
     def gauges(self) -> RuntimeGauges:
         return self._gauges
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Abort whatever runs, end the thread and wait for it: the engine is free again."""
+    async def stop(self) -> None:
+        """Abort whatever runs, stop the engine process and wait for it to exit."""
         self.close()
-        self._commands.put(_STOP)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
-
-    # Engine-thread side.
-
-    def _run(self) -> None:
-        engine = self._engine
-        while True:
-            busy = engine.has_unfinished()
-            commands: list[object] = []
-            try:
-                commands.append(self._commands.get(block=not busy))
-                while True:
-                    commands.append(self._commands.get_nowait())
-            except queue.Empty:
-                pass
-            deliveries: list[tuple[RequestStream, Update]] = []
-            for command in commands:
-                if command is _STOP:
-                    self._abort(None, "shutdown", deliveries)
-                    self._refresh_gauges()
-                    self._deliver(deliveries)
-                    return
-                if isinstance(command, _Add):
-                    self._add(command, deliveries)
-                elif isinstance(command, _Abort):
-                    self._abort(command.request_ids, command.reason, deliveries)
-            if engine.has_unfinished() and self._failure is None:
-                try:
-                    outputs = engine.step()
-                except Exception as exc:
-                    log.exception("engine step failed; failing every request")
-                    self._fail_all(exc, deliveries)
-                else:
-                    self._route(outputs, time.monotonic(), deliveries)
-            # Gauges first: a client that has seen an output must not scrape older gauges.
-            self._refresh_gauges()
-            self._deliver(deliveries)
-
-    def _add(self, command: _Add, deliveries: list[tuple[RequestStream, Update]]) -> None:
-        """Hand the request's sequences to the engine, all or none."""
-        count = len(command.requests)
-        with self._lock:
-            self._pending -= count
-        error = self._add_all(command)
-        if error is None:
+        self.abort_all("shutdown")
+        self._send(STOP)
+        self._disconnect()
+        process = self._process
+        if process is None:
             return
-        for index in range(count):
-            self._metrics.failed(error.code or "engine_refused")
-            deliveries.append((command.stream, Update(index, None, error)))
-        with self._lock:
-            self._in_flight -= count
+        await asyncio.to_thread(process.join, STOP_TIMEOUT_S)
+        if process.exitcode is None:
+            log.warning("the engine process did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
+            process.kill()
+            await asyncio.to_thread(process.join, STOP_TIMEOUT_S)
 
-    def _add_all(self, command: _Add) -> APIError | None:
-        """Add every sequence, or none (undoing the added ones) and say why."""
-        if self._failure is not None:
-            return errors.unavailable(self._failure, "engine_failed", self._retry_after_s)
-        added: list[str] = []
+    # Receiving.
+
+    def _on_readable(self) -> None:
+        """Handle every message the engine has sent (called by the event loop)."""
+        conn = self._conn
         try:
-            for index, request in enumerate(command.requests):
-                self._engine.add_request(
-                    request.request_id, request.prompt_token_ids, request.params
+            while conn is not None and conn.poll():
+                message = conn.recv()
+                if isinstance(message, StepReport):
+                    self._on_report(message)
+                elif isinstance(message, EngineReady):
+                    if self._ready is not None and not self._ready.done():
+                        self._ready.set_result(message)
+                elif isinstance(message, EngineFailed):
+                    self._fail(message.message)
+                conn = self._conn
+        except (EOFError, OSError):
+            self._fail(self._exit_reason())
+
+    def _exit_reason(self) -> str:
+        process = self._process
+        code = process.exitcode if process is not None else None
+        if process is not None and code is None:
+            process.join(1.0)  # the pipe closed first; the exit status follows at once
+            code = process.exitcode
+        return (
+            f"The engine process exited unexpectedly (exit code {code}); the server must restart."
+        )
+
+    def _on_report(self, report: StepReport) -> None:
+        now = time.monotonic()
+        # Gauges first: a client that has seen an output must not scrape older gauges.
+        self._refresh_gauges(report.stats, report.taken)
+        for rejection in report.rejections:
+            if rejection.invalid:
+                error = errors.invalid_request(rejection.message)
+            else:
+                error = APIError(
+                    500,
+                    f"The engine could not take the request ({rejection.message}).",
+                    type=errors.INTERNAL,
+                    code="engine_error",
                 )
-                self._tracked[request.request_id] = _Tracked(command.stream, index, command.arrival)
-                added.append(request.request_id)
-            return None
-        except Exception as exc:
-            for request_id in added:
-                self._engine.abort_request(request_id)
-                del self._tracked[request_id]
-            if isinstance(exc, ValueError):  # the engine's verdict on bad input
-                return errors.invalid_request(str(exc))
-            log.exception("the engine failed to take a request")
-            return APIError(
-                500,
-                f"The engine could not take the request ({type(exc).__name__}: {exc}).",
-                type=errors.INTERNAL,
-                code="engine_error",
-            )
+            self._end(rejection.request_ids, error.code or "engine_refused", error)
+        self._route(report.outputs, now)
 
-    def _abort(
-        self,
-        request_ids: list[str] | None,
-        reason: str,
-        deliveries: list[tuple[RequestStream, Update]],
-    ) -> None:
-        ids = list(self._tracked) if request_ids is None else request_ids
-        aborted = 0
-        for request_id in ids:
-            tracked = self._tracked.pop(request_id, None)
-            if tracked is None:
-                continue
-            self._engine.abort_request(request_id)
-            self._metrics.failed(reason)
-            deliveries.append((tracked.stream, Update(tracked.index, None)))
-            aborted += 1
-        if aborted:
-            with self._lock:
-                self._in_flight -= aborted
-
-    def _fail_all(self, exc: Exception, deliveries: list[tuple[RequestStream, Update]]) -> None:
-        self._failure = f"The engine failed ({type(exc).__name__}: {exc}); the server must restart."
-        error = APIError(500, self._failure, type=errors.INTERNAL, code="engine_error")
-        for request_id, tracked in self._tracked.items():
-            try:
-                self._engine.abort_request(request_id)
-            except Exception:
-                log.exception("abort after an engine failure failed too")
-            self._metrics.failed("engine_error")
-            deliveries.append((tracked.stream, Update(tracked.index, None, error)))
-        with self._lock:
-            self._in_flight -= len(self._tracked)
-        self._tracked.clear()
-
-    def _route(
-        self,
-        outputs: "list[RequestOutput]",
-        now: float,
-        deliveries: list[tuple[RequestStream, Update]],
-    ) -> None:
-        finished = 0
+    def _route(self, rows: list[OutputRow], now: float) -> None:
         metrics = self._metrics
-        for output in outputs:
-            tracked = self._tracked.get(output.request_id)
+        tracked_by_id = self._tracked
+        new_tokens = 0
+        for row in rows:
+            output = output_from_row(row)
+            tracked = tracked_by_id.get(output.request_id)
             if tracked is None:
                 continue  # aborted by the server after the engine produced this output
             if output.new_token_ids:
+                new_tokens += len(output.new_token_ids)
                 if tracked.last_token_at is None:
                     metrics.first_token(now - tracked.arrival, output.num_prompt_tokens)
-                    metrics.tokens(len(output.new_token_ids), None)
                 else:
-                    metrics.tokens(len(output.new_token_ids), now - tracked.last_token_at)
+                    metrics.inter_token(now - tracked.last_token_at)
                 tracked.last_token_at = now
             if output.finished:
-                del self._tracked[output.request_id]
-                finished += 1
+                del tracked_by_id[output.request_id]
+                self._in_flight -= 1
                 if output.finish_reason == "abort":
                     metrics.failed("engine_abort")
                 else:
                     metrics.finished(now - tracked.arrival, output.finish_reason or "stop")
-            deliveries.append((tracked.stream, Update(tracked.index, output)))
-        if finished:
-            with self._lock:
-                self._in_flight -= finished
+            tracked.stream.queue.put_nowait(Update(tracked.index, output))
+        if new_tokens:
+            metrics.generated(new_tokens)
 
-    def _deliver(self, deliveries: list[tuple[RequestStream, Update]]) -> None:
-        if deliveries and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_put_all, deliveries)
+    # Ending sequences.
 
-    def _refresh_gauges(self) -> None:
-        stats = self._engine.stats()
-        with self._lock:
-            pending = self._pending
+    def _abort(self, request_ids: list[str], reason: str) -> None:
+        """End the tracked ones among ``request_ids`` now and tell the engine to free them."""
+        aborted = self._end(request_ids, reason, None)
+        if aborted:
+            self._send(AbortRequests(aborted))
+
+    def _end(self, request_ids: list[str], reason: str, error: APIError | None) -> list[str]:
+        """Stop tracking ``request_ids`` and end each one's choice (``error``: as a failure)."""
+        ended: list[str] = []
+        for request_id in request_ids:
+            tracked = self._tracked.pop(request_id, None)
+            if tracked is None:
+                continue
+            self._metrics.failed(reason)
+            tracked.stream.queue.put_nowait(Update(tracked.index, None, error))
+            ended.append(request_id)
+        self._in_flight -= len(ended)
+        return ended
+
+    def _fail(self, message: str) -> None:
+        """The engine is gone: fail every tracked sequence with a 500 and refuse new ones."""
+        if self._failure is not None:
+            return
+        log.error("%s", message)
+        self._failure = message
+        self._disconnect()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(EngineLoadError(message))
+            return
+        error = APIError(500, message, type=errors.INTERNAL, code="engine_error")
+        self._end(list(self._tracked), "engine_error", error)
+
+    # The pipe.
+
+    def _send(self, command: object) -> None:
+        if self._conn is None:
+            return
+        with contextlib.suppress(OSError):  # the engine process has gone; the reader says so
+            self._conn.send(command)
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the event loop is already closed
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+        conn.close()
+
+    def _refresh_gauges(self, stats: "EngineStats", taken: int) -> None:
+        self._taken = taken
+        pending = self._sent - taken  # sent, not yet in the engine's queue
         self._engine_waiting = stats.num_waiting
         self._gauges = RuntimeGauges(
             running=stats.num_running,
@@ -398,8 +402,3 @@ class EngineLoop:
             kv_cache_bytes=stats.kv_cache_bytes,
             resident_bytes=stats.kv_cache_bytes + self._weights_bytes,
         )
-
-
-def _put_all(deliveries: list[tuple[RequestStream, Update]]) -> None:
-    for stream, update in deliveries:
-        stream.queue.put_nowait(update)

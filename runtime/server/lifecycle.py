@@ -9,8 +9,8 @@ connections and exits with status 0. A second SIGTERM or a SIGINT exits at once.
 
 import asyncio
 import contextlib
+import functools
 import logging
-import os
 import signal
 import socket
 import tempfile
@@ -18,15 +18,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 import uvicorn
 
 from berth.runtime.server.app import ModelServer, create_app
+from berth.runtime.server.engine_process import load_engine
 from berth.runtime.server.settings import TINY, ServerSettings
-
-if TYPE_CHECKING:
-    from berth.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +34,6 @@ async def drain(server: ModelServer, grace_s: float) -> None:
     """Stop admitting, wait up to ``grace_s`` for in-flight requests, then abort the rest."""
     server.draining = True
     loop = server.loop
-    if loop is None:
-        return
     loop.close()
     deadline = time.monotonic() + grace_s
     if loop.in_flight:
@@ -101,35 +96,15 @@ def model_directory(model: str, seed: int) -> Iterator[Path]:
         yield Path(tmp) / TINY
 
 
-def share_cpu_with_event_loop(device: str) -> None:
-    """On the CPU, leave one core to the event loop: torch's OpenMP workers spin-wait after
-    every op, and with all cores theirs the HTTP side starves (measured on 2 cores: 4 streams
-    ran at 60 tokens/s instead of 800)."""
-    import torch
-
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
-
-
-def build_engine(settings: ServerSettings, model_dir: Path) -> "Engine":
-    """Make the tiny model if asked for, then load the engine (torch is imported here)."""
-    from berth.runtime.engine import Engine
-
-    share_cpu_with_event_loop(settings.engine.device)
-    if settings.engine.model == TINY and not (model_dir / "config.json").exists():
-        from berth.runtime.engine.testmodels import make_model
-
-        make_model(TINY, model_dir, seed=settings.engine.seed)
-    return Engine(settings.engine_config(str(model_dir)))
-
-
 def serve(settings: ServerSettings) -> int:
     """Serve until SIGTERM (drained) or SIGINT; returns the process's exit status."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with model_directory(settings.engine.model, settings.engine.seed) as model_dir:
-        app = create_app(settings, lambda: build_engine(settings, model_dir))
+        tiny_seed = settings.engine.seed if settings.engine.model == TINY else None
+        factory = functools.partial(load_engine, settings.engine_config(str(model_dir)), tiny_seed)
+        app = create_app(settings, factory)
         config = uvicorn.Config(
             app,
             host=settings.host,

@@ -211,7 +211,7 @@ class RuntimeCollector(Collector):
 class RequestMetrics:
     """Per-request observations, each written under Berth's and vLLM's name at once.
 
-    Thread-safe (prometheus-client's metrics are); the engine loop calls it from its thread.
+    The engine loop calls it on the event loop as the engine's reports arrive.
     """
 
     def __init__(self, registry: CollectorRegistry, model: str) -> None:
@@ -246,13 +246,15 @@ class RequestMetrics:
         for c in self._prompt:
             c.inc(prompt_tokens)
 
-    def tokens(self, count: int, seconds_since_previous: float | None) -> None:
-        """``count`` new tokens; the gap since the previous output when there was one."""
+    def generated(self, count: int) -> None:
+        """``count`` new tokens (of any number of requests)."""
         for c in self._generation:
             c.inc(count)
-        if seconds_since_previous is not None:
-            for h in self._itl:
-                h.observe(seconds_since_previous)
+
+    def inter_token(self, seconds: float) -> None:
+        """The gap between two consecutive outputs of one request."""
+        for h in self._itl:
+            h.observe(seconds)
 
     def finished(self, seconds: float, finish_reason: str) -> None:
         for h in self._e2e:

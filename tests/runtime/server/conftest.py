@@ -1,13 +1,13 @@
-"""Fixtures: the tiny model, one real engine for the session, and real uvicorn servers on
-free loopback ports around it (one at a time, since one engine has one driver)."""
+"""Fixtures: the tiny model, the engine's configuration, and real uvicorn servers on free
+loopback ports, each with a real engine process of its own."""
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_harness import MAX_NUM_SEQS, RunningServer, running_server
+from server_harness import MAX_NUM_SEQS, NUM_KV_BLOCKS, RunningServer, running_server
 
-from berth.runtime.engine import Engine, EngineConfig
+from berth.runtime.engine import EngineConfig
 from berth.runtime.engine.testmodels import make_model
 
 
@@ -17,15 +17,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_model: Path) -> Engine:
-    config = EngineConfig(
-        model=str(tiny_model), device="cpu", max_num_seqs=MAX_NUM_SEQS, num_kv_blocks=256
+def engine_config(tiny_model: Path) -> EngineConfig:
+    return EngineConfig(
+        model=str(tiny_model), device="cpu", max_num_seqs=MAX_NUM_SEQS, num_kv_blocks=NUM_KV_BLOCKS
     )
-    return Engine(config)
 
 
 @pytest.fixture(scope="module")
-def served(engine: Engine) -> Iterator[RunningServer]:
+def served(engine_config: EngineConfig) -> Iterator[RunningServer]:
     """One server per test module with default settings."""
-    with running_server(engine) as server:
+    with running_server(engine_config) as server:
         yield server

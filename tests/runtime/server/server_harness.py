@@ -1,6 +1,7 @@
-"""Real uvicorn servers on free loopback ports around a real engine, for the server tests."""
+"""Real uvicorn servers on free loopback ports, each with a real engine process, for the tests."""
 
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -12,12 +13,14 @@ import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from berth.runtime.engine import Engine
+from berth.runtime.engine import EngineConfig
 from berth.runtime.server.app import ModelServer, create_app
+from berth.runtime.server.engine_process import EngineFactory, load_engine
 from berth.runtime.server.lifecycle import DrainingServer
 from berth.runtime.server.settings import ServerSettings
 
 MAX_NUM_SEQS = 4  # the test engine's running batch
+NUM_KV_BLOCKS = 256
 
 
 @dataclass
@@ -32,13 +35,19 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(engine: Engine, driven: Any = None, **settings: Any) -> Iterator[RunningServer]:
-    """A real uvicorn server in a thread, bound to a free loopback port, serving ``engine``
-    (through ``driven``, a wrapper of it, when given)."""
+def running_server(
+    engine: EngineConfig,
+    factory: EngineFactory | None = None,
+    engine_exit_code: int = 0,
+    **settings: Any,
+) -> Iterator[RunningServer]:
+    """A real uvicorn server in a thread, bound to a free loopback port, whose engine process
+    loads ``engine`` (with ``factory`` when given: it runs in the engine process). On leaving,
+    the server and its engine process must have exited, the latter with ``engine_exit_code``."""
     options: dict[str, Any] = {"served_model_name": "tiny", "log_level": "warning"}
     options.update(settings)
-    config = ServerSettings(engine=engine.config, **options)
-    app = create_app(config, lambda: engine if driven is None else driven)
+    config = ServerSettings(engine=engine, **options)
+    app = create_app(config, factory or functools.partial(load_engine, engine))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -50,11 +59,13 @@ def running_server(engine: Engine, driven: Any = None, **settings: Any) -> Itera
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    # The engine process imports torch and loads the model: seconds, more on a busy machine.
+    deadline = time.monotonic() + 180
     while True:
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{base_url}/ready", timeout=5).status_code == 200:
                 break
+        assert app.state.server.load_error is None, app.state.server.load_error
         assert time.monotonic() < deadline, "server did not become ready"
         assert thread.is_alive(), "server thread died"
         time.sleep(0.05)
@@ -65,7 +76,8 @@ def running_server(engine: Engine, driven: Any = None, **settings: Any) -> Itera
         thread.join(30)
         sock.close()
         assert not thread.is_alive(), "server thread did not stop"
-        assert not engine.has_unfinished(), "the server left requests in the engine"
+        process = app.state.server.loop.process
+        assert process is not None and process.exitcode == engine_exit_code, process
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -9,7 +9,7 @@ import openai
 import pytest
 from server_harness import MAX_NUM_SEQS, running_server, value, wait_idle
 
-from berth.runtime.engine import Engine
+from berth.runtime.engine import EngineConfig
 
 
 def body(max_tokens: int, stream: bool = False) -> dict[str, object]:
@@ -17,9 +17,9 @@ def body(max_tokens: int, stream: bool = False) -> dict[str, object]:
             "ignore_eos": True, "stream": stream}  # fmt: skip
 
 
-def test_full_waiting_queue_answers_429_with_retry_after(engine: Engine) -> None:
+def test_full_waiting_queue_answers_429_with_retry_after(engine_config: EngineConfig) -> None:
     with (
-        running_server(engine, max_waiting_requests=1, retry_after_s=3) as server,
+        running_server(engine_config, max_waiting_requests=1, retry_after_s=3) as server,
         httpx.Client(base_url=server.base_url, timeout=60) as client,
     ):
         queued: list[httpx.Response] = []
@@ -60,8 +60,10 @@ def test_full_waiting_queue_answers_429_with_retry_after(engine: Engine) -> None
         assert client.post("/v1/completions", json=body(2)).status_code == 200
 
 
-def test_request_past_its_deadline_gets_408_and_frees_its_blocks(engine: Engine) -> None:
-    with running_server(engine, request_timeout_s=0.3) as server:
+def test_request_past_its_deadline_gets_408_and_frees_its_blocks(
+    engine_config: EngineConfig,
+) -> None:
+    with running_server(engine_config, request_timeout_s=0.3) as server:
         started = time.monotonic()
         response = httpx.post(f"{server.base_url}/v1/completions", json=body(450), timeout=60)
         assert response.status_code == 408
@@ -73,8 +75,8 @@ def test_request_past_its_deadline_gets_408_and_frees_its_blocks(engine: Engine)
         assert value(text, "berth_generation_tokens_total") < 450
 
 
-def test_streamed_request_past_its_deadline_ends_with_an_error(engine: Engine) -> None:
-    with running_server(engine, request_timeout_s=0.3) as server:
+def test_streamed_request_past_its_deadline_ends_with_an_error(engine_config: EngineConfig) -> None:
+    with running_server(engine_config, request_timeout_s=0.3) as server:
         sdk = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
         # Before the first token the timeout is a 408; after it, an error event ends the
         # stream. Either way the client learns of it as an error naming the timeout.
@@ -88,9 +90,9 @@ def test_streamed_request_past_its_deadline_ends_with_an_error(engine: Engine) -
         assert value(text, "berth_request_failure_total", reason="timeout") == 1
 
 
-def test_no_waiting_room_refuses_beyond_the_running_batch(engine: Engine) -> None:
+def test_no_waiting_room_refuses_beyond_the_running_batch(engine_config: EngineConfig) -> None:
     with (
-        running_server(engine, max_waiting_requests=0) as server,
+        running_server(engine_config, max_waiting_requests=0) as server,
         httpx.Client(base_url=server.base_url, timeout=60) as client,
         contextlib.ExitStack() as running,
     ):

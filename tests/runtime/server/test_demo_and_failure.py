@@ -1,12 +1,20 @@
-"""The demo runs end to end; an engine that breaks fails its requests and the probes, never hangs."""
+"""The demo runs end to end; an engine that breaks, or whose process dies, fails its requests
+and the probes, never hangs."""
 
+import functools
+import json
+import os
+import signal
+import threading
+import time
 from typing import Any
 
 import httpx
 from server_harness import running_server, value
 
-from berth.runtime.engine import Engine, RequestOutput
+from berth.runtime.engine import EngineConfig, RequestOutput
 from berth.runtime.server.demo import run_demo
+from berth.runtime.server.engine_process import ServableEngine, load_engine
 
 
 def test_demo_prints_the_answer_and_the_metric_line_that_counted_it() -> None:
@@ -23,7 +31,7 @@ def test_demo_prints_the_answer_and_the_metric_line_that_counted_it() -> None:
 class BreakingEngine:
     """The real engine, except that its step raises after ``good_steps`` steps (a GPU fault)."""
 
-    def __init__(self, engine: Engine, good_steps: int) -> None:
+    def __init__(self, engine: ServableEngine, good_steps: int) -> None:
         self._engine = engine
         self._good_steps = good_steps
 
@@ -37,8 +45,16 @@ class BreakingEngine:
         return getattr(self._engine, name)
 
 
-def test_engine_failure_fails_requests_with_500_and_fails_the_probes(engine: Engine) -> None:
-    with running_server(engine, driven=BreakingEngine(engine, good_steps=2)) as server:
+def breaking_engine(config: EngineConfig, good_steps: int) -> BreakingEngine:
+    """The engine factory of the failure test; it runs in the engine process."""
+    return BreakingEngine(load_engine(config), good_steps)
+
+
+def test_engine_failure_fails_requests_with_500_and_fails_the_probes(
+    engine_config: EngineConfig,
+) -> None:
+    factory = functools.partial(breaking_engine, engine_config, good_steps=2)
+    with running_server(engine_config, factory) as server:
         url = f"{server.base_url}/v1/completions"
         body = {"model": "tiny", "prompt": "x", "max_tokens": 20, "ignore_eos": True}
         failed = httpx.post(url, json=body, timeout=30)
@@ -52,3 +68,34 @@ def test_engine_failure_fails_requests_with_500_and_fails_the_probes(engine: Eng
         text = server.metrics()
         assert value(text, "berth_request_failure_total", reason="engine_error") == 1
         assert value(text, "berth_request_failure_total", reason="engine_failed") == 1
+
+
+def test_engine_process_killed_mid_request_fails_it_with_500_and_fails_the_probes(
+    engine_config: EngineConfig,
+) -> None:
+    with running_server(engine_config, engine_exit_code=-signal.SIGKILL) as server:
+        process = server.model_server.loop.process
+        assert process is not None and process.pid is not None
+        url = f"{server.base_url}/v1/completions"
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 450, "ignore_eos": True}
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as streamed:
+            lines = streamed.iter_lines()
+            assert next(lines).startswith("data: ")
+            collected: list[httpx.Response] = []
+            waiter = threading.Thread(target=lambda: collected.append(httpx.post(url, json=body)))
+            waiter.start()
+            deadline = time.monotonic() + 20
+            while value(server.metrics(), "berth_requests_running") != 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            os.kill(process.pid, signal.SIGKILL)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            waiter.join(30)
+        # The stream had begun: it ends with an error event (then [DONE]), not a hang.
+        assert events[-1]["error"]["code"] == "engine_error"
+        assert [r.status_code for r in collected] == [500]
+        assert "exited unexpectedly" in collected[0].json()["error"]["message"]
+        assert httpx.get(f"{server.base_url}/health").status_code == 503
+        assert httpx.get(f"{server.base_url}/ready").status_code == 503
+        assert httpx.post(url, json=body).json()["error"]["code"] == "engine_failed"
+        assert value(server.metrics(), "berth_request_failure_total", reason="engine_error") == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from server_harness import running_server, value
 
-from berth.runtime.engine import Engine
+from berth.runtime.engine import EngineConfig
 
 
 def body(max_tokens: int) -> dict[str, object]:
@@ -39,8 +39,10 @@ def wait_until_draining(base_url: str) -> None:
         time.sleep(0.02)
 
 
-def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests(engine: Engine) -> None:
-    with running_server(engine, drain_grace_s=60) as server:
+def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests(
+    engine_config: EngineConfig,
+) -> None:
+    with running_server(engine_config, drain_grace_s=60) as server:
         url = f"{server.base_url}/v1/completions"
         with httpx.stream("POST", url, json=body(300), timeout=60) as response:
             lines = response.iter_lines()
@@ -58,8 +60,8 @@ def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests(engine: E
         assert not server.thread.is_alive(), "the server should exit once drained"
 
 
-def test_grace_period_over_aborts_the_stream_and_exits(engine: Engine) -> None:
-    with running_server(engine, drain_grace_s=0) as server:
+def test_grace_period_over_aborts_the_stream_and_exits(engine_config: EngineConfig) -> None:
+    with running_server(engine_config, drain_grace_s=0) as server:
         url = f"{server.base_url}/v1/completions"
         with httpx.stream("POST", url, json=body(450), timeout=60) as response:
             lines = response.iter_lines()
@@ -77,7 +79,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def children(pid: int) -> list[int]:
+    """The ids of ``pid``'s child processes (Linux /proc)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(c) for task in tasks for c in (task / "children").read_text().split()]
+
+
 def test_berth_serve_process_drains_on_sigterm_and_exits_zero(tmp_path: Path) -> None:
+    """A real ``berth serve``: drains, exits 0, and leaves no process behind."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     berth = Path(sys.executable).parent / "berth"
@@ -97,6 +106,8 @@ def test_berth_serve_process_drains_on_sigterm_and_exits_zero(tmp_path: Path) ->
                     break
             assert time.monotonic() < deadline, "berth serve did not become ready"
             time.sleep(0.2)
+        helpers = children(process.pid)  # the engine process (and multiprocessing's tracker)
+        assert helpers, "the engine should run in a process of its own"
         url = f"{base_url}/v1/completions"
         with httpx.stream("POST", url, json=body(400), timeout=60) as response:
             lines = response.iter_lines()
@@ -108,6 +119,10 @@ def test_berth_serve_process_drains_on_sigterm_and_exits_zero(tmp_path: Path) ->
         assert process.wait(timeout=60) == 0
         output = (tmp_path / "serve.log").read_text()
         assert "draining" in output
+        deadline = time.monotonic() + 20
+        while alive := [pid for pid in helpers if Path(f"/proc/{pid}").exists()]:
+            assert time.monotonic() < deadline, f"processes left behind: {alive}"
+            time.sleep(0.1)
     finally:
         if process.poll() is None:
             process.kill()

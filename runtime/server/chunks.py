@@ -1,0 +1,49 @@
+"""Streamed chunks as JSON text, with the parts that never change rendered once per response.
+
+A streamed response sends one chunk per choice per engine step; building a pydantic model and
+dumping it for each cost more than everything else the server does per token. The envelope
+(``id``, ``object``, ``created``, ``model``, and ``usage`` when the client asked for it) is the
+same in every chunk of a response, so it is rendered once; a chunk is that envelope around one
+choice, whose few fields are formatted directly. The output is byte-for-byte what the pydantic
+models in :mod:`.protocol` produce (tests hold the two to it).
+"""
+
+import json
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def json_value(value: object) -> str:
+    """Compact JSON, non-ASCII text kept as is (as pydantic writes it)."""
+    return _encode(value)
+
+
+class ChunkFrame:
+    """The constant envelope of one response's chunks."""
+
+    def __init__(self, id: str, object: str, created: int, model: str, include_usage: bool):
+        envelope = json_value({"id": id, "object": object, "created": created, "model": model})
+        self._head = envelope[:-1] + ',"choices":['
+        # With include_usage every chunk carries "usage": null, the last one the numbers.
+        self._tail = '],"usage":null}' if include_usage else "]}"
+
+    def chunk(self, choice: str) -> str:
+        """The chunk carrying one choice, given as JSON text."""
+        return self._head + choice + self._tail
+
+
+def completion_choice(index: int, text: str, logprobs: str, finish_reason: str | None) -> str:
+    """A ``text_completion`` chunk's choice; ``logprobs`` is JSON text (``null`` for none)."""
+    return (
+        f'{{"index":{index},"text":{_encode(text)},"logprobs":{logprobs},'
+        f'"finish_reason":{_encode(finish_reason)}}}'
+    )
+
+
+def chat_choice(index: int, content: str, logprobs: str, finish_reason: str | None) -> str:
+    """A ``chat.completion.chunk``'s choice; empty ``content`` leaves the delta empty."""
+    delta = f'{{"content":{_encode(content)}}}' if content else "{}"
+    return (
+        f'{{"index":{index},"delta":{delta},"logprobs":{logprobs},'
+        f'"finish_reason":{_encode(finish_reason)}}}'
+    )
