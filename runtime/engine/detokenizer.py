@@ -35,9 +35,10 @@ class Detokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.unsent = ""  # text not yet returned: a possible stop-string prefix
         self.stopped = False  # a stop string appeared; the text ends before it
-        table = tokenizer.token_bytes
-        if table is not None:
-            self._next_piece, self._rest = _byte_level(table)
+        table, texts = tokenizer.token_bytes, tokenizer.token_texts
+        if table is not None and texts is not None:
+            stream = _Utf8Stream(table, texts)
+            self._next_piece, self._rest = stream.next_piece, stream.rest
         else:
             window = _Window(tokenizer)
             self._next_piece, self._rest = window.next_piece, window.rest
@@ -80,19 +81,35 @@ class Detokenizer:
         return text[:send]
 
 
-def _byte_level(table: list[bytes]) -> tuple[Callable[[int], str], Callable[[], str]]:
-    """A token's text from its bytes through an incremental UTF-8 decoder; ids beyond the
-    tokenizer's vocabulary (a model's padded rows) add nothing."""
-    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
-    size = len(table)
+class _Utf8Stream:
+    """A token's text from its bytes through an incremental UTF-8 decoder. While no character
+    is split across tokens (the usual case) that is the token's own text, looked up; ids beyond
+    the tokenizer's vocabulary (a model's padded rows) add nothing."""
 
-    def next_piece(token_id: int) -> str:
-        return decode(table[token_id]) if token_id < size else ""
+    __slots__ = ("buffer", "size", "table", "texts")
 
-    def rest() -> str:
-        return decode(b"", True)
+    def __init__(self, table: list[bytes], texts: list[str | None]) -> None:
+        self.table = table
+        self.texts = texts
+        self.size = len(table)
+        self.buffer = b""  # the start of a character split across tokens (at most 3 bytes)
 
-    return next_piece, rest
+    def next_piece(self, token_id: int) -> str:
+        if token_id >= self.size:
+            return ""
+        if not self.buffer:
+            text = self.texts[token_id]
+            if text is not None:
+                return text
+        data = self.buffer + self.table[token_id]
+        text, used = codecs.utf_8_decode(data, "replace", False)
+        self.buffer = data[used:]
+        return text
+
+    def rest(self) -> str:
+        text, _ = codecs.utf_8_decode(self.buffer, "replace", True)
+        self.buffer = b""
+        return text
 
 
 class _Window:

@@ -62,7 +62,7 @@ class Engine:
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = Tokenizer(config.model)
-        self.tokenizer.token_bytes  # built now, not inside the first request's latency  # noqa: B018
+        self.tokenizer.token_texts  # built now, not inside the first request's latency  # noqa: B018
         self.model_name = Path(config.model).resolve().name
         self.max_model_len = self._max_model_len(config, self.model_config)
         self.runner = ModelRunner(config, self.model_config, self.max_model_len)

@@ -89,6 +89,20 @@ class Tokenizer:
                 table[i] = token.encode()
         return table
 
+    @cached_property
+    def token_texts(self) -> list[str | None] | None:
+        """``token_bytes`` as text where a token's bytes are whole UTF-8 characters (most
+        tokens), else None; None for a decoder that is not byte-level."""
+        if self.token_bytes is None:
+            return None
+        texts: list[str | None] = []
+        for data in self.token_bytes:
+            try:
+                texts.append(data.decode())
+            except UnicodeDecodeError:
+                texts.append(None)
+        return texts
+
     @staticmethod
     def _find_chat_template(model_path: Path, config: dict[str, Any]) -> str | None:
         jinja_file = model_path / "chat_template.jinja"
