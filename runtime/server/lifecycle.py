@@ -4,7 +4,9 @@ Kubernetes sends SIGTERM and, ``terminationGracePeriodSeconds`` later, SIGKILL. 
 server stops admitting (new requests get 503 with Retry-After, ``/ready`` fails so the pod
 leaves the Service's endpoints), lets in-flight requests finish for up to the grace period,
 aborts whatever still runs (freeing its KV blocks, ending its stream), then lets uvicorn close
-connections and exits with status 0. A second SIGTERM or a SIGINT exits at once.
+connections, stops the engine process and exits with status 0. A second SIGTERM or a SIGINT
+exits at once; the engine process, which ignores both signals, exits when its pipe to the
+server closes.
 """
 
 import asyncio
