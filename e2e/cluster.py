@@ -281,8 +281,9 @@ class LocalCluster:
             "kube-scheduler": f"https://127.0.0.1:{self.ports[component]}/healthz",
             "kwok": f"http://127.0.0.1:{self.ports['kwok']}/healthz",
         }[component]
-        context = ssl.create_default_context(cafile=str(pki.ca_cert))
-        if component != "kube-apiserver":  # these serve self-signed certificates of their own
+        if component == "kube-apiserver":
+            context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        else:  # these serve self-signed certificates of their own
             context = ssl._create_unverified_context()
         request = urllib.request.Request(
             url, headers={"Authorization": f"Bearer {pki.tokens['berth-admin']}"}

@@ -35,20 +35,17 @@ def ensure_binaries(build: bool = True) -> Path:
         if missing:
             raise ToolchainError(f"BERTH_K8S_BIN={folder} lacks {', '.join(missing)}")
         return folder
-    if shutil.which("go") is None and build:
-        cached = _cached_folder()
-        if cached is not None:
-            return cached
+    cached = _cached_folder()
+    if cached is not None:
+        return cached
+    if not build:
+        raise ToolchainError("the Kubernetes binaries are not built yet: run `make toolchain`")
+    if shutil.which("go") is None:
         raise ToolchainError(
             "the Kubernetes binaries are not cached and Go is not on PATH to build them: "
             "install Go (https://go.dev/doc/install, >= 1.24) or set BERTH_K8S_BIN to a folder "
             f"holding {', '.join(BINARIES)}"
         )
-    if not build:
-        cached = _cached_folder()
-        if cached is None:
-            raise ToolchainError("the Kubernetes binaries are not built yet: run `make toolchain`")
-        return cached
     result = subprocess.run(
         ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=sys.stderr, text=True
     )
