@@ -48,6 +48,7 @@ class _InFlight:
     sampling: list[Sequence]  # rows of ``logits``
     slots: list[int]  # index of each sampling sequence's placeholder token
     filled: list[Sequence]  # sequences whose computed tokens completed a KV block
+    ended: list[Sequence]  # sequences whose coming token is their last (length)
     logits: torch.Tensor
     sampled: torch.Tensor | None = None  # greedy token ids on the device
     host_tokens: torch.Tensor | None = None  # their copy on the host, valid once ``done``
@@ -185,9 +186,11 @@ class Engine:
             self._in_flight = self._launch(batch, self.runner.execute(batch, pending))
         if flight is not None:
             collected = self._collect(flight)
+        if self._in_flight is not None:
+            self._settle(self._in_flight)
         if collected is not None:
             outputs += collected
-            self.scheduler.drop_finished()
+        self.scheduler.drop_finished()
         self.last_step_host_seconds = time.perf_counter() - start - self._waited
         return outputs
 
@@ -197,8 +200,8 @@ class Engine:
         sampling: list[Sequence] = []
         slots: list[int] = []
         filled: list[Sequence] = []  # completed a KV block: name it once its tokens are known
+        ended: list[Sequence] = []  # the coming token is the last: end it in ``_settle``
         block_size = self.pool.block_size
-        finish = self.scheduler.finish
         if batch.is_decode:  # one token each: every sequence samples
             sampling = batch.seqs
             for seq in sampling:
@@ -209,11 +212,11 @@ class Engine:
                 if slot % block_size == 0:
                     filled.append(seq)
                 if slot + 1 >= seq.max_num_tokens:
-                    finish(seq, "length")  # never schedule past its last token
+                    ended.append(seq)
         else:
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
                 seq.num_computed_tokens += n
-                if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * block_size:
+                if seq.num_computed_tokens >= (seq.num_named_blocks + 1) * block_size:
                     filled.append(seq)
                 slot = len(seq.token_ids)
                 if seq.num_computed_tokens == slot:
@@ -221,8 +224,8 @@ class Engine:
                     slots.append(slot)
                     sampling.append(seq)
                     if slot + 1 >= seq.max_num_tokens:
-                        finish(seq, "length")
-        flight = _InFlight(sampling, slots, filled, logits)
+                        ended.append(seq)
+        flight = _InFlight(sampling, slots, filled, ended, logits)
         if self._num_special == 0 and sampling:
             flight.sampled = logits.argmax(dim=-1)
             flight.host_tokens, flight.done = self.runner.copy_to_host(flight.sampled)
@@ -230,8 +233,8 @@ class Engine:
 
     def _collect(self, flight: _InFlight) -> list[RequestOutput]:
         """Wait for a launched batch and turn its tokens into outputs: fill in the placeholders,
-        detokenize, apply stop tokens and stop strings, and name the KV blocks it completed.
-        Requests aborted or ended by a stop string meanwhile are skipped. One pass, a few dozen
+        detokenize, apply stop tokens and stop strings. Requests aborted or ended by a stop
+        string meanwhile are skipped. One pass, a few dozen
         Python operations per sequence: at batch 256 this loop is most of a step's host time."""
         t = time.perf_counter()
         if flight.done is not None:
@@ -267,7 +270,7 @@ class Engine:
                 if req.detokenizer.stopped:
                     reason = "stop"  # a stop string; the text ends before it
                 elif slot + 1 >= seq.max_num_tokens:
-                    reason = "length"  # the sequence was finished when this token was launched
+                    reason = "length"  # ``_settle`` ended it when this token was launched
                     text += req.detokenizer.flush()
             if reason is not None:
                 if reason == "stop":
@@ -291,15 +294,27 @@ class Engine:
                     None if logprob is None else [logprob],
                 )
             )
+        return outputs
+
+    def _settle(self, flight: _InFlight) -> None:
+        """Called once the step has collected the batch before ``flight``: every token that
+        ``flight`` computes is known on the host now (a decode's input was the placeholder that
+        collection filled in). Name the KV blocks it completed, and end the sequences whose
+        coming token is their last, so that none is scheduled past it. Ending frees their
+        blocks only now, after naming them: a request that ends in its first steps still
+        leaves its prompt in the prefix cache. The keys and values are not all written yet,
+        but every later batch that could read them runs after this one on the device."""
         running = SequenceStatus.RUNNING
         for seq in flight.filled:
             if seq.status is running:
                 self.pool.register_computed(seq)
-        return outputs
+        for seq in flight.ended:
+            if seq.status is running:  # not stopped by the token collected meanwhile
+                self.scheduler.finish(seq, "length")
 
     def _stop(self, seq: Sequence) -> None:
         """End ``seq`` with "stop"; one that its length already ended keeps its blocks freed."""
-        if seq.is_finished:  # ended at launch by its length; the stop came first
+        if seq.is_finished:  # its length ended it when its last token was launched
             seq.finish_reason = "stop"
         else:
             self.scheduler.finish(seq, "stop")

@@ -18,13 +18,17 @@ class SequenceStatus(enum.Enum):
 
 _arrival = itertools.count()
 
+ROOT = 0  # the prefix id before a sequence's first block (see ``KvBlockPool``)
+
 
 @dataclass(eq=False)
 class Sequence:
     """Tokens (prompt then output), the KV blocks that hold them, and how many are computed.
 
     Invariant: ``num_computed_tokens <= len(token_ids)`` and the first ``num_computed_tokens``
-    tokens have their keys and values in ``block_table``'s blocks, in order. A preempted
+    tokens have their keys and values in ``block_table``'s blocks, in order (written by a batch
+    already launched on the device's stream). Between engine steps their ids are known too:
+    only a token past them can be a placeholder still on the device. A preempted
     sequence drops its blocks and computes again from token 0 (the prefix cache usually
     returns most of them).
     """
@@ -38,8 +42,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_hashed_blocks: int = 0  # leading full blocks registered in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)  # hash chain of the full blocks
+    num_named_blocks: int = 0  # leading full blocks whose prefix is named in the prefix cache
+    prefix_id: int = ROOT  # the prefix id of the last of them (chains the next block's name)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
