@@ -64,10 +64,8 @@ def test_engine_gauges_prefix_cache_memory_and_state_are_exported(
 ) -> None:
     """The engine process's own numbers reach the scrape: each server has a fresh engine, so
     the cumulative counters start at zero and move by exactly what the two requests did."""
-    # 16 new tokens, not 2: the engine (as of c054899) registers no prompt block for reuse
-    # when a request ends within its first two steps, so 2-token requests never hit the cache.
-    complete(server, max_tokens=16)
-    complete(server, max_tokens=16)  # the same prompt: its two full blocks come from the cache
+    complete(server, max_tokens=2)
+    complete(server, max_tokens=2)  # the same prompt: its two full blocks come from the cache
     text = server.metrics()
     queries = value(text, "vllm:prefix_cache_queries_total")
     hits = value(text, "vllm:prefix_cache_hits_total")
