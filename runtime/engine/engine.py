@@ -233,8 +233,8 @@ class Engine:
 
     def _collect(self, flight: _InFlight) -> list[RequestOutput]:
         """Wait for a launched batch and turn its tokens into outputs: fill in the placeholders,
-        detokenize, apply stop tokens and stop strings. Requests aborted or ended by a stop
-        string meanwhile are skipped. One pass, a few dozen
+        detokenize, apply stop tokens and stop strings (``_settle`` names the KV blocks).
+        Requests aborted or ended by a stop string meanwhile are skipped. One pass, a few dozen
         Python operations per sequence: at batch 256 this loop is most of a step's host time."""
         t = time.perf_counter()
         if flight.done is not None:
