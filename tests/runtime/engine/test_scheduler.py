@@ -99,3 +99,20 @@ def test_shrinking_the_pool_preempts_holders_of_the_region_given_back() -> None:
     victims = s.resize_pool(3)
     assert victims == [b] and s.pool.num_blocks == 3 and a.status is SequenceStatus.RUNNING
     s.pool.check_invariants(s.running)
+
+
+def test_a_preempted_sequence_resumes_from_its_cached_blocks() -> None:
+    s = _scheduler(num_blocks=5)
+    a = Sequence("a", list(range(1, 9)), 8, SamplingParams(), 24)
+    b = Sequence("b", list(range(101, 109)), 8, SamplingParams(), 24)
+    s.add(a)
+    s.add(b)
+    _run(s, s.schedule())  # two blocks each, full and computed; each gains a token
+    held = list(b.block_table)
+    batch = s.schedule()  # a takes the last free block, b needs one too and goes
+    assert batch.seqs == [a] and b.status is SequenceStatus.WAITING
+    s.abort("a")
+    batch = s.schedule()
+    assert batch.seqs == [b] and batch.num_new_tokens == [1]  # only its sampled token
+    assert b.block_table[:2] == held and b.num_computed_tokens == 8
+    s.pool.check_invariants(s.running)
