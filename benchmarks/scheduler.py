@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from berth import wire
 from berth.e2e.cluster import LocalCluster, die_with_parent
 from berth.e2e.operator_fixtures import install_crds
@@ -139,6 +141,74 @@ def operator_process(cluster: LocalCluster, log: Path, *flags: str) -> subproces
     )
 
 
+MUTATING = {"POST", "PUT", "PATCH", "DELETE", "APPLY", "CREATE", "UPDATE"}
+
+
+def api_writes(client: KubeClient) -> dict[str, float]:
+    """Mutating requests the API server has served so far, by resource[/subresource]."""
+    text = client.http.get("/metrics").text
+    writes: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "apiserver_request":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name != "apiserver_request_total" or labels.get("verb") not in MUTATING:
+                continue
+            key = labels["resource"] + (
+                f"/{labels['subresource']}" if labels.get("subresource") else ""
+            )
+            writes[key] = writes.get(key, 0.0) + sample.value
+    return writes
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds each process has used so far (0 for one that is gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            used[name] = (int(fields[11]) + int(fields[12])) / tick
+        except (FileNotFoundError, ProcessLookupError):
+            used[name] = 0.0
+    return used
+
+
+class Costs:
+    """API writes and CPU seconds per phase: where a machine's capacity went."""
+
+    def __init__(self, client: KubeClient, pids: dict[str, int]) -> None:
+        self.client, self.pids = client, pids
+        self.phases: dict[str, dict[str, dict[str, float]]] = {}
+        self._mark = self._snapshot()
+
+    def _snapshot(self) -> tuple[dict[str, float], dict[str, float]]:
+        return api_writes(self.client), cpu_seconds(self.pids)
+
+    def phase(self, name: str) -> None:
+        (writes0, cpu0), (writes1, cpu1) = self._mark, self._snapshot()
+        self._mark = (writes1, cpu1)
+        self.phases[name] = {
+            "writes": {
+                k: v - writes0.get(k, 0.0) for k, v in writes1.items() if v > writes0.get(k, 0.0)
+            },
+            "cpu_s": {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()},
+        }
+
+
+def list_all(client: KubeClient, path: str) -> list[dict[str, Any]]:
+    """Every object under ``path``, 500 per request (one big list can outlast a busy server)."""
+    items: list[dict[str, Any]] = []
+    token = ""
+    while True:
+        page = client.get(path, limit="500", **({"continue": token} if token else {}))
+        items += page.get("items") or []
+        token = page["metadata"].get("continue", "")
+        if not token:
+            return items
+
+
 def packing(cluster_pods: list[dict[str, Any]], capacity: int) -> tuple[int, int]:
     """(GPUs used, GPUs over capacity), from the pods' annotations."""
     ledger = gpus.ledger_from_pods(cluster_pods)
@@ -162,11 +232,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gpus": args.nodes * 8,
         "services": args.services,
         "via": args.via,
+        "pod_ready_delay_s": args.pod_ready_delay,
     }
     with tempfile.TemporaryDirectory(prefix="berth-bench-") as tmp:
         state = Path(tmp)
         t = time.monotonic()
-        cluster = LocalCluster(state_dir=state / "cluster", inventory=inventory, attach=True)
+        cluster = LocalCluster(state_dir=state / "cluster", inventory=inventory, attach=True,
+                               pod_ready_delay_s=args.pod_ready_delay)  # fmt: skip
         say(f"starting the control plane with {args.nodes} GPU nodes")
         cluster.up(timeout=600)
         result["cluster_up_s"] = time.monotonic() - t
@@ -175,12 +247,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client = KubeClient.from_config(cluster.kubeconfig, pool=16)
         clock = BindClock(client)
         clock.start()
+        costs = Costs(client, {**cluster.pids, "benchmark": os.getpid()})
 
         t = time.monotonic()
         reconciler: subprocess.Popen[bytes] | None = None
         if args.via == "reconciler":
             say(f"reconciler only: creating {args.services} InferenceServices")
             reconciler = operator_process(cluster, state / "reconciler.log", "--no-scheduler")
+            costs.pids["operator (reconciler)"] = reconciler.pid
             path = resource_path(f"{wire.GROUP}/{wire.VERSION}", "InferenceService", NAMESPACE)
             bodies = [service(i, f) for i, f in enumerate(fractions)]
         else:
@@ -196,9 +270,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["pods_created_s"] = time.monotonic() - t
         if reconciler is not None:
             result["reconciler_rss_mib"] = peak_rss_mib(reconciler.pid)
+        costs.phase("create")
 
         say(f"{len(clock.seen)} pods Pending; starting the scheduler")
         scheduler = operator_process(cluster, state / "scheduler.log", "--no-reconciler")
+        costs.pids["operator (scheduler)"] = scheduler.pid
         start = time.monotonic()
         done = clock.wait(
             "all pods bound", lambda: len(clock.bound) >= args.services, timeout=args.timeout
@@ -211,10 +287,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_second: dict[int, int] = {}
         for s in stamps:
             per_second[int(s - stamps[0])] = per_second.get(int(s - stamps[0]), 0) + 1
-        result["slowest_full_second"] = min(list(per_second.values())[:-1] or [len(stamps)])
+        full_seconds = [per_second.get(i, 0) for i in range(int(stamps[-1] - stamps[0]))]
+        result["slowest_full_second"] = min(full_seconds or [len(stamps)])
+        windows = [sum(full_seconds[i : i + 5]) / 5 for i in range(len(full_seconds) - 4)]
+        result["slowest_5s_window"] = min(windows or [result["binds_per_s"]])
+        costs.phase("bind")
+        result["costs"] = costs.phases
 
         say("all bound; reading the placements back")
-        pods = client.get(resource_path("v1", "Pod", NAMESPACE))["items"]
+        pods = list_all(client, resource_path("v1", "Pod", NAMESPACE))
         result["gpus_used"], result["gpus_over_capacity"] = packing(pods, capacity)
         demands = [GpuDemand(fraction=f) for f in fractions]
         result["lower_bound"] = lower_bound_gpus(demands, capacity)
@@ -237,12 +318,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def table(header: tuple[str, str], rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in [header, *rows])
+    lines = [f"| {header[0].ljust(width)} | {header[1]} |", f"| {'-' * width} | --- |"]
+    return "\n".join(lines + [f"| {k.ljust(width)} | {v} |" for k, v in rows]) + "\n"
+
+
 def report(r: dict[str, Any]) -> str:
     over = r["gpus_used"] / r["lower_bound"] - 1
+    delay = r["pod_ready_delay_s"]
     rows = [
         ("cluster", f"{r['nodes']} kwok nodes x 8 GPUs = {r['gpus']} GPUs (H100 80GB labels)"),
         ("workload", f"{r['services']} InferenceServices x 1 replica, fraction uniform in 1/8..1"),
         ("pods made via", r["via"]),
+        ("pod start-up (bind -> Ready)", f"{delay:.0f} s (kwok stage)" if delay else "instant"),
         (
             "objects posted -> all pods Pending",
             f"{r['pods_created_s']:.1f} s (create requests {r['create_s']:.1f} s)",
@@ -252,6 +341,7 @@ def report(r: dict[str, Any]) -> str:
             f"{r['all_bound_s']:.1f} s (first bind at {r['first_bind_s']:.1f} s)",
         ),
         ("binds per second (first to last bind)", f"{r['binds_per_s']:.0f}"),
+        ("slowest 5-second window", f"{r['slowest_5s_window']:.0f} binds/s"),
         ("slowest full second", f"{r['slowest_full_second']} binds"),
         ("GPUs used / lower bound", f"{r['gpus_used']} / {r['lower_bound']} (+{100 * over:.2f}%)"),
         ("offline BFD plan of the same workload", f"{r['offline_bfd_gpus']} GPUs"),
@@ -260,9 +350,23 @@ def report(r: dict[str, Any]) -> str:
     ]
     if "reconciler_rss_mib" in r:
         rows.append(("peak RSS: reconciler process", f"{r['reconciler_rss_mib']:.0f} MiB"))
-    width = max(len(k) for k, _ in rows)
-    table = "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows)
-    return f"| {'metric'.ljust(width)} | value |\n| {'-' * width} | --- |\n{table}\n"
+    text = table(("metric", "value"), rows)
+    for phase, cost in r.get("costs", {}).items():
+        writes = cost["writes"]
+        total = sum(writes.values())
+        top = sorted(writes.items(), key=lambda kv: -kv[1])
+        rows = [("all", f"{total:.0f} ({total / r['services']:.1f} per service)")]
+        rows += [
+            (k, f"{v:.0f} ({v / r['services']:.2f})") for k, v in top if v >= r["services"] / 20
+        ]
+        rows += [
+            (f"CPU s: {k}", f"{v:.1f}")
+            for k, v in sorted(cost["cpu_s"].items(), key=lambda kv: -kv[1])
+            if v
+        ]
+        text += f"\n**Phase `{phase}`: API writes by resource, CPU seconds by process**\n\n"
+        text += table(("", "value"), rows)
+    return text
 
 
 def main() -> None:
@@ -278,6 +382,13 @@ def main() -> None:
         default="reconciler",
         help="make the pods through the reconciler (InferenceServices), or post the pods it "
         "would render directly (measures the scheduler alone, where kopf cannot keep up)",
+    )
+    parser.add_argument(
+        "--pod-ready-delay",
+        type=float,
+        default=60.0,
+        help="seconds from bind to Running/Ready (kwok), the model load of a real pod; 0 = kwok's "
+        "instant start, whose status writes then compete with the binds",
     )
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument(

@@ -27,6 +27,7 @@ from typing import TypedDict
 
 import yaml
 
+from berth.e2e.kwok_stages import pod_stages
 from berth.e2e.nodes import node_manifests
 from berth.e2e.pki import Pki, make_pki
 from berth.e2e.toolchain import ensure_binaries
@@ -83,6 +84,9 @@ class LocalCluster:
     bin_dir: Path | None = None
     # With attach=True (tests), components die with this process even if it is SIGKILLed.
     attach: bool = True
+    # Seconds between a pod's bind and kwok marking it Running and Ready (0: kwok's instant
+    # default); a model server loads its weights in between (see kwok_stages).
+    pod_ready_delay_s: float = 0.0
     pids: dict[str, int] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -126,6 +130,8 @@ class LocalCluster:
             "kwok": free_port(),
         }
         self._write_kubeconfigs(pki)
+        if self.pod_ready_delay_s:
+            (self.state_dir / "kwok.yaml").write_text(pod_stages(self.pod_ready_delay_s))
         try:
             for component in COMPONENTS:
                 self._start(component, pki)
@@ -253,10 +259,11 @@ class LocalCluster:
                             f"--service-cluster-ip-range={SERVICE_CIDR}",
                             "--controllers=*,-nodeipam,-cloud-node-lifecycle"]  # fmt: skip
             return command
-        return [binary, f"--kubeconfig={s / 'kwok.kubeconfig'}", "--manage-all-nodes=false",
+        kwok = [binary, f"--kubeconfig={s / 'kwok.kubeconfig'}", "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 "--node-ip=127.0.0.1", "--node-lease-duration-seconds=40",
                 f"--server-address=127.0.0.1:{p['kwok']}", "--cidr=10.244.0.0/16"]  # fmt: skip
+        return kwok + ([f"--config={s / 'kwok.yaml'}"] if self.pod_ready_delay_s else [])
 
     def _start(self, component: str, pki: Pki) -> None:
         log = (self.logs / f"{component}.log").open("w")

@@ -152,3 +152,31 @@ def test_port_already_taken_is_a_clear_error(cluster: LocalCluster, tmp_path: Pa
     )
     with pytest.raises(ClusterError, match=f"port {taken} on 127.0.0.1 is already in use"):
         other.up()
+
+
+def test_pod_ready_delay_holds_a_bound_pod_until_it_has_loaded(tmp_path: Path) -> None:
+    delay = 4.0
+    inventory = Inventory.model_validate({"nodes": [{"name": "cpu"}]})
+    with LocalCluster(state_dir=tmp_path, inventory=inventory, pod_ready_delay_s=delay) as slow:
+        slow.kubectl("run", "model", "--image=registry.invalid/none:1", "--restart=Never")
+
+        def bound() -> dict[str, Any] | None:
+            pod = json.loads(slow.kubectl("get", "pod", "model", "-o", "json"))
+            return pod if pod["spec"].get("nodeName") else None
+
+        pod = wait_for(bound, 30, "the pod to be bound")
+        bound_at = time.monotonic()
+        assert pod["status"].get("phase") == "Pending" and not pod["status"].get("podIP")
+
+        def ready() -> dict[str, Any] | None:
+            pod = json.loads(slow.kubectl("get", "pod", "model", "-o", "json"))
+            conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
+            return pod if conditions.get("Ready") == "True" else None
+
+        pod = wait_for(ready, 30, "the pod to turn Ready")
+        assert time.monotonic() - bound_at >= delay - 1.0  # bound is observed up to 0.5 s late
+        assert pod["status"]["phase"] == "Running" and pod["status"]["podIP"]
+        assert pod["status"]["containerStatuses"][0]["ready"] is True
+
+        slow.kubectl("delete", "pod", "model", "--wait=false")
+        wait_for(lambda: not pods(slow, "default"), 30, "the deleted pod to go away")
