@@ -126,7 +126,7 @@ def operator(
         run_scheduler=run_scheduler,
         run_reconciler=run_reconciler,
     )
-    client = KubeClient.from_config(kubeconfig, pool=settings.bind_workers + 8)
+    client = KubeClient.from_config(kubeconfig, pool=settings.connections)
     scheduler = GpuScheduler(client, settings) if run_scheduler else None
     if scheduler:
         scheduler.start()

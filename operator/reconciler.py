@@ -4,7 +4,8 @@ One handler renders and applies (server-side apply, field manager ``berth``, own
 so the garbage collector cleans up on delete and a restart re-applies identical objects: no
 churn). Status has one writer, ``StatusBoard``: events on the service's pods and Deployment mark
 it dirty, and a coalesced refresh computes ``status.service_status`` from kopf's in-memory
-indices and patches the status subresource only when it changed.
+indices and patches the status subresource only when it changed, at most every 2 s per service
+(each write is also an event that kopf processes, so fewer writes is less CPU on both sides).
 
 A spec that the API server admits but whose rendered objects it refuses (say, CPU requests above
 limits) is a ``PermanentError`` for that generation and an ``InvalidSpec`` condition, not a retry
@@ -34,8 +35,8 @@ from berth.operator.status import (
 
 log = logging.getLogger(__name__)
 RESOURCE = (wire.GROUP, wire.VERSION, api.PLURAL)
-REFRESH_DELAY_S = 0.5
-API_THREADS = 32
+REFRESH_DELAY_S = 0.5  # changes that arrive together (a pod and its Deployment) make one write
+MIN_WRITE_INTERVAL_S = 2.0  # and one service's status is written at most this often
 Key = tuple[str, str]  # (namespace, InferenceService name)
 
 
@@ -46,15 +47,17 @@ class StatusBoard:
         self.client = client
         self.due: set[Key] = set()
         self.written: dict[Key, dict[str, Any]] = {}
+        self.written_at: dict[Key, float] = {}  # loop time of each service's last status write
         self.render_errors: dict[Key, tuple[int, str]] = {}  # key -> (generation, message)
 
     def touch(self, key: Key, indices: dict[str, Any]) -> None:
         if key in self.due:
             return
         self.due.add(key)
-        asyncio.get_running_loop().call_later(
-            REFRESH_DELAY_S, lambda: asyncio.ensure_future(self.refresh(key, indices))
-        )
+        loop = asyncio.get_running_loop()
+        next_write = self.written_at.get(key, -MIN_WRITE_INTERVAL_S) + MIN_WRITE_INTERVAL_S
+        delay = max(REFRESH_DELAY_S, next_write - loop.time())
+        loop.call_later(delay, lambda: asyncio.ensure_future(self.refresh(key, indices)))
 
     async def refresh(self, key: Key, indices: dict[str, Any]) -> None:
         self.due.discard(key)
@@ -65,6 +68,7 @@ class StatusBoard:
         )
         if key not in services:
             self.written.pop(key, None)
+            self.written_at.pop(key, None)
             return
         (body,) = list(services[key])
         view = ServiceView(
@@ -83,6 +87,7 @@ class StatusBoard:
             return
         path = resource_path(f"{wire.GROUP}/{wire.VERSION}", api.KIND, *key) + "/status"
         try:
+            self.written_at[key] = asyncio.get_running_loop().time()
             await asyncio.to_thread(self.client.merge_patch, path, {"status": status})
             self.written[key] = status
         except KubeError as error:
@@ -124,7 +129,7 @@ async def tune_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Keep kopf's bookkeeping in annotations, so the status subresource is ours alone; give
     blocking API calls (``asyncio.to_thread``) enough threads for thousands of services."""
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(API_THREADS, thread_name_prefix="api")
+        ThreadPoolExecutor(Context.settings.api_threads, thread_name_prefix="api")
     )
     prefix = f"kopf.{wire.GROUP}"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)

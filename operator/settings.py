@@ -32,6 +32,8 @@ class OperatorSettings:
     batch_window_s: float = 0.2
     # Concurrent Binding requests in flight.
     bind_workers: int = 16
+    # Threads for the reconciler's blocking API calls (applies, status patches, events).
+    api_threads: int = 32
     run_reconciler: bool = True
     run_scheduler: bool = True
 
@@ -46,9 +48,17 @@ class OperatorSettings:
             "namespaces": tuple(n for n in namespaces.split(",") if n),
             "batch_window_s": _env_float("BERTH_BATCH_WINDOW_S", cls.batch_window_s),
             "bind_workers": _env_int("BERTH_BIND_WORKERS", cls.bind_workers),
+            "api_threads": _env_int("BERTH_API_THREADS", cls.api_threads),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def connections(self) -> int:
+        """HTTP connections to the API server: one per thread that may hold one at a time
+        (binders, reconciler threads, the scheduler's two watches and its reporters), so that
+        no request waits in the pool."""
+        return self.bind_workers + self.api_threads + 4
 
     @property
     def placement_policy(self) -> PlacementPolicy:
