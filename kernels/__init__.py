@@ -10,6 +10,9 @@ KV cache layout, shared by every kernel and the runtime (one tensor per layer fo
 
 Token-major pages keep one token's heads together, so ``write_kv_cache`` stores each new token
 as one contiguous run and the attention kernels read a head's page rows with unit stride.
+``paged_prefill_attention`` also takes the step's new K/V as ``key``/``value`` [T, Hkv, D]
+(the tensors just written to the cache) and then reads the chunks' own keys from them, by TMA,
+and only the cached prefix through the block table.
 """
 
 from berth.kernels.decode import paged_decode_attention

@@ -2,8 +2,10 @@
 
 Serves chunked prefill, prefix-cache hits and decode tokens alike (a decode token is a chunk of
 one), so a mixed batch is one launch. The queries of all sequences are packed ``[T, Hq, D]`` and
-delimited by ``query_start_loc``; their K/V are already in the cache (``write_kv_cache`` first),
-so every key is read from pages the same way.
+delimited by ``query_start_loc``. Keys split as in an extend kernel: the cached prefix is read
+from the pages through the block table; the chunk's own keys are read from the contiguous
+``key``/``value`` [T, Hkv, D] the engine just computed (and also wrote to the cache), by TMA,
+when the caller passes them, else from the pages like the prefix.
 
 One program owns ``BLOCK_Q`` consecutive query tokens of one sequence and one KV head, and
 stacks the ``Hq / Hkv`` query heads of the group as extra rows (row = token * GROUP_PAD + head):
@@ -13,8 +15,11 @@ b's tiles start at ``query_start_loc[b] // BLOCK_Q + b`` (increasing in b, never
 found by counting the first tiles <= the id; ids past a sequence's last tile exit at once.
 Keys wholly before a tile's first query are visible to every row and run without masks; only
 the diagonal band pays for the causal mask, and its first key step runs before the others.
-The softmax scale folds into the exponent's FMA, and K/V offsets are 32-bit and shared by K and
-V where the caches allow (benchmarks/results/kernels-notes.md has the measured effect of each).
+Those unmasked keys run in three loops: whole prefix steps through the page table (cp.async,
+32-bit offsets shared by K and V), a step that straddles the prefix's end by row pointers, and
+the chunk's own keys by TMA tiles of the [T, Hkv * D] rows (no table, no per-row addresses, a
+deeper pipeline). The softmax scale folds into the exponent's FMA. benchmarks/results/
+kernels-notes.md has the measured effect of each choice.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from berth.kernels import checks
 
@@ -33,12 +39,17 @@ WIDE_INDEX_FROM = 2**31  # caches with element offsets this large index K/V in 6
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Tile shape: ``block_m`` rows (query tokens x group heads), ``block_n`` keys per step."""
+    """Tile shape: ``block_m`` rows (query tokens x group heads) against ``block_n`` keys per
+    step on the band and the chunk's own keys, ``paged_block_n`` (None: ``block_n``) per step
+    through the page table; ``num_stages`` pipelines the paged loop, ``self_stages`` the TMA
+    loop over the chunk's own keys."""
 
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    paged_block_n: int | None = None
+    self_stages: int = 3
 
 
 @triton.jit
@@ -57,10 +68,12 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr): 
 
 
 @triton.jit
-def _slot_offsets(  # type: ignore[no-untyped-def]
+def _kv_rows(  # type: ignore[no-untyped-def]
     table,
     toks,
     tok_ok,
+    k_base,
+    v_base,
     stride_k_block,
     stride_k_slot,
     stride_v_block,
@@ -69,10 +82,11 @@ def _slot_offsets(  # type: ignore[no-untyped-def]
     V_LIKE_K: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
 ):
-    """Element offsets of tokens ``toks`` in the K and V caches, through the block table.
+    """Pointers to the K and V rows [N] of positions ``toks`` in the pages, via the block table.
 
-    Index arithmetic is about a seventh of the key loop's instructions on H100 (SASS count), so
-    it stays 32-bit unless the cache needs more, and is shared by K and V when they can.
+    Index arithmetic is about a seventh of the paged key loop's instructions on H100 (SASS
+    count), so it stays 32-bit unless the cache needs more, and is shared by K and V when they
+    can. ``tok_ok`` None means every position is valid (no mask on the table load).
     """
     if tok_ok is None:
         block = tl.load(table + toks // BLOCK_SIZE)
@@ -83,7 +97,71 @@ def _slot_offsets(  # type: ignore[no-untyped-def]
     slot = toks % BLOCK_SIZE
     k_off = block * stride_k_block + slot * stride_k_slot
     v_off = k_off if V_LIKE_K else block * stride_v_block + slot * stride_v_slot
-    return k_off, v_off
+    return k_base + k_off, v_base + v_off
+
+
+@triton.jit
+def _kv_tiles(  # type: ignore[no-untyped-def]
+    table,
+    toks,
+    tok_ok,
+    prefix,
+    self_row0,
+    k_base,
+    v_base,
+    key_ptr,
+    value_ptr,
+    self_col,
+    dims,
+    stride_k_block,
+    stride_k_slot,
+    stride_v_block,
+    stride_v_slot,
+    stride_key_t,
+    stride_value_t,
+    BLOCK_SIZE: tl.constexpr,
+    V_LIKE_K: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    SELF_KV: tl.constexpr,
+):
+    """K and V tiles [N, D] of positions ``toks`` (zero where not ``tok_ok``) for a step that
+    may straddle the prefix's end: cached positions from the pages, with SELF_KV the chunk's own
+    from ``key``/``value`` rows ``self_row0 + toks``, columns from ``self_col`` (one load
+    each: row pointers are selected, not tiles)."""
+    if SELF_KV:
+        cached = toks < prefix
+        k_rows, v_rows = _kv_rows(
+            table, toks, tok_ok & cached, k_base, v_base, stride_k_block, stride_k_slot,
+            stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+        )  # fmt: skip
+        rows = self_row0 + toks
+        if WIDE_INDEX:
+            rows = rows.to(tl.int64)
+        k_rows = tl.where(cached, k_rows, key_ptr + self_col + rows * stride_key_t)
+        v_rows = tl.where(cached, v_rows, value_ptr + self_col + rows * stride_value_t)
+    else:
+        k_rows, v_rows = _kv_rows(
+            table, toks, tok_ok, k_base, v_base, stride_k_block, stride_k_slot,
+            stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+        )  # fmt: skip
+    k = tl.load(k_rows[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+    v = tl.load(v_rows[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, m, l_i, acc, qk_scale, visible):  # type: ignore[no-untyped-def]
+    """One key step of flash attention: scores, running max ``m`` (log2 units), sum ``l_i``
+    and ``acc`` rescaled and updated. ``visible`` [M, N] or None (no mask)."""
+    s = tl.dot(q, tl.trans(k))  # [M, N]; times qk_scale (> 0) gives log2 units
+    if visible is not None:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -95,6 +173,10 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     seq_lens_ptr,  # [B] int32, tokens in cache including the new ones
     query_start_loc_ptr,  # [B + 1] int32
     out_ptr,  # [T, Hq, D]
+    key_ptr,  # [T, Hkv, D] the chunks' own keys (SELF_KV), heads packed (stride D)
+    value_ptr,  # [T, Hkv, D]
+    key_desc,  # TMA descriptor of key viewed as [T, Hkv * D], box [BLOCK_N, D] (SELF_KV)
+    value_desc,  # the same for value
     qk_scale,  # softmax scale * log2(e)
     num_seqs,
     num_kv_heads,
@@ -106,6 +188,8 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     stride_v_block,
     stride_v_slot,
     stride_v_head,
+    stride_key_t,
+    stride_value_t,
     stride_bt_b,
     stride_out_t,
     stride_out_h,
@@ -114,9 +198,12 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # keys per step: the band and the chunk's own keys
+    PAGED_N: tl.constexpr,  # keys per step through the page table (a multiple of BLOCK_N)
+    SELF_STAGES: tl.constexpr,  # TMA pipeline depth of the chunk's own keys
     V_LIKE_K: tl.constexpr,  # v_cache has k_cache's strides: one offset tensor serves both
-    WIDE_INDEX: tl.constexpr,  # a cache offset can pass 2**31: 64-bit offset arithmetic
+    WIDE_INDEX: tl.constexpr,  # an offset can pass 2**31: 64-bit offset arithmetic
+    SELF_KV: tl.constexpr,  # the chunks' own K/V come from key/value, not the pages
 ):
     # Heaviest tiles (the last ones of the last sequences) first, all KV heads of a tile
     # together, so the lightest programs form the tail (H100, 4 x 2k chunks, no prefix: +2-4%
@@ -132,6 +219,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     if q_first >= q_len:
         return
     prefix = seq_len - q_len  # cached tokens before this chunk
+    self_row0 = q_begin - prefix  # row of position p in key/value: self_row0 + p (p >= prefix)
 
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     rows = tl.arange(0, BLOCK_M)
@@ -145,6 +233,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
+    self_col = kv_head * HEAD_DIM  # this head's columns in key/value viewed as [T, Hkv * D]
     offsets = tl.arange(0, BLOCK_N)
 
     # The causal band [diag_start, band_end) needs a mask; keys before it are visible to every
@@ -156,22 +245,21 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     band_end = tl.minimum(prefix + q_first + BLOCK_Q, seq_len)
     toks = diag_start + offsets
     tok_ok = toks < band_end
-    k_off, v_off = _slot_offsets(
-        table, toks, tok_ok, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-        BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+    k, v = _kv_tiles(
+        table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col, dims,
+        stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
+        stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
     )  # fmt: skip
-    k = tl.load(k_base + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-    v = tl.load(v_base + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
     q = tl.load(
         q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
         mask=row_ok[:, None],
         other=0.0,
     )  # [M, D]
-    s = tl.dot(q, tl.trans(k))  # [M, N]; times qk_scale (> 0) gives log2 units
+    s = tl.dot(q, tl.trans(k))
     s = tl.where((toks[None, :] <= q_pos[:, None]) & tok_ok[None, :], s, float("-inf"))
     m = tl.max(s, axis=1) * qk_scale
     p = tl.math.exp2(s * qk_scale - m[:, None])
-    l = tl.sum(p, axis=1)  # noqa: E741
+    l_i = tl.sum(p, axis=1)
     acc = tl.dot(p.to(v.dtype), v)
 
     # Rest of the band: only when it spans more than one key block (BLOCK_Q > 1 step, or a
@@ -179,39 +267,48 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     for tok0 in tl.range(diag_start + BLOCK_N, band_end, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
         tok_ok = toks < band_end
-        k_off, v_off = _slot_offsets(
-            table, toks, tok_ok, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-            BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+        k, v = _kv_tiles(
+            table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col, dims,
+            stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
+            stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
         )  # fmt: skip
-        k = tl.load(k_base + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-        v = tl.load(v_base + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        s = tl.where((toks[None, :] <= q_pos[:, None]) & tok_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        visible = (toks[None, :] <= q_pos[:, None]) & tok_ok[None, :]
+        m, l_i, acc = _online_softmax_step(q, k, v, m, l_i, acc, qk_scale, visible)
 
-    # Keys before the band: no mask. The scale folds into the exponent's FMA.
-    for tok0 in range(0, diag_start, BLOCK_N):
+    # Keys before the band, no mask. Whole cached steps of PAGED_N keys through the page table;
+    # then BLOCK_N steps by row pointers while a step still holds cached keys (the prefix's
+    # end, or all of them without SELF_KV); then the chunk's own keys by TMA from the
+    # contiguous key/value rows: no block table, no per-row addresses, SELF_STAGES deep.
+    if SELF_KV:
+        paged_end = tl.minimum(prefix, diag_start) // PAGED_N * PAGED_N
+        self_start = tl.minimum(tl.cdiv(prefix, BLOCK_N) * BLOCK_N, diag_start)
+    else:
+        paged_end = diag_start // PAGED_N * PAGED_N
+        self_start = diag_start
+    paged_offsets = tl.arange(0, PAGED_N)
+    for tok0 in range(0, paged_end, PAGED_N):
+        k_rows, v_rows = _kv_rows(
+            table, tok0 + paged_offsets, None, k_base, v_base, stride_k_block, stride_k_slot,
+            stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+        )  # fmt: skip
+        k_wide = tl.load(k_rows[:, None] + dims[None, :])  # [PAGED_N, D]
+        v_wide = tl.load(v_rows[:, None] + dims[None, :])
+        m, l_i, acc = _online_softmax_step(q, k_wide, v_wide, m, l_i, acc, qk_scale, None)
+    for tok0 in tl.range(paged_end, self_start, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
-        k_off, v_off = _slot_offsets(
-            table, toks, None, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-            BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+        k, v = _kv_tiles(
+            table, toks, toks >= 0, prefix, self_row0, k_base, v_base, key_ptr, value_ptr,
+            self_col, dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+            stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
         )  # fmt: skip
-        k = tl.load(k_base + k_off[:, None] + dims[None, :])
-        v = tl.load(v_base + v_off[:, None] + dims[None, :])
-        s = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l_i, acc = _online_softmax_step(q, k, v, m, l_i, acc, qk_scale, None)
+    if SELF_KV:
+        for tok0 in tl.range(self_start, diag_start, BLOCK_N, num_stages=SELF_STAGES):
+            k = key_desc.load([self_row0 + tok0, self_col])  # [BLOCK_N, D]
+            v = value_desc.load([self_row0 + tok0, self_col])
+            m, l_i, acc = _online_softmax_step(q, k, v, m, l_i, acc, qk_scale, None)
 
-    out = acc * (1.0 / l)[:, None]
+    out = acc * (1.0 / l_i)[:, None]
     dst = out_ptr + token[:, None] * stride_out_t + head[:, None] * stride_out_h + dims[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -222,11 +319,38 @@ def _max_offset(t: torch.Tensor) -> int:
 
 
 def default_config(head_dim: int, block_size: int) -> PrefillConfig:
-    """128 x 128 tiles, 8 warps, 3 stages at D <= 128 (best of a sweep on H100 for 2k chunks,
-    benchmarks/results/kernels-notes.md); half the rows and keys at D = 256 to fit registers."""
+    """At D <= 128: 128-row tiles, 8 warps, 64-key steps on the band and the chunk's own keys
+    (3-deep TMA), 128-key steps through the page table (3-stage cp.async); the best of the
+    H100 sweeps for 2k chunks (benchmarks/results/kernels-notes.md). At D = 256, half the
+    rows and narrower steps to fit registers."""
     if head_dim > 128:
-        return PrefillConfig(block_m=64, block_n=max(32, block_size), num_warps=8, num_stages=2)
-    return PrefillConfig(block_m=128, block_n=max(128, block_size), num_warps=8, num_stages=3)
+        narrow = max(32, block_size)
+        return PrefillConfig(block_m=64, block_n=narrow, num_warps=8, num_stages=2, self_stages=2)
+    paged = max(128, block_size)
+    return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, paged_block_n=paged)
+
+
+def _tma_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [T, Hkv, D] if TMA can read it as a [T, Hkv * D] matrix (heads packed, 16-byte
+    aligned base and rows), else a packed copy. The engine's K (fresh from RoPE) and V (a view
+    of the fused QKV projection) both qualify as they are."""
+    row_bytes = t.stride(0) * t.element_size()
+    packed = t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
+    if packed and t.data_ptr() % 16 == 0 and row_bytes % 16 == 0:
+        return t
+    return t.contiguous() if not t.is_contiguous() else t.clone()
+
+
+def _row_descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """TMA descriptor of ``t`` [T, Hkv, D] seen as [T, Hkv * D], one box = ``block_n`` rows of
+    one head."""
+    num_tokens, num_kv_heads, head_dim = t.shape
+    return TensorDescriptor(
+        base=t,
+        shape=[num_tokens, num_kv_heads * head_dim],
+        strides=[t.stride(0), 1],
+        block_shape=[block_n, head_dim],
+    )
 
 
 def launch_prefill(
@@ -239,6 +363,8 @@ def launch_prefill(
     scale: float,
     out: torch.Tensor | None,
     config: PrefillConfig | None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``paged_prefill_attention`` with an explicit tile config (the benchmark sweeps it)."""
     _, block_size, num_kv_heads, head_dim = checks.check_cache_pair(k_cache, v_cache)
@@ -264,6 +390,14 @@ def launch_prefill(
     checks.check_unit_last_stride("block_tables", block_tables)
     checks.check_contiguous("seq_lens", seq_lens)
     checks.check_contiguous("query_start_loc", query_start_loc)
+    if (key is None) != (value is None):
+        raise ValueError("key and value must be given together (or neither)")
+    if key is not None and value is not None:
+        kv_shape = (num_tokens, num_kv_heads, head_dim)
+        for name, t in (("key", key), ("value", value)):
+            checks.check_shape(name, t, kv_shape, "[num_tokens, num_kv_heads, head_dim]")
+        checks.check_device(query=query, key=key, value=value)
+        checks.check_same_dtype(query=query, key=key, value=value)
     if out is None:
         out = torch.empty_like(query)
     else:
@@ -278,10 +412,25 @@ def launch_prefill(
     group_pad = triton.next_power_of_2(group)
     if config.block_m % group_pad:
         raise ValueError(f"block_m {config.block_m} must be a multiple of the group {group_pad}")
-    if config.block_n % block_size and block_size % config.block_n:
-        raise ValueError(f"block_n {config.block_n} and block_size {block_size} must nest")
+    paged_block_n = config.paged_block_n or config.block_n
+    for name, n in (("block_n", config.block_n), ("paged_block_n", paged_block_n)):
+        if n % block_size and block_size % n:
+            raise ValueError(f"{name} {n} and block_size {block_size} must nest")
+    if paged_block_n % config.block_n:
+        raise ValueError(
+            f"paged_block_n {paged_block_n} must be a multiple of block_n {config.block_n}"
+        )
     block_q = config.block_m // group_pad
     num_tiles = num_tokens // block_q + num_seqs  # bounds sum_b cdiv(q_len_b, block_q)
+    indexed = [k_cache, v_cache]
+    key_desc = value_desc = None
+    if key is not None and value is not None:
+        key, value = _tma_rows(key), _tma_rows(value)
+        key_desc, value_desc = (
+            _row_descriptor(key, config.block_n),
+            _row_descriptor(value, config.block_n),
+        )
+        indexed += [key, value]
     _prefill_kernel[(num_tiles * num_kv_heads,)](
         query,
         k_cache,
@@ -290,6 +439,10 @@ def launch_prefill(
         seq_lens,
         query_start_loc,
         out,
+        key,
+        value,
+        key_desc,
+        value_desc,
         scale * LOG2E,
         num_seqs,
         num_kv_heads,
@@ -301,6 +454,8 @@ def launch_prefill(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        0 if key is None else key.stride(0),
+        0 if value is None else value.stride(0),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -310,8 +465,11 @@ def launch_prefill(
         BLOCK_SIZE=block_size,
         BLOCK_Q=block_q,
         BLOCK_N=config.block_n,
+        PAGED_N=paged_block_n,
+        SELF_STAGES=config.self_stages,
         V_LIKE_K=k_cache.stride() == v_cache.stride(),
-        WIDE_INDEX=max(_max_offset(k_cache), _max_offset(v_cache)) >= WIDE_INDEX_FROM,
+        WIDE_INDEX=max(_max_offset(t) for t in indexed) >= WIDE_INDEX_FROM,
+        SELF_KV=key is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -327,12 +485,19 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    *,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of packed new tokens [T, Hq, D] over their sequences' cached pages.
+    """Causal attention of packed new tokens [T, Hq, D] over their prefix and themselves.
 
-    Query token i of sequence b sits at position ``seq_lens[b] - q_len_b + i``; its K/V must
-    already be in the cache. No host sync: mixed prefill/decode batches are one launch.
+    Query token i of sequence b sits at position ``seq_lens[b] - q_len_b + i``. The prefix
+    (positions before ``seq_lens[b] - q_len_b``) is read from the cache. The new tokens' own
+    K/V are read from ``key``/``value`` [T, Hkv, D] when given (no block table, TMA), else from
+    the cache, where they must already be. No host sync: mixed prefill/decode batches are one
+    launch.
     """
     return launch_prefill(
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, None
-    )
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, None,
+        key, value,
+    )  # fmt: skip

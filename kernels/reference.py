@@ -109,13 +109,17 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    *,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed new tokens [T, Hq, D] attending causally to their cached prefix and to themselves.
 
     Query token i of sequence b sits at absolute position ``seq_lens[b] - q_len_b + i`` and sees
-    cache positions up to and including it; the new tokens' K/V must already be in the cache
-    (``write_kv_cache`` first). One attention call per sequence: lengths differ too much between
-    a prefill chunk and a decode token to pad the batch.
+    positions up to and including it. The prefix comes from the cache; the new tokens' own K/V
+    from ``key``/``value`` [T, Hkv, D] when given, else from the cache (``write_kv_cache``
+    first). One attention call per sequence: lengths differ too much between a prefill chunk
+    and a decode token to pad the batch.
     """
     num_heads = query.shape[1]
     if out is None:
@@ -131,8 +135,12 @@ def paged_prefill_attention(
         if q_len == 0:
             continue
         table, length = block_tables[b : b + 1], seq_lens[b : b + 1]
-        keys = _gather_tokens(k_cache, table, length, context_len)[0].to(dtype)  # [L, Hkv, D]
-        values = _gather_tokens(v_cache, table, length, context_len)[0].to(dtype)
+        cached = context_len if key is None else context_len - q_len
+        keys = _gather_tokens(k_cache, table, length, cached)[0]  # [L, Hkv, D]
+        values = _gather_tokens(v_cache, table, length, cached)[0]
+        if key is not None and value is not None:
+            keys = torch.cat([keys, key[q_start:q_end].to(keys.dtype)])
+            values = torch.cat([values, value[q_start:q_end].to(values.dtype)])
         q_pos = torch.arange(context_len - q_len, context_len, device=query.device)
         k_pos = torch.arange(context_len, device=query.device)
         causal = k_pos[None, :] <= q_pos[:, None]  # [q_len, L]
@@ -140,8 +148,8 @@ def paged_prefill_attention(
         q = query[q_start:q_end].to(dtype).view(q_len, num_kv_heads, group, -1)
         attn = F.scaled_dot_product_attention(
             q.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, -1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
+            keys.to(dtype).transpose(0, 1),
+            values.to(dtype).transpose(0, 1),
             attn_mask=causal.repeat(group, 1),
             scale=scale,
         )

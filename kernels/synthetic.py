@@ -37,6 +37,16 @@ class PagedBatch:
         v = self.v_cache[pages].reshape(-1, hkv, d)[:length]
         return k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
 
+    def chunk_kv(self, query_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's last ``query_lens[b]`` tokens (its new chunk), K and V packed
+        [sum(query_lens), Hkv, D] in batch order: what the engine passes to prefill as key/value."""
+        keys, values = [], []
+        for seq, q_len in enumerate(query_lens):
+            k, v = self.contiguous(seq)  # [Hkv, L, D]
+            keys.append(k[:, k.shape[1] - q_len :].transpose(0, 1))
+            values.append(v[:, v.shape[1] - q_len :].transpose(0, 1))
+        return torch.cat(keys).contiguous(), torch.cat(values).contiguous()
+
 
 def random_paged_batch(
     seq_lens: list[int],

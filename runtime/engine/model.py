@@ -119,6 +119,8 @@ class Attention(nn.Module):
                 max_seq_len=meta.max_seq_len,
             )
         else:
+            # The chunk's own K/V also go in directly: the kernel reads them without the
+            # page table (the prefix still comes from the cache written above).
             o = self.ops.paged_prefill_attention(
                 q,
                 self.k_cache,
@@ -127,6 +129,8 @@ class Attention(nn.Module):
                 meta.seq_lens,
                 meta.query_start_loc,
                 self.scale,
+                key=k,
+                value=v,
             )
         return self.o_proj(o.reshape(t, self.q_size))
 

@@ -5,6 +5,7 @@ unused tail of the block table."""
 from __future__ import annotations
 
 import torch
+from paged_checks import poison_chunk_slots
 
 from berth.kernels import reference
 from berth.kernels.synthetic import random_paged_batch
@@ -56,6 +57,21 @@ def test_prefill_reference_is_decode_at_each_position() -> None:
             visible = length - (end - start) + i + 1
             expected = attend_one(query[start + i], k[:visible], v[:visible], 0.25)
             torch.testing.assert_close(out[start + i], expected)
+
+
+def test_prefill_reference_takes_the_chunk_from_key_value() -> None:
+    """Given key/value, the chunk's own K/V come from them, not from the cache (whose chunk
+    slots hold NaN here); the prefix still comes from the cache."""
+    batch = random_paged_batch([21, 45, 9], 2, 8, 4, torch.float64, "cpu")
+    query_lens = [21, 13, 1]
+    qsl = torch.tensor([0, 21, 34, 35], dtype=torch.int32)
+    query = torch.randn(35, 4, 8, dtype=torch.float64)
+    args = (batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, qsl, 0.25)
+    expected = reference.paged_prefill_attention(query, *args)
+    key, value = batch.chunk_kv(query_lens)
+    poison_chunk_slots(batch, query_lens)
+    out = reference.paged_prefill_attention(query, *args, key=key, value=value)
+    torch.testing.assert_close(out, expected)
 
 
 def test_write_reference_scatters_by_slot_and_skips_padding() -> None:
