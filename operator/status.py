@@ -108,6 +108,9 @@ def _scheduled(view: ServiceView, live: list[PodSummary], generation: int) -> Ob
     if waiting:
         message = f"{len(waiting)} pod(s) waiting for the GPU scheduler"
         return _condition("Scheduled", False, "Pending", message, generation)
+    if not live and view.desired_replicas > 0:  # not placed yet: there is nothing to place
+        message = "waiting for the Deployment's pods"
+        return _condition("Scheduled", False, "Pending", message, generation)
     message = f"{len(live)} pod(s) placed on GPUs"
     return _condition("Scheduled", True, "AllPodsPlaced", message, generation)
 

@@ -61,3 +61,10 @@ def test_transition_time_holds_while_the_status_holds() -> None:
     flipped = service_status(view([pod("a"), pod("b", ready=False)]), first, NOW)
     ready = next(c for c in flipped["conditions"] if c["type"] == "Ready")
     assert ready["lastTransitionTime"] == NOW
+
+
+def test_a_service_whose_pods_do_not_exist_yet_is_not_scheduled() -> None:
+    status = service_status(view([]), None, NOW)
+    assert conditions(status)["Scheduled"] == ("False", "Pending")
+    scaled_to_zero = service_status(view([], desired=0), None, NOW)
+    assert conditions(scaled_to_zero)["Scheduled"] == ("True", "AllPodsPlaced")
