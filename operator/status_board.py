@@ -175,14 +175,15 @@ class StatusBoard:
     def _pod_event(self, kind: str, obj: Obj) -> None:
         key, name = _owner(obj), obj["metadata"]["name"]
         with self.lock:
-            pods = self.pods.setdefault(key, {})
             summary = None if kind == "DELETED" else summarize_pod(obj)
-            if pods.get(name) == summary:
+            if self.pods.get(key, {}).get(name) == summary:
                 return
-            if summary is None:
-                pods.pop(name, None)
+            if summary is not None:
+                self.pods.setdefault(key, {})[name] = summary
+            elif len(self.pods[key]) > 1:
+                del self.pods[key][name]
             else:
-                pods[name] = summary
+                del self.pods[key]
             self._mark(key)
 
     # ---- refresh -------------------------------------------------------------------------

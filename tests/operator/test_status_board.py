@@ -1,0 +1,114 @@
+"""The status board's bookkeeping: which changes lead to a status refresh, and what it sees.
+
+The reflector callbacks are driven directly with the objects the API server would send; the
+board's writes to the API server are covered end to end in e2e/test_operator.py.
+"""
+
+import time
+from typing import Any
+
+from berth import wire
+from berth.operator.kube import KubeClient
+from berth.operator.status_board import StatusBoard, service_info
+
+KEY = ("team", "llama")
+
+
+def isvc(
+    generation: int = 1, replicas: int = 2, status: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{wire.GROUP}/{wire.VERSION}",
+        "kind": "InferenceService",
+        "metadata": {"name": "llama", "namespace": "team", "uid": "u1", "generation": generation},
+        "spec": {"model": {"source": {"hostPath": {"path": "/m"}}}, "gpu": {"fraction": 0.5},
+                 "replicas": replicas},
+        "status": status or {},
+    }  # fmt: skip
+
+
+def pod(name: str, node: str = "", heartbeat: str = "t0") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "team", "labels": {wire.LABEL_SERVICE: "llama"},
+                     "annotations": {"heartbeat": heartbeat}},
+        "spec": {"nodeName": node} if node else {},
+        "status": {"phase": "Pending"},
+    }  # fmt: skip
+
+
+def board() -> StatusBoard:
+    return StatusBoard(KubeClient("https://127.0.0.1:1", False, None, None))
+
+
+def take(b: StatusBoard) -> Any:
+    with b.lock:
+        return b._next()
+
+
+def test_spec_is_parsed_once_per_generation() -> None:
+    first = service_info(isvc(replicas=2), None)
+    assert first.desired_replicas == 2 and first.url == "http://llama.team.svc:8000/v1"
+    same_generation = service_info(isvc(replicas=3), first)
+    assert same_generation.desired_replicas == 2  # generation 1 was already parsed
+    assert service_info(isvc(generation=2, replicas=3), first).desired_replicas == 3
+
+
+def test_changes_that_matter_schedule_one_refresh_with_the_current_picture() -> None:
+    b = board()
+    b._services_listed([isvc()])
+    b._pod_event("ADDED", pod("p0"))
+    b._pod_event("ADDED", pod("p1"))
+    assert list(b.due) == [KEY]  # one refresh for the burst
+    started = time.monotonic()
+    key, view, previous = take(b)
+    assert time.monotonic() - started >= 0.4  # gathered for REFRESH_DELAY_S first
+    assert key == KEY and view.desired_replicas == 2 and previous == {}
+    assert sorted(p.name for p in view.pods) == ["p0", "p1"]
+    assert not any(p.bound for p in view.pods)
+    assert KEY in b.in_flight
+
+    b._pod_event("MODIFIED", pod("p0", heartbeat="t1"))  # nothing the status reads changed
+    assert not b.due
+    b._pod_event("MODIFIED", pod("p0", node="gpu-3"))
+    assert KEY in b.due
+
+
+def test_our_own_status_write_coming_back_is_not_a_change() -> None:
+    b = board()
+    b._services_listed([isvc()])
+    take(b)
+    b.written[KEY] = {"readyReplicas": 0}
+    b.in_flight.clear()
+    b._service_event("MODIFIED", isvc(status={"readyReplicas": 0}))
+    assert not b.due
+    b._service_event("MODIFIED", isvc(generation=2, status={"readyReplicas": 0}))
+    assert KEY in b.due  # a new spec is
+
+
+def test_a_refresh_is_at_least_the_write_interval_after_the_last_write() -> None:
+    b = board()
+    b._services_listed([isvc()])
+    take(b)
+    b.in_flight.clear()
+    b.written_at[KEY] = time.monotonic()
+    b._pod_event("ADDED", pod("p0"))
+    assert b.due[KEY] - b.written_at[KEY] >= 2.0
+
+
+def test_a_deleted_service_is_forgotten() -> None:
+    b = board()
+    b._services_listed([isvc()])
+    b._pod_event("ADDED", pod("p0"))
+    b._service_event("DELETED", isvc())
+    assert KEY not in b.services and KEY not in b.pods and KEY not in b.written
+
+
+def test_pods_of_a_service_come_and_go_without_leftovers() -> None:
+    b = board()
+    b._pod_event("ADDED", pod("p0"))
+    b._pod_event("ADDED", pod("p1"))
+    b._pod_event("DELETED", pod("p0"))
+    assert list(b.pods[KEY]) == ["p1"]
+    b._pod_event("DELETED", pod("p1"))
+    b._pod_event("DELETED", pod("p1"))  # a repeat (relist) is harmless
+    assert KEY not in b.pods
