@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from berth.kernels import checks
+from berth.kernels.kv_tiles import kv_rows, kv_tiles, row_descriptor, tma_rows
 
 LOG2E = 1.4426950408889634
 WIDE_INDEX_FROM = 2**31  # caches with element offsets this large index K/V in 64 bits
@@ -65,88 +65,6 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr): 
         start = tl.load(query_start_loc_ptr + idx, mask=idx < num_seqs, other=2**30)
         count += tl.sum((start // BLOCK_Q + idx <= tile).to(tl.int32), axis=0)
     return count - 1
-
-
-@triton.jit
-def _kv_rows(  # type: ignore[no-untyped-def]
-    table,
-    toks,
-    tok_ok,
-    k_base,
-    v_base,
-    stride_k_block,
-    stride_k_slot,
-    stride_v_block,
-    stride_v_slot,
-    BLOCK_SIZE: tl.constexpr,
-    V_LIKE_K: tl.constexpr,
-    WIDE_INDEX: tl.constexpr,
-):
-    """Pointers to the K and V rows [N] of positions ``toks`` in the pages, via the block table.
-
-    Index arithmetic is about a seventh of the paged key loop's instructions on H100 (SASS
-    count), so it stays 32-bit unless the cache needs more, and is shared by K and V when they
-    can. ``tok_ok`` None means every position is valid (no mask on the table load).
-    """
-    if tok_ok is None:
-        block = tl.load(table + toks // BLOCK_SIZE)
-    else:
-        block = tl.load(table + toks // BLOCK_SIZE, mask=tok_ok, other=0)
-    if WIDE_INDEX:
-        block = block.to(tl.int64)
-    slot = toks % BLOCK_SIZE
-    k_off = block * stride_k_block + slot * stride_k_slot
-    v_off = k_off if V_LIKE_K else block * stride_v_block + slot * stride_v_slot
-    return k_base + k_off, v_base + v_off
-
-
-@triton.jit
-def _kv_tiles(  # type: ignore[no-untyped-def]
-    table,
-    toks,
-    tok_ok,
-    prefix,
-    self_row0,
-    k_base,
-    v_base,
-    key_ptr,
-    value_ptr,
-    self_col,
-    dims,
-    stride_k_block,
-    stride_k_slot,
-    stride_v_block,
-    stride_v_slot,
-    stride_key_t,
-    stride_value_t,
-    BLOCK_SIZE: tl.constexpr,
-    V_LIKE_K: tl.constexpr,
-    WIDE_INDEX: tl.constexpr,
-    SELF_KV: tl.constexpr,
-):
-    """K and V tiles [N, D] of positions ``toks`` (zero where not ``tok_ok``) for a step that
-    may straddle the prefix's end: cached positions from the pages, with SELF_KV the chunk's own
-    from ``key``/``value`` rows ``self_row0 + toks``, columns from ``self_col`` (one load
-    each: row pointers are selected, not tiles)."""
-    if SELF_KV:
-        cached = toks < prefix
-        k_rows, v_rows = _kv_rows(
-            table, toks, tok_ok & cached, k_base, v_base, stride_k_block, stride_k_slot,
-            stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
-        )  # fmt: skip
-        rows = self_row0 + toks
-        if WIDE_INDEX:
-            rows = rows.to(tl.int64)
-        k_rows = tl.where(cached, k_rows, key_ptr + self_col + rows * stride_key_t)
-        v_rows = tl.where(cached, v_rows, value_ptr + self_col + rows * stride_value_t)
-    else:
-        k_rows, v_rows = _kv_rows(
-            table, toks, tok_ok, k_base, v_base, stride_k_block, stride_k_slot,
-            stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
-        )  # fmt: skip
-    k = tl.load(k_rows[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-    v = tl.load(v_rows[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-    return k, v
 
 
 @triton.jit
@@ -245,7 +163,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     band_end = tl.minimum(prefix + q_first + BLOCK_Q, seq_len)
     toks = diag_start + offsets
     tok_ok = toks < band_end
-    k, v = _kv_tiles(
+    k, v = kv_tiles(
         table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col, dims,
         stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
         stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
@@ -267,7 +185,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     for tok0 in tl.range(diag_start + BLOCK_N, band_end, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
         tok_ok = toks < band_end
-        k, v = _kv_tiles(
+        k, v = kv_tiles(
             table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col, dims,
             stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
             stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
@@ -287,7 +205,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
         self_start = diag_start
     paged_offsets = tl.arange(0, PAGED_N)
     for tok0 in range(0, paged_end, PAGED_N):
-        k_rows, v_rows = _kv_rows(
+        k_rows, v_rows = kv_rows(
             table, tok0 + paged_offsets, None, k_base, v_base, stride_k_block, stride_k_slot,
             stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
         )  # fmt: skip
@@ -296,7 +214,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
         m, l_i, acc = _online_softmax_step(q, k_wide, v_wide, m, l_i, acc, qk_scale, None)
     for tok0 in tl.range(paged_end, self_start, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
-        k, v = _kv_tiles(
+        k, v = kv_tiles(
             table, toks, toks >= 0, prefix, self_row0, k_base, v_base, key_ptr, value_ptr,
             self_col, dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
             stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
@@ -328,29 +246,6 @@ def default_config(head_dim: int, block_size: int) -> PrefillConfig:
         return PrefillConfig(block_m=64, block_n=narrow, num_warps=8, num_stages=2, self_stages=2)
     paged = max(128, block_size)
     return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, paged_block_n=paged)
-
-
-def _tma_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` [T, Hkv, D] if TMA can read it as a [T, Hkv * D] matrix (heads packed, 16-byte
-    aligned base and rows), else a packed copy. The engine's K (fresh from RoPE) and V (a view
-    of the fused QKV projection) both qualify as they are."""
-    row_bytes = t.stride(0) * t.element_size()
-    packed = t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
-    if packed and t.data_ptr() % 16 == 0 and row_bytes % 16 == 0:
-        return t
-    return t.contiguous() if not t.is_contiguous() else t.clone()
-
-
-def _row_descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """TMA descriptor of ``t`` [T, Hkv, D] seen as [T, Hkv * D], one box = ``block_n`` rows of
-    one head."""
-    num_tokens, num_kv_heads, head_dim = t.shape
-    return TensorDescriptor(
-        base=t,
-        shape=[num_tokens, num_kv_heads * head_dim],
-        strides=[t.stride(0), 1],
-        block_shape=[block_n, head_dim],
-    )
 
 
 def launch_prefill(
@@ -425,10 +320,10 @@ def launch_prefill(
     indexed = [k_cache, v_cache]
     key_desc = value_desc = None
     if key is not None and value is not None:
-        key, value = _tma_rows(key), _tma_rows(value)
+        key, value = tma_rows(key), tma_rows(value)
         key_desc, value_desc = (
-            _row_descriptor(key, config.block_n),
-            _row_descriptor(value, config.block_n),
+            row_descriptor(key, config.block_n),
+            row_descriptor(value, config.block_n),
         )
         indexed += [key, value]
     _prefill_kernel[(num_tiles * num_kv_heads,)](

@@ -10,7 +10,12 @@ import sys
 import pytest
 import torch
 
-KERNEL_MODULES = ("berth.kernels.kv_cache", "berth.kernels.decode", "berth.kernels.prefill")
+KERNEL_MODULES = (
+    "berth.kernels.kv_cache",
+    "berth.kernels.decode",
+    "berth.kernels.kv_tiles",  # before prefill, which imports its jit functions
+    "berth.kernels.prefill",
+)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
