@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from berth import wire
 from berth.operator import gpus
-from berth.operator.events import now_rfc3339, record_event
+from berth.operator.events import EventPacer, now_rfc3339, record_event
 from berth.operator.kube import KubeClient, KubeError, Obj, reflect, resource_path
 from berth.operator.placement import Allocation, Decision, GpuLedger, Node, PodRequest, place
 from berth.operator.settings import OperatorSettings
@@ -45,8 +45,10 @@ class GpuScheduler:
         self.pods_synced = threading.Event()
         self.nodes_synced = threading.Event()
         self.binder = ThreadPoolExecutor(settings.bind_workers, thread_name_prefix="bind")
-        # Events and status reports go through their own worker so that they never delay a bind.
+        # Reports of pods that fit nowhere go through their own workers, and "Scheduled" events
+        # are paced, so that neither delays a bind.
         self.reporter = ThreadPoolExecutor(2, thread_name_prefix="report")
+        self.events = EventPacer(client, settings.event_qps)
         self.threads: list[threading.Thread] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -72,6 +74,7 @@ class GpuScheduler:
             self.wake.notify_all()
         self.binder.shutdown(wait=True, cancel_futures=True)
         self.reporter.shutdown(wait=False, cancel_futures=True)
+        self.events.close()
 
     # ---- reflector callbacks (watch threads) ---------------------------------------------
 
@@ -232,8 +235,8 @@ class GpuScheduler:
             self.binding.pop(allocation.pod, None)
             self.bound_total += 1
         gib = allocation.request / 2**30
-        self.reporter.submit(record_event, self.client, pod, "Normal", "Scheduled",
-                    f"Assigned {allocation.pod} to {allocation.node} GPU {allocation.gpu_index} ({gib:.1f} GiB)")  # fmt: skip
+        where = f"{allocation.node} GPU {allocation.gpu_index} ({gib:.1f} GiB)"
+        self.events.post(pod, "Normal", "Scheduled", f"Assigned {allocation.pod} to {where}")
 
     def _report_unschedulable(self, pod: Obj, reason: str) -> None:
         meta = pod["metadata"]

@@ -32,6 +32,8 @@ class OperatorSettings:
     batch_window_s: float = 0.2
     # Concurrent Binding requests in flight.
     bind_workers: int = 16
+    # "Scheduled" events posted per second at most (they trail a burst of binds).
+    event_qps: float = 50.0
     # Threads for the reconciler's blocking API calls (applies, status patches, events).
     api_threads: int = 32
     run_reconciler: bool = True
@@ -49,6 +51,7 @@ class OperatorSettings:
             "batch_window_s": _env_float("BERTH_BATCH_WINDOW_S", cls.batch_window_s),
             "bind_workers": _env_int("BERTH_BIND_WORKERS", cls.bind_workers),
             "api_threads": _env_int("BERTH_API_THREADS", cls.api_threads),
+            "event_qps": _env_float("BERTH_EVENT_QPS", cls.event_qps),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
