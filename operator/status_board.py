@@ -242,31 +242,38 @@ class StatusBoard:
                 taken = self._next()
             if taken is None:
                 return
-            key, view, previous = taken
-            try:
-                self._write(key, view, previous)
-            except Exception:  # keep writing the others; this one is retried on its next change
-                log.exception("status of %s/%s not written", *key)
-            finally:
-                with self.lock:
-                    self.in_flight.discard(key)
+            self._refresh(*taken)
 
-    def _write(self, key: Key, view: ServiceView, previous: Obj) -> None:
+    def _refresh(self, key: Key, view: ServiceView, previous: Obj) -> None:
+        written = False
+        try:
+            written = self._write(key, view, previous)
+        except Exception:  # keep writing the others
+            log.exception("status of %s/%s not written", *key)
+        with self.lock:
+            self.in_flight.discard(key)
+            if not written and key in self.services:
+                self._mark(key)  # try again after the write interval
+
+    def _write(self, key: Key, view: ServiceView, previous: Obj) -> bool:
+        """Write the status if it changed; False when a write was due but failed."""
         status = service_status(view, previous, now_rfc3339())
         if _same(previous, status):
-            return
+            return True
         path = resource_path(f"{wire.GROUP}/{wire.VERSION}", api.KIND, *key) + "/status"
         with self.lock:
             self.written_at[key] = time.monotonic()
         try:
             self.client.merge_patch(path, {"status": status})
         except KubeError as error:
-            if error.status != 404:
-                log.warning("status of %s/%s not written: %s", *key, error)
-            return
+            if error.status == 404:  # the service is gone; its DELETED event follows
+                return True
+            log.warning("status of %s/%s not written: %s", *key, error)
+            return False
         with self.lock:
             if key in self.services:
                 self.written[key] = status
+        return True
 
 
 def _key(obj: Obj) -> Key:

@@ -112,3 +112,11 @@ def test_pods_of_a_service_come_and_go_without_leftovers() -> None:
     b._pod_event("DELETED", pod("p1"))
     b._pod_event("DELETED", pod("p1"))  # a repeat (relist) is harmless
     assert KEY not in b.pods
+
+
+def test_a_failed_write_is_tried_again_after_the_write_interval() -> None:
+    b = board()  # its API server address refuses connections
+    b._services_listed([isvc()])
+    b._refresh(*take(b))
+    assert KEY not in b.in_flight and KEY not in b.written
+    assert b.due[KEY] - b.written_at[KEY] >= 2.0
