@@ -1,7 +1,6 @@
 """``POST /v1/chat/completions``: the conversation through the model's chat template."""
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -10,11 +9,11 @@ from fastapi.responses import Response
 from jinja2 import TemplateError
 
 from berth.runtime.server.body import parse_body
-from berth.runtime.server.chunks import ChunkFrame, chat_choice
+from berth.runtime.server.chunks import chat_choice
 from berth.runtime.server.engine_loop import Update
 from berth.runtime.server.engine_process import EngineRequest
 from berth.runtime.server.errors import invalid_request
-from berth.runtime.server.generation import ChoiceProgress, respond
+from berth.runtime.server.generation import respond
 from berth.runtime.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -26,8 +25,8 @@ from berth.runtime.server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     TopLogprob,
-    UsageInfo,
 )
+from berth.runtime.server.renderer import ChoiceProgress, Renderer
 from berth.runtime.server.sampling import (
     chat_messages,
     check_prompt,
@@ -57,8 +56,12 @@ def chat_logprobs(entries: "list[TokenLogprob]", tokenizer: "Tokenizer") -> Chat
     return ChatLogprobs(content=content)
 
 
-class ChatRenderer:
+class ChatRenderer(Renderer):
     """Chat completion bodies and ``chat.completion.chunk`` events for one request."""
+
+    ID_PREFIX = "chatcmpl"
+    CHUNK_OBJECT = "chat.completion.chunk"
+    CHUNK_MODEL = ChatCompletionChunk
 
     def __init__(
         self,
@@ -68,26 +71,10 @@ class ChatRenderer:
         prompt_tokens: int,
         choices: int,
     ) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model
-        self.tokenizer = tokenizer
-        self.with_logprobs = bool(request.logprobs)
         options = request.stream_options
-        self.include_usage = bool(options and options.include_usage)
-        self.prompt_tokens = prompt_tokens
+        include_usage = bool(options and options.include_usage)
+        super().__init__(model, tokenizer, prompt_tokens, include_usage, bool(request.logprobs))
         self.choices = choices
-        self._frame = ChunkFrame(
-            self.id, "chat.completion.chunk", self.created, model, self.include_usage
-        )
-
-    def usage(self, choices: list[ChoiceProgress]) -> UsageInfo:
-        completion = sum(c.output_tokens for c in choices)
-        return UsageInfo(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=self.prompt_tokens + completion,
-        )
 
     def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
         body = ChatCompletionResponse(
@@ -109,16 +96,10 @@ class ChatRenderer:
         )
         return body.model_dump()
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
-        chunk = ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
-        return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
-
     def opening_chunks(self) -> Iterator[str]:
         for index in range(self.choices):
             delta = ChatDelta(role="assistant", content="")
-            yield self._chunk([ChatChunkChoice(index=index, delta=delta)])
+            yield self.chunk([ChatChunkChoice(index=index, delta=delta)])
 
     def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]:
         output = update.output
@@ -128,11 +109,7 @@ class ChatRenderer:
         logprobs = "null"
         if self.with_logprobs and output is not None and output.logprobs:
             logprobs = chat_logprobs(output.logprobs, self.tokenizer).model_dump_json()
-        yield self._frame.chunk(chat_choice(choice.index, text, logprobs, choice.finish_reason))
-
-    def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]:
-        if self.include_usage:
-            yield self._chunk([], usage=self.usage(choices))
+        yield self.frame.chunk(chat_choice(choice.index, text, logprobs, choice.finish_reason))
 
 
 def _max_tokens(request: ChatCompletionRequest) -> tuple[int | None, str]:

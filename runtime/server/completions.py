@@ -1,7 +1,6 @@
 """``POST /v1/completions``: legacy text completion, one choice per prompt and sample."""
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -9,17 +8,17 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from berth.runtime.server.body import parse_body
-from berth.runtime.server.chunks import ChunkFrame, completion_choice
+from berth.runtime.server.chunks import completion_choice
 from berth.runtime.server.engine_loop import Update
 from berth.runtime.server.engine_process import EngineRequest
-from berth.runtime.server.generation import ChoiceProgress, respond
+from berth.runtime.server.generation import respond
 from berth.runtime.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    UsageInfo,
 )
+from berth.runtime.server.renderer import ChoiceProgress, Renderer
 from berth.runtime.server.sampling import (
     check_prompt,
     check_supported,
@@ -62,8 +61,12 @@ def legacy_logprobs(
     return out
 
 
-class CompletionRenderer:
+class CompletionRenderer(Renderer):
     """Completion bodies and ``text_completion`` chunks for one request."""
+
+    ID_PREFIX = "cmpl"
+    CHUNK_OBJECT = "text_completion"
+    CHUNK_MODEL = CompletionResponse
 
     def __init__(
         self,
@@ -74,32 +77,17 @@ class CompletionRenderer:
         prompt_tokens: int,
         choices_per_prompt: int,
     ) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model
-        self.tokenizer = tokenizer
-        self.echo = bool(request.echo)
-        self.with_logprobs = request.logprobs is not None
         options = request.stream_options
-        self.include_usage = bool(options and options.include_usage)
+        include_usage = bool(options and options.include_usage)
+        with_logprobs = request.logprobs is not None
+        super().__init__(model, tokenizer, prompt_tokens, include_usage, with_logprobs)
+        self.echo = bool(request.echo)
         self.prompt_texts = prompt_texts
-        self.prompt_tokens = prompt_tokens
         self.n = choices_per_prompt
         self._text_so_far: dict[int, int] = {}
-        self._frame = ChunkFrame(
-            self.id, "text_completion", self.created, model, self.include_usage
-        )
 
     def _echoed(self, index: int) -> str:
         return self.prompt_texts[index // self.n] if self.echo else ""
-
-    def usage(self, choices: list[ChoiceProgress]) -> UsageInfo:
-        completion = sum(c.output_tokens for c in choices)
-        return UsageInfo(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=self.prompt_tokens + completion,
-        )
 
     def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
         body = CompletionResponse(
@@ -121,16 +109,10 @@ class CompletionRenderer:
         )
         return body.model_dump()
 
-    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-        chunk = CompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
-        return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
-
     def opening_chunks(self) -> Iterator[str]:
         if self.echo:
             for index in range(len(self.prompt_texts) * self.n):
-                yield self._chunk([CompletionChoice(index=index, text=self._echoed(index))])
+                yield self.chunk([CompletionChoice(index=index, text=self._echoed(index))])
 
     def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]:
         output = update.output
@@ -143,13 +125,9 @@ class CompletionRenderer:
             logprobs = legacy_logprobs(output.logprobs, self.tokenizer, offset).model_dump_json()
         if self.with_logprobs:
             self._text_so_far[choice.index] = self._text_so_far.get(choice.index, 0) + len(text)
-        yield self._frame.chunk(
+        yield self.frame.chunk(
             completion_choice(choice.index, text, logprobs, choice.finish_reason)
         )
-
-    def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]:
-        if self.include_usage:
-            yield self._chunk([], usage=self.usage(choices))
 
 
 def _echo_texts(

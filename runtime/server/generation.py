@@ -1,7 +1,7 @@
 """Driving one admitted HTTP request to its response: collected, or streamed as SSE.
 
 Both routes (completions, chat) share this: they differ only in how a choice's progress is
-rendered, which a :class:`Renderer` supplies. The driver owns the request's lifecycle rules:
+rendered, which a :class:`.renderer.Renderer` supplies. The driver owns the request's lifecycle rules:
 
 - the per-request deadline (408 before the first byte, an SSE error event after it);
 - a client that disconnects aborts its sequences, which frees their KV blocks at once;
@@ -12,9 +12,7 @@ rendered, which a :class:`Renderer` supplies. The driver owns the request's life
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,9 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from berth.runtime.server import errors
 from berth.runtime.server.engine_loop import EngineLoop, RequestStream, Update
 from berth.runtime.server.errors import APIError
-
-if TYPE_CHECKING:
-    from berth.runtime.engine import TokenLogprob
+from berth.runtime.server.renderer import ChoiceProgress, Renderer
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
@@ -33,42 +29,6 @@ DONE = b"data: [DONE]\n\n"
 def sse(payload: str) -> bytes:
     """One server-sent event carrying a JSON payload."""
     return b"data: " + payload.encode() + b"\n\n"
-
-
-@dataclass
-class ChoiceProgress:
-    """Everything one choice has produced so far."""
-
-    index: int
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: "list[TokenLogprob]" = field(default_factory=list)
-    finish_reason: str | None = None
-    output_tokens: int = 0
-    cached_tokens: int = 0
-
-    def add(self, update: Update) -> None:
-        output = update.output
-        if output is None:  # aborted by the server: drain deadline, timeout or disconnect
-            self.finish_reason = "abort"
-            return
-        self.text.append(output.new_text)
-        self.token_ids += output.new_token_ids
-        if output.logprobs:
-            self.logprobs += output.logprobs
-        self.output_tokens = output.num_output_tokens
-        self.cached_tokens = output.num_cached_tokens
-        if output.finished:
-            self.finish_reason = output.finish_reason or "stop"
-
-
-class Renderer(Protocol):
-    """How one route turns choice progress into its response body and SSE chunks."""
-
-    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]: ...
-    def opening_chunks(self) -> Iterator[str]: ...
-    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]: ...
-    def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]: ...
 
 
 async def next_update(loop: EngineLoop, stream: RequestStream) -> Update:

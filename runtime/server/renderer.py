@@ -1,0 +1,103 @@
+"""What the two generation routes share in rendering a response: a choice's progress, the
+response id and envelope, usage, and the closing usage chunk.
+
+A route subclasses :class:`Renderer` with its body (``response``) and its chunks (``opening_chunks``,
+``update_chunks``); the driver in :mod:`.generation` calls them.
+"""
+
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel
+
+from berth.runtime.server.chunks import ChunkFrame
+from berth.runtime.server.engine_loop import Update
+from berth.runtime.server.protocol import UsageInfo
+
+if TYPE_CHECKING:
+    from berth.runtime.engine import TokenLogprob
+    from berth.runtime.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class ChoiceProgress:
+    """Everything one choice has produced so far."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: "list[TokenLogprob]" = field(default_factory=list)
+    finish_reason: str | None = None
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, update: Update) -> None:
+        output = update.output
+        if output is None:  # aborted by the server: drain deadline, timeout or disconnect
+            self.finish_reason = "abort"
+            return
+        self.text.append(output.new_text)
+        self.token_ids += output.new_token_ids
+        if output.logprobs:
+            self.logprobs += output.logprobs
+        self.output_tokens = output.num_output_tokens
+        self.cached_tokens = output.num_cached_tokens
+        if output.finished:
+            self.finish_reason = output.finish_reason or "stop"
+
+
+class Renderer(ABC):
+    """How one route turns choice progress into its response body and SSE chunks."""
+
+    ID_PREFIX: ClassVar[str]  # "cmpl", "chatcmpl"
+    CHUNK_OBJECT: ClassVar[str]  # the chunks' ``object``
+    CHUNK_MODEL: ClassVar[type[BaseModel]]  # a chunk with ``id, created, model, choices, usage``
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: "Tokenizer",
+        prompt_tokens: int,
+        include_usage: bool,
+        with_logprobs: bool,
+    ) -> None:
+        self.id = f"{self.ID_PREFIX}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_tokens = prompt_tokens
+        self.include_usage = include_usage
+        self.with_logprobs = with_logprobs
+        self.frame = ChunkFrame(self.id, self.CHUNK_OBJECT, self.created, model, include_usage)
+
+    def usage(self, choices: list[ChoiceProgress]) -> UsageInfo:
+        completion = sum(c.output_tokens for c in choices)
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    def chunk(self, choices: list[Any], usage: UsageInfo | None = None) -> str:
+        """A chunk built from the route's pydantic models (the rare ones: opening, usage)."""
+        chunk = self.CHUNK_MODEL(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
+
+    @abstractmethod
+    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def opening_chunks(self) -> Iterator[str]: ...
+
+    @abstractmethod
+    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]: ...
+
+    def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]:
+        if self.include_usage:
+            yield self.chunk([], usage=self.usage(choices))
