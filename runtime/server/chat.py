@@ -2,7 +2,7 @@
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -10,7 +10,6 @@ from jinja2 import TemplateError
 
 from berth.runtime.server.body import parse_body
 from berth.runtime.server.chunks import chat_choice
-from berth.runtime.server.engine_loop import Update
 from berth.runtime.server.engine_process import EngineRequest
 from berth.runtime.server.errors import invalid_request
 from berth.runtime.server.generation import respond
@@ -61,6 +60,7 @@ class ChatRenderer(Renderer):
 
     ID_PREFIX = "chatcmpl"
     CHUNK_OBJECT = "chat.completion.chunk"
+    RESPONSE_MODEL = ChatCompletionResponse
     CHUNK_MODEL = ChatCompletionChunk
 
     def __init__(
@@ -76,40 +76,26 @@ class ChatRenderer(Renderer):
         super().__init__(model, tokenizer, prompt_tokens, include_usage, bool(request.logprobs))
         self.choices = choices
 
-    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
-        body = ChatCompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=AssistantMessage(content="".join(c.text)),
-                    logprobs=chat_logprobs(c.logprobs, self.tokenizer)
-                    if self.with_logprobs
-                    else None,
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
-            usage=self.usage(choices),
+    def final_choice(self, choice: ChoiceProgress) -> ChatChoice:
+        logprobs = chat_logprobs(choice.logprobs, self.tokenizer) if self.with_logprobs else None
+        message = AssistantMessage(content="".join(choice.text))
+        return ChatChoice(
+            index=choice.index,
+            message=message,
+            logprobs=logprobs,
+            finish_reason=choice.finish_reason,
         )
-        return body.model_dump()
+
+    def stream_choice(
+        self, index: int, text: str, logprobs: "list[TokenLogprob]", finish_reason: str | None
+    ) -> str:
+        entries = chat_logprobs(logprobs, self.tokenizer).model_dump_json() if logprobs else "null"
+        return chat_choice(index, text, entries, finish_reason)
 
     def opening_chunks(self) -> Iterator[str]:
         for index in range(self.choices):
             delta = ChatDelta(role="assistant", content="")
             yield self.chunk([ChatChunkChoice(index=index, delta=delta)])
-
-    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]:
-        output = update.output
-        text = output.new_text if output is not None else ""
-        if not text and not choice.finish_reason:
-            return
-        logprobs = "null"
-        if self.with_logprobs and output is not None and output.logprobs:
-            logprobs = chat_logprobs(output.logprobs, self.tokenizer).model_dump_json()
-        yield self.frame.chunk(chat_choice(choice.index, text, logprobs, choice.finish_reason))
 
 
 def _max_tokens(request: ChatCompletionRequest) -> tuple[int | None, str]:

@@ -2,14 +2,13 @@
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from berth.runtime.server.body import parse_body
 from berth.runtime.server.chunks import completion_choice
-from berth.runtime.server.engine_loop import Update
 from berth.runtime.server.engine_process import EngineRequest
 from berth.runtime.server.generation import respond
 from berth.runtime.server.protocol import (
@@ -66,6 +65,7 @@ class CompletionRenderer(Renderer):
 
     ID_PREFIX = "cmpl"
     CHUNK_OBJECT = "text_completion"
+    RESPONSE_MODEL = CompletionResponse
     CHUNK_MODEL = CompletionResponse
 
     def __init__(
@@ -89,45 +89,32 @@ class CompletionRenderer(Renderer):
     def _echoed(self, index: int) -> str:
         return self.prompt_texts[index // self.n] if self.echo else ""
 
-    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
-        body = CompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[
-                CompletionChoice(
-                    index=c.index,
-                    text=self._echoed(c.index) + "".join(c.text),
-                    logprobs=legacy_logprobs(c.logprobs, self.tokenizer, 0)
-                    if self.with_logprobs
-                    else None,
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
-            usage=self.usage(choices),
+    def final_choice(self, choice: ChoiceProgress) -> CompletionChoice:
+        logprobs = None
+        if self.with_logprobs:
+            logprobs = legacy_logprobs(choice.logprobs, self.tokenizer, 0)
+        return CompletionChoice(
+            index=choice.index,
+            text=self._echoed(choice.index) + "".join(choice.text),
+            logprobs=logprobs,
+            finish_reason=choice.finish_reason,
         )
-        return body.model_dump()
+
+    def stream_choice(
+        self, index: int, text: str, logprobs: "list[TokenLogprob]", finish_reason: str | None
+    ) -> str:
+        entries = "null"
+        if self.with_logprobs:
+            offset = self._text_so_far.get(index, 0)  # text_offset counts from the first chunk
+            if logprobs:
+                entries = legacy_logprobs(logprobs, self.tokenizer, offset).model_dump_json()
+            self._text_so_far[index] = offset + len(text)
+        return completion_choice(index, text, entries, finish_reason)
 
     def opening_chunks(self) -> Iterator[str]:
         if self.echo:
             for index in range(len(self.prompt_texts) * self.n):
                 yield self.chunk([CompletionChoice(index=index, text=self._echoed(index))])
-
-    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]:
-        output = update.output
-        text = output.new_text if output is not None else ""
-        if not text and not choice.finish_reason:
-            return
-        logprobs = "null"
-        if self.with_logprobs and output is not None and output.logprobs:
-            offset = self._text_so_far.get(choice.index, 0)
-            logprobs = legacy_logprobs(output.logprobs, self.tokenizer, offset).model_dump_json()
-        if self.with_logprobs:
-            self._text_so_far[choice.index] = self._text_so_far.get(choice.index, 0) + len(text)
-        yield self.frame.chunk(
-            completion_choice(choice.index, text, logprobs, choice.finish_reason)
-        )
 
 
 def _echo_texts(

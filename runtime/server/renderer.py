@@ -1,8 +1,9 @@
 """What the two generation routes share in rendering a response: a choice's progress, the
 response id and envelope, usage, and the closing usage chunk.
 
-A route subclasses :class:`Renderer` with its body (``response``) and its chunks (``opening_chunks``,
-``update_chunks``); the driver in :mod:`.generation` calls them.
+A route subclasses :class:`Renderer` with how one choice looks, collected (``final_choice``) and
+streamed (``stream_choice``), and its opening chunks; the driver in :mod:`.generation` calls
+``response``, ``opening_chunks``, ``update_chunks`` and ``closing_chunks``.
 """
 
 import time
@@ -55,7 +56,8 @@ class Renderer(ABC):
 
     ID_PREFIX: ClassVar[str]  # "cmpl", "chatcmpl"
     CHUNK_OBJECT: ClassVar[str]  # the chunks' ``object``
-    CHUNK_MODEL: ClassVar[type[BaseModel]]  # a chunk with ``id, created, model, choices, usage``
+    RESPONSE_MODEL: ClassVar[type[BaseModel]]  # the body: ``id, created, model, choices, usage``
+    CHUNK_MODEL: ClassVar[type[BaseModel]]  # a chunk, the same fields
 
     def __init__(
         self,
@@ -89,14 +91,39 @@ class Renderer(ABC):
         )
         return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
 
+    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
+        """The collected (non-streamed) body."""
+        body = self.RESPONSE_MODEL(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[self.final_choice(c) for c in choices],
+            usage=self.usage(choices),
+        )
+        return body.model_dump()
+
+    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]:
+        """The chunk for one engine update of one choice (none when it adds nothing)."""
+        output = update.output
+        text = output.new_text if output is not None else ""
+        if not text and not choice.finish_reason:
+            return
+        logprobs = output.logprobs if output is not None and self.with_logprobs else None
+        choice_json = self.stream_choice(choice.index, text, logprobs or [], choice.finish_reason)
+        yield self.frame.chunk(choice_json)
+
     @abstractmethod
-    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]: ...
+    def final_choice(self, choice: ChoiceProgress) -> BaseModel:
+        """One choice of the collected body."""
+
+    @abstractmethod
+    def stream_choice(
+        self, index: int, text: str, logprobs: "list[TokenLogprob]", finish_reason: str | None
+    ) -> str:
+        """One streamed choice as JSON text (see :mod:`.chunks`)."""
 
     @abstractmethod
     def opening_chunks(self) -> Iterator[str]: ...
-
-    @abstractmethod
-    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]: ...
 
     def closing_chunks(self, choices: list[ChoiceProgress]) -> Iterator[str]:
         if self.include_usage:
