@@ -58,10 +58,11 @@ class OperatorSettings:
 
     @property
     def connections(self) -> int:
-        """HTTP connections to the API server: one per thread that may hold one at a time
-        (binders, reconciler threads, the scheduler's two watches and its reporters), so that
-        no request waits in the pool."""
-        return self.bind_workers + self.api_threads + 4
+        """HTTP connections to the API server: one per thread that may hold one at a time, so
+        that no request waits in the pool: binders, reconciler threads, and 16 more (the
+        scheduler's 2 watches, 2 reporters and event poster, the status board's 4 writers and
+        3 watches), plus 3 watches per extra namespace."""
+        return self.bind_workers + self.api_threads + 16 + 3 * max(0, len(self.namespaces) - 1)
 
     @property
     def placement_policy(self) -> PlacementPolicy:

@@ -11,6 +11,7 @@ every ``MIN_WRITE_INTERVAL_S``, only when it differs from what was last written,
 threads that never hold the lock over a request.
 """
 
+import functools
 import heapq
 import logging
 import threading
@@ -86,7 +87,7 @@ class StatusBoard:
 
     def start(self) -> None:
         selector = {"labelSelector": wire.LABEL_SERVICE}
-        watches: list[tuple[str, str, Callable[[list[Obj]], None], Callable[[str, Obj], None], dict[str, str]]] = [
+        watches: list[tuple[str, str, Callable[[str | None, list[Obj]], None], Callable[[str, Obj], None], dict[str, str]]] = [
             ("services", f"{wire.GROUP}/{wire.VERSION}", self._services_listed, self._service_event, {}),
             ("deployments", "apps/v1", self._deployments_listed, self._deployment_event, selector),
             ("pods", "v1", self._pods_listed, self._pod_event, selector),
@@ -95,9 +96,10 @@ class StatusBoard:
         for name, api_version, listed, changed, params in watches:
             for namespace in self.namespaces or (None,):
                 path = resource_path(api_version, kinds[name], namespace)
+                on_list = functools.partial(listed, namespace)
                 self.threads.append(threading.Thread(
                     target=reflect, name=f"status-watch-{name}", daemon=True,
-                    args=(self.client, path, listed, changed, self.stop), kwargs=params))  # fmt: skip
+                    args=(self.client, path, on_list, changed, self.stop), kwargs=params))  # fmt: skip
         for i in range(WRITERS):
             self.threads.append(
                 threading.Thread(target=self._writer, name=f"status-write-{i}", daemon=True)
@@ -122,16 +124,15 @@ class StatusBoard:
             self.render_errors[key] = (generation, message)
             self._mark(key)
 
-    def _services_listed(self, items: list[Obj]) -> None:
+    def _services_listed(self, namespace: str | None, items: list[Obj]) -> None:
+        """A (re)list of one namespace's services (all namespaces when None)."""
         with self.lock:
-            old = self.services
-            self.services = {}
-            for obj in items:
-                key = _key(obj)
-                self.services[key] = service_info(obj, old.get(key))
-                self._mark(key)
-            for key in old.keys() - self.services.keys():
+            listed = {_key(obj): obj for obj in items}
+            for key in [k for k in self.services if _in(k, namespace) and k not in listed]:
                 self._forget(key)
+            for key, obj in listed.items():
+                self.services[key] = service_info(obj, self.services.get(key))
+                self._mark(key)
 
     def _service_event(self, kind: str, obj: Obj) -> None:
         key = _key(obj)
@@ -146,11 +147,13 @@ class StatusBoard:
             if old is None or old.generation != info.generation or not ours:
                 self._mark(key)
 
-    def _deployments_listed(self, items: list[Obj]) -> None:
+    def _deployments_listed(self, namespace: str | None, items: list[Obj]) -> None:
         with self.lock:
-            self.deployments = {_owner(obj): summarize_deployment(obj) for obj in items}
-            for key in self.deployments:
-                self._mark(key)
+            for key in [k for k in self.deployments if _in(k, namespace)]:
+                del self.deployments[key]
+            for obj in items:
+                self.deployments[_owner(obj)] = summarize_deployment(obj)
+                self._mark(_owner(obj))
 
     def _deployment_event(self, kind: str, obj: Obj) -> None:
         key = _owner(obj)
@@ -164,13 +167,13 @@ class StatusBoard:
                 self.deployments[key] = summary
             self._mark(key)
 
-    def _pods_listed(self, items: list[Obj]) -> None:
+    def _pods_listed(self, namespace: str | None, items: list[Obj]) -> None:
         with self.lock:
-            self.pods = {}
+            for key in [k for k in self.pods if _in(k, namespace)]:
+                del self.pods[key]
             for obj in items:
                 self.pods.setdefault(_owner(obj), {})[obj["metadata"]["name"]] = summarize_pod(obj)
-            for key in self.pods:
-                self._mark(key)
+                self._mark(_owner(obj))
 
     def _pod_event(self, kind: str, obj: Obj) -> None:
         key, name = _owner(obj), obj["metadata"]["name"]
@@ -278,6 +281,10 @@ class StatusBoard:
 
 def _key(obj: Obj) -> Key:
     return obj["metadata"].get("namespace") or "default", obj["metadata"]["name"]
+
+
+def _in(key: Key, namespace: str | None) -> bool:
+    return namespace is None or key[0] == namespace
 
 
 def _owner(obj: Obj) -> Key:

@@ -55,7 +55,7 @@ def test_spec_is_parsed_once_per_generation() -> None:
 
 def test_changes_that_matter_schedule_one_refresh_with_the_current_picture() -> None:
     b = board()
-    b._services_listed([isvc()])
+    b._services_listed(None, [isvc()])
     b._pod_event("ADDED", pod("p0"))
     b._pod_event("ADDED", pod("p1"))
     assert list(b.due) == [KEY]  # one refresh for the burst
@@ -75,7 +75,7 @@ def test_changes_that_matter_schedule_one_refresh_with_the_current_picture() -> 
 
 def test_our_own_status_write_coming_back_is_not_a_change() -> None:
     b = board()
-    b._services_listed([isvc()])
+    b._services_listed(None, [isvc()])
     take(b)
     b.written[KEY] = {"readyReplicas": 0}
     b.in_flight.clear()
@@ -87,7 +87,7 @@ def test_our_own_status_write_coming_back_is_not_a_change() -> None:
 
 def test_a_refresh_is_at_least_the_write_interval_after_the_last_write() -> None:
     b = board()
-    b._services_listed([isvc()])
+    b._services_listed(None, [isvc()])
     take(b)
     b.in_flight.clear()
     b.written_at[KEY] = time.monotonic()
@@ -97,7 +97,7 @@ def test_a_refresh_is_at_least_the_write_interval_after_the_last_write() -> None
 
 def test_a_deleted_service_is_forgotten() -> None:
     b = board()
-    b._services_listed([isvc()])
+    b._services_listed(None, [isvc()])
     b._pod_event("ADDED", pod("p0"))
     b._service_event("DELETED", isvc())
     assert KEY not in b.services and KEY not in b.pods and KEY not in b.written
@@ -116,7 +116,19 @@ def test_pods_of_a_service_come_and_go_without_leftovers() -> None:
 
 def test_a_failed_write_is_tried_again_after_the_write_interval() -> None:
     b = board()  # its API server address refuses connections
-    b._services_listed([isvc()])
+    b._services_listed(None, [isvc()])
     b._refresh(*take(b))
     assert KEY not in b.in_flight and KEY not in b.written
     assert b.due[KEY] - b.written_at[KEY] >= 2.0
+
+
+def test_a_relist_of_one_namespace_leaves_the_others_alone() -> None:
+    b = board()
+    other = {**isvc(), "metadata": {**isvc()["metadata"], "namespace": "other", "uid": "u2"}}
+    b._services_listed("team", [isvc()])
+    b._services_listed("other", [other])
+    b._pods_listed("team", [pod("p0")])
+    b._services_listed("other", [])  # "other" emptied; "team" untouched
+    assert list(b.services) == [KEY] and list(b.pods) == [KEY]
+    b._pods_listed("team", [])
+    assert not b.pods
