@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,8 +38,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from berth import wire
-from berth.e2e.cluster import LocalCluster, die_with_parent
-from berth.e2e.operator_fixtures import install_crds
+from berth.e2e.cluster import LocalCluster
+from berth.e2e.operator_fixtures import OperatorProcess, install_crds
 from berth.operator import gpus, render
 from berth.operator.api import InferenceService
 from berth.operator.inventory import Inventory
@@ -126,24 +125,12 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def operator_process(cluster: LocalCluster, log: Path, *flags: str) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "berth",
-        "operator",
-        "--kubeconfig",
-        str(cluster.kubeconfig),
-        *flags,
-    ]
-    return subprocess.Popen(
-        command,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=cluster.env(),
-        cwd=ROOT,
-        preexec_fn=die_with_parent,  # never outlive the benchmark
-    )
+def operator_process(cluster: LocalCluster, log_dir: Path, *flags: str) -> OperatorProcess:
+    """``berth operator`` with ``flags``, started; it dies with the benchmark."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    process = OperatorProcess(cluster, log_dir, *flags)
+    process.start()
+    return process
 
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE", "APPLY", "CREATE", "UPDATE"}
@@ -274,10 +261,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         costs = Costs(client, {**cluster.pids, "benchmark": os.getpid()})
 
         t = time.monotonic()
-        reconciler: subprocess.Popen[bytes] | None = None
+        reconciler: OperatorProcess | None = None
         if args.via == "reconciler":
             say(f"reconciler only: creating {args.services} InferenceServices")
-            reconciler = operator_process(cluster, state / "reconciler.log", "--no-scheduler")
+            reconciler = operator_process(cluster, state / "reconciler", "--no-scheduler")
             costs.pids["operator (reconciler)"] = reconciler.pid
             path = resource_path(f"{wire.GROUP}/{wire.VERSION}", "InferenceService", NAMESPACE)
             bodies = [service(i, f) for i, f in enumerate(fractions)]
@@ -299,7 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         costs.phase("create")
 
         say("starting the scheduler")
-        scheduler = operator_process(cluster, state / "scheduler.log", "--no-reconciler")
+        scheduler = operator_process(cluster, state / "scheduler", "--no-reconciler")
         costs.pids["operator (scheduler)"] = scheduler.pid
         start = time.monotonic()
         done = clock.wait(
@@ -334,10 +321,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         result["offline_bfd_gpus"] = len(offline.used_gpus())
         for process in (reconciler, scheduler):
-            if process is None:
-                continue
-            process.terminate()
-            process.wait(timeout=30)
+            if process is not None:
+                process.stop()
         clock.stop.set()
         client.close()
         cluster.down()

@@ -73,6 +73,11 @@ class OperatorProcess:
             self.process.kill()
             self.process.wait()
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "not started"
+        return self.process.pid
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
