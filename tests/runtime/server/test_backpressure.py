@@ -17,6 +17,18 @@ def body(max_tokens: int, stream: bool = False) -> dict[str, object]:
             "ignore_eos": True, "stream": stream}  # fmt: skip
 
 
+def fill_running_batch(client: httpx.Client, running: contextlib.ExitStack) -> None:
+    """Open MAX_NUM_SEQS long streams, each past its first token (a stream's headers come with
+    it), so the running batch is full; ``running`` closes them."""
+    for _ in range(MAX_NUM_SEQS):
+        response = running.enter_context(
+            client.stream("POST", "/v1/completions", json=body(450, stream=True))
+        )
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        running.callback(lambda lines=lines: lines.close())
+
+
 def test_full_waiting_queue_answers_429_with_retry_after(engine_config: EngineConfig) -> None:
     with (
         running_server(engine_config, max_waiting_requests=1, retry_after_s=3) as server,
@@ -24,14 +36,7 @@ def test_full_waiting_queue_answers_429_with_retry_after(engine_config: EngineCo
     ):
         queued: list[httpx.Response] = []
         with contextlib.ExitStack() as running:
-            # Fill the running batch: a stream's headers come with its first token.
-            for _ in range(MAX_NUM_SEQS):
-                response = running.enter_context(
-                    client.stream("POST", "/v1/completions", json=body(450, stream=True))
-                )
-                lines = response.iter_lines()
-                assert next(lines).startswith("data: ")
-                running.callback(lambda lines=lines: lines.close())
+            fill_running_batch(client, running)
             # One more waits in the engine's queue until a running one leaves.
             waiter = threading.Thread(
                 target=lambda: queued.append(client.post("/v1/completions", json=body(3)))
@@ -96,11 +101,5 @@ def test_no_waiting_room_refuses_beyond_the_running_batch(engine_config: EngineC
         httpx.Client(base_url=server.base_url, timeout=60) as client,
         contextlib.ExitStack() as running,
     ):
-        for _ in range(MAX_NUM_SEQS):
-            response = running.enter_context(
-                client.stream("POST", "/v1/completions", json=body(450, stream=True))
-            )
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            running.callback(lambda lines=lines: lines.close())
+        fill_running_batch(client, running)
         assert client.post("/v1/completions", json=body(2)).status_code == 429
