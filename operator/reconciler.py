@@ -24,11 +24,10 @@ from berth.operator.events import record_event
 from berth.operator.kube import KubeClient, KubeError, resource_path
 from berth.operator.settings import OperatorSettings
 from berth.operator.status import GENERATION_ANNOTATION
-from berth.operator.status_board import StatusBoard
+from berth.operator.status_board import Key, StatusBoard
 
 log = logging.getLogger(__name__)
 RESOURCE = (wire.GROUP, wire.VERSION, api.PLURAL)
-Key = tuple[str, str]  # (namespace, InferenceService name)
 
 
 class Context:
