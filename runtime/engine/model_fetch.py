@@ -210,6 +210,9 @@ def _fetch_hf(ref: HfRef, tree: Path, say: Say, endpoint: str | None) -> Path:
             endpoint=endpoint,
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise FetchError(f"hf://{where}: {type(e).__name__}: {e}") from e
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = " (private or gated: give the pod HF_TOKEN from a Secret in pod.env)"
+        message = f"hf://{where}: {type(e).__name__}: {e}{hint if status in (401, 403) else ''}"
+        raise FetchError(message) from e
     shutil.rmtree(tree / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping
     return tree

@@ -1,10 +1,12 @@
-"""``berth fetch-model`` against a real HTTP server on loopback: single files, archives, errors
-that name the URL, and no partial model left behind by a failed or interrupted download."""
+"""``berth fetch-model`` against real HTTP servers on loopback (a file host and a fake Hugging Face
+Hub): single files, archives, hf:// snapshots with a token, errors that name the URL, and no
+partial model left behind by a failed or interrupted download."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -248,3 +250,82 @@ def test_sha256_is_refused_for_hf_uris(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_hf_uris_name_a_repository_and_an_optional_revision(uri: str, ref: HfRef) -> None:
     assert parse_hf_uri(uri) == ref
+
+
+class FakeHub:
+    """The three Hub endpoints snapshot_download uses (revision info, tree listing, resolve),
+    on loopback, for one repository; it answers only requests that carry ``token``."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, repo: str, files: dict[str, bytes], token: str) -> None:
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                hub.requests.append(f"{self.command} {path}")
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    self.reply(401, b'{"error": "Invalid credentials"}', {})
+                elif path == f"/api/models/{repo}/revision/main":
+                    info = {"id": repo, "sha": hub.COMMIT, "siblings": []}
+                    self.reply(200, json.dumps(info).encode(), {})
+                elif path == f"/api/models/{repo}/tree/{hub.COMMIT}":
+                    tree = [
+                        {"type": "file", "path": name, "size": len(data), "oid": f"oid{i}"}
+                        for i, (name, data) in enumerate(files.items())
+                    ]
+                    self.reply(200, json.dumps(tree).encode(), {})
+                elif (name := path.removeprefix(f"/{repo}/resolve/{hub.COMMIT}/")) in files:
+                    etag = f'"{hashlib.sha1(files[name]).hexdigest()}"'
+                    self.reply(200, files[name], {"X-Repo-Commit": hub.COMMIT, "ETag": etag})
+                else:
+                    self.reply(404, b'{"error": "not found"}', {"X-Error-Code": "EntryNotFound"})
+
+            do_HEAD = do_GET
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    files = {**MODEL_FILES, "pytorch_model.bin": b"pickle", "tokenizer.json": b"{}"}
+    served = FakeHub("org/tiny", files, token="hf_secret")
+    thread = threading.Thread(target=served.server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    yield served
+    served.server.shutdown()
+    served.server.server_close()
+    thread.join(10)
+
+
+def test_hf_uri_downloads_the_loadable_files_with_the_token(hub: FakeHub, tmp_path: Path) -> None:
+    dest = fetch_model("hf://org/tiny", tmp_path / "model", say=lambda _: None, hf_endpoint=hub.url)
+    assert contents(dest) == {**MODEL_FILES, "tokenizer.json": b"{}"}  # no .bin, no .cache
+    assert not any("pytorch_model.bin" in r for r in hub.requests)
+    assert siblings(dest) == ["model"]
+
+
+def test_hf_uri_without_the_token_fails_naming_the_repo_and_leaves_nothing(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(
+        FetchError, match=r"hf://org/tiny@main: (?s:.)*401(?s:.)*HF_TOKEN from a Secret"
+    ):
+        fetch_model("hf://org/tiny", tmp_path / "model", say=lambda _: None, hf_endpoint=hub.url)
+    assert siblings(tmp_path / "model") == []
