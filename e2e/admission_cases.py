@@ -61,7 +61,7 @@ REFUSED = [
     Refused("zero GPU memory limit", {"gpu": {"memory": {"request": "1Gi", "limit": "0"}}},
             "spec.gpu.memory.limit", "positive quantity"),
     Refused("negative CPU request", pod(resources={"requests": {"cpu": "-1"}}),
-            "spec.pod.resources.requests.cpu", "non-negative quantity"),
+            "spec.pod.resources.requests[cpu]", "non-negative quantity"),
     Refused("CPU request above its limit",
             pod(resources={"requests": {"cpu": "4"}, "limits": {"cpu": "1"}}),
             "spec.pod.resources.requests", "must not exceed its limit"),
@@ -127,7 +127,7 @@ ACCEPTED: list[dict[str, Any]] = [
     {"autoscaling": {"metrics": "Prometheus", "prometheusUrl": "http://prom:9090"}},
     {"autoscaling": {"stableWindowSeconds": 60, "panicWindowSeconds": 60}},
     {"maxReplicas": 3, "standby": {"minActiveReplicas": 3}},
-    ]  # fmt: skip
+]  # fmt: skip
 
 
 def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

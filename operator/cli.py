@@ -181,7 +181,7 @@ def campaign(settings: OperatorSettings, kubeconfig: Path | None) -> "LeaderElec
     timing = Timing(settings.lease_duration_s, settings.renew_deadline_s, settings.retry_period_s)
     return LeaderElector(
         client,
-        settings.lease_namespace or default_namespace(),
+        settings.lease_namespace or default_namespace(str(kubeconfig) if kubeconfig else None),
         settings.lease_name,
         settings.leader_identity or default_identity(),
         timing,

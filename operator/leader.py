@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal
 
+from kubernetes import config as k8s_config
+
 from berth.operator.kube import KubeClient, KubeError, Obj
 
 log = logging.getLogger(__name__)
@@ -140,13 +142,19 @@ def default_identity() -> str:
     return f"{os.uname().nodename}_{uuid.uuid4().hex[:12]}"
 
 
-def default_namespace() -> str:
-    """The pod's own namespace in a cluster, else ``default``."""
+def default_namespace(kubeconfig: str | None = None) -> str:
+    """Where the Lease lives, as kubectl picks a namespace: the pod's own in a cluster, else the
+    kubeconfig's current context's, else ``default``."""
     try:
         with open(IN_CLUSTER_NAMESPACE) as f:
             return f.read().strip() or "default"
     except OSError:
+        pass
+    try:
+        _, current = k8s_config.list_kube_config_contexts(kubeconfig)
+    except (k8s_config.ConfigException, OSError):
         return "default"
+    return str((current or {}).get("context", {}).get("namespace") or "default")
 
 
 class LeaderElector:

@@ -1,6 +1,7 @@
 """The API models refuse what admission refuses, naming the field, and say which accepted fields
 no controller acts on yet."""
 
+import re
 from typing import Any
 
 import pytest
@@ -28,7 +29,8 @@ def test_models_refuse_each_invalid_value_naming_its_field(case: Refused) -> Non
         parse(refused_spec(case))
     text = api_types.field_errors(raised.value)
     path, _, message = text.partition(": ")
-    assert path.startswith(case.path) or case.path.startswith(path), text
+    expected = re.sub(r"\[([^\]\d][^\]]*)\]", r".\1", case.path)  # requests[cpu]: a map key
+    assert path.startswith(expected) or expected.startswith(path), text
     assert (case.python_says or case.says) in message, text
 
 
