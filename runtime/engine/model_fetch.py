@@ -9,7 +9,8 @@ emptyDir that the runtime container then mounts read-only; it also works by hand
   body is streamed to disk; an optional SHA-256 is checked before anything is unpacked.
 - ``hf://org/repo`` or ``hf://org/repo@revision``: a Hugging Face Hub snapshot, through
   ``huggingface_hub`` (which reads ``HF_TOKEN`` and ``HF_ENDPOINT`` from the environment), of the
-  files Berth loads (configs, safetensors, tokenizer, chat template), not the other formats.
+  top-level files Berth loads (configs, safetensors, tokenizer, chat template), not the other
+  formats or subfolders.
 
 ``s3://`` and ``gs://`` are not implemented (the CRD refuses them at admission).
 
@@ -37,7 +38,8 @@ from berth import wire
 
 MARKER = ".berth-fetch.json"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-# What Berth loads from a Hub repository; other formats (.bin, .gguf, .onnx, ...) are skipped.
+# What Berth loads from a Hub repository's top level; other formats (.bin, .gguf, .onnx, ...)
+# and subfolders are skipped.
 HF_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "LICENSE*", "README.md"]
 UNSUPPORTED_SCHEMES = ("s3://", "gs://")
 PROGRESS_EVERY_S = 5.0
@@ -207,6 +209,7 @@ def _fetch_hf(ref: HfRef, tree: Path, say: Say, endpoint: str | None) -> Path:
             revision=ref.revision,
             local_dir=tree,
             allow_patterns=HF_PATTERNS,
+            ignore_patterns=["*/*"],  # subfolders hold other formats (onnx/, original/, ...)
             endpoint=endpoint,
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:

@@ -302,7 +302,8 @@ class FakeHub:
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    files = {**MODEL_FILES, "pytorch_model.bin": b"pickle", "tokenizer.json": b"{}"}
+    skipped = {"pytorch_model.bin": b"pickle", "onnx/model.safetensors": b"other format"}
+    files = {**MODEL_FILES, **skipped, "tokenizer.json": b"{}"}
     served = FakeHub("org/tiny", files, token="hf_secret")
     thread = threading.Thread(target=served.server.serve_forever, daemon=True)
     thread.start()
@@ -316,7 +317,7 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
 def test_hf_uri_downloads_the_loadable_files_with_the_token(hub: FakeHub, tmp_path: Path) -> None:
     dest = fetch_model("hf://org/tiny", tmp_path / "model", say=lambda _: None, hf_endpoint=hub.url)
     assert contents(dest) == {**MODEL_FILES, "tokenizer.json": b"{}"}  # no .bin, no .cache
-    assert not any("pytorch_model.bin" in r for r in hub.requests)
+    assert not any("pytorch_model.bin" in r or "onnx/" in r for r in hub.requests)
     assert siblings(dest) == ["model"]
 
 
