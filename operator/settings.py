@@ -38,6 +38,14 @@ class OperatorSettings:
     api_threads: int = 32
     run_reconciler: bool = True
     run_scheduler: bool = True
+    # Leader election: only the holder of this Lease reconciles and schedules.
+    leader_elect: bool = True
+    lease_name: str = "berth-operator"
+    lease_namespace: str = ""  # empty: the pod's own namespace, else "default"
+    lease_duration_s: float = 15.0
+    renew_deadline_s: float = 10.0
+    retry_period_s: float = 2.0
+    leader_identity: str = ""  # empty: host name + a random suffix
 
     @classmethod
     def from_env(cls, **overrides: object) -> "OperatorSettings":
@@ -52,6 +60,13 @@ class OperatorSettings:
             "bind_workers": _env_int("BERTH_BIND_WORKERS", cls.bind_workers),
             "api_threads": _env_int("BERTH_API_THREADS", cls.api_threads),
             "event_qps": _env_float("BERTH_EVENT_QPS", cls.event_qps),
+            "leader_elect": os.environ.get("BERTH_LEADER_ELECT", "true").lower() != "false",
+            "lease_name": os.environ.get("BERTH_LEASE_NAME", cls.lease_name),
+            "lease_namespace": os.environ.get("BERTH_LEASE_NAMESPACE", cls.lease_namespace),
+            "lease_duration_s": _env_float("BERTH_LEASE_DURATION_S", cls.lease_duration_s),
+            "renew_deadline_s": _env_float("BERTH_RENEW_DEADLINE_S", cls.renew_deadline_s),
+            "retry_period_s": _env_float("BERTH_RETRY_PERIOD_S", cls.retry_period_s),
+            "leader_identity": os.environ.get("BERTH_LEADER_IDENTITY", cls.leader_identity),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
