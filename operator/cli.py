@@ -95,6 +95,12 @@ def plan(
 @click.option(
     "--reconciler/--no-reconciler", "run_reconciler", default=True, help="Run the kopf reconciler."
 )
+@click.option(
+    "--health-port",
+    type=int,
+    default=None,
+    help="Port of /healthz, /readyz and /metrics (env BERTH_HEALTH_PORT, default 8081; 0: any; -1: off).",
+)
 @click.option("--verbose", "-v", is_flag=True)
 def operator(
     kubeconfig: Path | None,
@@ -102,6 +108,7 @@ def operator(
     runtime_image: str | None,
     run_scheduler: bool,
     run_reconciler: bool,
+    health_port: int | None,
     verbose: bool,
 ) -> None:
     """Run the reconciler (kopf) and the GPU scheduler in one process."""
@@ -109,6 +116,7 @@ def operator(
 
     import kopf
 
+    from berth.operator.health import Health, HealthServer
     from berth.operator.kube import KubeClient
     from berth.operator.scheduler import GpuScheduler
 
@@ -125,9 +133,14 @@ def operator(
         namespaces=namespaces or None,
         run_scheduler=run_scheduler,
         run_reconciler=run_reconciler,
+        health_port=health_port,
     )
     client = KubeClient.from_config(kubeconfig, pool=settings.connections)
-    scheduler = GpuScheduler(client, settings) if run_scheduler else None
+    health = Health(stuck_after_s=settings.loop_stuck_s)
+    server = HealthServer(health, "", settings.health_port) if settings.health_port >= 0 else None
+    if server:
+        server.start()
+    scheduler = GpuScheduler(client, settings, health) if run_scheduler else None
     if scheduler:
         scheduler.start()
     try:
@@ -145,4 +158,6 @@ def operator(
     finally:
         if scheduler:
             scheduler.shutdown()
+        if server:
+            server.close()
         client.close()
