@@ -16,9 +16,10 @@ class OperatorMetrics:
         )
         self.bind_failures = Counter(
             "berth_scheduler_bind_failures_total",
-            "Binding calls that failed, by reason: refused (the API server said no), "
-            "ambiguous (timeout or 5xx: the bind may have landed), reservation (the GPU's "
-            "reservation pod could not be created).",
+            "Binds that failed, by reason: refused (the API server said no), ambiguous "
+            "(timeout, 5xx: the bind may have landed), conflict (404/409: gone or already "
+            "bound), reservation (the GPU's reservation pod could not be made), owner (the "
+            "pod's owner could not be checked).",
             ["reason"],
             registry=r,
         )

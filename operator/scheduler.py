@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from berth import wire
 from berth.operator import gpus
-from berth.operator.events import EventPacer, now_rfc3339, record_event
+from berth.operator.binder import Binder, Outcome
+from berth.operator.events import EventPacer, record_event
 from berth.operator.health import Health
 from berth.operator.kube import (
     KubeClient,
-    KubeError,
     Obj,
     describe,
     reflect,
@@ -40,14 +40,6 @@ from berth.operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 RETRY_UNSCHEDULABLE_S = 15.0
-
-
-def ambiguous(error: Exception) -> bool:
-    """True when a failed Binding call may still have landed (timeouts, 5xx, 429, a broken
-    connection); False when the API server refused it for certain."""
-    if isinstance(error, KubeError):
-        return error.status >= 500 or error.status in (408, 429)
-    return True
 
 
 class GpuScheduler:
@@ -85,7 +77,10 @@ class GpuScheduler:
         )
         if not settings.gpu_reservations:
             self.reservations_synced.set()
-        self.binder = ThreadPoolExecutor(settings.bind_workers, thread_name_prefix="bind")
+        self.binder = Binder(
+            client, self.owners, self.reservations if settings.gpu_reservations else None
+        )
+        self.bind_pool = ThreadPoolExecutor(settings.bind_workers, thread_name_prefix="bind")
         # Reports of pods that fit nowhere go through their own workers, and "Scheduled" events
         # are paced, so that neither delays a bind.
         self.reporter = ThreadPoolExecutor(2, thread_name_prefix="report")
@@ -125,7 +120,7 @@ class GpuScheduler:
         self.stop.set()
         with self.wake:
             self.wake.notify_all()
-        self.binder.shutdown(wait=True, cancel_futures=True)
+        self.bind_pool.shutdown(wait=True, cancel_futures=True)
         self.reporter.shutdown(wait=False, cancel_futures=True)
         self.events.close()
 
@@ -352,7 +347,7 @@ class GpuScheduler:
                 self.assumed[key] = pod
                 self.ledger.assume(decision.allocation)
                 gpu = self.nodes[decision.allocation.node].gpus[decision.allocation.gpu_index]
-                self.binder.submit(
+                self.bind_pool.submit(
                     self._bind,
                     pod,
                     decision.allocation,
@@ -365,112 +360,39 @@ class GpuScheduler:
         self.unschedulable[key] = reason
         if self.reported.get(key) != reason:
             self.reported[key] = reason
-            self.reporter.submit(self._report_unschedulable, pod, reason)
+            self.reporter.submit(self.binder.report_unschedulable, pod, reason)
 
     # ---- API writes (bind workers) -------------------------------------------------------
 
     def _bind(self, pod: Obj, allocation: Allocation, annotations: dict[str, str]) -> None:
+        """One bind worker's job: the API calls (``binder.py``), then its outcome applied."""
         key = allocation.pod
-        try:
-            refusal = self.owners.refusal(pod)
-        except Exception as error:  # the API server cannot say now: tried again later
-            self._bind_failed(pod, key, f"cannot check who owns it: {error}", "refused")
-            return
-        if refusal is not None:
-            self._refuse(pod, key, refusal)
-            return
-        try:
-            if self.settings.gpu_reservations:
-                self.reservations.hold(allocation.gpu)
-        except Exception as error:  # a full ResourceQuota, RBAC: no tenant may bind there
-            gpu = f"{allocation.node} GPU {allocation.gpu_index}"
-            self._bind_failed(pod, key, f"cannot reserve {gpu} for it: {error}", "reservation")
-            return
-        try:
-            self.client.post(self._binding_path(pod), self._binding(pod, allocation, annotations))
-        except Exception as error:
-            if ambiguous(error):  # it may have landed: keep the share until a watch says
-                with self.wake:
-                    self.ledger.finish_binding(key, time.monotonic() + self.settings.assume_ttl_s)
-                    self.wake.notify_all()
-                self.metrics.bind_failures.labels("ambiguous").inc()
-                log.warning(
-                    "binding %s to %s: %s; kept until confirmed", key, allocation.node, error
-                )
-            elif isinstance(error, KubeError) and error.status in (404, 409):
-                # gone, or already bound (an earlier bind that timed out but landed): a watch
-                # event removes or confirms it; until then the share stays booked
-                with self.wake:
-                    self.ledger.finish_binding(key, time.monotonic() + self.settings.assume_ttl_s)
-                log.info("binding %s: %s", key, error)
+        result = self.binder.bind(pod, allocation, annotations)
+        if result.metric:
+            self.metrics.bind_failures.labels(result.metric).inc()
+        with self.wake:
+            if result.outcome in (Outcome.BOUND, Outcome.UNCERTAIN):
+                # confirmed by a watch event or a list; freed at the deadline if never
+                self.ledger.finish_binding(key, time.monotonic() + self.settings.assume_ttl_s)
             else:
-                self._bind_failed(pod, key, f"binding refused: {error}", "refused")
-            return
-        with self.wake:
-            self.ledger.finish_binding(key, time.monotonic() + self.settings.assume_ttl_s)
-            self.bound_total += 1
-        self.metrics.binds.inc()
-        gib = allocation.request / 2**30
-        where = f"{allocation.node} GPU {allocation.gpu_index} ({gib:.1f} GiB)"
-        self.events.post(pod, "Normal", "Scheduled", f"Assigned {key} to {where}")
-
-    def _bind_failed(self, pod: Obj, key: str, reason: str, metric: str) -> None:
-        """The share was never bound: free it, and retry the pod after the unschedulable wait."""
-        self.metrics.bind_failures.labels(metric).inc()
-        log.warning("%s not bound: %s", key, reason)
-        with self.wake:
-            self.ledger.forget(key)
-            if self.assumed.pop(key, None) is not None:
-                self.pending[key] = pod
-                self._park(key, pod, reason)
+                self.ledger.forget(key)
+                if self.assumed.pop(key, None) is not None:
+                    self.pending[key] = pod
+                    if result.outcome is Outcome.NOT_OWNED:
+                        self.refused[key] = result.reason  # never placed again
+                    self._park(key, pod, result.reason)
+            if result.outcome is Outcome.BOUND:
+                self.bound_total += 1
             self.wake.notify_all()
-
-    def _refuse(self, pod: Obj, key: str, reason: str) -> None:
-        self.metrics.refused.inc()
-        log.warning("%s refused a GPU share: %s", describe(pod), reason)
-        with self.wake:
-            self.ledger.forget(key)
-            if self.assumed.pop(key, None) is not None:
-                self.pending[key] = pod
-                self.refused[key] = reason
-                if self.reported.get(key) != reason:
-                    self.reported[key] = reason
-                    self.reporter.submit(self._report_unschedulable, pod, reason)
-            self.wake.notify_all()
-
-    @staticmethod
-    def _binding_path(pod: Obj) -> str:
-        meta = pod["metadata"]
-        return resource_path("v1", "Pod", meta["namespace"], meta["name"]) + "/binding"
-
-    @staticmethod
-    def _binding(pod: Obj, allocation: Allocation, annotations: dict[str, str]) -> Obj:
-        meta = pod["metadata"]
-        return {
-            "apiVersion": "v1",
-            "kind": "Binding",
-            "metadata": {
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-                "annotations": annotations,
-            },
-            "target": {"apiVersion": "v1", "kind": "Node", "name": allocation.node},
-        }
-
-    def _report_unschedulable(self, pod: Obj, reason: str) -> None:
-        meta = pod["metadata"]
-        condition = {
-            "type": "PodScheduled",
-            "status": "False",
-            "reason": "Unschedulable",
-            "message": reason,
-            "lastTransitionTime": now_rfc3339(),
-        }
-        path = resource_path("v1", "Pod", meta["namespace"], meta["name"]) + "/status"
-        try:
-            self.client.strategic_patch(path, {"status": {"conditions": [condition]}})
-        except KubeError as error:
-            log.info("cannot mark %s unschedulable: %s", meta["name"], error)
-            return
-        record_event(self.client, pod, "Warning", "FailedScheduling", reason)
+        if result.outcome is Outcome.BOUND:
+            self.metrics.binds.inc()
+            gib = allocation.request / 2**30
+            where = f"{allocation.node} GPU {allocation.gpu_index} ({gib:.1f} GiB)"
+            self.events.post(pod, "Normal", "Scheduled", f"Assigned {key} to {where}")
+        elif result.outcome is Outcome.NOT_OWNED:
+            self.metrics.refused.inc()
+            log.warning("%s refused a GPU share: %s", describe(pod), result.reason)
+        else:
+            log.warning(
+                "%s to %s: %s (%s)", key, allocation.node, result.reason, result.outcome.value
+            )

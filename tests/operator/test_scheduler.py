@@ -156,7 +156,7 @@ def scheduler(api: FakeApi) -> Iterator[GpuScheduler]:
 
 def drain(s: GpuScheduler) -> None:
     """Wait until every bind submitted so far has run (one bind worker, FIFO)."""
-    s.binder.submit(lambda: None).result(timeout=10)
+    s.bind_pool.submit(lambda: None).result(timeout=10)
 
 
 def test_a_stale_relist_after_a_bind_does_not_book_the_gpu_twice(
