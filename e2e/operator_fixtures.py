@@ -199,6 +199,8 @@ def install_chart(cluster: LocalCluster, state: Path) -> Path:
     config = yaml.safe_load(cluster.kubeconfig.read_text())
     for user in config["users"]:
         user["user"] = {"token": token}
+    for context in config["contexts"]:  # the operator's Lease lives in the chart's namespace
+        context["context"]["namespace"] = CHART_NAMESPACE
     path = state / "operator.kubeconfig"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -131,46 +131,6 @@ def _downward_env() -> list[dict[str, Any]]:
     ]
 
 
-def overridden_gpu_fields(spec: InferenceServiceSpec) -> list[str]:
-    """The ``spec.pod`` entries that would override the GPU Berth assigns, and are therefore
-    not rendered: env vars that Berth sets from the downward API, and GPU resources (a tenant's
-    GPU is a share chosen by Berth's scheduler, never a device of its own)."""
-    reserved = {e["name"] for e in _downward_env()}
-    fields = [f"spec.pod.env[{e.name}]" for e in spec.pod.env if e.name in reserved]
-    if spec.pod.resources is not None:
-        for kind in ("requests", "limits"):
-            fields += [
-                f"spec.pod.resources.{kind}[{name}]"
-                for name in getattr(spec.pod.resources, kind)
-                if _is_gpu_resource(name)
-            ]
-    return fields
-
-
-def _is_gpu_resource(name: str) -> bool:
-    return name.startswith("nvidia.com/") or name == "amd.com/gpu"
-
-
-def _container_env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
-    """Berth's downward-API vars, then the tenant's own, minus any that name Berth's."""
-    berth = _downward_env()
-    reserved = {e["name"] for e in berth}
-    user = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.pod.env]
-    return berth + [e for e in user if e["name"] not in reserved]
-
-
-def _container_resources(spec: InferenceServiceSpec) -> dict[str, Any] | None:
-    if spec.pod.resources is None:
-        return None
-    resources = spec.pod.resources.model_dump(by_alias=True, exclude_defaults=True)
-    for kind in ("requests", "limits"):
-        if kind in resources:
-            resources[kind] = {k: v for k, v in resources[kind].items() if not _is_gpu_resource(k)}
-            if not resources[kind]:
-                del resources[kind]
-    return resources
-
-
 def _serve_args(service: InferenceService, model_path: str) -> list[str]:
     spec = service.spec
     runtime = spec.runtime
@@ -220,16 +180,15 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         "command": ["berth", "serve"],
         "args": _serve_args(service, model_path),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": _container_env(spec),
+        "env": _downward_env() + [e.model_dump(by_alias=True, exclude_none=True) for e in pod.env],
         "volumeMounts": mounts,
         # Loading weights can take minutes: the startup probe holds liveness off until then.
         "startupProbe": _probe("/health", period=5, failures=120),
         "livenessProbe": _probe("/health", period=10, failures=3),
         "readinessProbe": _probe("/ready", period=5, failures=2),
     }
-    resources = _container_resources(spec)
-    if resources:
-        container["resources"] = resources
+    if pod.resources is not None:
+        container["resources"] = pod.resources.model_dump(by_alias=True, exclude_defaults=True)
     node_selector = dict(pod.node_selector)
     if spec.gpu.product:
         node_selector[wire.NODE_GPU_PRODUCT] = spec.gpu.product

@@ -51,6 +51,14 @@ class OperatorSettings:
     loop_stuck_s: float = 300.0
     run_reconciler: bool = True
     run_scheduler: bool = True
+    # Leader election: only the holder of this Lease reconciles and schedules.
+    leader_elect: bool = True
+    lease_name: str = "berth-operator"
+    lease_namespace: str = ""  # empty: the pod's own namespace, else "default"
+    lease_duration_s: float = 15.0
+    renew_deadline_s: float = 10.0
+    retry_period_s: float = 2.0
+    leader_identity: str = ""  # empty: host name + a random suffix
 
     @classmethod
     def from_env(cls, **overrides: object) -> "OperatorSettings":
@@ -77,6 +85,13 @@ class OperatorSettings:
             ),
             "health_port": _env_int("BERTH_HEALTH_PORT", cls.health_port),
             "loop_stuck_s": _env_float("BERTH_LOOP_STUCK_S", cls.loop_stuck_s),
+            "leader_elect": os.environ.get("BERTH_LEADER_ELECT", "true").lower() != "false",
+            "lease_name": os.environ.get("BERTH_LEASE_NAME", cls.lease_name),
+            "lease_namespace": os.environ.get("BERTH_LEASE_NAMESPACE", cls.lease_namespace),
+            "lease_duration_s": _env_float("BERTH_LEASE_DURATION_S", cls.lease_duration_s),
+            "renew_deadline_s": _env_float("BERTH_RENEW_DEADLINE_S", cls.renew_deadline_s),
+            "retry_period_s": _env_float("BERTH_RETRY_PERIOD_S", cls.retry_period_s),
+            "leader_identity": os.environ.get("BERTH_LEADER_IDENTITY", cls.leader_identity),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -84,7 +99,7 @@ class OperatorSettings:
     @property
     def connections(self) -> int:
         """HTTP connections to the API server: one per thread that may hold one at a time, so
-        that no request waits in the pool: binders, reconciler threads, and 16 more (the
+        that no request waits in the pool: binders, reconciler threads, and 17 more (the
         scheduler's 3 watches, 2 reporters and event poster, the status board's 4 writers and
         3 watches), plus 3 watches per extra namespace."""
         return self.bind_workers + self.api_threads + 17 + 3 * max(0, len(self.namespaces) - 1)

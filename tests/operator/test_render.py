@@ -162,33 +162,3 @@ def test_hf_uri_init_container_passes_the_uri_without_a_checksum() -> None:
     pod = pod_of(render.deployment(service(model={"source": {"uri": "hf://org/m@v1"}}), SETTINGS))
     assert pod["initContainers"][0]["args"] == ["hf://org/m@v1", "/models/model"]
     assert "resources" not in pod["initContainers"][0]
-
-
-def test_a_tenant_env_or_gpu_resource_never_overrides_the_assigned_gpu() -> None:
-    overrides = {
-        "env": [
-            {"name": wire.ENV_VISIBLE_DEVICES, "value": "all"},
-            {"name": wire.ENV_GPU_MEMORY_LIMIT, "value": str(2**40)},
-            {"name": "HF_HOME", "value": "/cache"},
-        ],
-        "resources": {"limits": {wire.GPU_RESOURCE: "8", "memory": "8Gi"}},
-    }
-    spec = service(pod=overrides)
-    container = render.deployment(spec, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
-    named = [e for e in container["env"] if e["name"] == wire.ENV_VISIBLE_DEVICES]
-    assert named == [
-        {
-            "name": wire.ENV_VISIBLE_DEVICES,
-            "valueFrom": {
-                "fieldRef": {"fieldPath": f"metadata.annotations['{wire.POD_VISIBLE_DEVICES}']"}
-            },
-        }
-    ]
-    assert [e["name"] for e in container["env"]].count(wire.ENV_GPU_MEMORY_LIMIT) == 1
-    assert {"name": "HF_HOME", "value": "/cache"} in container["env"]
-    assert container["resources"] == {"limits": {"memory": "8Gi"}}
-    assert render.overridden_gpu_fields(spec.spec) == [
-        f"spec.pod.env[{wire.ENV_VISIBLE_DEVICES}]",
-        f"spec.pod.env[{wire.ENV_GPU_MEMORY_LIMIT}]",
-        f"spec.pod.resources.limits[{wire.GPU_RESOURCE}]",
-    ]
