@@ -54,6 +54,8 @@ REFUSED = [
             "spec.sandbox.deniedSyscalls[1]", "fork_bomb"),
     Refused("runtime class not a DNS name", {"sandbox": {"runtimeClassName": "Not_A_Name"}},
             "spec.sandbox.runtimeClassName", "should match"),
+    Refused("GPU product not a label value", {"gpu": {"fraction": 0.5, "product": "H100 80GB"}},
+            "spec.gpu.product", "should match"),
     Refused("zero GPU memory", {"gpu": {"memory": {"request": "0"}}},
             "spec.gpu.memory.request", "positive quantity"),
     Refused("negative GPU memory", {"gpu": {"memory": {"request": "-1Gi"}}},
