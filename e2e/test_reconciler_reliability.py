@@ -28,6 +28,7 @@ from berth.e2e.operator_fixtures import (
     service_manifest,
     wait_for,
 )
+from berth.operator.leader import micro_time
 
 pytestmark = pytest.mark.e2e
 __all__ = ["namespace", "operator"]  # fixtures
@@ -281,3 +282,18 @@ def test_only_the_leader_acts_and_a_follower_takes_over_when_it_is_killed(
         follower.stop()  # a clean exit releases the lease: the module's operator leads again
         print(follower.log_tail(), flush=True)
     wait_for("the module's operator to lead again", lambda: "leading as" in operator.log_tail(), 60)
+
+
+def test_a_leader_whose_lease_is_taken_stops_acting_by_exiting(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    holder = wait_for("a leader", lambda: lease(cluster).get("holderIdentity"), timeout=60)
+    assert leading(operator, holder), "the module's operator is not the leader"
+    patch = {"spec": {"holderIdentity": "intruder", "renewTime": micro_time()}}
+    cluster.kubectl("patch", "lease", "berth-operator", "-n", CHART_NAMESPACE, "--type=merge",
+                    "-p", json.dumps(patch))  # fmt: skip
+    wait_for("the deposed leader to exit", lambda: not operator.alive(), timeout=10, every=0.2)
+    assert operator.process is not None and operator.process.returncode == 75
+    assert "leadership lost" in operator.log_tail()
+    operator.start()  # as its Deployment would: a follower until the intruder's lease expires
+    wait_for("the restarted operator to lead", lambda: "leading as" in operator.log_tail(), 60)

@@ -19,6 +19,7 @@ from berth.operator.api_types import (
     DnsSubdomain,
     HostName,
     Labels,
+    LabelValue,
     Port,
     PositiveQuantity,
     SyscallName,
@@ -240,7 +241,7 @@ class GpuSpec(ApiModel):
         description="Share of one GPU's memory (0 < fraction <= 1); request = limit = fraction x capacity.",
     )
     memory: GpuMemory | None = None
-    product: str | None = Field(
+    product: LabelValue | None = Field(
         default=None,
         description="Only GPUs whose nvidia.com/gpu.product label equals this, e.g. NVIDIA-H100-80GB-HBM3.",
     )

@@ -100,6 +100,12 @@ def plan(
     "--reconciler/--no-reconciler", "run_reconciler", default=True, help="Run the kopf reconciler."
 )
 @click.option(
+    "--health-port",
+    type=int,
+    default=None,
+    help="Port of /healthz, /readyz and /metrics (env BERTH_HEALTH_PORT, default 8081; 0: any; -1: off).",
+)
+@click.option(
     "--leader-elect/--no-leader-elect",
     "leader_elect",
     default=None,
@@ -112,6 +118,7 @@ def operator(
     runtime_image: str | None,
     run_scheduler: bool,
     run_reconciler: bool,
+    health_port: int | None,
     leader_elect: bool | None,
     verbose: bool,
 ) -> None:
@@ -120,6 +127,7 @@ def operator(
 
     import kopf
 
+    from berth.operator.health import Health, HealthServer
     from berth.operator.kube import KubeClient
     from berth.operator.scheduler import GpuScheduler
 
@@ -136,16 +144,22 @@ def operator(
         namespaces=namespaces or None,
         run_scheduler=run_scheduler,
         run_reconciler=run_reconciler,
+        health_port=health_port,
         leader_elect=leader_elect,
     )
     client = KubeClient.from_config(kubeconfig, pool=settings.connections)
+    # Liveness answers from the start, followers included; readiness once the loops synced.
+    health = Health(stuck_after_s=settings.loop_stuck_s)
+    server = HealthServer(health, "", settings.health_port) if settings.health_port >= 0 else None
+    if server:
+        server.start()
     # Neither loop starts before this process leads; losing the lease ends the process.
     elector = campaign(settings, kubeconfig) if settings.leader_elect else None
     if elector is not None:
         if not elector.acquire():
             return
         elector.keep(on_lost=step_down)
-    scheduler = GpuScheduler(client, settings) if run_scheduler else None
+    scheduler = GpuScheduler(client, settings, health) if run_scheduler else None
     if scheduler:
         scheduler.start()
     try:
@@ -163,6 +177,8 @@ def operator(
     finally:
         if scheduler:
             scheduler.shutdown()
+        if server:
+            server.close()
         if elector is not None:
             elector.release()
         client.close()

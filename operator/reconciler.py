@@ -5,6 +5,12 @@
 re-applies identical objects: no churn). ``put_back`` watches the objects it owns, as
 controller-runtime's ``Owns()`` does, and re-applies one that was deleted or edited by hand
 (``drift.drifted``), rendering from kopf's in-memory index of services, so a repair costs no read.
+It is a kopf event handler rather than a hook in the status board's Deployment watch because the
+repair is the reconciler's own render-and-apply with its failure reporting, the index gives the
+owner's spec, and the board stays the status writer only (it does not watch Services at all).
+The price: kopf filters by label on the client, so every Deployment, Service and PDB event in
+the watched namespaces reaches the process; a check is a parse, a render and a compare (about a
+millisecond), and a no-op apply makes no event, so a repair never loops.
 Status has one writer, ``StatusBoard`` (status_board.py); the handlers tell it how applying went.
 
 Failures are named for what they are (``apply_failure``): a 422 from the API server means the
