@@ -1,6 +1,6 @@
 # Berth: the two set-up commands (`make demo`, `make test`) and the checks they stand on.
 # Everything the tests need is installed here: the Python venv (keyed by the lock file, so a hit
-# is a no-op) and the Go-built control-plane binaries (cached by version by e2e/build-k8s.sh).
+# is a no-op) and the Go-built control-plane binaries (cached by version by cluster/build-k8s.sh).
 SHELL := /bin/bash
 PYTHON ?= python3
 CACHE ?= $(or $(BERTH_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/berth)
@@ -13,7 +13,7 @@ export PATH := $(BIN):$(PATH)
 .PHONY: system venv toolchain demo test unit e2e lint lock
 
 # Debian packages the tests use: openssl makes the control plane's certificates. (Go >= 1.24,
-# which builds the control plane, ships with this kind of machine; e2e/build-k8s.sh says so if not.)
+# which builds the control plane, ships with this kind of machine; cluster/build-k8s.sh says so if not.)
 system:
 	@command -v openssl >/dev/null || { echo "[berth] installing Debian package openssl"; \
 	  apt-get update -qq && apt-get install -y -qq openssl; }
@@ -31,7 +31,7 @@ venv: $(VENV)/.installed
 	@$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 
 toolchain: system
-	@bash e2e/build-k8s.sh >/dev/null
+	@bash cluster/build-k8s.sh >/dev/null
 
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

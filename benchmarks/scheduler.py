@@ -38,7 +38,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from berth import wire
-from berth.e2e.cluster import LocalCluster
+from berth.cluster.cluster import LocalCluster
 from berth.e2e.operator_fixtures import OperatorProcess, install_crds
 from berth.operator import gpus, render
 from berth.operator.api import InferenceService

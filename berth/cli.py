@@ -9,7 +9,7 @@ import berth
 
 # name -> "module:attribute" of a click command; imported only when that subcommand runs.
 SUBCOMMANDS: dict[str, str] = {
-    "cluster": "berth.e2e.cli:cluster",
+    "cluster": "berth.cluster.cli:cluster",
     "crds": "berth.operator.cli:crds",
     "plan": "berth.operator.cli:plan",
     "operator": "berth.operator.cli:operator",

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from berth.e2e.cluster import LocalCluster
+from berth.cluster.cluster import LocalCluster
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from berth import wire
-from berth.e2e.cluster import ClusterError, LocalCluster, die_with_parent
+from berth.cluster.cluster import ClusterError, LocalCluster, die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 

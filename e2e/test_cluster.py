@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from berth.e2e.cluster import COMPONENTS, ClusterError, LocalCluster, port_in_use, process_alive
+from berth.cluster.cluster import COMPONENTS, ClusterError, LocalCluster, port_in_use, process_alive
 from berth.operator.inventory import Inventory
 
 pytestmark = pytest.mark.e2e

@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 
 from berth import wire
-from berth.e2e.cluster import ClusterError, LocalCluster
-from berth.e2e.nodes import node_manifest
+from berth.cluster.cluster import ClusterError, LocalCluster
+from berth.cluster.nodes import node_manifest
 from berth.e2e.operator_fixtures import (
     OperatorProcess,
     apply_docs,

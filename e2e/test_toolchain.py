@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from berth.e2e.toolchain import BUILD_SCRIPT, ToolchainError, ensure_binaries
+from berth.cluster.toolchain import BUILD_SCRIPT, ToolchainError, ensure_binaries
 
 
 def test_missing_go_and_no_cache_says_how_to_fix(

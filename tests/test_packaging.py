@@ -28,6 +28,7 @@ def test_operator_folder_has_no_init_module() -> None:
 
 
 def test_import_packages_map_to_top_level_folders() -> None:
+    import berth.cluster
     import berth.kernels
     import berth.operator
     import berth.runtime
@@ -35,6 +36,7 @@ def test_import_packages_map_to_top_level_folders() -> None:
     assert Path(berth.operator.__path__[0]).resolve() == ROOT / "operator"
     assert Path(berth.runtime.__path__[0]).resolve() == ROOT / "runtime"
     assert Path(berth.kernels.__path__[0]).resolve() == ROOT / "kernels"
+    assert Path(berth.cluster.__path__[0]).resolve() == ROOT / "cluster"
 
 
 def test_operator_never_imports_torch() -> None:

@@ -3,7 +3,7 @@
 from typing import Any
 
 from berth import wire
-from berth.e2e.nodes import node_manifest
+from berth.cluster.nodes import node_manifest
 from berth.operator import gpus
 from berth.operator.inventory import Inventory, NodeGroup
 from berth.operator.placement import Allocation, Gpu

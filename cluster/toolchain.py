@@ -1,4 +1,4 @@
-"""Where the control-plane binaries are, building them on first use with e2e/build-k8s.sh."""
+"""Where the control-plane binaries are, building them on first use with cluster/build-k8s.sh."""
 
 import os
 import shutil
@@ -15,6 +15,8 @@ BINARIES = (
     "kwok",
     "kubectl",
     "helm",
+    "kubelet",
+    "kube-proxy",
 )
 
 

@@ -1,5 +1,5 @@
 """A real Kubernetes control plane on 127.0.0.1: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler and kwok (simulated GPU nodes), all from the binaries that e2e/build-k8s.sh builds.
+kube-scheduler and kwok (simulated GPU nodes), all from the binaries that cluster/build-k8s.sh builds.
 
 ``LocalCluster.up()`` writes certificates, a token file and a kubeconfig under one state folder,
 starts the components in order, waits for each to be healthy and creates the inventory's nodes.
@@ -27,10 +27,10 @@ from typing import TypedDict
 
 import yaml
 
-from berth.e2e.kwok_stages import pod_stages
-from berth.e2e.nodes import node_manifests
-from berth.e2e.pki import Pki, make_pki
-from berth.e2e.toolchain import ensure_binaries
+from berth.cluster.kwok_stages import pod_stages
+from berth.cluster.nodes import node_manifests
+from berth.cluster.pki import Pki, make_pki
+from berth.cluster.toolchain import ensure_binaries
 from berth.operator.inventory import DEFAULT_INVENTORY, Inventory
 
 # Order matters: each starts after the one before is healthy, and they stop in reverse.

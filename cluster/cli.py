@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from berth.e2e.cluster import ClusterError, LocalCluster, default_state_dir
-from berth.e2e.toolchain import ToolchainError
+from berth.cluster.cluster import ClusterError, LocalCluster, default_state_dir
+from berth.cluster.toolchain import ToolchainError
 from berth.operator.inventory import DEFAULT_INVENTORY, load_inventory
 
 NODE_COLUMNS = (
