@@ -11,6 +11,7 @@ reads inside mapped pieces.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -116,11 +117,18 @@ class VirtualRange:
             numel *= n
         if numel * itemsize > self.size:
             raise CudaVmmError(f"a {shape} {dtype} tensor does not fit {self.size} bytes")
-        raw = torch.as_tensor(_ArrayView(self.base, numel * itemsize), device=self.device())
+        view = _ArrayView(self.base, numel * itemsize, self)
+        raw = torch.as_tensor(view, device=self.device())
         return raw.view(dtype).view(shape)
 
     def device(self) -> torch.device:
         return torch.device("cuda", self.device_index)
+
+    def __del__(self) -> None:
+        # Tensors viewed over the range keep it alive (through their ``_ArrayView``), so this
+        # runs only once nothing can read it: a dropped engine gives its KV memory back.
+        with contextlib.suppress(Exception):  # at shutdown the driver may be gone already
+            self.close()
 
     def close(self) -> None:
         """Unmap everything and free the reservation (no tensor over it may be used after)."""
@@ -132,9 +140,11 @@ class VirtualRange:
 
 
 class _ArrayView:
-    """A byte array at a device address, in the ``__cuda_array_interface__`` protocol."""
+    """A byte array at a device address, in the ``__cuda_array_interface__`` protocol; torch
+    keeps it (and so ``owner``, the range) alive as long as a tensor made from it lives."""
 
-    def __init__(self, ptr: int, nbytes: int) -> None:
+    def __init__(self, ptr: int, nbytes: int, owner: VirtualRange) -> None:
+        self.owner = owner
         self.__cuda_array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",

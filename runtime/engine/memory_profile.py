@@ -80,10 +80,13 @@ def whole_device_budget(device: torch.device) -> GpuBudget:
 
 @dataclass(frozen=True)
 class Footprint:
-    """Measured bytes: the weights, and the rest that is not KV cache."""
+    """Measured bytes: the weights, and the rest that is not KV cache (of which: the caching
+    allocator's peak beyond the weights, and what the allocator does not see)."""
 
     weights_bytes: int
     workspace_bytes: int
+    allocator_peak_bytes: int = 0
+    outside_allocator_bytes: int = 0
 
 
 def measure_footprint(device: torch.device, weights_bytes: int, mapped_kv_bytes: int) -> Footprint:
@@ -94,7 +97,8 @@ def measure_footprint(device: torch.device, weights_bytes: int, mapped_kv_bytes:
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_reserved(device)
     outside = _outside_allocator_bytes(device, mapped_kv_bytes)
-    return Footprint(weights_bytes, max(0, peak + outside - weights_bytes))
+    workspace = max(0, peak + outside - weights_bytes)
+    return Footprint(weights_bytes, workspace, peak, outside)
 
 
 @torch.inference_mode()

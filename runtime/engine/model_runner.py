@@ -30,6 +30,7 @@ from berth.runtime.engine.kv_arena import (
 )
 from berth.runtime.engine.layers import Pointwise
 from berth.runtime.engine.memory_profile import (
+    device_uuid,
     measure_footprint,
     profile_largest_step,
     select_device_by_uuid,
@@ -129,6 +130,7 @@ class ModelRunner:
             if budget is None and config.num_kv_blocks is None and config.kv_cache_bytes is None:
                 budget = whole_device_budget(self.device)  # local use: the whole device
         self.budget = budget
+        self.gpu_uuid = device_uuid(self.device)  # None on the CPU
         use_graphs = (
             self.device.type == "cuda"
             and not config.enforce_eager
@@ -205,6 +207,17 @@ class ModelRunner:
                 self.layout.chunk_bytes,
             )
         self.num_kv_blocks = fit_kv_arena(self.arena, self.plan, self._fixed_blocks)
+        log.info(
+            "memory: weights %.0f MiB, workspace %.0f MiB (allocator peak %.0f MiB incl. "
+            "weights, outside the allocator %.0f MiB), KV %d chunks of %.1f MiB (%s)",
+            self.footprint.weights_bytes / 2**20,
+            self.footprint.workspace_bytes / 2**20,
+            self.footprint.allocator_peak_bytes / 2**20,
+            self.footprint.outside_allocator_bytes / 2**20,
+            self.arena.num_chunks,
+            self.layout.chunk_bytes / 2**20,
+            "from the budget" if self.plan is not None else "fixed",
+        )
 
     # ---- KV cache -------------------------------------------------------------------------
 
