@@ -18,6 +18,7 @@ instance owns this tenant; give back every burst and stop talking to the agent.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -63,7 +64,7 @@ def desired_bytes(state: MemoryState) -> int:
     if state.num_waiting or usage >= GROW_AT:
         return plan.held_bytes(plan.limit_chunks)
     if usage <= RELEASE_AT and state.num_chunks > plan.request_chunks:
-        need = -(-state.used_blocks // int(RELEASED_USAGE * state.chunk_blocks or 1))
+        need = math.ceil(state.used_blocks / (RELEASED_USAGE * state.chunk_blocks))
         return plan.held_bytes(max(plan.request_chunks, min(need, state.num_chunks)))
     return state.held_bytes
 
