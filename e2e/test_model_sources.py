@@ -1,5 +1,7 @@
 """The real API server admits the model sources Berth can fetch or mount and refuses the rest
-with the CRD's own message (CEL rules from operator/api.py), before any pod exists."""
+with the CRD's own message (CEL rules from operator/api.py), before any pod exists; and it
+accepts the Deployment that render() makes for each source (volumes, fetch-model init container).
+"""
 
 from typing import Any
 
@@ -8,6 +10,8 @@ import yaml
 
 from berth.cluster.cluster import ClusterError, LocalCluster
 from berth.e2e.operator_fixtures import install_crds, service_manifest
+from berth.operator import api, render
+from berth.operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.e2e
 
@@ -54,3 +58,29 @@ def test_api_server_refuses_unfetchable_sources_with_the_reason(
 )
 def test_api_server_admits_fetchable_sources(crds: LocalCluster, source: dict[str, Any]) -> None:
     assert "(server dry run)" in dry_run(crds, source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"uri": "https://models.internal/smollm2.tar.gz", "sha256": "0" * 64},
+        {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+        {"pvc": {"claimName": "m", "path": "team/llama"}},
+        {"hostPath": {"path": "/var/lib/berth/models/smollm2"}},
+        {"image": {"reference": "registry.local/weights:1", "path": "smollm2"}},
+    ],
+)
+def test_api_server_accepts_the_rendered_pod_of_each_source(
+    cluster: LocalCluster, source: dict[str, Any]
+) -> None:
+    """The Deployment render() makes (volumes, the fetch-model init container) is valid."""
+    manifest = service_manifest("sources", "default", 0.5)
+    manifest["spec"]["model"] = {"source": source}
+    manifest["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
+    service = api.InferenceService.model_validate(manifest)
+    deployment = render.deployment(service, OperatorSettings(runtime_image="berth-runtime:e2e"))
+    deployment["metadata"].pop("ownerReferences")  # the owner does not exist in a dry run
+    output = cluster.kubectl(
+        "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(deployment)
+    )
+    assert "(server dry run)" in output

@@ -112,9 +112,15 @@ def fetch_model(
             raise FetchError(f"{uri}: unsupported URI; use https://, http:// or hf://")
         record = {"uri": uri, "sha256": sha256, "fetched_s": round(time.monotonic() - started)}
         (root / MARKER).write_text(json.dumps(record))
-        if dest.exists():
-            dest.rmdir()  # empty (checked above); a mount point cannot be replaced, see render
-        root.rename(dest)
+        try:
+            if dest.exists():
+                dest.rmdir()  # empty (checked above)
+            root.rename(dest)
+        except OSError as e:
+            raise FetchError(
+                f"cannot put the model at {dest} ({e.strerror}); if it is a mount point, "
+                "fetch into a folder below it"
+            ) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"fetched {uri} into {dest} in {time.monotonic() - started:.1f} s")

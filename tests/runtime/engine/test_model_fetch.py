@@ -4,11 +4,15 @@ partial model left behind by a failed or interrupted download."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,6 +37,7 @@ class ModelHost:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.release = threading.Event()
         host = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,13 +49,20 @@ class ModelHost:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                body = host.files.get(self.path.removeprefix("/truncated"))
+                body = host.files.get(self.path.removeprefix("/truncated").removeprefix("/slow"))
                 if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if self.path.startswith("/slow"):  # half now, the rest when released
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    host.release.wait(30)
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(body[len(body) // 2 :])
+                    return
                 if self.path.startswith("/truncated"):
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
@@ -71,6 +83,7 @@ def host() -> Iterator[ModelHost]:
     thread = threading.Thread(target=served.server.serve_forever, daemon=True)
     thread.start()
     yield served
+    served.release.set()
     served.server.shutdown()
     served.server.server_close()
     thread.join(10)
@@ -165,6 +178,36 @@ def test_interrupted_download_leaves_no_partial_model(host: ModelHost, tmp_path:
     with pytest.raises(FetchError, match=rf"{host.url}/truncated/model.safetensors: "):
         fetch_model(f"{host.url}/truncated/model.safetensors", dest, say=lambda _: None)
     assert siblings(dest) == []
+
+
+def test_a_killed_fetch_leaves_no_model_and_the_next_run_completes(
+    host: ModelHost, tmp_path: Path
+) -> None:
+    """SIGKILL mid-download (a node losing power, an OOM kill): DEST never appears half-written;
+    the init container's next run removes the leftovers and fetches again."""
+    host.files["/model.tar.gz"] = tar_of(MODEL_FILES)
+    dest = tmp_path / "model"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "berth", "fetch-model", f"{host.url}/slow/model.tar.gz", str(dest)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.glob(".model.partial-*/download")):
+            assert process.poll() is None and time.monotonic() < deadline, "no download started"
+            time.sleep(0.05)
+        process.kill()
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not dest.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [f".model.partial-{process.pid}"]
+    host.release.set()
+    fetch_model(f"{host.url}/model.tar.gz", dest, say=lambda _: None)
+    assert contents(dest) == MODEL_FILES
+    assert siblings(dest) == ["model"]
 
 
 def test_checksum_mismatch_is_refused_and_a_match_accepted(host: ModelHost, tmp_path: Path) -> None:
