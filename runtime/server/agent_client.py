@@ -108,7 +108,7 @@ class AgentClient:
     def deregister(self, tenant: str, instance: str) -> None:
         self._call("DELETE", f"{proto.tenant_path(tenant)}?instance={quote(instance)}", None, None)
 
-    def ledger(self) -> proto.NodeLedger:
-        out = self._call("GET", proto.GPUS, None, proto.NodeLedger)
+    def ledger(self) -> proto.LedgerView:
+        out = self._call("GET", proto.GPUS, None, proto.LedgerView)
         assert out is not None
         return out

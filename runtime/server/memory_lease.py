@@ -11,7 +11,7 @@ given back) and returns what the engine holds afterwards.
 
 Agent unreachable (no socket yet, restarted, stalled): keep serving within what is held, never
 grow, try again next cycle. ``404 unknown_tenant`` (the agent restarted, or our lease lapsed):
-register again with what we hold and the last epoch. ``409 instance_mismatch``: another
+register again with what we hold. ``409 instance_mismatch``: another
 instance owns this tenant; give back every burst and stop talking to the agent.
 """
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 GROW_AT = 0.85  # KV usage at or above which the runtime asks for its limit
 RELEASE_AT = 0.30  # KV usage at or below which it gives back burst chunks it does not use
 RELEASED_USAGE = 0.60  # the usage it shrinks to when it gives some back
-RETRY_S = 2.0  # between attempts while the agent is unreachable
+RETRY_S = proto.REGISTER_RETRY_S  # between attempts while the agent is unreachable
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class MemoryLease:
                 tenant=s.tenant, instance=s.instance, gpu_uuid=self.gpu_uuid,
                 request_bytes=b.request_bytes, limit_bytes=b.limit_bytes,
                 held_bytes=min(held, b.limit_bytes), want_bytes=min(want, b.limit_bytes),
-                agent_epoch=self.epoch, pid=os.getpid(),
+                pid=os.getpid(),
             )
         )  # fmt: skip
         self.registered, self.epoch = True, reply.agent_epoch
@@ -163,6 +163,12 @@ class MemoryLease:
         if e.code == "unknown_tenant":
             log.warning("the node agent no longer knows this tenant; registering again")
             self.registered = False
+            return 0.0
+        if e.code == "held_exceeds_free":  # after an agent restart: come down, then retry
+            log.warning(
+                "the node agent cannot grant what is held (%s); shrinking to the request", e
+            )
+            self._resize(self.budget.request_bytes)
             return 0.0
         if e.code == "instance_mismatch":
             log.error("another instance holds this tenant's lease: giving back bursts (%s)", e)
@@ -180,18 +186,21 @@ class MemoryLease:
         floor = self.budget.request_bytes
         if reply.reclaim is not None:
             self.num_reclaims += 1
-            self._shrink(max(reply.reclaim.target_bytes, floor))
+            target = max(reply.reclaim.target_bytes, floor)
+            self._shrink(target, min(want, target))
         elif want < held:
-            self._shrink(max(want, floor))
+            self._shrink(max(want, floor), max(want, floor))
         elif want > held and reply.granted_bytes > held:
             self._resize(min(want, reply.granted_bytes))
 
-    def _shrink(self, target: int) -> None:
+    def _shrink(self, target: int, want: int) -> None:
+        """Come down to ``target`` and tell the agent, with what we want from now on (so a
+        reclaimed or idle burst is not granted straight back)."""
         held = self._resize(target)
         s = self.settings
         try:
             reply = self.client.release(
-                s.tenant, proto.Release(instance=s.instance, held_bytes=held)
+                s.tenant, proto.Release(instance=s.instance, held_bytes=held, want_bytes=want)
             )
             self.granted_bytes = reply.granted_bytes
         except AgentError as e:  # the next heartbeat reports what is held
