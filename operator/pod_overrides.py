@@ -22,8 +22,9 @@ from berth.operator.api_types import (
     validations,
 )
 
-# Env vars Berth sets itself from the GPU the scheduler assigned; a tenant may not override them.
-RESERVED_ENV = (wire.ENV_VISIBLE_DEVICES,)
+# Env vars Berth sets itself (the GPU the scheduler assigned, its budget, the node agent's socket);
+# a tenant may not override them.
+RESERVED_ENV = (wire.ENV_VISIBLE_DEVICES, wire.ENV_AGENT_SOCKET)
 RESERVED_ENV_PREFIX = "BERTH_GPU_"
 
 
@@ -69,14 +70,16 @@ class Toleration(ApiModel):
 
 def _not_reserved(name: str) -> str:
     if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
-        raise ValueError(f"{name} is set by Berth from the assigned GPU and cannot be overridden")
+        raise ValueError(
+            f"{name} is reserved for Berth (the GPU it assigned) and cannot be overridden"
+        )
     return name
 
 
 _RESERVED_ENV_RULE = {
     "rule": f"!(self in {list(RESERVED_ENV)!r}) && !self.startsWith({RESERVED_ENV_PREFIX!r})",
-    "message": f"is set by Berth from the assigned GPU ({', '.join(RESERVED_ENV)}, "
-    f"{RESERVED_ENV_PREFIX}*) and cannot be overridden",
+    "message": f"is reserved for Berth, which sets it from the GPU it assigned "
+    f"({', '.join(RESERVED_ENV)}, {RESERVED_ENV_PREFIX}*), and cannot be overridden",
 }
 
 
