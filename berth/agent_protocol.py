@@ -65,6 +65,11 @@ be using. Invariant: per GPU ``sum(granted) <= allocatable``.
   not-yet-re-registered tenant holds (or was granted and may still map) can be granted to
   another. After the grace, a tenant that has not come back is treated as lapsed, exactly as
   without the restart. A tenant that holds nothing risks nothing by waiting out the grace.
+  Shortcut: the agent records who holds a lease in a state file on the host's tmpfs (written
+  before a registration's reply, so no tenant has a lease the file does not name). A restarted
+  agent that finds it ends the grace as soon as every tenant named there has re-registered (at
+  once if none), and also admits those tenants' empty re-registrations. Without the file (first
+  start since boot, or a restart during a grace that had none) it waits the whole grace.
 - Known limit: the agent cannot tell a crashed runtime from one stalled for longer than
   ``lease_s``; it treats both as gone. A stalled runtime must be killed by its liveness probe
   before ``lease_s`` passes, or, on ``404 unknown_tenant``, re-register and shrink if refused.

@@ -27,6 +27,7 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     socket: Path
+    state_file: Path  # who holds a lease; on the host's tmpfs, beside the socket
     simulate_gpus: str | None = None
     reserve_bytes: int = Field(0, ge=0)
     policy: LeasePolicy
@@ -76,7 +77,7 @@ def run(settings: AgentSettings) -> None:
     import uvicorn
 
     from berth.runtime.agent.node import NodePublisher
-    from berth.runtime.agent.server import Agent, create_app
+    from berth.runtime.agent.server import Agent, create_app, read_state
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -84,20 +85,27 @@ def run(settings: AgentSettings) -> None:
     gpus = discover(settings)
     _refuse_if_served(settings.socket)
     settings.socket.parent.mkdir(parents=True, exist_ok=True)
+    settings.state_file.parent.mkdir(parents=True, exist_ok=True)
     epoch = secrets.token_hex(8)
-    ledger = NodeLedger.start(gpus, epoch, settings.policy, time.monotonic())
+    known = read_state(settings.state_file)
+    ledger = NodeLedger.start(gpus, epoch, settings.policy, time.monotonic(), known)
     publisher = None
     if settings.node_name:
         from berth.operator.kube import KubeClient
 
         client = KubeClient.from_config(settings.kubeconfig, pool=2)
         publisher = NodePublisher(client, settings.node_name, gpus)
-    agent = Agent(ledger, report=publisher.report if publisher else None)
+    report = publisher.report if publisher else None
+    agent = Agent(ledger, report=report, state_file=settings.state_file)
     for gpu in gpus:
         log.info("GPU %d %s (%s): %d bytes, %d reserved", gpu.index, gpu.uuid, gpu.name,
                  gpu.capacity, gpu.reserved)  # fmt: skip
-    log.info("node agent epoch %s on %s; no grants for the first %.1f s (restart grace)",
-             epoch, settings.socket, settings.policy.grace_s)  # fmt: skip
+    if ledger.recovering(time.monotonic()):
+        waiting = "unknown tenants" if known is None else f"{len(known)} tenant(s) to re-register"
+        log.info("node agent epoch %s on %s: no grants for up to %.1f s, waiting for %s",
+                 epoch, settings.socket, settings.policy.grace_s, waiting)  # fmt: skip
+    else:
+        log.info("node agent epoch %s on %s: no previous tenants, granting", epoch, settings.socket)
     tick_s = min(1.0, settings.policy.heartbeat_interval_s / 2)
     app = create_app(agent, tick_s)
     config = uvicorn.Config(
@@ -123,6 +131,12 @@ def run(settings: AgentSettings) -> None:
     envvar=agent_protocol.ENV_SOCKET,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The unix socket runtimes register on.",
+)
+@click.option(
+    "--state-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where the agent records who holds a lease, so a restarted agent knows whom to wait "
+    "for; keep it on tmpfs (gone after a reboot) [default: agent-tenants.json beside the socket].",
 )
 @click.option(
     "--simulate-gpus",
@@ -156,6 +170,7 @@ def run(settings: AgentSettings) -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def node_agent(
     socket_path: Path,
+    state_file: Path | None,
     simulate_gpus: str | None,
     reserve_bytes: int,
     heartbeat_interval: float,
@@ -180,6 +195,7 @@ def node_agent(
     )
     settings = AgentSettings(
         socket=socket_path,
+        state_file=state_file or socket_path.parent / "agent-tenants.json",
         simulate_gpus=simulate_gpus,
         reserve_bytes=reserve_bytes,
         policy=policy,

@@ -13,7 +13,8 @@ metrics and Kubernetes events. The rules are the protocol's (``berth.agent_proto
 - A tenant is *owed* ``min(want, request) - granted`` when positive. Owed memory comes first;
   while any is owed on a GPU, nothing bursts there, and bursts (granted above request) are
   reclaimed, largest first, until the reclaims in flight cover what is owed.
-- During the restart grace (``recovering_until``) nothing is granted at all.
+- During the restart grace (``recovering_until``) nothing is granted at all; it ends early once
+  every tenant the previous agent had leased (``awaited``) has re-registered.
 """
 
 from collections.abc import Iterable, Iterator
@@ -155,14 +156,30 @@ class NodeLedger:
     notices: list[Notice] = field(default_factory=list)
     _seq: int = 0
 
+    # Tenants the previous agent had leased (from its state file), not yet re-registered.
+    awaited: set[str] = field(default_factory=set)
+    blind: bool = True  # started without that list: anyone may hold memory until the grace ends
+
     @classmethod
     def start(
-        cls, gpus: Iterable[GpuMemory], epoch: str, policy: LeasePolicy, now: float
+        cls,
+        gpus: Iterable[GpuMemory],
+        epoch: str,
+        policy: LeasePolicy,
+        now: float,
+        known: Iterable[str] | None = None,
     ) -> "NodeLedger":
-        """A fresh agent: it cannot know whether tenants survive from a previous one, so it
-        always begins with the grace (see the protocol's "Agent restart")."""
+        """A fresh agent. ``known``: the tenants the previous agent on this node had leased
+        (its state file), or None when that is unknown. Unknown: the full grace (see the
+        protocol's "Agent restart"). Known: the grace ends as soon as each of them has
+        re-registered (at once when there were none); nothing is granted until then."""
         by_uuid = {gpu.uuid: gpu for gpu in gpus}
-        return cls(by_uuid, epoch, policy, recovering_until=now + policy.grace_s)
+        awaited = set(known) if known is not None else set()
+        ledger = cls(by_uuid, epoch, policy, recovering_until=now + policy.grace_s)
+        ledger.awaited, ledger.blind = awaited, known is None
+        if known is not None and not awaited:
+            ledger.recovering_until = now
+        return ledger
 
     # --- calls from tenants --------------------------------------------------------------
 
@@ -187,7 +204,7 @@ class NodeLedger:
             old.pid = body.pid or old.pid
             want = old.want if body.want_bytes is None else body.want_bytes
             return self._registration(self._report(old, body.held_bytes, want, now), now)
-        if self.recovering(now) and body.held_bytes == 0:
+        if self.recovering(now) and body.held_bytes == 0 and body.tenant not in self.awaited:
             retry = self.recovering_until - now
             raise AgentError(
                 "recovering",
@@ -235,6 +252,12 @@ class NodeLedger:
             pid=body.pid,
         )
         self.tenants[tenant.tenant] = tenant
+        if self.recovering(now) and self.awaited:
+            self.awaited.discard(tenant.tenant)
+            if not self.awaited:  # every tenant of the previous agent is back: grants resume
+                self.recovering_until = now
+                for uuid in self.gpus:
+                    self._rebalance(uuid, now)
         self._rebalance(gpu.uuid, now)
         return self._registration(tenant, now)
 
@@ -265,6 +288,8 @@ class NodeLedger:
 
     def tick(self, now: float) -> None:
         """Drop lapsed tenants, mark overdue reclaims, and hand out what that freed."""
+        if self.awaited and not self.recovering(now):
+            self.awaited.clear()  # not back within the grace: lapsed, as without the restart
         for tenant in list(self.tenants.values()):
             if now - tenant.last_seen > self.policy.lease_s:
                 self._drop(tenant)
@@ -287,6 +312,14 @@ class NodeLedger:
 
     def recovering(self, now: float) -> bool:
         return now < self.recovering_until
+
+    def leased(self, now: float) -> list[str] | None:
+        """Who holds a lease, or may (awaited during the grace): what the shell persists, so
+        that a restarted agent knows whom to wait for. None while that is unknown (a grace
+        begun without the previous agent's list): a restart then must wait the full grace."""
+        if self.blind and self.recovering(now):
+            return None
+        return sorted(set(self.tenants) | self.awaited)
 
     def drain(self) -> list[Notice]:
         notices, self.notices = self.notices, []

@@ -8,10 +8,13 @@ reclaims are noticed even when nobody calls. Client mistakes are 4xx bodies nami
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, Query, Request, Response
@@ -74,8 +77,11 @@ class Agent:
         ledger: NodeLedger,
         report: Reporter | None = None,
         clock: Callable[[], float] = time.monotonic,
+        state_file: Path | None = None,
     ) -> None:
         self.ledger, self.report, self.clock = ledger, report, clock
+        self.state_file = state_file
+        self.persisted: list[str] | None = None
         self.lock = threading.Lock()
         self.metrics = AgentMetrics(lambda: self.call(lambda ledger, now: ledger.view(now)))
 
@@ -87,9 +93,29 @@ class Agent:
                     return operation(self.ledger, self.clock())
                 finally:
                     notices = self.ledger.drain()
+                    self._persist()  # before the reply leaves: write-ahead
         finally:
             for notice in notices:  # outside the lock: reporting logs and queues
                 self._handle(notice)
+
+    def _persist(self) -> None:
+        """Record who holds a lease, so that a restarted agent knows whom to wait for (see
+        :func:`read_state`). Written before a registration's reply: a tenant the file does
+        not name has no lease yet."""
+        leased = self.ledger.leased(self.clock())
+        if self.state_file is None or (leased is not None and leased == self.persisted):
+            return
+        if leased is None:  # unknown who holds memory: a restart now must wait the full grace
+            self.state_file.unlink(missing_ok=True)
+            self.persisted = None
+            return
+        temporary = self.state_file.with_suffix(".tmp")
+        with temporary.open("w") as out:
+            json.dump({"agent_epoch": self.ledger.epoch, "tenants": leased}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.state_file)
+        self.persisted = leased
 
     def _handle(self, notice: Notice) -> None:
         self.metrics.count(notice)
@@ -118,6 +144,22 @@ class Agent:
                 log.warning("lapsed: %s stopped heartbeating; %d bytes freed", who, notice.freed)
             case Replaced():
                 log.info("replaced: %s re-registered with a new instance", who)
+
+
+def read_state(path: Path) -> list[str] | None:
+    """The tenants the previous agent had leased, or None if unknown (no file: first start
+    since boot, as the file lives on the host's tmpfs; unreadable: trust nothing)."""
+    try:
+        state = json.loads(path.read_text())
+        tenants = state["tenants"]
+        if not isinstance(tenants, list) or not all(isinstance(t, str) for t in tenants):
+            raise ValueError("tenants is not a list of names")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("ignoring unreadable state file %s (%s): full restart grace", path, error)
+        return None
+    return tenants
 
 
 def _error(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:

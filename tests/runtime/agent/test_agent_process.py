@@ -4,6 +4,7 @@ One agent serves most tests, each on a GPU of its own; the restart and shutdown 
 their own agents.
 """
 
+import json
 import signal
 import subprocess
 import sys
@@ -236,7 +237,9 @@ def test_after_a_restart_tenants_get_back_what_they_hold_and_nothing_twice(
             old_epoch = client.get("/healthz").json()["agent_epoch"]
     finally:
         first.stop(signal.SIGKILL)  # leaves a stale socket behind
-    # ns/a had mapped 50 of its 60; ns/b all 36. The new agent knows none of it.
+    state = json.loads((tmp_path / "agent-tenants.json").read_text())
+    assert state["tenants"] == ["ns/a", "ns/b"]  # written before each registration's reply
+    # ns/a had mapped 50 of its 60; ns/b all 36. The new agent knows only their names.
     second = AgentProcess(tmp_path / "agent.sock", tmp_path / "agent.log", *flags)
     second.start()
     try:
@@ -256,6 +259,8 @@ def test_after_a_restart_tenants_get_back_what_they_hold_and_nothing_twice(
             back = client.post("/v1/tenants", json=register_body(
                 "ns/b", "GPU-r", 20, 36, held_bytes=36 * MIB, want_bytes=36 * MIB))  # fmt: skip
             assert back.json()["granted_bytes"] == 36 * MIB
+            # The state file named exactly these two: with both back, the grace ends at once.
+            assert client.get("/healthz").json()["recovering_s"] == 0
             while client.get("/healthz").json()["recovering_s"] > 0:  # heartbeating meanwhile
                 assert heartbeat(client, "ns/a", 50, 60)["granted_bytes"] == 50 * MIB
                 assert heartbeat(client, "ns/b", 36, 36)["granted_bytes"] == 36 * MIB

@@ -98,6 +98,7 @@ class LedgerMachine(RuleBasedStateMachine):
         except AgentError as error:
             if error.code == "recovering":
                 assert self.ledger.recovering(self.now) and runtime.phys == 0
+                assert runtime.tenant not in self.ledger.awaited
             elif error.code == "request_does_not_fit" and runtime.phys == 0:
                 assert requested + runtime.request > gpu.allocatable
             else:
@@ -256,11 +257,23 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger.tick(self.now)
         self.ticked = self.now
 
-    @rule()
-    def agent_restarts(self) -> None:
+    @rule(state_file=st.booleans())
+    def agent_restarts(self, state_file: bool) -> None:
+        """The agent restarts, with or without the state file naming its tenants."""
         self.epoch += 1
-        self.ledger = NodeLedger.start(GPUS, f"e{self.epoch}", POLICY, self.now)
+        known = self.ledger.leased(self.now) if state_file else None
+        self.ledger = NodeLedger.start(GPUS, f"e{self.epoch}", POLICY, self.now, known)
         self.before = {}
+
+    @precondition(lambda self: self.alive())
+    @rule(state_file=st.booleans(), index=st.integers(0, 999), want=WANTS)
+    def agent_restarts_and_one_tenant_returns_first(
+        self, state_file: bool, index: int, want: int
+    ) -> None:
+        """The interleaving that matters: one runtime is back (wanting more and mapping what
+        it gets) while the others still hold memory the new agent has not heard of."""
+        self.agent_restarts(state_file)
+        self.heartbeat_with_new_want(index, want, grow=True)
 
     @rule()
     def everyone_complies(self) -> None:
@@ -351,5 +364,5 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert self.tenant_of(runtime) is None, runtime.tenant
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+LedgerMachine.TestCase.settings = settings(max_examples=400, stateful_step_count=30, deadline=None)
 TestNodeLedgerStateMachine = LedgerMachine.TestCase
