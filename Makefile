@@ -12,11 +12,17 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: system venv toolchain demo test unit e2e lint lock
 
-# Debian packages the tests use: openssl makes the control plane's certificates. (Go >= 1.24,
-# which builds the control plane, ships with this kind of machine; cluster/build-k8s.sh says so if not.)
+# Debian packages the tests use: openssl makes the control plane's certificates; the real kubelet
+# node runs pods with containerd, runc and the CNI bridge plugin (kube-proxy needs iptables and
+# conntrack); debootstrap makes the images' base layer and gcc the pod sandbox's pause binary.
+# (Go >= 1.24, which builds the control plane, ships with this kind of machine.)
+SYSTEM_PACKAGES := openssl containerd runc containernetworking-plugins iptables conntrack \
+	debootstrap gcc libc6-dev
 system:
-	@command -v openssl >/dev/null || { echo "[berth] installing Debian package openssl"; \
-	  apt-get update -qq && apt-get install -y -qq openssl; }
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "[berth] installing Debian packages:" $$missing; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
 # The venv's path carries the lock file's hash, so a changed lock makes a new venv; no mtime rule.
 $(VENV)/.installed: | system
@@ -35,6 +41,8 @@ toolchain: system
 
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	for image in runtime operator; do $(BIN)/uv pip compile pyproject.toml --extra $$image \
+	  -c requirements.lock --python-version 3.11 -o images/$$image.lock; done
 
 lint: venv
 	$(BIN)/ruff check .

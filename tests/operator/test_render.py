@@ -27,8 +27,8 @@ def test_deployment_is_scheduled_by_berth_and_requests_no_whole_gpu() -> None:
     assert wire.GPU_RESOURCE not in str(container.get("resources", {}))
     assert pod["nodeSelector"] == {wire.NODE_GPU_PRODUCT: "NVIDIA-H100-80GB-HBM3"}
     assert container["image"] == "registry.local/berth-runtime:test"
-    assert container["command"] == ["berth", "serve"]
-    assert container["args"][:2] == ["--model", "/models/llama"]
+    assert "command" not in container  # the image's entrypoint: tini, then python -m berth
+    assert container["args"][:3] == ["serve", "--model", "/models/llama"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["ports"][0]["containerPort"] == 8000
@@ -94,5 +94,5 @@ def test_pod_overrides_reach_the_pod() -> None:
 def test_uri_sources_mount_nothing_and_pass_the_uri() -> None:
     rendered = render.deployment(service(model={"source": {"uri": "hf://org/m"}}), SETTINGS)
     container = rendered["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"][1] == "hf://org/m"
+    assert container["args"][2] == "hf://org/m"
     assert all(v["name"] != "model" for v in rendered["spec"]["template"]["spec"]["volumes"])
