@@ -31,7 +31,7 @@ from berth import wire
 from berth.cluster import images
 from berth.cluster.kwok_stages import pod_stages
 from berth.cluster.nodes import gpu_uuids, node_manifests
-from berth.cluster.pki import Pki, make_pki
+from berth.cluster.pki import NODE_IP, Pki, make_pki
 from berth.cluster.realnode import NODE_NAME, RealNode, wait_for
 from berth.cluster.toolchain import ensure_binaries
 from berth.operator.inventory import DEFAULT_INVENTORY, Inventory
@@ -77,9 +77,9 @@ def free_port() -> int:
         return port
 
 
-def port_in_use(port: int) -> bool:
+def port_in_use(port: int, address: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((address, port)) == 0
 
 
 def die_with_parent() -> None:
@@ -123,7 +123,14 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['kube-apiserver']}"
+        return f"https://{self.api_address}:{self.ports['kube-apiserver']}"
+
+    @property
+    def api_address(self) -> str:
+        """Loopback; with the real node, the node's own address on its dummy interface, so that
+        pods (the operator as the chart's pod) reach the API server through the `kubernetes`
+        Service. Never the machine's own network address."""
+        return NODE_IP if self.real_node else "127.0.0.1"
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -139,7 +146,7 @@ class LocalCluster:
         if self.real_node:
             self._prepare_real_node()
         started = time.monotonic()
-        if self.api_port and port_in_use(self.api_port):
+        if self.api_port and port_in_use(self.api_port, self.api_address):
             raise ClusterError(
                 f"port {self.api_port} on 127.0.0.1 is already in use; stop what listens there "
                 "or pick another with --port (0 picks a free one)"
@@ -299,6 +306,10 @@ class LocalCluster:
                 size = image.size_bytes / 2**20
                 self.say(f"importing {image.name} ({size:.0f} MiB) into containerd")
                 self.node.import_image(image)
+        current = {image.name for image in self._built}
+        stale = [i for i in self.node.images() if i.startswith("berth.local/") and i not in current]
+        if stale:  # older builds of Berth's images: containerd frees their layers
+            self.node.ctr("images", "remove", *stale)
         self._save_state()
         return time.monotonic() - began
 
@@ -332,7 +343,7 @@ class LocalCluster:
                     "--unsafe-no-fsync", "--quota-backend-bytes=4294967296"]  # fmt: skip
         if component == "kube-apiserver":
             return [binary, f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
-                    "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                    f"--bind-address={self.api_address}", f"--advertise-address={self.api_address}",
                     f"--secure-port={p['kube-apiserver']}",
                     f"--tls-cert-file={pki.serving_cert}", f"--tls-private-key-file={pki.serving_key}",
                     f"--client-ca-file={pki.ca_cert}",
@@ -458,7 +469,7 @@ class LocalCluster:
                     {
                         "name": "berth-local",
                         "cluster": {
-                            "server": f"https://127.0.0.1:{self.ports['kube-apiserver']}",
+                            "server": self.server,
                             "certificate-authority": str(pki.ca_cert),
                         },
                     }

@@ -1,12 +1,13 @@
 """Berth's container images, built here without Docker or a registry, and imported into containerd.
 
-Each image is two layers, both plain directories packed as uncompressed tars:
+Each image is three layers, plain directories packed as uncompressed tars:
 
 - a **base** layer: a Debian bookworm ``debootstrap --variant=minbase`` root with Python 3.11,
   ``tini`` (PID 1 that forwards SIGTERM to the server) and CA certificates, made once and shared;
-- an **app** layer: the Python packages of ``requirements.lock`` (the ``runtime`` image) or of its
-  torch-free subset (the ``operator`` image), installed by uv into ``/opt/berth/lib`` for the
-  image's own interpreter, plus Berth itself as a wheel.
+- a **deps** layer: the pinned Python packages of ``images/runtime.lock`` or of the torch-free
+  ``images/operator.lock``, installed by uv into ``/opt/berth/lib`` for the image's interpreter;
+- a **berth** layer: Berth itself as a wheel, and a ``berth`` launcher on PATH (a few MB, so a
+  code change repacks and re-imports only this).
 
 Why not umoci: Debian's umoci 0.4.7 writes only gzip layers, and gzip of the runtime's 5 GB of
 torch wheels costs minutes per build while containerd unpacks it again on import; an uncompressed
@@ -180,31 +181,43 @@ def berth_wheel(say: Say) -> Path:
     return wheels[0]
 
 
-def app_layer(spec: ImageSpec, say: Say) -> Path:
-    """``/opt/berth/lib`` with the image's pinned packages and Berth's wheel (cached)."""
+def _uv_install(site: Path, *args: str, step: str) -> None:
+    """Install for the image's interpreter (not this one): uv targets a platform and a folder."""
+    _run([_uv(), "pip", "install", "-q", "--target", str(site), "--python-version", "3.11",
+          "--python-platform", "x86_64-manylinux_2_36", "--link-mode", "copy", *args], step=step)  # fmt: skip
+    for cache in site.rglob("__pycache__"):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def deps_layer(spec: ImageSpec, say: Say) -> Path:
+    """``/opt/berth/lib`` with the image's pinned packages (cached by the lock file alone, so a
+    change to Berth's code never repacks the runtime's 5 GB of torch)."""
+    key = _digest(spec.python_requirements.read_bytes(), "\n".join(spec.extra_install).encode())
+    target = cache_dir() / f"deps-{spec.short}-{key}"
+    if (target / ".done").exists():
+        return target / "layer"
+    shutil.rmtree(target, ignore_errors=True)
+    site = target / "layer" / SITE.lstrip("/")
+    site.mkdir(parents=True)
+    say(f"installing the {spec.short} image's Python packages (uv, for Python 3.11 on Linux)")
+    _uv_install(site, "-r", str(spec.python_requirements), step="uv pip install")
+    if spec.extra_install:
+        _uv_install(site, "--no-deps", *spec.extra_install, step="uv pip install --no-deps")
+    (target / ".done").write_text("")
+    return target / "layer"
+
+
+def berth_layer(say: Say) -> Path:
+    """Berth's own wheel into ``/opt/berth/lib`` and the ``berth`` launcher (a few MB)."""
     wheel = berth_wheel(say)
-    key = _digest(
-        spec.python_requirements.read_bytes(),
-        "\n".join(spec.extra_install).encode(),
-        LAUNCHER.encode(),
-        wheel.name.encode(),
-        wheel.parent.name.encode(),
-    )
-    target = cache_dir() / f"app-{spec.short}-{key}"
+    target = cache_dir() / f"berth-{_digest(wheel.parent.name.encode(), LAUNCHER.encode())}"
     if (target / ".done").exists():
         return target / "layer"
     shutil.rmtree(target, ignore_errors=True)
     layer = target / "layer"
     site = layer / SITE.lstrip("/")
     site.mkdir(parents=True)
-    say(f"installing the {spec.short} image's Python packages (uv, for Python 3.11 on Linux)")
-    # The image's interpreter is not this one: uv installs for a target platform into a folder.
-    common = [_uv(), "pip", "install", "-q", "--target", str(site), "--python-version", "3.11",
-              "--python-platform", "x86_64-manylinux_2_36", "--link-mode", "copy"]  # fmt: skip
-    _run([*common, "-r", str(spec.python_requirements)], step="uv pip install")
-    _run([*common, "--no-deps", str(wheel), *spec.extra_install], step="uv pip install berth")
-    for cache in site.rglob("__pycache__"):
-        shutil.rmtree(cache, ignore_errors=True)
+    _uv_install(site, "--no-deps", str(wheel), step="uv pip install berth")
     # `berth` on PATH for `kubectl exec` and init containers (the entrypoint runs the module).
     launcher = layer / "usr/local/bin/berth"
     launcher.parent.mkdir(parents=True)
@@ -280,14 +293,22 @@ class BuiltImage:
     def size_bytes(self) -> int:
         return sum(tar.stat().st_size for tar, _ in self.layers)
 
-    def write_archive(self, out: BinaryIO) -> None:
-        """The archive ``ctr images import`` reads, written as a stream (no 5 GB copy on disk)."""
-        _write_oci_archive(out, self.name, list(self.layers), self.config)
+    def write_archive(self, out: BinaryIO, present: frozenset[str] = frozenset()) -> None:
+        """The archive ``ctr images import`` reads, written as a stream (no 5 GB copy on disk).
+
+        Layers whose digest containerd already holds (``present``, "sha256:..." strings) are
+        left out: the importer finds them in its content store, so a change to Berth's code
+        moves only its own small layer."""
+        _write_oci_archive(out, self.name, list(self.layers), self.config, present)
 
 
 def build(spec: ImageSpec, say: Say) -> BuiltImage:
     """Build ``spec`` into an OCI archive (cached); the tag is the hash of its layers."""
-    layers = [("base", base_rootfs(say)), ("app", app_layer(spec, say))]
+    layers = [
+        ("base", base_rootfs(say)),
+        ("deps", deps_layer(spec, say)),
+        ("berth", berth_layer(say)),
+    ]
     return _assemble(spec.name, spec.short, layers, _image_config(spec), say=say)
 
 
@@ -343,7 +364,11 @@ def _image_config(spec: ImageSpec) -> dict[str, Any]:
 
 
 def _write_oci_archive(
-    stream: BinaryIO, name: str, layers: list[tuple[Path, str]], config: dict[str, Any]
+    stream: BinaryIO,
+    name: str,
+    layers: list[tuple[Path, str]],
+    config: dict[str, Any],
+    present: frozenset[str] = frozenset(),
 ) -> None:
     config_bytes = json.dumps(config, sort_keys=True).encode()
     config_digest = hashlib.sha256(config_bytes).hexdigest()
@@ -387,7 +412,8 @@ def _write_oci_archive(
         _add_bytes(out, f"blobs/sha256/{config_digest}", config_bytes)
         _add_bytes(out, f"blobs/sha256/{manifest_digest}", manifest_bytes)
         for path, digest in layers:
-            out.add(str(path), arcname=f"blobs/sha256/{digest}")
+            if f"sha256:{digest}" not in present:
+                out.add(str(path), arcname=f"blobs/sha256/{digest}")
 
 
 def _add_bytes(out: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -387,6 +387,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         command = ["ctr", "--address", str(self.sock), "version"]
         return subprocess.run(command, capture_output=True, timeout=10).returncode == 0
 
+    def content_digests(self) -> frozenset[str]:
+        return frozenset(
+            line.split()[0] for line in self.ctr("content", "ls").splitlines()[1:] if line
+        )
+
     def images(self) -> set[str]:
         return set(self.ctr("images", "list", "--quiet").split())
 
@@ -407,7 +412,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         with subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE) as ctr:
             assert ctr.stdin is not None and ctr.stderr is not None
             try:
-                image.write_archive(ctr.stdin)
+                image.write_archive(ctr.stdin, present=self.content_digests())
             except BrokenPipeError:
                 pass
             finally:

@@ -36,7 +36,7 @@ class OperatorProcess:
         env = {
             **self.cluster.env(),
             "KUBECONFIG": str(self.kubeconfig),
-            "BERTH_RUNTIME_IMAGE": "berth-runtime:e2e",
+            "BERTH_RUNTIME_IMAGE": self.cluster.images.get("runtime", "berth-runtime:e2e"),
             "PYTHONUNBUFFERED": "1",
         }
         command = [
