@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "berth.runtime.server.cli:serve",
     "make-model": "berth.runtime.engine.cli:make_model_command",
     "generate": "berth.runtime.engine.cli:generate_command",
+    "import-model": "berth.runtime.engine.cli:import_model_command",
 }
 
 

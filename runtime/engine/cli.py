@@ -1,4 +1,4 @@
-"""``berth make-model`` and ``berth generate``: the engine from the command line."""
+"""``berth make-model``, ``import-model`` and ``generate``: the engine from the command line."""
 
 from __future__ import annotations
 
@@ -83,3 +83,26 @@ def generate_command(
             click.echo(out.new_text)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
+
+
+@click.command("import-model")
+@click.argument("name")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="folder to write [default: the cache, ~/.cache/berth/models/NAME-HASH-DTYPE]",
+)
+@click.option(
+    "--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"])
+)
+def import_model_command(name: str, out_dir: str | None, dtype: str) -> None:
+    """Turn the GGUF model NAME (smollm2) that a Python package ships into a Hugging Face
+    folder Berth serves; cached, so only the first import is slow. Prints the folder."""
+    from berth.runtime.engine.gguf_import import import_model
+
+    try:
+        path = import_model(name, out_dir, dtype=dtype, say=lambda m: click.echo(m, err=True))
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(path)

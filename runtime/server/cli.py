@@ -20,7 +20,8 @@ def _env(name: str) -> str:
     "--model",
     required=True,
     envvar=_env("MODEL"),
-    help="Model directory (Hugging Face layout), or 'tiny' for the random test model.",
+    help="Model directory (Hugging Face layout), 'smollm2' (the real SmolLM2-135M-Instruct, "
+    "imported once into ~/.cache/berth/models), or 'tiny' for the random test model.",
 )
 @click.option(
     "--served-model-name",

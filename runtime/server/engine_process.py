@@ -159,8 +159,10 @@ def share_cpu_with_event_loop(device: str) -> None:
 
 def load_engine(config: "EngineConfig", make_tiny_seed: int | None = None) -> ServableEngine:
     """The engine factory of ``berth serve``: make the random ``tiny`` model first if asked to
-    (``make_tiny_seed``), then load the engine from ``config.model``."""
+    (``make_tiny_seed``), or import a named real model (``smollm2``: converted once, then read
+    from the cache), then load the engine from ``config.model``."""
     from berth.runtime.engine import Engine
+    from berth.runtime.engine.gguf_import import GGUF_MODELS, import_model
 
     share_cpu_with_event_loop(config.device)
     model_dir = Path(config.model)
@@ -168,6 +170,8 @@ def load_engine(config: "EngineConfig", make_tiny_seed: int | None = None) -> Se
         from berth.runtime.engine.testmodels import make_model
 
         make_model(model_dir.name, model_dir, seed=make_tiny_seed)
+    elif config.model in GGUF_MODELS:
+        config = dataclasses.replace(config, model=str(import_model(config.model, say=log.info)))
     return Engine(config)
 
 
