@@ -10,7 +10,7 @@ VENV ?= $(CACHE)/venv-py$(PYVER)-$(VENV_KEY)
 BIN := $(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: system venv toolchain demo test unit e2e lint lock
+.PHONY: system venv toolchain images prerequisites demo test unit e2e lint lock
 
 # Debian packages the tests use: openssl makes the control plane's certificates; the real kubelet
 # node runs pods with containerd, runc and the CNI bridge plugin (kube-proxy needs iptables and
@@ -39,6 +39,14 @@ venv: $(VENV)/.installed
 toolchain: system
 	@bash cluster/build-k8s.sh >/dev/null
 
+# The real node's images (debootstrap base, pinned Python packages, Berth): cached by content.
+images: venv system
+	@$(BIN)/berth cluster images
+
+# The Go build is CPU-bound, the image build mostly disk and network: run them side by side.
+prerequisites: venv system
+	@$(MAKE) --no-print-directory -j2 toolchain images
+
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 	for image in runtime operator; do $(BIN)/uv pip compile pyproject.toml --extra $$image \
@@ -52,11 +60,11 @@ lint: venv
 unit: venv
 	$(BIN)/pytest tests
 
-e2e: venv toolchain
+e2e: prerequisites
 	$(BIN)/pytest e2e
 
-test: venv toolchain lint
+test: prerequisites lint
 	$(BIN)/pytest tests e2e
 
-demo: venv
+demo: prerequisites
 	$(BIN)/berth demo

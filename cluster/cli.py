@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from berth.cluster.cluster import ClusterError, LocalCluster, default_state_dir
-from berth.cluster.images import ImageError
+from berth.cluster.cluster import IMAGES, ClusterError, LocalCluster, default_state_dir
+from berth.cluster.images import ImageError, build, build_pause
 from berth.cluster.realnode import RealNodeError
 from berth.cluster.toolchain import ToolchainError
 from berth.operator.inventory import DEFAULT_INVENTORY, load_inventory
@@ -54,6 +54,20 @@ def up(state_dir: Path, nodes_file: Path | None, port: int, real_node: bool) -> 
     click.echo(f"control plane ready in {time.monotonic() - started:.1f} s at {local.server}")
     click.echo(local.kubectl("get", "nodes", "-o", f"custom-columns={NODE_COLUMNS}").rstrip())
     click.echo(f"\nexport KUBECONFIG={local.kubeconfig}\nexport PATH={local.bin_dir}:$PATH")
+
+
+@cluster.command("images")
+def build_images() -> None:
+    """Build Berth's images for the real node (cached by what goes in) without a cluster."""
+    try:
+        for image in (build_pause(echo), *(build(spec, echo) for spec in IMAGES)):
+            click.echo(f"{image.name}  {image.size_bytes / 2**20:.0f} MiB")
+    except ImageError as error:
+        raise click.ClickException(str(error)) from error
+
+
+def echo(message: str) -> None:
+    click.echo(f"[berth] {message}")
 
 
 @cluster.command()

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable
@@ -426,7 +427,8 @@ def _add_bytes(out: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _uv() -> str:
-    found = shutil.which("uv")
+    beside = Path(sys.executable).parent / "uv"  # the venv's own uv
+    found = str(beside) if beside.exists() else shutil.which("uv")
     if found is None:
         raise ImageError("uv is not on PATH; run through `make` (the venv has it)")
     return found
