@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "make-model": "berth.runtime.engine.cli:make_model_command",
     "generate": "berth.runtime.engine.cli:generate_command",
     "import-model": "berth.runtime.engine.cli:import_model_command",
+    "fetch-model": "berth.runtime.engine.cli:fetch_model_command",
 }
 
 

@@ -52,3 +52,7 @@ ENV_AGENT_SOCKET: Final = "BERTH_AGENT_SOCKET"
 ENV_RUNTIME_IMAGE: Final = "BERTH_RUNTIME_IMAGE"  # operator setting: the image it renders
 # Where the downward-API volume puts the pod's annotations (updated live, unlike env vars).
 POD_INFO_DIR: Final = "/etc/berth/pod"
+
+# A model URI on the Hugging Face Hub: hf://org/repo or hf://org/repo@revision. The CRD admits
+# only these (CEL), and the runtime's storage initializer (berth fetch-model) parses them.
+HF_MODEL_URI: Final = r"^hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+(@[-_./A-Za-z0-9]+)?$"

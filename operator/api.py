@@ -7,12 +7,15 @@ and ``InferenceService.model_validate`` runs the same checks in Python (``berth 
 reconciler parse manifests with these models too).
 """
 
+import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from kubernetes.utils import parse_quantity
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from berth import wire
 
 KIND = "InferenceService"
 PLURAL = "inferenceservices"
@@ -58,12 +61,33 @@ class ApiModel(BaseModel):
 
 # --- model source -------------------------------------------------------------------------
 
+_OUTSIDE_VOLUME = "path must stay inside the volume (no '..' segments)"
+
+
+def _inside_volume(value: str) -> str:
+    if ".." in value.split("/"):
+        raise ValueError(_OUTSIDE_VOLUME)
+    return value
+
+
+VolumePath = Annotated[
+    str,
+    AfterValidator(_inside_volume),
+    Field(
+        max_length=1024,
+        description="Directory of the model inside the volume.",
+        json_schema_extra=validations(
+            {"rule": "!self.matches('(^|/)[.][.](/|$)')", "message": _OUTSIDE_VOLUME}
+        ),
+    ),
+]
+
 
 class PvcSource(ApiModel):
     """Weights on a PersistentVolumeClaim, mounted read-only."""
 
     claim_name: str = Field(min_length=1, description="Name of the PVC in the service's namespace.")
-    path: str = Field(default="", description="Directory of the model inside the volume.")
+    path: VolumePath = ""
 
 
 class HostPathSource(ApiModel):
@@ -76,10 +100,53 @@ class ImageSource(ApiModel):
     """Weights packaged as an OCI image, mounted as an image volume (Kubernetes 1.31+)."""
 
     reference: str = Field(min_length=1, description="OCI image reference holding the weights.")
-    path: str = Field(default="", description="Directory of the model inside the image.")
+    path: VolumePath = ""
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="When the kubelet pulls the image."
     )
+
+
+# Model URIs: the schemes the storage initializer (``berth fetch-model``) fetches, and the
+# message for those it does not. Each rule is a CEL rule at admission and a check in Python.
+_URI_NOT_IMPLEMENTED = (
+    "s3:// and gs:// model URIs are not implemented: use https://, http://, hf://, "
+    "or a pvc, hostPath or image source"
+)
+_URI_SCHEME = "uri must start with https://, http:// or hf://"
+_HF_URI = "hf:// URIs name a Hub repository: hf://org/repo or hf://org/repo@revision"
+
+
+def _fetchable_uri(value: str) -> str:
+    if re.match(r"^(s3|gs)://", value):
+        raise ValueError(_URI_NOT_IMPLEMENTED)
+    if not re.match(r"^(https?|hf)://", value):
+        raise ValueError(_URI_SCHEME)
+    if value.startswith("hf://") and not re.match(wire.HF_MODEL_URI, value):
+        raise ValueError(_HF_URI)
+    return value
+
+
+ModelUri = Annotated[
+    str,
+    AfterValidator(_fetchable_uri),
+    Field(
+        min_length=1,
+        max_length=2048,
+        description=(
+            "Download location, fetched by an init container into an emptyDir before the "
+            "runtime starts: https:// or http:// (a .tar, .tar.gz or .tgz archive of the model "
+            "folder is unpacked; any other URL is saved as one file), or hf://org/repo[@revision] "
+            "(the Hub's configs, safetensors and tokenizer; HF_TOKEN and HF_ENDPOINT come from "
+            "pod.env). s3:// and gs:// are refused."
+        ),
+        json_schema_extra=validations(
+            {"rule": "!self.matches('^(s3|gs)://')", "message": _URI_NOT_IMPLEMENTED},
+            {"rule": "self.matches('^(https?|hf|s3|gs)://')", "message": _URI_SCHEME},
+            {"rule": f"!self.startsWith('hf://') || self.matches('{wire.HF_MODEL_URI}')",
+             "message": _HF_URI},
+        ),
+    ),
+]  # fmt: skip
 
 
 class ModelSource(ApiModel):
@@ -91,17 +158,23 @@ class ModelSource(ApiModel):
                 "rule": "[has(self.pvc), has(self.hostPath), has(self.image), has(self.uri)]"
                 ".filter(x, x).size() == 1",
                 "message": "set exactly one of pvc, hostPath, image or uri",
-            }
+            },
+            {
+                "rule": "!has(self.sha256) || (has(self.uri) && self.uri.matches('^https?://'))",
+                "message": "sha256 checks an https:// or http:// download; pin hf:// with @revision",
+                "fieldPath": ".sha256",
+            },
         )
     )
 
     pvc: PvcSource | None = None
     host_path: HostPathSource | None = None
     image: ImageSource | None = None
-    uri: str | None = Field(
+    uri: ModelUri | None = None
+    sha256: str | None = Field(
         default=None,
-        pattern="^(hf|s3|gs|https)://",
-        description="Download location, for clusters with network access (hf://, s3://, gs://, https://).",
+        pattern="^[0-9a-f]{64}$",
+        description="SHA-256 (lowercase hex) the downloaded file or archive of an https:// uri must have.",
     )
 
     @model_validator(mode="after")
@@ -109,6 +182,10 @@ class ModelSource(ApiModel):
         chosen = [self.pvc, self.host_path, self.image, self.uri]
         if sum(x is not None for x in chosen) != 1:
             raise ValueError("set exactly one of pvc, hostPath, image or uri")
+        if self.sha256 is not None and not (self.uri or "").startswith(("https://", "http://")):
+            raise ValueError(
+                "sha256 checks an https:// or http:// download; pin hf:// with @revision"
+            )
         return self
 
 

@@ -1,4 +1,4 @@
-"""``berth make-model``, ``import-model`` and ``generate``: the engine from the command line."""
+"""``berth make-model``, ``import-model``, ``fetch-model`` and ``generate``: the engine CLI."""
 
 from __future__ import annotations
 
@@ -106,3 +106,18 @@ def import_model_command(name: str, out_dir: str | None, dtype: str) -> None:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(path)
+
+
+@click.command("fetch-model")
+@click.argument("uri")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--sha256", help="SHA-256 (hex) the downloaded file or archive must have")
+def fetch_model_command(uri: str, dest: str, sha256: str | None) -> None:
+    """Fetch the model at URI (https://, http:// or hf://org/repo[@revision]) into the folder
+    DEST, which appears only complete: the storage initializer of a pod's uri source."""
+    from berth.runtime.engine.model_fetch import FetchError, fetch_model
+
+    try:
+        fetch_model(uri, dest, sha256=sha256, say=lambda m: click.echo(m, err=True))
+    except FetchError as e:
+        raise click.ClickException(str(e)) from e
