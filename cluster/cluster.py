@@ -127,7 +127,7 @@ class LocalCluster:
 
     @property
     def api_address(self) -> str:
-        """Loopback; with the real node, the node's own address on its dummy interface, so that
+        """Loopback; with the real node, the node's own address on the pods' bridge, so that
         pods (the operator as the chart's pod) reach the API server through the `kubernetes`
         Service. Never the machine's own network address."""
         return NODE_IP if self.real_node else "127.0.0.1"

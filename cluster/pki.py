@@ -11,9 +11,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-# The real node's address: on a dummy interface the cluster creates (the kubelet refuses
+# The real node's address: the pods' gateway on their bridge, which the cluster creates (the
+# CNI bridge plugin insists the bridge holds only that address; the kubelet refuses
 # loopback, and the machine's own address is never used).
-NODE_IP = "10.250.0.1"
+NODE_IP = "10.251.0.1"
 
 # user -> groups; the bootstrap policy grants these users what their component needs.
 IDENTITIES: dict[str, tuple[str, ...]] = {

@@ -1,9 +1,9 @@
 """One real worker node beside the kwok nodes: containerd, runc, the CNI bridge, a kubelet and
 kube-proxy, so that the operator's pods really run Berth's images (on the CPU).
 
-Everything the node touches is the project's own: a dummy interface ``berth-node0`` carries the
-node's address (the kubelet refuses loopback; the machine's own address is never used), pods sit
-on the bridge ``berth-cni0`` in their own subnet, containerd keeps its content under Berth's cache
+Everything the node touches is the project's own: the bridge ``berth-cni0`` carries the node's
+address (the kubelet refuses loopback; the machine's own address is never used) and the pods,
+in their own subnet, containerd keeps its content under Berth's cache
 (imported images survive ``cluster down``) and its sockets under ``/run/berth``. A machine holds
 one real node at a time (fixed interface names; a lock file says who holds it).
 
@@ -33,7 +33,8 @@ from berth.cluster.images import PAUSE_IMAGE, BuiltImage
 from berth.cluster.pki import NODE_IP, Pki
 
 NODE_NAME = "berth-node"
-NODE_LINK = "berth-node0"  # dummy interface holding NODE_IP
+# The pods' bridge also holds NODE_IP: this VM's kernel has no dummy interfaces, and the bridge
+# is the project's own. The CNI bridge plugin finds it and adds the pods' gateway address.
 BRIDGE = "berth-cni0"
 POD_CIDR = "10.251.0.0/24"
 CGROUP_ROOT = "berth"  # the kubelet's cgroupRoot: /sys/fs/cgroup/<controller>/berth/...
@@ -100,12 +101,11 @@ class HostSnapshot:
             path = Path("/proc/sys") / key
             if path.exists() and path.read_text().strip() != value:
                 path.write_text(value)
-        for tool, saved in (
-            ("iptables-restore", self.iptables),
-            ("ip6tables-restore", self.ip6tables),
-        ):
-            if saved:
-                subprocess.run([tool], input=saved, text=True, capture_output=True, check=False)
+        for family, saved in (("iptables", self.iptables), ("ip6tables", self.ip6tables)):
+            restore = _ruleset_to_restore(saved, _output([f"{family}-save"]))
+            if restore:
+                subprocess.run([f"{family}-restore"], input=restore, text=True,
+                               capture_output=True, check=False)  # fmt: skip
         for path in self.missing_paths:
             if os.path.lexists(path) and not _mounts_under(Path(path)):
                 shutil.rmtree(path, ignore_errors=True)
@@ -198,9 +198,15 @@ class RealNode:
         snapshot = HostSnapshot.take()
         (self.dir / "snapshot.json").parent.mkdir(parents=True, exist_ok=True)
         (self.dir / "snapshot.json").write_text(json.dumps(snapshot.to_json()))
-        _ip("link", "add", NODE_LINK, "type", "dummy", ok_if="File exists")
-        _ip("addr", "add", f"{NODE_IP}/32", "dev", NODE_LINK, ok_if="File exists")
-        _ip("link", "set", NODE_LINK, "up")
+        _ip("link", "add", BRIDGE, "type", "bridge", ok_if="File exists")
+        _ip(
+            "addr", "add", f"{NODE_IP}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE, ok_if="File exists"
+        )
+        _ip("link", "set", BRIDGE, "up")
+        # The kubelet's cgroupRoot must exist in every v1 hierarchy (it makes kubepods below).
+        for controller in Path("/sys/fs/cgroup").iterdir():
+            if controller.is_dir() and not controller.is_symlink() and controller.name != "unified":
+                (controller / CGROUP_ROOT).mkdir(exist_ok=True)
         for sub in ("cni/net.d", "cni/ipam", "containerd-state", "pod-logs", "kubelet"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.content_dir.mkdir(parents=True, exist_ok=True)
@@ -445,8 +451,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                         cgroup.rmdir()
                 with contextlib.suppress(OSError):
                     root.rmdir()
-        for link in (BRIDGE, NODE_LINK):
-            _ip("link", "del", link, ok_if="Cannot find device")
+        _ip("link", "del", BRIDGE, ok_if="Cannot find device")
         snapshot_file = self.dir / "snapshot.json"
         if snapshot_file.exists():
             HostSnapshot.from_json(json.loads(snapshot_file.read_text())).restore()
@@ -461,17 +466,24 @@ def leftovers(node: RealNode) -> list[str]:
     found = [f"mount {m}" for m in _mounts_under(node.dir) + _mounts_under(node.content_dir)]
     found += [f"cgroup {c}" for c in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_ROOT}")]
     links = _output(["ip", "-o", "link", "show"])
-    found += [
-        f"link {name}"
-        for name in (BRIDGE, NODE_LINK)
-        if f" {name}:" in links or f" {name}@" in links
-    ]
+    found += [f"link {BRIDGE}"] if f" {BRIDGE}:" in links else []
     found += (
         [f"netns {n.name}" for n in Path("/var/run/netns").glob("cni-*")]
         if Path("/var/run/netns").exists()
         else []
     )
     return found
+
+
+def _tables(ruleset: str) -> set[str]:
+    return {line[1:].strip() for line in ruleset.splitlines() if line.startswith("*")}
+
+
+def _ruleset_to_restore(saved: str, now: str) -> str:
+    """``iptables-restore`` input that brings back ``saved``: tables that exist now but did not
+    then are restored empty (which drops their rules and user chains, kube-proxy's included)."""
+    extra = sorted(_tables(now) - _tables(saved))
+    return saved + "".join(f"*{table}\nCOMMIT\n" for table in extra)
 
 
 def _mounts_under(folder: Path) -> list[str]:

@@ -48,7 +48,8 @@ def test_pods_get_addresses_of_their_own_and_no_masquerade_to_the_outside(tmp_pa
     assert plugin["bridge"] == BRIDGE and plugin["ipMasq"] is False
     subnet = ipaddress.ip_network(plugin["ipam"]["ranges"][0][0]["subnet"])
     assert subnet == ipaddress.ip_network(POD_CIDR) and subnet.is_private
-    assert ipaddress.ip_address(NODE_IP) not in subnet
+    # The node's address is the pods' gateway: the bridge plugin accepts no other on its bridge.
+    assert ipaddress.ip_address(NODE_IP) == next(subnet.hosts())
 
 
 def test_kube_proxy_leaves_host_conntrack_settings_and_localhost_alone(tmp_path: Path) -> None:
