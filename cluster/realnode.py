@@ -461,6 +461,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.release()
 
 
+def unavailable_reason() -> str | None:
+    """Why this machine cannot start a real node now (None if it can)."""
+    if os.geteuid() != 0:
+        return "the real node needs root"
+    lock = RUN_DIR / "real-node.lock"
+    if lock.exists():
+        with lock.open("a+") as held:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.seek(0)
+                return f"another cluster holds this machine's real node ({held.read().strip()})"
+            fcntl.flock(held, fcntl.LOCK_UN)
+    return None
+
+
 def leftovers(node: RealNode) -> list[str]:
     """What a stopped real node left on the host (empty when teardown was complete)."""
     found = [f"mount {m}" for m in _mounts_under(node.dir) + _mounts_under(node.content_dir)]

@@ -35,6 +35,12 @@ MODELS = Path("/var/tmp/berth-e2e-models")  # readable by the pods' non-root use
 PRODUCT = RealNodeShape().gpu_product
 
 
+@pytest.fixture(autouse=True)
+def _needs_the_real_node(cluster: LocalCluster) -> None:
+    if not cluster.real_node:
+        pytest.skip("this run's cluster has no real node (see the session's first line)")
+
+
 @pytest.fixture(scope="module")
 def tiny_model() -> Iterator[Path]:
     """The random-weight tiny model the runtime serves, on a hostPath the pods can read."""
