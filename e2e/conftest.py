@@ -11,14 +11,21 @@ import pytest
 from berth.cluster.cluster import LocalCluster
 from berth.cluster.realnode import HostSnapshot, leftovers, unavailable_reason
 
+# The operator process and a namespace per test, for every e2e module.
+from berth.e2e.operator_fixtures import namespace, operator  # noqa: F401
+
 
 def _comparable(snapshot: HostSnapshot) -> dict[str, object]:
     """The host state that teardown must put back; iptables packet counters move on their own."""
     counters = re.compile(r"\[\d+:\d+\]")
+
+    def rules(saved: str) -> list[str]:  # without the dated comment lines
+        return [counters.sub("", line) for line in saved.splitlines() if not line.startswith("#")]
+
     return {
         "sysctls": snapshot.sysctls,
-        "iptables": counters.sub("", snapshot.iptables),
-        "ip6tables": counters.sub("", snapshot.ip6tables),
+        "iptables": rules(snapshot.iptables),
+        "ip6tables": rules(snapshot.ip6tables),
         "missing_paths": snapshot.missing_paths,
     }
 

@@ -6,9 +6,12 @@ The session cluster (conftest.py) has the real node; its simulated GPUs are tain
 services here (which tolerate the taint and ask for its GPU product) land on it.
 """
 
+import functools
+import http.server
 import json
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.request
@@ -20,6 +23,7 @@ import pytest
 
 from berth import wire
 from berth.cluster.cluster import LocalCluster
+from berth.cluster.pki import NODE_IP
 from berth.cluster.realnode import NODE_NAME, TAINT_KEY, RealNodeShape
 from berth.e2e.operator_fixtures import (
     OperatorProcess,
@@ -95,6 +99,16 @@ def ready_pod(cluster: LocalCluster, namespace: str) -> dict[str, Any] | None:
     return None
 
 
+def tenants(cluster: LocalCluster) -> list[str]:
+    """Berth pods bound to the real node, in any namespace (an earlier test's may linger)."""
+    pods = get_json(cluster, "pods", "-A", "--field-selector", f"spec.nodeName={NODE_NAME}")
+    return [
+        p["metadata"]["name"]
+        for p in pods["items"]
+        if wire.LABEL_SERVICE in p["metadata"].get("labels", {})
+    ]
+
+
 def test_real_node_is_ready_with_simulated_gpus_and_a_taint(cluster: LocalCluster) -> None:
     node = get_json(cluster, "node", NODE_NAME)
     assert condition(node, "Ready")["status"] == "True"
@@ -135,6 +149,9 @@ def test_an_applied_service_runs_the_runtime_image_and_answers_through_its_clust
 def test_two_half_gpu_services_share_one_simulated_gpu_and_both_serve(
     cluster: LocalCluster, operator: OperatorProcess, namespace: str, tiny_model: Path
 ) -> None:
+    wait_for(
+        "earlier tests' pods to leave the real node", lambda: not tenants(cluster), timeout=120
+    )
     apply_docs(cluster, [real_service("left", namespace, tiny_model),
                          real_service("right", namespace, tiny_model)])  # fmt: skip
 
@@ -218,3 +235,38 @@ def test_readiness_follows_the_model_and_the_url_appears_only_then(
             break
         time.sleep(0.3)
     assert seen_running_not_ready, "the pod never showed Running before Ready (weights load)"
+
+
+@pytest.fixture
+def model_server(tiny_model: Path, tmp_path: Path) -> Iterator[str]:
+    """The tiny model as a .tar.gz over HTTP on the node's address (reachable from pods)."""
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_model, arcname="tiny")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer((NODE_IP, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{NODE_IP}:{server.server_address[1]}/tiny.tar.gz"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_uri_model_is_fetched_by_the_init_container_and_served(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str, tiny_model: Path,
+    model_server: str,
+) -> None:  # fmt: skip
+    spec = real_service("fetched", namespace, tiny_model)
+    spec["spec"]["model"]["source"] = {"uri": model_server}
+    apply_docs(cluster, [spec])
+    pod = wait_for(
+        "the fetched model's pod Ready", lambda: ready_pod(cluster, namespace), timeout=240
+    )
+    (init,) = pod["status"]["initContainerStatuses"]
+    assert init["name"] == "fetch-model" and init["state"]["terminated"]["exitCode"] == 0
+    ip = cluster_ip(cluster, "fetched", namespace)
+    answer = post(f"http://{ip}:8000/v1/completions",
+                  {"model": "fetched", "prompt": "Hello", "max_tokens": 4, "temperature": 0})  # fmt: skip
+    assert answer["usage"]["completion_tokens"] == 4
