@@ -14,19 +14,20 @@ Endpoints
 ---------
 - ``POST /v1/tenants`` :class:`Register` -> 200 :class:`Registration`.
   400 bad body or unknown ``gpu_uuid`` (the error names the field); 409 ``request_does_not_fit``
-  (the requests on that GPU would exceed it) or ``held_exceeds_free`` (a re-registration holds
-  more than is free: shrink to ``free_bytes`` in the error's ``detail`` and register again);
-  503 ``recovering`` (a fresh registration during the agent's restart grace; retry after the
-  ``Retry-After`` header). Registering the same tenant+instance again is idempotent; the same
+  (the requests on that GPU would exceed it), ``held_exceeds_free`` (a registration holds more
+  than is free: shrink to ``free_bytes`` in the error's ``detail`` and register again) or
+  ``lease_conflict`` (this tenant+instance is registered with another GPU, request or limit);
+  503 ``recovering`` (a registration that holds nothing, during the agent's restart grace; retry
+  after the ``Retry-After`` header). Registering the same tenant+instance again is idempotent; the same
   tenant with another instance replaces the old lease (the runtime restarted).
 - ``POST /v1/tenants/{tenant}/heartbeat`` :class:`Heartbeat` -> 200 :class:`Lease`.
-  404 ``unknown_tenant`` (the agent restarted or the lease lapsed: register again, with
-  ``held_bytes`` and the old ``agent_epoch``); 409 ``instance_mismatch`` (another instance of
+  400 ``held_bytes``/``want_bytes`` above the limit; 404 ``unknown_tenant`` (the agent
+  restarted or the lease lapsed: register again with ``held_bytes``); 409 ``instance_mismatch`` (another instance of
   this tenant holds the lease: this process must stop using the GPU).
 - ``POST /v1/tenants/{tenant}/release`` :class:`Release` -> 200 :class:`Lease`: the tenant has
   shrunk to ``held_bytes``; its grant drops to that. This is how a reclaim is acknowledged.
 - ``DELETE /v1/tenants/{tenant}?instance=...`` -> 204 (clean exit; the grant returns at once).
-- ``GET /v1/gpus`` -> :class:`NodeLedger` (per GPU: capacity, reserve, every tenant's state).
+- ``GET /v1/gpus`` -> :class:`LedgerView` (per GPU: capacity, reserve, every tenant's state).
 - ``GET /metrics`` (Prometheus text), ``GET /healthz`` -> :class:`Health`.
 Errors are :class:`ErrorResponse` (``{"error": {"code", "message", "field", "detail"}}``).
 
@@ -55,20 +56,27 @@ be using. Invariant: per GPU ``sum(granted) <= allocatable``.
   returns (a crashed pod's memory is freed by the driver). A runtime that was stalled that long
   learns it from ``404 unknown_tenant`` and registers again with what it holds.
 - Agent restart: the agent keeps no state on disk; it gets a new ``agent_epoch`` and, for
-  ``lease_s`` (the grace), grants nothing and admits only re-registrations (those that carry a
-  previous ``agent_epoch``). A re-registration is granted exactly the ``held_bytes`` it already
-  holds. Why this is safe: every live tenant heartbeats at least once per ``lease_s``, so within
-  the grace each one learns of the restart and re-registers; until then no byte is handed out,
-  so nothing a not-yet-re-registered tenant holds can be granted to another. After the grace,
-  a tenant that has not come back is treated as lapsed, exactly as without the restart.
+  ``grace_s`` (default ``lease_s``) grants nothing and admits only registrations that hold
+  memory (``held_bytes > 0``); each is granted exactly the ``held_bytes`` it already holds.
+  Why this is safe: before the restart the grants were disjoint and within ``allocatable``;
+  every live tenant calls the agent at least once per ``lease_s`` (rule 2) and retries every
+  ``REGISTER_RETRY_S`` (rule 4), so within the grace each one learns of the restart (404) and
+  re-registers what it holds; until the grace ends no byte is handed out, so nothing a
+  not-yet-re-registered tenant holds (or was granted and may still map) can be granted to
+  another. After the grace, a tenant that has not come back is treated as lapsed, exactly as
+  without the restart. A tenant that holds nothing risks nothing by waiting out the grace.
+- Known limit: the agent cannot tell a crashed runtime from one stalled for longer than
+  ``lease_s``; it treats both as gone. A stalled runtime must be killed by its liveness probe
+  before ``lease_s`` passes, or, on ``404 unknown_tenant``, re-register and shrink if refused.
 
 Client rules (what makes the invariants hold end to end)
 --------------------------------------------------------
 1. Never hold more than the ``granted_bytes`` of the latest reply; grow only after a reply says so.
 2. Heartbeat every ``heartbeat_interval_s``; report ``held_bytes`` truthfully.
 3. On a reclaim, shrink to ``target_bytes`` before ``deadline_s`` and call ``release``.
-4. If the agent is unreachable, keep serving within what you hold, never grow, and keep trying;
-   on ``404 unknown_tenant`` register again with ``held_bytes`` and your last ``agent_epoch``.
+4. If the agent is unreachable, keep serving within what you hold, never grow, and retry at least
+   every ``REGISTER_RETRY_S``; on ``404 unknown_tenant`` stop growing and register again with
+   ``held_bytes`` (what you hold at that moment; your old grant is void).
 """
 
 from enum import StrEnum
@@ -82,6 +90,7 @@ PROTOCOL_VERSION: Final = 1
 PREFIX: Final = f"/v{PROTOCOL_VERSION}"
 DEFAULT_SOCKET: Final = "/run/berth/agent.sock"
 ENV_SOCKET: Final = wire.ENV_AGENT_SOCKET
+REGISTER_RETRY_S: Final = 1.0  # a runtime without a lease retries at least this often
 
 # Paths, relative to the socket's HTTP root. ``{tenant}`` may contain one "/" (namespace/name).
 TENANTS: Final = f"{PREFIX}/tenants"
@@ -124,8 +133,6 @@ class Register(_Body):
     held_bytes: Bytes = 0
     # What it would like to hold; None means its request.
     want_bytes: Bytes | None = None
-    # The epoch of the agent this instance last registered with; None on a fresh start.
-    agent_epoch: str | None = Field(None, max_length=64)
     pid: int | None = Field(None, ge=1)  # shown in the ledger, to match nvidia-smi's processes
 
     # Field validators (not a model validator), so that the 400 names the offending field.
@@ -156,6 +163,9 @@ class Heartbeat(_Body):
 class Release(_Body):
     instance: InstanceId
     held_bytes: Bytes  # what it holds after shrinking; its grant drops to this
+    # What it would like to hold from now on; None keeps its last heartbeat's. A runtime that
+    # shrinks because it is idle says so here, or the agent may grant the memory straight back.
+    want_bytes: Bytes | None = None
 
 
 class TenantState(StrEnum):
@@ -216,7 +226,7 @@ class GpuView(BaseModel):
     tenants: list[TenantView]
 
 
-class NodeLedger(BaseModel):
+class LedgerView(BaseModel):
     agent_epoch: str
     recovering_s: float  # seconds of restart grace left (no grants, only re-registrations)
     gpus: list[GpuView]

@@ -353,6 +353,7 @@ class LocalCluster:
                     f"--service-account-signing-key-file={pki.service_account_key}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
                     "--profiling=false", "--max-requests-inflight=2000",
+                    "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                     # The real node: the Node authorizer for its kubelet, and how the API
                     # server reaches kubelets for logs and exec.
                     "--authorization-mode=Node,RBAC",

@@ -8,55 +8,30 @@ reconciler parse manifests with these models too).
 """
 
 import re
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from kubernetes.utils import parse_quantity
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from berth import wire
+from berth.operator.api_types import (
+    ApiModel,
+    Cidr,
+    DnsSubdomain,
+    HostName,
+    Labels,
+    LabelValue,
+    Port,
+    PositiveQuantity,
+    SyscallName,
+    quantity_bytes,
+    validations,
+)
+from berth.operator.pod_overrides import PodOverrides
 
 KIND = "InferenceService"
 PLURAL = "inferenceservices"
 SINGULAR = "inferenceservice"
 SHORT_NAMES = ["bis"]  # KServe owns "isvc"
-
-
-def validations(*rules: dict[str, str]) -> dict[str, Any]:
-    """Attach CEL rules (``x-kubernetes-validations``) to a model or field schema."""
-    return {"x-kubernetes-validations": list(rules)}
-
-
-def _quantity(value: str) -> str:
-    try:
-        parse_quantity(value)
-    except ValueError as error:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 20Gi)") from error
-    return value
-
-
-Quantity = Annotated[
-    str,
-    AfterValidator(_quantity),
-    Field(
-        max_length=64,
-        json_schema_extra=validations(
-            {"rule": "isQuantity(self)", "message": "must be a quantity such as 20Gi"}
-        ),
-    ),
-]
-
-
-def quantity_bytes(value: str) -> int:
-    """A memory quantity in whole bytes (``20Gi`` -> 21474836480)."""
-    return int(Decimal(parse_quantity(value)))
-
-
-class ApiModel(BaseModel):
-    """camelCase on the wire, unknown fields refused (the API server prunes them anyway)."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
 
 # --- model source -------------------------------------------------------------------------
@@ -235,8 +210,8 @@ class GpuMemory(ApiModel):
         )
     )
 
-    request: Quantity = Field(description="Guaranteed GPU memory, e.g. 20Gi.")
-    limit: Quantity | None = Field(
+    request: PositiveQuantity = Field(description="Guaranteed GPU memory, e.g. 20Gi.")
+    limit: PositiveQuantity | None = Field(
         default=None, description="Burst ceiling; defaults to the request."
     )
 
@@ -266,7 +241,7 @@ class GpuSpec(ApiModel):
         description="Share of one GPU's memory (0 < fraction <= 1); request = limit = fraction x capacity.",
     )
     memory: GpuMemory | None = None
-    product: str | None = Field(
+    product: LabelValue | None = Field(
         default=None,
         description="Only GPUs whose nvidia.com/gpu.product label equals this, e.g. NVIDIA-H100-80GB-HBM3.",
     )
@@ -280,6 +255,21 @@ class GpuSpec(ApiModel):
 
 class AutoscalingSpec(ApiModel):
     """Concurrency-based scaling (stable and panic windows, as in Knative's KPA)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "self.panicWindowSeconds <= self.stableWindowSeconds",
+                "message": "panicWindowSeconds must not exceed stableWindowSeconds",
+                "fieldPath": ".panicWindowSeconds",
+            },
+            {
+                "rule": "has(self.prometheusUrl) == (self.metrics == 'Prometheus')",
+                "message": "prometheusUrl is required with metrics: Prometheus and only then",
+                "fieldPath": ".prometheusUrl",
+            },
+        )
+    )
 
     target_concurrency: float = Field(
         default=8, gt=0, description="In-flight requests per replica."
@@ -297,7 +287,15 @@ class AutoscalingSpec(ApiModel):
         default="Pods",
         description="Read concurrency from the runtimes' /metrics or from Prometheus.",
     )
-    prometheus_url: str | None = Field(default=None, pattern="^https?://")
+    prometheus_url: str | None = Field(default=None, pattern="^https?://", max_length=2048)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AutoscalingSpec":
+        if self.panic_window_seconds > self.stable_window_seconds:
+            raise ValueError("panicWindowSeconds must not exceed stableWindowSeconds")
+        if (self.prometheus_url is not None) != (self.metrics == "Prometheus"):
+            raise ValueError("prometheusUrl is required with metrics: Prometheus and only then")
+        return self
 
 
 class StandbySpec(ApiModel):
@@ -311,69 +309,42 @@ class StandbySpec(ApiModel):
 
 
 class EgressRule(ApiModel):
-    cidrs: list[str] = Field(default_factory=list, description="Allowed destination CIDRs.")
-    hosts: list[str] = Field(default_factory=list, description="Allowed destination host names.")
-    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
-        default_factory=list, description="Allowed ports; empty means all ports."
+    cidrs: list[Cidr] = Field(
+        default_factory=list, max_length=64, description="Allowed destination CIDRs."
+    )
+    hosts: list[HostName] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Allowed destination host names (one leading `*.` wildcard label allowed).",
+    )
+    ports: list[Port] = Field(
+        default_factory=list, max_length=64, description="Allowed ports; empty means all ports."
     )
 
 
 class IngressRule(ApiModel):
-    cidrs: list[str] = Field(default_factory=list)
-    namespace_labels: dict[str, str] = Field(default_factory=dict)
-    pod_labels: dict[str, str] = Field(default_factory=dict)
+    cidrs: list[Cidr] = Field(default_factory=list, max_length=64)
+    namespace_labels: Labels = Field(default_factory=dict, max_length=32)
+    pod_labels: Labels = Field(default_factory=dict, max_length=32)
 
 
 class SandboxSpec(ApiModel):
     """Seal the runtime for agent workloads: network allowlists, syscall denials, limits."""
 
     enabled: bool = False
-    egress: list[EgressRule] = Field(default_factory=list, description="Default deny; allow these.")
+    egress: list[EgressRule] = Field(
+        default_factory=list, max_length=32, description="Default deny; allow these."
+    )
     ingress: list[IngressRule] = Field(
-        default_factory=list, description="Default deny; allow these."
+        default_factory=list, max_length=32, description="Default deny; allow these."
     )
-    denied_syscalls: list[str] = Field(
-        default_factory=list, description="Syscalls refused (EPERM)."
+    denied_syscalls: list[SyscallName] = Field(
+        default_factory=list, max_length=512, description="Syscalls refused (EPERM)."
     )
-    runtime_class_name: str | None = None
+    runtime_class_name: DnsSubdomain | None = Field(
+        default=None, description="RuntimeClass of the runtime's pods (e.g. gvisor, kata)."
+    )
     max_request_seconds: int | None = Field(default=None, ge=1)
-
-
-class Toleration(ApiModel):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
-
-
-class EnvVar(ApiModel):
-    name: str = Field(min_length=1)
-    value: str | None = None
-    value_from: dict[str, Any] | None = Field(
-        default=None,
-        description="A core/v1 EnvVarSource.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-    )
-
-
-class Resources(ApiModel):
-    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
-    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
-
-
-class PodOverrides(ApiModel):
-    """Pod-level settings merged into the rendered Deployment's pod template."""
-
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    resources: Resources | None = Field(
-        default=None, description="CPU and memory for the runtime container (not GPUs)."
-    )
-    env: list[EnvVar] = Field(default_factory=list)
-    service_account_name: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class InferenceServiceSpec(ApiModel):
@@ -388,6 +359,12 @@ class InferenceServiceSpec(ApiModel):
                 "rule": "!has(self.replicas) || !has(self.maxReplicas) || self.replicas <= self.maxReplicas",
                 "message": "replicas must not exceed maxReplicas",
                 "fieldPath": ".replicas",
+            },
+            {
+                "rule": "!has(self.standby) || !has(self.maxReplicas) "
+                "|| self.standby.minActiveReplicas <= self.maxReplicas",
+                "message": "standby.minActiveReplicas must not exceed maxReplicas",
+                "fieldPath": ".standby.minActiveReplicas",
             },
         )
     )
@@ -418,6 +395,9 @@ class InferenceServiceSpec(ApiModel):
         )
         if too_many:
             raise ValueError("replicas must not exceed maxReplicas")
+        active = self.standby.min_active_replicas if self.standby else 0
+        if self.max_replicas is not None and active > self.max_replicas:
+            raise ValueError("standby.minActiveReplicas must not exceed maxReplicas")
         return self
 
     def desired_replicas(self) -> int:
@@ -425,6 +405,38 @@ class InferenceServiceSpec(ApiModel):
         wanted = self.min_replicas if self.replicas is None else self.replicas
         wanted = max(wanted, self.min_replicas)
         return wanted if self.max_replicas is None else min(wanted, self.max_replicas)
+
+
+# Spec fields that the API accepts but no controller acts on yet, as camelCase paths under
+# ``spec``. A service that sets one gets the condition ``FieldsNotActedOn`` naming it; whoever
+# makes a field act removes it from this tuple (``sandbox.runtimeClassName`` is rendered already).
+NOT_ACTED_ON: tuple[str, ...] = (
+    "autoscaling",
+    "standby",
+    "sandbox.enabled",
+    "sandbox.egress",
+    "sandbox.ingress",
+    "sandbox.deniedSyscalls",
+    "sandbox.maxRequestSeconds",
+)
+
+
+def fields_not_acted_on(spec: InferenceServiceSpec) -> tuple[str, ...]:
+    """The ``NOT_ACTED_ON`` paths that ``spec`` sets to something other than their default
+    (the API server fills defaults in, so "present" alone would flag every default)."""
+    found = []
+    for path in NOT_ACTED_ON:
+        node: Any = spec
+        for depth, part in enumerate(parts := path.split(".")):
+            model = type(node)
+            name = next(n for n, f in model.model_fields.items() if (f.alias or n) == part)
+            value = getattr(node, name)
+            if value == model.model_fields[name].get_default(call_default_factory=True):
+                break
+            if depth == len(parts) - 1:
+                found.append(f"spec.{path}")
+            node = value
+    return tuple(found)
 
 
 # --- status --------------------------------------------------------------------------------

@@ -140,8 +140,8 @@ def import_model(
             )
         say(f"{name}: {dest} is an import of another recipe or file; importing again")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(dest)
     staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     started = time.monotonic()
     try:
         _convert(_known(name), source, staging, dtype, say)
@@ -158,6 +158,25 @@ def import_model(
         shutil.rmtree(staging, ignore_errors=True)
     say(f"{name}: imported to {dest} in {time.monotonic() - started:.0f} s")
     return dest
+
+
+def _remove_abandoned(dest: Path) -> None:
+    """Delete staging folders of imports into ``dest`` whose process is gone (killed), not
+    those of an import that is still running in another process."""
+    for staging in dest.parent.glob(f".{dest.name}.partial-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _provenance(name: str, digest: str, dtype: str) -> dict[str, Any]:

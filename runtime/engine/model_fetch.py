@@ -9,7 +9,8 @@ emptyDir that the runtime container then mounts read-only; it also works by hand
   body is streamed to disk; an optional SHA-256 is checked before anything is unpacked.
 - ``hf://org/repo`` or ``hf://org/repo@revision``: a Hugging Face Hub snapshot, through
   ``huggingface_hub`` (which reads ``HF_TOKEN`` and ``HF_ENDPOINT`` from the environment), of the
-  files Berth loads (configs, safetensors, tokenizer, chat template), not the other formats.
+  top-level files Berth loads (configs, safetensors, tokenizer, chat template), not the other
+  formats or subfolders.
 
 ``s3://`` and ``gs://`` are not implemented (the CRD refuses them at admission).
 
@@ -37,7 +38,8 @@ from berth import wire
 
 MARKER = ".berth-fetch.json"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-# What Berth loads from a Hub repository; other formats (.bin, .gguf, .onnx, ...) are skipped.
+# What Berth loads from a Hub repository's top level; other formats (.bin, .gguf, .onnx, ...)
+# and subfolders are skipped.
 HF_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "LICENSE*", "README.md"]
 UNSUPPORTED_SCHEMES = ("s3://", "gs://")
 PROGRESS_EVERY_S = 5.0
@@ -110,9 +112,15 @@ def fetch_model(
             raise FetchError(f"{uri}: unsupported URI; use https://, http:// or hf://")
         record = {"uri": uri, "sha256": sha256, "fetched_s": round(time.monotonic() - started)}
         (root / MARKER).write_text(json.dumps(record))
-        if dest.exists():
-            dest.rmdir()  # empty (checked above); a mount point cannot be replaced, see render
-        root.rename(dest)
+        try:
+            if dest.exists():
+                dest.rmdir()  # empty (checked above)
+            root.rename(dest)
+        except OSError as e:
+            raise FetchError(
+                f"cannot put the model at {dest} ({e.strerror}); if it is a mount point, "
+                "fetch into a folder below it"
+            ) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"fetched {uri} into {dest} in {time.monotonic() - started:.1f} s")
@@ -139,7 +147,7 @@ def _fetch_http(url: str, staging: Path, sha256: str | None, say: Say) -> Path:
     say(f"unpacking {url}")
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(tree, filter="data")  # refuses absolute paths, .., devices, links out
+            _extract(tar, tree)
     except (tarfile.TarError, OSError) as e:
         raise FetchError(f"{url}: not a readable tar archive: {e}") from e
     archive.unlink()
@@ -147,6 +155,25 @@ def _fetch_http(url: str, staging: Path, sha256: str | None, say: Say) -> Path:
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]  # the archive held the model folder itself
     return tree
+
+
+def _extract(tar: tarfile.TarFile, tree: Path) -> None:
+    """Unpack only what a model folder holds: files and folders inside ``tree``.
+
+    Python's ``filter="data"`` does this where it exists (3.11.4+); Debian bookworm's 3.11.2, the
+    runtime image's interpreter, lacks it, so the same rule is applied to each member here."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(tree, filter="data")  # refuses absolute paths, .., devices, links out
+        return
+    root = tree.resolve()
+    members = tar.getmembers()
+    for member in members:
+        target = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            raise tarfile.TarError(
+                f"member {member.name!r} is not a file or folder inside the model"
+            )
+    tar.extractall(tree, members=members)  # every member checked above
 
 
 def download(url: str, target: Path, sha256: str | None, say: Say) -> None:
@@ -207,9 +234,13 @@ def _fetch_hf(ref: HfRef, tree: Path, say: Say, endpoint: str | None) -> Path:
             revision=ref.revision,
             local_dir=tree,
             allow_patterns=HF_PATTERNS,
+            ignore_patterns=["*/*"],  # subfolders hold other formats (onnx/, original/, ...)
             endpoint=endpoint,
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise FetchError(f"hf://{where}: {type(e).__name__}: {e}") from e
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = " (private or gated: give the pod HF_TOKEN from a Secret in pod.env)"
+        message = f"hf://{where}: {type(e).__name__}: {e}{hint if status in (401, 403) else ''}"
+        raise FetchError(message) from e
     shutil.rmtree(tree / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping
     return tree

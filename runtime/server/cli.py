@@ -1,7 +1,10 @@
 """``berth serve``: the model server of one Berth pod.
 
-Every flag can also come from a ``BERTH_*`` environment variable (the pod template sets them);
-the GPU memory budget comes from the variables the downward API fills (``berth.wire``).
+Every flag can also come from a ``BERTH_*`` environment variable (the pod template sets them).
+The GPU memory budget comes from the pod (``berth.runtime.engine.budget.read_budget``: the
+variables and the annotations file the downward API fills, names in ``berth.wire``); the
+``--gpu-memory-*`` flags give one by hand. With neither, the runtime takes the whole GPU (or a
+CPU default pool): local use.
 """
 
 import sys
@@ -69,15 +72,15 @@ def _env(name: str) -> str:
 @click.option("--max-body-bytes", default=8 << 20, show_default=True, type=click.IntRange(1024))
 @click.option(
     "--gpu-memory-request",
-    type=click.IntRange(0),
-    envvar=wire.ENV_GPU_MEMORY_REQUEST,
-    help="Guaranteed GPU memory in bytes (set by the Berth scheduler).",
+    type=click.IntRange(1),
+    help=f"Guaranteed GPU memory in bytes [default: from {wire.ENV_GPU_MEMORY_REQUEST} or the "
+    "pod's annotations, set by the Berth scheduler; none: the whole device].",
 )
 @click.option(
     "--gpu-memory-limit",
-    type=click.IntRange(0),
-    envvar=wire.ENV_GPU_MEMORY_LIMIT,
-    help="Burst ceiling of GPU memory in bytes (set by the Berth scheduler).",
+    type=click.IntRange(1),
+    help=f"Burst ceiling of GPU memory in bytes [default: from {wire.ENV_GPU_MEMORY_LIMIT}, or "
+    "the request].",
 )
 @click.option(
     "--dtype",
@@ -142,10 +145,15 @@ def serve(
 ) -> None:
     """Serve a model with an OpenAI-compatible API, Prometheus metrics and graceful drain."""
     from berth.runtime.engine import EngineConfig
+    from berth.runtime.engine.budget import BudgetError, budget_from_flags, read_budget
     from berth.runtime.server.lifecycle import serve as run_server
     from berth.runtime.server.metrics import MemoryBudget
     from berth.runtime.server.settings import ServerSettings
 
+    try:
+        budget = budget_from_flags(gpu_memory_request, gpu_memory_limit) or read_budget()
+    except BudgetError as exc:
+        raise click.UsageError(f"GPU memory budget: {exc}") from exc
     engine = EngineConfig(
         model=model,
         dtype=dtype,
@@ -159,6 +167,7 @@ def serve(
         enable_prefix_caching=enable_prefix_caching,
         enforce_eager=enforce_eager,
         seed=seed,
+        budget=budget,
     )
     try:
         engine.validate()
@@ -174,7 +183,9 @@ def serve(
         request_timeout_s=request_timeout_s,
         drain_grace_s=drain_grace_s,
         max_body_bytes=max_body_bytes,
-        memory=MemoryBudget(gpu_memory_request, gpu_memory_limit),
+        memory=MemoryBudget(
+            budget.request_bytes if budget else None, budget.limit_bytes if budget else None
+        ),
         log_level=log_level,
         access_log=access_log,
     )

@@ -1,12 +1,18 @@
-"""``berth fetch-model`` against a real HTTP server on loopback: single files, archives, errors
-that name the URL, and no partial model left behind by a failed or interrupted download."""
+"""``berth fetch-model`` against real HTTP servers on loopback (a file host and a fake Hugging Face
+Hub): single files, archives, hf:// snapshots with a token, errors that name the URL, and no
+partial model left behind by a failed or interrupted download."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +37,7 @@ class ModelHost:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.release = threading.Event()
         host = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,13 +49,20 @@ class ModelHost:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                body = host.files.get(self.path.removeprefix("/truncated"))
+                body = host.files.get(self.path.removeprefix("/truncated").removeprefix("/slow"))
                 if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if self.path.startswith("/slow"):  # half now, the rest when released
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    host.release.wait(30)
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(body[len(body) // 2 :])
+                    return
                 if self.path.startswith("/truncated"):
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
@@ -69,6 +83,7 @@ def host() -> Iterator[ModelHost]:
     thread = threading.Thread(target=served.server.serve_forever, daemon=True)
     thread.start()
     yield served
+    served.release.set()
     served.server.shutdown()
     served.server.server_close()
     thread.join(10)
@@ -165,6 +180,36 @@ def test_interrupted_download_leaves_no_partial_model(host: ModelHost, tmp_path:
     assert siblings(dest) == []
 
 
+def test_a_killed_fetch_leaves_no_model_and_the_next_run_completes(
+    host: ModelHost, tmp_path: Path
+) -> None:
+    """SIGKILL mid-download (a node losing power, an OOM kill): DEST never appears half-written;
+    the init container's next run removes the leftovers and fetches again."""
+    host.files["/model.tar.gz"] = tar_of(MODEL_FILES)
+    dest = tmp_path / "model"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "berth", "fetch-model", f"{host.url}/slow/model.tar.gz", str(dest)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.glob(".model.partial-*/download")):
+            assert process.poll() is None and time.monotonic() < deadline, "no download started"
+            time.sleep(0.05)
+        process.kill()
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not dest.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [f".model.partial-{process.pid}"]
+    host.release.set()
+    fetch_model(f"{host.url}/model.tar.gz", dest, say=lambda _: None)
+    assert contents(dest) == MODEL_FILES
+    assert siblings(dest) == ["model"]
+
+
 def test_checksum_mismatch_is_refused_and_a_match_accepted(host: ModelHost, tmp_path: Path) -> None:
     body = tar_of(MODEL_FILES)
     host.files["/model.tar.gz"] = body
@@ -248,3 +293,111 @@ def test_sha256_is_refused_for_hf_uris(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_hf_uris_name_a_repository_and_an_optional_revision(uri: str, ref: HfRef) -> None:
     assert parse_hf_uri(uri) == ref
+
+
+class FakeHub:
+    """The three Hub endpoints snapshot_download uses (revision info, tree listing, resolve),
+    on loopback, for one repository; it answers only requests that carry ``token``."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, repo: str, files: dict[str, bytes], token: str) -> None:
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                hub.requests.append(f"{self.command} {path}")
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    self.reply(401, b'{"error": "Invalid credentials"}', {})
+                elif path == f"/api/models/{repo}/revision/main":
+                    info = {"id": repo, "sha": hub.COMMIT, "siblings": []}
+                    self.reply(200, json.dumps(info).encode(), {})
+                elif path == f"/api/models/{repo}/tree/{hub.COMMIT}":
+                    tree = [
+                        {"type": "file", "path": name, "size": len(data), "oid": f"oid{i}"}
+                        for i, (name, data) in enumerate(files.items())
+                    ]
+                    self.reply(200, json.dumps(tree).encode(), {})
+                elif (name := path.removeprefix(f"/{repo}/resolve/{hub.COMMIT}/")) in files:
+                    etag = f'"{hashlib.sha1(files[name]).hexdigest()}"'
+                    self.reply(200, files[name], {"X-Repo-Commit": hub.COMMIT, "ETag": etag})
+                else:
+                    self.reply(404, b'{"error": "not found"}', {"X-Error-Code": "EntryNotFound"})
+
+            do_HEAD = do_GET
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    skipped = {"pytorch_model.bin": b"pickle", "onnx/model.safetensors": b"other format"}
+    files = {**MODEL_FILES, **skipped, "tokenizer.json": b"{}"}
+    served = FakeHub("org/tiny", files, token="hf_secret")
+    thread = threading.Thread(target=served.server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    yield served
+    served.server.shutdown()
+    served.server.server_close()
+    thread.join(10)
+
+
+def test_hf_uri_downloads_the_loadable_files_with_the_token(hub: FakeHub, tmp_path: Path) -> None:
+    dest = fetch_model("hf://org/tiny", tmp_path / "model", say=lambda _: None, hf_endpoint=hub.url)
+    assert contents(dest) == {**MODEL_FILES, "tokenizer.json": b"{}"}  # no .bin, no .cache
+    assert not any("pytorch_model.bin" in r or "onnx/" in r for r in hub.requests)
+    assert siblings(dest) == ["model"]
+
+
+def test_hf_uri_without_the_token_fails_naming_the_repo_and_leaves_nothing(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(
+        FetchError, match=r"hf://org/tiny@main: (?s:.)*401(?s:.)*HF_TOKEN from a Secret"
+    ):
+        fetch_model("hf://org/tiny", tmp_path / "model", say=lambda _: None, hf_endpoint=hub.url)
+    assert siblings(tmp_path / "model") == []
+
+
+def test_archives_unpack_safely_without_python_s_data_filter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime image's Python 3.11.2 has no ``filter="data"``: the fallback keeps the rule."""
+
+    from berth.runtime.engine import model_fetch
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as tar:
+        source = tmp_path / "m"
+        source.mkdir()
+        (source / "config.json").write_text("{}")
+        tar.add(source, arcname="m")
+    with tarfile.open(good) as tar:
+        model_fetch._extract(tar, tmp_path / "out")
+    assert (tmp_path / "out" / "m" / "config.json").read_text() == "{}"
+    for name, kind in (("../escape", tarfile.REGTYPE), ("link", tarfile.SYMTYPE)):
+        bad = tmp_path / f"bad-{kind!r}.tar"
+        with tarfile.open(bad, "w") as tar:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd"
+            tar.addfile(info, io.BytesIO(b""))
+        with tarfile.open(bad) as tar, pytest.raises(tarfile.TarError):
+            model_fetch._extract(tar, tmp_path / "bad-out")

@@ -6,6 +6,8 @@ run on a machine pays the conversion (about a minute on two busy cores)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from berth.cli import main
-from berth.runtime.engine import Engine, EngineConfig, SamplingParams
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams, gguf_import
 from berth.runtime.engine.gguf_import import (
     MARKER,
     cached_model_dir,
@@ -130,3 +132,19 @@ def test_import_model_command_prints_the_cached_folder(smollm2: Path) -> None:
     result = CliRunner().invoke(main, ["import-model", "smollm2"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == str(smollm2)
+
+
+def test_staging_folders_of_killed_imports_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """What an import does before it converts: a killed import's 270 MB do not pile up, and a
+    concurrent import's folder is left alone."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (tmp_path / f".model.partial-{dead.pid}").mkdir()
+        (tmp_path / f".model.partial-{live.pid}").mkdir()
+        gguf_import._remove_abandoned(tmp_path / "model")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f".model.partial-{live.pid}"]
+    finally:
+        live.kill()
+        live.wait()
