@@ -47,3 +47,15 @@ ENV_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"  # read by the NVIDIA cont
 ENV_RUNTIME_IMAGE: Final = "BERTH_RUNTIME_IMAGE"  # operator setting: the image it renders
 # Where the downward-API volume puts the pod's annotations (updated live, unlike env vars).
 POD_INFO_DIR: Final = "/etc/berth/pod"
+
+# Pod shutdown, in seconds. The kubelet runs the preStop sleep first (the grace period counts
+# from its start), so that the pod's removal from the Service's endpoints reaches every proxy;
+# then SIGTERM: the runtime fails /ready but still admits for RUNTIME_SHUTDOWN_DELAY_S (its
+# responses close their connections, so keep-alive clients reconnect elsewhere), lets in-flight
+# requests finish for up to RUNTIME_DRAIN_TIMEOUT_S, then aborts the rest, closes connections
+# and stops its engine in bounded steps (runtime/server/lifecycle.py ``ShutdownBudget``). The
+# pod's terminationGracePeriodSeconds holds all of it with margin (a test checks the sum).
+PRESTOP_SLEEP_S: Final = 5
+RUNTIME_SHUTDOWN_DELAY_S: Final = 2
+RUNTIME_DRAIN_TIMEOUT_S: Final = 30
+TERMINATION_GRACE_PERIOD_S: Final = 60
