@@ -207,14 +207,19 @@ def _child(mode: str, args: argparse.Namespace, extra: list[str], site: str | No
 
 
 @contextlib.contextmanager
-def berth_serve(args: argparse.Namespace, log: Path) -> Iterator[str]:
-    """``berth serve`` on the model, as a pod runs it; yields its URL; SIGTERM at the end."""
+def berth_serve(
+    args: argparse.Namespace, log: Path, extra: list[str] | None = None
+) -> Iterator[str]:
+    """``berth serve`` on the model, as a pod runs it (``extra`` flags added); yields its URL;
+    SIGTERM at the end."""
     port = _free_port()
     command = [sys.executable, "-c", "from berth.cli import main; main()", "serve",
                "--model", args.model_dir, "--served-model-name", "bench", "--host", "127.0.0.1",
                "--port", str(port), "--device", args.device, "--no-access-log",
-               "--log-level", "warning", "--max-waiting-requests", "1024"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+               "--log-level", "warning", "--max-waiting-requests", "1024",
+               *(extra or [])]  # fmt: skip
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"

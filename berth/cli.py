@@ -14,8 +14,11 @@ SUBCOMMANDS: dict[str, str] = {
     "plan": "berth.operator.cli:plan",
     "operator": "berth.operator.cli:operator",
     "serve": "berth.runtime.server.cli:serve",
+    "node-agent": "berth.runtime.agent.cli:node_agent",
     "make-model": "berth.runtime.engine.cli:make_model_command",
     "generate": "berth.runtime.engine.cli:generate_command",
+    "import-model": "berth.runtime.engine.cli:import_model_command",
+    "fetch-model": "berth.runtime.engine.cli:fetch_model_command",
 }
 
 

@@ -19,6 +19,9 @@ NODE_GPU_COUNT: Final = "nvidia.com/gpu.count"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 # Comma-separated GPU UUIDs in device-index order, annotated on the Node by Berth's node agent.
 NODE_GPU_UUIDS: Final = f"{GROUP}/gpu-uuids"
+# Comma-separated bytes per GPU, in the same order: what the node agent lets tenants share
+# (the device's memory minus the agent's reserve). The scheduler packs requests against it.
+NODE_GPU_MEMORY_BYTES: Final = f"{GROUP}/gpu-memory-bytes"
 
 # Pod annotations written by the GPU scheduler (the ledger lives in these).
 POD_GPU_UUID: Final = f"{GROUP}/gpu-uuid"
@@ -44,9 +47,15 @@ ENV_GPU_MEMORY_REQUEST: Final = "BERTH_GPU_MEMORY_REQUEST"
 ENV_GPU_MEMORY_LIMIT: Final = "BERTH_GPU_MEMORY_LIMIT"
 ENV_GPU_UUID: Final = "BERTH_GPU_UUID"
 ENV_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"  # read by the NVIDIA container runtime
+# The node agent's unix socket (berth.agent_protocol); the pod mounts it from the host.
+ENV_AGENT_SOCKET: Final = "BERTH_AGENT_SOCKET"
 ENV_RUNTIME_IMAGE: Final = "BERTH_RUNTIME_IMAGE"  # operator setting: the image it renders
 # Where the downward-API volume puts the pod's annotations (updated live, unlike env vars).
 POD_INFO_DIR: Final = "/etc/berth/pod"
+
+# A model URI on the Hugging Face Hub: hf://org/repo or hf://org/repo@revision. The CRD admits
+# only these (CEL), and the runtime's storage initializer (berth fetch-model) parses them.
+HF_MODEL_URI: Final = r"^hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+(@[-_./A-Za-z0-9]+)?$"
 
 # Pod shutdown, in seconds. The kubelet runs the preStop sleep first (the grace period counts
 # from its start), so that the pod's removal from the Service's endpoints reaches every proxy;

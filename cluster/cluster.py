@@ -244,7 +244,7 @@ class LocalCluster:
                     f"--service-account-key-file={pki.service_account_pub}",
                     f"--service-account-signing-key-file={pki.service_account_key}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
-                    "--profiling=false", "--max-requests-inflight=2000",
+                    "--profiling=false", "--max-requests-inflight=2000", "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                     "--max-mutating-requests-inflight=1000"]  # fmt: skip
         if component in ("kube-controller-manager", "kube-scheduler"):
             kubeconfig = s / f"{component}.kubeconfig"

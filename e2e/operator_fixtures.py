@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from berth import wire
-from berth.cluster.cluster import ClusterError, LocalCluster, die_with_parent
+from berth.cluster.cluster import ClusterError, LocalCluster, die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,14 +29,17 @@ class OperatorProcess:
         self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.health_port = 0  # its /healthz, /readyz and /metrics, on a free port per start
 
     def start(self) -> None:
         self.starts += 1
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
+        self.health_port = free_port()
         env = {
             **self.cluster.env(),
             "KUBECONFIG": str(self.kubeconfig),
             "BERTH_RUNTIME_IMAGE": "berth-runtime:e2e",
+            "BERTH_HEALTH_PORT": str(self.health_port),
             "PYTHONUNBUFFERED": "1",
         }
         command = [
@@ -196,6 +199,8 @@ def install_chart(cluster: LocalCluster, state: Path) -> Path:
     config = yaml.safe_load(cluster.kubeconfig.read_text())
     for user in config["users"]:
         user["user"] = {"token": token}
+    for context in config["contexts"]:  # the operator's Lease lives in the chart's namespace
+        context["context"]["namespace"] = CHART_NAMESPACE
     path = state / "operator.kubeconfig"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -269,12 +269,13 @@ def test_spec_updates_roll_and_unservable_specs_become_conditions(
         lambda: "roll" not in cluster.kubectl("get", "pdb", "-n", namespace, "-o", "name"),
     )
 
-    # Admitted, yet its Deployment is refused (CPU request above its limit): a condition, no crash.
+    # Admitted, yet its Deployment is refused (an env var from a field pods do not have; the CRD
+    # keeps valueFrom as a free-form EnvVarSource): a condition, no crash.
     broken = service_manifest(
         "broken",
         namespace,
         0.25,
-        pod={"resources": {"requests": {"cpu": "4"}, "limits": {"cpu": "1"}}},
+        pod={"env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.bogus"}}}]},
     )
     apply_docs(cluster, [broken])
 
@@ -283,5 +284,5 @@ def test_spec_updates_roll_and_unservable_specs_become_conditions(
         return ready if ready.get("reason") == "InvalidSpec" else None
 
     ready = wait_for("broken's Ready=False/InvalidSpec", invalid)
-    assert "cpu" in ready["message"]
+    assert "metadata.bogus" in ready["message"]
     assert operator.alive()

@@ -7,12 +7,26 @@ and ``InferenceService.model_validate`` runs the same checks in Python (``berth 
 reconciler parse manifests with these models too).
 """
 
-from decimal import Decimal
+import re
 from typing import Annotated, Any, Literal
 
-from kubernetes.utils import parse_quantity
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
+
+from berth import wire
+from berth.operator.api_types import (
+    ApiModel,
+    Cidr,
+    DnsSubdomain,
+    HostName,
+    Labels,
+    LabelValue,
+    Port,
+    PositiveQuantity,
+    SyscallName,
+    quantity_bytes,
+    validations,
+)
+from berth.operator.pod_overrides import PodOverrides
 
 KIND = "InferenceService"
 PLURAL = "inferenceservices"
@@ -20,50 +34,35 @@ SINGULAR = "inferenceservice"
 SHORT_NAMES = ["bis"]  # KServe owns "isvc"
 
 
-def validations(*rules: dict[str, str]) -> dict[str, Any]:
-    """Attach CEL rules (``x-kubernetes-validations``) to a model or field schema."""
-    return {"x-kubernetes-validations": list(rules)}
+# --- model source -------------------------------------------------------------------------
+
+_OUTSIDE_VOLUME = "path must stay inside the volume (no '..' segments)"
 
 
-def _quantity(value: str) -> str:
-    try:
-        parse_quantity(value)
-    except ValueError as error:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 20Gi)") from error
+def _inside_volume(value: str) -> str:
+    if ".." in value.split("/"):
+        raise ValueError(_OUTSIDE_VOLUME)
     return value
 
 
-Quantity = Annotated[
+VolumePath = Annotated[
     str,
-    AfterValidator(_quantity),
+    AfterValidator(_inside_volume),
     Field(
-        max_length=64,
+        max_length=1024,
+        description="Directory of the model inside the volume.",
         json_schema_extra=validations(
-            {"rule": "isQuantity(self)", "message": "must be a quantity such as 20Gi"}
+            {"rule": "!self.matches('(^|/)[.][.](/|$)')", "message": _OUTSIDE_VOLUME}
         ),
     ),
 ]
-
-
-def quantity_bytes(value: str) -> int:
-    """A memory quantity in whole bytes (``20Gi`` -> 21474836480)."""
-    return int(Decimal(parse_quantity(value)))
-
-
-class ApiModel(BaseModel):
-    """camelCase on the wire, unknown fields refused (the API server prunes them anyway)."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
-
-
-# --- model source -------------------------------------------------------------------------
 
 
 class PvcSource(ApiModel):
     """Weights on a PersistentVolumeClaim, mounted read-only."""
 
     claim_name: str = Field(min_length=1, description="Name of the PVC in the service's namespace.")
-    path: str = Field(default="", description="Directory of the model inside the volume.")
+    path: VolumePath = ""
 
 
 class HostPathSource(ApiModel):
@@ -76,10 +75,53 @@ class ImageSource(ApiModel):
     """Weights packaged as an OCI image, mounted as an image volume (Kubernetes 1.31+)."""
 
     reference: str = Field(min_length=1, description="OCI image reference holding the weights.")
-    path: str = Field(default="", description="Directory of the model inside the image.")
+    path: VolumePath = ""
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="When the kubelet pulls the image."
     )
+
+
+# Model URIs: the schemes the storage initializer (``berth fetch-model``) fetches, and the
+# message for those it does not. Each rule is a CEL rule at admission and a check in Python.
+_URI_NOT_IMPLEMENTED = (
+    "s3:// and gs:// model URIs are not implemented: use https://, http://, hf://, "
+    "or a pvc, hostPath or image source"
+)
+_URI_SCHEME = "uri must start with https://, http:// or hf://"
+_HF_URI = "hf:// URIs name a Hub repository: hf://org/repo or hf://org/repo@revision"
+
+
+def _fetchable_uri(value: str) -> str:
+    if re.match(r"^(s3|gs)://", value):
+        raise ValueError(_URI_NOT_IMPLEMENTED)
+    if not re.match(r"^(https?|hf)://", value):
+        raise ValueError(_URI_SCHEME)
+    if value.startswith("hf://") and not re.match(wire.HF_MODEL_URI, value):
+        raise ValueError(_HF_URI)
+    return value
+
+
+ModelUri = Annotated[
+    str,
+    AfterValidator(_fetchable_uri),
+    Field(
+        min_length=1,
+        max_length=2048,
+        description=(
+            "Download location, fetched by an init container into an emptyDir before the "
+            "runtime starts: https:// or http:// (a .tar, .tar.gz or .tgz archive of the model "
+            "folder is unpacked; any other URL is saved as one file), or hf://org/repo[@revision] "
+            "(the Hub's configs, safetensors and tokenizer; HF_TOKEN and HF_ENDPOINT come from "
+            "pod.env). s3:// and gs:// are refused."
+        ),
+        json_schema_extra=validations(
+            {"rule": "!self.matches('^(s3|gs)://')", "message": _URI_NOT_IMPLEMENTED},
+            {"rule": "self.matches('^(https?|hf|s3|gs)://')", "message": _URI_SCHEME},
+            {"rule": f"!self.startsWith('hf://') || self.matches('{wire.HF_MODEL_URI}')",
+             "message": _HF_URI},
+        ),
+    ),
+]  # fmt: skip
 
 
 class ModelSource(ApiModel):
@@ -91,17 +133,23 @@ class ModelSource(ApiModel):
                 "rule": "[has(self.pvc), has(self.hostPath), has(self.image), has(self.uri)]"
                 ".filter(x, x).size() == 1",
                 "message": "set exactly one of pvc, hostPath, image or uri",
-            }
+            },
+            {
+                "rule": "!has(self.sha256) || (has(self.uri) && self.uri.matches('^https?://'))",
+                "message": "sha256 checks an https:// or http:// download; pin hf:// with @revision",
+                "fieldPath": ".sha256",
+            },
         )
     )
 
     pvc: PvcSource | None = None
     host_path: HostPathSource | None = None
     image: ImageSource | None = None
-    uri: str | None = Field(
+    uri: ModelUri | None = None
+    sha256: str | None = Field(
         default=None,
-        pattern="^(hf|s3|gs|https)://",
-        description="Download location, for clusters with network access (hf://, s3://, gs://, https://).",
+        pattern="^[0-9a-f]{64}$",
+        description="SHA-256 (lowercase hex) the downloaded file or archive of an https:// uri must have.",
     )
 
     @model_validator(mode="after")
@@ -109,6 +157,10 @@ class ModelSource(ApiModel):
         chosen = [self.pvc, self.host_path, self.image, self.uri]
         if sum(x is not None for x in chosen) != 1:
             raise ValueError("set exactly one of pvc, hostPath, image or uri")
+        if self.sha256 is not None and not (self.uri or "").startswith(("https://", "http://")):
+            raise ValueError(
+                "sha256 checks an https:// or http:// download; pin hf:// with @revision"
+            )
         return self
 
 
@@ -158,8 +210,8 @@ class GpuMemory(ApiModel):
         )
     )
 
-    request: Quantity = Field(description="Guaranteed GPU memory, e.g. 20Gi.")
-    limit: Quantity | None = Field(
+    request: PositiveQuantity = Field(description="Guaranteed GPU memory, e.g. 20Gi.")
+    limit: PositiveQuantity | None = Field(
         default=None, description="Burst ceiling; defaults to the request."
     )
 
@@ -189,7 +241,7 @@ class GpuSpec(ApiModel):
         description="Share of one GPU's memory (0 < fraction <= 1); request = limit = fraction x capacity.",
     )
     memory: GpuMemory | None = None
-    product: str | None = Field(
+    product: LabelValue | None = Field(
         default=None,
         description="Only GPUs whose nvidia.com/gpu.product label equals this, e.g. NVIDIA-H100-80GB-HBM3.",
     )
@@ -203,6 +255,21 @@ class GpuSpec(ApiModel):
 
 class AutoscalingSpec(ApiModel):
     """Concurrency-based scaling (stable and panic windows, as in Knative's KPA)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "self.panicWindowSeconds <= self.stableWindowSeconds",
+                "message": "panicWindowSeconds must not exceed stableWindowSeconds",
+                "fieldPath": ".panicWindowSeconds",
+            },
+            {
+                "rule": "has(self.prometheusUrl) == (self.metrics == 'Prometheus')",
+                "message": "prometheusUrl is required with metrics: Prometheus and only then",
+                "fieldPath": ".prometheusUrl",
+            },
+        )
+    )
 
     target_concurrency: float = Field(
         default=8, gt=0, description="In-flight requests per replica."
@@ -220,7 +287,15 @@ class AutoscalingSpec(ApiModel):
         default="Pods",
         description="Read concurrency from the runtimes' /metrics or from Prometheus.",
     )
-    prometheus_url: str | None = Field(default=None, pattern="^https?://")
+    prometheus_url: str | None = Field(default=None, pattern="^https?://", max_length=2048)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AutoscalingSpec":
+        if self.panic_window_seconds > self.stable_window_seconds:
+            raise ValueError("panicWindowSeconds must not exceed stableWindowSeconds")
+        if (self.prometheus_url is not None) != (self.metrics == "Prometheus"):
+            raise ValueError("prometheusUrl is required with metrics: Prometheus and only then")
+        return self
 
 
 class StandbySpec(ApiModel):
@@ -234,69 +309,42 @@ class StandbySpec(ApiModel):
 
 
 class EgressRule(ApiModel):
-    cidrs: list[str] = Field(default_factory=list, description="Allowed destination CIDRs.")
-    hosts: list[str] = Field(default_factory=list, description="Allowed destination host names.")
-    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
-        default_factory=list, description="Allowed ports; empty means all ports."
+    cidrs: list[Cidr] = Field(
+        default_factory=list, max_length=64, description="Allowed destination CIDRs."
+    )
+    hosts: list[HostName] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Allowed destination host names (one leading `*.` wildcard label allowed).",
+    )
+    ports: list[Port] = Field(
+        default_factory=list, max_length=64, description="Allowed ports; empty means all ports."
     )
 
 
 class IngressRule(ApiModel):
-    cidrs: list[str] = Field(default_factory=list)
-    namespace_labels: dict[str, str] = Field(default_factory=dict)
-    pod_labels: dict[str, str] = Field(default_factory=dict)
+    cidrs: list[Cidr] = Field(default_factory=list, max_length=64)
+    namespace_labels: Labels = Field(default_factory=dict, max_length=32)
+    pod_labels: Labels = Field(default_factory=dict, max_length=32)
 
 
 class SandboxSpec(ApiModel):
     """Seal the runtime for agent workloads: network allowlists, syscall denials, limits."""
 
     enabled: bool = False
-    egress: list[EgressRule] = Field(default_factory=list, description="Default deny; allow these.")
+    egress: list[EgressRule] = Field(
+        default_factory=list, max_length=32, description="Default deny; allow these."
+    )
     ingress: list[IngressRule] = Field(
-        default_factory=list, description="Default deny; allow these."
+        default_factory=list, max_length=32, description="Default deny; allow these."
     )
-    denied_syscalls: list[str] = Field(
-        default_factory=list, description="Syscalls refused (EPERM)."
+    denied_syscalls: list[SyscallName] = Field(
+        default_factory=list, max_length=512, description="Syscalls refused (EPERM)."
     )
-    runtime_class_name: str | None = None
+    runtime_class_name: DnsSubdomain | None = Field(
+        default=None, description="RuntimeClass of the runtime's pods (e.g. gvisor, kata)."
+    )
     max_request_seconds: int | None = Field(default=None, ge=1)
-
-
-class Toleration(ApiModel):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
-
-
-class EnvVar(ApiModel):
-    name: str = Field(min_length=1)
-    value: str | None = None
-    value_from: dict[str, Any] | None = Field(
-        default=None,
-        description="A core/v1 EnvVarSource.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-    )
-
-
-class Resources(ApiModel):
-    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
-    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
-
-
-class PodOverrides(ApiModel):
-    """Pod-level settings merged into the rendered Deployment's pod template."""
-
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    resources: Resources | None = Field(
-        default=None, description="CPU and memory for the runtime container (not GPUs)."
-    )
-    env: list[EnvVar] = Field(default_factory=list)
-    service_account_name: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class InferenceServiceSpec(ApiModel):
@@ -311,6 +359,12 @@ class InferenceServiceSpec(ApiModel):
                 "rule": "!has(self.replicas) || !has(self.maxReplicas) || self.replicas <= self.maxReplicas",
                 "message": "replicas must not exceed maxReplicas",
                 "fieldPath": ".replicas",
+            },
+            {
+                "rule": "!has(self.standby) || !has(self.maxReplicas) "
+                "|| self.standby.minActiveReplicas <= self.maxReplicas",
+                "message": "standby.minActiveReplicas must not exceed maxReplicas",
+                "fieldPath": ".standby.minActiveReplicas",
             },
         )
     )
@@ -341,6 +395,9 @@ class InferenceServiceSpec(ApiModel):
         )
         if too_many:
             raise ValueError("replicas must not exceed maxReplicas")
+        active = self.standby.min_active_replicas if self.standby else 0
+        if self.max_replicas is not None and active > self.max_replicas:
+            raise ValueError("standby.minActiveReplicas must not exceed maxReplicas")
         return self
 
     def desired_replicas(self) -> int:
@@ -348,6 +405,38 @@ class InferenceServiceSpec(ApiModel):
         wanted = self.min_replicas if self.replicas is None else self.replicas
         wanted = max(wanted, self.min_replicas)
         return wanted if self.max_replicas is None else min(wanted, self.max_replicas)
+
+
+# Spec fields that the API accepts but no controller acts on yet, as camelCase paths under
+# ``spec``. A service that sets one gets the condition ``FieldsNotActedOn`` naming it; whoever
+# makes a field act removes it from this tuple (``sandbox.runtimeClassName`` is rendered already).
+NOT_ACTED_ON: tuple[str, ...] = (
+    "autoscaling",
+    "standby",
+    "sandbox.enabled",
+    "sandbox.egress",
+    "sandbox.ingress",
+    "sandbox.deniedSyscalls",
+    "sandbox.maxRequestSeconds",
+)
+
+
+def fields_not_acted_on(spec: InferenceServiceSpec) -> tuple[str, ...]:
+    """The ``NOT_ACTED_ON`` paths that ``spec`` sets to something other than their default
+    (the API server fills defaults in, so "present" alone would flag every default)."""
+    found = []
+    for path in NOT_ACTED_ON:
+        node: Any = spec
+        for depth, part in enumerate(parts := path.split(".")):
+            model = type(node)
+            name = next(n for n, f in model.model_fields.items() if (f.alias or n) == part)
+            value = getattr(node, name)
+            if value == model.model_fields[name].get_default(call_default_factory=True):
+                break
+            if depth == len(parts) - 1:
+                found.append(f"spec.{path}")
+            node = value
+    return tuple(found)
 
 
 # --- status --------------------------------------------------------------------------------

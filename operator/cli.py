@@ -6,12 +6,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import yaml
 
 from berth.operator import crd
 from berth.operator.settings import OperatorSettings
+
+if TYPE_CHECKING:
+    from berth.operator.leader import LeaderElector
 
 DEFAULT_CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
 
@@ -95,6 +99,18 @@ def plan(
 @click.option(
     "--reconciler/--no-reconciler", "run_reconciler", default=True, help="Run the kopf reconciler."
 )
+@click.option(
+    "--health-port",
+    type=int,
+    default=None,
+    help="Port of /healthz, /readyz and /metrics (env BERTH_HEALTH_PORT, default 8081; 0: any; -1: off).",
+)
+@click.option(
+    "--leader-elect/--no-leader-elect",
+    "leader_elect",
+    default=None,
+    help="Act only while holding the Lease (env BERTH_LEADER_ELECT, default on).",
+)
 @click.option("--verbose", "-v", is_flag=True)
 def operator(
     kubeconfig: Path | None,
@@ -102,13 +118,16 @@ def operator(
     runtime_image: str | None,
     run_scheduler: bool,
     run_reconciler: bool,
+    health_port: int | None,
+    leader_elect: bool | None,
     verbose: bool,
 ) -> None:
-    """Run the reconciler (kopf) and the GPU scheduler in one process."""
+    """Run the reconciler (kopf) and the GPU scheduler in one process, once it leads."""
     import threading
 
     import kopf
 
+    from berth.operator.health import Health, HealthServer
     from berth.operator.kube import KubeClient
     from berth.operator.scheduler import GpuScheduler
 
@@ -125,24 +144,71 @@ def operator(
         namespaces=namespaces or None,
         run_scheduler=run_scheduler,
         run_reconciler=run_reconciler,
+        health_port=health_port,
+        leader_elect=leader_elect,
     )
     client = KubeClient.from_config(kubeconfig, pool=settings.connections)
-    scheduler = GpuScheduler(client, settings) if run_scheduler else None
+    # Liveness answers from the start, followers included; readiness once the loops synced.
+    health = Health(stuck_after_s=settings.loop_stuck_s)
+    server = HealthServer(health, "", settings.health_port) if settings.health_port >= 0 else None
+    if server:
+        server.start()
+    # Neither loop starts before this process leads; losing the lease ends the process.
+    elector = campaign(settings, kubeconfig) if settings.leader_elect else None
+    if elector is not None:
+        if not elector.acquire():
+            return
+        elector.keep(on_lost=step_down)
+    scheduler = GpuScheduler(client, settings, health) if run_scheduler else None
     if scheduler:
         scheduler.start()
     try:
         if run_reconciler:
             from berth.operator import reconciler
 
-            reconciler.configure(settings, client)
             kopf.run(
                 standalone=True,
                 clusterwide=not settings.namespaces,
                 namespaces=list(settings.namespaces),
+                memo=reconciler.shared(settings, client),
             )
         else:
             threading.Event().wait()
     finally:
         if scheduler:
             scheduler.shutdown()
+        if server:
+            server.close()
+        if elector is not None:
+            elector.release()
         client.close()
+
+
+def campaign(settings: OperatorSettings, kubeconfig: Path | None) -> "LeaderElector":
+    """A candidate for the operator's Lease, on a connection of its own with a timeout shorter
+    than a retry period, so that a renewal never waits behind the other loops' requests."""
+    import httpx
+
+    from berth.operator.kube import KubeClient
+    from berth.operator.leader import LeaderElector, Timing, default_identity, default_namespace
+
+    client = KubeClient.from_config(kubeconfig, pool=2)
+    client.http.timeout = httpx.Timeout(settings.retry_period_s)
+    timing = Timing(settings.lease_duration_s, settings.renew_deadline_s, settings.retry_period_s)
+    return LeaderElector(
+        client,
+        settings.lease_namespace or default_namespace(str(kubeconfig) if kubeconfig else None),
+        settings.lease_name,
+        settings.leader_identity or default_identity(),
+        timing,
+    )
+
+
+def step_down() -> None:
+    """Leadership lost: exit at once (``os._exit``). kopf's handlers and the scheduler's binders
+    are tasks and threads with requests in flight that cannot all be stopped within the renew
+    deadline; an exit stops them all, and the Deployment restarts the process, which campaigns
+    again as a follower."""
+    logging.getLogger(__name__).critical("leadership lost: exiting so that nothing acts")
+    logging.shutdown()
+    os._exit(75)

@@ -15,6 +15,10 @@ from berth import wire
 from berth.operator import api
 
 CRD_FILE = f"{api.PLURAL}.{wire.GROUP}.yaml"
+KEY_MESSAGE = (
+    "every key must be a qualified name: an optional DNS prefix and '/', then at most 63 of "
+    "[A-Za-z0-9-_.] beginning and ending with a letter or digit"
+)
 
 # JSON Schema keywords that carry over unchanged into a CRD schema.
 _KEPT = {
@@ -59,9 +63,15 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "exclusiveMaximum" in node:
         out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
 
+    rules = list(node.get("x-kubernetes-validations") or [])
     if kind == "object":
         props = node.get("properties")
         extra = node.get("additionalProperties")
+        if "patternProperties" in node:  # dict[ConstrainedKey, V]: CEL checks the keys
+            ((key_pattern, extra),) = node["patternProperties"].items()
+            key_length = (node.get("propertyNames") or {}).get("maxLength", 317)
+            rule = f"self.all(k, size(k) <= {key_length} && k.matches({_cel_string(key_pattern)}))"
+            rules.append({"rule": rule, "message": KEY_MESSAGE})
         if props:
             out["properties"] = {name: structural(p, defs) for name, p in props.items()}
             required = node.get("required")
@@ -73,10 +83,17 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out["x-kubernetes-preserve-unknown-fields"] = True
     elif kind == "array":
         out["items"] = structural(node["items"], defs)
-    for key in ("x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields"):
-        if key in node:
-            out[key] = node[key]
+    if "x-kubernetes-preserve-unknown-fields" in node:
+        out["x-kubernetes-preserve-unknown-fields"] = node["x-kubernetes-preserve-unknown-fields"]
+    if rules:
+        out["x-kubernetes-validations"] = rules
     return out if kind is None else {"type": kind, **out}
+
+
+def _cel_string(text: str) -> str:
+    """A CEL raw string literal (no escapes inside: regexes pass through unchanged)."""
+    assert "'" not in text, text
+    return f"r'{text}'"
 
 
 def openapi_schema(model: type[api.ApiModel]) -> dict[str, Any]:

@@ -46,7 +46,7 @@ class FreeIndex:
             self._insert(gpu)
 
     def _free(self, gpu: Gpu) -> int:
-        return gpu.memory - self.policy.reserve - self.ledger.resident[gpu.key]
+        return self.policy.usable(gpu.memory) - self.ledger.resident[gpu.key]
 
     def _insert(self, gpu: Gpu) -> None:
         if self.ledger.tenants[gpu.key]:
@@ -88,8 +88,8 @@ class FreeIndex:
             return on_node[service] if on_node else 0
 
         for capacity, entries in self.used.items():
-            need = request.demand.request_on(capacity)
-            usable = capacity - self.policy.reserve
+            usable = self.policy.usable(capacity)
+            need = request.demand.request_on(usable)
             for free, node, index in entries[bisect_left(entries, (need, "", -1)) :]:
                 key = (node, index)
                 if node not in allowed:
@@ -107,8 +107,8 @@ class FreeIndex:
         for capacity, empty in self.empty.items():
             if best is not None and best[0][:2] == (0, 0):
                 break  # a used GPU on a node without the service beats every empty GPU
-            need = request.demand.request_on(capacity)
-            usable = capacity - self.policy.reserve
+            usable = self.policy.usable(capacity)
+            need = request.demand.request_on(usable)
             if need > usable:
                 continue
             for node, index in empty:
@@ -128,5 +128,5 @@ class FreeIndex:
             node=gpu.node,
             gpu_index=gpu.index,
             request=need,
-            limit=request.demand.limit_on(gpu.memory),
+            limit=request.demand.limit_on(self.policy.usable(gpu.memory)),
         )

@@ -142,16 +142,26 @@ def pod_allocation(pod: Obj) -> Allocation | None:
         return None
     if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
         return None  # a finished pod holds nothing
-    request = int(annotations[wire.POD_GPU_MEMORY_REQUEST])
+    request = _count(annotations, wire.POD_GPU_MEMORY_REQUEST)
     return Allocation(
         pod=pod_key(pod),
         service=pod_service(pod),
         node=node,
-        gpu_index=int(index),
+        gpu_index=_count(annotations, wire.POD_GPU_INDEX),
         request=request,
-        limit=int(annotations.get(wire.POD_GPU_MEMORY_LIMIT, request)),
+        limit=_count(annotations, wire.POD_GPU_MEMORY_LIMIT, request),
         standby=annotations.get(wire.POD_STANDBY) == "true",
     )
+
+
+def _count(annotations: Mapping[str, str], key: str, default: int | None = None) -> int:
+    """A non-negative integer annotation (bytes, an index); ValueError naming it otherwise."""
+    value = annotations.get(key)
+    if value is None and default is not None:
+        return default
+    if value is None or not value.isdigit():
+        raise ValueError(f"annotation {key}={value!r} is not a whole number (bytes or an index)")
+    return int(value)
 
 
 def ledger_from_pods(pods: Iterable[Obj]) -> GpuLedger:

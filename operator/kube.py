@@ -11,13 +11,16 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from berth import wire
+
+if TYPE_CHECKING:
+    from berth.operator.health import LoopHealth
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -28,12 +31,14 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Node"): "nodes",
     ("v1", "Service"): "services",
     ("v1", "Event"): "events",
+    ("v1", "Namespace"): "namespaces",
     ("apps/v1", "Deployment"): "deployments",
+    ("apps/v1", "ReplicaSet"): "replicasets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     (f"{wire.GROUP}/{wire.VERSION}", "InferenceService"): "inferenceservices",
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
-CLUSTER_SCOPED = {"Node", "CustomResourceDefinition"}
+CLUSTER_SCOPED = {"Node", "Namespace", "CustomResourceDefinition"}
 
 
 class KubeError(RuntimeError):
@@ -128,8 +133,15 @@ class KubeClient:
     def post(self, path: str, body: Obj) -> None:
         self.request("POST", path, body=body, decode=False)
 
-    def delete(self, path: str) -> None:
-        self.request("DELETE", path, params={"propagationPolicy": "Background"}, decode=False)
+    def create(self, path: str, body: Obj) -> Obj:
+        """POST and return the created object (its generated name, uid, resourceVersion)."""
+        return self.request("POST", path, body=body)
+
+    def delete(self, path: str, grace_period_s: int | None = None) -> None:
+        params = {"propagationPolicy": "Background"}
+        if grace_period_s is not None:
+            params["gracePeriodSeconds"] = str(grace_period_s)
+        self.request("DELETE", path, params=params, decode=False)
 
     def merge_patch(self, path: str, body: Obj) -> None:
         content_type = "application/merge-patch+json"
@@ -181,40 +193,121 @@ def _error(status: int, text: str) -> KubeError:
         return KubeError(status, "", text)
 
 
+ErrorHandler = Callable[[Obj, Exception], None]
+
+
+def describe(obj: Obj) -> str:
+    """``Kind namespace/name`` of an object, for logs about it."""
+    meta = obj.get("metadata") or {}
+    where = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    return f"{obj.get('kind', 'object')} {where}{meta.get('name', '?')}"
+
+
 def reflect(
     client: KubeClient,
     path: str,
     on_list: Callable[[list[Obj]], None],
     on_event: Callable[[str, Obj], None],
     stop: threading.Event,
+    *,
+    health: "LoopHealth | None" = None,
+    on_error: ErrorHandler | None = None,
     **params: str,
 ) -> None:
-    """List, then watch from the list's resourceVersion; relist when the watch goes stale (410).
+    """List, then watch from the list's resourceVersion, until ``stop`` is set (checked whenever
+    the server ends a watch, at most every 60 s).
 
-    Runs until ``stop`` is set (checked whenever the server ends a watch, at most every 60 s).
-    Transient failures back off and relist, so callers see a complete picture after each
-    ``on_list``.
+    As client-go's reflector: a watch that breaks (connection error, 429, 5xx) is re-opened from
+    the last resourceVersion seen, after a backoff; only 410 Gone (the version is too old) or an
+    unexpected failure relists, so callers see a complete picture after each ``on_list``.
+    A handler that raises never ends the loop: the object is logged by name, counted, and handed
+    to ``on_error`` (which reports it on the object), and the watch goes on with the next one.
+    ``on_list`` is expected to guard its items itself; if it raises, the loop relists after a
+    backoff. ``health`` is beaten on every event and marked synced after the first list.
     """
-    backoff = 0.5
+    backoff = _Backoff()
+    version: str | None = None
     while not stop.is_set():
         try:
-            listing = client.get(path, **params)
-            on_list(listing.get("items") or [])
-            version = listing["metadata"]["resourceVersion"]
-            backoff = 0.5
-            while not stop.is_set():
-                for kind, obj in client.watch(path, version, timeout_s=60, **params):
-                    version = obj.get("metadata", {}).get("resourceVersion", version)
-                    if kind != "BOOKMARK":
-                        on_event(kind, obj)
-                    if stop.is_set():
-                        return
+            if version is None:
+                listing = client.get(path, **params)
+                on_list(listing.get("items") or [])
+                version = listing["metadata"]["resourceVersion"]
+                if health:
+                    health.mark_synced()
+            for kind, obj in client.watch(path, version, timeout_s=60, **params):
+                version = obj.get("metadata", {}).get("resourceVersion", version)
+                if health:
+                    health.beat()
+                if kind != "BOOKMARK":
+                    _handle(on_event, kind, obj, path, health, on_error)
+                if stop.is_set():
+                    return
+            backoff.reset()
+            if health:
+                health.beat()
         except KubeError as error:
-            if error.status != 410:
-                log.warning("watch %s failed: %s; relisting", path, error)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+            if error.status == 410:
+                version = None  # too old to watch from: relist at once
+            else:
+                log.warning("watch %s failed: %s; watching again", path, error)
+                stop.wait(backoff.next())
+            if health:
+                health.restarted()
         except httpx.HTTPError as error:
-            log.warning("watch %s broke: %s; relisting", path, error)
-            stop.wait(backoff)
-            backoff = min(backoff * 2, 10.0)
+            log.warning("watch %s broke: %s; watching again", path, error)
+            if health:
+                health.restarted()
+            stop.wait(backoff.next())
+        except Exception:  # a bug in on_list, or a garbled stream: start over from a list
+            log.exception("watch %s failed; relisting", path)
+            version = None
+            if health:
+                health.restarted()
+            stop.wait(backoff.next())
+
+
+def _handle(
+    on_event: Callable[[str, Obj], None],
+    kind: str,
+    obj: Obj,
+    path: str,
+    health: "LoopHealth | None",
+    on_error: ErrorHandler | None,
+) -> None:
+    try:
+        on_event(kind, obj)
+    except Exception as error:
+        report_bad_object(obj, error, f"watch {path}", health, on_error)
+
+
+def report_bad_object(
+    obj: Obj,
+    error: Exception,
+    where: str,
+    health: "LoopHealth | None",
+    on_error: ErrorHandler | None,
+) -> None:
+    """Log, count and report an object a handler failed on; never raises."""
+    log.error("%s: cannot handle %s: %s", where, describe(obj), error, exc_info=error)
+    if health:
+        health.handler_error()
+    if on_error is not None:
+        try:
+            on_error(obj, error)
+        except Exception:
+            log.exception("%s: reporting the failure on %s failed too", where, describe(obj))
+
+
+class _Backoff:
+    """0.5 s doubling to 10 s; reset once a watch ends cleanly."""
+
+    def __init__(self) -> None:
+        self.delay = 0.5
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, 10.0)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = 0.5

@@ -2,8 +2,10 @@
 
 ``place(nodes, ledger, requests, policy)`` takes plain data and returns decisions; the scheduler
 (``scheduler.py``) and ``berth plan`` both call it. The memory model (ARCHITECTURE section 4):
-per GPU of capacity C, the requests of *resident* tenants never exceed ``C - reserve``; standby
-tenants hold no GPU memory, so all tenants together may reach ``overcommit x (C - reserve)``.
+per GPU of capacity C, the requests of *resident* tenants never exceed the usable memory
+``U = C - reserve``; standby tenants hold no GPU memory, so all tenants together may reach
+``overcommit x U``. Fractions are of U, not of C: ``fraction: 1`` is the whole usable GPU, two
+halves share one GPU, and a memory limit is capped at U.
 
 Best-fit decreasing: a batch is sorted by memory request (largest first); each pod goes to the
 feasible GPU that ranks best on (replicas of its service already on that node, GPU still empty,
@@ -13,11 +15,12 @@ of one service never share a GPU. Every tie is broken by name, so the result is 
 """
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-GpuKey = tuple[str, int]  # (node name, device index)
+from berth.operator.ledger import Allocation as Allocation  # re-exported for callers
+from berth.operator.ledger import GpuKey as GpuKey
+from berth.operator.ledger import GpuLedger as GpuLedger
 
 
 @dataclass(frozen=True)
@@ -105,24 +108,13 @@ class PodRequest:
 
 
 @dataclass(frozen=True)
-class Allocation:
-    pod: str
-    service: str
-    node: str
-    gpu_index: int
-    request: int  # bytes
-    limit: int  # bytes
-    standby: bool = False
-
-    @property
-    def gpu(self) -> GpuKey:
-        return (self.node, self.gpu_index)
-
-
-@dataclass(frozen=True)
 class PlacementPolicy:
     reserve: int = 0  # bytes kept free on every GPU (CUDA contexts, the node agent)
     standby_overcommit: float = 2.0  # all tenants' requests may reach this x schedulable memory
+
+    def usable(self, capacity: int) -> int:
+        """The bytes of a GPU of ``capacity`` that tenants may book; fractions are of this."""
+        return max(0, capacity - self.reserve)
 
 
 @dataclass(frozen=True)
@@ -130,49 +122,6 @@ class Decision:
     request: PodRequest
     allocation: Allocation | None
     reason: str = ""  # why it did not fit, for the pod's event and the service's condition
-
-
-class GpuLedger:
-    """Allocations by GPU, rebuilt from bound pods' annotations; the scheduler's only state."""
-
-    def __init__(self, allocations: Iterable[Allocation] = ()) -> None:
-        self.by_pod: dict[str, Allocation] = {}
-        self.resident: Counter[GpuKey] = Counter()  # bytes requested by resident tenants
-        self.total: Counter[GpuKey] = Counter()  # bytes requested by all tenants
-        self.tenants: Counter[GpuKey] = Counter()
-        self.services_on_gpu: dict[GpuKey, Counter[str]] = {}
-        self.services_on_node: dict[str, Counter[str]] = {}
-        for allocation in allocations:
-            self.add(allocation)
-
-    def add(self, a: Allocation) -> None:
-        if a.pod in self.by_pod:
-            self.remove(a.pod)
-        self.by_pod[a.pod] = a
-        if not a.standby:
-            self.resident[a.gpu] += a.request
-        self.total[a.gpu] += a.request
-        self.tenants[a.gpu] += 1
-        self.services_on_gpu.setdefault(a.gpu, Counter())[a.service] += 1
-        self.services_on_node.setdefault(a.node, Counter())[a.service] += 1
-
-    def remove(self, pod: str) -> Allocation | None:
-        a = self.by_pod.pop(pod, None)
-        if a is None:
-            return None
-        if not a.standby:
-            self.resident[a.gpu] -= a.request
-        self.total[a.gpu] -= a.request
-        self.tenants[a.gpu] -= 1
-        self.services_on_gpu[a.gpu][a.service] -= 1
-        self.services_on_node[a.node][a.service] -= 1
-        return a
-
-    def copy(self) -> "GpuLedger":
-        return GpuLedger(self.by_pod.values())
-
-    def used_gpus(self) -> set[GpuKey]:
-        return {key for key, n in self.tenants.items() if n > 0}
 
 
 def eligible(node: Node, request: PodRequest) -> bool:
@@ -208,8 +157,8 @@ def best_gpu(
             on_gpu = ledger.services_on_gpu.get(key)
             if on_gpu and on_gpu[service]:
                 continue
-            usable = gpu.memory - policy.reserve
-            need = request.demand.request_on(gpu.memory)
+            usable = policy.usable(gpu.memory)
+            need = request.demand.request_on(usable)
             total_after = ledger.total[key] + need
             if total_after > usable * policy.standby_overcommit:
                 continue
@@ -231,7 +180,7 @@ def best_gpu(
                     node=node.name,
                     gpu_index=gpu.index,
                     request=need,
-                    limit=request.demand.limit_on(gpu.memory),
+                    limit=request.demand.limit_on(usable),
                     standby=request.standby,
                 )
     return chosen
@@ -254,20 +203,30 @@ def place(
     nodes = sorted(nodes, key=lambda n: n.name)
     working = ledger.copy()
     index = FreeIndex(nodes, working, policy)
-    capacity = max((g.memory for n in nodes for g in n.gpus), default=0)
+    capacity = policy.usable(max((g.memory for n in nodes for g in n.gpus), default=0))
     decisions = []
     for request in decreasing(requests, capacity):
         allocation = index.best(request)
         if allocation is None:
-            decisions.append(Decision(request, None, unplaceable_reason(nodes, working, request)))
+            reason = unplaceable_reason(nodes, working, request, policy)
+            decisions.append(Decision(request, None, reason))
         else:
             index.add(allocation)
             decisions.append(Decision(request, allocation))
     return decisions
 
 
-def unplaceable_reason(nodes: Iterable[Node], ledger: GpuLedger, request: PodRequest) -> str:
-    """A message in the style of kube-scheduler's: what ruled each node out."""
+def unplaceable_reason(
+    nodes: Iterable[Node],
+    ledger: GpuLedger,
+    request: PodRequest,
+    policy: PlacementPolicy = PlacementPolicy(),
+) -> str:
+    """A message in the style of kube-scheduler's: what ruled each node and GPU out.
+
+    Each GPU of a matching node is counted under the first rule it breaks, with the numbers that
+    rule compares, all measured as ``best_gpu`` measures them (usable memory, after the reserve).
+    """
     nodes = list(nodes)
     candidates = [n for n in nodes if eligible(n, request)]
     gpu_nodes = [n for n in nodes if n.gpus]
@@ -278,15 +237,35 @@ def unplaceable_reason(nodes: Iterable[Node], ledger: GpuLedger, request: PodReq
             f"0/{len(gpu_nodes)} GPU nodes match: node selector {dict(request.node_selector)}, "
             "untolerated taints, or cordoned"
         )
-    free = max(
-        (g.memory - ledger.resident[g.key] for n in candidates for g in n.gpus),
-        default=0,
-    )
-    need = request.demand.request_on(max(g.memory for n in candidates for g in n.gpus))
-    return (
-        f"0/{sum(len(n.gpus) for n in candidates)} GPUs fit: needs {need / 2**30:.1f} GiB, "
-        f"the most free on a matching GPU is {free / 2**30:.1f} GiB"
-    )
+    gpus = [g for n in candidates for g in n.gpus]
+    same_service = too_small = overcommitted = 0
+    short: tuple[int, int, int] | None = None  # (free, need, usable) of the GPU closest to fitting
+    for gpu in gpus:
+        usable = policy.usable(gpu.memory)
+        need = request.demand.request_on(usable)
+        on_gpu = ledger.services_on_gpu.get(gpu.key)
+        if on_gpu and on_gpu[request.service]:
+            same_service += 1
+        elif ledger.total[gpu.key] + need > usable * policy.standby_overcommit:
+            overcommitted += 1
+        else:
+            too_small += 1
+            free = usable - ledger.resident[gpu.key]
+            if short is None or free - need > short[0] - short[1]:
+                short = (free, need, usable)
+    parts = []
+    if too_small and short is not None:
+        free, need, usable = short
+        reserve = f" after a {policy.reserve / 2**30:.1f} GiB reserve" if policy.reserve else ""
+        parts.append(
+            f"{too_small} too little free memory (needs {need / 2**30:.1f} GiB of "
+            f"{usable / 2**30:.1f} GiB usable{reserve}; the most free is {free / 2**30:.1f} GiB)"
+        )
+    if same_service:
+        parts.append(f"{same_service} already hold a replica of {request.service}")
+    if overcommitted:
+        parts.append(f"{overcommitted} at the standby overcommit limit")
+    return f"0/{len(gpus)} GPUs fit: " + "; ".join(parts)
 
 
 def lower_bound_gpus(demands: Iterable[GpuDemand], capacity: int) -> int:

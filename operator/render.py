@@ -9,6 +9,7 @@ in the same API call that binds the pod, and the container reads them through th
 ``/etc/berth/pod`` whose ``annotations`` file follows later budget changes live.
 """
 
+import posixpath
 from typing import Any
 
 from berth import wire
@@ -16,7 +17,8 @@ from berth.operator.api import InferenceService, InferenceServiceSpec
 from berth.operator.settings import OperatorSettings
 
 PORT = 8000
-MODEL_DIR = "/models"
+MODEL_DIR = "/models"  # where the model volume is mounted
+FETCHED_MODEL_DIR = f"{MODEL_DIR}/model"  # where the init container puts a uri's model
 MANAGED_BY = "berth"
 
 
@@ -65,20 +67,53 @@ def gpu_annotations(spec: InferenceServiceSpec) -> dict[str, str]:
     return wants
 
 
-def _model_volume(spec: InferenceServiceSpec) -> tuple[dict[str, Any] | None, str]:
-    """The volume holding the weights and the path ``berth serve --model`` gets."""
+def _inside(root: str, path: str) -> str:
+    """``path`` (relative, as the API gives it) joined under ``root``, normalised."""
+    return posixpath.normpath(posixpath.join(root, path.lstrip("/")))
+
+
+def _model_volume(spec: InferenceServiceSpec) -> tuple[dict[str, Any], str]:
+    """The volume holding the weights (mounted at ``MODEL_DIR``) and the path that
+    ``berth serve --model`` gets. A ``uri`` gets an emptyDir that the init container of
+    ``fetch_container`` fills; the model lands in a folder below the mount point, because the
+    fetcher renames a complete download into place and a mount point cannot be renamed."""
     source = spec.model.source
     if source.pvc is not None:
         volume = {"persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True}}
-        return {"name": "model", **volume}, f"{MODEL_DIR}/{source.pvc.path}".rstrip("/")
+        return {"name": "model", **volume}, _inside(MODEL_DIR, source.pvc.path)
     if source.host_path is not None:
         volume = {"hostPath": {"path": source.host_path.path, "type": "Directory"}}
         return {"name": "model", **volume}, MODEL_DIR
     if source.image is not None:
         image = {"reference": source.image.reference, "pullPolicy": source.image.pull_policy}
-        return {"name": "model", "image": image}, f"{MODEL_DIR}/{source.image.path}".rstrip("/")
+        return {"name": "model", "image": image}, _inside(MODEL_DIR, source.image.path)
     assert source.uri is not None
-    return None, source.uri  # the runtime downloads it
+    return {"name": "model", "emptyDir": {}}, FETCHED_MODEL_DIR
+
+
+def fetch_container(service: InferenceService, image: str) -> dict[str, Any] | None:
+    """The storage initializer of a ``uri`` source: ``berth fetch-model`` from the runtime
+    image, writing into the model volume; the runtime container starts only once it exited 0.
+    It gets the user's ``pod.env`` (HF_TOKEN from a Secret, HF_ENDPOINT, proxies) and the
+    runtime container's resources."""
+    spec = service.spec
+    source = spec.model.source
+    if source.uri is None:
+        return None
+    args = [source.uri, FETCHED_MODEL_DIR]
+    if source.sha256 is not None:
+        args += ["--sha256", source.sha256]
+    container: dict[str, Any] = {
+        "name": "fetch-model",
+        "image": image,
+        "command": ["berth", "fetch-model"],
+        "args": args,
+        "env": [e.model_dump(by_alias=True, exclude_none=True) for e in spec.pod.env],
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
+    }
+    if spec.pod.resources is not None:
+        container["resources"] = spec.pod.resources.model_dump(by_alias=True, exclude_defaults=True)
+    return container
 
 
 def _downward_env() -> list[dict[str, Any]]:
@@ -133,14 +168,15 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
             "items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
         },
     }
-    mounts = [{"name": "pod-info", "mountPath": wire.POD_INFO_DIR, "readOnly": True}]
-    volumes = [pod_info]
-    if volume is not None:
-        volumes.append(volume)
-        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    mounts = [
+        {"name": "pod-info", "mountPath": wire.POD_INFO_DIR, "readOnly": True},
+        {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
+    ]
+    volumes = [pod_info, volume]
+    image = spec.runtime.image or settings.runtime_image
     container: dict[str, Any] = {
         "name": "runtime",
-        "image": spec.runtime.image or settings.runtime_image,
+        "image": image,
         "command": ["berth", "serve"],
         "args": _serve_args(service, model_path),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
@@ -166,6 +202,8 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": wire.TERMINATION_GRACE_PERIOD_S,
     }
+    if (fetch := fetch_container(service, image)) is not None:
+        pod_spec["initContainers"] = [fetch]
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
     if pod.tolerations:

@@ -36,8 +36,29 @@ class OperatorSettings:
     event_qps: float = 50.0
     # Threads for the reconciler's blocking API calls (applies, status patches, events).
     api_threads: int = 32
+    # An assumed GPU share (booked, bind sent) that the API server has not confirmed within this
+    # many seconds after the Binding call returned is freed again.
+    assume_ttl_s: float = 30.0
+    # Reservation pods (one per GPU with Berth tenants, requesting nvidia.com/gpu: 1) make
+    # Berth's GPUs visible to kube-scheduler and ResourceQuotas.
+    gpu_reservations: bool = True
+    reservation_namespace: str = "berth-system"
+    reservation_image: str = "registry.k8s.io/pause:3.10"
+    reservation_priority_class: str = "system-node-critical"
+    # /healthz, /readyz and /metrics on this port (0: any free port, logged; -1: off).
+    health_port: int = 8081
+    # /healthz fails when a loop made no progress for this long.
+    loop_stuck_s: float = 300.0
     run_reconciler: bool = True
     run_scheduler: bool = True
+    # Leader election: only the holder of this Lease reconciles and schedules.
+    leader_elect: bool = True
+    lease_name: str = "berth-operator"
+    lease_namespace: str = ""  # empty: the pod's own namespace, else "default"
+    lease_duration_s: float = 15.0
+    renew_deadline_s: float = 10.0
+    retry_period_s: float = 2.0
+    leader_identity: str = ""  # empty: host name + a random suffix
 
     @classmethod
     def from_env(cls, **overrides: object) -> "OperatorSettings":
@@ -52,6 +73,25 @@ class OperatorSettings:
             "bind_workers": _env_int("BERTH_BIND_WORKERS", cls.bind_workers),
             "api_threads": _env_int("BERTH_API_THREADS", cls.api_threads),
             "event_qps": _env_float("BERTH_EVENT_QPS", cls.event_qps),
+            "assume_ttl_s": _env_float("BERTH_ASSUME_TTL_S", cls.assume_ttl_s),
+            "gpu_reservations": os.environ.get("BERTH_GPU_RESERVATIONS", "true").lower()
+            not in ("false", "0", "no"),
+            "reservation_namespace": os.environ.get(
+                "BERTH_RESERVATION_NAMESPACE", cls.reservation_namespace
+            ),
+            "reservation_image": os.environ.get("BERTH_RESERVATION_IMAGE", cls.reservation_image),
+            "reservation_priority_class": os.environ.get(
+                "BERTH_RESERVATION_PRIORITY_CLASS", cls.reservation_priority_class
+            ),
+            "health_port": _env_int("BERTH_HEALTH_PORT", cls.health_port),
+            "loop_stuck_s": _env_float("BERTH_LOOP_STUCK_S", cls.loop_stuck_s),
+            "leader_elect": os.environ.get("BERTH_LEADER_ELECT", "true").lower() != "false",
+            "lease_name": os.environ.get("BERTH_LEASE_NAME", cls.lease_name),
+            "lease_namespace": os.environ.get("BERTH_LEASE_NAMESPACE", cls.lease_namespace),
+            "lease_duration_s": _env_float("BERTH_LEASE_DURATION_S", cls.lease_duration_s),
+            "renew_deadline_s": _env_float("BERTH_RENEW_DEADLINE_S", cls.renew_deadline_s),
+            "retry_period_s": _env_float("BERTH_RETRY_PERIOD_S", cls.retry_period_s),
+            "leader_identity": os.environ.get("BERTH_LEADER_IDENTITY", cls.leader_identity),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -59,10 +99,10 @@ class OperatorSettings:
     @property
     def connections(self) -> int:
         """HTTP connections to the API server: one per thread that may hold one at a time, so
-        that no request waits in the pool: binders, reconciler threads, and 16 more (the
-        scheduler's 2 watches, 2 reporters and event poster, the status board's 4 writers and
+        that no request waits in the pool: binders, reconciler threads, and 17 more (the
+        scheduler's 3 watches, 2 reporters and event poster, the status board's 4 writers and
         3 watches), plus 3 watches per extra namespace."""
-        return self.bind_workers + self.api_threads + 16 + 3 * max(0, len(self.namespaces) - 1)
+        return self.bind_workers + self.api_threads + 17 + 3 * max(0, len(self.namespaces) - 1)
 
     @property
     def placement_policy(self) -> PlacementPolicy:

@@ -6,10 +6,13 @@ observation, so nothing here is remembered between calls except each condition's
 
 - ``Scheduled``: every pod is bound to a GPU; False with the scheduler's reason when one fits
   nowhere.
-- ``Ready``: at least the desired number of replicas pass readiness (``InvalidSpec`` when the
-  spec passed admission but its objects were refused).
+- ``Ready``: at least the desired number of replicas pass readiness; False with ``InvalidSpec``
+  when the spec passed admission but its objects were refused (never retried for that
+  generation), ``Forbidden`` or ``ApplyFailed`` while applying them fails and is retried.
 - ``Progressing``: a rollout is under way (True) or finished (False/``RolloutComplete``), in the
   kstatus sense.
+- ``FieldsNotActedOn`` (only while there are some): True/``NotImplemented``, naming the spec
+  fields that were accepted but that no controller acts on yet (``api.NOT_ACTED_ON``).
 """
 
 from dataclasses import dataclass, field
@@ -19,6 +22,19 @@ from berth import wire
 
 Obj = dict[str, Any]
 GENERATION_ANNOTATION = f"{wire.GROUP}/generation"  # IS generation a Deployment was rendered from
+INVALID_SPEC = "InvalidSpec"
+
+
+@dataclass(frozen=True)
+class ApplyFailure:
+    """Why the API server did not take a generation's objects."""
+
+    reason: str  # INVALID_SPEC (never applies), "Forbidden" or "ApplyFailed" (retried)
+    message: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.reason == INVALID_SPEC
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,8 @@ class ServiceView:
     selector: str
     deployment: DeploymentSummary | None = None
     pods: list[PodSummary] = field(default_factory=list)
-    render_error: str | None = None  # the API server's reason for refusing a rendered object
+    render_error: ApplyFailure | None = None  # why this generation's objects are not applied
+    not_acted_on: tuple[str, ...] = ()  # spec fields accepted but not acted on yet
 
 
 def summarize_pod(pod: Obj) -> PodSummary:
@@ -143,9 +160,12 @@ def service_status(view: ServiceView, previous: Obj | None, now: str) -> Obj:
     ready = sum(p.ready for p in live)
     standby = sum(p.standby for p in live)
     scheduled = _scheduled(view, live, generation)
-    if view.render_error:
-        ready_condition = _condition("Ready", False, "InvalidSpec", view.render_error, generation)
-        scheduled = _condition("Scheduled", False, "InvalidSpec", "nothing to schedule", generation)
+    failure = view.render_error
+    if failure:
+        ready_condition = _condition("Ready", False, failure.reason, failure.message, generation)
+        if failure.permanent:
+            message = "nothing to schedule"
+            scheduled = _condition("Scheduled", False, INVALID_SPEC, message, generation)
     elif view.desired_replicas == 0:
         ready_condition = _condition(
             "Ready", False, "ScaledToZero", "no replicas requested", generation
@@ -161,6 +181,11 @@ def service_status(view: ServiceView, previous: Obj | None, now: str) -> Obj:
         message = f"{ready}/{view.desired_replicas} replicas ready"
         ready_condition = _condition("Ready", False, "ReplicasNotReady", message, generation)
     conditions = [ready_condition, scheduled, _progressing(view, generation)]
+    if view.not_acted_on:
+        message = f"accepted but not acted on yet: {', '.join(view.not_acted_on)}"
+        conditions.append(
+            {**_condition("FieldsNotActedOn", True, "NotImplemented", message, generation)}
+        )
     before = {c["type"]: c for c in (previous or {}).get("conditions") or []}
     for condition in conditions:
         old = before.get(condition["type"])
@@ -168,7 +193,7 @@ def service_status(view: ServiceView, previous: Obj | None, now: str) -> Obj:
         condition["lastTransitionTime"] = old["lastTransitionTime"] if held and old else now
     observed = view.deployment.rendered_generation if view.deployment else None
     status: Obj = {
-        "observedGeneration": generation if view.render_error else observed,
+        "observedGeneration": generation if failure and failure.permanent else observed,
         "conditions": conditions,
         "replicas": len(live),
         "readyReplicas": ready,

@@ -27,6 +27,7 @@ from berth.operator import api, render
 from berth.operator.events import now_rfc3339
 from berth.operator.kube import KubeClient, KubeError, Obj, reflect, resource_path
 from berth.operator.status import (
+    ApplyFailure,
     DeploymentSummary,
     PodSummary,
     ServiceView,
@@ -49,6 +50,7 @@ class ServiceInfo:
     desired_replicas: int
     url: str
     status: Obj
+    not_acted_on: tuple[str, ...] = ()
 
 
 def service_info(obj: Obj, previous: ServiceInfo | None) -> ServiceInfo:
@@ -56,15 +58,16 @@ def service_info(obj: Obj, previous: ServiceInfo | None) -> ServiceInfo:
     meta = obj["metadata"]
     generation = meta.get("generation", 0)
     if previous and previous.uid == meta.get("uid") and previous.generation == generation:
-        desired = previous.desired_replicas
+        desired, ignored = previous.desired_replicas, previous.not_acted_on
     else:
         try:
             spec = api.InferenceServiceSpec.model_validate(obj.get("spec") or {})
-            desired = spec.desired_replicas()
+            desired, ignored = spec.desired_replicas(), api.fields_not_acted_on(spec)
         except ValidationError:
-            desired = 0
+            desired, ignored = 0, ()
     url = f"http://{meta['name']}.{meta['namespace']}.svc:{render.PORT}/v1"
-    return ServiceInfo(meta.get("uid", ""), generation, desired, url, obj.get("status") or {})
+    status = obj.get("status") or {}
+    return ServiceInfo(meta.get("uid", ""), generation, desired, url, status, ignored)
 
 
 class StatusBoard:
@@ -75,7 +78,7 @@ class StatusBoard:
         self.services: dict[Key, ServiceInfo] = {}
         self.deployments: dict[Key, DeploymentSummary] = {}
         self.pods: dict[Key, dict[str, PodSummary]] = {}
-        self.render_errors: dict[Key, tuple[int, str]] = {}  # key -> (generation, message)
+        self.render_errors: dict[Key, tuple[int, ApplyFailure]] = {}  # key -> (generation, why)
         self.written: dict[Key, Obj] = {}
         self.written_at: dict[Key, float] = {}
         self.due: dict[Key, float] = {}  # key -> monotonic time its refresh is due
@@ -114,15 +117,16 @@ class StatusBoard:
 
     # ---- inputs --------------------------------------------------------------------------
 
-    def render_error(self, key: Key, generation: int, message: str | None) -> None:
-        """The API server refused this generation's objects (``message``), or took them (None)."""
+    def render_error(self, key: Key, generation: int, failure: ApplyFailure | None) -> None:
+        """The API server did not take this generation's objects (``failure``), or took them."""
         with self.lock:
-            if message is None:
+            if failure is None:
                 if self.render_errors.pop(key, None) is not None:
                     self._mark(key)
                 return
-            self.render_errors[key] = (generation, message)
-            self._mark(key)
+            if self.render_errors.get(key) != (generation, failure):
+                self.render_errors[key] = (generation, failure)
+                self._mark(key)
 
     def _services_listed(self, namespace: str | None, items: list[Obj]) -> None:
         """A (re)list of one namespace's services (all namespaces when None)."""
@@ -230,6 +234,7 @@ class StatusBoard:
                     selector=f"{wire.LABEL_SERVICE}={key[1]}",
                     deployment=self.deployments.get(key),
                     pods=list(self.pods.get(key, {}).values()),
+                    not_acted_on=info.not_acted_on,
                 )
                 error = self.render_errors.get(key)
                 if error and error[0] == info.generation:

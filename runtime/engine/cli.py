@@ -1,4 +1,4 @@
-"""``berth make-model`` and ``berth generate``: the engine from the command line."""
+"""``berth make-model``, ``import-model``, ``fetch-model`` and ``generate``: the engine CLI."""
 
 from __future__ import annotations
 
@@ -82,4 +82,42 @@ def generate_command(
             click.echo(f"--- {prompt!r} ({out.num_output_tokens} tokens, {out.finish_reason})")
             click.echo(out.new_text)
     except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+@click.command("import-model")
+@click.argument("name")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="folder to write [default: the cache, ~/.cache/berth/models/NAME-HASH-DTYPE]",
+)
+@click.option(
+    "--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"])
+)
+def import_model_command(name: str, out_dir: str | None, dtype: str) -> None:
+    """Turn the GGUF model NAME (smollm2) that a Python package ships into a Hugging Face
+    folder Berth serves; cached, so only the first import is slow. Prints the folder."""
+    from berth.runtime.engine.gguf_import import import_model
+
+    try:
+        path = import_model(name, out_dir, dtype=dtype, say=lambda m: click.echo(m, err=True))
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(path)
+
+
+@click.command("fetch-model")
+@click.argument("uri")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--sha256", help="SHA-256 (hex) the downloaded file or archive must have")
+def fetch_model_command(uri: str, dest: str, sha256: str | None) -> None:
+    """Fetch the model at URI (https://, http:// or hf://org/repo[@revision]) into the folder
+    DEST, which appears only complete: the storage initializer of a pod's uri source."""
+    from berth.runtime.engine.model_fetch import FetchError, fetch_model
+
+    try:
+        fetch_model(uri, dest, sha256=sha256, say=lambda m: click.echo(m, err=True))
+    except FetchError as e:
         raise click.ClickException(str(e)) from e

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from berth.runtime.engine.budget import GpuBudget
+
 
 @dataclass
 class EngineConfig:
     """How to load one model and size its KV cache and batches; read once at start-up.
 
-    ``num_kv_blocks`` wins over ``kv_cache_bytes``; with neither, the GPU path takes most of the
-    free device memory and the CPU path a modest pool (see ``ModelRunner``).
+    ``num_kv_blocks`` wins over ``kv_cache_bytes``; with neither, the KV pool is sized from
+    ``budget`` (the pod's GPU share: ``request - weights - workspace``, measured at start-up,
+    growing toward the limit when the node agent grants it), and without a budget from the
+    whole device's free memory on the GPU, or ``CPU_KV_CACHE_BYTES`` on the CPU (local use).
     """
 
     model: str
@@ -25,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
+    budget: GpuBudget | None = None  # the pod's GPU memory share (``budget.read_budget``)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""

@@ -342,16 +342,51 @@ class Engine:
     # ---- capacity and gauges -------------------------------------------------------------------
 
     def resize_kv_pool(self, num_blocks: int) -> int:
-        """Change how many KV blocks the scheduler may use (at most the allocated tensor's);
-        shrinking preempts the sequences holding the blocks given back. Returns how many
-        sequences were preempted. The elastic-memory path backs growth past the allocation."""
-        if not 1 <= num_blocks <= self.runner.num_kv_blocks:
+        """Change how many KV blocks the scheduler may use, backing or giving back the KV
+        tensor's chunks to match. Shrinking preempts the sequences that hold blocks in the
+        region given back (they are computed again later, mostly from the prefix cache: no
+        request fails), waits for the device, then unmaps. Returns how many were preempted.
+        Growing stops early, with a warning, if the device runs out of memory."""
+        arena = self.runner.arena
+        if not 1 <= num_blocks <= arena.max_blocks:
             raise ValueError(
-                f"num_blocks must be in [1, {self.runner.num_kv_blocks}] (the allocated KV "
-                f"tensor), got {num_blocks}"
+                f"num_blocks must be in [1, {arena.max_blocks}] (the KV tensor reserved at "
+                f"start-up), got {num_blocks}"
             )
-        self.runner.synchronize()  # the batch in flight may still write the region
-        return len(self.scheduler.resize_pool(num_blocks))
+        chunks = -(-num_blocks // arena.layout.chunk_blocks)
+        preempted = 0
+        if num_blocks < self.pool.num_blocks:
+            self.runner.synchronize()  # the batch in flight may still use the region
+            preempted = len(self.scheduler.resize_pool(num_blocks))
+            self.runner.forget_block_tables()
+        try:
+            arena.resize(chunks)
+        except RuntimeError as e:  # the driver's out-of-memory: keep what was mapped
+            log.warning("KV pool stopped growing at %d chunks: %s", arena.num_chunks, e)
+        num_blocks = min(num_blocks, arena.num_blocks)
+        if num_blocks > self.pool.num_blocks:
+            self.scheduler.resize_pool(num_blocks)
+        return preempted
+
+    def resize_kv_memory(self, held_bytes: int) -> int:
+        """Fit the KV pool so that all the device memory the engine holds stays within
+        ``held_bytes`` (never below the budget's request, never past its limit); returns what
+        it holds afterwards. Only for a pool sized from a budget."""
+        plan = self.runner.plan
+        if plan is None:
+            raise RuntimeError("this engine's KV pool has a fixed size (no GPU memory budget)")
+        chunks = min(plan.chunks_within(held_bytes), self.runner.arena.max_chunks)
+        self.resize_kv_pool(chunks * self.runner.arena.layout.chunk_blocks)
+        return self.held_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Device memory held: weights, measured workspace and the backed KV chunks."""
+        arena = self.runner.arena
+        plan = self.runner.plan
+        if plan is None:
+            return self.runner.weights_bytes + arena.mapped_bytes
+        return plan.held_bytes(arena.num_chunks)
 
     def stats(self) -> EngineStats:
         pool = self.pool
@@ -365,6 +400,7 @@ class Engine:
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
             kv_cache_bytes=pool.num_blocks * self.runner.block_bytes,
+            held_bytes=self.held_bytes,
         )
 
     # ---- conveniences ---------------------------------------------------------------------

@@ -20,8 +20,23 @@ from typing import cast
 import numpy as np
 import torch
 
+from berth.runtime.engine.budget import KvPlan, plan_kv_pool
 from berth.runtime.engine.config import EngineConfig
+from berth.runtime.engine.kv_arena import (
+    KvLayout,
+    device_granularity,
+    fit_kv_arena,
+    reserve_kv_arena,
+)
 from berth.runtime.engine.layers import Pointwise
+from berth.runtime.engine.memory_profile import (
+    device_uuid,
+    measure_footprint,
+    profile_largest_step,
+    select_device_by_uuid,
+    tensors_bytes,
+    whole_device_budget,
+)
 from berth.runtime.engine.model import AttentionMetadata, AttentionOps, CausalLM, DecoderLayer
 from berth.runtime.engine.model_config import DTYPES, ModelConfig
 from berth.runtime.engine.scheduler import ScheduledBatch
@@ -35,11 +50,9 @@ PENDING = -1  # an input token the host has not seen yet (the engine's placehold
 # The previous step's sampled ids on the device, and the sequences of its rows.
 PendingTokens = tuple[torch.Tensor, list[Sequence]]
 
-CPU_KV_CACHE_BYTES = 512 << 20  # default pool on the CPU
-GPU_MEMORY_HEADROOM = 0.10  # of total device memory, kept free for activations and graphs
 
-
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, gpu_uuid: str | None = None) -> torch.device:
+    """``auto``/``cuda`` with the budget's GPU UUID picks that device among the visible ones."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -47,6 +60,8 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
         if device.index is None:
+            if gpu_uuid is not None:
+                return select_device_by_uuid(gpu_uuid)
             device = torch.device("cuda", torch.cuda.current_device())
     return device
 
@@ -101,7 +116,8 @@ class ModelRunner:
     """Owns the weights, the KV cache tensors and the captured decode graphs."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
-        self.device = resolve_device(config.device)
+        budget = config.budget
+        self.device = resolve_device(config.device, budget.gpu_uuid if budget else None)
         self.dtype = resolve_dtype(config.dtype, model_config.dtype)
         self.model_config = model_config
         self.block_size = config.block_size
@@ -111,6 +127,10 @@ class ModelRunner:
         self.ops, self.kernel_backend = attention_ops(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if budget is None and config.num_kv_blocks is None and config.kv_cache_bytes is None:
+                budget = whole_device_budget(self.device)  # local use: the whole device
+        self.budget = budget
+        self.gpu_uuid = device_uuid(self.device)  # None on the CPU
         use_graphs = (
             self.device.type == "cuda"
             and not config.enforce_eager
@@ -122,8 +142,23 @@ class ModelRunner:
         self.model = model.to_empty(device=self.device).eval()
         load_weights(self.model, model_config, Path(config.model))
         self.model.init_rope()
-        self.num_kv_blocks = self._size_kv_pool(config)
-        self._allocate_kv_cache()
+        self.weights_bytes = tensors_bytes(self.model)
+        self.layout = KvLayout(
+            model_config.num_layers,
+            config.block_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            torch.empty((), dtype=self.dtype).element_size(),
+            device_granularity(self.device),
+        )
+        self.arena, self._fixed_blocks = reserve_kv_arena(
+            config, self.layout, self.budget, self.weights_bytes, self.device, self.dtype
+        )
+        self.kv_cache = self.arena.tensor
+        for i, layer in enumerate(self.model.model.layers):
+            attn = cast(DecoderLayer, layer).self_attn
+            attn.k_cache = self.kv_cache[i, 0]
+            attn.v_cache = self.kv_cache[i, 1]
         pin = self.device.type == "cuda"
         # Host staging for decode steps: [3, max_num_seqs] (ids, positions, slots), seq lens,
         # block tables. Pinned, so the copies to the device are asynchronous.
@@ -142,9 +177,13 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_logits: dict[int, torch.Tensor] = {}
         self.graph_sizes: list[int] = []
+        self.num_graph_replays = 0
         self._table_seqs: list[Sequence] = []  # whose block tables the host rows hold
         self._table_rows: dict[int, int] = {}  # id(seq) -> row
         self._table_width = 1
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            profile_largest_step(self.model, config, self.max_model_len, self.max_blocks_per_seq)
         if use_graphs:
             try:
                 self._capture_decode_graphs()
@@ -158,45 +197,37 @@ class ModelRunner:
             # where a compiled function's per-call guard checks cost more host time than the
             # launches it saves, so they run the eager functions.
             self.pointwise.use_eager()
+        self.footprint = measure_footprint(self.device, self.weights_bytes, self.arena.mapped_bytes)
+        self.plan: KvPlan | None = None
+        if self.budget is not None:
+            self.plan = plan_kv_pool(
+                self.budget,
+                self.footprint.weights_bytes,
+                self.footprint.workspace_bytes,
+                self.layout.chunk_bytes,
+            )
+        self.num_kv_blocks = fit_kv_arena(self.arena, self.plan, self._fixed_blocks)
+        log.info(
+            "memory: weights %.0f MiB, workspace %.0f MiB (allocator peak %.0f MiB incl. "
+            "weights, outside the allocator %.0f MiB), KV %d chunks of %.1f MiB (%s)",
+            self.footprint.weights_bytes / 2**20,
+            self.footprint.workspace_bytes / 2**20,
+            self.footprint.allocator_peak_bytes / 2**20,
+            self.footprint.outside_allocator_bytes / 2**20,
+            self.arena.num_chunks,
+            self.layout.chunk_bytes / 2**20,
+            "from the budget" if self.plan is not None else "fixed",
+        )
 
     # ---- KV cache -------------------------------------------------------------------------
 
     @property
     def block_bytes(self) -> int:
-        c = self.model_config
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * itemsize
+        return self.layout.block_bytes
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.num_kv_blocks * self.block_bytes
-
-    def _size_kv_pool(self, config: EngineConfig) -> int:
-        if config.num_kv_blocks is not None:
-            return config.num_kv_blocks
-        if config.kv_cache_bytes is not None:
-            n = config.kv_cache_bytes // self.block_bytes
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            n = int(free - GPU_MEMORY_HEADROOM * total) // self.block_bytes
-        else:
-            most = self.max_num_seqs * self.max_blocks_per_seq
-            n = min(CPU_KV_CACHE_BYTES // self.block_bytes, most)
-        if n < 1:
-            raise ValueError(
-                f"no room for a single KV block ({self.block_bytes} bytes): give the engine "
-                "more memory or set kv_cache_bytes / num_kv_blocks"
-            )
-        return int(n)
-
-    def _allocate_kv_cache(self) -> None:
-        c = self.model_config
-        shape = (c.num_layers, 2, self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.model.model.layers):
-            attn = cast(DecoderLayer, layer).self_attn
-            attn.k_cache = self.kv_cache[i, 0]
-            attn.v_cache = self.kv_cache[i, 1]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers, K and V)."""
@@ -290,6 +321,7 @@ class ModelRunner:
             )
             self._fill_pending(self.d_tokens[0], seqs, pending, from_device)
             self.graphs[graph_size].replay()
+            self.num_graph_replays += 1
             return self.graph_logits[graph_size][:b]
         dev = self.device
         meta = AttentionMetadata(

@@ -45,3 +45,4 @@ class EngineStats:
     prefix_cache_queries: int  # tokens looked up, cumulative
     prefix_cache_hits: int  # tokens found, cumulative
     kv_cache_bytes: int
+    held_bytes: int = 0  # all device memory held: weights, workspace, backed KV chunks

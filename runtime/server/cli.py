@@ -1,7 +1,10 @@
 """``berth serve``: the model server of one Berth pod.
 
-Every flag can also come from a ``BERTH_*`` environment variable (the pod template sets them);
-the GPU memory budget comes from the variables the downward API fills (``berth.wire``).
+Every flag can also come from a ``BERTH_*`` environment variable (the pod template sets them).
+The GPU memory budget comes from the pod (``berth.runtime.engine.budget.read_budget``: the
+variables and the annotations file the downward API fills, names in ``berth.wire``); the
+``--gpu-memory-*`` flags give one by hand. With neither, the runtime takes the whole GPU (or a
+CPU default pool): local use.
 """
 
 import sys
@@ -20,7 +23,8 @@ def _env(name: str) -> str:
     "--model",
     required=True,
     envvar=_env("MODEL"),
-    help="Model directory (Hugging Face layout), or 'tiny' for the random test model.",
+    help="Model directory (Hugging Face layout), 'smollm2' (the real SmolLM2-135M-Instruct, "
+    "imported once into ~/.cache/berth/models), or 'tiny' for the random test model.",
 )
 @click.option(
     "--served-model-name",
@@ -119,15 +123,15 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--gpu-memory-request",
-    type=click.IntRange(0),
-    envvar=wire.ENV_GPU_MEMORY_REQUEST,
-    help="Guaranteed GPU memory in bytes (set by the Berth scheduler).",
+    type=click.IntRange(1),
+    help=f"Guaranteed GPU memory in bytes [default: from {wire.ENV_GPU_MEMORY_REQUEST} or the "
+    "pod's annotations, set by the Berth scheduler; none: the whole device].",
 )
 @click.option(
     "--gpu-memory-limit",
-    type=click.IntRange(0),
-    envvar=wire.ENV_GPU_MEMORY_LIMIT,
-    help="Burst ceiling of GPU memory in bytes (set by the Berth scheduler).",
+    type=click.IntRange(1),
+    help=f"Burst ceiling of GPU memory in bytes [default: from {wire.ENV_GPU_MEMORY_LIMIT}, or "
+    "the request].",
 )
 @click.option(
     "--dtype",
@@ -198,10 +202,15 @@ def serve(
 ) -> None:
     """Serve a model with an OpenAI-compatible API, Prometheus metrics and graceful drain."""
     from berth.runtime.engine import EngineConfig
+    from berth.runtime.engine.budget import BudgetError, budget_from_flags, read_budget
     from berth.runtime.server.lifecycle import serve as run_server
     from berth.runtime.server.metrics import MemoryBudget
     from berth.runtime.server.settings import ServerSettings
 
+    try:
+        budget = budget_from_flags(gpu_memory_request, gpu_memory_limit) or read_budget()
+    except BudgetError as exc:
+        raise click.UsageError(f"GPU memory budget: {exc}") from exc
     engine = EngineConfig(
         model=model,
         dtype=dtype,
@@ -215,6 +224,7 @@ def serve(
         enable_prefix_caching=enable_prefix_caching,
         enforce_eager=enforce_eager,
         seed=seed,
+        budget=budget,
     )
     try:
         engine.validate()
@@ -236,7 +246,9 @@ def serve(
         body_timeout_s=body_timeout_s,
         keep_alive_timeout_s=keep_alive_timeout_s,
         max_connections=max_connections,
-        memory=MemoryBudget(gpu_memory_request, gpu_memory_limit),
+        memory=MemoryBudget(
+            budget.request_bytes if budget else None, budget.limit_bytes if budget else None
+        ),
         log_level=log_level,
         access_log=access_log,
     )

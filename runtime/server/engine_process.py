@@ -159,8 +159,10 @@ def share_cpu_with_event_loop(device: str) -> None:
 
 def load_engine(config: "EngineConfig", make_tiny_seed: int | None = None) -> ServableEngine:
     """The engine factory of ``berth serve``: make the random ``tiny`` model first if asked to
-    (``make_tiny_seed``), then load the engine from ``config.model``."""
+    (``make_tiny_seed``), or import a named real model (``smollm2``: converted once, then read
+    from the cache), then load the engine from ``config.model``."""
     from berth.runtime.engine import Engine
+    from berth.runtime.engine.gguf_import import GGUF_MODELS, import_model
 
     share_cpu_with_event_loop(config.device)
     model_dir = Path(config.model)
@@ -168,6 +170,8 @@ def load_engine(config: "EngineConfig", make_tiny_seed: int | None = None) -> Se
         from berth.runtime.engine.testmodels import make_model
 
         make_model(model_dir.name, model_dir, seed=make_tiny_seed)
+    elif config.model in GGUF_MODELS:
+        config = dataclasses.replace(config, model=str(import_model(config.model, say=log.info)))
     return Engine(config)
 
 
@@ -197,11 +201,26 @@ def run_engine_process(conn: Connection, factory: EngineFactory, log_level: str)
         conn.send(EngineFailed(f"loading the model failed: {type(exc).__name__}: {exc}"))
         return
     conn.send(ready)
-    EngineCore(engine, conn).run()
+    core = EngineCore(engine, conn)
+    core.latest_stats = ready.stats
+    end_lease = start_memory_lease(engine, core)
+    core.run()
+    if end_lease is not None:
+        end_lease()  # the node agent gets the memory back at once
     # Leave without the interpreter's teardown: with the command thread blocked in recv and
     # torch's thread pools alive, finalization has aborted the process (SIGABRT) in tests.
     logging.shutdown()
     os._exit(0)
+
+
+@dataclass(eq=False)
+class ResizeKv:
+    """From the memory lease (same process): fit the KV pool to ``target_bytes`` of device
+    memory between two steps; ``held_bytes`` is set, then ``done``, once applied."""
+
+    target_bytes: int
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    held_bytes: int = 0
 
 
 class EngineCore:
@@ -212,6 +231,15 @@ class EngineCore:
         self._conn = conn
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._taken = 0
+        self.latest_stats: EngineStats | None = None  # read by the memory lease's thread
+
+    def resize_kv(self, target_bytes: int, timeout_s: float = 60.0) -> int:
+        """Ask the loop to fit the KV pool to ``target_bytes``; wait; return what is held."""
+        command = ResizeKv(target_bytes)
+        self._commands.put(command)
+        if not command.done.wait(timeout_s):
+            raise TimeoutError(f"the engine did not resize its KV pool within {timeout_s} s")
+        return command.held_bytes
 
     def _receive(self) -> None:
         """Move commands from the pipe to the queue; end-of-file means the server has gone."""
@@ -244,9 +272,13 @@ class EngineCore:
                     elif isinstance(command, AbortRequests):
                         for request_id in command.request_ids:
                             engine.abort_request(request_id)
+                    elif isinstance(command, ResizeKv):
+                        command.held_bytes = engine.resize_kv_memory(command.target_bytes)  # type: ignore[attr-defined]
+                        command.done.set()
                 outputs = engine.step() if engine.has_unfinished() else []
                 rows = [output_row(output) for output in outputs]
-                report = StepReport(rows, rejections, engine.stats(), self._taken)
+                stats = self.latest_stats = engine.stats()
+                report = StepReport(rows, rejections, stats, self._taken)
             except Exception as exc:
                 log.exception("the engine failed; the engine process exits")
                 message = (
@@ -284,3 +316,49 @@ class EngineCore:
         except (BrokenPipeError, ConnectionResetError, EOFError):
             return False
         return True
+
+
+def start_memory_lease(engine: ServableEngine, core: EngineCore) -> Callable[[], None] | None:
+    """Lease GPU memory from the node agent when the KV pool is sized from a budget; returns
+    the function that ends the lease (None: a fixed pool, nothing to lease)."""
+    runner = getattr(engine, "runner", None)
+    plan = getattr(runner, "plan", None)
+    if runner is None or plan is None:
+        return None
+    from berth.runtime.server.agent_client import AgentClient
+    from berth.runtime.server.memory_lease import (
+        LeaseSettings,
+        MemoryLease,
+        MemoryState,
+        start_lease,
+    )
+
+    arena = runner.arena
+    settings = LeaseSettings.from_env()
+    gpu_uuid = plan.budget.gpu_uuid or getattr(runner, "gpu_uuid", None) or "GPU-0"
+
+    def state() -> MemoryState | None:
+        stats = core.latest_stats  # the loop's latest snapshot: never touch the engine here
+        if stats is None:
+            return None
+        return MemoryState(
+            plan,
+            arena.num_chunks,
+            arena.layout.chunk_blocks,
+            stats.num_total_blocks - stats.num_free_blocks,
+            stats.num_waiting,
+            stats.num_running + stats.num_waiting,
+        )
+
+    lease = MemoryLease(
+        AgentClient(settings.socket_path), settings, plan.budget, gpu_uuid, state, core.resize_kv
+    )
+    log.info("leasing GPU memory from the node agent at %s as %s", settings.socket_path,
+             settings.tenant)  # fmt: skip
+    thread, stop = start_lease(lease)
+
+    def end() -> None:
+        stop.set()
+        thread.join(timeout=5.0)
+
+    return end

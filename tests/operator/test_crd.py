@@ -104,3 +104,49 @@ def test_desired_replicas_clamps_to_bounds() -> None:
     assert spec.desired_replicas() == 2
     assert spec.model_copy(update={"replicas": 3}).desired_replicas() == 3
     assert spec.model_copy(update={"replicas": 0}).desired_replicas() == 2
+
+
+NOT_IMPLEMENTED = "s3:// and gs:// model URIs are not implemented"
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"uri": "s3://bucket/llama"}, NOT_IMPLEMENTED),
+        ({"uri": "gs://bucket/llama"}, NOT_IMPLEMENTED),
+        ({"uri": "ftp://host/llama.tar"}, "uri must start with https://, http:// or hf://"),
+        ({"uri": "hf://just-a-name"}, "hf://org/repo or hf://org/repo@revision"),
+        ({"uri": "hf://org/repo", "sha256": "a" * 64}, "pin hf:// with @revision"),
+        ({"uri": "https://h/m.tar", "sha256": "ABC"}, "sha256"),
+        ({"pvc": {"claimName": "m", "path": "../other"}}, "inside the volume"),
+        ({"image": {"reference": "r/w:1", "path": "a/../../b"}}, "inside the volume"),
+    ],
+)
+def test_unfetchable_model_sources_are_refused_with_the_reason(
+    source: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message.replace(".", r"\.")):
+        api.InferenceService.model_validate(manifest(model={"source": source}))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"uri": "https://models.internal/smollm2.tar.gz", "sha256": "0" * 64},
+        {"uri": "http://10.0.0.5:8080/smollm2.tgz"},
+        {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct@main"},
+        {"pvc": {"claimName": "m", "path": "team/llama..v2"}},
+    ],
+)
+def test_fetchable_model_sources_are_accepted(source: dict[str, Any]) -> None:
+    api.InferenceService.model_validate(manifest(model={"source": source}))
+
+
+def test_the_crd_refuses_s3_and_gs_uris_with_the_same_message() -> None:
+    """The rule the API server runs at admission (e2e/test_model_sources.py runs it for real)."""
+    version = crd.custom_resource_definition()["spec"]["versions"][0]
+    source = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["model"]
+    uri = source["properties"]["source"]["properties"]["uri"]
+    rules = {r["rule"]: r["message"] for r in uri["x-kubernetes-validations"]}
+    assert rules["!self.matches('^(s3|gs)://')"].startswith(NOT_IMPLEMENTED)
+    assert uri["maxLength"] == 2048  # CEL cost is bounded by the string's length

@@ -283,3 +283,73 @@ def test_replicas_land_on_distinct_nodes_whenever_there_is_room(
     for allocation in ledger.by_pod.values():
         by_service.setdefault(allocation.service, []).append(allocation.node)
     assert all(len(set(n)) == len(n) == replicas for n in by_service.values())
+
+
+# ---- the reserve: fractions are of the usable memory (capacity - reserve) -----------------
+
+RESERVE = PlacementPolicy(reserve=2 * GIB)
+
+
+def test_with_a_reserve_a_whole_gpu_fraction_fits_an_empty_gpu() -> None:
+    (decision,) = place(cluster(1, gpus=1), GpuLedger(), requests([1.0]), RESERVE)
+    assert decision.allocation is not None, decision.reason
+    assert decision.allocation.request == decision.allocation.limit == CAP - 2 * GIB
+
+
+def test_with_a_reserve_two_halves_share_one_gpu() -> None:
+    decisions = place(cluster(1, gpus=1), GpuLedger(), requests([0.5, 0.5]), RESERVE)
+    assert all(d.allocation is not None for d in decisions), [d.reason for d in decisions]
+    assert sum(d.allocation.request for d in decisions if d.allocation) <= CAP - 2 * GIB
+
+
+def test_a_memory_limit_is_capped_at_the_usable_memory() -> None:
+    demand = GpuDemand(request=30 * GIB, limit=200 * GIB)
+    (decision,) = place(
+        cluster(1, gpus=1), GpuLedger(), [PodRequest("ns/m", "ns/m", demand)], RESERVE
+    )
+    assert decision.allocation is not None and decision.allocation.limit == CAP - 2 * GIB
+
+
+def test_the_no_fit_message_measures_need_and_free_memory_after_the_reserve() -> None:
+    usable = CAP - 2 * GIB
+    taken = Allocation("ns/a", "ns/a", "n0", 0, int(0.75 * usable), int(0.75 * usable))
+    (decision,) = place(cluster(1, gpus=1), GpuLedger([taken]), requests([0.5]), RESERVE)
+    assert decision.allocation is None
+    assert "needs 39.0 GiB of 78.0 GiB usable after a 2.0 GiB reserve" in decision.reason
+    assert "the most free is 19.5 GiB" in decision.reason
+
+
+def test_the_no_fit_message_names_a_gpu_refused_for_holding_a_replica_not_for_memory() -> None:
+    # The GPU has room, but the service already has a replica there: the message must not claim
+    # a memory shortfall that the numbers beside it contradict.
+    first = Allocation("ns/s0-0", "ns/s0", "n0", 0, int(0.25 * CAP), int(0.25 * CAP))
+    second = PodRequest("ns/s0-1", "ns/s0", GpuDemand(fraction=0.25))
+    (decision,) = place(cluster(1, gpus=1), GpuLedger([first]), [second])
+    assert decision.allocation is None
+    assert decision.reason == "0/1 GPUs fit: 1 already hold a replica of ns/s0"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    fractions=st.lists(st.sampled_from(EIGHTHS), min_size=1, max_size=24),
+    reserve_gib=st.integers(0, 8),
+)
+def test_with_any_reserve_fractions_pack_as_they_would_on_a_smaller_gpu_without_one(
+    fractions: list[float], reserve_gib: int
+) -> None:
+    """Fractions are of capacity - reserve, so the reserve changes the byte sizes but never
+    which fractions fit together."""
+    with_reserve = place(
+        cluster(2, gpus=2),
+        GpuLedger(),
+        requests(fractions),
+        PlacementPolicy(reserve=reserve_gib * GIB),
+    )
+    smaller = [
+        Node(f"n{i}", tuple(Gpu(f"n{i}", g, CAP - reserve_gib * GIB) for g in range(2)))
+        for i in range(2)
+    ]
+    without = place(smaller, GpuLedger(), requests(fractions))
+    assert [(d.request.pod, d.allocation and d.allocation.gpu) for d in with_reserve] == [
+        (d.request.pod, d.allocation and d.allocation.gpu) for d in without
+    ]

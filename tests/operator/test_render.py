@@ -2,6 +2,8 @@
 
 from typing import Any
 
+import pytest
+
 from berth import wire
 from berth.operator import api, gpus, render
 from berth.operator.settings import OperatorSettings
@@ -93,8 +95,72 @@ def test_pod_overrides_reach_the_pod() -> None:
     assert pod["containers"][0]["resources"] == {"requests": {"cpu": "2"}}
 
 
-def test_uri_sources_mount_nothing_and_pass_the_uri() -> None:
-    rendered = render.deployment(service(model={"source": {"uri": "hf://org/m"}}), SETTINGS)
-    container = rendered["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"][1] == "hf://org/m"
-    assert all(v["name"] != "model" for v in rendered["spec"]["template"]["spec"]["volumes"])
+def pod_of(rendered: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = rendered["spec"]["template"]["spec"]
+    return pod
+
+
+@pytest.mark.parametrize(
+    ("source", "volume", "model_path"),
+    [
+        (
+            {"pvc": {"claimName": "models", "path": "llama"}},
+            {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+            "/models/llama",
+        ),
+        (
+            {"pvc": {"claimName": "models", "path": "/team/llama/"}},
+            {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+            "/models/team/llama",
+        ),
+        (
+            {"pvc": {"claimName": "models"}},
+            {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+            "/models",
+        ),
+        (
+            {"hostPath": {"path": "/var/lib/berth/smollm2"}},
+            {"hostPath": {"path": "/var/lib/berth/smollm2", "type": "Directory"}},
+            "/models",
+        ),
+        (
+            {"image": {"reference": "registry.local/weights:1", "path": "smollm2"}},
+            {"image": {"reference": "registry.local/weights:1", "pullPolicy": "IfNotPresent"}},
+            "/models/smollm2",
+        ),
+    ],
+)
+def test_volume_sources_mount_read_only_and_serve_points_at_the_model(
+    source: dict[str, Any], volume: dict[str, Any], model_path: str
+) -> None:
+    pod = pod_of(render.deployment(service(model={"source": source}), SETTINGS))
+    assert {"name": "model", **volume} in pod["volumes"]
+    runtime = pod["containers"][0]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in runtime["volumeMounts"]
+    assert runtime["args"][runtime["args"].index("--model") + 1] == model_path
+    assert "initContainers" not in pod
+
+
+def test_uri_source_is_fetched_by_an_init_container_into_an_empty_dir() -> None:
+    digest = "ab" * 32
+    source = {"uri": "https://models.internal/smollm2.tar.gz", "sha256": digest}
+    pod_env = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}]
+    overrides = {"env": pod_env, "resources": {"limits": {"memory": "2Gi"}}}
+    pod = pod_of(render.deployment(service(model={"source": source}, pod=overrides), SETTINGS))
+    assert {"name": "model", "emptyDir": {}} in pod["volumes"]
+    [fetch] = pod["initContainers"]
+    runtime = pod["containers"][0]
+    assert fetch["image"] == runtime["image"] == SETTINGS.runtime_image
+    assert fetch["command"] == ["berth", "fetch-model"]
+    assert fetch["args"] == [source["uri"], "/models/model", "--sha256", digest]
+    assert fetch["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]  # writable
+    assert fetch["env"] == pod_env
+    assert fetch["resources"] == {"limits": {"memory": "2Gi"}}
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in runtime["volumeMounts"]
+    assert runtime["args"][runtime["args"].index("--model") + 1] == "/models/model"
+
+
+def test_hf_uri_init_container_passes_the_uri_without_a_checksum() -> None:
+    pod = pod_of(render.deployment(service(model={"source": {"uri": "hf://org/m@v1"}}), SETTINGS))
+    assert pod["initContainers"][0]["args"] == ["hf://org/m@v1", "/models/model"]
+    assert "resources" not in pod["initContainers"][0]

@@ -1,6 +1,12 @@
 """Status conditions computed from what the service's children show."""
 
-from berth.operator.status import DeploymentSummary, PodSummary, ServiceView, service_status
+from berth.operator.status import (
+    ApplyFailure,
+    DeploymentSummary,
+    PodSummary,
+    ServiceView,
+    service_status,
+)
 
 NOW = "2026-11-22T22:00:00Z"
 
@@ -49,9 +55,31 @@ def test_a_new_generation_is_progressing_until_rendered() -> None:
 
 def test_refused_objects_become_invalid_spec() -> None:
     v = view([])
-    v.render_error = "Deployment.apps is invalid: cpu request must be <= limit"
+    v.render_error = ApplyFailure("InvalidSpec", "Deployment.apps is invalid: bad fieldPath")
     status = service_status(v, None, NOW)
     assert conditions(status)["Ready"] == ("False", "InvalidSpec")
+    assert conditions(status)["Scheduled"] == ("False", "InvalidSpec")
+    assert status["observedGeneration"] == 3  # this generation is done with: it never applies
+
+
+def test_a_failure_that_is_retried_says_what_failed_and_leaves_the_rest_observed() -> None:
+    v = view([pod("a"), pod("b")], rendered=2)
+    v.render_error = ApplyFailure("Forbidden", "applying Deployment x: 403 Forbidden; retrying")
+    status = service_status(v, None, NOW)
+    assert conditions(status)["Ready"] == ("False", "Forbidden")
+    assert "403" in status["conditions"][0]["message"]
+    assert conditions(status)["Scheduled"] == ("True", "AllPodsPlaced")
+    assert status["observedGeneration"] == 2  # generation 3 is not applied yet
+
+
+def test_fields_not_acted_on_get_a_condition_naming_them_and_none_otherwise() -> None:
+    v = view([pod("a"), pod("b")])
+    assert "FieldsNotActedOn" not in conditions(service_status(v, None, NOW))
+    v.not_acted_on = ("spec.autoscaling", "spec.sandbox.egress")
+    status = service_status(v, None, NOW)
+    assert conditions(status)["FieldsNotActedOn"] == ("True", "NotImplemented")
+    (condition,) = [c for c in status["conditions"] if c["type"] == "FieldsNotActedOn"]
+    assert "spec.autoscaling, spec.sandbox.egress" in condition["message"]
 
 
 def test_transition_time_holds_while_the_status_holds() -> None:

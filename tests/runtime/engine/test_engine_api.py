@@ -132,7 +132,7 @@ def test_resize_kv_pool_preempts_and_the_request_still_completes(tiny_model: Pat
     assert preempted == 2 and engine.stats().num_total_blocks == 8
     outs = _drain(engine)
     assert all(o[-1].finish_reason == "length" for o in outs.values()) and len(outs) == 4
-    with pytest.raises(ValueError, match="allocated"):
+    with pytest.raises(ValueError, match="reserved at start-up"):
         engine.resize_kv_pool(33)
 
 

@@ -1,0 +1,173 @@
+"""``spec.pod``: settings merged into the rendered pod, checked as the API server checks them.
+
+Whatever the Deployment would refuse later (a toleration's operator without a key, a request
+above its limit) is refused here at admission instead, naming the field; and a tenant cannot
+reach the GPU assignment through the pod: the env vars Berth derives from the assigned GPU and
+the ``nvidia.com/gpu`` resource are refused (``spec.gpu`` is the only way to ask for a GPU).
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
+
+from berth import wire
+from berth.operator.api_types import (
+    LABEL_KEY,
+    ApiModel,
+    DnsSubdomain,
+    LabelKey,
+    Labels,
+    Quantity,
+    quantity_value,
+    validations,
+)
+
+# Env vars Berth sets itself (the GPU the scheduler assigned, its budget, the node agent's socket);
+# a tenant may not override them.
+RESERVED_ENV = (wire.ENV_VISIBLE_DEVICES, wire.ENV_AGENT_SOCKET)
+RESERVED_ENV_PREFIX = "BERTH_GPU_"
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration, with the API server's rules for it checked at admission."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "self.operator != 'Exists' || !has(self.value)",
+                "message": "value must be empty when operator is Exists",
+                "fieldPath": ".value",
+            },
+            {
+                "rule": "has(self.key) || self.operator == 'Exists'",
+                "message": "operator must be Exists when key is empty",
+                "fieldPath": ".operator",
+            },
+            {
+                "rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "message": "tolerationSeconds needs effect NoExecute",
+                "fieldPath": ".tolerationSeconds",
+            },
+        )
+    )
+
+    key: LabelKey | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Toleration":
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("value must be empty when operator is Exists")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("operator must be Exists when key is empty")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
+
+
+def _not_reserved(name: str) -> str:
+    if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
+        raise ValueError(
+            f"{name} is reserved for Berth (the GPU it assigned) and cannot be overridden"
+        )
+    return name
+
+
+_RESERVED_ENV_RULE = {
+    "rule": f"!(self in {list(RESERVED_ENV)!r}) && !self.startsWith({RESERVED_ENV_PREFIX!r})",
+    "message": f"is reserved for Berth, which sets it from the GPU it assigned "
+    f"({', '.join(RESERVED_ENV)}, {RESERVED_ENV_PREFIX}*), and cannot be overridden",
+}
+
+
+class EnvVar(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "!(has(self.value) && has(self.valueFrom))",
+                "message": "set value or valueFrom, not both",
+                "fieldPath": ".valueFrom",
+            }
+        )
+    )
+
+    # Printable ASCII but '=' (the API server's relaxed env var names).
+    name: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=256,
+            pattern="^[ -<>-~]+$",
+            json_schema_extra=validations(_RESERVED_ENV_RULE),
+        ),
+        AfterValidator(_not_reserved),
+    ]
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(
+        default=None,
+        description="A core/v1 EnvVarSource.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EnvVar":
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("set value or valueFrom, not both")
+        return self
+
+
+ResourceName = Annotated[str, Field(max_length=317, pattern=LABEL_KEY)]
+_NO_GPU_RULE = {
+    "rule": f"!('{wire.GPU_RESOURCE}' in self)",
+    "message": f"{wire.GPU_RESOURCE} may not be set here: spec.gpu says what GPU share to book",
+}
+
+
+class Resources(ApiModel):
+    """CPU and memory of the runtime container; GPUs come from ``spec.gpu`` alone."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            {
+                "rule": "!has(self.requests) || !has(self.limits) || self.requests.all(k, "
+                "!(k in self.limits) || !quantity(self.requests[k]).isGreaterThan("
+                "quantity(self.limits[k])))",
+                "message": "a request must not exceed its limit",
+                "fieldPath": ".requests",
+            }
+        )
+    )
+
+    requests: dict[ResourceName, Quantity] = Field(
+        default_factory=dict, max_length=16, json_schema_extra=validations(_NO_GPU_RULE)
+    )
+    limits: dict[ResourceName, Quantity] = Field(
+        default_factory=dict, max_length=16, json_schema_extra=validations(_NO_GPU_RULE)
+    )
+
+    @model_validator(mode="after")
+    def _no_gpu_and_within_limits(self) -> "Resources":
+        for kind in (self.requests, self.limits):
+            if wire.GPU_RESOURCE in kind:
+                raise ValueError(_NO_GPU_RULE["message"])
+        for name, request in self.requests.items():
+            if name in self.limits and quantity_value(request) > quantity_value(self.limits[name]):
+                raise ValueError(f"the {name} request must not exceed its limit")
+        return self
+
+
+class PodOverrides(ApiModel):
+    """Pod-level settings merged into the rendered Deployment's pod template."""
+
+    node_selector: Labels = Field(default_factory=dict, max_length=32)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    resources: Resources | None = Field(
+        default=None, description="CPU and memory for the runtime container (not GPUs)."
+    )
+    env: list[EnvVar] = Field(default_factory=list, max_length=128)
+    service_account_name: DnsSubdomain | None = None
+    labels: Labels = Field(default_factory=dict, max_length=64)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict, max_length=64)

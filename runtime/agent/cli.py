@@ -1,0 +1,190 @@
+"""``berth node-agent``: one per node; arbitrates each GPU's memory between its runtimes.
+
+Every flag can also come from an environment variable (the DaemonSet sets them). Without a GPU
+(CI, a laptop) ``--simulate-gpus`` describes the GPUs, and the real agent runs all the same.
+"""
+
+import logging
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+
+import click
+from pydantic import BaseModel, ConfigDict, Field
+
+from berth import agent_protocol
+from berth.runtime.agent import gpus as gpu_discovery
+from berth.runtime.agent.ledger import GpuMemory, LeasePolicy, NodeLedger
+
+log = logging.getLogger("berth.node_agent")
+
+
+class AgentSettings(BaseModel):
+    """The agent's settings, read once at start-up from flags and env."""
+
+    model_config = ConfigDict(frozen=True)
+
+    socket: Path
+    simulate_gpus: str | None = None
+    reserve_bytes: int = Field(0, ge=0)
+    policy: LeasePolicy
+    node_name: str | None = None
+    kubeconfig: Path | None = None
+    log_level: str = "info"
+
+
+def _quantity(_: click.Context, param: click.Parameter, value: str) -> int:
+    from berth.operator.api import quantity_bytes
+
+    try:
+        return quantity_bytes(value)
+    except ValueError as error:
+        raise click.BadParameter(f"{value!r} is not a memory quantity (e.g. 2Gi)") from error
+
+
+def _refuse_if_served(path: Path) -> None:
+    """Two agents on one socket would each hand out the same memory: refuse to start."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return  # a stale socket of a dead agent; the server replaces it
+    finally:
+        probe.close()
+    raise click.ClickException(f"another node agent is already serving on {path}")
+
+
+def discover(settings: AgentSettings) -> list[GpuMemory]:
+    try:
+        if settings.simulate_gpus:
+            node = settings.node_name or socket.gethostname()
+            return gpu_discovery.simulated(settings.simulate_gpus, node, settings.reserve_bytes)
+        return gpu_discovery.nvml(settings.reserve_bytes)
+    except gpu_discovery.GpuDiscoveryError as error:
+        raise click.ClickException(str(error)) from error
+
+
+def _exit_cleanly(signum: int, _: object) -> None:
+    raise SystemExit(0)
+
+
+def run(settings: AgentSettings) -> None:
+    import uvicorn
+
+    from berth.runtime.agent.node import NodePublisher
+    from berth.runtime.agent.server import Agent, create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    gpus = discover(settings)
+    _refuse_if_served(settings.socket)
+    settings.socket.parent.mkdir(parents=True, exist_ok=True)
+    epoch = secrets.token_hex(8)
+    ledger = NodeLedger.start(gpus, epoch, settings.policy, time.monotonic())
+    publisher = None
+    if settings.node_name:
+        from berth.operator.kube import KubeClient
+
+        client = KubeClient.from_config(settings.kubeconfig, pool=2)
+        publisher = NodePublisher(client, settings.node_name, gpus)
+    agent = Agent(ledger, report=publisher.report if publisher else None)
+    for gpu in gpus:
+        log.info("GPU %d %s (%s): %d bytes, %d reserved", gpu.index, gpu.uuid, gpu.name,
+                 gpu.capacity, gpu.reserved)  # fmt: skip
+    log.info("node agent epoch %s on %s; no grants for the first %.1f s (restart grace)",
+             epoch, settings.socket, settings.policy.grace_s)  # fmt: skip
+    tick_s = min(1.0, settings.policy.heartbeat_interval_s / 2)
+    app = create_app(agent, tick_s)
+    config = uvicorn.Config(
+        app, uds=str(settings.socket), log_level=settings.log_level, access_log=False
+    )
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler found at start:
+    # this one, so the socket is removed below and the agent exits 0 instead of dying by it.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        settings.socket.unlink(missing_ok=True)
+        if publisher:
+            publisher.close()
+
+
+@click.command("node-agent")
+@click.option(
+    "--socket",
+    "socket_path",
+    default=agent_protocol.DEFAULT_SOCKET,
+    show_default=True,
+    envvar=agent_protocol.ENV_SOCKET,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The unix socket runtimes register on.",
+)
+@click.option(
+    "--simulate-gpus",
+    envvar="BERTH_SIMULATE_GPUS",
+    help="No NVML: simulated GPUs, '2x80Gi' or 'GPU-a:80Gi,GPU-b:40Gi'.",
+)
+@click.option(
+    "--reserve",
+    "reserve_bytes",
+    default="0",
+    show_default=True,
+    envvar="BERTH_GPU_RESERVE",
+    callback=_quantity,
+    help="Memory per GPU kept back from tenants (driver, CUDA contexts), e.g. 1Gi.",
+)
+@click.option("--heartbeat-interval", default=1.0, show_default=True,
+              type=click.FloatRange(min=0.05), help="Seconds between a tenant's heartbeats.")  # fmt: skip
+@click.option("--lease", "lease_s", default=10.0, show_default=True,
+              type=click.FloatRange(min=0.1),
+              help="Seconds without a heartbeat after which a tenant is dropped.")  # fmt: skip
+@click.option("--reclaim-deadline", default=5.0, show_default=True,
+              type=click.FloatRange(min=0.0), help="Seconds a tenant has to honour a reclaim.")  # fmt: skip
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0.0),
+              help="Seconds after start with no grants, while tenants re-register "
+              "[default: the lease].")  # fmt: skip
+@click.option("--node-name", envvar="NODE_NAME",
+              help="Publish the GPUs on this Node and post events on tenants' pods.")  # fmt: skip
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Credentials [default: $KUBECONFIG, ~/.kube/config, else in-cluster].")  # fmt: skip
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
+def node_agent(
+    socket_path: Path,
+    simulate_gpus: str | None,
+    reserve_bytes: int,
+    heartbeat_interval: float,
+    lease_s: float,
+    reclaim_deadline: float,
+    grace_s: float | None,
+    node_name: str | None,
+    kubeconfig: Path | None,
+    log_level: str,
+) -> None:
+    """Arbitrate GPU memory between the runtimes on this node (protocol: berth.agent_protocol)."""
+    if heartbeat_interval >= lease_s:
+        raise click.BadParameter("must be below --lease", param_hint="--heartbeat-interval")
+    if grace_s is not None and grace_s < lease_s:
+        # Shorter, and a live tenant might not have re-registered before grants resume.
+        raise click.BadParameter("must be at least --lease", param_hint="--grace")
+    policy = LeasePolicy(
+        heartbeat_interval_s=heartbeat_interval,
+        lease_s=lease_s,
+        reclaim_deadline_s=reclaim_deadline,
+        grace_s=lease_s if grace_s is None else grace_s,
+    )
+    settings = AgentSettings(
+        socket=socket_path,
+        simulate_gpus=simulate_gpus,
+        reserve_bytes=reserve_bytes,
+        policy=policy,
+        node_name=node_name,
+        kubeconfig=kubeconfig,
+        log_level=log_level,
+    )
+    run(settings)

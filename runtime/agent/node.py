@@ -1,0 +1,86 @@
+"""The agent's thin Kubernetes adapter: publish the node's GPUs, report misbehaving tenants.
+
+Both run on one background thread, so the socket's request handlers never wait on the API
+server; a failed publication is retried with backoff until it lands (the scheduler cannot pack
+fractions onto a node whose GPU UUIDs it does not know), and events are best effort.
+"""
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+
+from berth import wire
+from berth.operator.events import record_event
+from berth.operator.kube import KubeClient, KubeError, resource_path
+from berth.runtime.agent.ledger import GpuMemory
+
+log = logging.getLogger(__name__)
+
+
+def node_annotations(gpus: Sequence[GpuMemory]) -> dict[str, str]:
+    """What the scheduler reads: the UUIDs in index order and what each lets tenants share."""
+    ordered = sorted(gpus, key=lambda g: g.index)
+    return {
+        wire.NODE_GPU_UUIDS: ",".join(g.uuid for g in ordered),
+        wire.NODE_GPU_MEMORY_BYTES: ",".join(str(g.allocatable) for g in ordered),
+    }
+
+
+class NodePublisher:
+    """Annotates the Node once (retrying), then posts Warning events about tenants' pods."""
+
+    def __init__(
+        self, client: KubeClient, node: str, gpus: Sequence[GpuMemory], retry_s: float = 5.0
+    ) -> None:
+        self.client, self.node, self.gpus, self.retry_s = client, node, gpus, retry_s
+        self.published = threading.Event()
+        self.stopping = threading.Event()
+        self.events: queue.Queue[tuple[str, str, str] | None] = queue.Queue(maxsize=1000)
+        self.thread = threading.Thread(target=self._run, name="kube", daemon=True)
+        self.thread.start()
+
+    def report(self, tenant: str, reason: str, message: str) -> None:
+        """A Warning event on the tenant's pod, when the tenant id is ``namespace/name``."""
+        if "/" not in tenant:
+            return
+        try:
+            self.events.put_nowait((tenant, reason, message))
+        except queue.Full:
+            log.warning("event queue full; %s on %s not reported", reason, tenant)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.events.put(None)
+        self.thread.join(timeout=5)
+
+    def _publish(self) -> bool:
+        path = resource_path("v1", "Node", name=self.node)
+        try:
+            self.client.merge_patch(
+                path, {"metadata": {"annotations": node_annotations(self.gpus)}}
+            )
+        except (KubeError, OSError) as error:
+            log.warning("could not annotate node %s (retrying): %s", self.node, error)
+            return False
+        log.info("published %d GPU(s) on node %s", len(self.gpus), self.node)
+        self.published.set()
+        return True
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._publish():
+            if self.stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, self.retry_s)
+        while (item := self.events.get()) is not None:
+            tenant, reason, message = item
+            namespace, name = tenant.split("/", 1)
+            try:
+                pod = self.client.get(resource_path("v1", "Pod", namespace, name))
+            except (KubeError, OSError) as error:
+                log.info("no pod for tenant %s, event %s not posted: %s", tenant, reason, error)
+                continue
+            pod.setdefault("apiVersion", "v1")
+            pod.setdefault("kind", "Pod")
+            record_event(self.client, pod, "Warning", reason, message)

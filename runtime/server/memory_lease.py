@@ -1,0 +1,233 @@
+"""The runtime's side of the node agent's memory lease: register, heartbeat, burst, obey reclaims.
+
+Runs as a thread in the engine process (the process that owns the KV pool). Each cycle it reads
+the engine's latest :class:`MemoryState`, works out what it would like to hold
+(:func:`desired_bytes`, pure), and tells the agent in a heartbeat; the reply says what it may
+hold. It grows only up to a grant, shrinks when the reply carries a reclaim (then acknowledges
+with ``release``) or when its own demand falls, and never goes below the budget's request,
+which the GPU scheduler reserved for it. Resizes are not done here: ``resize`` hands a target to
+the engine loop, which applies it between two steps (preempting the sequences in the region
+given back) and returns what the engine holds afterwards.
+
+Agent unreachable (no socket yet, restarted, stalled): keep serving within what is held, never
+grow, try again next cycle. ``404 unknown_tenant`` (the agent restarted, or our lease lapsed):
+register again with what we hold. ``409 instance_mismatch``: another
+instance owns this tenant; give back every burst and stop talking to the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from berth import agent_protocol as proto
+from berth.runtime.engine.budget import GpuBudget, KvPlan
+from berth.runtime.server.agent_client import AgentClient, AgentError
+
+log = logging.getLogger(__name__)
+
+GROW_AT = 0.85  # KV usage at or above which the runtime asks for its limit
+RELEASE_AT = 0.30  # KV usage at or below which it gives back burst chunks it does not use
+RELEASED_USAGE = 0.60  # the usage it shrinks to when it gives some back
+RETRY_S = proto.REGISTER_RETRY_S  # between attempts while the agent is unreachable
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """What the engine loop publishes after each step for the lease thread to read."""
+
+    plan: KvPlan
+    num_chunks: int  # backed now
+    chunk_blocks: int
+    used_blocks: int  # held by live sequences
+    num_waiting: int
+    in_flight: int  # running + waiting sequences
+
+    @property
+    def held_bytes(self) -> int:
+        return self.plan.held_bytes(self.num_chunks)
+
+
+def desired_bytes(state: MemoryState) -> int:
+    """What the runtime would like to hold: its limit while requests wait or the pool is nearly
+    full; fewer chunks once usage falls low (never below the request); else what it holds."""
+    plan = state.plan
+    total = state.num_chunks * state.chunk_blocks
+    usage = state.used_blocks / total if total else 1.0
+    if state.num_waiting or usage >= GROW_AT:
+        return plan.held_bytes(plan.limit_chunks)
+    if usage <= RELEASE_AT and state.num_chunks > plan.request_chunks:
+        need = math.ceil(state.used_blocks / (RELEASED_USAGE * state.chunk_blocks))
+        return plan.held_bytes(max(plan.request_chunks, min(need, state.num_chunks)))
+    return state.held_bytes
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """Where the agent is and who this runtime is; read once from the environment."""
+
+    socket_path: str
+    tenant: str
+    instance: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LeaseSettings:
+        env = os.environ if env is None else env
+        path = env.get(proto.ENV_SOCKET) or proto.DEFAULT_SOCKET
+        namespace, name = env.get("POD_NAMESPACE"), env.get("POD_NAME")
+        if namespace and name:
+            tenant = f"{namespace}/{name}"
+        else:  # local berth serve: any unique id
+            host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:200] or "local"
+            tenant = f"{host}-{os.getpid()}"
+        return cls(path, tenant, uuid.uuid4().hex[:16])
+
+
+class MemoryLease:
+    """One runtime's lease; ``cycle`` is one heartbeat (tests drive it directly)."""
+
+    def __init__(
+        self,
+        client: AgentClient,
+        settings: LeaseSettings,
+        budget: GpuBudget,
+        gpu_uuid: str,
+        state: Callable[[], MemoryState | None],
+        resize: Callable[[int], int],
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.budget = budget
+        self.gpu_uuid = gpu_uuid
+        self._state = state
+        self._resize = resize
+        self.registered = False
+        self.stopped = False
+        self.epoch: str | None = None
+        self.interval_s = RETRY_S
+        self.granted_bytes = budget.request_bytes  # before any reply: the scheduler's request
+        self.num_reclaims = 0
+        self._warned = False
+
+    def cycle(self) -> float:
+        """Register or heartbeat once, act on the reply; returns seconds until the next cycle."""
+        if self.stopped:
+            return self.interval_s
+        state = self._state()
+        if state is None:
+            return RETRY_S
+        held, want = state.held_bytes, desired_bytes(state)
+        s = self.settings
+        try:
+            if not self.registered:
+                reply: proto.Lease = self._register(held, want)
+            else:
+                reply = self.client.heartbeat(
+                    s.tenant, proto.Heartbeat(
+                        instance=s.instance, held_bytes=held, want_bytes=want,
+                        in_flight=state.in_flight,
+                    )
+                )  # fmt: skip
+        except AgentError as e:
+            return self._failed(e)
+        self._warned = False
+        self._apply(reply, held, want)
+        return self.interval_s
+
+    def _register(self, held: int, want: int) -> proto.Lease:
+        s, b = self.settings, self.budget
+        reply = self.client.register(
+            proto.Register(
+                tenant=s.tenant, instance=s.instance, gpu_uuid=self.gpu_uuid,
+                request_bytes=b.request_bytes, limit_bytes=b.limit_bytes,
+                held_bytes=min(held, b.limit_bytes), want_bytes=min(want, b.limit_bytes),
+                pid=os.getpid(),
+            )
+        )  # fmt: skip
+        self.registered, self.epoch = True, reply.agent_epoch
+        self.interval_s = reply.heartbeat_interval_s
+        log.info(
+            "registered with the node agent as %s on %s: granted %d MiB (%s)",
+            s.tenant, self.gpu_uuid, reply.granted_bytes >> 20, reply.state,
+        )  # fmt: skip
+        return reply
+
+    def _failed(self, e: AgentError) -> float:
+        if e.code == "unknown_tenant":
+            log.warning("the node agent no longer knows this tenant; registering again")
+            self.registered = False
+            return 0.0
+        if e.code == "held_exceeds_free":  # after an agent restart: come down, then retry
+            log.warning(
+                "the node agent cannot grant what is held (%s); shrinking to the request", e
+            )
+            self._resize(self.budget.request_bytes)
+            return 0.0
+        if e.code == "instance_mismatch":
+            log.error("another instance holds this tenant's lease: giving back bursts (%s)", e)
+            self._resize(self.budget.request_bytes)
+            self.stopped = True
+            return self.interval_s
+        # Unreachable, or refused (409 does not fit, 503 recovering): serve within what is held.
+        (log.warning if not self._warned else log.debug)("%s; serving within the request", e)
+        self._warned = True
+        return RETRY_S if e.unreachable or not self.registered else self.interval_s
+
+    def _apply(self, reply: proto.Lease, held: int, want: int) -> None:
+        """Grow only within the grant; shrink on a reclaim or when demand falls; release."""
+        self.granted_bytes = reply.granted_bytes
+        floor = self.budget.request_bytes
+        if reply.reclaim is not None:
+            self.num_reclaims += 1
+            target = max(reply.reclaim.target_bytes, floor)
+            self._shrink(target, min(want, target))
+        elif want < held:
+            self._shrink(max(want, floor), max(want, floor))
+        elif want > held and reply.granted_bytes > held:
+            self._resize(min(want, reply.granted_bytes))
+
+    def _shrink(self, target: int, want: int) -> None:
+        """Come down to ``target`` and tell the agent, with what we want from now on (so a
+        reclaimed or idle burst is not granted straight back)."""
+        held = self._resize(target)
+        s = self.settings
+        try:
+            reply = self.client.release(
+                s.tenant, proto.Release(instance=s.instance, held_bytes=held, want_bytes=want)
+            )
+            self.granted_bytes = reply.granted_bytes
+        except AgentError as e:  # the next heartbeat reports what is held
+            log.warning("release after shrinking to %d MiB failed: %s", held >> 20, e)
+
+    def run(self, stop: threading.Event) -> None:
+        """Cycle until ``stop`` is set, then end the lease (best effort)."""
+        while not stop.wait(self.cycle_safely()):
+            pass
+        if self.registered and not self.stopped:
+            try:
+                self.client.deregister(self.settings.tenant, self.settings.instance)
+            except AgentError as e:
+                log.debug("deregistering failed: %s", e)
+
+    def cycle_safely(self) -> float:
+        try:
+            return self.cycle()
+        except Exception:  # a bug here must not take the engine down
+            log.exception("memory lease cycle failed")
+            return RETRY_S
+
+
+def start_lease(lease: MemoryLease) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=lease.run, args=(stop,), name="berth-memory-lease", daemon=True
+    )
+    thread.start()
+    return thread, stop

@@ -1,0 +1,402 @@
+"""The GPU scheduler's shell, driven through its reflector callbacks with a fake API server.
+
+The races of issue 19 are reproduced deterministically: a list taken before a bind and handled
+after it, a Binding call that times out although it landed, a malformed pod between good ones,
+and pods that no InferenceService owns. The fake answers the calls the scheduler makes (get,
+post, create, delete, patch) from a dict of objects and records every Binding; the same shell is
+run against the real API server in e2e/test_scheduler_reliability.py.
+"""
+
+import copy
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from berth import wire
+from berth.operator.health import Health
+from berth.operator.kube import KubeError, Obj, reflect
+from berth.operator.reservations import ANNOTATION_GPU_INDEX, LABEL_RESERVATION
+from berth.operator.scheduler import GpuScheduler
+from berth.operator.settings import OperatorSettings
+
+GIB = 2**30
+MIB = 2**20
+CAP_MIB = 81920  # an 80 GiB GPU
+SERVICE_API = f"{wire.GROUP}/{wire.VERSION}"
+
+
+class FakeApi:
+    """Objects by path; Bindings recorded (and applied to the stored pod, like the API server)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Obj] = {}
+        self.bindings: list[Obj] = []
+        self.events: list[Obj] = []
+        self.created: list[Obj] = []
+        self.deleted: list[str] = []
+        self.lock = threading.Lock()
+        self.bind_error: Exception | None = None  # raised after the bind landed, when set
+        self.refuse_binds: KubeError | None = None  # raised instead of binding, when set
+        self.names = 0
+
+    def get(self, path: str, **params: str) -> Obj:
+        with self.lock:
+            if path not in self.objects:
+                raise KubeError(404, "NotFound", path)
+            return copy.deepcopy(self.objects[path])
+
+    def post(self, path: str, body: Obj) -> None:
+        with self.lock:
+            if path.endswith("/events"):
+                self.events.append(body)
+                return
+            if path.endswith("/binding"):
+                if self.refuse_binds:
+                    raise self.refuse_binds
+                stored = self.objects.get(path.removesuffix("/binding"))
+                if stored is not None:
+                    if stored["spec"].get("nodeName"):
+                        raise KubeError(409, "Conflict", "pod is already assigned to a node")
+                    stored["spec"]["nodeName"] = body["target"]["name"]
+                    stored["metadata"]["annotations"].update(body["metadata"]["annotations"])
+                self.bindings.append(body)
+            error = self.bind_error
+        if error is not None and path.endswith("/binding"):
+            raise error
+
+    def create(self, path: str, body: Obj) -> Obj:
+        with self.lock:
+            self.names += 1
+            obj = copy.deepcopy(body)
+            obj["metadata"]["name"] = body["metadata"]["generateName"] + str(self.names)
+            self.created.append(obj)
+            self.objects[f"{path}/{obj['metadata']['name']}"] = obj
+            return obj
+
+    def delete(self, path: str, grace_period_s: int | None = None) -> None:
+        with self.lock:
+            self.deleted.append(path)
+            self.objects.pop(path, None)
+
+    def strategic_patch(self, path: str, body: Obj) -> None:
+        pass
+
+    def booked(self) -> dict[tuple[str, int], int]:
+        """(node, GPU) -> bytes bound there, from the recorded Bindings."""
+        out: dict[tuple[str, int], int] = {}
+        for b in self.bindings:
+            a = b["metadata"]["annotations"]
+            key = (b["target"]["name"], int(a[wire.POD_GPU_INDEX]))
+            out[key] = out.get(key, 0) + int(a[wire.POD_GPU_MEMORY_REQUEST])
+        return out
+
+
+def node(name: str, gpus: int = 1) -> Obj:
+    return {
+        "metadata": {"name": name, "labels": {wire.NODE_GPU_MEMORY_MIB: str(CAP_MIB)}},
+        "status": {
+            "allocatable": {wire.GPU_RESOURCE: str(gpus)},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+def owned_pod(api: FakeApi, name: str, fraction: float, namespace: str = "team") -> Obj:
+    """A pod as the Deployment controller makes it, with its ReplicaSet, Deployment and
+    InferenceService in the fake API server."""
+    service = name.rsplit("-", 1)[0]
+    api.objects[f"/apis/{SERVICE_API}/namespaces/{namespace}/inferenceservices/{service}"] = {
+        "metadata": {"name": service, "namespace": namespace, "uid": f"is-{service}"}
+    }
+    api.objects[f"/apis/apps/v1/namespaces/{namespace}/deployments/{service}"] = {
+        "metadata": {"name": service, "namespace": namespace, "uid": f"d-{service}",
+                     "ownerReferences": [{"apiVersion": SERVICE_API, "kind": "InferenceService",
+                                          "name": service, "uid": f"is-{service}", "controller": True}]}
+    }  # fmt: skip
+    api.objects[f"/apis/apps/v1/namespaces/{namespace}/replicasets/{service}-rs"] = {
+        "metadata": {"name": f"{service}-rs", "namespace": namespace, "uid": f"rs-{service}",
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                          "name": service, "uid": f"d-{service}", "controller": True}]}
+    }  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": namespace, "uid": f"uid-{name}",
+            "labels": {wire.LABEL_SERVICE: service},
+            "annotations": {wire.POD_WANTS_GPU_FRACTION: repr(fraction)},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{service}-rs",
+                                 "uid": f"rs-{service}", "controller": True}],
+        },
+        "spec": {"schedulerName": wire.SCHEDULER_NAME},
+        "status": {"phase": "Pending"},
+    }  # fmt: skip
+
+
+def bound(pod: Obj, binding: Obj) -> Obj:
+    """The pod as the API server shows it after ``binding``."""
+    out = copy.deepcopy(pod)
+    out["spec"]["nodeName"] = binding["target"]["name"]
+    out["metadata"]["annotations"].update(binding["metadata"]["annotations"])
+    return out
+
+
+@pytest.fixture
+def api() -> FakeApi:
+    return FakeApi()
+
+
+@pytest.fixture
+def scheduler(api: FakeApi) -> Iterator[GpuScheduler]:
+    settings = OperatorSettings(bind_workers=1, batch_window_s=0, assume_ttl_s=30.0)
+    s = GpuScheduler(api, settings)  # type: ignore[arg-type]
+    s.reporter.shutdown()
+    s.reporter = ThreadPoolExecutor(1)  # FIFO: waiting for a no-op waits for every report
+    s._nodes_listed([node("n0")])
+    s._reservations_listed([])
+    s._pods_listed([])
+    yield s
+    s.shutdown()
+
+
+def drain(s: GpuScheduler) -> None:
+    """Wait until every bind submitted so far has run (one bind worker, FIFO)."""
+    s.bind_pool.submit(lambda: None).result(timeout=10)
+
+
+def test_a_stale_relist_after_a_bind_does_not_book_the_gpu_twice(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    a = owned_pod(api, "a-0", 0.55)  # 44 GiB
+    scheduler._pod_event("ADDED", a)
+    stale_list = [copy.deepcopy(a)]  # taken now, before the bind; handled after it
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert len(api.bindings) == 1
+    scheduler._pods_listed(stale_list)  # still shows a-0 unbound
+    scheduler._pod_event("ADDED", owned_pod(api, "b-0", 1.0))  # 80 GiB
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert [b["metadata"]["name"] for b in api.bindings] == ["a-0"]
+    assert all(v <= CAP_MIB * MIB for v in api.booked().values()), api.booked()
+    assert "b-0" in str(scheduler.unschedulable)
+    # The watch then confirms a-0: still one booking, no longer assumed.
+    scheduler._pod_event("MODIFIED", bound(a, api.bindings[0]))
+    assert not scheduler.ledger.assumed and scheduler.ledger.tenants[("n0", 0)] == 1
+
+
+def test_a_bind_that_timed_out_but_landed_keeps_its_share(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    api.bind_error = httpx.ReadTimeout("timed out")
+    scheduler._pod_event("ADDED", owned_pod(api, "a-0", 0.55))
+    scheduler.schedule_once()
+    drain(scheduler)
+    api.bind_error = None
+    scheduler._pod_event("ADDED", owned_pod(api, "b-0", 1.0))
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert [b["metadata"]["name"] for b in api.bindings] == ["a-0"]
+    assert scheduler.ledger.is_assumed("team/a-0") and "team/a-0" not in scheduler.pending
+    assert scheduler.metrics.bind_failures.labels("ambiguous")._value.get() == 1
+
+
+def stored(api: FakeApi, pod: Obj) -> Obj:
+    """Keep ``pod`` in the fake API server (GETs and Bindings then see it)."""
+    meta = pod["metadata"]
+    api.objects[f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"] = copy.deepcopy(pod)
+    return pod
+
+
+def recheck_due(s: GpuScheduler) -> None:
+    with s.lock:
+        s._check_due()
+    s.reporter.submit(lambda: None).result(timeout=10)
+
+
+def test_an_unconfirmed_bind_that_never_landed_is_freed_after_its_deadline_and_placed_again(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    api.refuse_binds = KubeError(503, "ServiceUnavailable", "etcd leader changed")
+    scheduler.settings = OperatorSettings(bind_workers=1, batch_window_s=0, assume_ttl_s=0.0)
+    scheduler._pod_event("ADDED", stored(api, owned_pod(api, "a-0", 0.5)))
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert scheduler.ledger.is_assumed("team/a-0")
+    recheck_due(scheduler)  # a fresh GET shows it unbound
+    assert not scheduler.ledger.used_gpus() and "team/a-0" in scheduler.pending
+    assert scheduler.metrics.expired._value.get() == 1
+    api.refuse_binds = None
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert [b["metadata"]["name"] for b in api.bindings] == ["a-0"]
+
+
+def test_past_its_deadline_a_bind_that_landed_is_confirmed_by_a_read_not_freed(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    """The watch lags past the deadline: a plain expiry would free a share that is bound, and
+    the next pod would be placed on top of it."""
+    api.bind_error = httpx.ReadTimeout("timed out")
+    scheduler.settings = OperatorSettings(bind_workers=1, batch_window_s=0, assume_ttl_s=0.0)
+    scheduler._pod_event("ADDED", stored(api, owned_pod(api, "a-0", 0.55)))
+    scheduler.schedule_once()
+    drain(scheduler)
+    api.bind_error = None
+    recheck_due(scheduler)  # no watch event yet; the GET shows it bound
+    assert not scheduler.ledger.assumed and scheduler.ledger.tenants[("n0", 0)] == 1
+    scheduler._pod_event("ADDED", owned_pod(api, "b-0", 1.0))
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert [b["metadata"]["name"] for b in api.bindings] == ["a-0"]
+
+
+def test_a_bind_refused_for_certain_frees_the_share_and_parks_the_pod(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    api.refuse_binds = KubeError(403, "Forbidden", "pods/binding is forbidden")
+    scheduler._pod_event("ADDED", owned_pod(api, "a-0", 0.5))
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert not scheduler.ledger.used_gpus()
+    assert "forbidden" in scheduler.unschedulable["team/a-0"]
+
+
+def test_a_malformed_bound_pod_is_reported_and_later_pods_still_bind(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    bad = owned_pod(api, "bad-0", 0.5)
+    bad["spec"]["nodeName"] = "n0"
+    bad["metadata"]["annotations"].update(
+        {wire.POD_GPU_INDEX: "0", wire.POD_GPU_MEMORY_REQUEST: "20Gi"}
+    )
+    health = scheduler.health.loop("watch-pods")
+    events = iter([("ADDED", bad), ("ADDED", owned_pod(api, "good-0", 0.5))])
+
+    class Watching:  # the API server's side of one list and one watch, then nothing
+        def get(self, path: str, **params: str) -> Obj:
+            return {"items": [bad], "metadata": {"resourceVersion": "1"}}
+
+        def watch(self, path: str, version: str, **params: str) -> Iterator[tuple[str, Obj]]:
+            yield from events
+            stop.set()
+
+    stop = threading.Event()
+    reflect(Watching(), "/api/v1/pods", scheduler._pods_listed, scheduler._pod_event, stop,  # type: ignore[arg-type]
+            health=health, on_error=scheduler._report_bad)  # fmt: skip
+    scheduler.schedule_once()
+    drain(scheduler)
+    scheduler.reporter.submit(lambda: None).result(timeout=10)
+    assert [b["metadata"]["name"] for b in api.bindings] == ["good-0"]
+    warnings = [e for e in api.events if e["involvedObject"]["name"] == "bad-0"]
+    assert len(warnings) == 1, "one event per object and error, not one per watch event"
+    assert "gpu-memory-request='20Gi'" in warnings[0]["message"]
+    assert scheduler.metrics.handler_errors.labels("watch-pods")._value.get() == 2  # list + event
+
+
+def test_a_pod_no_inference_service_owns_is_refused_and_not_booked(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    scheduler._nodes_listed([node("n0", gpus=2)])
+    forged = owned_pod(api, "x-0", 0.5)
+    forged["metadata"]["ownerReferences"] = []  # made by hand, with Berth's annotations
+    scheduler._pod_event("ADDED", forged)
+    impostor = owned_pod(api, "y-0", 0.5)
+    impostor["metadata"]["labels"][wire.LABEL_SERVICE] = "x"  # claims another service
+    scheduler._pod_event("ADDED", impostor)
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert api.bindings == [] and not scheduler.ledger.used_gpus()
+    assert set(scheduler.refused) == {"team/x-0", "team/y-0"}
+    assert "ReplicaSet" in scheduler.refused["team/x-0"]
+    scheduler.schedule_once()  # refused pods are not placed again
+    assert not scheduler.ledger.used_gpus()
+
+
+def test_a_reservation_pod_holds_each_used_gpu_before_its_first_tenant_binds(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    scheduler._nodes_listed([node("n0", gpus=2)])
+    a, b = owned_pod(api, "a-0", 0.5), owned_pod(api, "b-0", 0.5)
+    for pod in (a, b):
+        scheduler._pod_event("ADDED", pod)
+    scheduler.schedule_once()
+    drain(scheduler)
+    (reservation,) = api.created  # both halves share one GPU, held once
+    assert reservation["spec"]["nodeName"] == "n0"
+    limits = reservation["spec"]["containers"][0]["resources"]["limits"]
+    assert limits[wire.GPU_RESOURCE] == "1"
+    assert reservation["metadata"]["annotations"][ANNOTATION_GPU_INDEX] == "0"
+    assert reservation["metadata"]["labels"][LABEL_RESERVATION] == "true"
+    assert reservation["metadata"]["namespace"] == "berth-system"
+    # Tenants gone: the reservation goes too (but only once the ledger has no tenant there).
+    for pod, binding in zip((a, b), api.bindings, strict=True):
+        scheduler._pod_event("MODIFIED", bound(pod, binding))
+    scheduler._reservation_event("ADDED", reservation)
+    scheduler._pod_event("DELETED", a)
+    with scheduler.lock:
+        scheduler._sync_reservations()
+    assert api.deleted == []
+    scheduler._pod_event("DELETED", b)
+    with scheduler.lock:
+        scheduler._sync_reservations()
+    scheduler.reporter.submit(lambda: None).result(timeout=10)
+    assert api.deleted == [
+        f"/api/v1/namespaces/berth-system/pods/{reservation['metadata']['name']}"
+    ]
+
+
+def test_a_restarted_scheduler_rebuilds_reservations_from_the_api_server(api: FakeApi) -> None:
+    existing = {
+        "metadata": {"name": "gpu-n0-0-x", "namespace": "berth-system",
+                     "annotations": {ANNOTATION_GPU_INDEX: "0"}, "labels": {LABEL_RESERVATION: "true"}},
+        "spec": {"nodeName": "n0"}, "status": {"phase": "Running"},
+    }  # fmt: skip
+    stray = copy.deepcopy(existing)
+    stray["metadata"]["name"] = "gpu-n0-0-y"  # a second one for the same GPU (a crash mid-way)
+    s = GpuScheduler(api, OperatorSettings(bind_workers=1))  # type: ignore[arg-type]
+    s.reporter.shutdown()
+    s.reporter = ThreadPoolExecutor(1)
+    try:
+        s._nodes_listed([node("n0")])
+        s._reservations_listed([existing, stray])
+        a = owned_pod(api, "a-0", 0.5)
+        a["spec"]["nodeName"] = "n0"
+        a["metadata"]["annotations"].update(
+            {wire.POD_GPU_INDEX: "0", wire.POD_GPU_MEMORY_REQUEST: str(40 * GIB)}
+        )
+        s._pods_listed([a])
+        with s.lock:
+            s._sync_reservations()
+        s.reporter.submit(lambda: None).result(timeout=10)
+        assert api.created == []  # the GPU is held already
+        assert api.deleted == ["/api/v1/namespaces/berth-system/pods/gpu-n0-0-y"]
+    finally:
+        s.shutdown()
+
+
+def test_health_fails_when_a_loop_thread_dies_and_readiness_waits_for_sync() -> None:
+    health = Health(stuck_after_s=60)
+    thread = threading.Thread(target=lambda: None)
+    loop = health.loop("watch-pods", thread)
+    assert health.unsynced() == ["loop watch-pods has not synced"]
+    loop.mark_synced()
+    thread.start()
+    thread.join()
+    assert health.problems() == ["loop watch-pods is dead"] and health.unsynced() == []
+    quiet = Health(stuck_after_s=0.5)
+    quiet.loop("schedule").last_beat -= 1.0
+    (problem,) = quiet.problems()
+    assert problem.startswith("loop schedule made no progress for")
+
+
+def test_malformed_quantities_are_named(api: FakeApi, scheduler: GpuScheduler) -> None:
+    pod: dict[str, Any] = owned_pod(api, "m-0", 0.5)
+    pod["metadata"]["annotations"] = {wire.POD_WANTS_GPU_MEMORY: "lots"}
+    scheduler._pod_event("ADDED", pod)
+    scheduler.schedule_once()
+    assert "team/m-0" in scheduler.unschedulable and not api.bindings

@@ -1,0 +1,242 @@
+"""The reconciler's handlers against a fake API client: failures named and retried right, owned
+objects put back when deleted or edited, nothing applied when nothing drifted."""
+
+import asyncio
+import copy
+from typing import Any
+
+import httpx
+import kopf
+import pytest
+
+from berth import wire
+from berth.operator import reconciler
+from berth.operator.kube import KubeError, Obj
+from berth.operator.settings import OperatorSettings
+from berth.operator.status_board import StatusBoard
+
+UID = "0b7c1e3a-0000-4000-8000-000000000001"
+
+
+class FakeClient:
+    """Records writes; ``fail[kind]`` is raised by the next applies of that kind."""
+
+    def __init__(self) -> None:
+        self.applied: list[Obj] = []
+        self.deleted: list[str] = []
+        self.events: list[Obj] = []
+        self.fail: dict[str, list[Exception]] = {}
+
+    def apply(self, obj: Obj, force: bool = True) -> None:
+        failures = self.fail.get(obj["kind"])
+        if failures:
+            raise failures.pop(0)
+        self.applied.append(copy.deepcopy(obj))
+
+    def delete(self, path: str) -> None:
+        self.deleted.append(path)
+        raise KubeError(404, "NotFound", "not found")
+
+    def post(self, path: str, body: Obj) -> None:
+        self.events.append(body)
+
+
+def service_body(generation: int = 1, **spec: Any) -> Obj:
+    return {
+        "apiVersion": f"{wire.GROUP}/{wire.VERSION}",
+        "kind": "InferenceService",
+        "metadata": {"name": "llama", "namespace": "ml", "uid": UID, "generation": generation},
+        "spec": {
+            "model": {"source": {"hostPath": {"path": "/models/llama"}}},
+            "gpu": {"fraction": 0.5},
+            **spec,
+        },
+    }
+
+
+@pytest.fixture
+def memo() -> reconciler.Shared:
+    client: Any = FakeClient()
+    return reconciler.Shared(OperatorSettings(), client, StatusBoard(client))
+
+
+def reconcile(memo: reconciler.Shared, body: Obj, retry: int = 0, reason: str = "create") -> None:
+    asyncio.run(
+        reconciler.reconcile(
+            body=kopf.Body(body), reason=kopf.Reason(reason), retry=retry, memo=memo
+        )
+    )
+
+
+def failure(memo: reconciler.Shared) -> tuple[str, str] | None:
+    entry = memo.board.render_errors.get(("ml", "llama"))
+    return (entry[1].reason, entry[1].message) if entry else None
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (KubeError(403, "Forbidden", "cannot set blockOwnerDeletion"), "Forbidden"),
+        (KubeError(500, "InternalError", "etcdserver: request timed out"), "ApplyFailed"),
+        (KubeError(503, "ServiceUnavailable", "the server is shutting down"), "ApplyFailed"),
+        (KubeError(429, "TooManyRequests", "slow down"), "ApplyFailed"),
+        (httpx.ConnectError("connection refused"), "ApplyFailed"),
+    ],
+)
+def test_api_server_failures_are_retried_and_never_called_invalid_spec(
+    memo: reconciler.Shared, error: Exception, reason: str
+) -> None:
+    memo.client.fail["Deployment"] = [error]  # type: ignore[attr-defined]
+    with pytest.raises(kopf.TemporaryError) as raised:
+        reconcile(memo, service_body())
+    assert raised.value.delay == reconciler.RETRY_BASE_S
+    got = failure(memo)
+    assert got is not None and got[0] == reason
+    assert "Deployment llama" in got[1] and "retrying" in got[1]
+    warnings = [e for e in memo.client.events if e["type"] == "Warning"]  # type: ignore[attr-defined]
+    assert [e["reason"] for e in warnings] == [reason]
+
+    reconcile(memo, service_body(), retry=1)  # the retry goes through and clears the condition
+    assert failure(memo) is None
+    assert [o["kind"] for o in memo.client.applied] == ["Deployment", "Service"]  # type: ignore[attr-defined]
+
+
+def test_a_refused_object_is_invalid_spec_and_not_retried(memo: reconciler.Shared) -> None:
+    refusal = KubeError(422, "Invalid", "spec.template.spec.containers[0].env[6]: bad fieldPath")
+    memo.client.fail["Deployment"] = [refusal]  # type: ignore[attr-defined]
+    with pytest.raises(kopf.PermanentError):
+        reconcile(memo, service_body())
+    got = failure(memo)
+    assert got is not None and got[0] == "InvalidSpec" and "bad fieldPath" in got[1]
+
+
+def test_retries_back_off_exponentially_up_to_a_cap() -> None:
+    delays = [reconciler.retry_delay(n) for n in range(12)]
+    assert delays[:4] == [1.0, 2.0, 4.0, 8.0]
+    assert delays == sorted(delays) and max(delays) == reconciler.RETRY_CAP_S
+    assert reconciler.retry_delay(10_000) == reconciler.RETRY_CAP_S
+
+
+def test_a_spec_with_fields_not_acted_on_gets_a_warning_event(memo: reconciler.Shared) -> None:
+    reconcile(memo, service_body(autoscaling={"targetConcurrency": 4}))
+    reasons = {e["reason"]: e["message"] for e in memo.client.events}  # type: ignore[attr-defined]
+    assert "spec.autoscaling" in reasons["FieldsNotActedOn"]
+    assert "Created" in reasons
+
+
+# ---- put_back: the owned objects ----------------------------------------------------------
+
+
+def rendered(memo: reconciler.Shared, kind: str, body: Obj | None = None) -> Obj:
+    reconcile(memo, body or service_body())
+    (obj,) = [o for o in memo.client.applied if o["kind"] == kind]  # type: ignore[attr-defined]
+    memo.client.applied.clear()  # type: ignore[attr-defined]
+    return obj
+
+
+def put_back(memo: reconciler.Shared, kind: str, obj: Obj, owner: Obj | None) -> list[Obj]:
+    index = {}
+    if owner is not None:
+        index[("ml", "llama")] = [reconciler.services_by_key(kopf.Body(owner))[("ml", "llama")]]
+    event = {"type": kind, "object": obj}
+    asyncio.run(
+        reconciler.put_back(event=event, body=kopf.Body(obj), memo=memo, services_by_key=index)
+    )
+    return list(memo.client.applied)  # type: ignore[attr-defined]
+
+
+def with_server_defaults(deployment: Obj) -> Obj:
+    live = copy.deepcopy(deployment)
+    live["metadata"].update(uid="d-1", resourceVersion="7", generation=1)
+    live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "1"
+    live["spec"]["revisionHistoryLimit"] = 10
+    pod = live["spec"]["template"]["spec"]
+    pod.update(dnsPolicy="ClusterFirst", restartPolicy="Always", securityContext={})
+    pod["containers"][0].update(terminationMessagePath="/dev/termination-log")
+    live["status"] = {"replicas": 1, "readyReplicas": 1}
+    return live
+
+
+def test_a_deleted_deployment_is_put_back(memo: reconciler.Shared) -> None:
+    deployment = rendered(memo, "Deployment")
+    assert put_back(memo, "DELETED", with_server_defaults(deployment), service_body()) == [
+        deployment
+    ]
+    reasons = [e["reason"] for e in memo.client.events]  # type: ignore[attr-defined]
+    assert "Restored" in reasons
+
+
+@pytest.mark.parametrize("edit", ["replicas", "image", "our env var"])
+def test_a_hand_edited_deployment_is_put_back(memo: reconciler.Shared, edit: str) -> None:
+    deployment = rendered(memo, "Deployment")
+    live = with_server_defaults(deployment)
+    container = live["spec"]["template"]["spec"]["containers"][0]
+    if edit == "replicas":
+        live["spec"]["replicas"] = 5
+    elif edit == "image":
+        container["image"] = "evil:latest"
+    else:
+        container["env"] = [e for e in container["env"] if e["name"] != wire.ENV_VISIBLE_DEVICES]
+    assert put_back(memo, "MODIFIED", live, service_body()) == [deployment]
+
+
+def test_an_object_as_rendered_plus_server_defaults_is_left_alone(memo: reconciler.Shared) -> None:
+    deployment = rendered(memo, "Deployment")
+    assert put_back(memo, "MODIFIED", with_server_defaults(deployment), service_body()) == []
+    service = rendered(memo, "Service")
+    live = copy.deepcopy(service)
+    live["spec"].update(clusterIP="10.96.0.12", type="ClusterIP", sessionAffinity="None")
+    assert put_back(memo, "MODIFIED", live, service_body()) == []
+
+
+def test_objects_of_a_service_being_deleted_or_gone_are_not_put_back(
+    memo: reconciler.Shared,
+) -> None:
+    deployment = with_server_defaults(rendered(memo, "Deployment"))
+    assert put_back(memo, "DELETED", deployment, None) == []
+    going = service_body()
+    going["metadata"]["deletionTimestamp"] = "2026-12-03T15:00:00Z"
+    assert put_back(memo, "DELETED", deployment, going) == []
+    successor = service_body()
+    successor["metadata"]["uid"] = "another-service-of-the-same-name"
+    assert put_back(memo, "DELETED", deployment, successor) == []
+
+
+def test_a_failed_repair_is_retried_while_the_owner_stays_as_it_was(
+    memo: reconciler.Shared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconciler, "retry_delay", lambda attempt: 0.0)
+    deployment = rendered(memo, "Deployment")
+    memo.client.fail["Deployment"] = [KubeError(500, "InternalError", "x")] * 7  # type: ignore[attr-defined]
+    assert put_back(memo, "DELETED", with_server_defaults(deployment), service_body()) == [
+        deployment
+    ]
+    assert failure(memo) is None  # cleared once the repair went through
+
+
+def test_a_repair_stops_retrying_once_the_owner_changes(
+    memo: reconciler.Shared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = with_server_defaults(rendered(memo, "Deployment"))
+    index = {
+        ("ml", "llama"): [reconciler.services_by_key(kopf.Body(service_body()))[("ml", "llama")]]
+    }
+    attempts: list[int] = []
+
+    def delay(attempt: int) -> float:
+        attempts.append(attempt)
+        if attempt == 3:  # meanwhile the user changed the spec: reconcile takes it from here
+            index[("ml", "llama")][0]["metadata"]["generation"] = 2
+        return 0.0
+
+    monkeypatch.setattr(reconciler, "retry_delay", delay)
+    memo.client.fail["Deployment"] = [KubeError(403, "Forbidden", "no")] * 99  # type: ignore[attr-defined]
+    event = {"type": "DELETED", "object": deployment}
+    asyncio.run(
+        reconciler.put_back(
+            event=event, body=kopf.Body(deployment), memo=memo, services_by_key=index
+        )
+    )
+    assert attempts == [0, 1, 2, 3] and memo.client.applied == []  # type: ignore[attr-defined]
+    got = failure(memo)
+    assert got is not None and got[0] == "Forbidden"

@@ -1,0 +1,165 @@
+"""The elastic KV pool: grown toward the limit and shrunk back to the request while it serves.
+
+One grow/shrink schedule, run on the CPU build in CI and on the GPU (CUDA virtual memory, decode
+CUDA graphs) on the device: every request completes, greedy outputs are token-identical to a run
+on a pool that never changes, shrinks preempt (and recompute) the sequences in the region given
+back, and on the GPU the decode graphs captured at start-up keep being replayed after a shrink.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams
+from berth.runtime.engine.budget import GpuBudget
+from berth.runtime.engine.kv_arena import KvArena, KvLayout
+
+# (engine step, "limit" | "request"): when the pool grows to the limit or shrinks back.
+SCHEDULE = [(3, "limit"), (8, "request"), (12, "limit"), (16, "request"), (24, "limit"),
+            (30, "request")]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Load:
+    """Requests (prompts of ``prompt_len + i`` tokens) and the budget, in KV chunks, chosen so
+    that everything fits at the limit and not at the request."""
+
+    device: str
+    num_seqs: int
+    prompt_len: int
+    max_tokens: int
+    request_chunks: int
+    limit_chunks: int
+    dtype: str = "float32"
+
+
+CPU_LOAD = Load("cpu", 8, 20, 24, 2, 6)  # chunks of 8 blocks
+GPU_LOAD = Load("cuda", 64, 300, 120, 1, 3)  # chunks of 1,024 blocks (2 MiB per slab)
+
+
+def _prompts(load: Load) -> list[list[int]]:
+    return [
+        [(11 * i + 7 * j) % 500 + 1 for j in range(load.prompt_len + i)]
+        for i in range(load.num_seqs)
+    ]
+
+
+def _config(model: Path, load: Load, **kw: object) -> EngineConfig:
+    return EngineConfig(
+        model=str(model),
+        device=load.device,
+        dtype=load.dtype,
+        max_num_seqs=64,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _run(
+    engine: Engine, load: Load, schedule: list[tuple[int, str]]
+) -> tuple[dict[str, list[int]], int]:
+    """Serve the load, resizing as scheduled; the tokens per request, and the decode graphs
+    replayed after the last resize."""
+    params = SamplingParams(max_tokens=load.max_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(_prompts(load)):
+        engine.add_request(str(i), prompt, params)
+    plan, targets = engine.runner.plan, dict(schedule)
+    replays_at_last_resize = engine.runner.num_graph_replays
+    tokens: dict[str, list[int]] = {}
+    finished: set[str] = set()
+    step = 0
+    while engine.has_unfinished():
+        if step in targets:
+            assert plan is not None
+            budget = plan.budget
+            target = budget.limit_bytes if targets[step] == "limit" else budget.request_bytes
+            held = engine.resize_kv_memory(target)
+            replays_at_last_resize = engine.runner.num_graph_replays
+            assert held <= target
+            engine.pool.check_invariants(engine.scheduler.running)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                assert out.finish_reason == "length", out
+                finished.add(out.request_id)
+        step += 1
+    assert len(finished) == load.num_seqs
+    return tokens, engine.runner.num_graph_replays - replays_at_last_resize
+
+
+def _elastic_engine(model: Path, load: Load) -> Engine:
+    """An engine whose budget holds the load's request chunks beside what an engine of the
+    same shape measured (half a chunk of slack for measurement noise), its limit chunks at most. On
+    the GPU the first engine of a process measures more (its CUDA context loads the kernels),
+    so the budget is taken from a second one, as every later engine here measures."""
+    probe = Engine(_config(model, load, num_kv_blocks=16))
+    footprint, chunk = probe.runner.footprint, probe.runner.layout.chunk_bytes
+    for _ in range(2 if load.device == "cuda" else 1):
+        del probe
+        gc.collect()  # the dropped engine's KV mappings and graph pools go back
+        if load.device == "cuda":
+            torch.cuda.empty_cache()
+        base = footprint.weights_bytes + footprint.workspace_bytes + chunk // 2
+        budget = GpuBudget(base + load.request_chunks * chunk, base + load.limit_chunks * chunk)
+        probe = Engine(_config(model, load, budget=budget))
+        footprint = probe.runner.footprint
+    return probe
+
+
+def _check_schedule(model: Path, load: Load) -> Engine:
+    elastic = _elastic_engine(model, load)
+    arena = elastic.runner.arena
+    print("footprint", elastic.runner.footprint, "plan", elastic.runner.plan)
+    assert arena.num_chunks == load.request_chunks, "the pool starts at the request"
+    assert elastic.runner.plan is not None
+    assert elastic.runner.plan.limit_chunks == load.limit_chunks
+    reference = Engine(_config(model, load, num_kv_blocks=arena.max_blocks))
+    expected, _ = _run(reference, load, [])
+    got, replays_after_shrink = _run(elastic, load, SCHEDULE)
+    assert got == expected, "resizing changed greedy outputs"
+    assert elastic.stats().num_preemptions > 0, "no shrink had to preempt: the test is too light"
+    assert arena.num_chunks == load.request_chunks
+    assert arena.num_remaps >= 6 * (load.limit_chunks - load.request_chunks)
+    assert elastic.stats().held_bytes <= elastic.runner.plan.budget.request_bytes  # type: ignore[union-attr]
+    if elastic.runner.graphs:
+        assert replays_after_shrink >= 50, "decode steps after the last shrink ran eagerly"
+    return elastic
+
+
+def test_cpu_pool_grows_and_shrinks_under_load_with_identical_greedy_outputs(
+    tiny_model: Path,
+) -> None:
+    _check_schedule(tiny_model, CPU_LOAD)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pool_on_cuda_virtual_memory_keeps_graphs_replaying_after_shrinks(
+    tiny_model: Path,
+) -> None:
+    engine = _check_schedule(tiny_model, GPU_LOAD)
+    assert engine.runner.graphs, "no CUDA graphs were captured"
+    print("graph replays in all", engine.runner.num_graph_replays)
+
+
+def test_arena_maps_and_unmaps_whole_chunks_and_keeps_its_tensor() -> None:
+    layout = KvLayout(2, 16, 3, 64, 2, 16 << 10)  # 6 KiB per slab block: chunks of 8 blocks
+    assert layout.chunk_blocks == 8 and layout.chunk_bytes == 8 * layout.block_bytes
+    arena = KvArena(layout, 5, torch.device("cpu"), torch.float16)
+    tensor = arena.tensor
+    arena.resize(3)
+    assert arena.num_blocks == 24 and arena.mapped_bytes == 3 * layout.chunk_bytes
+    tensor[:, :, :24] = 1.0
+    arena.resize(1)
+    arena.resize(2)
+    assert arena.tensor is tensor and tensor.shape[2] == 40
+    assert float(tensor[:, :, 8:16].abs().sum()) == 0.0, "a remapped chunk reads as zeros"
+    assert float(tensor[:, :, :8].float().sum()) == 8 * 16 * 3 * 64 * 2 * 2, (
+        "chunk 0 kept its content"
+    )
+    with pytest.raises(ValueError, match="num_chunks"):
+        arena.resize(6)

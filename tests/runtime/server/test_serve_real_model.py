@@ -1,0 +1,59 @@
+"""``berth serve --model smollm2`` serves the real model by name: imported on demand (from the
+cache after the first time), listed under its name, answering a chat question correctly."""
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from berth.runtime.engine.gguf_import import import_model
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_by_name_imports_smollm2_and_answers_paris(tmp_path: Path) -> None:
+    import_model("smollm2", say=lambda _: None)  # a cold import is not what this test times
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "berth", "serve", "--model", "smollm2", "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "2",
+             "--max-model-len", "512", "--num-kv-blocks", "64", "--no-access-log"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                assert process.poll() is None, log_path.read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{base_url}/ready", timeout=5).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "berth serve did not become ready"
+                time.sleep(0.2)
+            models = httpx.get(f"{base_url}/v1/models", timeout=10).json()
+            assert [m["id"] for m in models["data"]] == ["smollm2"]
+            question = {"role": "user", "content": "What is the capital of France?"}
+            body = {"model": "smollm2", "messages": [question], "max_tokens": 24}
+            reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            choice = reply.json()["choices"][0]
+            assert "Paris" in choice["message"]["content"]
+            assert choice["finish_reason"] == "stop"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+            assert "already imported at" in log_path.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
