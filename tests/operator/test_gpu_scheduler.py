@@ -546,3 +546,19 @@ def test_the_issue_19_interleaving_through_the_event_log_books_nothing_twice() -
         assert [b["metadata"]["name"] for b in m.api.bindings] == ["s1-0"]
     finally:
         m.teardown()
+
+
+def test_without_the_owner_requirement_a_bare_pod_is_bound(api: FakeApi) -> None:
+    s = GpuScheduler(api, OperatorSettings(bind_workers=1, require_owner=False))  # type: ignore[arg-type]
+    try:
+        s._nodes_listed([node("n0")])
+        s._reservations_listed([])
+        s._pods_listed([])
+        bare = owned_pod(api, "bare-0", 0.5)
+        bare["metadata"]["ownerReferences"] = []
+        s._pod_event("ADDED", bare)
+        s.schedule_once()
+        s.bind_pool.submit(lambda: None).result(timeout=10)
+        assert [b["metadata"]["name"] for b in api.bindings] == ["bare-0"]
+    finally:
+        s.shutdown()
