@@ -25,7 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import yaml
 
@@ -106,9 +106,9 @@ class HostSnapshot:
             if restore:
                 subprocess.run([f"{family}-restore"], input=restore, text=True,
                                capture_output=True, check=False)  # fmt: skip
-        for path in self.missing_paths:
-            if os.path.lexists(path) and not _mounts_under(Path(path)):
-                shutil.rmtree(path, ignore_errors=True)
+        for missing in self.missing_paths:
+            if os.path.lexists(missing) and not _mounts_under(Path(missing)):
+                shutil.rmtree(missing, ignore_errors=True)
 
     def to_json(self) -> dict[str, Any]:
         return {"sysctls": self.sysctls, "iptables": self.iptables, "ip6tables": self.ip6tables,
@@ -191,7 +191,7 @@ class RealNode:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_UN)
             lock.close()
-            self._lock = None
+            del self._lock
 
     def prepare(self, pki: Pki, api_server: str, tokens: dict[str, str]) -> HostSnapshot:
         """Interface, configs and kubeconfigs; returns the host snapshot taken first."""
@@ -418,7 +418,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         with subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE) as ctr:
             assert ctr.stdin is not None and ctr.stderr is not None
             try:
-                image.write_archive(ctr.stdin, present=self.content_digests())
+                image.write_archive(cast(BinaryIO, ctr.stdin), present=self.content_digests())
             except BrokenPipeError:
                 pass
             finally:
