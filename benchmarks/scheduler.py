@@ -126,9 +126,10 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def operator_process(cluster: LocalCluster, log_dir: Path, *flags: str) -> OperatorProcess:
-    """``berth operator`` with ``flags``, started; it dies with the benchmark."""
+    """``berth operator`` with ``flags``, started; it dies with the benchmark. The benchmark runs
+    the two loops as two processes on purpose, so neither campaigns for the one Lease."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    process = OperatorProcess(cluster, log_dir, *flags)
+    process = OperatorProcess(cluster, log_dir, "--no-leader-elect", *flags)
     process.start()
     return process
 

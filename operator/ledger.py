@@ -3,19 +3,21 @@
 A pod's life in the ledger follows kube-scheduler's cache
 (``pkg/scheduler/backend/cache/interface.go``)::
 
-               assume            confirm (a watch event or a list shows it bound)
+               assume            confirm (a watch event, a list or a GET shows it bound)
     Initial ---------> Assumed ---------------------------------------> Added
        ^                |   |                                              |
        |   forget       |   | finish_binding: the Binding call returned;   | remove
-       +----------------+   | expire() drops it once its deadline passes   v
-       |   expire           | without a confirmation                    Deleted
-       +--------------------+
+       +----------------+   | due() hands it back for a check once its     v
+                            | deadline passes without a confirmation    Deleted
 
 - ``assume(a)``: the scheduler chose a GPU; the share counts from this moment, before the
   Binding is sent, and it never expires while the Binding call is in flight.
 - ``finish_binding(pod, deadline)``: the Binding returned (it landed, or timed out and may have
-  landed); if nothing confirms the pod by ``deadline``, ``expire`` frees the share.
-- ``forget(pod)``: the Binding was refused for certain; the share is free at once.
+  landed); if nothing confirms the pod by ``deadline``, ``due`` returns it, and the scheduler
+  asks the API server: bound means ``confirm``, unbound ``forget``, gone ``remove``. A late or
+  lagging watch therefore never frees a share that is really bound (a plain expiry would).
+- ``forget(pod)``: the Binding was refused for certain, or a fresh read shows the pod unbound
+  after its bind returned; the share is free at once.
 - ``confirm(a)``: the API server shows the pod bound with allocation ``a`` (Added).
 - ``remove(pod)``: the pod was deleted or finished (Deleted).
 - ``relist(allocations, unbound)``: a (re)list replaces every Added booking. An Assumed booking
@@ -121,14 +123,15 @@ class GpuLedger:
     def is_assumed(self, pod: str) -> bool:
         return pod in self.assumed
 
-    def expire(self, now: float) -> list[str]:
-        """Drop Assumed bookings whose deadline has passed; the pods whose share was freed."""
-        expired = [
+    def due(self, now: float) -> list[str]:
+        """Assumed pods whose deadline has passed; each is handed out once (its deadline is
+        cleared) until ``finish_binding`` sets a new one, so the caller checks it exactly once."""
+        due = [
             p for p, deadline in self.assumed.items() if deadline is not None and deadline <= now
         ]
-        for pod in expired:
-            self.remove(pod)
-        return expired
+        for pod in due:
+            self.assumed[pod] = None
+        return due
 
     def next_deadline(self) -> float | None:
         return min((d for d in self.assumed.values() if d is not None), default=None)

@@ -36,7 +36,8 @@ class OperatorMetrics:
         )
         self.expired = Counter(
             "berth_scheduler_assumed_expired_total",
-            "Assumed shares dropped because no confirmation came before their deadline.",
+            "Assumed shares freed because, past their deadline, a fresh read showed the pod unbound "
+            "or gone.",
             registry=r,
         )
         self.refused = Counter(

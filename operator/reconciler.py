@@ -49,7 +49,6 @@ OWNED_LABELS: dict[str, Any] = {
 RETRY_BASE_S = 1.0  # first retry of a failed apply; doubles per retry
 RETRY_CAP_S = 300.0
 UNEXPECTED_BACKOFF_S = 30.0  # kopf's retry delay for an exception no handler names (a bug)
-REPAIR_ATTEMPTS = 6  # a repair retries in its handler: kopf does not retry event handlers
 
 
 @dataclass(frozen=True)
@@ -185,16 +184,18 @@ async def reconcile(*, body: kopf.Body, reason: str, retry: int, memo: Shared, *
 @kopf.on.event("v1", "services", labels=OWNED_LABELS)
 @kopf.on.event("policy/v1", "poddisruptionbudgets", labels=OWNED_LABELS)
 async def put_back(*, event: kopf.RawEvent, body: kopf.Body, memo: Shared, **kwargs: Any) -> None:
-    """Re-apply an owned object that was deleted or edited away from its rendering."""
+    """Re-apply an owned object that was deleted or edited away from its rendering.
+
+    kopf never retries an event handler, and a deleted object sends no further events, so a
+    failed repair is retried here with the reconciler's backoff for as long as the owner stays
+    as it was: once it changes (a new generation, a deletion), ``reconcile`` owns the outcome.
+    """
     meta = body["metadata"]
     key = (meta["namespace"], meta["labels"][wire.LABEL_SERVICE])
     index: kopf.Index[Key, Obj] = kwargs["services_by_key"]  # kopf passes indices by name
-    owner = next(iter(index.get(key, [])), None)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return  # the service is going: the garbage collector takes its objects
-    owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
-    if owner["metadata"].get("uid") not in owners:
-        return  # left over from an earlier service of the same name
+    owner = _owner(index, key, meta)
+    if owner is None:
+        return
     try:
         service = _parse(owner)
     except ValidationError:
@@ -208,24 +209,38 @@ async def put_back(*, event: kopf.RawEvent, body: kopf.Body, memo: Shared, **kwa
         return  # a budget for one replica is reconcile's to prune
     how = "deleted" if live is None else "changed"
     log.info("%s %s/%s was %s: putting it back", body["kind"], *key, how)
-    failed = False
-    for attempt in range(REPAIR_ATTEMPTS):
+    attempt = 0
+    while True:
         try:
             await asyncio.to_thread(memo.client.apply, wanted)
             break
         except (KubeError, httpx.HTTPError) as error:
             failure = apply_failure(wanted, error)
             memo.board.render_error(key, generation, failure)
-            failed = True
-            if failure.permanent or attempt == REPAIR_ATTEMPTS - 1:
-                log.warning("%s not put back: %s", body["kind"], failure.message)
+            log.warning("%s not put back: %s", body["kind"], failure.message)
+            if failure.permanent:
                 return
-            await asyncio.sleep(retry_delay(attempt))
-    if failed:
+        await asyncio.sleep(retry_delay(attempt))
+        attempt += 1
+        current = _owner(index, key, meta)
+        if current is None or current["metadata"].get("generation", 0) != generation:
+            return
+    if attempt:
         memo.board.render_error(key, generation, None)
     involved = {"apiVersion": f"{wire.GROUP}/{wire.VERSION}", "kind": api.KIND, **owner}
     message = f"{body['kind']} {meta['name']} was {how}; put back as rendered"
     await _event(memo, involved, "Normal", "Restored", message)
+
+
+def _owner(index: kopf.Index[Key, Obj], key: Key, meta: Any) -> Obj | None:
+    """The live service that owns an object, or None when it is going or is another one."""
+    owner = next(iter(index.get(key, [])), None)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return None  # the service is going: the garbage collector takes its objects
+    owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+    if owner["metadata"].get("uid") not in owners:
+        return None  # left over from an earlier service of the same name
+    return owner
 
 
 # ---- helpers ------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ that reads its own device UUID (as KAI's does) and annotates the pod would close
 
 import logging
 import threading
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from typing import Any
 
 from berth import wire
@@ -26,6 +27,7 @@ from berth.operator.kube import KubeClient, KubeError, Obj, resource_path
 from berth.operator.ledger import GpuKey
 
 log = logging.getLogger(__name__)
+REPAIR_INTERVAL_S = 15.0  # a GPU whose reservation keeps failing is tried again this often
 LABEL_RESERVATION = f"{wire.GROUP}/gpu-reservation"  # "true" on every reservation pod
 ANNOTATION_GPU_INDEX = f"{wire.GROUP}/reserved-gpu-index"  # the device index it stands for
 
@@ -96,6 +98,7 @@ class GpuReservations:
         self.doomed: set[str] = set()  # second reservations of a held GPU, failed ones: to delete
         self.released: set[str] = set()  # deleted by us: late events about them are ignored
         self.gates: dict[GpuKey, threading.Lock] = {}
+        self.repaired_at: dict[GpuKey, float] = {}
         self.namespace_ready = False
 
     @property
@@ -148,6 +151,24 @@ class GpuReservations:
         """GPUs with tenants but no reservation (one deleted by someone else, say)."""
         with self.lock:
             return [gpu for gpu in in_use if gpu not in self.held]
+
+    def sync(self, in_use: Collection[GpuKey], submit: Callable[..., object]) -> None:
+        """Delete the reservations of GPUs without tenants and hold GPUs with tenants but none
+        (rate-limited per GPU); ``submit`` runs the API calls off the caller's lock."""
+        unused = self.release(in_use)
+        if unused:
+            submit(self.delete, unused)
+        now = time.monotonic()
+        for gpu in self.missing(in_use):
+            if now - self.repaired_at.get(gpu, -1e9) >= REPAIR_INTERVAL_S:
+                self.repaired_at[gpu] = now
+                submit(self._hold_quietly, gpu)
+
+    def _hold_quietly(self, gpu: GpuKey) -> None:
+        try:
+            self.hold(gpu)
+        except Exception as error:
+            log.warning("GPU %s/%d has tenants but no reservation: %s", *gpu, error)
 
     def count(self) -> int:
         return len(self.held)

@@ -26,6 +26,7 @@ from berth.operator.events import EventPacer, record_event
 from berth.operator.health import Health
 from berth.operator.kube import (
     KubeClient,
+    KubeError,
     Obj,
     describe,
     reflect,
@@ -62,7 +63,6 @@ class GpuScheduler:
         self.refused: dict[str, str] = {}  # pod key -> why it may not have a share at all
         self.reported: dict[str, str] = {}  # pod key -> the reason last sent as an event
         self.bad: dict[str, str] = {}  # object uid -> the handler error last reported on it
-        self.repaired_at: dict[tuple[str, int], float] = {}  # GPU -> last reservation repair
         self.last_retry = 0.0
         self.bound_total = 0
         self.pods_synced = threading.Event()
@@ -273,7 +273,7 @@ class GpuScheduler:
     def _wait_for_work(self) -> None:
         with self.wake:
             while not self.stop.is_set():
-                self._expire_assumed()
+                self._check_due()
                 self._sync_reservations()
                 if self._ready_work():
                     return
@@ -289,37 +289,49 @@ class GpuScheduler:
     def _ready_work(self) -> bool:
         return any(k not in self.unschedulable and k not in self.refused for k in self.pending)
 
-    def _expire_assumed(self) -> None:
-        """Free the shares of binds never confirmed; put their pods back in the queue (lock held)."""
-        for key in self.ledger.expire(time.monotonic()):
+    def _check_due(self) -> None:
+        """Assumed shares whose bind was never confirmed in time: ask the API server (lock held)."""
+        for key in self.ledger.due(time.monotonic()):
+            self.reporter.submit(self._recheck, key)
+
+    def _recheck(self, key: str) -> None:
+        """A fresh read decides an unconfirmed share: bound keeps it (as the API server has it),
+        unbound frees it and places the pod again, gone frees it. A lagging watch therefore
+        never frees a share that is really bound."""
+        namespace, name = key.split("/", 1)
+        pod: Obj | None = None
+        try:
+            pod = self.client.get(resource_path("v1", "Pod", namespace, name))
+        except Exception as error:
+            if not (isinstance(error, KubeError) and error.status == 404):
+                with self.wake:  # cannot tell now: ask again after another deadline
+                    self.ledger.finish_binding(key, time.monotonic() + self.settings.assume_ttl_s)
+                    self.wake.notify_all()
+                return
+        with self.wake:
+            if not self.ledger.is_assumed(key):
+                return  # a watch event or a list decided first
+            if pod is not None and pod.get("spec", {}).get("nodeName"):
+                try:
+                    self._track(pod)  # confirms it
+                except ValueError:
+                    self.ledger.remove(key)
+                return
             self.metrics.expired.inc()
-            pod = self.assumed.pop(key, None)
-            log.warning(
-                "bind of %s never confirmed: its share is freed and it is placed again", key
-            )
+            self.ledger.forget(key)
+            self.assumed.pop(key, None)
             if pod is not None:
+                log.warning(
+                    "bind of %s never landed: its share is freed and it is placed again", key
+                )
                 self.pending[key] = pod
             self.unschedulable.clear()
+            self.wake.notify_all()
 
     def _sync_reservations(self) -> None:
-        """Delete the reservations of GPUs without tenants; recreate missing ones (lock held)."""
-        if not self.settings.gpu_reservations:
-            return
-        in_use = self.ledger.used_gpus()
-        unused = self.reservations.release(in_use)
-        if unused:
-            self.reporter.submit(self.reservations.delete, unused)
-        now = time.monotonic()
-        for gpu in self.reservations.missing(in_use):
-            if now - self.repaired_at.get(gpu, -1e9) >= RETRY_UNSCHEDULABLE_S:
-                self.repaired_at[gpu] = now
-                self.reporter.submit(self._hold_quietly, gpu)
-
-    def _hold_quietly(self, gpu: tuple[str, int]) -> None:
-        try:
-            self.reservations.hold(gpu)
-        except Exception as error:
-            log.warning("GPU %s/%d has tenants but no reservation: %s", *gpu, error)
+        """Reservations follow the ledger's used GPUs (lock held; the API calls run later)."""
+        if self.settings.gpu_reservations:
+            self.reservations.sync(self.ledger.used_gpus(), self.reporter.submit)
 
     def schedule_once(self) -> list[Decision]:
         """Place every pending pod that is not known to be unschedulable; start their binds."""

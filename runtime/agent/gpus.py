@@ -10,7 +10,6 @@ import ctypes
 import hashlib
 import re
 
-from berth.operator.api import quantity_bytes
 from berth.runtime.agent.ledger import GpuMemory
 
 NVML_SUCCESS = 0
@@ -23,6 +22,8 @@ class GpuDiscoveryError(RuntimeError):
 def simulated(spec: str, node: str = "local", reserved: int = 0) -> list[GpuMemory]:
     """GPUs from ``NxQUANTITY`` or ``UUID:QUANTITY[,UUID:QUANTITY...]``; UUIDs of the first form
     are derived from the node name, so a restarted agent finds the same GPUs."""
+    from berth.operator.api import quantity_bytes  # kubernetes' parser; NVML needs none of it
+
     spec = spec.strip()
     counted = re.fullmatch(r"(\d+)x(\S+)", spec)
     try:

@@ -1,5 +1,5 @@
 """The ledger's assumed-pod protocol: assume / finish_binding / forget / confirm / remove /
-relist / expire, against a model of the state diagram in ``ledger.py``."""
+relist / due, against a model of the state diagram in ``ledger.py``."""
 
 from collections import Counter
 
@@ -33,13 +33,17 @@ def test_a_list_without_the_pod_or_showing_it_finished_drops_the_assumed_share()
     assert not ledger.used_gpus() and not ledger.is_assumed("ns/a")
 
 
-def test_an_assumed_share_expires_only_after_its_bind_returned_and_its_deadline_passed() -> None:
+def test_an_assumed_share_is_due_for_a_check_only_after_its_bind_returned_and_its_deadline() -> (
+    None
+):
     ledger = GpuLedger()
     ledger.assume(allocation("ns/a", ("n0", 0), 10))
-    assert ledger.expire(now=1e12) == []  # bind still in flight: never expires
+    assert ledger.due(now=1e12) == []  # bind still in flight: never due
     ledger.finish_binding("ns/a", deadline=50.0)
-    assert ledger.expire(now=49.0) == [] and ledger.next_deadline() == 50.0
-    assert ledger.expire(now=50.0) == ["ns/a"] and not ledger.used_gpus()
+    assert ledger.due(now=49.0) == [] and ledger.next_deadline() == 50.0
+    assert ledger.due(now=50.0) == ["ns/a"]
+    assert ledger.due(now=51.0) == []  # handed out once; still booked while it is checked
+    assert ledger.is_assumed("ns/a") and ledger.used_gpus() == {("n0", 0)}
 
 
 def test_a_confirmed_share_replaces_the_assumed_one_and_never_expires() -> None:
@@ -47,7 +51,7 @@ def test_a_confirmed_share_replaces_the_assumed_one_and_never_expires() -> None:
     ledger.assume(allocation("ns/a", ("n0", 0), 10))
     ledger.finish_binding("ns/a", deadline=1.0)
     ledger.confirm(allocation("ns/a", ("n0", 1), 12))  # the API server knows better
-    assert ledger.expire(now=2.0) == []
+    assert ledger.due(now=2.0) == []
     assert ledger.resident[("n0", 0)] == 0 and ledger.resident[("n0", 1)] == 12 * GIB
     assert ledger.forget("ns/a") is None  # forget never frees a confirmed share
 
@@ -100,12 +104,17 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model.pop(pod, None)
 
     @rule(dt=st.floats(0, 5))
-    def expire(self, dt: float) -> None:
+    def due(self, dt: float) -> None:
         self.now += dt
-        self.ledger.expire(self.now)
-        for pod, (_, state, deadline) in list(self.model.items()):
-            if state == "assumed" and deadline is not None and deadline <= self.now:
-                del self.model[pod]
+        due = self.ledger.due(self.now)
+        expected = [
+            p
+            for p, (_, s, d) in self.model.items()
+            if s == "assumed" and d is not None and d <= self.now
+        ]
+        assert sorted(due) == sorted(expected)
+        for pod in due:
+            self.model[pod] = (self.model[pod][0], "assumed", None)
 
     @rule(
         bound=st.dictionaries(

@@ -202,18 +202,41 @@ def test_objects_of_a_service_being_deleted_or_gone_are_not_put_back(
     assert put_back(memo, "DELETED", deployment, successor) == []
 
 
-def test_a_repair_that_fails_retries_then_reports(
+def test_a_failed_repair_is_retried_while_the_owner_stays_as_it_was(
     memo: reconciler.Shared, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(reconciler, "retry_delay", lambda attempt: 0.0)
     deployment = rendered(memo, "Deployment")
-    memo.client.fail["Deployment"] = [KubeError(500, "InternalError", "x")] * 2  # type: ignore[attr-defined]
+    memo.client.fail["Deployment"] = [KubeError(500, "InternalError", "x")] * 7  # type: ignore[attr-defined]
     assert put_back(memo, "DELETED", with_server_defaults(deployment), service_body()) == [
         deployment
     ]
     assert failure(memo) is None  # cleared once the repair went through
-    memo.client.applied.clear()  # type: ignore[attr-defined]
+
+
+def test_a_repair_stops_retrying_once_the_owner_changes(
+    memo: reconciler.Shared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = with_server_defaults(rendered(memo, "Deployment"))
+    index = {
+        ("ml", "llama"): [reconciler.services_by_key(kopf.Body(service_body()))[("ml", "llama")]]
+    }
+    attempts: list[int] = []
+
+    def delay(attempt: int) -> float:
+        attempts.append(attempt)
+        if attempt == 3:  # meanwhile the user changed the spec: reconcile takes it from here
+            index[("ml", "llama")][0]["metadata"]["generation"] = 2
+        return 0.0
+
+    monkeypatch.setattr(reconciler, "retry_delay", delay)
     memo.client.fail["Deployment"] = [KubeError(403, "Forbidden", "no")] * 99  # type: ignore[attr-defined]
-    assert put_back(memo, "DELETED", with_server_defaults(deployment), service_body()) == []
+    event = {"type": "DELETED", "object": deployment}
+    asyncio.run(
+        reconciler.put_back(
+            event=event, body=kopf.Body(deployment), memo=memo, services_by_key=index
+        )
+    )
+    assert attempts == [0, 1, 2, 3] and memo.client.applied == []  # type: ignore[attr-defined]
     got = failure(memo)
     assert got is not None and got[0] == "Forbidden"

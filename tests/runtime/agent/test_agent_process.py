@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_harness import MIB, AgentProcess, metric, running_agent, wait_until_granting
+
+from berth.e2e.agent_process import MIB, AgentProcess, metric, running_agent, wait_until_granting
 
 LEASE_S = 3.0
 DEADLINE_S = 1.0

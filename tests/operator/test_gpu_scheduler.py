@@ -10,6 +10,7 @@ run against the real API server in e2e/test_scheduler_reliability.py.
 import copy
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -56,6 +57,12 @@ class FakeApi:
             if path.endswith("/binding"):
                 if self.refuse_binds:
                     raise self.refuse_binds
+                stored = self.objects.get(path.removesuffix("/binding"))
+                if stored is not None:
+                    if stored["spec"].get("nodeName"):
+                        raise KubeError(409, "Conflict", "pod is already assigned to a node")
+                    stored["spec"]["nodeName"] = body["target"]["name"]
+                    stored["metadata"]["annotations"].update(body["metadata"]["annotations"])
                 self.bindings.append(body)
             error = self.bind_error
         if error is not None and path.endswith("/binding"):
@@ -147,6 +154,8 @@ def api() -> FakeApi:
 def scheduler(api: FakeApi) -> Iterator[GpuScheduler]:
     settings = OperatorSettings(bind_workers=1, batch_window_s=0, assume_ttl_s=30.0)
     s = GpuScheduler(api, settings)  # type: ignore[arg-type]
+    s.reporter.shutdown()
+    s.reporter = ThreadPoolExecutor(1)  # FIFO: waiting for a no-op waits for every report
     s._nodes_listed([node("n0")])
     s._reservations_listed([])
     s._pods_listed([])
@@ -196,20 +205,51 @@ def test_a_bind_that_timed_out_but_landed_keeps_its_share(
     assert scheduler.metrics.bind_failures.labels("ambiguous")._value.get() == 1
 
 
-def test_an_unconfirmed_bind_expires_after_its_deadline_and_the_pod_is_placed_again(
+def stored(api: FakeApi, pod: Obj) -> Obj:
+    """Keep ``pod`` in the fake API server (GETs and Bindings then see it)."""
+    meta = pod["metadata"]
+    api.objects[f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"] = copy.deepcopy(pod)
+    return pod
+
+
+def recheck_due(s: GpuScheduler) -> None:
+    with s.lock:
+        s._check_due()
+    s.reporter.submit(lambda: None).result(timeout=10)
+
+
+def test_an_unconfirmed_bind_that_never_landed_is_freed_after_its_deadline_and_placed_again(
     api: FakeApi, scheduler: GpuScheduler
 ) -> None:
     api.refuse_binds = KubeError(503, "ServiceUnavailable", "etcd leader changed")
     scheduler.settings = OperatorSettings(bind_workers=1, batch_window_s=0, assume_ttl_s=0.0)
-    scheduler._pod_event("ADDED", owned_pod(api, "a-0", 0.5))
+    scheduler._pod_event("ADDED", stored(api, owned_pod(api, "a-0", 0.5)))
     scheduler.schedule_once()
     drain(scheduler)
     assert scheduler.ledger.is_assumed("team/a-0")
-    with scheduler.lock:
-        scheduler._expire_assumed()
+    recheck_due(scheduler)  # a fresh GET shows it unbound
     assert not scheduler.ledger.used_gpus() and "team/a-0" in scheduler.pending
     assert scheduler.metrics.expired._value.get() == 1
     api.refuse_binds = None
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert [b["metadata"]["name"] for b in api.bindings] == ["a-0"]
+
+
+def test_past_its_deadline_a_bind_that_landed_is_confirmed_by_a_read_not_freed(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    """The watch lags past the deadline: a plain expiry would free a share that is bound, and
+    the next pod would be placed on top of it."""
+    api.bind_error = httpx.ReadTimeout("timed out")
+    scheduler.settings = OperatorSettings(bind_workers=1, batch_window_s=0, assume_ttl_s=0.0)
+    scheduler._pod_event("ADDED", stored(api, owned_pod(api, "a-0", 0.55)))
+    scheduler.schedule_once()
+    drain(scheduler)
+    api.bind_error = None
+    recheck_due(scheduler)  # no watch event yet; the GET shows it bound
+    assert not scheduler.ledger.assumed and scheduler.ledger.tenants[("n0", 0)] == 1
+    scheduler._pod_event("ADDED", owned_pod(api, "b-0", 1.0))
     scheduler.schedule_once()
     drain(scheduler)
     assert [b["metadata"]["name"] for b in api.bindings] == ["a-0"]
@@ -319,6 +359,8 @@ def test_a_restarted_scheduler_rebuilds_reservations_from_the_api_server(api: Fa
     stray = copy.deepcopy(existing)
     stray["metadata"]["name"] = "gpu-n0-0-y"  # a second one for the same GPU (a crash mid-way)
     s = GpuScheduler(api, OperatorSettings(bind_workers=1))  # type: ignore[arg-type]
+    s.reporter.shutdown()
+    s.reporter = ThreadPoolExecutor(1)
     try:
         s._nodes_listed([node("n0")])
         s._reservations_listed([existing, stray])

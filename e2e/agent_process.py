@@ -1,4 +1,5 @@
-"""A real ``berth node-agent`` process on a unix socket, and an HTTP client for it."""
+"""A real ``berth node-agent`` process on a unix socket, and an HTTP client for it (used by
+the agent's unit tests in tests/runtime/agent and by the end-to-end tests)."""
 
 import os
 import signal
