@@ -33,6 +33,8 @@ def test_deployment_is_scheduled_by_berth_and_requests_no_whole_gpu() -> None:
     assert container["args"][:2] == ["--model", "/models/llama"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": wire.PRESTOP_SLEEP_S}}
+    assert pod["terminationGracePeriodSeconds"] == wire.TERMINATION_GRACE_PERIOD_S
     assert container["ports"][0]["containerPort"] == 8000
     assert deployment["metadata"]["ownerReferences"][0]["uid"] == "u-1"
 
