@@ -25,6 +25,8 @@ NAMESPACE = "berth-demo"
 # Where the pods read weights from (hostPath): outside /root, readable by the pods' user.
 MODELS = Path("/var/lib/berth/models")
 QUESTION = "What is the capital of France?"
+PLACEMENT = ("POD:.metadata.name,NODE:.spec.nodeName,GPU:.metadata.annotations.berth\\.dev/gpu-index,"
+             "GPU-MEMORY-REQUEST:.metadata.annotations.berth\\.dev/gpu-memory-request,IP:.status.podIP")  # fmt: skip
 Say = Callable[[str], None]
 
 
@@ -117,6 +119,9 @@ def run(say: Say) -> None:
         f"{usage.get('completion_tokens')} completion tokens)")  # fmt: skip
     say("kubectl get bis -n " + NAMESPACE + "\n" +
         cluster.kubectl("get", "bis", "-n", NAMESPACE, "-o", "wide").rstrip())  # fmt: skip
+    say("where the pods run (one simulated GPU, two tenants; the operator is the chart's pods):\n"
+        + cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", f"custom-columns={PLACEMENT}").rstrip()
+        + "\n" + cluster.kubectl("get", "pods", "-n", "berth-system", "-o", "wide").rstrip())  # fmt: skip
     say(f"done in {time.monotonic() - started:.0f} s. The cluster is still up:\n"
         f"  export KUBECONFIG={cluster.kubeconfig} PATH={cluster.bin_dir}:$PATH\n"
         "  kubectl get bis,pods -A -o wide\n  berth cluster down    # removes everything")  # fmt: skip
