@@ -270,3 +270,51 @@ def test_a_uri_model_is_fetched_by_the_init_container_and_served(
     answer = post(f"http://{ip}:8000/v1/completions",
                   {"model": "fetched", "prompt": "Hello", "max_tokens": 4, "temperature": 0})  # fmt: skip
     assert answer["usage"]["completion_tokens"] == 4
+
+
+def test_a_rolling_update_under_load_fails_no_request(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str, tiny_model: Path
+) -> None:
+    """Surge first, then the old pod drains (preStop, readiness off, in-flight requests finish)
+    while kube-proxy moves the Service to the new pod: a client sees no failure."""
+    wait_for(
+        "earlier tests' pods to leave the real node", lambda: not tenants(cluster), timeout=120
+    )
+    apply_docs(cluster, [real_service("rolling", namespace, tiny_model)])
+    first = wait_for("the first pod Ready", lambda: ready_pod(cluster, namespace), timeout=240)
+    ip = cluster_ip(cluster, "rolling", namespace)
+    results: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:  # one request at a time, bounded by the test's own deadline
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline:
+            body = {"model": "rolling", "prompt": "Hi", "max_tokens": 8, "temperature": 0}
+            try:
+                post(f"http://{ip}:8000/v1/completions", body, timeout=30)
+                results.append("ok")
+            except Exception as error:  # every failure is a finding
+                results.append(f"{type(error).__name__}: {error}")
+
+    clients = [threading.Thread(target=load) for _ in range(2)]
+    for client in clients:
+        client.start()
+    wait_for("requests flowing", lambda: results.count("ok") >= 4, timeout=60, every=0.2)
+    spec = real_service("rolling", namespace, tiny_model)
+    spec["spec"]["runtime"]["maxNumSeqs"] = 4  # a new pod template: a rollout
+    apply_docs(cluster, [spec])
+
+    def rolled() -> bool:
+        pods = berth_pods(cluster, namespace)
+        names = {p["metadata"]["name"] for p in pods}
+        ready = [p for p in pods if condition(p, "Ready").get("status") == "True"]
+        return first["metadata"]["name"] not in names and len(ready) == 1
+
+    wait_for("the rollout to replace the pod", rolled, timeout=300)
+    time.sleep(2)
+    stop.set()
+    for client in clients:
+        client.join(timeout=60)
+    failures = [r for r in results if r != "ok"]
+    assert results.count("ok") > 10
+    assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
