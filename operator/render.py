@@ -177,8 +177,9 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
     container: dict[str, Any] = {
         "name": "runtime",
         "image": image,
-        "command": ["berth", "serve"],
-        "args": _serve_args(service, model_path),
+        # No command: the image's entrypoint (tini, then `python -m berth`) runs `serve`, so
+        # SIGTERM reaches the server and its engine process is reaped.
+        "args": ["serve", *_serve_args(service, model_path)],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": _downward_env() + [e.model_dump(by_alias=True, exclude_none=True) for e in pod.env],
         "volumeMounts": mounts,
