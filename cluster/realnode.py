@@ -483,6 +483,7 @@ def leftovers(node: RealNode) -> list[str]:
     found += [f"cgroup {c}" for c in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_ROOT}")]
     links = _output(["ip", "-o", "link", "show"])
     found += [f"link {BRIDGE}"] if f" {BRIDGE}:" in links else []
+    found += [f"process {pid}: {cmd}" for pid, cmd in _processes_using(str(node.sock))]
     found += (
         [f"netns {n.name}" for n in Path("/var/run/netns").glob("cni-*")]
         if Path("/var/run/netns").exists()
@@ -500,6 +501,20 @@ def _ruleset_to_restore(saved: str, now: str) -> str:
     then are restored empty (which drops their rules and user chains, kube-proxy's included)."""
     extra = sorted(_tables(now) - _tables(saved))
     return saved + "".join(f"*{table}\nCOMMIT\n" for table in extra)
+
+
+def _processes_using(needle: str) -> list[tuple[int, str]]:
+    """Processes whose command line names ``needle`` (containerd, its shims, the kubelet)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmd:
+                found.append((int(proc.name), cmd.strip()[:120]))
+    return found
 
 
 def _mounts_under(folder: Path) -> list[str]:

@@ -9,6 +9,7 @@ services here (which tolerate the taint and ask for its GPU product) land on it.
 import functools
 import http.server
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -57,6 +58,21 @@ def tiny_model() -> Iterator[Path]:
         for path in [target, *target.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
     yield target
+
+
+@pytest.fixture(scope="module")
+def smollm2_model() -> Path:
+    """The real SmolLM2-135M-Instruct (imported from its wheel, cached) on a hostPath."""
+    from berth.runtime.engine.gguf_import import import_model
+
+    target = MODELS / "smollm2"
+    if not (target / "config.json").exists():
+        MODELS.mkdir(parents=True, exist_ok=True)
+        MODELS.chmod(0o755)
+        shutil.copytree(import_model("smollm2", say=lambda _: None), target, dirs_exist_ok=True)
+        for path in [target, *target.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
 
 
 def real_service(name: str, namespace: str, model: Path, fraction: float = 0.5,
@@ -121,24 +137,27 @@ def test_real_node_is_ready_with_simulated_gpus_and_a_taint(cluster: LocalCluste
 
 
 def test_an_applied_service_runs_the_runtime_image_and_answers_through_its_cluster_ip(
-    cluster: LocalCluster, operator: OperatorProcess, namespace: str, tiny_model: Path
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str, smollm2_model: Path
 ) -> None:
-    apply_docs(cluster, [real_service("tiny", namespace, tiny_model)])
+    """The real model: SmolLM2 answers a chat question through its Service."""
+    service = real_service("smollm2", namespace, smollm2_model)
+    service["spec"]["runtime"]["maxModelLen"] = 512
+    apply_docs(cluster, [service])
     pod = wait_for(
         "the runtime pod to turn Ready", lambda: ready_pod(cluster, namespace), timeout=240
     )
     assert pod["spec"]["nodeName"] == NODE_NAME
     (status,) = pod["status"]["containerStatuses"]
     assert status["image"].startswith(cluster.images["runtime"].split(":")[0])
-    ip = cluster_ip(cluster, "tiny", namespace)
-    answer = post(f"http://{ip}:8000/v1/completions",
-                  {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0})  # fmt: skip
-    assert answer["choices"][0]["text"]
-    assert answer["usage"]["completion_tokens"] == 8
+    ip = cluster_ip(cluster, "smollm2", namespace)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = post(f"http://{ip}:8000/v1/chat/completions",
+                  {"model": "smollm2", "messages": question, "max_tokens": 16, "temperature": 0})  # fmt: skip
+    assert "Paris" in answer["choices"][0]["message"]["content"], answer
     # The service's status publishes the URL once a replica is Ready.
-    service = wait_for("status.url", lambda: get_json(cluster, "bis", "tiny", "-n", namespace)
-                       if get_json(cluster, "bis", "tiny", "-n", namespace)["status"].get("url") else None)  # fmt: skip
-    assert service["status"]["url"].endswith(":8000/v1")
+    status = wait_for("status.url", lambda: get_json(cluster, "bis", "smollm2", "-n", namespace)
+                      .get("status", {}).get("url"))  # fmt: skip
+    assert status.endswith(":8000/v1")
     # kubectl logs and exec reach the kubelet through the API server.
     name = pod["metadata"]["name"]
     logs = cluster.kubectl("logs", "-n", namespace, name)
