@@ -38,8 +38,6 @@ def check_supported(request: SamplingRequest) -> None:
             "stream_options.continuous_usage_stats: only allowed together with include_usage.",
             param="stream_options.continuous_usage_stats",
         )
-    if request.min_tokens:
-        raise _unsupported("min_tokens", "a minimum number of tokens")
     if isinstance(request, CompletionRequest):
         if request.suffix:
             raise _unsupported("suffix", "a suffix (insertion)")
@@ -111,6 +109,7 @@ def sampling_params(
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         stop_token_ids=list(request.stop_token_ids or []),
         ignore_eos=bool(request.ignore_eos),
+        min_tokens=request.min_tokens or 0,
         logprobs=logprobs,
     )
     return params

@@ -110,12 +110,20 @@ def test_whole_number_floats_are_accepted_where_integers_are_expected(
     assert response.json()["usage"]["completion_tokens"] == 32
 
 
-def test_min_tokens_above_zero_is_refused_not_ignored(client: httpx.Client) -> None:
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, "min_tokens": 2}
-    refused = client.post("/v1/completions", json=body)
-    assert refused.status_code == 400
-    assert refused.json()["error"]["param"] == "min_tokens"
-    assert client.post("/v1/completions", json={**body, "min_tokens": 0}).status_code == 200
+def test_min_tokens_keeps_stop_tokens_from_ending_the_output_early(client: httpx.Client) -> None:
+    """Nearly every id is a stop id: the output ends at once, unless min_tokens holds the stop
+    ids back, and then it is made of the few ids left."""
+    allowed = range(300, 310)
+    stop_ids = [t for t in range(512) if t not in allowed]
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 6, "temperature": 0,
+            "stop_token_ids": stop_ids}  # fmt: skip
+    stopped = client.post("/v1/completions", json=body).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] == 1
+    held = client.post("/v1/completions", json={**body, "min_tokens": 4}).json()
+    assert held["usage"]["completion_tokens"] >= 4
+    too_many = client.post("/v1/completions", json={**body, "min_tokens": 7})
+    assert too_many.status_code == 400 and "min_tokens" in too_many.json()["error"]["message"]
 
 
 def test_openapi_describes_the_request_bodies_and_the_error_responses(
