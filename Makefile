@@ -10,13 +10,19 @@ VENV ?= $(CACHE)/venv-py$(PYVER)-$(VENV_KEY)
 BIN := $(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: system venv toolchain demo test unit e2e lint lock
+.PHONY: system venv toolchain images prerequisites demo test unit e2e lint lock
 
-# Debian packages the tests use: openssl makes the control plane's certificates. (Go >= 1.24,
-# which builds the control plane, ships with this kind of machine; cluster/build-k8s.sh says so if not.)
+# Debian packages the tests use: openssl makes the control plane's certificates; the real kubelet
+# node runs pods with containerd, runc and the CNI bridge plugin (kube-proxy needs iptables and
+# conntrack); debootstrap makes the images' base layer and gcc the pod sandbox's pause binary.
+# (Go >= 1.24, which builds the control plane, ships with this kind of machine.)
+SYSTEM_PACKAGES := openssl containerd runc containernetworking-plugins iptables conntrack \
+	debootstrap gcc libc6-dev
 system:
-	@command -v openssl >/dev/null || { echo "[berth] installing Debian package openssl"; \
-	  apt-get update -qq && apt-get install -y -qq openssl; }
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "[berth] installing Debian packages:" $$missing; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
 # The venv's path carries the lock file's hash, so a changed lock makes a new venv; no mtime rule.
 $(VENV)/.installed: | system
@@ -33,8 +39,18 @@ venv: $(VENV)/.installed
 toolchain: system
 	@bash cluster/build-k8s.sh >/dev/null
 
+# The real node's images (debootstrap base, pinned Python packages, Berth): cached by content.
+images: venv system
+	@$(BIN)/berth cluster images
+
+# The Go build is CPU-bound, the image build mostly disk and network: run them side by side.
+prerequisites: venv system
+	@$(MAKE) --no-print-directory -j2 toolchain images
+
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	for image in runtime operator; do $(BIN)/uv pip compile pyproject.toml --extra $$image \
+	  -c requirements.lock --python-version 3.11 -o images/$$image.lock; done
 
 lint: venv
 	$(BIN)/ruff check .
@@ -44,11 +60,13 @@ lint: venv
 unit: venv
 	$(BIN)/pytest tests
 
-e2e: venv toolchain
-	$(BIN)/pytest e2e
+e2e: prerequisites
+	BERTH_E2E_REAL_NODE=required $(BIN)/pytest e2e
 
-test: venv toolchain lint
-	$(BIN)/pytest tests e2e
+# The end-to-end tests must have the real kubelet node here (a plain pytest run skips its tests
+# when another cluster holds it).
+test: prerequisites lint
+	BERTH_E2E_REAL_NODE=required $(BIN)/pytest tests e2e
 
-demo: venv
+demo: prerequisites
 	$(BIN)/berth demo

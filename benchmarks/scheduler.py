@@ -271,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bodies = [service(i, f) for i, f in enumerate(fractions)]
         else:
             say(f"creating {args.services} pods from the reconciler's rendered pod template")
+            os.environ["BERTH_REQUIRE_OWNER"] = "false"  # bare pods: no InferenceService owns them
             path = resource_path("v1", "Pod", NAMESPACE)
             bodies = [rendered_pod(i, f) for i, f in enumerate(fractions)]
         with ThreadPoolExecutor(8) as pool:

@@ -53,9 +53,17 @@ def version() -> None:
 
 
 @main.command()
-def demo() -> None:
-    """Serve the built-in `tiny` model on the CPU, chat with it through the openai client and
-    print the answer and the metric lines that counted it."""
-    from berth.runtime.server.demo import run_demo
+@click.option("--local", is_flag=True,
+              help="Skip the cluster: serve `tiny` in a local process and chat with it.")  # fmt: skip
+def demo(local: bool) -> None:
+    """The whole path: a local cluster with a real kubelet node, Berth installed with Helm, two
+    InferenceServices sharing one simulated GPU, and a chat with the real SmolLM2 model through
+    its Service (the cluster stays up; `berth cluster down` removes it)."""
+    if local:
+        from berth.runtime.server.demo import run_demo
 
-    run_demo(say=click.echo)
+        run_demo(say=click.echo)
+        return
+    from berth.cluster.demo import run
+
+    run(say=lambda message: click.echo(f"[berth demo] {message}"))

@@ -56,3 +56,15 @@ POD_INFO_DIR: Final = "/etc/berth/pod"
 # A model URI on the Hugging Face Hub: hf://org/repo or hf://org/repo@revision. The CRD admits
 # only these (CEL), and the runtime's storage initializer (berth fetch-model) parses them.
 HF_MODEL_URI: Final = r"^hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+(@[-_./A-Za-z0-9]+)?$"
+
+# Pod shutdown, in seconds. The kubelet runs the preStop sleep first (the grace period counts
+# from its start), so that the pod's removal from the Service's endpoints reaches every proxy;
+# then SIGTERM: the runtime fails /ready but still admits for RUNTIME_SHUTDOWN_DELAY_S (its
+# responses close their connections, so keep-alive clients reconnect elsewhere), lets in-flight
+# requests finish for up to RUNTIME_DRAIN_TIMEOUT_S, then aborts the rest, closes connections
+# and stops its engine in bounded steps (runtime/server/lifecycle.py ``ShutdownBudget``). The
+# pod's terminationGracePeriodSeconds holds all of it with margin (a test checks the sum).
+PRESTOP_SLEEP_S: Final = 5
+RUNTIME_SHUTDOWN_DELAY_S: Final = 2
+RUNTIME_DRAIN_TIMEOUT_S: Final = 30
+TERMINATION_GRACE_PERIOD_S: Final = 60

@@ -12,9 +12,12 @@ K8S_VERSION=${BERTH_K8S_VERSION:-1.34.4}
 KWOK_VERSION=${BERTH_KWOK_VERSION:-v0.7.0}
 ETCD_VERSION=${BERTH_ETCD_VERSION:-3.6.16}
 HELM_VERSION=${BERTH_HELM_VERSION:-v3.19.0}
+CRICTL_VERSION=${BERTH_CRICTL_VERSION:-v1.34.0}
 CACHE=${BERTH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
 BIN="$CACHE/toolchain/k8s-$K8S_VERSION/bin"
-if [ "${1:-}" = --print-bin-dir ]; then echo "$BIN"; exit 0; fi
+if [ "${1:-}" = --print-bin-dir ]; then # crictl removes the real node's pod sandboxes through the CRI on teardown (CNI DEL included).
+have_all crictl || timed crictl-$CRICTL_VERSION 2 env GOBIN="$BIN" go install -ldflags "-s -w" "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+echo "$BIN"; exit 0; fi
 
 log() { printf '[berth build-k8s] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -89,4 +92,6 @@ have_all kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet k
   || timed kubernetes-v$K8S_VERSION 17 build_kubernetes
 have_all kwok || timed kwok-$KWOK_VERSION 5 env GOBIN="$BIN" go install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 have_all helm || timed helm-$HELM_VERSION 4 env GOBIN="$BIN" go install -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+# crictl removes the real node's pod sandboxes through the CRI on teardown (CNI DEL included).
+have_all crictl || timed crictl-$CRICTL_VERSION 2 env GOBIN="$BIN" go install -ldflags "-s -w" "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
 echo "$BIN"

@@ -20,21 +20,25 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
 import yaml
 
+from berth import wire
+from berth.cluster import images
 from berth.cluster.kwok_stages import pod_stages
-from berth.cluster.nodes import node_manifests
-from berth.cluster.pki import Pki, make_pki
+from berth.cluster.nodes import gpu_uuids, node_manifests
+from berth.cluster.pki import NODE_IP, Pki, make_pki
+from berth.cluster.realnode import NODE_NAME, RealNode, wait_for
 from berth.cluster.toolchain import ensure_binaries
 from berth.operator.inventory import DEFAULT_INVENTORY, Inventory
 
 # Order matters: each starts after the one before is healthy, and they stop in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy")  # the real node, after the rest
 SERVICE_CIDR = "10.96.0.0/16"
 _PR_SET_PDEATHSIG = 1
 
@@ -45,10 +49,20 @@ class SavedState(TypedDict, total=False):
     pids: dict[str, int]
     ports: dict[str, int]
     bin_dir: str
+    real_node: bool
+    images: dict[str, str]
 
 
 class ClusterError(RuntimeError):
     """The control plane could not start or stop; the message says why and what to do."""
+
+
+IMAGES = (images.RUNTIME, images.OPERATOR)
+
+
+def content_dir() -> Path:
+    """containerd's root on the real node, kept between clusters so imports are paid once."""
+    return images.cache_dir().parent / "containerd"
 
 
 def default_state_dir() -> Path:
@@ -63,9 +77,9 @@ def free_port() -> int:
         return port
 
 
-def port_in_use(port: int) -> bool:
+def port_in_use(port: int, address: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((address, port)) == 0
 
 
 def die_with_parent() -> None:
@@ -87,8 +101,17 @@ class LocalCluster:
     # Seconds between a pod's bind and kwok marking it Running and Ready (0: kwok's instant
     # default); a model server loads its weights in between (see kwok_stages).
     pod_ready_delay_s: float = 0.0
+    # A real kubelet node beside the kwok nodes, running Berth's images (needs root).
+    real_node: bool = False
+    say: Callable[[str], None] = lambda _: None  # progress of the slow first steps
     pids: dict[str, int] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    images: dict[str, str] = field(default_factory=dict)  # "runtime" -> its image name
+    node: RealNode | None = None
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return COMPONENTS + (NODE_COMPONENTS if self.real_node else ())
 
     @property
     def kubeconfig(self) -> Path:
@@ -100,19 +123,30 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['kube-apiserver']}"
+        return f"https://{self.api_address}:{self.ports['kube-apiserver']}"
+
+    @property
+    def api_address(self) -> str:
+        """Loopback; with the real node, the node's own address on the pods' bridge, so that
+        pods (the operator as the chart's pod) reach the API server through the `kubernetes`
+        Service. Never the machine's own network address."""
+        return NODE_IP if self.real_node else "127.0.0.1"
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def up(self, timeout: float = 60.0) -> "LocalCluster":
-        started = time.monotonic()
+        """Start every component; ``timeout`` bounds the start-up, not the images' first build
+        and import (minutes on a fresh machine, said through ``say``)."""
         if self._running_pids():
             raise ClusterError(
                 f"a cluster is already running from {self.state_dir} "
                 f"(pids {self._running_pids()}); stop it with `berth cluster down`"
             )
         self.bin_dir = self.bin_dir or ensure_binaries()
-        if self.api_port and port_in_use(self.api_port):
+        if self.real_node:
+            self._prepare_real_node()
+        started = time.monotonic()
+        if self.api_port and port_in_use(self.api_port, self.api_address):
             raise ClusterError(
                 f"port {self.api_port} on 127.0.0.1 is already in use; stop what listens there "
                 "or pick another with --port (0 picks a free one)"
@@ -128,15 +162,23 @@ class LocalCluster:
             "kube-controller-manager": free_port(),
             "kube-scheduler": free_port(),
             "kwok": free_port(),
+            "kube-proxy": free_port(),
+            "kube-proxy-metrics": free_port(),
         }
         self._write_kubeconfigs(pki)
         if self.pod_ready_delay_s:
             (self.state_dir / "kwok.yaml").write_text(pod_stages(self.pod_ready_delay_s))
         try:
-            for component in COMPONENTS:
+            if self.node is not None:
+                self.node.prepare(pki, self.server, pki.tokens)
+            for component in self.components:
                 self._start(component, pki)
                 self._wait_healthy(component, pki, deadline=started + timeout)
+                if component == "containerd":
+                    started += self._import_images()
             self._create_nodes()
+            if self.node is not None:
+                self._advertise_gpus(deadline=started + timeout)
             self._wait_nodes_ready(deadline=started + timeout)
         except BaseException:
             self.down()
@@ -145,8 +187,16 @@ class LocalCluster:
 
     def down(self, timeout: float = 20.0) -> None:
         """Stop every component in reverse order; SIGKILL whatever outlives the deadline."""
-        self.pids = self.pids or self._load_state().get("pids", {})
-        for component in reversed(COMPONENTS):
+        state = self._load_state()
+        self.pids = self.pids or state.get("pids", {})
+        if self.node is None and state.get("real_node"):
+            self.real_node = True
+            self.node = self._real_node(Path(state["bin_dir"]))
+        for component in reversed(self.components):
+            if component == "containerd" and self.node is not None:
+                # Sandboxes go through the CRI while containerd still runs: CNI DEL releases
+                # each pod's address and network namespace.
+                self.node.remove_pods()
             pid = self.pids.get(component)
             if pid is None or not process_alive(pid):
                 continue
@@ -157,6 +207,8 @@ class LocalCluster:
             if process_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
             _reap(pid)
+        if self.node is not None:
+            self.node.cleanup_host()
         left = self._running_pids()
         if left:
             raise ClusterError(f"processes {left} survived SIGKILL; check `ps -p`")
@@ -192,7 +244,7 @@ class LocalCluster:
         pids = self.pids or self._load_state().get("pids", {})
         return {
             c: f"running (pid {pids[c]})" if c in pids and process_alive(pids[c]) else "stopped"
-            for c in COMPONENTS
+            for c in self.components
         }
 
     @classmethod
@@ -204,6 +256,9 @@ class LocalCluster:
             raise ClusterError(f"no cluster state in {cluster.state_dir}; run `berth cluster up`")
         cluster.pids, cluster.ports = state.get("pids", {}), state.get("ports", {})
         cluster.bin_dir = Path(state["bin_dir"])
+        cluster.real_node, cluster.images = state.get("real_node", False), state.get("images", {})
+        if cluster.real_node:
+            cluster.node = cluster._real_node(cluster.bin_dir)
         return cluster
 
     # ---- internals -------------------------------------------------------------------------
@@ -221,8 +276,61 @@ class LocalCluster:
             raise ClusterError(f"{tool} {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
 
+    # ---- the real node -----------------------------------------------------------------------
+
+    def _real_node(self, bin_dir: Path) -> RealNode:
+        return RealNode(state_dir=self.state_dir, bin_dir=bin_dir, content_dir=content_dir())
+
+    def _prepare_real_node(self) -> None:
+        """Check the host and build the images before anything starts (the slow first step)."""
+        assert self.bin_dir is not None
+        self.node = self._real_node(self.bin_dir)
+        self.node.check_host()
+        self.node.acquire()
+        try:
+            built = [images.build_pause(self.say), *(images.build(s, self.say) for s in IMAGES)]
+        except BaseException:
+            self.node.release()
+            raise
+        self._built = built
+        self.images = {"pause": built[0].name} | {
+            s.short: b.name for s, b in zip(IMAGES, built[1:], strict=True)
+        }
+
+    def _import_images(self) -> float:
+        """Import what containerd lacks; returns the seconds it took."""
+        assert self.node is not None
+        began = time.monotonic()
+        for image in self._built:
+            if image.name not in self.node.images():
+                size = image.size_bytes / 2**20
+                self.say(f"importing {image.name} ({size:.0f} MiB) into containerd")
+                self.node.import_image(image)
+        current = {image.name for image in self._built}
+        stale = [i for i in self.node.images() if i.startswith("berth.local/") and i not in current]
+        if stale:  # older builds of Berth's images: containerd frees their layers
+            self.node.ctr("images", "remove", *stale)
+        self._save_state()
+        return time.monotonic() - began
+
+    def _advertise_gpus(self, deadline: float) -> None:
+        """The real node's simulated GPUs: capacity (as a device plugin would report it) and the
+        UUID annotation the node agent publishes on GPU nodes."""
+        assert self.node is not None
+        wait_for(lambda: self.kubectl("get", "node", NODE_NAME, check=False) != "", deadline,
+                 f"the kubelet to register node {NODE_NAME} (see {self.logs / 'kubelet.log'})")  # fmt: skip
+        shape = self.node.shape
+        patch = {"status": {"capacity": {wire.GPU_RESOURCE: str(shape.gpus)}}}
+        self.kubectl("patch", "node", NODE_NAME, "--subresource=status", "--type=merge",
+                     "-p", json.dumps(patch))  # fmt: skip
+        uuids = ",".join(gpu_uuids(NODE_NAME, shape.gpus))
+        self.kubectl("annotate", "--overwrite", "node", NODE_NAME, f"{wire.NODE_GPU_UUIDS}={uuids}")
+
     def _command(self, component: str, pki: Pki) -> list[str]:
         assert self.bin_dir is not None
+        if component in NODE_COMPONENTS:
+            assert self.node is not None
+            return self.node.command(component, self.ports)
         p, s = self.ports, self.state_dir
         binary = str(self.bin_dir / component)
         if component == "etcd":
@@ -235,16 +343,24 @@ class LocalCluster:
                     "--unsafe-no-fsync", "--quota-backend-bytes=4294967296"]  # fmt: skip
         if component == "kube-apiserver":
             return [binary, f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
-                    "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                    f"--bind-address={self.api_address}", f"--advertise-address={self.api_address}",
                     f"--secure-port={p['kube-apiserver']}",
                     f"--tls-cert-file={pki.serving_cert}", f"--tls-private-key-file={pki.serving_key}",
                     f"--client-ca-file={pki.ca_cert}",
-                    f"--token-auth-file={pki.token_file}", "--authorization-mode=RBAC",
+                    f"--token-auth-file={pki.token_file}",
                     "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                     f"--service-account-key-file={pki.service_account_pub}",
                     f"--service-account-signing-key-file={pki.service_account_key}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
-                    "--profiling=false", "--max-requests-inflight=2000", "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+                    "--profiling=false", "--max-requests-inflight=2000",
+                    "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+                    # The real node: the Node authorizer for its kubelet, and how the API
+                    # server reaches kubelets for logs and exec.
+                    "--authorization-mode=Node,RBAC",
+                    f"--kubelet-client-certificate={pki.kubelet_client_cert}",
+                    f"--kubelet-client-key={pki.kubelet_client_key}",
+                    f"--kubelet-certificate-authority={pki.ca_cert}",
+                    "--kubelet-preferred-address-types=InternalIP,Hostname",
                     "--max-mutating-requests-inflight=1000"]  # fmt: skip
         if component in ("kube-controller-manager", "kube-scheduler"):
             kubeconfig = s / f"{component}.kubeconfig"
@@ -281,6 +397,20 @@ class LocalCluster:
 
     def _wait_healthy(self, component: str, pki: Pki, deadline: float) -> None:
         pid = self.pids[component]
+        if component == "containerd":
+            assert self.node is not None
+            node = self.node
+
+            def answers() -> bool:
+                if not process_alive(pid):
+                    raise ClusterError(self._exited_message(component))
+                return node.sock.exists() and node.ctr_ok()
+
+            return wait_for(answers, deadline, f"containerd (see {self.logs / 'containerd.log'})")
+        if component in NODE_COMPONENTS:
+            assert self.node is not None
+            url = self.node.health_url(component, self.ports)
+            return self._poll(component, url, ssl._create_unverified_context(), pki, deadline)
         url = {
             "etcd": f"http://127.0.0.1:{self.ports['etcd']}/health",
             "kube-apiserver": f"{self.server}/readyz",
@@ -292,6 +422,12 @@ class LocalCluster:
             context = ssl.create_default_context(cafile=str(pki.ca_cert))
         else:  # these serve self-signed certificates of their own
             context = ssl._create_unverified_context()
+        self._poll(component, url, context, pki, deadline)
+
+    def _poll(
+        self, component: str, url: str, context: ssl.SSLContext, pki: Pki, deadline: float
+    ) -> None:
+        pid = self.pids[component]
         request = urllib.request.Request(
             url, headers={"Authorization": f"Bearer {pki.tokens['berth-admin']}"}
         )
@@ -334,7 +470,7 @@ class LocalCluster:
                     {
                         "name": "berth-local",
                         "cluster": {
-                            "server": f"https://127.0.0.1:{self.ports['kube-apiserver']}",
+                            "server": self.server,
                             "certificate-authority": str(pki.ca_cert),
                         },
                     }
@@ -358,7 +494,8 @@ class LocalCluster:
         self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={remaining}s")
 
     def _save_state(self) -> None:
-        state = {"pids": self.pids, "ports": self.ports, "bin_dir": str(self.bin_dir)}
+        state = {"pids": self.pids, "ports": self.ports, "bin_dir": str(self.bin_dir),
+                 "real_node": self.real_node, "images": self.images}  # fmt: skip
         (self.state_dir / "state.json").write_text(json.dumps(state))
 
     def _load_state(self) -> "SavedState":

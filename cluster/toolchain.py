@@ -17,6 +17,7 @@ BINARIES = (
     "helm",
     "kubelet",
     "kube-proxy",
+    "crictl",
 )
 
 

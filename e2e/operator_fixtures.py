@@ -38,7 +38,7 @@ class OperatorProcess:
         env = {
             **self.cluster.env(),
             "KUBECONFIG": str(self.kubeconfig),
-            "BERTH_RUNTIME_IMAGE": "berth-runtime:e2e",
+            "BERTH_RUNTIME_IMAGE": self.cluster.images.get("runtime", "berth-runtime:e2e"),
             "BERTH_HEALTH_PORT": str(self.health_port),
             "PYTHONUNBUFFERED": "1",
         }

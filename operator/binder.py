@@ -60,13 +60,16 @@ def binding(pod: Obj, allocation: Allocation, annotations: dict[str, str]) -> Ob
 
 class Binder:
     def __init__(
-        self, client: KubeClient, owners: OwnerCheck, reservations: GpuReservations | None
+        self,
+        client: KubeClient,
+        owners: OwnerCheck | None,
+        reservations: GpuReservations | None,
     ) -> None:
         self.client, self.owners, self.reservations = client, owners, reservations
 
     def bind(self, pod: Obj, allocation: Allocation, annotations: dict[str, str]) -> BindResult:
         try:
-            refusal = self.owners.refusal(pod)
+            refusal = self.owners.refusal(pod) if self.owners is not None else None
         except Exception as error:  # the API server cannot say now
             return BindResult(Outcome.RETRY, f"cannot check who owns it: {error}", "owner")
         if refusal is not None:

@@ -228,6 +228,8 @@ def reflect(
     backoff = _Backoff()
     version: str | None = None
     while not stop.is_set():
+        if health:
+            health.beat()  # alive and trying, even while the API server is away
         try:
             if version is None:
                 listing = client.get(path, **params)

@@ -177,8 +177,9 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
     container: dict[str, Any] = {
         "name": "runtime",
         "image": image,
-        "command": ["berth", "serve"],
-        "args": _serve_args(service, model_path),
+        # No command: the image's entrypoint (tini, then `python -m berth`) runs `serve`, so
+        # SIGTERM reaches the server and its engine process is reaped.
+        "args": ["serve", *_serve_args(service, model_path)],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": _downward_env() + [e.model_dump(by_alias=True, exclude_none=True) for e in pod.env],
         "volumeMounts": mounts,
@@ -186,6 +187,9 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         "startupProbe": _probe("/health", period=5, failures=120),
         "livenessProbe": _probe("/health", period=10, failures=3),
         "readinessProbe": _probe("/ready", period=5, failures=2),
+        # The kubelet's own sleep (GA in 1.34; the image needs no sleep binary): the pod leaves
+        # the Service's endpoints everywhere before SIGTERM starts the drain (wire.PRESTOP_*).
+        "lifecycle": {"preStop": {"sleep": {"seconds": wire.PRESTOP_SLEEP_S}}},
     }
     if pod.resources is not None:
         container["resources"] = pod.resources.model_dump(by_alias=True, exclude_defaults=True)
@@ -197,7 +201,7 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         "containers": [container],
         "volumes": volumes,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": wire.TERMINATION_GRACE_PERIOD_S,
     }
     if (fetch := fetch_container(service, image)) is not None:
         pod_spec["initContainers"] = [fetch]

@@ -78,7 +78,9 @@ class GpuScheduler:
         if not settings.gpu_reservations:
             self.reservations_synced.set()
         self.binder = Binder(
-            client, self.owners, self.reservations if settings.gpu_reservations else None
+            client,
+            self.owners if settings.require_owner else None,
+            self.reservations if settings.gpu_reservations else None,
         )
         self.bind_pool = ThreadPoolExecutor(settings.bind_workers, thread_name_prefix="bind")
         # Reports of pods that fit nowhere go through their own workers, and "Scheduled" events

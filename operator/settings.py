@@ -45,6 +45,9 @@ class OperatorSettings:
     reservation_namespace: str = "berth-system"
     reservation_image: str = "registry.k8s.io/pause:3.10"
     reservation_priority_class: str = "system-node-critical"
+    # Only pods whose controller chain ends at their InferenceService get a share. Off only for
+    # benchmarks that post bare pods; never in a cluster with tenants.
+    require_owner: bool = True
     # /healthz, /readyz and /metrics on this port (0: any free port, logged; -1: off).
     health_port: int = 8081
     # /healthz fails when a loop made no progress for this long.
@@ -83,6 +86,8 @@ class OperatorSettings:
             "reservation_priority_class": os.environ.get(
                 "BERTH_RESERVATION_PRIORITY_CLASS", cls.reservation_priority_class
             ),
+            "require_owner": os.environ.get("BERTH_REQUIRE_OWNER", "true").lower()
+            not in ("false", "0", "no"),
             "health_port": _env_int("BERTH_HEALTH_PORT", cls.health_port),
             "loop_stuck_s": _env_float("BERTH_LOOP_STUCK_S", cls.loop_stuck_s),
             "leader_elect": os.environ.get("BERTH_LEADER_ELECT", "true").lower() != "false",

@@ -199,6 +199,8 @@ def service_status(view: ServiceView, previous: Obj | None, now: str) -> Obj:
         "readyReplicas": ready,
         "standbyReplicas": standby,
         "selector": view.selector,
-        "url": view.url,
     }
+    # The endpoint is published once a replica can answer, so a client that waits for the URL
+    # never meets a Service without endpoints; it goes again when no replica is ready.
+    status["url"] = view.url if ready else None
     return status

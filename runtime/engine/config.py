@@ -67,6 +67,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's: no end-of-sequence, stop token id or stop string ends the output before this many
+    # tokens (the sampler masks the stop ids until then).
+    min_tokens: int = 0
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's plus the top N
 
     @property
@@ -81,6 +84,11 @@ class SamplingParams:
             raise ValueError(
                 f"max_tokens ({self.max_tokens}) exceeds the model's context length "
                 f"({max_model_len})"
+            )
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                f"got {self.min_tokens!r}"
             )
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")

@@ -28,10 +28,12 @@ REPLACEMENT = "\ufffd"
 class Detokenizer:
     """Turns one request's output tokens into text, and finds its stop strings."""
 
-    __slots__ = ("_next_piece", "_rest", "hold", "push", "stop", "stopped", "unsent")
+    __slots__ = ("_next_piece", "_rest", "hold", "push", "stop", "stopped", "unchecked", "unsent")
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], min_tokens: int = 0) -> None:
         self.stop = stop
+        # min_tokens: the first tokens' text is not searched for stop strings (vLLM's rule).
+        self.unchecked = min_tokens
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.unsent = ""  # text not yet returned: a possible stop-string prefix
         self.stopped = False  # a stop string appeared; the text ends before it
@@ -48,6 +50,9 @@ class Detokenizer:
         self.push: Callable[[int], str] = self._push_and_cut if stop else self._next_piece
 
     def _push_and_cut(self, token_id: int) -> str:
+        if self.unchecked:
+            self.unchecked -= 1
+            return self._hold_back(self.unsent + self._next_piece(token_id))
         return self._cut(self._next_piece(token_id))
 
     def flush(self) -> str:
@@ -76,6 +81,10 @@ class Detokenizer:
             self.stopped = True
             self.unsent = ""
             return text[:cut]
+        return self._hold_back(text)
+
+    def _hold_back(self, text: str) -> str:
+        """Send all but the last ``hold`` characters, which may begin a stop string."""
         send = max(0, len(text) - self.hold)
         self.unsent = text[send:]
         return text[:send]

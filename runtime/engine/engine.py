@@ -131,10 +131,11 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self._eos
         )
-        plain = params.greedy and params.logprobs is None
+        plain = params.greedy and params.logprobs is None and not params.min_tokens
         self.requests[request_id] = _Request(
-            seq, Detokenizer(self.tokenizer, params.stop), generator, stop_ids, plain
-        )
+            seq, Detokenizer(self.tokenizer, params.stop, params.min_tokens), generator, stop_ids,
+            plain,
+        )  # fmt: skip
         self._num_special += not plain
         self.scheduler.add(seq)
 
@@ -251,6 +252,7 @@ class Engine:
                 flight.logits,
                 [s.params for s in flight.sampling],
                 [r.generator if r is not None else None for r in requests],
+                _banned(flight.sampling, flight.slots, requests),
             )
         live = self.requests
         outputs: list[RequestOutput] = []
@@ -456,3 +458,17 @@ def _merge(into: RequestOutput, out: RequestOutput) -> None:
     into.num_output_tokens = out.num_output_tokens
     if into.logprobs is not None and out.logprobs is not None:
         into.logprobs += out.logprobs
+
+
+def _banned(
+    sampling: list[Sequence], slots: list[int], requests: list[_Request | None]
+) -> list[frozenset[int]] | None:
+    """Per row, the stop ids the sampler must not choose: those of a request that has not yet
+    produced its ``min_tokens`` (the token at ``slot`` is output number ``slot - prompt``)."""
+    banned = [
+        r.stop_ids
+        if r is not None and slot - seq.num_prompt_tokens < seq.params.min_tokens
+        else frozenset()
+        for seq, slot, r in zip(sampling, slots, requests, strict=True)
+    ]
+    return banned if any(banned) else None

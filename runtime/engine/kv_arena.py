@@ -180,6 +180,7 @@ def reserve_kv_arena(
     weights_bytes: int,
     device: torch.device,
     dtype: torch.dtype,
+    max_blocks_per_seq: int,
 ) -> tuple[KvArena, int | None]:
     """Reserve the KV tensor for the most blocks the runtime may ever hold, with one chunk
     backed (for the profile run and the graph capture). With a budget (and no configured
@@ -188,6 +189,8 @@ def reserve_kv_arena(
     block count is returned too."""
     explicit = config.num_kv_blocks is not None or config.kv_cache_bytes is not None
     fixed: int | None = None
+    most = config.max_num_seqs * max_blocks_per_seq  # the running batch at full length
+    cpu_blocks = CPU_KV_CACHE_BYTES // layout.block_bytes
     if explicit:
         fixed = config.num_kv_blocks or (config.kv_cache_bytes or 0) // layout.block_bytes
         chunks = -(-fixed // layout.chunk_blocks)
@@ -195,9 +198,13 @@ def reserve_kv_arena(
         chunks = layout.chunks_in(budget.limit_bytes - weights_bytes)
         if chunks < 1:  # not even the weights and one chunk: say so with the numbers
             plan_kv_pool(budget, weights_bytes, 0, layout.chunk_bytes)
+        if device.type != "cuda":
+            # The CPU build's budget is a logical GPU's (a simulated 80 GiB card, say): back at
+            # most what the running batch can use at once, within the CPU default, not 40 GiB
+            # of host memory. The plan still counts chunks against the budget.
+            chunks = min(chunks, -(-min(most, cpu_blocks) // layout.chunk_blocks))
     else:
-        most = config.max_num_seqs * -(-(config.max_model_len or 1 << 20) // layout.block_size)
-        fixed = min(CPU_KV_CACHE_BYTES // layout.block_bytes, most)
+        fixed = min(cpu_blocks, most)
         chunks = -(-fixed // layout.chunk_blocks)
     if chunks < 1 or fixed == 0:
         raise ValueError(

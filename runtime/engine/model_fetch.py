@@ -147,7 +147,7 @@ def _fetch_http(url: str, staging: Path, sha256: str | None, say: Say) -> Path:
     say(f"unpacking {url}")
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(tree, filter="data")  # refuses absolute paths, .., devices, links out
+            _extract(tar, tree)
     except (tarfile.TarError, OSError) as e:
         raise FetchError(f"{url}: not a readable tar archive: {e}") from e
     archive.unlink()
@@ -155,6 +155,25 @@ def _fetch_http(url: str, staging: Path, sha256: str | None, say: Say) -> Path:
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]  # the archive held the model folder itself
     return tree
+
+
+def _extract(tar: tarfile.TarFile, tree: Path) -> None:
+    """Unpack only what a model folder holds: files and folders inside ``tree``.
+
+    Python's ``filter="data"`` does this where it exists (3.11.4+); Debian bookworm's 3.11.2, the
+    runtime image's interpreter, lacks it, so the same rule is applied to each member here."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(tree, filter="data")  # refuses absolute paths, .., devices, links out
+        return
+    root = tree.resolve()
+    members = tar.getmembers()
+    for member in members:
+        target = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            raise tarfile.TarError(
+                f"member {member.name!r} is not a file or folder inside the model"
+            )
+    tar.extractall(tree, members=members)  # every member checked above
 
 
 def download(url: str, target: Path, sha256: str | None, say: Say) -> None:

@@ -152,7 +152,13 @@ class ModelRunner:
             device_granularity(self.device),
         )
         self.arena, self._fixed_blocks = reserve_kv_arena(
-            config, self.layout, self.budget, self.weights_bytes, self.device, self.dtype
+            config,
+            self.layout,
+            self.budget,
+            self.weights_bytes,
+            self.device,
+            self.dtype,
+            self.max_blocks_per_seq,
         )
         self.kv_cache = self.arena.tensor
         for i, layer in enumerate(self.model.model.layers):

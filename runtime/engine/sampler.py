@@ -28,12 +28,14 @@ class Sampler:
         logits: torch.Tensor,  # [S, V], the model's dtype
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        banned: list[frozenset[int]] | None = None,  # per row: ids it may not choose now
     ) -> tuple[list[int], list[TokenLogprob | None] | None]:
         greedy = [p.greedy for p in params]
+        choose_from = logits if banned is None else _mask(logits, banned)
         if all(greedy):
-            chosen = logits.argmax(dim=-1)
+            chosen = choose_from.argmax(dim=-1)
         else:
-            chosen = self._sample(logits, params, generators, greedy)
+            chosen = self._sample(choose_from, params, generators, greedy)
         want = [p.logprobs for p in params]
         if all(n is None for n in want):
             return chosen.tolist(), None
@@ -105,3 +107,15 @@ class Sampler:
                 top = list(zip(top_l[i][:k], vals_l[i][:k], strict=True))
                 out.append(TokenLogprob(ids[i], picked_l[i], top))
         return ids, out
+
+
+def _mask(logits: torch.Tensor, banned: list[frozenset[int]]) -> torch.Tensor:
+    """A copy of ``logits`` with each row's banned ids at -inf (min_tokens holds back the stop
+    ids); log-probabilities still come from the unmasked ``logits``."""
+    rows = [i for i, ids in enumerate(banned) for _ in ids]
+    cols = [t for ids in banned for t in ids]
+    masked = logits.clone()
+    masked[
+        torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)
+    ] = -torch.inf
+    return masked

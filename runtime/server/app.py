@@ -12,22 +12,26 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from berth.runtime.server import errors
 from berth.runtime.server.engine_loop import EngineLoadError, EngineLoop
 from berth.runtime.server.engine_process import EngineFactory
 from berth.runtime.server.errors import APIError, install_error_handlers
 from berth.runtime.server.metrics import (
+    ConnectionStats,
     RequestMetrics,
     RuntimeCollector,
     RuntimeGauges,
     StandbyState,
 )
+from berth.runtime.server.openapi import ERRORS, PROBE, generation_responses, install_openapi
+from berth.runtime.server.prompts import PromptEncoder, prompt_byte_limit
 from berth.runtime.server.protocol import ModelCard, ModelList
 from berth.runtime.server.settings import ServerSettings
 
@@ -39,10 +43,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What the routes need of the model on the server's side: text in and out, and its limit."""
+    """What the routes need of the model on the server's side: text in and out, its limits."""
 
     tokenizer: "Tokenizer"
+    encoder: PromptEncoder  # tokenizes off the event loop
     max_model_len: int
+    max_prompt_bytes: int
 
 
 class ModelServer:
@@ -55,7 +61,7 @@ class ModelServer:
         self.registry = CollectorRegistry()
         self.metrics = RequestMetrics(self.registry, self.model_name)
         self.state = StandbyState.LOADING
-        self.draining = False
+        self.draining = False  # SIGTERM came: /ready fails (admitting ends when the loop closes)
         self.model: ServedModel | None = None
         self.loop = EngineLoop(
             engine_factory,
@@ -66,6 +72,7 @@ class ModelServer:
             log_level=settings.log_level,
         )
         self.load_error: str | None = None
+        self.connections = ConnectionStats()
         self.on_load_failure: Callable[[], None] = lambda: None
         self._loading: asyncio.Task[None] | None = None
         self.registry.register(
@@ -75,6 +82,7 @@ class ModelServer:
                 state=lambda: self.state,
                 draining=lambda: self.draining,
                 budget=settings.memory,
+                connections=self.connections,
             )
         )
 
@@ -93,7 +101,9 @@ class ModelServer:
             self.load_error = str(exc)
             self.on_load_failure()
             return
-        self.model = ServedModel(tokenizer, ready.max_model_len)
+        max_len = ready.max_model_len
+        limit = prompt_byte_limit(self.settings.max_prompt_bytes, max_len)
+        self.model = ServedModel(tokenizer, PromptEncoder(tokenizer), max_len, limit)
         self.state = StandbyState.ACTIVE
         pid = self.loop.process.pid if self.loop.process else None
         log.info("model %s loaded (engine process %s); serving", self.model_name, pid)
@@ -103,22 +113,37 @@ class ModelServer:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.loop.stop()
+        if self.model is not None:
+            self.model.encoder.close()
+
+    def card(self, model: str) -> ModelCard:
+        """The model card of ``model``, or the 404/503 that explains why there is none."""
+        served = self.loaded(model)
+        return ModelCard(
+            id=self.model_name, created=self.created, max_model_len=served.max_model_len
+        )
+
+    def loaded(self, model: str) -> ServedModel:
+        """The loaded model named ``model``, or the 404/503 that explains why not."""
+        retry = self.settings.retry_after_s
+        if model != self.model_name:
+            raise errors.model_not_found(model, self.model_name)
+        if self.load_error is not None:
+            raise errors.unavailable(self.load_error, "model_load_failed", retry)
+        if self.model is None:
+            raise errors.unavailable("The model is still loading.", "model_loading", retry)
+        return self.model
 
     def serving_loop(self, model: str) -> tuple[EngineLoop, ServedModel]:
         """The engine loop and model for a request naming ``model``, or the 404/503 that
         explains why not."""
         retry = self.settings.retry_after_s
-        if self.load_error is not None:
-            raise errors.unavailable(self.load_error, "model_load_failed", retry)
-        if self.model is None:
-            raise errors.unavailable("The model is still loading.", "model_loading", retry)
-        if model != self.model_name:
-            raise errors.model_not_found(model, self.model_name)
-        if self.draining:
+        served = self.loaded(model)
+        if self.loop.closed:
             raise errors.unavailable(
                 "The server is shutting down and admits no new requests.", "draining", retry
             )
-        return self.loop, self.model
+        return self.loop, served
 
     def count_error(self, error: APIError) -> None:
         """Count a refused request by reason, unless the engine loop has counted it already."""
@@ -131,10 +156,38 @@ def get_server(request: Request) -> ModelServer:
     return server
 
 
+class CloseWhileDraining:
+    """ASGI middleware: once the server drains, every response closes its connection, so that
+    keep-alive clients reconnect (to another replica) instead of reusing this one."""
+
+    def __init__(self, app: ASGIApp, server: ModelServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.server.draining:
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
 def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastAPI:
     """The ASGI app: OpenAI routes, probes and ``/metrics`` around one engine."""
     from berth.runtime.server.chat import create_chat_completion
     from berth.runtime.server.completions import create_completion
+    from berth.runtime.server.protocol import (
+        ChatCompletionRequest,
+        ChatCompletionResponse,
+        CompletionRequest,
+        CompletionResponse,
+    )
 
     server = ModelServer(settings, engine_factory)
 
@@ -146,9 +199,10 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastA
 
     app = FastAPI(title="Berth model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(CloseWhileDraining, server=server)
     install_error_handlers(app, server.count_error)
 
-    @app.get("/health")
+    @app.get("/health", responses=PROBE)
     async def health() -> JSONResponse:
         """Liveness: the process works (loading counts); a failed engine or load does not."""
         failure = server.load_error or server.loop.failure
@@ -156,7 +210,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastA
             return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", responses=PROBE)
     async def ready() -> JSONResponse:
         """Readiness: weights loaded, engine healthy, not draining."""
         failure = server.load_error or server.loop.failure
@@ -169,16 +223,31 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastA
             return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready", "state": server.state.value})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
+        """Prometheus metrics, under Berth's and vLLM's names."""
         return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        max_len = server.model.max_model_len if server.model is not None else 0
-        card = ModelCard(id=server.model_name, created=server.created, max_model_len=max_len)
-        return ModelList(data=[card]).model_dump()
+    async def models() -> ModelList:
+        """The served model, once it is loaded (an empty list before)."""
+        cards = [server.card(server.model_name)] if server.model is not None else []
+        return ModelList(data=cards)
 
-    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    @app.get("/v1/models/{model:path}", responses=ERRORS)
+    async def model(model: str) -> ModelCard:
+        """One model: 404 unless it is the served one, 503 while it loads."""
+        return server.card(model)
+
+    app.add_api_route(
+        "/v1/completions", create_completion, methods=["POST"],
+        responses=generation_responses(CompletionResponse),
+    )  # fmt: skip
+    app.add_api_route(
+        "/v1/chat/completions", create_chat_completion, methods=["POST"],
+        responses=generation_responses(ChatCompletionResponse),
+    )  # fmt: skip
+    install_openapi(
+        app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+    )
     return app

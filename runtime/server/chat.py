@@ -13,6 +13,7 @@ from berth.runtime.server.chunks import chat_choice
 from berth.runtime.server.engine_process import EngineRequest
 from berth.runtime.server.errors import invalid_request
 from berth.runtime.server.generation import respond
+from berth.runtime.server.prompts import check_prompt_bytes, check_sequence_count
 from berth.runtime.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -71,9 +72,8 @@ class ChatRenderer(Renderer):
         prompt_tokens: int,
         choices: int,
     ) -> None:
-        options = request.stream_options
-        include_usage = bool(options and options.include_usage)
-        super().__init__(model, tokenizer, prompt_tokens, include_usage, bool(request.logprobs))
+        logprobs = bool(request.logprobs)
+        super().__init__(model, tokenizer, prompt_tokens, request.stream_options, logprobs, choices)
         self.choices = choices
 
     def final_choice(self, choice: ChoiceProgress) -> ChatChoice:
@@ -111,21 +111,23 @@ async def create_chat_completion(raw: Request) -> Response:
 
     arrival = time.monotonic()
     server = get_server(raw)
-    request = await parse_body(raw, ChatCompletionRequest, server.settings.max_body_bytes)
+    request = await parse_body(raw, ChatCompletionRequest, server.settings)
     loop, model = server.serving_loop(request.model)
     check_supported(request)
     tokenizer, max_len = model.tokenizer, model.max_model_len
     messages = chat_messages(request)
+    n = request.n or 1
+    check_sequence_count(1, n, loop.capacity)
+    size = sum(len(m["content"].encode()) for m in messages)
+    check_prompt_bytes(size, model.max_prompt_bytes, "messages")
     try:
-        prompt = tokenizer.apply_chat_template(messages)
+        ids = await model.encoder.encode_chat(messages)
     except (ValueError, TemplateError) as exc:
         raise invalid_request(f"messages: {exc}", param="messages") from exc
-    ids = tokenizer.encode(prompt)
     check_prompt(ids, max_len, "messages")
     requested, param = _max_tokens(request)
     max_tokens = resolve_max_tokens(requested, param, len(ids), max_len)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    n = request.n or 1
     renderer = ChatRenderer(request, server.model_name, tokenizer, len(ids), n)
     engine_requests = []
     for choice in range(n):

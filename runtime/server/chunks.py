@@ -27,8 +27,11 @@ class ChunkFrame:
         # With include_usage every chunk carries "usage": null, the last one the numbers.
         self._tail = '],"usage":null}' if include_usage else "]}"
 
-    def chunk(self, choice: str) -> str:
-        """The chunk carrying one choice, given as JSON text."""
+    def chunk(self, choice: str, usage: str | None = None) -> str:
+        """The chunk carrying one choice, given as JSON text, and ``usage`` (JSON text) when
+        every chunk reports it (vLLM's ``continuous_usage_stats``)."""
+        if usage is not None:
+            return self._head + choice + '],"usage":' + usage + "}"
         return self._head + choice + self._tail
 
 

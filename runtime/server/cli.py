@@ -61,15 +61,66 @@ def _env(name: str) -> str:
     help="Seconds from arrival to the last token; then 408 and the request is aborted.",
 )
 @click.option(
+    "--shutdown-delay",
+    "shutdown_delay_s",
+    default=float(wire.RUNTIME_SHUTDOWN_DELAY_S),
+    show_default=True,
+    type=click.FloatRange(min=0),
+    envvar=_env("SHUTDOWN_DELAY"),
+    help="On SIGTERM, seconds /ready fails while requests are still admitted (each response "
+    "closes its connection), so that load balancers move away first.",
+)
+@click.option(
     "--drain-timeout",
     "drain_grace_s",
-    default=30.0,
+    default=float(wire.RUNTIME_DRAIN_TIMEOUT_S),
     show_default=True,
     type=click.FloatRange(min=0),
     envvar=_env("DRAIN_TIMEOUT"),
-    help="On SIGTERM, seconds in-flight requests may take before they are aborted.",
+    help="After the shutdown delay, seconds in-flight requests may take before they are aborted.",
 )
 @click.option("--max-body-bytes", default=8 << 20, show_default=True, type=click.IntRange(1024))
+@click.option(
+    "--max-prompt-bytes",
+    type=click.IntRange(1),
+    envvar=_env("MAX_PROMPT_BYTES"),
+    help="Bytes of prompt text per request; more get 413 before tokenizing "
+    "[default: 16 per token of the context, at least 64 KiB].",
+)
+@click.option(
+    "--header-timeout",
+    "header_timeout_s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    envvar=_env("HEADER_TIMEOUT"),
+    help="Seconds a connection may take to send a request's headers; then it is closed.",
+)
+@click.option(
+    "--body-timeout",
+    "body_timeout_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    envvar=_env("BODY_TIMEOUT"),
+    help="Seconds a request may take to send its body; then 408.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    "keep_alive_timeout_s",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Seconds an idle keep-alive connection stays open.",
+)
+@click.option(
+    "--max-connections",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar=_env("MAX_CONNECTIONS"),
+    help="Open connections (or requests in progress) beyond which requests get 503.",
+)
 @click.option(
     "--gpu-memory-request",
     type=click.IntRange(1),
@@ -125,8 +176,14 @@ def serve(
     max_waiting_requests: int,
     retry_after_s: int,
     request_timeout_s: float,
+    shutdown_delay_s: float,
     drain_grace_s: float,
     max_body_bytes: int,
+    max_prompt_bytes: int | None,
+    header_timeout_s: float,
+    body_timeout_s: float,
+    keep_alive_timeout_s: int,
+    max_connections: int,
     gpu_memory_request: int | None,
     gpu_memory_limit: int | None,
     dtype: str,
@@ -181,8 +238,14 @@ def serve(
         max_waiting_requests=max_waiting_requests,
         retry_after_s=retry_after_s,
         request_timeout_s=request_timeout_s,
+        shutdown_delay_s=shutdown_delay_s,
         drain_grace_s=drain_grace_s,
         max_body_bytes=max_body_bytes,
+        max_prompt_bytes=max_prompt_bytes,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
+        keep_alive_timeout_s=keep_alive_timeout_s,
+        max_connections=max_connections,
         memory=MemoryBudget(
             budget.request_bytes if budget else None, budget.limit_bytes if budget else None
         ),

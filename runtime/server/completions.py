@@ -2,7 +2,7 @@
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -11,6 +11,7 @@ from berth.runtime.server.body import parse_body
 from berth.runtime.server.chunks import completion_choice
 from berth.runtime.server.engine_process import EngineRequest
 from berth.runtime.server.generation import respond
+from berth.runtime.server.prompts import check_prompt_bytes, check_sequence_count
 from berth.runtime.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -29,20 +30,27 @@ from berth.runtime.server.sampling import (
 if TYPE_CHECKING:
     from berth.runtime.engine import TokenLogprob
     from berth.runtime.engine.tokenizer import Tokenizer
+    from berth.runtime.server.app import ServedModel
 
 
-def _prompts(request: CompletionRequest, tokenizer: "Tokenizer") -> list[list[int]]:
-    """Token ids of each prompt: a string, a list of strings, token ids, or lists of those."""
-    prompt = request.prompt
-    if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
-    if not prompt:
-        return [[]]
-    if isinstance(prompt[0], str):
-        return [tokenizer.encode(p) for p in prompt]
-    if isinstance(prompt[0], int):
-        return [list(prompt)]
-    return [list(p) for p in prompt]
+async def _prompts(
+    request: CompletionRequest, model: "ServedModel", capacity: int
+) -> list[list[int]]:
+    """Token ids of each prompt: a string, a list of strings, token ids, or lists of those.
+    Counted and bounded first; text is tokenized off the event loop."""
+    prompt, n = request.prompt, request.n or 1
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+        texts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+        check_sequence_count(len(texts), n, capacity)
+        size = sum(len(text.encode()) for text in texts)
+        check_prompt_bytes(size, model.max_prompt_bytes, "prompt")
+        return await model.encoder.encode(texts)
+    if not prompt or isinstance(prompt[0], int):
+        ids = [cast("list[int]", list(prompt))]  # the request model allows only ints here
+    else:
+        ids = [cast("list[int]", list(p)) for p in prompt]
+    check_sequence_count(len(ids), n, capacity)
+    return ids
 
 
 def legacy_logprobs(
@@ -77,10 +85,11 @@ class CompletionRenderer(Renderer):
         prompt_tokens: int,
         choices_per_prompt: int,
     ) -> None:
-        options = request.stream_options
-        include_usage = bool(options and options.include_usage)
         with_logprobs = request.logprobs is not None
-        super().__init__(model, tokenizer, prompt_tokens, include_usage, with_logprobs)
+        super().__init__(
+            model, tokenizer, prompt_tokens, request.stream_options, with_logprobs,
+            choices_per_prompt,
+        )  # fmt: skip
         self.echo = bool(request.echo)
         self.prompt_texts = prompt_texts
         self.n = choices_per_prompt
@@ -134,20 +143,22 @@ async def create_completion(raw: Request) -> Response:
 
     arrival = time.monotonic()
     server = get_server(raw)
-    request = await parse_body(raw, CompletionRequest, server.settings.max_body_bytes)
+    request = await parse_body(raw, CompletionRequest, server.settings)
     loop, model = server.serving_loop(request.model)
     check_supported(request)
     tokenizer, max_len = model.tokenizer, model.max_model_len
     n = request.n or 1
-    prompts = _prompts(request, tokenizer)
+    prompts = await _prompts(request, model, loop.capacity)
+    budgets = []
+    for ids in prompts:
+        check_prompt(ids, max_len, "prompt")
+        budgets.append(resolve_max_tokens(request.max_tokens, "max_tokens", len(ids), max_len))
     echo_texts = _echo_texts(request, prompts, tokenizer) if request.echo else []
     renderer = CompletionRenderer(
         request, server.model_name, tokenizer, echo_texts, sum(map(len, prompts)), n
     )
     engine_requests: list[EngineRequest] = []
-    for ids in prompts:
-        check_prompt(ids, max_len, "prompt")
-        max_tokens = resolve_max_tokens(request.max_tokens, "max_tokens", len(ids), max_len)
+    for ids, max_tokens in zip(prompts, budgets, strict=True):
         for choice in range(n):
             params = sampling_params(request, max_tokens, request.logprobs, choice)
             validate_params(params, max_len)

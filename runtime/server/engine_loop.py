@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT_S = 10.0  # how long a stopping engine process may take before it is killed
+ENGINE_STOP_S = 5.0  # how long a stopping engine process may take before it is killed
+ENGINE_KILL_S = 2.0  # and how long after the kill the server waits for it to be gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,15 +192,14 @@ class EngineLoop:
     def submit(
         self, requests: list[EngineRequest], arrival: float, timeout_s: float
     ) -> RequestStream:
-        """Admit ``requests`` (the choices of one HTTP request) or raise a 4xx/503 APIError."""
+        """Admit ``requests`` (the choices of one HTTP request) or raise a 429/503 APIError.
+
+        The route has checked their number against :attr:`capacity` (naming the field to
+        change), before tokenizing them."""
         count = len(requests)
-        capacity = self._max_running + self._max_waiting
+        capacity = self.capacity
         if count > capacity:
-            raise errors.invalid_request(
-                f"The request asks for {count} sequences; this server runs at most {capacity} "
-                "at once. Lower n or send fewer prompts.",
-                param="n",
-            )
+            raise ValueError(f"{count} sequences exceed the capacity of {capacity}")
         if self._failure is not None:
             raise errors.unavailable(self._failure, "engine_failed", self._retry_after_s)
         if self._closed:
@@ -237,6 +237,16 @@ class EngineLoop:
         self._closed = True
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called: every ``submit`` is refused."""
+        return self._closed
+
+    @property
+    def capacity(self) -> int:
+        """The most sequences admitted at once: the running batch and the waiting room."""
+        return self._max_running + self._max_waiting
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 
@@ -257,11 +267,11 @@ class EngineLoop:
         process = self._process
         if process is None:
             return
-        await asyncio.to_thread(process.join, STOP_TIMEOUT_S)
+        await asyncio.to_thread(process.join, ENGINE_STOP_S)
         if process.exitcode is None:
-            log.warning("the engine process did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
+            log.warning("the engine process did not stop in %.0f s; killing it", ENGINE_STOP_S)
             process.kill()
-            await asyncio.to_thread(process.join, STOP_TIMEOUT_S)
+            await asyncio.to_thread(process.join, ENGINE_KILL_S)
 
     # Receiving.
 

@@ -16,7 +16,8 @@ waits on a pipe that the busy engine is not reading. The engine process ignores 
 SIGTERM (the server decides when it stops: it drains first) and exits on :data:`STOP`, or when
 the pipe reports end-of-file because the server has gone, so it never outlives the server.
 
-This module imports neither fastapi nor pydantic: the engine process does not need them.
+This module imports neither fastapi nor pydantic: the engine process needs pydantic only for
+the node agent's lease (``memory_lease``), loaded when the runtime has a GPU budget.
 """
 
 import dataclasses
@@ -36,6 +37,7 @@ from berth.runtime.engine import RequestOutput
 
 if TYPE_CHECKING:
     from berth.runtime.engine import EngineConfig, EngineStats, SamplingParams
+    from berth.runtime.server.memory_lease import MemoryLease
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,8 @@ def share_cpu_with_event_loop(device: str) -> None:
 def load_engine(config: "EngineConfig", make_tiny_seed: int | None = None) -> ServableEngine:
     """The engine factory of ``berth serve``: make the random ``tiny`` model first if asked to
     (``make_tiny_seed``), or import a named real model (``smollm2``: converted once, then read
-    from the cache), then load the engine from ``config.model``."""
+    from the cache), lease the GPU budget from the node agent, then load the engine from
+    ``config.model``."""
     from berth.runtime.engine import Engine
     from berth.runtime.engine.gguf_import import GGUF_MODELS, import_model
 
@@ -172,7 +175,15 @@ def load_engine(config: "EngineConfig", make_tiny_seed: int | None = None) -> Se
         make_model(model_dir.name, model_dir, seed=make_tiny_seed)
     elif config.model in GGUF_MODELS:
         config = dataclasses.replace(config, model=str(import_model(config.model, say=log.info)))
-    return Engine(config)
+    lease = admit_to_node_agent(config)  # before the weights take any GPU memory
+    try:
+        engine = Engine(config)
+    except BaseException:
+        if lease is not None:
+            lease.end()
+        raise
+    engine.memory_lease = lease  # type: ignore[attr-defined]  # the engine loop picks it up
+    return engine
 
 
 def weights_bytes(engine: ServableEngine) -> int:
@@ -203,10 +214,12 @@ def run_engine_process(conn: Connection, factory: EngineFactory, log_level: str)
     conn.send(ready)
     core = EngineCore(engine, conn)
     core.latest_stats = ready.stats
-    end_lease = start_memory_lease(engine, core)
+    lease = getattr(engine, "memory_lease", None)
+    if lease is not None:
+        attach_memory_lease(lease, engine, core)
     core.run()
-    if end_lease is not None:
-        end_lease()  # the node agent gets the memory back at once
+    if lease is not None:
+        lease.end()  # the node agent gets the memory back at once
     # Leave without the interpreter's teardown: with the command thread blocked in recv and
     # torch's thread pools alive, finalization has aborted the process (SIGABRT) in tests.
     logging.shutdown()
@@ -318,24 +331,42 @@ class EngineCore:
         return True
 
 
-def start_memory_lease(engine: ServableEngine, core: EngineCore) -> Callable[[], None] | None:
-    """Lease GPU memory from the node agent when the KV pool is sized from a budget; returns
-    the function that ends the lease (None: a fixed pool, nothing to lease)."""
-    runner = getattr(engine, "runner", None)
-    plan = getattr(runner, "plan", None)
-    if runner is None or plan is None:
+def admit_to_node_agent(config: "EngineConfig") -> "MemoryLease | None":
+    """With a GPU budget, lease it from the node agent before anything is loaded (see
+    ``MemoryLease.admit``); None without a budget (local use: nothing to lease)."""
+    budget = config.budget
+    if budget is None or config.num_kv_blocks is not None or config.kv_cache_bytes is not None:
         return None
     from berth.runtime.server.agent_client import AgentClient
-    from berth.runtime.server.memory_lease import (
-        LeaseSettings,
-        MemoryLease,
-        MemoryState,
-        start_lease,
-    )
+    from berth.runtime.server.memory_lease import LeaseSettings, MemoryLease
 
-    arena = runner.arena
     settings = LeaseSettings.from_env()
-    gpu_uuid = plan.budget.gpu_uuid or getattr(runner, "gpu_uuid", None) or "GPU-0"
+    lease = MemoryLease(
+        AgentClient(settings.socket_path), settings, budget, budget.gpu_uuid or _gpu_uuid(config)
+    )
+    log.info("leasing GPU memory from the node agent at %s as %s", settings.socket_path,
+             settings.tenant)  # fmt: skip
+    lease.admit()
+    lease.start()  # heartbeats while the weights load
+    return lease
+
+
+def _gpu_uuid(config: "EngineConfig") -> str:
+    """The device's UUID when the budget names none (a local ``berth serve`` on a GPU)."""
+
+    from berth.runtime.engine.memory_profile import device_uuid
+    from berth.runtime.engine.model_runner import resolve_device
+
+    return device_uuid(resolve_device(config.device)) or "GPU-0"
+
+
+def attach_memory_lease(lease: "MemoryLease", engine: ServableEngine, core: EngineCore) -> None:
+    """The engine is loaded: the lease reads its state from the loop's latest stats and
+    resizes the pool through the loop."""
+    from berth.runtime.server.memory_lease import MemoryState
+
+    runner = getattr(engine, "runner")  # noqa: B009  (the engine, not the protocol, has it)
+    plan, arena = runner.plan, runner.arena
 
     def state() -> MemoryState | None:
         stats = core.latest_stats  # the loop's latest snapshot: never touch the engine here
@@ -350,15 +381,4 @@ def start_memory_lease(engine: ServableEngine, core: EngineCore) -> Callable[[],
             stats.num_running + stats.num_waiting,
         )
 
-    lease = MemoryLease(
-        AgentClient(settings.socket_path), settings, plan.budget, gpu_uuid, state, core.resize_kv
-    )
-    log.info("leasing GPU memory from the node agent at %s as %s", settings.socket_path,
-             settings.tenant)  # fmt: skip
-    thread, stop = start_lease(lease)
-
-    def end() -> None:
-        stop.set()
-        thread.join(timeout=5.0)
-
-    return end
+    lease.attach(state, core.resize_kv)

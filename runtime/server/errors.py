@@ -94,6 +94,23 @@ def request_timeout(timeout_s: float) -> APIError:
     )
 
 
+def body_timeout(timeout_s: float, received: int, headers: dict[str, str]) -> APIError:
+    return APIError(
+        408,
+        f"The request body did not arrive within the server's {timeout_s:g} s body timeout "
+        f"({received} bytes received); send the whole body at once.",
+        type=TIMEOUT,
+        code="body_timeout",
+        headers=headers,
+    )
+
+
+def client_gone() -> APIError:
+    """The client hung up before its request was read: nobody gets this answer (499 is the
+    status nginx logs for it); it is counted as a client disconnect, not a server error."""
+    return APIError(499, "The client closed the connection.", code="client_disconnect")
+
+
 def unavailable(message: str, code: str, retry_after_s: int) -> APIError:
     """A 503 for a server that cannot take work right now (loading, draining, engine failed)."""
     return APIError(
@@ -114,7 +131,9 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
     errors = exc.errors()
     if not errors:
         return invalid_request("The request body is invalid.")
-    first = errors[0]
+    # Of a union's branches, the one that got furthest into the input says what is wrong
+    # (a content part of an unknown type, rather than "content should be a string").
+    first = max(errors, key=lambda error: len(error["loc"]))
     param = _param(first)
     if first["type"] == "extra_forbidden":
         return invalid_request(
@@ -122,6 +141,12 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
         )
     if first["type"] == "json_invalid":
         return invalid_request(f"The body is not valid JSON: {first['msg']}", code="invalid_json")
+    if first["type"] == "finite_number":
+        return invalid_request(
+            f"{param}: NaN and infinite numbers are not allowed; send a finite number.",
+            param=param,
+            code="invalid_value",
+        )
     where = f"{param}: " if param else ""
     more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
     return invalid_request(f"{where}{first['msg']}{more}", param=param, code="invalid_value")

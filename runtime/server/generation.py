@@ -104,7 +104,7 @@ async def _event_stream(
 ) -> AsyncIterator[bytes]:
     """The SSE body. Starlette cancels it when the client leaves; ``finally`` then aborts."""
     try:
-        opening = [*renderer.opening_chunks(), *renderer.update_chunks(first, choices[first.index])]
+        opening = [*renderer.opening_chunks(), *renderer.update_chunks(first, choices)]
         yield b"".join(map(sse, opening))
         while not stream.done:
             # Everything already queued leaves in one write: under load the event loop falls
@@ -114,7 +114,7 @@ async def _event_stream(
                 while True:
                     update = await next_update(loop, stream)
                     choices[update.index].add(update)
-                    events += map(sse, renderer.update_chunks(update, choices[update.index]))
+                    events += map(sse, renderer.update_chunks(update, choices))
                     if stream.done or stream.queue.empty():
                         break
             except APIError as error:

@@ -1,12 +1,19 @@
 """The server process's life: load the model, serve with uvicorn, drain on SIGTERM, exit.
 
-Kubernetes sends SIGTERM and, ``terminationGracePeriodSeconds`` later, SIGKILL. On SIGTERM the
-server stops admitting (new requests get 503 with Retry-After, ``/ready`` fails so the pod
-leaves the Service's endpoints), lets in-flight requests finish for up to the grace period,
-aborts whatever still runs (freeing its KV blocks, ending its stream), then lets uvicorn close
-connections, stops the engine process and exits with status 0. A second SIGTERM or a SIGINT
-exits at once; the engine process, which ignores both signals, exits when its pipe to the
-server closes.
+Kubernetes runs the pod's preStop sleep, then sends SIGTERM and, once
+``terminationGracePeriodSeconds`` (counted from the preStop) have passed, SIGKILL. On SIGTERM:
+
+1. ``/ready`` fails at once, yet requests are still admitted for ``shutdown_delay_s``, and
+   every response closes its connection (keep-alive clients reconnect to another replica);
+2. then new requests get 503 with Retry-After, and in-flight ones may finish for up to
+   ``drain_grace_s``;
+3. whatever still runs is aborted (its KV blocks freed, its stream ended), uvicorn closes the
+   connections, the engine process is stopped (killed if it hangs), and the process exits 0.
+
+Each step is bounded, and :class:`ShutdownBudget` adds them up: the sum plus the preStop sleep
+must fit the grace period (``berth.wire`` holds the pod's numbers; a test checks the sum). A
+second SIGTERM or a SIGINT exits at once; the engine process, which ignores both signals, exits
+when its pipe to the server closes.
 """
 
 import asyncio
@@ -18,34 +25,64 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from berth.runtime.server.app import ModelServer, create_app
+from berth.runtime.server.connections import CONNECTION_CLOSE_S, http_config
+from berth.runtime.server.engine_loop import ENGINE_KILL_S, ENGINE_STOP_S
 from berth.runtime.server.engine_process import load_engine
 from berth.runtime.server.settings import TINY, ServerSettings
 
 log = logging.getLogger(__name__)
 
-CONNECTION_CLOSE_S = 5.0  # after the drain, how long uvicorn waits for responses to flush
+ABORT_FLUSH_S = 2.0  # after aborting, how long handlers get to send their streams' last events
 
 
-async def drain(server: ModelServer, grace_s: float) -> None:
-    """Stop admitting, wait up to ``grace_s`` for in-flight requests, then abort the rest."""
+@dataclass(frozen=True)
+class ShutdownBudget:
+    """The longest each step after SIGTERM may take, in seconds."""
+
+    delay_s: float  # /ready fails, requests still admitted
+    drain_s: float  # in-flight requests finish
+    abort_flush_s: float = ABORT_FLUSH_S
+    connection_close_s: float = CONNECTION_CLOSE_S
+    engine_stop_s: float = ENGINE_STOP_S + ENGINE_KILL_S
+
+    @classmethod
+    def of(cls, settings: ServerSettings) -> "ShutdownBudget":
+        return cls(delay_s=settings.shutdown_delay_s, drain_s=settings.drain_grace_s)
+
+    @property
+    def total_s(self) -> float:
+        """From SIGTERM to exit at the latest (plus the interpreter's own exit)."""
+        steps = (self.delay_s, self.drain_s, self.abort_flush_s, self.connection_close_s)
+        return sum(steps) + self.engine_stop_s
+
+
+async def drain(server: ModelServer, budget: ShutdownBudget) -> None:
+    """Fail readiness, admit for ``budget.delay_s``, then stop admitting and wait up to
+    ``budget.drain_s`` for in-flight requests; abort the rest."""
     server.draining = True
     loop = server.loop
+    if budget.delay_s > 0:
+        log.info("readiness fails; still admitting for %.1f s", budget.delay_s)
+        await asyncio.sleep(budget.delay_s)
     loop.close()
-    deadline = time.monotonic() + grace_s
+    deadline = time.monotonic() + budget.drain_s
     if loop.in_flight:
-        log.info("draining %d in-flight sequence(s) for up to %.1f s", loop.in_flight, grace_s)
+        log.info(
+            "draining %d in-flight sequence(s) for up to %.1f s", loop.in_flight, budget.drain_s
+        )
     while loop.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     if loop.in_flight:
-        log.warning("grace period over: aborting %d sequence(s)", loop.in_flight)
+        log.warning("drain timeout over: aborting %d sequence(s)", loop.in_flight)
         loop.abort_all("shutdown")
-        end = time.monotonic() + CONNECTION_CLOSE_S
+        end = time.monotonic() + budget.abort_flush_s
         while loop.in_flight and time.monotonic() < end:
             await asyncio.sleep(0.02)
 
@@ -53,10 +90,12 @@ async def drain(server: ModelServer, grace_s: float) -> None:
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that the first SIGTERM drains the model server before exiting."""
 
-    def __init__(self, config: uvicorn.Config, model_server: ModelServer, grace_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, model_server: ModelServer, budget: ShutdownBudget
+    ) -> None:
         super().__init__(config)
         self.model_server = model_server
-        self.grace_s = grace_s
+        self.budget = budget
         self.exit_code = 0
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -78,7 +117,7 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self) -> None:
         log.info("SIGTERM: draining before exit")
         try:
-            await drain(self.model_server, self.grace_s)
+            await drain(self.model_server, self.budget)
         finally:
             self.should_exit = True
 
@@ -107,16 +146,9 @@ def serve(settings: ServerSettings) -> int:
         tiny_seed = settings.engine.seed if settings.engine.model == TINY else None
         factory = functools.partial(load_engine, settings.engine_config(str(model_dir)), tiny_seed)
         app = create_app(settings, factory)
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            access_log=settings.access_log,
-            timeout_graceful_shutdown=int(CONNECTION_CLOSE_S),
-            lifespan="on",
-        )
-        server = DrainingServer(config, app.state.server, settings.drain_grace_s)
-        app.state.server.on_load_failure = lambda: server.fail(1)
+        model_server: ModelServer = app.state.server
+        config = http_config(app, settings, model_server.connections)
+        server = DrainingServer(config, model_server, ShutdownBudget.of(settings))
+        model_server.on_load_failure = lambda: server.fail(1)
         server.run()
     return server.exit_code

@@ -1,6 +1,8 @@
 """The runtime's side of the node agent's memory lease: register, heartbeat, burst, obey reclaims.
 
-Runs as a thread in the engine process (the process that owns the KV pool). Each cycle it reads
+Runs in the engine process (the process that owns the KV pool). Before the engine loads,
+``admit`` registers holding nothing and waits until the agent grants the request (it may first
+reclaim another tenant's burst). Then, as a thread, each cycle it reads
 the engine's latest :class:`MemoryState`, works out what it would like to hold
 (:func:`desired_bytes`, pure), and tells the agent in a heartbeat; the reply says what it may
 hold. It grows only up to a grant, shrinks when the reply carries a reclaim (then acknowledges
@@ -23,6 +25,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -94,20 +97,15 @@ class MemoryLease:
     """One runtime's lease; ``cycle`` is one heartbeat (tests drive it directly)."""
 
     def __init__(
-        self,
-        client: AgentClient,
-        settings: LeaseSettings,
-        budget: GpuBudget,
-        gpu_uuid: str,
-        state: Callable[[], MemoryState | None],
-        resize: Callable[[int], int],
+        self, client: AgentClient, settings: LeaseSettings, budget: GpuBudget, gpu_uuid: str
     ) -> None:
         self.client = client
         self.settings = settings
         self.budget = budget
         self.gpu_uuid = gpu_uuid
-        self._state = state
-        self._resize = resize
+        # Until ``attach``: the engine is not loaded yet, holds nothing and wants its request.
+        self._state: Callable[[], MemoryState | None] = lambda: None
+        self._resize: Callable[[int], int] = lambda target: 0
         self.registered = False
         self.stopped = False
         self.epoch: str | None = None
@@ -115,15 +113,43 @@ class MemoryLease:
         self.granted_bytes = budget.request_bytes  # before any reply: the scheduler's request
         self.num_reclaims = 0
         self._warned = False
+        self._loading_held = 0  # what to report before ``attach``
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def attach(self, state: Callable[[], MemoryState | None], resize: Callable[[int], int]) -> None:
+        """The engine is loaded: read its state from ``state``, resize its pool by ``resize``."""
+        self._state, self._resize = state, resize
+
+    def admit(self) -> None:
+        """Before the engine loads anything: register holding nothing, and wait until the grant
+        covers the request (the agent may first have to reclaim another tenant's burst). An
+        unreachable agent, or one that refuses the registration, is not waited for: the GPU
+        scheduler reserved the request, so the runtime starts within it and retries later."""
+        waited, said = 0.0, 0.0
+        while True:
+            delay = self.cycle_safely()
+            if not self.registered or self.granted_bytes >= self.budget.request_bytes:
+                self._loading_held = self.budget.request_bytes
+                return
+            if waited - said >= 10.0 or said == 0.0:
+                log.info(
+                    "waiting for the node agent to grant the request (%d of %d MiB granted)",
+                    self.granted_bytes >> 20, self.budget.request_bytes >> 20,
+                )  # fmt: skip
+                said = max(waited, 1e-9)
+            time.sleep(delay)
+            waited += delay
 
     def cycle(self) -> float:
         """Register or heartbeat once, act on the reply; returns seconds until the next cycle."""
         if self.stopped:
             return self.interval_s
         state = self._state()
-        if state is None:
-            return RETRY_S
-        held, want = state.held_bytes, desired_bytes(state)
+        if state is None:  # loading: up to the request once admitted (its grant covers it)
+            held, want, in_flight = self._loading_held, self.budget.request_bytes, 0
+        else:
+            held, want, in_flight = state.held_bytes, desired_bytes(state), state.in_flight
         s = self.settings
         try:
             if not self.registered:
@@ -132,13 +158,15 @@ class MemoryLease:
                 reply = self.client.heartbeat(
                     s.tenant, proto.Heartbeat(
                         instance=s.instance, held_bytes=held, want_bytes=want,
-                        in_flight=state.in_flight,
+                        in_flight=in_flight,
                     )
                 )  # fmt: skip
         except AgentError as e:
             return self._failed(e)
         self._warned = False
-        self._apply(reply, held, want)
+        self.granted_bytes = reply.granted_bytes
+        if state is not None:
+            self._apply(reply, held, want)
         return self.interval_s
 
     def _register(self, held: int, want: int) -> proto.Lease:
@@ -169,7 +197,7 @@ class MemoryLease:
                 "the node agent cannot grant what is held (%s); shrinking to the request", e
             )
             self._resize(self.budget.request_bytes)
-            return 0.0
+            return RETRY_S
         if e.code == "instance_mismatch":
             log.error("another instance holds this tenant's lease: giving back bursts (%s)", e)
             self._resize(self.budget.request_bytes)
@@ -206,15 +234,27 @@ class MemoryLease:
         except AgentError as e:  # the next heartbeat reports what is held
             log.warning("release after shrinking to %d MiB failed: %s", held >> 20, e)
 
-    def run(self, stop: threading.Event) -> None:
-        """Cycle until ``stop`` is set, then end the lease (best effort)."""
-        while not stop.wait(self.cycle_safely()):
+    def start(self) -> None:
+        """Heartbeat from a thread of its own from now on (the engine loads meanwhile)."""
+        self._thread = threading.Thread(target=self._run, name="berth-memory-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.cycle_safely()):
             pass
+
+    def end(self) -> None:
+        """Stop heartbeating and give the memory back to the agent at once (best effort: else
+        the lease lapses)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
         if self.registered and not self.stopped:
             try:
                 self.client.deregister(self.settings.tenant, self.settings.instance)
             except AgentError as e:
                 log.debug("deregistering failed: %s", e)
+        self.registered = False
 
     def cycle_safely(self) -> float:
         try:
@@ -222,12 +262,3 @@ class MemoryLease:
         except Exception:  # a bug here must not take the engine down
             log.exception("memory lease cycle failed")
             return RETRY_S
-
-
-def start_lease(lease: MemoryLease) -> tuple[threading.Thread, threading.Event]:
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=lease.run, args=(stop,), name="berth-memory-lease", daemon=True
-    )
-    thread.start()
-    return thread, stop

@@ -101,6 +101,12 @@ STANDBY_STATE = Name(
     "berth_standby_state", None, "1 for the runtime's current residency state (label state)."
 )
 DRAINING = Name("berth_draining", None, "1 while the server drains before exit.")
+HTTP_CONNECTIONS = Name("berth_http_connections", None, "Open HTTP connections.")
+HTTP_HEADER_TIMEOUTS = Name(
+    "berth_http_header_timeouts",
+    None,
+    "Connections closed because a request's headers did not arrive in time.",
+)
 
 # Buckets: vLLM's, with finer steps at the low end where a GPU decode step lands (~5-10 ms).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)  # fmt: skip
@@ -139,6 +145,14 @@ class RuntimeGauges:
     resident_bytes: int = 0  # bytes this runtime holds on its GPU (weights + KV)
 
 
+@dataclass(slots=True)
+class ConnectionStats:
+    """The HTTP side's connection counts, kept by the protocol (``connections.py``)."""
+
+    open: int = 0
+    header_timeouts: int = 0  # cumulative
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
     """The GPU memory the scheduler granted this pod (wire.ENV_GPU_MEMORY_*), in bytes."""
@@ -157,12 +171,14 @@ class RuntimeCollector(Collector):
         state: Callable[[], StandbyState],
         draining: Callable[[], bool],
         budget: MemoryBudget,
+        connections: ConnectionStats,
     ) -> None:
         self._model = model
         self._gauges = gauges
         self._state = state
         self._draining = draining
         self._budget = budget
+        self._connections = connections
 
     def _family(self, name: Name, value: float, counter: bool = False) -> Iterable[Metric]:
         """The value under Berth's name and, where vLLM has one, under vLLM's."""
@@ -206,6 +222,10 @@ class RuntimeCollector(Collector):
             state.add_metric([self._model, member.value], 1.0 if member is current else 0.0)
         yield state
         yield from self._family(DRAINING, 1.0 if self._draining() else 0.0)
+        yield from self._family(HTTP_CONNECTIONS, self._connections.open)
+        yield from self._family(
+            HTTP_HEADER_TIMEOUTS, self._connections.header_timeouts, counter=True
+        )
 
 
 class RequestMetrics:

@@ -5,35 +5,61 @@ arguments and wrong types with a 400; a client that misspells ``max_tokens`` sho
 instead of silently getting the default. Fields OpenAI accepts but this server cannot honour
 (penalties, logit bias, tools, ...) are declared, so that they parse, and refused by
 :mod:`berth.runtime.server.sampling` with a 400 when set to anything but their neutral value.
-vLLM's extra sampling fields (``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids``) are
-accepted too, since clients pass them through ``extra_body``.
+vLLM's extra sampling fields (``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``,
+``stop_token_ids``, ``stream_options.continuous_usage_stats``) are accepted too, since clients
+pass them through ``extra_body``.
+
+JSON has one number type, and many clients write ``16.0`` for 16: integer fields accept a float
+with no fractional part (as JSON Schema's ``integer`` does) and refuse ``16.5`` naming the field.
+Token ids in prompts stay strict ints: a Python check per element of a million-token prompt
+would hold the event loop.
 """
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+
+def _whole_number(value: object) -> object:
+    """``16.0`` -> 16; ``16.5`` -> an error naming the value; anything else unchanged."""
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise PydanticCustomError(
+            "int_from_float", "Input should be a whole number, got {value}", {"value": value}
+        )
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 
 # Sampling fields shared by both routes, with OpenAI's bounds (vLLM's for its extras).
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-TopK = Annotated[int, Field(ge=-1)]  # -1 and 0 both mean "off"
+TopK = Annotated[WholeNumber, Field(ge=-1)]  # -1 and 0 both mean "off"
 MinP = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-MaxTokens = Annotated[int, Field(ge=1)]
-Choices = Annotated[int, Field(ge=1, le=64)]
+MaxTokens = Annotated[WholeNumber, Field(ge=1)]
+MinTokens = Annotated[WholeNumber, Field(ge=0)]
+Choices = Annotated[WholeNumber, Field(ge=1, le=64)]
+TopLogprobs = Annotated[WholeNumber, Field(ge=0, le=20)]
 TokenId = Annotated[int, Field(ge=0)]
-Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # a 64-bit generator seed
+Seed = Annotated[WholeNumber, Field(ge=-(2**63), lt=2**63)]  # a 64-bit generator seed
 Stop = str | list[str]
 
 
 class _Request(BaseModel):
-    """Base of every request body: unknown fields and coerced types are errors."""
+    """Base of every request body: unknown fields, coerced types and (since the JSON parser
+    takes ``NaN`` and ``Infinity``) non-finite numbers are errors."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
     include_usage: bool | None = None
+    # vLLM's: every chunk carries the usage so far (needs include_usage, as in vLLM).
+    continuous_usage_stats: bool | None = None
 
 
 class _SamplingRequest(_Request):
@@ -49,6 +75,7 @@ class _SamplingRequest(_Request):
     stop: Stop | None = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
+    min_tokens: MinTokens | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
@@ -62,7 +89,7 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: MaxTokens | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: TopLogprobs | None = None
     echo: bool | None = None
     best_of: Choices | None = None
     suffix: str | None = None
@@ -73,11 +100,45 @@ class TextContentPart(_Request):
     text: str
 
 
+class ImageURL(_Request):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageContentPart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Request):
+    data: str
+    format: str
+
+
+class AudioContentPart(_Request):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class FileContentPart(_Request):
+    type: Literal["file"]
+    file: dict[str, Any]
+
+
+# OpenAI's content parts, told apart by ``type``. Only text reaches a text model: the others
+# parse, so that the refusal can say "image inputs are not supported" instead of a union error.
+ContentPart = Annotated[
+    TextContentPart | ImageContentPart | AudioContentPart | FileContentPart,
+    Field(discriminator="type"),
+]
+NON_TEXT_INPUTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
+
+
 class ChatMessage(_Request):
     """One message of a conversation; content parts other than text are refused."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
 
@@ -87,7 +148,7 @@ class ChatMessage(_Request):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextContentPart))
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -97,7 +158,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: TopLogprobs | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -110,10 +171,15 @@ class ChatCompletionRequest(_SamplingRequest):
 # Responses. Plain models: the server builds them, so no strictness is needed.
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from berth.runtime.server.chunks import ChunkFrame
 from berth.runtime.server.engine_loop import Update
-from berth.runtime.server.protocol import UsageInfo
+from berth.runtime.server.protocol import PromptTokensDetails, StreamOptions, UsageInfo
 
 if TYPE_CHECKING:
     from berth.runtime.engine import TokenLogprob
@@ -64,28 +64,39 @@ class Renderer(ABC):
         model: str,
         tokenizer: "Tokenizer",
         prompt_tokens: int,
-        include_usage: bool,
+        stream_options: StreamOptions | None,
         with_logprobs: bool,
+        choices_per_prompt: int,
     ) -> None:
         self.id = f"{self.ID_PREFIX}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
-        self.include_usage = include_usage
+        options = stream_options or StreamOptions()
+        self.include_usage = bool(options.include_usage)
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far.
+        self.continuous_usage = self.include_usage and bool(options.continuous_usage_stats)
         self.with_logprobs = with_logprobs
-        self.frame = ChunkFrame(self.id, self.CHUNK_OBJECT, self.created, model, include_usage)
+        self.choices_per_prompt = choices_per_prompt
+        self.frame = ChunkFrame(self.id, self.CHUNK_OBJECT, self.created, model, self.include_usage)
 
     def usage(self, choices: list[ChoiceProgress]) -> UsageInfo:
+        """Tokens so far; each prompt counts once, with the prefix-cache hits of its first
+        choice (the prompt tokens that choice did not have to compute)."""
         completion = sum(c.output_tokens for c in choices)
+        cached = sum(c.cached_tokens for c in choices[:: self.choices_per_prompt])
         return UsageInfo(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
     def chunk(self, choices: list[Any], usage: UsageInfo | None = None) -> str:
         """A chunk built from the route's pydantic models (the rare ones: opening, usage)."""
+        if usage is None and self.continuous_usage:
+            usage = self.usage([])
         chunk = self.CHUNK_MODEL(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
         )
@@ -102,15 +113,19 @@ class Renderer(ABC):
         )
         return body.model_dump()
 
-    def update_chunks(self, update: Update, choice: ChoiceProgress) -> Iterator[str]:
+    def update_chunks(self, update: Update, choices: list[ChoiceProgress]) -> Iterator[str]:
         """The chunk for one engine update of one choice (none when it adds nothing)."""
+        choice = choices[update.index]
         output = update.output
         text = output.new_text if output is not None else ""
         if not text and not choice.finish_reason:
             return
         logprobs = output.logprobs if output is not None and self.with_logprobs else None
         choice_json = self.stream_choice(choice.index, text, logprobs or [], choice.finish_reason)
-        yield self.frame.chunk(choice_json)
+        if self.continuous_usage:
+            yield self.frame.chunk(choice_json, self.usage(choices).model_dump_json())
+        else:
+            yield self.frame.chunk(choice_json)
 
     @abstractmethod
     def final_choice(self, choice: ChoiceProgress) -> BaseModel:

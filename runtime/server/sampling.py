@@ -5,7 +5,11 @@ from typing import Any
 
 from berth.runtime.engine import SamplingParams
 from berth.runtime.server.errors import APIError, invalid_request
-from berth.runtime.server.protocol import ChatCompletionRequest, CompletionRequest
+from berth.runtime.server.protocol import (
+    NON_TEXT_INPUTS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 
 SamplingRequest = CompletionRequest | ChatCompletionRequest
 
@@ -27,6 +31,12 @@ def check_supported(request: SamplingRequest) -> None:
     if not request.stream and request.stream_options is not None:
         raise invalid_request(
             "stream_options: only allowed when stream is true.", param="stream_options"
+        )
+    options = request.stream_options
+    if options is not None and options.continuous_usage_stats and not options.include_usage:
+        raise invalid_request(
+            "stream_options.continuous_usage_stats: only allowed together with include_usage.",
+            param="stream_options.continuous_usage_stats",
         )
     if isinstance(request, CompletionRequest):
         if request.suffix:
@@ -99,6 +109,7 @@ def sampling_params(
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         stop_token_ids=list(request.stop_token_ids or []),
         ignore_eos=bool(request.ignore_eos),
+        min_tokens=request.min_tokens or 0,
         logprobs=logprobs,
     )
     return params
@@ -119,7 +130,17 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
             "messages: at least one message is required.", param="messages", code="empty_messages"
         )
     rendered: list[dict[str, Any]] = []
-    for message in request.messages:
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.type in NON_TEXT_INPUTS:
+                    param = f"messages.{i}.content.{j}"
+                    raise invalid_request(
+                        f"{param}: {NON_TEXT_INPUTS[part.type]} inputs are not supported by "
+                        "this model; send text content parts only.",
+                        param=param,
+                        code="unsupported_content",
+                    )
         entry: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name is not None:
             entry["name"] = message.name

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from berth import wire
 from berth.runtime.engine import EngineConfig
 from berth.runtime.server.metrics import MemoryBudget
 
@@ -27,8 +28,20 @@ class ServerSettings(BaseModel):
     max_waiting_requests: int = Field(256, ge=0)  # beyond the running batch; then 429
     retry_after_s: int = Field(1, ge=1)  # the Retry-After of a 429 or 503
     request_timeout_s: float = Field(600.0, gt=0)  # arrival to last token
-    drain_grace_s: float = Field(30.0, ge=0)  # SIGTERM: in-flight requests get this long
+    # SIGTERM: admit for shutdown_delay_s more (with /ready failing), then in-flight requests
+    # get drain_grace_s (lifecycle.ShutdownBudget adds the bounded steps after it).
+    shutdown_delay_s: float = Field(wire.RUNTIME_SHUTDOWN_DELAY_S, ge=0)
+    drain_grace_s: float = Field(wire.RUNTIME_DRAIN_TIMEOUT_S, ge=0)
     max_body_bytes: int = Field(8 << 20, ge=1024)
+    max_prompt_bytes: int | None = Field(None, ge=1)  # None: prompts.prompt_byte_limit
+    # Slow and idle clients (connections.py): a request's headers must arrive within
+    # header_timeout_s of the connection (or of the previous response), its body within
+    # body_timeout_s; an idle keep-alive connection closes after keep_alive_timeout_s; beyond
+    # max_connections open connections, requests get a 503.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    keep_alive_timeout_s: int = Field(5, ge=1)
+    max_connections: int = Field(1024, ge=1)
     memory: MemoryBudget = MemoryBudget()
     log_level: str = "info"
     access_log: bool = True

@@ -6,6 +6,8 @@ import yaml
 from click.testing import CliRunner
 
 from berth.cli import main
+from berth.cluster.realnode import NODE_NAME, TAINT_KEY, RealNodeShape
+from berth.operator.inventory import DEFAULT_INVENTORY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,9 +56,21 @@ def test_plan_reads_the_inventory_and_reports_what_does_not_fit(tmp_path: Path) 
     assert "0/1 GPUs fit" in summary["placements"][1]["unplaced"]
 
 
-def test_plan_accepts_the_examples() -> None:
+def test_plan_accepts_the_examples(tmp_path: Path) -> None:
+    """On the local cluster's nodes: the default kwok inventory plus the real node, where the
+    CPU demo's services go."""
+    shape = RealNodeShape()
+    inventory = DEFAULT_INVENTORY.model_dump(by_alias=True, exclude_defaults=True)
+    inventory["nodes"].append({
+        "name": NODE_NAME, "gpus": shape.gpus, "gpuProduct": shape.gpu_product,
+        "gpuMemoryMiB": shape.gpu_memory_mib,
+        "taints": [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}],
+    })  # fmt: skip
+    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(inventory))
     examples = sorted(str(p) for p in (ROOT / "examples").glob("*.yaml"))
-    result = CliRunner().invoke(main, ["plan", *examples])
+    result = CliRunner().invoke(
+        main, ["plan", *examples, "--inventory", str(tmp_path / "nodes.yaml")]
+    )
     assert result.exit_code == 0, result.output
     assert "placed on" in result.output
 

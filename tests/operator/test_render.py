@@ -29,10 +29,12 @@ def test_deployment_is_scheduled_by_berth_and_requests_no_whole_gpu() -> None:
     assert wire.GPU_RESOURCE not in str(container.get("resources", {}))
     assert pod["nodeSelector"] == {wire.NODE_GPU_PRODUCT: "NVIDIA-H100-80GB-HBM3"}
     assert container["image"] == "registry.local/berth-runtime:test"
-    assert container["command"] == ["berth", "serve"]
-    assert container["args"][:2] == ["--model", "/models/llama"]
+    assert "command" not in container  # the image's entrypoint: tini, then python -m berth
+    assert container["args"][:3] == ["serve", "--model", "/models/llama"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": wire.PRESTOP_SLEEP_S}}
+    assert pod["terminationGracePeriodSeconds"] == wire.TERMINATION_GRACE_PERIOD_S
     assert container["ports"][0]["containerPort"] == 8000
     assert deployment["metadata"]["ownerReferences"][0]["uid"] == "u-1"
 

@@ -96,3 +96,10 @@ def test_a_service_whose_pods_do_not_exist_yet_is_not_scheduled() -> None:
     assert conditions(status)["Scheduled"] == ("False", "Pending")
     scaled_to_zero = service_status(view([], desired=0), None, NOW)
     assert conditions(scaled_to_zero)["Scheduled"] == ("True", "AllPodsPlaced")
+
+
+def test_the_url_is_published_only_while_a_replica_is_ready() -> None:
+    starting = service_status(view([pod("a", ready=False)]), None, NOW)
+    assert starting["url"] is None
+    serving = service_status(view([pod("a", ready=False), pod("b")]), starting, NOW)
+    assert serving["url"] == "http://x"

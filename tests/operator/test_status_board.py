@@ -9,6 +9,7 @@ from typing import Any
 
 from berth import wire
 from berth.operator.kube import KubeClient
+from berth.operator.status import ApplyFailure
 from berth.operator.status_board import StatusBoard, service_info
 
 KEY = ("team", "llama")
@@ -132,3 +133,28 @@ def test_a_relist_of_one_namespace_leaves_the_others_alone() -> None:
     assert list(b.services) == [KEY] and list(b.pods) == [KEY]
     b._pods_listed("team", [])
     assert not b.pods
+
+
+def test_the_view_names_the_fields_a_spec_sets_that_nothing_acts_on() -> None:
+    b = board()
+    obj = isvc()
+    obj["spec"]["standby"] = {"idleSeconds": 60}
+    b._services_listed(None, [obj])
+    _, view, _ = take(b)
+    assert view.not_acted_on == ("spec.standby",)
+
+
+def test_an_apply_failure_is_marked_once_and_cleared_once() -> None:
+    b = board()
+    b._services_listed(None, [isvc()])
+    take(b)
+    b.in_flight.clear()
+    failure = ApplyFailure("Forbidden", "applying Deployment llama failed: 403")
+    b.render_error(KEY, 1, failure)
+    _, view, _ = take(b)
+    assert view.render_error == failure
+    b.in_flight.clear()
+    b.render_error(KEY, 1, failure)  # a retry that fails the same way changes nothing
+    assert not b.due
+    b.render_error(KEY, 1, None)
+    assert KEY in b.due and b.render_errors == {}

@@ -154,3 +154,23 @@ def test_berth_serve_refuses_to_start_with_a_bad_budget_naming_the_variable(
 
     result = CliRunner().invoke(serve, ["--model", "tiny"], env=env)
     assert result.exit_code == 2 and named in result.output, result.output
+
+
+def test_a_logical_gpu_budget_on_the_cpu_backs_no_more_than_the_batch_can_use(
+    tiny_model: Path,
+) -> None:
+    """A simulated 40 GiB share on the CPU (the real-node e2e) must not allocate 40 GiB."""
+    config = EngineConfig(
+        model=str(tiny_model),
+        device="cpu",
+        dtype="float32",
+        max_num_seqs=8,
+        max_model_len=256,
+        budget=GpuBudget(40 * GIB, 40 * GIB),
+    )
+    engine = Engine(config)
+    arena = engine.runner.arena
+    assert arena.max_blocks == 8 * 256 // 16  # the batch at full length
+    assert engine.pool.num_blocks == arena.num_blocks == arena.max_blocks
+    assert engine.runner.plan is not None and engine.runner.plan.request_chunks > arena.max_chunks
+    assert engine.stats().held_bytes < 64 << 20

@@ -55,6 +55,18 @@ def test_stop_string_cuts_the_text_and_a_possible_prefix_is_held_back(tok: Token
     assert all("fox" not in p for p in pieces)
 
 
+def test_stop_strings_count_only_after_min_tokens(tok: Tokenizer) -> None:
+    ids = tok.encode("fox one fox two", add_special_tokens=False)
+    early = len(tok.encode("fox", add_special_tokens=False))
+    d = Detokenizer(tok, ["fox"], min_tokens=early)
+    pieces = []
+    for t in ids:
+        pieces.append(d.push(t))
+        if d.stopped:
+            break
+    assert d.stopped and "".join(pieces) == "fox one "
+
+
 def test_held_back_text_is_sent_when_no_stop_string_follows(tok: Tokenizer) -> None:
     ids = tok.encode("The quick brown fox", add_special_tokens=False)
     pieces, stopped = _feed(tok, ids, ["fox j"])

@@ -53,6 +53,21 @@ def test_stop_token_ids_and_eos_end_the_request(tiny_engine: Engine) -> None:
     assert out.finish_reason == "stop"
 
 
+def test_min_tokens_holds_back_stop_ids_and_eos_until_reached(tiny_engine: Engine) -> None:
+    """vLLM's min_tokens: the stop id that ended the output at its 4th token cannot be chosen
+    before the 6th; the greedy choice at those steps is the best token other than it."""
+    first = tiny_engine.generate(["Call me Ishmael"], GREEDY)[0].new_token_ids
+    stop_at = first[3]
+    stops = first.index(stop_at) + 1
+    params = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop_at], min_tokens=6)
+    out = tiny_engine.generate(["Call me Ishmael"], params)[0]
+    assert len(out.new_token_ids) >= 6 > stops
+    assert stop_at not in out.new_token_ids[:6]
+    assert out.new_token_ids[: stops - 1] == first[: stops - 1]  # the same until then
+    with pytest.raises(ValueError, match="min_tokens"):
+        tiny_engine.add_request("m", "hi", SamplingParams(max_tokens=4, min_tokens=5))
+
+
 def test_stop_string_is_removed_and_ends_the_request(tiny_engine: Engine) -> None:
     full = tiny_engine.generate(["It was the best"], GREEDY)[0]
     assert len(full.new_text) >= 4

@@ -373,3 +373,31 @@ def test_hf_uri_without_the_token_fails_naming_the_repo_and_leaves_nothing(
     ):
         fetch_model("hf://org/tiny", tmp_path / "model", say=lambda _: None, hf_endpoint=hub.url)
     assert siblings(tmp_path / "model") == []
+
+
+def test_archives_unpack_safely_without_python_s_data_filter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime image's Python 3.11.2 has no ``filter="data"``: the fallback keeps the rule."""
+
+    from berth.runtime.engine import model_fetch
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as tar:
+        source = tmp_path / "m"
+        source.mkdir()
+        (source / "config.json").write_text("{}")
+        tar.add(source, arcname="m")
+    with tarfile.open(good) as tar:
+        model_fetch._extract(tar, tmp_path / "out")
+    assert (tmp_path / "out" / "m" / "config.json").read_text() == "{}"
+    for name, kind in (("../escape", tarfile.REGTYPE), ("link", tarfile.SYMTYPE)):
+        bad = tmp_path / f"bad-{kind!r}.tar"
+        with tarfile.open(bad, "w") as tar:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd"
+            tar.addfile(info, io.BytesIO(b""))
+        with tarfile.open(bad) as tar, pytest.raises(tarfile.TarError):
+            model_fetch._extract(tar, tmp_path / "bad-out")

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from berth.runtime.engine import EngineConfig
 from berth.runtime.server.app import ModelServer, create_app
+from berth.runtime.server.connections import http_config
 from berth.runtime.server.engine_process import EngineFactory, load_engine
-from berth.runtime.server.lifecycle import DrainingServer
+from berth.runtime.server.lifecycle import DrainingServer, ShutdownBudget
 from berth.runtime.server.settings import ServerSettings
 
 MAX_NUM_SEQS = 4  # the test engine's running batch
@@ -44,17 +44,20 @@ def running_server(
     """A real uvicorn server in a thread, bound to a free loopback port, whose engine process
     loads ``engine`` (with ``factory`` when given: it runs in the engine process). On leaving,
     the server and its engine process must have exited, the latter with ``engine_exit_code``."""
-    options: dict[str, Any] = {"served_model_name": "tiny", "log_level": "warning"}
+    # No shutdown delay unless a test asks: most tests drain at once.
+    options: dict[str, Any] = {"served_model_name": "tiny", "log_level": "warning",
+                               "shutdown_delay_s": 0}  # fmt: skip
     options.update(settings)
     config = ServerSettings(engine=engine, **options)
     app = create_app(config, factory or functools.partial(load_engine, engine))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    model_server: ModelServer = app.state.server
     server = DrainingServer(
-        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5),
-        app.state.server,
-        config.drain_grace_s,
+        http_config(app, config, model_server.connections, access_log=False),
+        model_server,
+        ShutdownBudget.of(config),
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

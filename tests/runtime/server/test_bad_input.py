@@ -25,6 +25,7 @@ class Case:
     error_type: str = "invalid_request_error"
     method: str = "POST"
     headers: tuple[tuple[str, str], ...] = ()
+    message: str | None = None  # a phrase the error message must contain
 
 
 def completion(**fields: Any) -> dict[str, Any]:
@@ -41,7 +42,11 @@ CASES = [
     Case("malformed json", COMPLETIONS, b'{"model": "tiny", "prompt": ', 400, code="invalid_json"),
     Case("json array body", COMPLETIONS, b"[1, 2]", 400),
     Case("empty body", CHAT, b"", 400, code="invalid_json"),
-    Case("nan is not json", COMPLETIONS, b'{"model":"tiny","prompt":"x","temperature":NaN}', 400),
+    Case("nan", COMPLETIONS, b'{"model":"tiny","prompt":"x","temperature":NaN}', 400,
+         "temperature", "invalid_value", message="NaN"),
+    Case("infinity where no bound would catch it", COMPLETIONS,
+         b'{"model":"tiny","prompt":"x","logit_bias":{"5":-Infinity}}', 400, "logit_bias.5",
+         message="finite"),
     Case("invalid utf-8", COMPLETIONS, b'{"model":"tiny","prompt":"\xff\xfe"}', 400,
          code="invalid_encoding"),
     Case("max_tokens as string", COMPLETIONS, completion(max_tokens="5"), 400, "max_tokens"),
@@ -49,7 +54,7 @@ CASES = [
     Case("messages as string", CHAT, chat(messages="hi"), 400, "messages"),
     Case("stream as string", CHAT, chat(stream="yes"), 400, "stream"),
     Case("temperature as string", CHAT, chat(temperature="hot"), 400, "temperature"),
-    Case("stop as numbers", COMPLETIONS, completion(stop=[1, 2]), 400, "stop"),
+    Case("stop as numbers", COMPLETIONS, completion(stop=[1, 2]), 400, "stop.0"),
     Case("unknown field", COMPLETIONS, completion(foo=1), 400, "foo", "unknown_argument"),
     Case("unknown message field", CHAT, chat(messages=[{"role": "user", "content": "x", "x": 1}]),
          400, "messages.0.x", "unknown_argument"),
@@ -59,7 +64,30 @@ CASES = [
     Case("bad role", CHAT, chat(messages=[{"role": "robot", "content": "x"}]), 400,
          "messages.0.role"),
     Case("image content", CHAT, chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400),
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, "messages.0.content.1",
+         "unsupported_content", message="image inputs are not supported by this model"),
+    Case("audio content", CHAT, chat(messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]), 400,
+         "messages.0.content.0", "unsupported_content", message="audio inputs"),
+    Case("unknown content part", CHAT, chat(messages=[{"role": "user", "content": [
+        {"type": "video", "video": {}}]}]), 400, "messages.0.content.0"),
+    Case("too many prompts", COMPLETIONS, completion(prompt=["a"] * 600), 400, "prompt",
+         "too_many_prompts", message="at most 260 prompts"),
+    Case("too many token prompts", COMPLETIONS, completion(prompt=[[1]] * 600), 400, "prompt",
+         "too_many_prompts"),
+    Case("n times prompts", COMPLETIONS, completion(prompt=["a"] * 5, n=64), 400, "n",
+         "too_many_sequences", message="at most 52"),
+    Case("max_tokens fractional", COMPLETIONS, completion(max_tokens=16.5), 400, "max_tokens",
+         message="whole number"),
+    Case("n fractional", CHAT, chat(n=1.5), 400, "n", message="whole number"),
+    Case("continuous usage without include_usage", CHAT,
+         chat(stream=True, stream_options={"continuous_usage_stats": True}), 400,
+         "stream_options.continuous_usage_stats"),
+    Case("prompt too large", COMPLETIONS, completion(prompt="ship " * 20000), 413, "prompt",
+         "prompt_too_large", message="65536 bytes"),
+    Case("chat too large", CHAT, chat(messages=[{"role": "user", "content": "ship " * 20000}]),
+         413, "messages", "prompt_too_large"),
     Case("empty token prompt", COMPLETIONS, completion(prompt=[[]]), 400, "prompt", "empty_prompt"),
     Case("empty prompt list", COMPLETIONS, completion(prompt=[]), 400, "prompt", "empty_prompt"),
     Case("token id outside vocabulary", COMPLETIONS, completion(prompt=[1, 10**9]), 400),
@@ -127,6 +155,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_serves_on(
         assert error["param"] == case.param
     if case.code is not None:
         assert error["code"] == case.code
+    if case.message is not None:
+        assert case.message in error["message"]
     ok = client.post(COMPLETIONS, json=completion(max_tokens=1))
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["completion_tokens"] == 1

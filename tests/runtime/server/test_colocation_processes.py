@@ -1,0 +1,178 @@
+"""Three real ``berth serve`` processes share one logical GPU through a real ``berth node-agent``.
+
+The CPU build of the whole path: each runtime reads its budget from the pod's env vars, leases
+it from the agent over the unix socket before loading, sizes its KV pool from it, and runs the
+lease beside its engine. Under load, runtime A asks for its limit and the agent grants a burst
+from free memory; then newcomer C registers, the agent reclaims A's burst, A shrinks (preempting
+the sequences in the released chunks) and releases, and C is admitted. Every request of the load
+succeeds, and A's greedy outputs equal those of runtime B, which never resized.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from berth import wire
+
+WEIGHTS = 886_016  # the tiny model's fp32 weights (checked against the ledger below)
+CHUNK = 65_536  # a KV chunk of the tiny model on the CPU: 8 blocks of 16 tokens
+REQUEST = WEIGHTS + 4 * CHUNK + 1_000  # 4 chunks: 32 blocks
+LIMIT = WEIGHTS + 24 * CHUNK + 1_000  # 24 chunks
+CAPACITY = 3 * REQUEST + 3 * CHUNK  # three requests fit; a burst leaves no room for a third
+GPU = "GPU-colocation-test"
+PROMPTS = [[(13 * k + 5 * j) % 500 + 3 for j in range(40 + 7 * k)] for k in range(6)]
+MAX_TOKENS = 160
+pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _process(
+    command: list[str], log: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _serve(stack: ExitStack, tmp: Path, name: str, sock: Path) -> str:
+    port = _free_port()
+    env = {
+        **os.environ,
+        wire.ENV_GPU_MEMORY_REQUEST: str(REQUEST),
+        wire.ENV_GPU_MEMORY_LIMIT: str(LIMIT),
+        wire.ENV_GPU_UUID: GPU,
+        wire.ENV_AGENT_SOCKET: str(sock),
+        "POD_NAMESPACE": "test",
+        "POD_NAME": name,
+    }
+    command = [sys.executable, "-m", "berth", "serve", "--model", "tiny", "--device", "cpu",
+               "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "16",
+               "--no-access-log"]  # fmt: skip
+    stack.enter_context(_process(command, tmp / f"{name}.log", env))
+    return f"http://127.0.0.1:{port}"
+
+
+def _wait_ready(url: str, log: Path, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not ready: {log.read_text()[-3000:]}")
+
+
+def _tenants(agent: httpx.Client) -> dict[str, dict]:
+    gpus = agent.get("/v1/gpus").json()["gpus"]
+    return {t["tenant"]: t for g in gpus for t in g["tenants"]}
+
+
+def _wait_for(what: str, predicate, timeout_s: float, agent: httpx.Client) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        tenants = _tenants(agent)
+        if predicate(tenants):
+            return tenants
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not happen within {timeout_s} s: {_tenants(agent)}")
+
+
+def _complete(url: str, k: int) -> str:
+    body = {"model": "tiny", "prompt": PROMPTS[k], "max_tokens": MAX_TOKENS,
+            "temperature": 0.0, "ignore_eos": True}  # fmt: skip
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    return str(choice["text"])
+
+
+def test_a_burst_is_granted_under_load_and_reclaimed_for_a_newcomer(tmp_path: Path) -> None:
+    sock = tmp_path / "agent.sock"
+    with ExitStack() as stack:
+        agent_cmd = [sys.executable, "-m", "berth", "node-agent", "--socket", str(sock),
+                     "--simulate-gpus", f"{GPU}:{CAPACITY}", "--heartbeat-interval", "0.3",
+                     "--lease", "5", "--reclaim-deadline", "10"]  # fmt: skip
+        stack.enter_context(_process(agent_cmd, tmp_path / "agent.log", dict(os.environ)))
+        a = _serve(stack, tmp_path, "a", sock)
+        b = _serve(stack, tmp_path, "b", sock)
+        _wait_ready(a, tmp_path / "a.log")
+        _wait_ready(b, tmp_path / "b.log")
+        agent = stack.enter_context(
+            httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://agent")
+        )
+        tenants = _tenants(agent)
+        assert tenants["test/a"]["held_bytes"] == WEIGHTS + 4 * CHUNK  # the request's 4 chunks
+
+        # Load on A: more than its request's 32 blocks hold, so it wants its limit.
+        stop, results, failures = threading.Event(), [], []
+
+        def load(k: int) -> None:
+            while not stop.is_set():
+                try:
+                    results.append((k, _complete(a, k)))
+                except AssertionError as e:
+                    failures.append(str(e))
+
+        pool = concurrent.futures.ThreadPoolExecutor(len(PROMPTS) * 2)
+        for i in range(len(PROMPTS) * 2):
+            pool.submit(load, i % len(PROMPTS))
+        burst = _wait_for(
+            "a burst for A",
+            lambda t: t["test/a"]["held_bytes"] > REQUEST,
+            120,
+            agent,
+        )
+        assert burst["test/a"]["granted_bytes"] <= LIMIT
+
+        c = _serve(stack, tmp_path, "c", sock)  # the newcomer: its request needs A's burst
+        _wait_ready(c, tmp_path / "c.log")
+        after = _tenants(agent)
+        assert after["test/c"]["held_bytes"] >= WEIGHTS + 4 * CHUNK
+        assert sum(t["granted_bytes"] for t in after.values()) <= CAPACITY
+        assert after["test/a"]["held_bytes"] < burst["test/a"]["held_bytes"], "no reclaim"
+        time.sleep(2)  # a few more requests on A after the shrink
+        stop.set()
+        pool.shutdown(wait=True)
+
+        assert not failures, failures[:3]
+        assert len(results) >= len(PROMPTS)
+        expected = {k: _complete(b, k) for k in range(len(PROMPTS))}  # B never resized
+        assert all(text == expected[k] for k, text in results), "A's outputs changed"
+        metrics = httpx.get(f"{a}/metrics").text
+        preemptions = [
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("berth_preemptions_total")
+        ]
+        assert preemptions and preemptions[0] > 0, "the shrink preempted nothing"

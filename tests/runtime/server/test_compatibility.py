@@ -1,0 +1,148 @@
+"""What OpenAI and vLLM clients expect beyond the happy path: model retrieval, a model listed
+only once loaded, cached prompt tokens, vLLM's per-chunk usage, whole-number floats, and an
+``/openapi.json`` that describes the bodies and errors."""
+
+import asyncio
+import functools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from server_harness import RunningServer
+
+from berth.runtime.engine import EngineConfig
+from berth.runtime.server.app import create_app
+from berth.runtime.server.engine_process import load_engine
+from berth.runtime.server.settings import ServerSettings
+
+
+@pytest.fixture(scope="module")
+def client(served: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.base_url, timeout=60) as client:
+        yield client
+
+
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_an_openai_404(
+    served: RunningServer,
+) -> None:
+    sdk = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="x", max_retries=0)
+    model = sdk.models.retrieve("tiny")
+    assert (model.id, model.object, model.owned_by) == ("tiny", "model", "berth")
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.models.retrieve("gpt-4")
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    assert "'gpt-4' does not exist" in error["message"]
+
+
+def test_no_model_is_listed_before_it_is_loaded(engine_config: EngineConfig) -> None:
+    """The app before its lifespan has started the engine: nothing is loaded yet."""
+    settings = ServerSettings(engine=engine_config, served_model_name="tiny")
+    app = create_app(settings, functools.partial(load_engine, engine_config))
+
+    async def ask() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            listed = await client.get("/v1/models")
+            retrieved = await client.get("/v1/models/tiny")
+            unknown = await client.get("/v1/models/other")
+            return listed, retrieved, unknown
+
+    listed, retrieved, unknown = asyncio.run(ask())
+    assert listed.status_code == 200 and listed.json() == {"object": "list", "data": []}
+    assert retrieved.status_code == 503
+    assert retrieved.json()["error"]["code"] == "model_loading"
+    assert unknown.status_code == 404
+
+
+def test_a_repeated_prompt_reports_its_prefix_cache_hits_as_cached_tokens(
+    client: httpx.Client,
+) -> None:
+    prompt = "The harbour master logs every berth and every tide, " * 4  # > 2 KV blocks
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    first = client.post("/v1/completions", json=body).json()["usage"]
+    second = client.post("/v1/completions", json=body).json()["usage"]
+    assert first["prompt_tokens"] == second["prompt_tokens"] > 32
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    # Whole 16-token blocks of the prompt come from the cache; the last token is recomputed.
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= 32 and cached % 16 == 0 and cached < second["prompt_tokens"]
+
+
+def stream_events(client: httpx.Client, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    return [json.loads(line[6:]) for line in lines]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(
+    client: httpx.Client, path: str
+) -> None:
+    body: dict[str, Any] = {
+        "model": "tiny", "max_tokens": 6, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }  # fmt: skip
+    if path == "/v1/completions":
+        body["prompt"] = "Tide tables"
+    else:
+        body["messages"] = [{"role": "user", "content": "Tide tables"}]
+    events = stream_events(client, path, body)
+    usages = [event["usage"] for event in events]
+    assert all(usage is not None for usage in usages)
+    completion = [usage["completion_tokens"] for usage in usages]
+    assert completion == sorted(completion) and completion[-1] == 6
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    assert events[-1]["choices"] == []  # the closing usage chunk still comes
+
+
+def test_whole_number_floats_are_accepted_where_integers_are_expected(
+    client: httpx.Client,
+) -> None:
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 16.0, "n": 2.0, "ignore_eos": True}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 32
+
+
+def test_min_tokens_keeps_stop_tokens_from_ending_the_output_early(client: httpx.Client) -> None:
+    """Nearly every id is a stop id: the output ends at once, unless min_tokens holds the stop
+    ids back, and then it is made of the few ids left."""
+    allowed = range(300, 310)
+    stop_ids = [t for t in range(512) if t not in allowed]
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 6, "temperature": 0,
+            "stop_token_ids": stop_ids}  # fmt: skip
+    stopped = client.post("/v1/completions", json=body).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] == 1
+    held = client.post("/v1/completions", json={**body, "min_tokens": 4}).json()
+    assert held["usage"]["completion_tokens"] >= 4
+    too_many = client.post("/v1/completions", json={**body, "min_tokens": 7})
+    assert too_many.status_code == 400 and "min_tokens" in too_many.json()["error"]["message"]
+
+
+def test_openapi_describes_the_request_bodies_and_the_error_responses(
+    client: httpx.Client,
+) -> None:
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, model in (("/v1/completions", "CompletionRequest"),
+                        ("/v1/chat/completions", "ChatCompletionRequest")):  # fmt: skip
+        operation = schema["paths"][path]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"}
+        assert components[model]["additionalProperties"] is False
+        responses = operation["responses"]
+        assert {"200", "400", "404", "408", "413", "429", "503"} <= set(responses)
+        assert "text/event-stream" in responses["200"]["content"]
+        error = responses["400"]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "404" in schema["paths"]["/v1/models/{model}"]["get"]["responses"]
+    assert components["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["type"] == (
+        "integer"
+    )
