@@ -90,11 +90,8 @@ def gguf_path(name: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cached_model_dir(name: str, dtype: str = "bfloat16", digest: str | None = None) -> Path:
