@@ -19,6 +19,11 @@ from berth.cluster.cluster import ClusterError, LocalCluster, die_with_parent, f
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def runtime_image(cluster: LocalCluster) -> str:
+    """The image the e2e operator renders: the real node's imported runtime image, if any."""
+    return cluster.images.get("runtime", "berth-runtime:e2e")
+
+
 class OperatorProcess:
     """``python -m berth operator`` against the cluster; killed and restarted by tests."""
 
@@ -38,7 +43,7 @@ class OperatorProcess:
         env = {
             **self.cluster.env(),
             "KUBECONFIG": str(self.kubeconfig),
-            "BERTH_RUNTIME_IMAGE": self.cluster.images.get("runtime", "berth-runtime:e2e"),
+            "BERTH_RUNTIME_IMAGE": runtime_image(self.cluster),
             "BERTH_HEALTH_PORT": str(self.health_port),
             "PYTHONUNBUFFERED": "1",
         }

@@ -1,6 +1,7 @@
 """The local control plane is the real thing: real binaries, real scheduler, real GC, kwok nodes."""
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from berth.cluster.cluster import COMPONENTS, ClusterError, LocalCluster, port_in_use, process_alive
+from berth.cluster.realnode import NODE_NAME
 from berth.operator.inventory import Inventory
 
 pytestmark = pytest.mark.e2e
@@ -65,8 +67,13 @@ def test_kwok_gpu_nodes_are_ready_with_gpu_capacity_and_labels(cluster: LocalClu
         for n in nodes
         if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])
     }
-    assert ready == {"gpu-node-0", "gpu-node-1", "gpu-node-2", "gpu-node-3", "cpu-node"}
-    gpu_nodes = [n for n in nodes if "nvidia.com/gpu" in n["status"]["capacity"]]
+    kwok = {"gpu-node-0", "gpu-node-1", "gpu-node-2", "gpu-node-3", "cpu-node"}
+    assert ready == (kwok | {NODE_NAME} if cluster.real_node else kwok)
+    gpu_nodes = [
+        n
+        for n in nodes
+        if "nvidia.com/gpu" in n["status"]["capacity"] and n["metadata"]["name"] in kwok
+    ]
     assert len(gpu_nodes) == 4
     for node in gpu_nodes:
         assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
@@ -121,7 +128,8 @@ def test_cli_up_status_down_leaves_no_process_or_port(tmp_path: Path) -> None:
     berth = [sys.executable, "-m", "berth"]
     started = time.monotonic()
     up = subprocess.run(
-        [*berth, "cluster", "up", "--state-dir", str(state), "--nodes", str(inventory), "--port", "0"],
+        [*berth, "cluster", "up", "--state-dir", str(state), "--nodes", str(inventory), "--port", "0",
+         "--no-real-node"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     elapsed = time.monotonic() - started
@@ -143,15 +151,18 @@ def test_cli_up_status_down_leaves_no_process_or_port(tmp_path: Path) -> None:
         assert not port_in_use(port), f"port {port} still listening after down"
 
 
-def test_port_already_taken_is_a_clear_error(cluster: LocalCluster, tmp_path: Path) -> None:
-    taken = cluster.ports["kube-apiserver"]
-    other = LocalCluster(
-        state_dir=tmp_path,
-        api_port=taken,
-        inventory=Inventory.model_validate({"nodes": [{"name": "x"}]}),
-    )
-    with pytest.raises(ClusterError, match=f"port {taken} on 127.0.0.1 is already in use"):
-        other.up()
+def test_port_already_taken_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        other = LocalCluster(
+            state_dir=tmp_path,
+            api_port=taken,
+            inventory=Inventory.model_validate({"nodes": [{"name": "x"}]}),
+        )
+        with pytest.raises(ClusterError, match=f"port {taken} on 127.0.0.1 is already in use"):
+            other.up()
 
 
 def test_pod_ready_delay_holds_a_bound_pod_until_it_has_loaded(tmp_path: Path) -> None:

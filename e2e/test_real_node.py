@@ -195,9 +195,11 @@ def test_two_half_gpu_services_share_one_simulated_gpu_and_both_serve(
         assert answer["usage"]["completion_tokens"] == 4
         with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=10) as response:
             metrics = response.read().decode()
-        gauges = dict(
-            line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("berth_")
-        )
+        gauges = {  # name (labels dropped) -> value
+            line.split("{")[0].split(" ")[0]: line.rsplit(" ", 1)[1]
+            for line in metrics.splitlines()
+            if line.startswith("berth_")
+        }
         assert float(gauges["berth_gpu_memory_request_bytes"]) == share
         # The runtime sized its KV pool inside its share (the CPU build bounds a logical pool).
         assert 0 < float(gauges["berth_kv_cache_bytes"]) <= share

@@ -25,6 +25,7 @@ from berth.e2e.operator_fixtures import (
     install_crds,
     namespace,
     operator,
+    runtime_image,
     service_manifest,
     wait_for,
 )
@@ -111,7 +112,7 @@ def test_deleted_and_hand_edited_objects_are_put_back(
         live = get_json(cluster, "deployment", "kept", "-n", namespace)
         return str(live["spec"]["template"]["spec"]["containers"][0]["image"])
 
-    wait_for("the image put back", lambda: image() == "berth-runtime:e2e", timeout=60)
+    wait_for("the image put back", lambda: image() == runtime_image(cluster), timeout=60)
 
     cluster.kubectl("delete", "service", "kept", "-n", namespace, "--wait=false")
     wait_for(

@@ -45,7 +45,13 @@ PROBE: Responses = {
 
 def generation_responses(body: type[BaseModel]) -> Responses:
     """A generation route's answers: ``body`` (or its SSE stream, with ``stream``) and errors."""
-    events = {"text/event-stream": {"schema": {"type": "string"}}}
+    # Each server-sent event: its ``data`` is a JSON chunk, or ``[DONE]`` at the end.
+    event = {
+        "type": "object",
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+        "required": ["data"],
+    }
+    events = {"text/event-stream": {"schema": event}}
     ok = {"model": body, "description": "The completion, or its chunks as server-sent events.",
           "content": events}  # fmt: skip
     return {200: ok, **GENERATION_ERRORS}

@@ -26,7 +26,9 @@ def test_grace_period_holds_prestop_and_the_shutdown_of_the_rendered_runtime() -
     pod = rendered_pod()
     container = pod["containers"][0]  # type: ignore[index]
     # The settings `berth serve` builds from the rendered arguments (and its defaults).
-    params = serve.make_context("serve", list(container["args"])).params
+    subcommand, *args = container["args"]  # the image's entrypoint runs `berth <args>`
+    assert subcommand == "serve"
+    params = serve.make_context("serve", args).params
     settings = ServerSettings(
         engine=EngineConfig(model=params["model"]),
         shutdown_delay_s=params["shutdown_delay_s"],
