@@ -15,6 +15,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,22 @@ def cluster_ip(cluster: LocalCluster, name: str, namespace: str) -> str:
     return ip
 
 
+def routed_post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``post`` once the Service routes: a pod turns Ready a moment before kube-proxy has its
+    endpoints (the ClusterIP refuses until then)."""
+
+    def attempt() -> dict[str, Any] | None:
+        try:
+            return post(url, body)
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, ConnectionRefusedError):
+                return None
+            raise
+
+    answer: dict[str, Any] = wait_for(f"{url} to route", attempt, timeout=60, every=0.5)
+    return answer
+
+
 def post(url: str, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -151,7 +168,7 @@ def test_an_applied_service_runs_the_runtime_image_and_answers_through_its_clust
     assert status["image"].startswith(cluster.images["runtime"].split(":")[0])
     ip = cluster_ip(cluster, "smollm2", namespace)
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    answer = post(f"http://{ip}:8000/v1/chat/completions",
+    answer = routed_post(f"http://{ip}:8000/v1/chat/completions",
                   {"model": "smollm2", "messages": question, "max_tokens": 16, "temperature": 0})  # fmt: skip
     assert "Paris" in answer["choices"][0]["message"]["content"], answer
     # The service's status publishes the URL once a replica is Ready.
@@ -190,8 +207,8 @@ def test_two_half_gpu_services_share_one_simulated_gpu_and_both_serve(
         assert int(pod["metadata"]["annotations"][wire.POD_GPU_MEMORY_REQUEST]) == share
     for name in ("left", "right"):
         ip = cluster_ip(cluster, name, namespace)
-        answer = post(f"http://{ip}:8000/v1/completions",
-                      {"model": name, "prompt": "Hi", "max_tokens": 4, "temperature": 0})  # fmt: skip
+        answer = routed_post(f"http://{ip}:8000/v1/completions",
+                             {"model": name, "prompt": "Hi", "max_tokens": 4, "temperature": 0})  # fmt: skip
         assert answer["usage"]["completion_tokens"] == 4
         with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=10) as response:
             metrics = response.read().decode()
@@ -211,6 +228,9 @@ def test_deleting_a_pod_mid_stream_drains_it_and_the_stream_ends_cleanly(
     apply_docs(cluster, [real_service("drain", namespace, tiny_model)])
     pod = wait_for("the runtime pod Ready", lambda: ready_pod(cluster, namespace), timeout=240)
     ip = cluster_ip(cluster, "drain", namespace)
+    routed_post(
+        f"http://{ip}:8000/v1/completions", {"model": "drain", "prompt": "x", "max_tokens": 1}
+    )
     body = {"model": "drain", "prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True,
             "ignore_eos": True}  # fmt: skip
     lines: list[str] = []
@@ -288,8 +308,8 @@ def test_a_uri_model_is_fetched_by_the_init_container_and_served(
     (init,) = pod["status"]["initContainerStatuses"]
     assert init["name"] == "fetch-model" and init["state"]["terminated"]["exitCode"] == 0
     ip = cluster_ip(cluster, "fetched", namespace)
-    answer = post(f"http://{ip}:8000/v1/completions",
-                  {"model": "fetched", "prompt": "Hello", "max_tokens": 4, "temperature": 0})  # fmt: skip
+    answer = routed_post(f"http://{ip}:8000/v1/completions",
+                         {"model": "fetched", "prompt": "Hello", "max_tokens": 4, "temperature": 0})  # fmt: skip
     assert answer["usage"]["completion_tokens"] == 4
 
 
@@ -304,6 +324,9 @@ def test_a_rolling_update_under_load_fails_no_request(
     apply_docs(cluster, [real_service("rolling", namespace, tiny_model)])
     first = wait_for("the first pod Ready", lambda: ready_pod(cluster, namespace), timeout=240)
     ip = cluster_ip(cluster, "rolling", namespace)
+    routed_post(
+        f"http://{ip}:8000/v1/completions", {"model": "rolling", "prompt": "x", "max_tokens": 1}
+    )
     results: list[str] = []
     stop = threading.Event()
 
