@@ -61,16 +61,10 @@ def make_pki(directory: Path) -> Pki:
     if not (d / "apiserver.crt").exists():
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
                  "-out", "ca.crt", "-days", "3650", "-subj", "/CN=berth-local-ca", cwd=d)  # fmt: skip
-        (d / "san.cnf").write_text(
-            "[v3]\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
-            f"DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.96.0.1,IP:{NODE_IP}\n"
-            "extendedKeyUsage=serverAuth\n"
-        )
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key",
-                 "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", "apiserver.crt", "-days", "3650",
-                 "-extfile", "san.cnf", "-extensions", "v3", cwd=d)  # fmt: skip
+        _signed(d, "apiserver", "/CN=kube-apiserver",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
+                f"DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.96.0.1,IP:{NODE_IP}\n"
+                "extendedKeyUsage=serverAuth")  # fmt: skip
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
     if not (d / "kubelet.crt").exists():

@@ -382,15 +382,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             raise RealNodeError(f"crictl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
 
-    def ctr(self, *args: str, input_path: Path | None = None) -> str:
-        command = ["ctr", "--address", str(self.sock), "--namespace", "k8s.io", *args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    def _ctr_command(self, *args: str) -> list[str]:
+        """``ctr`` against this node's containerd, in the CRI's namespace."""
+        return ["ctr", "--address", str(self.sock), "--namespace", "k8s.io", *args]
+
+    def ctr(self, *args: str) -> str:
+        result = subprocess.run(
+            self._ctr_command(*args), capture_output=True, text=True, timeout=900
+        )
         if result.returncode != 0:
             raise RealNodeError(f"ctr {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
 
     def ctr_ok(self) -> bool:
-        command = ["ctr", "--address", str(self.sock), "version"]
+        command = self._ctr_command("version")
         return subprocess.run(command, capture_output=True, timeout=10).returncode == 0
 
     def content_digests(self) -> frozenset[str]:
@@ -405,16 +410,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """Stream ``image`` into containerd unless it is there already; True if imported."""
         if image.name in self.images():
             return False
-        command = [
-            "ctr",
-            "--address",
-            str(self.sock),
-            "--namespace",
-            "k8s.io",
-            "images",
-            "import",
-            "-",
-        ]
+        command = self._ctr_command("images", "import", "-")
         with subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE) as ctr:
             assert ctr.stdin is not None and ctr.stderr is not None
             try:
