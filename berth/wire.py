@@ -50,6 +50,14 @@ ENV_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"  # read by the NVIDIA cont
 # The node agent's unix socket (berth.agent_protocol); the pod mounts it from the host.
 ENV_AGENT_SOCKET: Final = "BERTH_AGENT_SOCKET"
 ENV_RUNTIME_IMAGE: Final = "BERTH_RUNTIME_IMAGE"  # operator setting: the image it renders
+# Warm standby (ARCHITECTURE section 5). Set: the runtime may park (release its GPU memory and
+# keep a host copy of its weights) and registers with the node agent as able to; the value is the
+# idle time in seconds after which it parks on its own (0: only when the agent or an admin asks).
+# Absent: standby is off and the runtime never parks.
+ENV_STANDBY_IDLE_SECONDS: Final = "BERTH_STANDBY_IDLE_SECONDS"
+# The bearer token of the runtime's admin endpoints (POST /admin/park, /admin/wake), from the
+# pod's Secret. Absent: the admin endpoints are disabled (403).
+ENV_ADMIN_TOKEN: Final = "BERTH_ADMIN_TOKEN"
 # Where the downward-API volume puts the pod's annotations (updated live, unlike env vars).
 POD_INFO_DIR: Final = "/etc/berth/pod"
 
