@@ -39,12 +39,15 @@ hold right now; it rises only through the agent's replies and falls only through
 own ``release`` (or when the lease ends), so the agent never takes memory a tenant may already
 be using. Invariant: per GPU ``sum(granted) <= allocatable``.
 
-- Admission: a tenant is admitted only if the requests on its GPU, its own included, fit in
-  ``allocatable``. Its request is then guaranteed: whenever it wants memory up to its request
+- Admission: a tenant is admitted only if the requests of the non-parked tenants on its GPU,
+  its own included, fit in ``allocatable`` (parked tenants' requests do not count: standby
+  tenants may overcommit a GPU, and the operator's scheduler bounds that with its overcommit
+  factor). Its request is then guaranteed: whenever it wants memory up to its request
   (``want_bytes``; a fresh registration wants its request), it gets it from free memory, and if
-  there is not enough, the agent reclaims bursts from other tenants. A tenant still below what it
-  is owed is ``pending``: it must not map more than ``granted_bytes``, and waits (heartbeating)
-  until ``granted_bytes`` reaches its request.
+  there is not enough, the agent reclaims bursts from other tenants, then parks idle ones (below).
+  A tenant still below what it is owed is ``pending``: it must not map more than
+  ``granted_bytes``, and waits (heartbeating) until ``granted_bytes`` reaches its request.
+  Every live, non-parked, admitted tenant keeps at least its request.
 - Burst: when nobody is owed memory, a tenant that wants more than its grant gets free memory,
   up to ``min(want_bytes, limit_bytes)``. Unused request memory of another tenant counts as
   free: it is lent, and reclaimed when its owner grows back to its request.
@@ -52,6 +55,21 @@ be using. Invariant: per GPU ``sum(granted) <= allocatable``.
   request, deadline in seconds from the reply). The tenant shrinks, then calls ``release``.
   Past the deadline it is ``overdue``: reported (metric, Kubernetes event on its pod) and given
   nothing more until it complies. A tenant holding more than its grant is overdue too.
+- Warm standby (park): a tenant that registered with ``can_park`` may give back all its GPU
+  memory and keep its weights in host RAM. It is ``parked`` while it holds 0 and wants 0, by its
+  own choice (a ``release``/heartbeat with held 0, want 0) or after a park reclaim; its request
+  then no longer counts as resident. When a tenant is owed memory (a wake, an admission, growth
+  back to its request) and free memory plus reclaimable bursts do not cover it, the agent parks
+  the least-recently-used idle tenants: ``can_park``, ``in_flight == 0``, not pending, largest
+  ``idle_s`` first (a tie: the one holding most), only as many as needed, never one with requests
+  in flight. A park is a reclaim with ``park = true`` and ``target_bytes = 0``: the tenant finishes
+  or preempts its sequences, frees weights and KV, then calls ``release`` with held 0, want 0;
+  past the deadline it is overdue as above. If parking every parkable tenant would not cover
+  what is owed, the owed tenant stays pending (its runtime times out and answers 503).
+- Wake: a parked tenant heartbeats (or releases) with ``want_bytes`` >= its request; it is then
+  owed its request and pending until granted, as a fresh registration is. On a real GPU the
+  agent grants it only once the driver's free memory shows it (the parked tenant's process may
+  still be freeing); on simulated GPUs the ledger's numbers stand.
 - Lapse: a tenant whose last heartbeat is older than ``lease_s`` is dropped and its grant
   returns (a crashed pod's memory is freed by the driver). A runtime that was stalled that long
   learns it from ``404 unknown_tenant`` and registers again with what it holds.
@@ -78,7 +96,8 @@ Client rules (what makes the invariants hold end to end)
 --------------------------------------------------------
 1. Never hold more than the ``granted_bytes`` of the latest reply; grow only after a reply says so.
 2. Heartbeat every ``heartbeat_interval_s``; report ``held_bytes`` truthfully.
-3. On a reclaim, shrink to ``target_bytes`` before ``deadline_s`` and call ``release``.
+3. On a reclaim, shrink to ``target_bytes`` before ``deadline_s`` and call ``release``; on a park
+   reclaim, park (free everything) and call ``release`` with held 0, want 0.
 4. If the agent is unreachable, keep serving within what you hold, never grow, and retry at least
    every ``REGISTER_RETRY_S``; on ``404 unknown_tenant`` stop growing and register again with
    ``held_bytes`` (what you hold at that moment; your old grant is void).
@@ -139,6 +158,8 @@ class Register(_Body):
     # What it would like to hold; None means its request.
     want_bytes: Bytes | None = None
     pid: int | None = Field(None, ge=1)  # shown in the ledger, to match nvidia-smi's processes
+    # Supports warm standby: the agent may ask it to park (a reclaim with ``park``).
+    can_park: bool = False
 
     # Field validators (not a model validator), so that the 400 names the offending field.
     @field_validator("limit_bytes")
@@ -163,6 +184,9 @@ class Heartbeat(_Body):
     held_bytes: Bytes  # resident on the GPU now
     want_bytes: Bytes  # what it would like to hold (<= its limit); drives grants only
     in_flight: int = Field(0, ge=0)  # requests being served: shown in the ledger and metrics
+    # Seconds since its last request ended (0 while any is in flight): the agent parks the
+    # longest-idle tenant first.
+    idle_s: float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
 
 class Release(_Body):
@@ -178,11 +202,13 @@ class TenantState(StrEnum):
     ACTIVE = "active"
     RECLAIMING = "reclaiming"  # asked to shrink, deadline not yet passed
     OVERDUE = "overdue"  # ignored a reclaim past its deadline, or holds more than granted
+    PARKED = "parked"  # a can_park tenant holding 0 and wanting 0 (warm standby)
 
 
 class Reclaim(BaseModel):
-    target_bytes: int  # shrink to at most this (never below the tenant's request)
+    target_bytes: int  # shrink to at most this (never below the tenant's request, unless parking)
     deadline_s: float  # seconds from this reply; negative once overdue
+    park: bool = False  # park: free everything (target 0), then release held 0, want 0
 
 
 class Lease(BaseModel):
@@ -214,6 +240,8 @@ class TenantView(BaseModel):
     want_bytes: int
     in_flight: int
     reclaim: Reclaim | None
+    can_park: bool = False
+    idle_s: float = 0.0
     last_heartbeat_age_s: float
 
 
