@@ -254,7 +254,12 @@ class GpuSpec(ApiModel):
 
 
 class AutoscalingSpec(ApiModel):
-    """Concurrency-based scaling (stable and panic windows, as in Knative's KPA)."""
+    """Concurrency-based scaling (stable and panic windows, as in Knative's KPA).
+
+    ``mode: berth`` runs Berth's autoscaler (``autoscaler.py``), which sets ``spec.replicas``;
+    ``mode: external`` leaves ``spec.replicas`` to the user's HPA or KEDA, pointed at the
+    service's ``scale`` subresource.
+    """
 
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -271,8 +276,25 @@ class AutoscalingSpec(ApiModel):
         )
     )
 
+    mode: Literal["berth", "external"] = Field(
+        default="berth",
+        description="berth: Berth's autoscaler sets spec.replicas; external: an HPA or KEDA "
+        "scales the service through its scale subresource.",
+    )
     target_concurrency: float = Field(
         default=8, gt=0, description="In-flight requests per replica."
+    )
+    target_utilization: float = Field(
+        default=0.7,
+        gt=0,
+        le=1,
+        description="Share of targetConcurrency to aim for, leaving headroom for bursts.",
+    )
+    scale_down_delay_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=3600,
+        description="Scale down only to the most replicas wanted over this many seconds.",
     )
     stable_window_seconds: int = Field(default=60, ge=6, le=3600)
     panic_window_seconds: int = Field(default=6, ge=1, le=600)
@@ -288,6 +310,12 @@ class AutoscalingSpec(ApiModel):
         description="Read concurrency from the runtimes' /metrics or from Prometheus.",
     )
     prometheus_url: str | None = Field(default=None, pattern="^https?://", max_length=2048)
+    prometheus_selector: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="PromQL label matchers of one service's runtime series; {namespace} and "
+        '{name} are filled in. Default: namespace="{namespace}",pod=~"{name}-[a-z0-9]+-[a-z0-9]+".',
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "AutoscalingSpec":
@@ -411,7 +439,6 @@ class InferenceServiceSpec(ApiModel):
 # ``spec``. A service that sets one gets the condition ``FieldsNotActedOn`` naming it; whoever
 # makes a field act removes it from this tuple (``sandbox.runtimeClassName`` is rendered already).
 NOT_ACTED_ON: tuple[str, ...] = (
-    "autoscaling",
     "standby",
     "sandbox.enabled",
     "sandbox.egress",
@@ -451,6 +478,12 @@ class Condition(ApiModel):
     last_transition_time: str | None = Field(default=None, description="RFC 3339 time.")
 
 
+class AutoscalerDecision(ApiModel):
+    reason: str = Field(description="CamelCase, e.g. ScaledUp, Panic, MetricsStale.")
+    message: str = ""
+    time: str | None = Field(default=None, description="RFC 3339 time.")
+
+
 class InferenceServiceStatus(ApiModel):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
@@ -458,6 +491,18 @@ class InferenceServiceStatus(ApiModel):
     ready_replicas: int = Field(default=0, description="Pods passing readiness.")
     standby_replicas: int = Field(default=0, description="Pods parked in host memory.")
     selector: str = Field(default="", description="Label selector of the pods (scale subresource).")
+    desired_replicas: int | None = Field(
+        default=None, description="Replicas the autoscaler last asked for (active + standby)."
+    )
+    active_replicas: int | None = Field(
+        default=None, description="Of those, replicas the autoscaler wants active (not parked)."
+    )
+    last_scale_time: str | None = Field(
+        default=None, description="RFC 3339 time the autoscaler last changed spec.replicas."
+    )
+    last_decision: AutoscalerDecision | None = Field(
+        default=None, description="The autoscaler's last decision that changed something."
+    )
     url: str | None = Field(default=None, description="In-cluster endpoint of the OpenAI API.")
 
 
