@@ -65,6 +65,11 @@ POD_INFO_DIR: Final = "/etc/berth/pod"
 # only these (CEL), and the runtime's storage initializer (berth fetch-model) parses them.
 HF_MODEL_URI: Final = r"^hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+(@[-_./A-Za-z0-9]+)?$"
 
+# Where a container leaves why it stopped (Kubernetes' default terminationMessagePath); the
+# kubelet keeps at most 4096 bytes of it.
+TERMINATION_LOG: Final = "/dev/termination-log"
+TERMINATION_MESSAGE_BYTES: Final = 4096
+
 # Pod shutdown, in seconds. The kubelet runs the preStop sleep first (the grace period counts
 # from its start), so that the pod's removal from the Service's endpoints reaches every proxy;
 # then SIGTERM: the runtime fails /ready but still admits for RUNTIME_SHUTDOWN_DELAY_S (its

@@ -362,3 +362,24 @@ def test_a_rolling_update_under_load_fails_no_request(
     failures = [r for r in results if r != "ok"]
     assert results.count("ok") > 10
     assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
+
+
+def test_a_request_too_small_for_the_weights_is_a_condition_with_the_numbers(
+    cluster: LocalCluster, operator: OperatorProcess, namespace: str, smollm2_model: Path
+) -> None:
+    """The runtime refuses to start inside a share that cannot hold its weights, says why in
+    its termination message, and the service's Ready condition carries it (not a bare crash
+    loop)."""
+    service = real_service("cramped", namespace, smollm2_model)
+    service["spec"]["gpu"] = {"memory": {"request": "128Mi"}, "product": PRODUCT}
+    apply_docs(cluster, [service])
+
+    def failing() -> dict[str, Any] | None:
+        status = get_json(cluster, "bis", "cramped", "-n", namespace).get("status") or {}
+        ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+        return ready if ready.get("reason") == "RuntimeFailing" else None
+
+    ready = wait_for("the Ready condition to name the failing runtime", failing, timeout=240)
+    assert ready["status"] == "False"
+    assert "cannot hold this model" in ready["message"], ready
+    assert "GiB" in ready["message"] and "weights" in ready["message"], ready

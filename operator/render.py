@@ -110,6 +110,7 @@ def fetch_container(service: InferenceService, image: str) -> dict[str, Any] | N
         "args": args,
         "env": [e.model_dump(by_alias=True, exclude_none=True) for e in spec.pod.env],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",  # a failed fetch names its error
     }
     if spec.pod.resources is not None:
         container["resources"] = spec.pod.resources.model_dump(by_alias=True, exclude_defaults=True)
@@ -190,6 +191,10 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         # The kubelet's own sleep (GA in 1.34; the image needs no sleep binary): the pod leaves
         # the Service's endpoints everywhere before SIGTERM starts the drain (wire.PRESTOP_*).
         "lifecycle": {"preStop": {"sleep": {"seconds": wire.PRESTOP_SLEEP_S}}},
+        # A runtime that cannot start writes why to the termination log (a budget too small
+        # for its weights, say); one that dies without writing leaves its last log lines. The
+        # status board names either in the service's Ready condition.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if pod.resources is not None:
         container["resources"] = pod.resources.model_dump(by_alias=True, exclude_defaults=True)

@@ -8,7 +8,9 @@ observation, so nothing here is remembered between calls except each condition's
   nowhere.
 - ``Ready``: at least the desired number of replicas pass readiness; False with ``InvalidSpec``
   when the spec passed admission but its objects were refused (never retried for that
-  generation), ``Forbidden`` or ``ApplyFailed`` while applying them fails and is retried.
+  generation), ``Forbidden`` or ``ApplyFailed`` while applying them fails and is retried, and
+  ``RuntimeFailing`` naming a pod whose container crash-loops or cannot start, with what its last
+  run said (a runtime whose GPU memory request cannot hold its weights gives the numbers).
 - ``Progressing``: a rollout is under way (True) or finished (False/``RolloutComplete``), in the
   kstatus sense.
 - ``FieldsNotActedOn`` (only while there are some): True/``NotImplemented``, naming the spec
@@ -45,6 +47,38 @@ class PodSummary:
     standby: bool
     terminating: bool
     unschedulable: str | None = None  # the scheduler's message while it fits nowhere
+    failing: str | None = None  # why a container of it cannot start or keeps dying
+
+
+# Waiting reasons that mean a container will not start by itself (not a step of a normal start).
+FAILING_WAITS = frozenset(
+    {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull",
+     "InvalidImageName", "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+)  # fmt: skip
+MAX_FAILURE_MESSAGE = 1024  # characters of a container's termination message kept in the status
+
+
+def container_failure(statuses: list[Obj]) -> str | None:
+    """Why a container cannot run, from the kubelet's container statuses: a failing wait
+    (crash loop, image) with the message its last failed run left (``terminationMessagePolicy:
+    FallbackToLogsOnError``: the runtime's own words or its last log lines); None when all is well
+    or still starting."""
+    for status in statuses:
+        state = status.get("state") or {}
+        waiting = state.get("waiting") or {}
+        terminated = state.get("terminated") or (status.get("lastState") or {}).get("terminated")
+        failed = terminated is not None and terminated.get("exitCode", 0) != 0
+        if waiting.get("reason") not in FAILING_WAITS and not (failed and not status.get("ready")):
+            continue
+        if failed and terminated is not None:
+            said = (terminated.get("message") or "").strip() or terminated.get("reason") or ""
+            why = f"exited {terminated.get('exitCode')}: {said}".rstrip(": ")
+        else:
+            why = f"{waiting.get('reason')}: {waiting.get('message') or ''}".rstrip(": ")
+        if len(why) > MAX_FAILURE_MESSAGE:
+            why = why[:MAX_FAILURE_MESSAGE] + " ..."
+        return f"container {status.get('name', '?')} {why}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -87,6 +121,9 @@ def summarize_pod(pod: Obj) -> PodSummary:
         standby=annotations.get(wire.POD_STANDBY) == "true",
         terminating=bool(meta.get("deletionTimestamp")),
         unschedulable=None if spec.get("nodeName") else unschedulable,
+        failing=container_failure(
+            (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+        ),
     )
 
 
@@ -176,6 +213,11 @@ def service_status(view: ServiceView, previous: Obj | None, now: str) -> Obj:
     elif scheduled["reason"] == "NoGpuFits":
         ready_condition = _condition(
             "Ready", False, "Unschedulable", scheduled["message"], generation
+        )
+    elif failing := [p for p in live if p.failing]:
+        message = f"{ready}/{view.desired_replicas} replicas ready; pod {failing[0].name}: "
+        ready_condition = _condition(
+            "Ready", False, "RuntimeFailing", message + str(failing[0].failing), generation
         )
     else:
         message = f"{ready}/{view.desired_replicas} replicas ready"

@@ -31,6 +31,7 @@ from types import FrameType
 
 import uvicorn
 
+from berth import wire
 from berth.runtime.server.app import ModelServer, create_app
 from berth.runtime.server.connections import CONNECTION_CLOSE_S, http_config
 from berth.runtime.server.engine_loop import ENGINE_KILL_S, ENGINE_STOP_S
@@ -151,4 +152,15 @@ def serve(settings: ServerSettings) -> int:
         server = DrainingServer(config, model_server, ShutdownBudget.of(settings))
         model_server.on_load_failure = lambda: server.fail(1)
         server.run()
+    if model_server.load_error is not None:
+        report_termination(model_server.load_error)
     return server.exit_code
+
+
+def report_termination(message: str, path: Path = Path(wire.TERMINATION_LOG)) -> None:
+    """Leave why the runtime stops where Kubernetes reads it (the container's termination message,
+    which the operator shows in the service's Ready condition). Only into a file the kubelet
+    created: outside a pod there is none, and nothing is written."""
+    if path.is_file():
+        with contextlib.suppress(OSError):
+            path.write_text(message[: wire.TERMINATION_MESSAGE_BYTES])

@@ -6,6 +6,7 @@ from berth.operator.status import (
     PodSummary,
     ServiceView,
     service_status,
+    summarize_pod,
 )
 
 NOW = "2026-11-22T22:00:00Z"
@@ -103,3 +104,73 @@ def test_the_url_is_published_only_while_a_replica_is_ready() -> None:
     assert starting["url"] is None
     serving = service_status(view([pod("a", ready=False), pod("b")]), starting, NOW)
     assert serving["url"] == "http://x"
+
+
+def kubelet_pod(*statuses: dict, init: tuple[dict, ...] = ()) -> dict:  # type: ignore[type-arg]
+    """A pod as the API server returns it, with the kubelet's container statuses."""
+    return {
+        "metadata": {"name": "p"},
+        "spec": {"nodeName": "node"},
+        "status": {"containerStatuses": list(statuses), "initContainerStatuses": list(init)},
+    }
+
+
+BUDGET_ERROR = "loading the model failed: BudgetTooSmall: the GPU memory request of 0.12 GiB cannot"
+
+
+def test_a_crash_looping_runtime_is_named_with_its_termination_message() -> None:
+    crashing = {
+        "name": "runtime",
+        "ready": False,
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+        "lastState": {"terminated": {"exitCode": 1, "message": BUDGET_ERROR}},
+    }
+    summary = summarize_pod(kubelet_pod(crashing))
+    assert summary.failing == f"container runtime exited 1: {BUDGET_ERROR}"
+    status = service_status(view([pod("a"), summary]), None, NOW)
+    assert conditions(status)["Ready"] == ("False", "RuntimeFailing")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == f"1/2 replicas ready; pod p: {summary.failing}"
+
+
+def test_an_image_that_cannot_be_pulled_or_a_failed_fetch_is_named() -> None:
+    pulling = {"name": "runtime", "ready": False,
+               "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present"}}}  # fmt: skip
+    assert summarize_pod(kubelet_pod(pulling)).failing == (
+        "container runtime ErrImageNeverPull: image not present"
+    )
+    fetch = {"name": "fetch-model", "ready": False,
+             "state": {"terminated": {"exitCode": 2, "message": "HTTP 404 for https://x/m.tar.gz"}}}  # fmt: skip
+    waiting = {
+        "name": "runtime",
+        "ready": False,
+        "state": {"waiting": {"reason": "PodInitializing"}},
+    }
+    assert summarize_pod(kubelet_pod(waiting, init=(fetch,))).failing == (
+        "container fetch-model exited 2: HTTP 404 for https://x/m.tar.gz"
+    )
+
+
+def test_a_starting_or_recovered_runtime_is_not_failing() -> None:
+    starting = {
+        "name": "runtime",
+        "ready": False,
+        "state": {"waiting": {"reason": "ContainerCreating"}},
+    }
+    loading = {"name": "runtime", "ready": False, "state": {"running": {}}}
+    recovered = {"name": "runtime", "ready": True, "state": {"running": {}},
+                 "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}  # fmt: skip
+    for status in (starting, loading, recovered):
+        assert summarize_pod(kubelet_pod(status)).failing is None
+    # Crashed once and starting again (not ready yet): still named, with the kubelet's reason.
+    restarted = {**loading, "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+    assert (
+        summarize_pod(kubelet_pod(restarted)).failing == "container runtime exited 137: OOMKilled"
+    )
+
+
+def test_a_long_termination_message_is_cut() -> None:
+    long = {"name": "runtime", "ready": False,
+            "state": {"terminated": {"exitCode": 1, "message": "x" * 5000}}}  # fmt: skip
+    failing = summarize_pod(kubelet_pod(long)).failing
+    assert failing is not None and len(failing) < 1100 and failing.endswith(" ...")
