@@ -11,6 +11,13 @@ which the GPU scheduler reserved for it. Resizes are not done here: ``resize`` h
 the engine loop, which applies it between two steps (preempting the sequences in the region
 given back) and returns what the engine holds afterwards.
 
+Warm standby (``can_park``, when ``BERTH_STANDBY_IDLE_SECONDS`` is set): the runtime parks (gives
+back weights and KV, keeping the weights in host RAM) on its own, then calls :meth:`MemoryLease.parked`,
+or because the agent asked (a reclaim with ``park``: the lease thread calls the engine's ``park``
+and releases what it gave back). While parked it reports holding and wanting nothing. To wake,
+the engine calls :meth:`MemoryLease.wake`, which asks for the request again and waits for the
+grant before the engine maps anything.
+
 Agent unreachable (no socket yet, restarted, stalled): keep serving within what is held, never
 grow, try again next cycle. ``404 unknown_tenant`` (the agent restarted, or our lease lapsed):
 register again with what we hold. ``409 instance_mismatch``: another
@@ -31,6 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from berth import agent_protocol as proto
+from berth import wire
 from berth.runtime.engine.budget import GpuBudget, KvPlan
 from berth.runtime.server.agent_client import AgentClient, AgentError
 
@@ -40,6 +48,7 @@ GROW_AT = 0.85  # KV usage at or above which the runtime asks for its limit
 RELEASE_AT = 0.30  # KV usage at or below which it gives back burst chunks it does not use
 RELEASED_USAGE = 0.60  # the usage it shrinks to when it gives some back
 RETRY_S = proto.REGISTER_RETRY_S  # between attempts while the agent is unreachable
+WAKE_POLL_S = 0.1  # between heartbeats while waiting for a wake's grant
 
 
 @dataclass(frozen=True)
@@ -52,15 +61,20 @@ class MemoryState:
     used_blocks: int  # held by live sequences
     num_waiting: int
     in_flight: int  # running + waiting sequences
+    parked: bool = False  # weights and KV given back (warm standby): it holds nothing
+    idle_s: float = 0.0  # seconds since the last request ended; 0 while any is in flight
 
     @property
     def held_bytes(self) -> int:
-        return self.plan.held_bytes(self.num_chunks)
+        return 0 if self.parked else self.plan.held_bytes(self.num_chunks)
 
 
 def desired_bytes(state: MemoryState) -> int:
-    """What the runtime would like to hold: its limit while requests wait or the pool is nearly
-    full; fewer chunks once usage falls low (never below the request); else what it holds."""
+    """What the runtime would like to hold: nothing while parked; its limit while requests wait
+    or the pool is nearly full; fewer chunks once usage falls low (never below the request);
+    else what it holds."""
+    if state.parked:
+        return 0
     plan = state.plan
     total = state.num_chunks * state.chunk_blocks
     usage = state.used_blocks / total if total else 1.0
@@ -79,6 +93,7 @@ class LeaseSettings:
     socket_path: str
     tenant: str
     instance: str
+    can_park: bool = False  # warm standby is on: the agent may ask this runtime to park
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LeaseSettings:
@@ -90,11 +105,17 @@ class LeaseSettings:
         else:  # local berth serve: any unique id
             host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:200] or "local"
             tenant = f"{host}-{os.getpid()}"
-        return cls(path, tenant, uuid.uuid4().hex[:16])
+        can_park = bool(env.get(wire.ENV_STANDBY_IDLE_SECONDS, "").strip())
+        return cls(path, tenant, uuid.uuid4().hex[:16], can_park)
 
 
 class MemoryLease:
-    """One runtime's lease; ``cycle`` is one heartbeat (tests drive it directly)."""
+    """One runtime's lease; ``cycle`` is one heartbeat (tests drive it directly).
+
+    Thread-safe where it must be: the lease thread cycles, while the engine may call
+    :meth:`parked` and :meth:`wake`. Each exchange with the agent (what is held and wanted,
+    the call, the reply) runs under one lock; the engine's callables never do, so a park or a
+    resize may take its time without blocking a wake."""
 
     def __init__(
         self, client: AgentClient, settings: LeaseSettings, budget: GpuBudget, gpu_uuid: str
@@ -106,20 +127,38 @@ class MemoryLease:
         # Until ``attach``: the engine is not loaded yet, holds nothing and wants its request.
         self._state: Callable[[], MemoryState | None] = lambda: None
         self._resize: Callable[[int], int] = lambda target: 0
+        self._park: Callable[[], int] | None = None
         self.registered = False
         self.stopped = False
         self.epoch: str | None = None
         self.interval_s = RETRY_S
         self.granted_bytes = budget.request_bytes  # before any reply: the scheduler's request
         self.num_reclaims = 0
+        self.num_parks = 0  # parks the agent asked for
+        # Standby as the agent is told it: "parked" (hold 0, want 0), "waking" (hold 0, want
+        # the request), or None (resident: what the engine's state says).
+        self._standby: str | None = None
         self._warned = False
         self._loading_held = 0  # what to report before ``attach``
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def attach(self, state: Callable[[], MemoryState | None], resize: Callable[[int], int]) -> None:
-        """The engine is loaded: read its state from ``state``, resize its pool by ``resize``."""
-        self._state, self._resize = state, resize
+    def attach(
+        self,
+        state: Callable[[], MemoryState | None],
+        resize: Callable[[int], int],
+        park: Callable[[], int] | None = None,
+    ) -> None:
+        """The engine is loaded: read its state from ``state``, resize its pool by ``resize``,
+        and (warm standby) park it by ``park``, which blocks until the engine has given its
+        memory back and returns the bytes it still holds."""
+        self._state, self._resize, self._park = state, resize, park
+
+    @property
+    def standby(self) -> bool:
+        """Parked, or waking and not yet granted its request."""
+        return self._standby is not None
 
     def admit(self) -> None:
         """Before the engine loads anything: register holding nothing, and wait until the grant
@@ -145,29 +184,45 @@ class MemoryLease:
         """Register or heartbeat once, act on the reply; returns seconds until the next cycle."""
         if self.stopped:
             return self.interval_s
-        state = self._state()
+        with self._lock:
+            state = self._state()
+            held, want = self._report(state)
+            try:
+                reply = self._exchange(held, want, state)
+            except AgentError as e:
+                return self._failed(e)
+            standby = self._standby is not None or (state is not None and state.parked)
+        if state is not None:
+            self._apply(reply, held, want, standby)
+        return self.interval_s
+
+    def _report(self, state: MemoryState | None) -> tuple[int, int]:
+        """What to tell the agent the runtime holds and wants (called under the lock)."""
+        request = self.budget.request_bytes
+        if self._standby == "parked":  # the engine said so: trust it over a stale state
+            return 0, 0
         if state is None:  # loading: up to the request once admitted (its grant covers it)
-            held, want, in_flight = self._loading_held, self.budget.request_bytes, 0
+            return self._loading_held, request
+        if self._standby == "waking" or state.parked:  # woken: the engine maps it back now
+            return state.held_bytes, max(request, state.held_bytes)
+        return state.held_bytes, desired_bytes(state)
+
+    def _exchange(self, held: int, want: int, state: MemoryState | None) -> proto.Lease:
+        """Register, or heartbeat; records the grant (called under the lock)."""
+        if not self.registered:
+            reply: proto.Lease = self._register(held, want)
         else:
-            held, want, in_flight = state.held_bytes, desired_bytes(state), state.in_flight
-        s = self.settings
-        try:
-            if not self.registered:
-                reply: proto.Lease = self._register(held, want)
-            else:
-                reply = self.client.heartbeat(
-                    s.tenant, proto.Heartbeat(
-                        instance=s.instance, held_bytes=held, want_bytes=want,
-                        in_flight=in_flight,
-                    )
-                )  # fmt: skip
-        except AgentError as e:
-            return self._failed(e)
+            s = self.settings
+            reply = self.client.heartbeat(
+                s.tenant, proto.Heartbeat(
+                    instance=s.instance, held_bytes=held, want_bytes=want,
+                    in_flight=state.in_flight if state else 0,
+                    idle_s=max(0.0, state.idle_s) if state else 0.0,
+                )
+            )  # fmt: skip
         self._warned = False
         self.granted_bytes = reply.granted_bytes
-        if state is not None:
-            self._apply(reply, held, want)
-        return self.interval_s
+        return reply
 
     def _register(self, held: int, want: int) -> proto.Lease:
         s, b = self.settings, self.budget
@@ -176,7 +231,7 @@ class MemoryLease:
                 tenant=s.tenant, instance=s.instance, gpu_uuid=self.gpu_uuid,
                 request_bytes=b.request_bytes, limit_bytes=b.limit_bytes,
                 held_bytes=min(held, b.limit_bytes), want_bytes=min(want, b.limit_bytes),
-                pid=os.getpid(),
+                pid=os.getpid(), can_park=s.can_park,
             )
         )  # fmt: skip
         self.registered, self.epoch = True, reply.agent_epoch
@@ -200,7 +255,8 @@ class MemoryLease:
             return RETRY_S
         if e.code == "instance_mismatch":
             log.error("another instance holds this tenant's lease: giving back bursts (%s)", e)
-            self._resize(self.budget.request_bytes)
+            if self._standby is None:
+                self._resize(self.budget.request_bytes)
             self.stopped = True
             return self.interval_s
         # Unreachable, or refused (409 does not fit, 503 recovering): serve within what is held.
@@ -208,9 +264,15 @@ class MemoryLease:
         self._warned = True
         return RETRY_S if e.unreachable or not self.registered else self.interval_s
 
-    def _apply(self, reply: proto.Lease, held: int, want: int) -> None:
-        """Grow only within the grant; shrink on a reclaim or when demand falls; release."""
+    def _apply(self, reply: proto.Lease, held: int, want: int, standby: bool) -> None:
+        """Park when asked; else (resident) grow only within the grant, shrink on a reclaim or
+        when demand falls, and release."""
         self.granted_bytes = reply.granted_bytes
+        if reply.reclaim is not None and reply.reclaim.park:
+            self._park_for_agent()
+            return
+        if standby:  # nothing mapped to resize; a wake maps the request back
+            return
         floor = self.budget.request_bytes
         if reply.reclaim is not None:
             self.num_reclaims += 1
@@ -221,10 +283,34 @@ class MemoryLease:
         elif want > held and reply.granted_bytes > held:
             self._resize(min(want, reply.granted_bytes))
 
+    def _park_for_agent(self) -> None:
+        """The agent asked this runtime to park: park the engine, then release what it holds."""
+        if self._standby == "parked":
+            return  # parked already: the release below, or the next heartbeat, tells it
+        if self._park is None:
+            log.warning("the node agent asked this runtime to park, but it cannot (no standby)")
+            return
+        self.num_parks += 1
+        log.info("the node agent asked this runtime to park: giving its GPU memory back")
+        held = self._park()  # blocks until the engine is parked; outside the lock
+        with self._lock:
+            if held == 0:
+                self._standby = "parked"
+            state = self._state()
+            want = 0 if held == 0 else (desired_bytes(state) if state else held)
+            self._send_release(held, want)
+
     def _shrink(self, target: int, want: int) -> None:
         """Come down to ``target`` and tell the agent, with what we want from now on (so a
         reclaimed or idle burst is not granted straight back)."""
         held = self._resize(target)
+        with self._lock:
+            self._send_release(held, want)
+
+    def _send_release(self, held: int, want: int) -> None:
+        """``release`` (called under the lock); a failure is reported by the next heartbeat."""
+        if not self.registered or self.stopped:
+            return
         s = self.settings
         try:
             reply = self.client.release(
@@ -233,6 +319,46 @@ class MemoryLease:
             self.granted_bytes = reply.granted_bytes
         except AgentError as e:  # the next heartbeat reports what is held
             log.warning("release after shrinking to %d MiB failed: %s", held >> 20, e)
+
+    def parked(self) -> None:
+        """The runtime parked on its own (idle, or an operator's request): from now on it holds
+        and wants nothing, and the agent hears so at once."""
+        with self._lock:
+            self._standby = "parked"
+            self._send_release(0, 0)
+
+    def wake(self, timeout_s: float) -> bool:
+        """Ask the agent for the request back and wait until it is granted (True: the engine may
+        map it now) or ``timeout_s`` passes (False: still parked; the agent is told the runtime
+        wants nothing again, so it is not granted memory it will not map). Without an agent to
+        answer (unreachable, or another instance holds the lease) the wake fails: memory given
+        back may have gone to another tenant since."""
+        deadline = time.monotonic() + timeout_s
+        request = self.budget.request_bytes
+        with self._lock:
+            self._standby = "waking"
+        log.info("waking: asking the node agent for %d MiB", request >> 20)
+        while not self.stopped:
+            with self._lock:
+                try:
+                    reply = self._exchange(0, request, self._state())
+                except AgentError as e:
+                    if e.code == "unknown_tenant":
+                        self.registered = False
+                    log.debug("wake: %s", e)
+                    reply = None
+                if reply is not None and reply.granted_bytes >= request:
+                    self._standby = None
+                    return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(WAKE_POLL_S, remaining))
+        with self._lock:
+            log.warning("waking: the node agent did not grant the request within %.1f s", timeout_s)
+            self._standby = "parked"
+            self._send_release(0, 0)
+        return False
 
     def start(self) -> None:
         """Heartbeat from a thread of its own from now on (the engine loads meanwhile)."""
