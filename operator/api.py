@@ -291,10 +291,11 @@ class AutoscalingSpec(ApiModel):
         description="Share of targetConcurrency to aim for, leaving headroom for bursts.",
     )
     scale_down_delay_seconds: int = Field(
-        default=0,
+        default=120,
         ge=0,
         le=3600,
-        description="Scale down only to the most replicas wanted over this many seconds.",
+        description="Remove replicas only down to the most wanted over this many seconds; the "
+        "surplus parks meanwhile (Knative's default is 0; a removed replica costs a cold start).",
     )
     stable_window_seconds: int = Field(default=60, ge=6, le=3600)
     panic_window_seconds: int = Field(default=6, ge=1, le=600)
