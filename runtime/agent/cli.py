@@ -95,8 +95,16 @@ def run(settings: AgentSettings) -> None:
 
         client = KubeClient.from_config(settings.kubeconfig, pool=2)
         publisher = NodePublisher(client, settings.node_name, gpus)
-    report = publisher.report if publisher else None
-    agent = Agent(ledger, report=report, state_file=settings.state_file)
+    driver_free = None
+    if not settings.simulate_gpus:  # a real GPU: wake grants wait until the driver has it back
+        driver_free = gpu_discovery.DriverFree([gpu.uuid for gpu in gpus])
+    agent = Agent(
+        ledger,
+        report=publisher.report if publisher else None,
+        state_file=settings.state_file,
+        annotate=publisher.annotate if publisher else None,
+        driver_free=driver_free,
+    )
     for gpu in gpus:
         log.info("GPU %d %s (%s): %d bytes, %d reserved", gpu.index, gpu.uuid, gpu.name,
                  gpu.capacity, gpu.reserved)  # fmt: skip
@@ -120,6 +128,8 @@ def run(settings: AgentSettings) -> None:
         settings.socket.unlink(missing_ok=True)
         if publisher:
             publisher.close()
+        if driver_free:
+            driver_free.close()
 
 
 @click.command("node-agent")
@@ -159,6 +169,9 @@ def run(settings: AgentSettings) -> None:
               help="Seconds without a heartbeat after which a tenant is dropped.")  # fmt: skip
 @click.option("--reclaim-deadline", default=5.0, show_default=True,
               type=click.FloatRange(min=0.0), help="Seconds a tenant has to honour a reclaim.")  # fmt: skip
+@click.option("--park-deadline", default=30.0, show_default=True,
+              type=click.FloatRange(min=0.0),
+              help="Seconds an idle tenant has to park (warm standby) when asked.")  # fmt: skip
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0.0),
               help="Seconds after start with no grants, while tenants re-register "
               "[default: the lease].")  # fmt: skip
@@ -176,6 +189,7 @@ def node_agent(
     heartbeat_interval: float,
     lease_s: float,
     reclaim_deadline: float,
+    park_deadline: float,
     grace_s: float | None,
     node_name: str | None,
     kubeconfig: Path | None,
@@ -191,6 +205,7 @@ def node_agent(
         heartbeat_interval_s=heartbeat_interval,
         lease_s=lease_s,
         reclaim_deadline_s=reclaim_deadline,
+        park_deadline_s=park_deadline,
         grace_s=lease_s if grace_s is None else grace_s,
     )
     settings = AgentSettings(

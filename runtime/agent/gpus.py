@@ -9,6 +9,7 @@ without a GPU run the real agent: ``2x80Gi`` (two GPUs with made-up, stable UUID
 import ctypes
 import hashlib
 import re
+import threading
 
 from berth.runtime.agent.ledger import GpuMemory
 
@@ -65,17 +66,25 @@ class _Memory(ctypes.Structure):
     ]
 
 
-def nvml(reserved: int = 0, library: str = "libnvidia-ml.so.1") -> list[GpuMemory]:
-    """Every GPU NVML sees, in index order (the order ``nvidia-smi`` and the scheduler use)."""
+def _load(library: str) -> ctypes.CDLL:
     try:
-        lib = ctypes.CDLL(library)
+        return ctypes.CDLL(library)
     except OSError as error:
         raise GpuDiscoveryError(f"NVML is not available ({error}); pass --simulate-gpus") from error
 
+
+def _check(lib: ctypes.CDLL, result: int, call: str) -> None:
+    if result != NVML_SUCCESS:
+        lib.nvmlErrorString.restype = ctypes.c_char_p
+        raise GpuDiscoveryError(f"{call} failed: {lib.nvmlErrorString(result).decode()}")
+
+
+def nvml(reserved: int = 0, library: str = "libnvidia-ml.so.1") -> list[GpuMemory]:
+    """Every GPU NVML sees, in index order (the order ``nvidia-smi`` and the scheduler use)."""
+    lib = _load(library)
+
     def check(result: int, call: str) -> None:
-        if result != NVML_SUCCESS:
-            lib.nvmlErrorString.restype = ctypes.c_char_p
-            raise GpuDiscoveryError(f"{call} failed: {lib.nvmlErrorString(result).decode()}")
+        _check(lib, result, call)
 
     check(lib.nvmlInit_v2(), "nvmlInit")
     try:
@@ -97,3 +106,33 @@ def nvml(reserved: int = 0, library: str = "libnvidia-ml.so.1") -> list[GpuMemor
         return gpus
     finally:
         lib.nvmlShutdown()
+
+
+class DriverFree:
+    """What the driver shows free on each GPU, read on demand (NVML stays initialised): the
+    agent grants a waking tenant only memory the driver really has back, since a parked
+    process may still be freeing what it released."""
+
+    def __init__(self, uuids: list[str], library: str = "libnvidia-ml.so.1") -> None:
+        self._lib = _load(library)
+        self._lock = threading.Lock()
+        _check(self._lib, self._lib.nvmlInit_v2(), "nvmlInit")
+        self._handles: dict[str, ctypes.c_void_p] = {}
+        for uuid in uuids:
+            handle = ctypes.c_void_p()
+            result = self._lib.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle))
+            _check(self._lib, result, f"nvmlDeviceGetHandleByUUID({uuid})")
+            self._handles[uuid] = handle
+
+    def __call__(self) -> dict[str, int]:
+        """Free bytes per GPU UUID; a GPU NVML cannot read now is left out (no cap on it)."""
+        free = {}
+        with self._lock:
+            for uuid, handle in self._handles.items():
+                memory = _Memory()
+                if self._lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == NVML_SUCCESS:
+                    free[uuid] = int(memory.free)
+        return free
+
+    def close(self) -> None:
+        self._lib.nvmlShutdown()

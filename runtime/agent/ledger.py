@@ -13,6 +13,14 @@ metrics and Kubernetes events. The rules are the protocol's (``berth.agent_proto
 - A tenant is *owed* ``min(want, request) - granted`` when positive. Owed memory comes first;
   while any is owed on a GPU, nothing bursts there, and bursts (granted above request) are
   reclaimed, largest first, until the reclaims in flight cover what is owed.
+- Warm standby: a ``can_park`` tenant holding and wanting nothing is *parked*; its request does
+  not count at admission. When reclaims of bursts cannot cover what is owed, idle tenants are
+  asked to park (a reclaim to 0 with ``park``), longest idle first, only as many as cover the
+  owed tenants that parking can satisfy, first come first served (parking for a tenant that
+  would stay pending anyway disturbs an idle one for nothing). A park order is withdrawn as soon
+  as its tenant reports requests in flight. A parked tenant that wants memory again is *waking*
+  (``standby`` until granted its request); on a real GPU its grants are capped by what the driver
+  shows free (``driver_free``, set by the shell), since a parked process may still be freeing.
 - During the restart grace (``recovering_until``) nothing is granted at all; it ends early once
   every tenant the previous agent had leased (``awaited``) has re-registered.
 """
@@ -52,6 +60,7 @@ class LeasePolicy:
     heartbeat_interval_s: float = 1.0
     lease_s: float = 10.0  # a tenant silent for longer is dropped
     reclaim_deadline_s: float = 5.0  # how long a tenant has to shrink after a reclaim
+    park_deadline_s: float = 30.0  # how long a tenant has to park (finish or preempt, free all)
     grace_s: float = 10.0  # after the agent starts: no grants, only re-registrations
 
 
@@ -90,6 +99,23 @@ class ReclaimIssued(Notice):
 
 
 @dataclass(frozen=True)
+class ParkIssued(Notice):
+    deadline_s: float
+
+
+@dataclass(frozen=True)
+class Parked(Notice):
+    """The tenant holds and wants nothing now (warm standby)."""
+
+    asked: bool  # by the agent's park order, else on its own
+
+
+@dataclass(frozen=True)
+class Resumed(Notice):
+    """A parked tenant woke and was granted its request again."""
+
+
+@dataclass(frozen=True)
 class ReclaimOverdue(Notice):
     held: int
     target: int
@@ -107,6 +133,7 @@ class Order:
 
     target: int
     deadline: float
+    park: bool = False  # free everything (target 0): warm standby
 
 
 @dataclass
@@ -125,6 +152,9 @@ class Tenant:
     in_flight: int = 0
     reclaim: Order | None = None
     overdue: str | None = None  # "reclaim" or "over_grant" while the tenant misbehaves
+    can_park: bool = False
+    idle_s: float = 0.0  # seconds since its last request ended, as of its last heartbeat
+    standby: bool = False  # parked, or woken and not yet granted its request
 
     @property
     def charge(self) -> int:
@@ -134,9 +164,28 @@ class Tenant:
     def owed(self) -> int:
         return max(0, min(self.want, self.request) - self.granted)
 
+    @property
+    def parked(self) -> bool:
+        return self.can_park and self.want == 0 and self.charge == 0
+
+    @property
+    def parkable(self) -> bool:
+        """Idle (nothing in flight, a last request that has ended), resident, and not owed
+        anything: what the agent may ask to park. ``idle_s`` 0 means busy or still loading."""
+        return (
+            self.can_park
+            and not self.parked
+            and self.in_flight == 0
+            and self.idle_s > 0
+            and not self.owed
+            and not self.overdue
+        )
+
     def state(self) -> TenantState:
         if self.overdue:
             return TenantState.OVERDUE
+        if self.parked:
+            return TenantState.PARKED
         if self.reclaim:
             return TenantState.RECLAIMING
         if self.owed:
@@ -155,6 +204,10 @@ class NodeLedger:
     tenants: dict[str, Tenant] = field(default_factory=dict)
     notices: list[Notice] = field(default_factory=list)
     _seq: int = 0
+
+    # Per GPU, what the driver shows free (NVML), refreshed by the shell on a real GPU; absent
+    # on simulated GPUs, where the ledger's numbers stand.
+    driver_free: dict[str, int] = field(default_factory=dict)
 
     # Tenants the previous agent had leased (from its state file), not yet re-registered.
     awaited: set[str] = field(default_factory=set)
@@ -213,12 +266,16 @@ class NodeLedger:
                 retry_after_s=retry,
             )
         others = [t for t in self._on(gpu.uuid) if t.tenant != body.tenant]
-        requested = sum(t.request for t in others)
-        if requested + body.request_bytes > gpu.allocatable:
+        # What stays requested even if every idle tenant parked; nothing, for a tenant that
+        # registers parked (it holds and wants nothing).
+        parks_itself = body.can_park and body.held_bytes == 0 and body.want_bytes == 0
+        requested = sum(t.request for t in others if not (t.parked or t.parkable))
+        if (0 if parks_itself else requested) + body.request_bytes > gpu.allocatable:
             raise AgentError(
                 "request_does_not_fit",
                 f"request_bytes {body.request_bytes} does not fit on {gpu.uuid}: "
-                f"{requested} of {gpu.allocatable} bytes are already requested",
+                f"{requested} of {gpu.allocatable} bytes are requested by tenants that cannot "
+                "park",
                 field="request_bytes",
                 allocatable_bytes=gpu.allocatable,
                 requested_bytes=requested,
@@ -250,8 +307,10 @@ class NodeLedger:
             last_seen=now,
             seq=self._seq,
             pid=body.pid,
+            can_park=body.can_park,
         )
         self.tenants[tenant.tenant] = tenant
+        self._note_parked(tenant, asked=False)
         if self.recovering(now) and self.awaited:
             self.awaited.discard(tenant.tenant)
             if not self.awaited:  # every tenant of the previous agent is back: grants resume
@@ -262,11 +321,22 @@ class NodeLedger:
         return self._registration(tenant, now)
 
     def heartbeat(
-        self, name: str, instance: str, held: int, want: int, in_flight: int, now: float
+        self,
+        name: str,
+        instance: str,
+        held: int,
+        want: int,
+        in_flight: int,
+        now: float,
+        idle_s: float = 0.0,
     ) -> Lease:
         tenant = self._lookup(name, instance)
         self._check_within_limit(tenant, held_bytes=held, want_bytes=want)
-        tenant.in_flight = in_flight
+        tenant.in_flight, tenant.idle_s = in_flight, idle_s
+        if in_flight and tenant.reclaim and tenant.reclaim.park:
+            tenant.reclaim = None  # busy again: never park a tenant with requests in flight
+            if tenant.overdue == "reclaim":
+                tenant.overdue = None
         return self.lease(self._report(tenant, held, want, now), now)
 
     def release(self, name: str, instance: str, held: int, want: int | None, now: float) -> Lease:
@@ -350,7 +420,7 @@ class NodeLedger:
                     capacity_bytes=gpu.capacity,
                     reserved_bytes=gpu.reserved,
                     allocatable_bytes=gpu.allocatable,
-                    requested_bytes=sum(t.request for t in tenants),
+                    requested_bytes=sum(t.request for t in tenants if not t.parked),
                     granted_bytes=sum(t.granted for t in tenants),
                     resident_bytes=sum(t.held for t in tenants),
                     free_bytes=self.free(gpu.uuid),
@@ -399,10 +469,12 @@ class NodeLedger:
     def _report(self, tenant: Tenant, held: int, want: int, now: float) -> Tenant:
         """A tenant said what it holds and wants: update, judge, rebalance its GPU."""
         tenant.held, tenant.want, tenant.last_seen = held, want, now
+        asked = tenant.reclaim is not None and tenant.reclaim.park
         if tenant.reclaim and tenant.charge <= tenant.reclaim.target:
             tenant.reclaim = None
             if tenant.overdue == "reclaim":
                 tenant.overdue = None
+        self._note_parked(tenant, asked)
         if held > tenant.granted:
             if tenant.overdue is None:
                 tenant.overdue = "over_grant"
@@ -414,20 +486,35 @@ class NodeLedger:
         self._rebalance(tenant.gpu, now)
         return tenant
 
+    def _note_parked(self, tenant: Tenant, asked: bool) -> None:
+        if tenant.parked and not tenant.standby:
+            tenant.standby = True
+            self.notices.append(Parked(tenant.gpu, tenant.tenant, tenant.instance, asked))
+
     def _drop(self, tenant: Tenant) -> None:
         del self.tenants[tenant.tenant]
 
     def _rebalance(self, uuid: str, now: float) -> None:
-        """Owed memory first, then reclaims for what is still owed, else bursts."""
+        """Owed memory first, then reclaims for what is still owed (bursts, then parks), else
+        bursts."""
         if self.recovering(now):
             return
         tenants = sorted(self._on(uuid), key=lambda t: t.seq)
         free = max(0, self.free(uuid))  # negative only while a tenant holds more than granted
         for tenant in tenants:
             give = min(tenant.owed, free) if not tenant.overdue else 0
+            if give and tenant.standby and uuid in self.driver_free:
+                # Waking: only what the driver really shows free, beyond grants not yet mapped.
+                unmapped = sum(max(0, t.granted - t.held) for t in tenants)
+                give = min(give, max(0, self.driver_free[uuid] - unmapped))
             tenant.granted += give
             free -= give
-        owed = sum(t.owed for t in tenants if not t.overdue)
+        for tenant in tenants:
+            if tenant.standby and not tenant.parked and not tenant.owed:
+                tenant.standby = False
+                self.notices.append(Resumed(uuid, tenant.tenant, tenant.instance))
+        owed_each = [t.owed for t in tenants if t.owed and not t.overdue]
+        owed = sum(owed_each)
         if owed == 0:
             for tenant in tenants:
                 if not tenant.overdue:
@@ -441,7 +528,9 @@ class NodeLedger:
                 free -= give
             return
         coming = sum(t.charge - t.reclaim.target for t in tenants if t.reclaim)
-        need = owed - coming
+        # Memory still free here was held back from a waking tenant until the driver shows it:
+        # it is not needed from anyone else.
+        need = owed - coming - free
         # Largest burst first: fewest tenants disturbed, and never below anyone's request.
         for tenant in sorted(tenants, key=lambda t: _target(t) - t.request, reverse=True):
             if need <= 0:
@@ -461,6 +550,31 @@ class NodeLedger:
                     self.policy.reclaim_deadline_s,
                 )
             )
+        if need > 0:
+            self._park(uuid, tenants, owed_each, owed - need, now)
+
+    def _park(
+        self, uuid: str, tenants: list[Tenant], owed_each: list[int], covered: int, now: float
+    ) -> None:
+        """Ask idle tenants to park, longest idle first (a tie: the one holding most), for the
+        owed tenants, in order, whose needs parking can cover beyond ``covered`` (what reclaims
+        already bring)."""
+        idle = [t for t in tenants if t.parkable and not (t.reclaim and t.reclaim.park)]
+        idle.sort(key=lambda t: (-t.idle_s, -_target(t), t.seq))
+        can_bring = sum(_target(t) for t in idle)
+        need, cumulative = 0, 0
+        for amount in owed_each:
+            cumulative += amount
+            if cumulative - covered > can_bring:
+                break
+            need = cumulative - covered
+        for tenant in idle:
+            if need <= 0:
+                break
+            need -= _target(tenant)
+            deadline = self.policy.park_deadline_s
+            tenant.reclaim = Order(0, now + deadline, park=True)
+            self.notices.append(ParkIssued(uuid, tenant.tenant, tenant.instance, deadline))
 
     def _registration(self, tenant: Tenant, now: float) -> Registration:
         return Registration(
@@ -478,7 +592,11 @@ def _target(tenant: Tenant) -> int:
 def _reclaim_view(tenant: Tenant, now: float) -> Reclaim | None:
     if tenant.reclaim is None:
         return None
-    return Reclaim(target_bytes=tenant.reclaim.target, deadline_s=tenant.reclaim.deadline - now)
+    return Reclaim(
+        target_bytes=tenant.reclaim.target,
+        deadline_s=tenant.reclaim.deadline - now,
+        park=tenant.reclaim.park,
+    )
 
 
 def _tenant_view(tenant: Tenant, now: float) -> TenantView:
@@ -495,4 +613,6 @@ def _tenant_view(tenant: Tenant, now: float) -> TenantView:
         in_flight=tenant.in_flight,
         reclaim=_reclaim_view(tenant, now),
         last_heartbeat_age_s=now - tenant.last_seen,
+        can_park=tenant.can_park,
+        idle_s=tenant.idle_s,
     )

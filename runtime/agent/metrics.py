@@ -12,7 +12,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from berth.agent_protocol import LedgerView, TenantState
-from berth.runtime.agent.ledger import Lapsed, Notice, OverGrant, ReclaimIssued, ReclaimOverdue
+from berth.runtime.agent.ledger import (
+    Lapsed,
+    Notice,
+    OverGrant,
+    Parked,
+    ParkIssued,
+    ReclaimIssued,
+    ReclaimOverdue,
+)
 
 # Per GPU, label ``gpu`` (the UUID).
 GPU_GAUGES = {
@@ -30,6 +38,7 @@ TENANT_GAUGES = {
     "berth_gpu_tenant_granted_bytes": ("granted_bytes", "What the tenant may hold now."),
     "berth_gpu_tenant_resident_bytes": ("held_bytes", "What the tenant reports holding."),
     "berth_gpu_tenant_in_flight_requests": ("in_flight", "Requests the tenant is serving."),
+    "berth_gpu_tenant_idle_seconds": ("idle_s", "Seconds since the tenant's last request ended."),
 }
 TENANT_STATE = "berth_gpu_tenant_state"  # 1 for the tenant's current state (label ``state``)
 RECOVERING = "berth_node_agent_recovering"
@@ -37,6 +46,8 @@ RECLAIMS = "berth_gpu_reclaims"
 RECLAIM_OVERDUE = "berth_gpu_reclaim_overdue"
 OVER_GRANT = "berth_gpu_over_grant"
 LAPSES = "berth_gpu_tenant_lapses"
+PARK_REQUESTS = "berth_gpu_park_requests"
+PARKS = "berth_gpu_parks"
 
 
 class LedgerCollector(Collector):
@@ -97,6 +108,16 @@ class AgentMetrics:
             LAPSES, "Tenants dropped because their heartbeat lapsed.", ["gpu"],
             registry=self.registry,
         )  # fmt: skip
+        self.park_requests = Counter(
+            PARK_REQUESTS, "Idle tenants asked to park (warm standby).", ["gpu"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.parks = Counter(
+            PARKS,
+            "Tenants that parked (reason: asked by the agent, or on their own).",
+            ["gpu", "reason"],
+            registry=self.registry,
+        )
 
     def count(self, notice: Notice) -> None:
         match notice:
@@ -108,3 +129,7 @@ class AgentMetrics:
                 self.over_grant.labels(notice.gpu, notice.tenant).inc()
             case Lapsed():
                 self.lapses.labels(notice.gpu).inc()
+            case ParkIssued():
+                self.park_requests.labels(notice.gpu).inc()
+            case Parked():
+                self.parks.labels(notice.gpu, "agent" if notice.asked else "tenant").inc()

@@ -1,14 +1,18 @@
-"""The agent's thin Kubernetes adapter: publish the node's GPUs, report misbehaving tenants.
+"""The agent's thin Kubernetes adapter: publish the node's GPUs, report misbehaving tenants,
+and mark parked tenants' pods.
 
-Both run on one background thread, so the socket's request handlers never wait on the API
+All run on one background thread, so the socket's request handlers never wait on the API
 server; a failed publication is retried with backoff until it lands (the scheduler cannot pack
-fractions onto a node whose GPU UUIDs it does not know), and events are best effort.
+fractions onto a node whose GPU UUIDs it does not know), and events are best effort. The
+standby annotation (``berth.wire.POD_STANDBY``, "true" while parked) is what the operator
+counts standby replicas by: it is retried a few times, in order, so the latest state lands.
 """
 
 import logging
 import queue
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from berth import wire
 from berth.operator.events import record_event
@@ -16,6 +20,20 @@ from berth.operator.kube import KubeClient, KubeError, resource_path
 from berth.runtime.agent.ledger import GpuMemory
 
 log = logging.getLogger(__name__)
+STANDBY_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class _Event:
+    tenant: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class _Standby:
+    tenant: str
+    standby: bool
 
 
 def node_annotations(gpus: Sequence[GpuMemory]) -> dict[str, str]:
@@ -28,7 +46,8 @@ def node_annotations(gpus: Sequence[GpuMemory]) -> dict[str, str]:
 
 
 class NodePublisher:
-    """Annotates the Node once (retrying), then posts Warning events about tenants' pods."""
+    """Annotates the Node once (retrying), then posts Warning events about tenants' pods and
+    sets their standby annotation."""
 
     def __init__(
         self, client: KubeClient, node: str, gpus: Sequence[GpuMemory], retry_s: float = 5.0
@@ -36,18 +55,25 @@ class NodePublisher:
         self.client, self.node, self.gpus, self.retry_s = client, node, gpus, retry_s
         self.published = threading.Event()
         self.stopping = threading.Event()
-        self.events: queue.Queue[tuple[str, str, str] | None] = queue.Queue(maxsize=1000)
+        self.events: queue.Queue[_Event | _Standby | None] = queue.Queue(maxsize=1000)
         self.thread = threading.Thread(target=self._run, name="kube", daemon=True)
         self.thread.start()
 
     def report(self, tenant: str, reason: str, message: str) -> None:
         """A Warning event on the tenant's pod, when the tenant id is ``namespace/name``."""
-        if "/" not in tenant:
+        self._put(_Event(tenant, reason, message))
+
+    def annotate(self, tenant: str, standby: bool) -> None:
+        """Mark the tenant's pod parked ("true") or resident again ("false")."""
+        self._put(_Standby(tenant, standby))
+
+    def _put(self, item: _Event | _Standby) -> None:
+        if "/" not in item.tenant:  # a local runtime, not a pod
             return
         try:
-            self.events.put_nowait((tenant, reason, message))
+            self.events.put_nowait(item)
         except queue.Full:
-            log.warning("event queue full; %s on %s not reported", reason, tenant)
+            log.warning("event queue full; %s on %s not reported", item, item.tenant)
 
     def close(self) -> None:
         self.stopping.set()
@@ -74,13 +100,34 @@ class NodePublisher:
                 return
             backoff = min(backoff * 2, self.retry_s)
         while (item := self.events.get()) is not None:
-            tenant, reason, message = item
-            namespace, name = tenant.split("/", 1)
+            namespace, name = item.tenant.split("/", 1)
+            path = resource_path("v1", "Pod", namespace, name)
+            if isinstance(item, _Standby):
+                self._annotate(path, item)
+                continue
             try:
-                pod = self.client.get(resource_path("v1", "Pod", namespace, name))
+                pod = self.client.get(path)
             except (KubeError, OSError) as error:
-                log.info("no pod for tenant %s, event %s not posted: %s", tenant, reason, error)
+                log.info("no pod for tenant %s, event %s not posted: %s", item.tenant,
+                         item.reason, error)  # fmt: skip
                 continue
             pod.setdefault("apiVersion", "v1")
             pod.setdefault("kind", "Pod")
-            record_event(self.client, pod, "Warning", reason, message)
+            record_event(self.client, pod, "Warning", item.reason, item.message)
+
+    def _annotate(self, path: str, item: _Standby) -> None:
+        value = "true" if item.standby else "false"
+        patch = {"metadata": {"annotations": {wire.POD_STANDBY: value}}}
+        for attempt in range(STANDBY_ATTEMPTS):
+            try:
+                self.client.merge_patch(path, patch)
+                return
+            except KubeError as error:
+                if error.status == 404:  # the pod is gone: nothing to mark
+                    return
+                failure: Exception = error
+            except OSError as error:
+                failure = error
+            if self.stopping.wait(0.5 * 2**attempt):
+                break
+        log.warning("could not mark pod %s standby=%s: %s", item.tenant, value, failure)

@@ -1,7 +1,8 @@
 """The node agent's HTTP shell: the protocol's endpoints on a unix socket, around the ledger.
 
-Every call takes the one lock, reads the clock once, runs one ledger method and drains its
-notices into metrics, logs and (in a cluster) events on the tenants' pods. A ticker does the
+Every call takes the one lock, reads the clock once (and, on a real GPU, what the driver shows
+free), runs one ledger method and drains its notices into metrics, logs and (in a cluster)
+events and standby annotations on the tenants' pods. A ticker does the
 same with :meth:`NodeLedger.tick` a few times per heartbeat interval, so lapses and overdue
 reclaims are noticed even when nobody calls. Client mistakes are 4xx bodies naming the field.
 """
@@ -46,9 +47,12 @@ from berth.runtime.agent.ledger import (
     NodeLedger,
     Notice,
     OverGrant,
+    Parked,
+    ParkIssued,
     ReclaimIssued,
     ReclaimOverdue,
     Replaced,
+    Resumed,
 )
 from berth.runtime.agent.metrics import AgentMetrics
 
@@ -67,6 +71,7 @@ STATUS = {
 }
 
 Reporter = Callable[[str, str, str], None]  # (tenant, reason, message): an event on its pod
+Annotator = Callable[[str, bool], None]  # (tenant, standby): the standby annotation on its pod
 
 
 class Agent:
@@ -78,8 +83,11 @@ class Agent:
         report: Reporter | None = None,
         clock: Callable[[], float] = time.monotonic,
         state_file: Path | None = None,
+        annotate: Annotator | None = None,
+        driver_free: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.ledger, self.report, self.clock = ledger, report, clock
+        self.annotate, self.driver_free = annotate, driver_free
         self.state_file = state_file
         self.persisted: list[str] | None = None
         self.lock = threading.Lock()
@@ -90,6 +98,8 @@ class Agent:
         try:
             with self.lock:
                 try:
+                    if self.driver_free is not None:
+                        self.ledger.driver_free = self.driver_free()
                     return operation(self.ledger, self.clock())
                 finally:
                     notices = self.ledger.drain()
@@ -140,6 +150,16 @@ class Agent:
                 log.warning("%s %s", who, message)
                 if self.report:
                     self.report(notice.tenant, "GpuMemoryOverGrant", message)
+            case ParkIssued():
+                log.info("park: %s asked to park within %.1f s", who, notice.deadline_s)
+            case Parked():
+                log.info("parked: %s (%s)", who, "asked" if notice.asked else "on its own")
+                if self.annotate:
+                    self.annotate(notice.tenant, True)
+            case Resumed():
+                log.info("resumed: %s was granted its request again", who)
+                if self.annotate:
+                    self.annotate(notice.tenant, False)
             case Lapsed():
                 log.warning("lapsed: %s stopped heartbeating; %d bytes freed", who, notice.freed)
             case Replaced():
@@ -231,7 +251,13 @@ def create_app(agent: Agent, tick_s: float) -> FastAPI:
     def heartbeat(tenant: str, body: Heartbeat) -> Lease:
         return agent.call(
             lambda ledger, now: ledger.heartbeat(
-                tenant, body.instance, body.held_bytes, body.want_bytes, body.in_flight, now
+                tenant,
+                body.instance,
+                body.held_bytes,
+                body.want_bytes,
+                body.in_flight,
+                now,
+                idle_s=body.idle_s,
             )
         )
 
