@@ -56,13 +56,14 @@ be using. Invariant: per GPU ``sum(granted) <= allocatable``.
   Past the deadline it is ``overdue``: reported (metric, Kubernetes event on its pod) and given
   nothing more until it complies. A tenant holding more than its grant is overdue too.
 - Warm standby (park): a tenant that registered with ``can_park`` may give back all its GPU
-  memory and keep its weights in host RAM. It is ``parked`` while it holds 0 and wants 0, by its
-  own choice (a ``release``/heartbeat with held 0, want 0) or after a park reclaim; its request
-  then no longer counts as resident. When a tenant is owed memory (a wake, an admission, growth
+  memory and keep its weights in host RAM. It is ``parked`` while it holds 0, is granted 0 and
+  wants 0, by its own choice (a ``release`` with held 0, want 0) or after a park reclaim; its
+  request then no longer counts as resident. When a tenant is owed memory (a wake, an admission, growth
   back to its request) and free memory plus reclaimable bursts do not cover it, the agent parks
-  the least-recently-used idle tenants: ``can_park``, ``in_flight == 0``, not pending, largest
-  ``idle_s`` first (a tie: the one holding most), only as many as needed, never one with requests
-  in flight. A park is a reclaim with ``park = true`` and ``target_bytes = 0``: the tenant finishes
+  the least-recently-used idle tenants: ``can_park``, ``in_flight == 0``, ``idle_s > 0`` (0 means
+  busy or still loading), not pending, largest ``idle_s`` first (a tie: the one holding most),
+  only as many as needed, never one with requests in flight (a park order is withdrawn when a
+  heartbeat reports requests in flight). A park is a reclaim with ``park = true`` and ``target_bytes = 0``: the tenant finishes
   or preempts its sequences, frees weights and KV, then calls ``release`` with held 0, want 0;
   past the deadline it is overdue as above. If parking every parkable tenant would not cover
   what is owed, the owed tenant stays pending (its runtime times out and answers 503).
@@ -184,8 +185,8 @@ class Heartbeat(_Body):
     held_bytes: Bytes  # resident on the GPU now
     want_bytes: Bytes  # what it would like to hold (<= its limit); drives grants only
     in_flight: int = Field(0, ge=0)  # requests being served: shown in the ledger and metrics
-    # Seconds since its last request ended (0 while any is in flight): the agent parks the
-    # longest-idle tenant first.
+    # Seconds since its last request ended (0 while any is in flight, or while loading): the
+    # agent parks the longest-idle tenant first, and never one reporting 0.
     idle_s: float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
 
