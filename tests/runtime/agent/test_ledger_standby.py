@@ -26,7 +26,7 @@ def ledger() -> NodeLedger:
 def register(node: NodeLedger, name: str, request: int, can_park: bool = True,
              want: int | None = None, now: float = 1.0) -> int:  # fmt: skip
     body = Register(tenant=name, instance="i", gpu_uuid="G", request_bytes=request,
-                    limit_bytes=request, want_bytes=want, can_park=can_park)  # fmt: skip
+                    limit_bytes=request, want_bytes=want, can_park=can_park, pid=None)  # fmt: skip
     return node.register(body, now).granted_bytes
 
 
