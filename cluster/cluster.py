@@ -38,7 +38,8 @@ from berth.operator.inventory import DEFAULT_INVENTORY, Inventory
 
 # Order matters: each starts after the one before is healthy, and they stop in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
-NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy")  # the real node, after the rest
+# The real node, after the rest; its node agent last (it publishes on the registered Node).
+NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy", "node-agent")
 SERVICE_CIDR = "10.96.0.0/16"
 _PR_SET_PDEATHSIG = 1
 
@@ -407,6 +408,18 @@ class LocalCluster:
                 return node.sock.exists() and node.ctr_ok()
 
             return wait_for(answers, deadline, f"containerd (see {self.logs / 'containerd.log'})")
+        if component == "node-agent":
+            assert self.node is not None
+            agent = self.node
+
+            def serves() -> bool:
+                if not process_alive(pid):
+                    raise ClusterError(self._exited_message(component))
+                return agent.agent_answers()
+
+            return wait_for(
+                serves, deadline, f"the node agent (see {self.logs / 'node-agent.log'})"
+            )
         if component in NODE_COMPONENTS:
             assert self.node is not None
             url = self.node.health_url(component, self.ports)

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,10 @@ BRIDGE = "berth-cni0"
 POD_CIDR = "10.251.0.0/24"
 CGROUP_ROOT = "berth"  # the kubelet's cgroupRoot: /sys/fs/cgroup/<controller>/berth/...
 RUN_DIR = Path("/run/berth")
+# Berth's node agent (``berth node-agent``) serves its socket here; the runtime pods mount this
+# folder (the operator's ``BERTH_AGENT_SOCKET_DIR``) and nothing else of RUN_DIR.
+AGENT_DIR = RUN_DIR / "agent"
+AGENT_SOCKET = AGENT_DIR / "agent.sock"
 # Only pods that tolerate this land on the real node: its GPUs are simulated and its pods run for
 # real on the CPU, so the kwok-scale tests and services without the toleration stay off it.
 TAINT_KEY = "berth.dev/simulated-gpu"
@@ -345,6 +350,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     f"--node-labels={','.join(f'{k}={v}' for k, v in self.node_labels().items())}",
                     f"--register-with-taints={TAINT}",
                     "--v=1"]  # fmt: skip
+        if component == "node-agent":
+            return self.agent_command(kubeconfig=self.state_dir / "kubeconfig")
         if component == "kube-proxy":
             return [str(self.bin_dir / "kube-proxy"), f"--kubeconfig={self.dir / 'kube-proxy.kubeconfig'}",
                     f"--hostname-override={NODE_NAME}", "--proxy-mode=iptables",
@@ -356,6 +363,29 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
                     "--conntrack-tcp-timeout-close-wait=0", "--v=1"]  # fmt: skip
         raise ValueError(component)
+
+    def agent_command(self, kubeconfig: Path) -> list[str]:
+        """Berth's node agent over the node's simulated GPUs (the UUIDs the Node advertises),
+        publishing them on the Node and posting events and standby annotations on its pods."""
+        from berth.cluster.nodes import gpu_uuids
+
+        gpus = ",".join(
+            f"{uuid}:{self.shape.gpu_memory_mib}Mi"
+            for uuid in gpu_uuids(NODE_NAME, self.shape.gpus)
+        )
+        return [sys.executable, "-m", "berth", "node-agent", f"--socket={AGENT_SOCKET}",
+                f"--simulate-gpus={gpus}", f"--node-name={NODE_NAME}",
+                f"--kubeconfig={kubeconfig}"]  # fmt: skip
+
+    def agent_answers(self) -> bool:
+        """The node agent serves its ledger on its socket."""
+        from berth.runtime.server.agent_client import AgentClient, AgentError
+
+        try:
+            AgentClient(str(AGENT_SOCKET), timeout_s=1.0).ledger()
+        except AgentError:
+            return False
+        return True
 
     def health_url(self, component: str, ports: dict[str, int]) -> str:
         return {
@@ -454,6 +484,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             snapshot_file.unlink()
         for stale in (self.sock, Path(f"{self.sock}.ttrpc")):
             stale.unlink(missing_ok=True)
+        shutil.rmtree(AGENT_DIR, ignore_errors=True)  # the agent's socket and its tenants file
         self.release()
 
 
@@ -480,6 +511,8 @@ def leftovers(node: RealNode) -> list[str]:
     links = _output(["ip", "-o", "link", "show"])
     found += [f"link {BRIDGE}"] if f" {BRIDGE}:" in links else []
     found += [f"process {pid}: {cmd}" for pid, cmd in _processes_using(str(node.sock))]
+    found += [f"process {pid}: {cmd}" for pid, cmd in _processes_using(str(AGENT_SOCKET))]
+    found += [f"path {AGENT_DIR}"] if AGENT_DIR.exists() else []
     found += (
         [f"netns {n.name}" for n in Path("/var/run/netns").glob("cni-*")]
         if Path("/var/run/netns").exists()

@@ -26,7 +26,7 @@ import pytest
 from berth import wire
 from berth.cluster.cluster import LocalCluster
 from berth.cluster.pki import NODE_IP
-from berth.cluster.realnode import NODE_NAME, TAINT_KEY, RealNodeShape
+from berth.cluster.realnode import AGENT_SOCKET, NODE_NAME, TAINT_KEY, RealNodeShape
 from berth.e2e.operator_fixtures import (
     OperatorProcess,
     apply_docs,
@@ -35,6 +35,7 @@ from berth.e2e.operator_fixtures import (
     get_json,
     wait_for,
 )
+from berth.runtime.server.agent_client import AgentClient
 
 pytestmark = pytest.mark.e2e
 MODELS = Path("/var/tmp/berth-e2e-models")  # readable by the pods' non-root user
@@ -220,6 +221,19 @@ def test_two_half_gpu_services_share_one_simulated_gpu_and_both_serve(
         assert float(gauges["berth_gpu_memory_request_bytes"]) == share
         # The runtime sized its KV pool inside its share (the CPU build bounds a logical pool).
         assert 0 < float(gauges["berth_kv_cache_bytes"]) <= share
+    # Both runtimes leased their shares from the node's agent, on the GPU they were bound to.
+    ((_, uuid),) = gpus
+    names = {f"{namespace}/{p['metadata']['name']}" for p in pods}
+
+    def leased() -> list[Any] | None:
+        ledger = AgentClient(str(AGENT_SOCKET)).ledger()
+        (gpu,) = [g for g in ledger.gpus if g.uuid == uuid]
+        ours = [t for t in gpu.tenants if t.tenant in names]
+        return ours if len(ours) == 2 and all(t.state == "active" for t in ours) else None
+
+    for tenant in wait_for("both runtimes to hold leases from the node agent", leased, timeout=30):
+        assert tenant.request_bytes == share and tenant.granted_bytes >= share, tenant
+        assert tenant.held_bytes <= tenant.granted_bytes, tenant
 
 
 def test_deleting_a_pod_mid_stream_drains_it_and_the_stream_ends_cleanly(
@@ -376,10 +390,14 @@ def test_a_request_too_small_for_the_weights_is_a_condition_with_the_numbers(
 
     def failing() -> dict[str, Any] | None:
         status = get_json(cluster, "bis", "cramped", "-n", namespace).get("status") or {}
-        ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
-        return ready if ready.get("reason") == "RuntimeFailing" else None
+        found: dict[str, Any] = next(
+            (c for c in status.get("conditions", []) if c["type"] == "Ready"), {}
+        )
+        return found if found.get("reason") == "RuntimeFailing" else None
 
-    ready = wait_for("the Ready condition to name the failing runtime", failing, timeout=240)
+    ready: dict[str, Any] = wait_for(
+        "the Ready condition to name the failing runtime", failing, timeout=240
+    )
     assert ready["status"] == "False"
     assert "cannot hold this model" in ready["message"], ready
     assert "GiB" in ready["message"] and "weights" in ready["message"], ready

@@ -19,6 +19,7 @@ from berth.operator.settings import OperatorSettings
 PORT = 8000
 MODEL_DIR = "/models"  # where the model volume is mounted
 FETCHED_MODEL_DIR = f"{MODEL_DIR}/model"  # where the init container puts a uri's model
+AGENT_DIR = "/run/berth-agent"  # where the runtime container sees the node agent's socket folder
 MANAGED_BY = "berth"
 
 
@@ -174,6 +175,14 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
     ]
     volumes = [pod_info, volume]
+    env = _downward_env()
+    if settings.agent_socket_dir:
+        # The node agent's socket folder (a socket needs no write access to its mount). A node
+        # without an agent gets an empty folder: the runtime then serves within its request.
+        volumes.append({"name": "node-agent",
+                        "hostPath": {"path": settings.agent_socket_dir, "type": "DirectoryOrCreate"}})  # fmt: skip
+        mounts.append({"name": "node-agent", "mountPath": AGENT_DIR, "readOnly": True})
+        env.append({"name": wire.ENV_AGENT_SOCKET, "value": f"{AGENT_DIR}/agent.sock"})
     image = spec.runtime.image or settings.runtime_image
     container: dict[str, Any] = {
         "name": "runtime",
@@ -182,7 +191,7 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         # SIGTERM reaches the server and its engine process is reaped.
         "args": ["serve", *_serve_args(service, model_path)],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": _downward_env() + [e.model_dump(by_alias=True, exclude_none=True) for e in pod.env],
+        "env": env + [e.model_dump(by_alias=True, exclude_none=True) for e in pod.env],
         "volumeMounts": mounts,
         # Loading weights can take minutes: the startup probe holds liveness off until then.
         "startupProbe": _probe("/health", period=5, failures=120),

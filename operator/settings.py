@@ -26,6 +26,10 @@ class OperatorSettings:
     gpu_reserve_mib: int = 0
     # Standby tenants may overcommit a GPU's memory up to this factor (they hold none of it).
     standby_overcommit: float = 2.0
+    # The host folder where Berth's node agent serves its socket (berth.agent_protocol); every
+    # runtime pod mounts it to lease its GPU memory. Empty: pods mount nothing and run within their
+    # requests (no bursts, no standby arbitration).
+    agent_socket_dir: str = "/run/berth/agent"
     # Only these namespaces (empty: all).
     namespaces: tuple[str, ...] = ()
     # Pending pods gathered for this long are placed together, largest first.
@@ -71,6 +75,7 @@ class OperatorSettings:
             "runtime_image": os.environ.get(wire.ENV_RUNTIME_IMAGE, cls.runtime_image),
             "gpu_reserve_mib": _env_int("BERTH_GPU_RESERVE_MIB", cls.gpu_reserve_mib),
             "standby_overcommit": _env_float("BERTH_STANDBY_OVERCOMMIT", cls.standby_overcommit),
+            "agent_socket_dir": os.environ.get("BERTH_AGENT_SOCKET_DIR", cls.agent_socket_dir),
             "namespaces": tuple(n for n in namespaces.split(",") if n),
             "batch_window_s": _env_float("BERTH_BATCH_WINDOW_S", cls.batch_window_s),
             "bind_workers": _env_int("BERTH_BIND_WORKERS", cls.bind_workers),

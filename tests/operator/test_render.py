@@ -52,6 +52,27 @@ def test_the_gpu_reaches_the_container_through_the_downward_api() -> None:
     assert any(m["mountPath"] == wire.POD_INFO_DIR for m in container["volumeMounts"])
 
 
+def test_the_runtime_reaches_the_node_agent_through_its_socket_folder_only() -> None:
+    pod = render.deployment(service(), SETTINGS)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "node-agent"]
+    assert volume["hostPath"] == {"path": SETTINGS.agent_socket_dir, "type": "DirectoryOrCreate"}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "node-agent"]
+    assert mount["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env[wire.ENV_AGENT_SOCKET] == f"{mount['mountPath']}/agent.sock"
+    # Without an agent folder configured nothing of the host is mounted and no socket named.
+    bare = OperatorSettings(runtime_image="x", agent_socket_dir="")
+    pod = render.deployment(service(), bare)["spec"]["template"]["spec"]
+    assert all(v["name"] != "node-agent" for v in pod["volumes"])
+    assert all(e["name"] != wire.ENV_AGENT_SOCKET for e in pod["containers"][0]["env"])
+
+
+def test_a_failed_start_leaves_its_reason_for_the_status() -> None:
+    pod = render.deployment(service(), SETTINGS)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
 def test_the_pod_template_is_what_the_scheduler_reads() -> None:
     template = render.deployment(service(), SETTINGS)["spec"]["template"]
     pod = {
