@@ -164,7 +164,7 @@ def operator(
         scheduler.start()
     try:
         if run_reconciler:
-            from berth.operator import reconciler
+            from berth.operator import autoscale_loop, reconciler  # noqa: F401 (registers handlers)
 
             kopf.run(
                 standalone=True,

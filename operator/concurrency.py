@@ -15,7 +15,6 @@ from the runtime's metric table); a pod whose ``berth_standby_state`` is ``parki
 
 import asyncio
 import math
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -154,16 +153,17 @@ class PodScraper:
     def __init__(self, http: httpx.AsyncClient, timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
         self.http, self.timeout_s = http, timeout_s
 
-    async def read(self, pods: Iterable[PodTarget]) -> dict[str, ReplicaReading]:
+    async def read(self, pods: Iterable[PodTarget], now: float) -> dict[str, ReplicaReading]:
+        """Each pod's reading, observed at ``now``."""
         targets = list(pods)
-        results = await asyncio.gather(*(self._one(p) for p in targets))
+        results = await asyncio.gather(*(self._one(p, now) for p in targets))
         return {p.name: r for p, r in zip(targets, results, strict=True) if r is not None}
 
-    async def _one(self, pod: PodTarget) -> ReplicaReading | None:
+    async def _one(self, pod: PodTarget, now: float) -> ReplicaReading | None:
         try:
             response = await self.http.get(pod.url, timeout=self.timeout_s)
             response.raise_for_status()
-            return parse_metrics(response.text, time.time())
+            return parse_metrics(response.text, now)
         except (httpx.HTTPError, ValueError):
             return None
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from metrics_harness import runtime_registry, serving
+from prometheus_client import generate_latest
 
 from berth.operator import concurrency
 from berth.operator.concurrency import (
@@ -27,44 +28,14 @@ from berth.operator.concurrency import (
     parse_prometheus,
     sample,
 )
-from berth.runtime.server import metrics
-
-
-def runtime_registry(running: int, waiting: int, state: str = "active") -> CollectorRegistry:
-    """The registry a runtime serves: the real collector over fixed engine numbers."""
-    registry = CollectorRegistry()
-    current = metrics.StandbyState(state)
-    registry.register(
-        metrics.RuntimeCollector(
-            "m",
-            lambda: metrics.RuntimeGauges(running=running, waiting=waiting),
-            lambda: current,
-            lambda: False,
-            metrics.MemoryBudget(),
-            metrics.ConnectionStats(),
-        )
-    )
-    return registry
 
 
 @pytest.fixture
 def runtimes() -> Iterator[dict[str, str]]:
     """Three runtimes' /metrics on loopback: busy, parked with a queued request, and idle."""
-    servers = []
-    urls = {}
-    for name, registry in {
-        "svc-abc-1": runtime_registry(3, 2),
-        "svc-abc-2": runtime_registry(0, 1, "standby"),
-        "svc-abc-3": runtime_registry(0, 0),
-    }.items():
-        server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-        servers.append((server, thread))
-        urls[name] = f"http://127.0.0.1:{server.server_port}/metrics"
-    yield urls
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    names = ["svc-abc-1", "svc-abc-2", "svc-abc-3"]
+    with serving((3, 2, "active"), (0, 1, "standby"), (0, 0, "active")) as ports:
+        yield {n: f"http://127.0.0.1:{port}/metrics" for n, port in zip(names, ports, strict=True)}
 
 
 def test_a_runtimes_exposition_gives_running_plus_waiting_and_its_state() -> None:
@@ -88,7 +59,7 @@ def test_pods_that_answer_count_and_one_that_does_not_is_missing(runtimes: dict[
 
     async def read() -> dict[str, ReplicaReading]:
         async with httpx.AsyncClient() as http:
-            return await PodScraper(http, timeout_s=2.0).read(targets)
+            return await PodScraper(http, timeout_s=2.0).read(targets, time.time())
 
     readings = asyncio.run(read())
     assert set(readings) == {"svc-abc-1", "svc-abc-2", "svc-abc-3"}

@@ -1,0 +1,204 @@
+"""The autoscaler's shell: one kopf daemon per InferenceService with ``autoscaling.mode: berth``.
+
+Every ``TICK_S`` (KPA's tick) it lists the service's ready pods, reads their concurrency
+(``concurrency.py``), asks the pure ``autoscaler.desired`` for a count and sets it through the
+service's own ``scale`` subresource, the door an HPA or KEDA uses in ``mode: external``: the
+reconciler then renders the Deployment with that many replicas, so the Deployment has one writer
+and a manual ``kubectl scale`` of it is put back as for any other drift.
+
+Status: the loop writes only its own fields (``desiredReplicas``, ``activeReplicas``,
+``lastScaleTime``, ``lastDecision``) with a merge patch, beside the status board's, and posts
+an event (``ScaledUp``, ``MetricsStale``, ...) whenever the count, the active count or the
+reason changes; a reason that holds the count on missing metrics is a Warning.
+
+The autoscaler's state (samples, panic, delay window) lives in the daemon: a restarted operator
+starts over with an empty window, in which the decision never scales down (``WindowFilling``).
+Parking the surplus that a decision names is the runtimes' own idle timeout and the node agent's
+(``standby.idleSeconds``); the loop reports the split, it does not park pods itself.
+"""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import kopf
+from pydantic import ValidationError
+
+from berth import wire
+from berth.operator import api, autoscaler, render
+from berth.operator.autoscaler import Decision, Policy, Sample, State
+from berth.operator.concurrency import (
+    MetricsUnavailable,
+    PodScraper,
+    PodTarget,
+    PrometheusSource,
+    ReplicaReading,
+    sample,
+    service_selector,
+)
+from berth.operator.events import now_rfc3339, record_event
+from berth.operator.kube import KubeClient, KubeError, Obj, resource_path
+from berth.operator.reconciler import RESOURCE, Shared
+
+log = logging.getLogger(__name__)
+TICK_S = 2.0
+API_VERSION = f"{wire.GROUP}/{wire.VERSION}"
+
+
+def berth_mode(spec: kopf.Spec, **_: Any) -> bool:
+    """The daemon runs while the spec asks Berth to scale (kopf stops it when this turns False)."""
+    autoscaling = spec.get("autoscaling")
+    return autoscaling is not None and autoscaling.get("mode", "berth") == "berth"
+
+
+def ready_pods(pods: list[Obj]) -> list[PodTarget]:
+    """Pods the Service routes to (Ready, not terminating, with an IP), with the URL of their
+    ``/metrics`` on the container port named ``http`` (the rendered runtime's)."""
+    out = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
+            ports = [
+                p.get("containerPort")
+                for c in (pod.get("spec") or {}).get("containers") or []
+                for p in c.get("ports") or []
+                if p.get("name") == "http"
+            ]
+            url = f"http://{status['podIP']}:{ports[0] if ports else render.PORT}/metrics"
+            out.append(PodTarget(pod["metadata"]["name"], url))
+    return out
+
+
+def status_patch(decision: Decision, now: str, scaled: bool) -> Obj:
+    """The loop's own status fields for a decision (merge patch; other fields untouched)."""
+    status: Obj = {
+        "desiredReplicas": decision.replicas,
+        "activeReplicas": decision.active,
+        "lastDecision": {"reason": decision.reason, "message": decision.message, "time": now},
+    }
+    if scaled:
+        status["lastScaleTime"] = now
+    return {"status": status}
+
+
+class ServiceAutoscaler:
+    """One service's samples, autoscaler state and last reported decision."""
+
+    def __init__(self, client: KubeClient, http: httpx.AsyncClient, involved: Obj) -> None:
+        self.client, self.http, self.involved = client, http, involved
+        meta = involved["metadata"]
+        self.namespace, self.name = meta["namespace"], meta["name"]
+        self.samples: deque[Sample] = deque()
+        self.state: State | None = None
+        self.asked: tuple[int, int] | None = None  # (spec's count, count set) until it shows
+        self.reported: tuple[int, int, str] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    async def tick(self, spec: api.InferenceServiceSpec, now: float) -> Decision:
+        policy = Policy.from_spec(spec, stale_after_s=max(10.0, 5 * TICK_S))
+        shown = current = spec.desired_replicas()
+        if self.asked is not None:
+            if shown == self.asked[0]:
+                current = self.asked[1]  # our scale has not come back through the watch yet
+            else:
+                self.asked = None
+        if self.state is None:
+            self.state = State(current)
+        elif self.state.replicas != current:  # someone else set spec.replicas: it is in force
+            self.state = replace(self.state, replicas=current, active=None)
+        reading = await self._read(spec, now)
+        if reading is not None:
+            self.samples.append(reading)
+        while self.samples and self.samples[0].time <= now - policy.stable_window_s:
+            self.samples.popleft()
+        decision = autoscaler.desired(list(self.samples), policy, self.state, now)
+        self.state = decision.state
+        scaled = decision.replicas != current
+        if scaled:
+            await self._scale(decision.replicas)
+            self.asked = (shown, decision.replicas)
+        await self._report(decision, scaled)
+        return decision
+
+    async def _read(self, spec: api.InferenceServiceSpec, now: float) -> Sample | None:
+        """This tick's sample; None when the source as a whole could not be read."""
+        path = resource_path("v1", "Pod", self.namespace)
+        selector = f"{wire.LABEL_SERVICE}={self.name}"
+        try:
+            listing = await asyncio.to_thread(self.client.get, path, labelSelector=selector)
+        except (KubeError, httpx.HTTPError) as error:
+            log.warning("autoscaler %s/%s: listing pods failed: %s", *self.key, error)
+            return None
+        targets = ready_pods(listing.get("items") or [])
+        assert spec.autoscaling is not None
+        readings: dict[str, ReplicaReading]
+        if spec.autoscaling.metrics == "Prometheus" and spec.autoscaling.prometheus_url:
+            matchers = service_selector(
+                spec.autoscaling.prometheus_selector, self.namespace, self.name
+            )
+            source = PrometheusSource(self.http, spec.autoscaling.prometheus_url)
+            try:
+                readings = await source.read(matchers) if targets else {}
+            except MetricsUnavailable as error:
+                log.warning("autoscaler %s/%s: %s", *self.key, error)
+                return None
+        else:
+            readings = await PodScraper(self.http).read(targets, now)
+        return sample([t.name for t in targets], readings, now)
+
+    async def _scale(self, replicas: int) -> None:
+        """Set ``spec.replicas`` through the service's scale subresource."""
+        path = resource_path(API_VERSION, api.KIND, self.namespace, self.name) + "/scale"
+        body = {"spec": {"replicas": replicas}}
+        await asyncio.to_thread(self.client.merge_patch, path, body)
+
+    async def _report(self, decision: Decision, scaled: bool) -> None:
+        now = now_rfc3339()
+        seen = (decision.replicas, decision.active, decision.reason)
+        if seen == self.reported and not scaled:
+            return
+        path = resource_path(API_VERSION, api.KIND, self.namespace, self.name) + "/status"
+        await asyncio.to_thread(self.client.merge_patch, path, status_patch(decision, now, scaled))
+        kind = "Warning" if decision.held else "Normal"
+        await asyncio.to_thread(
+            record_event, self.client, self.involved, kind, decision.reason, decision.message
+        )
+        self.reported = seen
+
+
+@kopf.daemon(*RESOURCE, when=berth_mode, cancellation_timeout=10.0)
+async def autoscale(
+    *, stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec, memo: Shared, **_: Any
+) -> None:
+    """Read, decide, scale and report every tick until the service goes or leaves berth mode."""
+    meta = body["metadata"]
+    involved = {
+        "apiVersion": API_VERSION,
+        "kind": api.KIND,
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid")},
+    }
+    async with httpx.AsyncClient() as http:
+        scaler = ServiceAutoscaler(memo.client, http, involved)
+        while not stopped:
+            started = time.monotonic()
+            try:
+                parsed = api.InferenceServiceSpec.model_validate(dict(spec))
+                await scaler.tick(parsed, time.time())
+            except ValidationError:
+                pass  # the reconciler reports the invalid spec; nothing to scale by
+            except (KubeError, httpx.HTTPError) as error:
+                log.warning("autoscaler %s/%s: %s; next tick", *scaler.key, error)
+            except Exception:  # a bug: keep scaling the service on the next tick
+                log.exception("autoscaler %s/%s failed; next tick", *scaler.key)
+            await stopped.wait(max(0.0, TICK_S - (time.monotonic() - started)))

@@ -1,0 +1,142 @@
+"""The autoscaler's shell, one tick at a time: real runtime metrics on loopback, a fake API client
+that records the scale, status and event writes (the real API server is e2e/test_autoscaling.py)."""
+
+import asyncio
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from metrics_harness import serving
+
+from berth import wire
+from berth.operator import api, autoscaler
+from berth.operator.autoscale_loop import ServiceAutoscaler, berth_mode, ready_pods, status_patch
+from berth.operator.kube import Obj
+
+INVOLVED = {
+    "apiVersion": f"{wire.GROUP}/{wire.VERSION}",
+    "kind": "InferenceService",
+    "metadata": {"name": "llama", "namespace": "ml", "uid": "u-1"},
+}
+BASE = "/apis/berth.dev/v1alpha1/namespaces/ml/inferenceservices/llama"
+
+
+def pod(name: str, port: int, ready: bool = True, ip: str = "127.0.0.1", **meta: Any) -> Obj:
+    return {
+        "metadata": {"name": name, **meta},
+        "spec": {"containers": [{"ports": [{"name": "http", "containerPort": port}]}]},
+        "status": {
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+class FakeClient:
+    """Serves a pod list; records merge patches and posted events."""
+
+    def __init__(self, pods: list[Obj]) -> None:
+        self.pods = pods
+        self.patches: list[tuple[str, Obj]] = []
+        self.events: list[Obj] = []
+
+    def get(self, path: str, **params: str) -> Obj:
+        assert path == "/api/v1/namespaces/ml/pods"
+        assert params == {"labelSelector": f"{wire.LABEL_SERVICE}=llama"}
+        return {"items": copy.deepcopy(self.pods)}
+
+    def merge_patch(self, path: str, body: Obj) -> None:
+        self.patches.append((path, body))
+
+    def post(self, path: str, body: Obj) -> None:
+        self.events.append(body)
+
+
+def spec(replicas: int, **autoscaling: Any) -> api.InferenceServiceSpec:
+    return api.InferenceServiceSpec.model_validate(
+        {"model": {"source": {"hostPath": {"path": "/m"}}}, "gpu": {"fraction": 0.5},
+         "replicas": replicas, "maxReplicas": 20,
+         "autoscaling": {"targetConcurrency": 2, **autoscaling}}
+    )  # fmt: skip
+
+
+@pytest.fixture
+def busy() -> Iterator[list[Obj]]:
+    """Two ready runtimes with 8 and 6 requests in flight, and one pod not ready yet."""
+    with serving((5, 3, "active"), (6, 0, "active")) as ports:
+        pods = [pod(f"llama-x-{i}", port) for i, port in enumerate(ports)]
+        yield [*pods, pod("llama-x-9", 1, ready=False)]
+
+
+def run_ticks(client: FakeClient, ticks: list[tuple[api.InferenceServiceSpec, float]]) -> list[Any]:
+    async def go() -> list[Any]:
+        async with httpx.AsyncClient() as http:
+            scaler = ServiceAutoscaler(client, http, INVOLVED)  # type: ignore[arg-type]
+            return [await scaler.tick(s, now) for s, now in ticks]
+
+    return asyncio.run(go())
+
+
+def test_only_ready_pods_with_an_ip_are_read_on_their_http_port() -> None:
+    pods = [
+        pod("a", 8000),
+        pod("b", 9000, ip="10.0.0.2"),
+        pod("c", 8000, ready=False),
+        pod("d", 8000, deletionTimestamp="2026-12-05T00:00:00Z"),
+        {
+            "metadata": {"name": "e"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        },
+    ]
+    assert [(t.name, t.url) for t in ready_pods(pods)] == [
+        ("a", "http://127.0.0.1:8000/metrics"),
+        ("b", "http://10.0.0.2:9000/metrics"),
+    ]
+
+
+def test_the_loop_runs_only_in_berth_mode() -> None:
+    assert berth_mode({"autoscaling": {}}) and berth_mode({"autoscaling": {"mode": "berth"}})  # type: ignore[arg-type]
+    assert not berth_mode({"autoscaling": {"mode": "external"}})  # type: ignore[arg-type]
+    assert not berth_mode({})  # type: ignore[arg-type]
+
+
+def test_demand_scales_through_the_scale_subresource_and_reports_once(busy: list[Obj]) -> None:
+    client = FakeClient(busy)
+    # 14 in flight at 1.4 per replica: the panic window asks for 10 (the rate limit of 10 x 1).
+    first, again = run_ticks(client, [(spec(1), 1000.0), (spec(1), 1002.0)])
+    assert first.replicas == 10 and first.reason == autoscaler.PANIC
+    scales = [body for path, body in client.patches if path == f"{BASE}/scale"]
+    assert scales == [{"spec": {"replicas": 10}}]  # the second tick knows its scale is coming
+    statuses = [body for path, body in client.patches if path == f"{BASE}/status"]
+    assert set(statuses[0]["status"]) == {
+        "desiredReplicas", "activeReplicas", "lastDecision", "lastScaleTime"
+    }  # fmt: skip
+    assert statuses[0]["status"]["lastDecision"]["reason"] == "Panic"
+    assert len(statuses) == len(client.events) == 1  # nothing changed on the second tick
+    event = client.events[0]
+    assert (event["type"], event["reason"], event["involvedObject"]["uid"]) == (
+        "Normal", "Panic", "u-1"
+    )  # fmt: skip
+    assert again.replicas == 10
+
+
+def test_runtimes_that_stop_answering_hold_the_count_with_a_warning(busy: list[Obj]) -> None:
+    client = FakeClient(busy)
+    for p in busy:  # the pods' metrics ports now refuse connections
+        p["spec"]["containers"][0]["ports"][0]["containerPort"] = 1
+    ticks = [(spec(4), 1000.0 + 2 * i) for i in range(40)]
+    decisions = run_ticks(client, ticks)
+    assert all(d.replicas == 4 for d in decisions)
+    assert decisions[-1].held
+    assert not [path for path, _ in client.patches if path.endswith("/scale")]
+    assert client.events[-1]["type"] == "Warning"
+    assert client.events[-1]["reason"] in autoscaler.HELD
+
+
+def test_a_status_patch_names_the_scale_time_only_when_it_scaled() -> None:
+    decision = autoscaler.Decision(3, 1, "ScaledUp", "m", autoscaler.State(3))
+    assert "lastScaleTime" in status_patch(decision, "t", scaled=True)["status"]
+    steady = status_patch(decision, "t", scaled=False)["status"]
+    assert "lastScaleTime" not in steady and steady["activeReplicas"] == 1
