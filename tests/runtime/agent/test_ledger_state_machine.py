@@ -2,7 +2,8 @@
 
 Each simulated runtime follows the protocol's client rules (it maps at most what its latest
 reply granted, heartbeats, and re-registers what it holds after a 404); some are stubborn and
-never honour a reclaim. The machine also crashes runtimes, silences them (a stalled runtime is
+never honour a reclaim. Some can park (warm standby): they serve requests and go idle, park on
+their own or when asked (holding and wanting nothing), and wake by wanting their request again. The machine also crashes runtimes, silences them (a stalled runtime is
 killed before its lease ends, as a liveness probe would), restarts the agent, and lets time
 pass. At every step it checks the invariants against what the runtimes *physically* hold, which
 is what "nothing granted twice" means.
@@ -20,8 +21,15 @@ from hypothesis.stateful import (
     rule,
 )
 
-from berth.agent_protocol import Register
-from berth.runtime.agent.ledger import AgentError, GpuMemory, LeasePolicy, NodeLedger, Tenant
+from berth.agent_protocol import Lease, Register
+from berth.runtime.agent.ledger import (
+    AgentError,
+    GpuMemory,
+    LeasePolicy,
+    NodeLedger,
+    Tenant,
+    _target,
+)
 
 POLICY = LeasePolicy(heartbeat_interval_s=1.0, lease_s=10.0, reclaim_deadline_s=3.0, grace_s=10.0)
 GPUS = (GpuMemory("GPU-a", 0, "sim", 100), GpuMemory("GPU-b", 1, "sim", 64, reserved=4))
@@ -49,6 +57,11 @@ class Runtime:
     silent: bool = False  # stopped calling the agent (hung)
     last_ok: float = 0.0  # time of its latest successful call
     epoch: str = ""  # the agent epoch it registered with
+    can_park: bool = False
+    in_flight: int = 0  # requests being served
+    idle_s: float = 0.0  # since its last request ended
+    parked: bool = False  # weights in host RAM: maps nothing, wants nothing
+    park_asked: bool = False  # its latest reply carried a park order
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -87,12 +100,18 @@ class LedgerMachine(RuleBasedStateMachine):
             limit_bytes=runtime.limit,
             held_bytes=runtime.phys,
             want_bytes=max(runtime.want, runtime.phys),
+            can_park=runtime.can_park,
+            pid=None,
         )
         gpu = self.ledger.gpus[runtime.gpu]
+        # What stays requested even if every idle tenant parked; a tenant registering parked
+        # (it holds and wants nothing) needs none of it.
         requested = sum(
             t.request for t in self.ledger.tenants.values()
-            if t.gpu == runtime.gpu and t.tenant != runtime.tenant
+            if t.gpu == runtime.gpu and t.tenant != runtime.tenant and not (t.parked or t.parkable)
         )  # fmt: skip
+        if runtime.can_park and runtime.phys == 0 and runtime.want == 0:
+            requested = 0
         try:
             reply = self.ledger.register(body, self.now)
         except AgentError as error:
@@ -108,8 +127,16 @@ class LedgerMachine(RuleBasedStateMachine):
         assert requested + runtime.request <= gpu.allocatable
         assert reply.granted_bytes >= runtime.phys
         runtime.registered, runtime.last_ok, runtime.epoch = True, self.now, self.ledger.epoch
+        self.took(runtime, reply)
+
+    def took(self, runtime: Runtime, reply: Lease) -> None:
+        """The runtime reads a reply: what it may map, and any reclaim or park order."""
         runtime.grant = reply.granted_bytes
         runtime.target = reply.reclaim.target_bytes if reply.reclaim else None
+        runtime.park_asked = reply.reclaim is not None and reply.reclaim.park
+        if runtime.park_asked:  # never a tenant with requests in flight, or one that can't
+            assert runtime.can_park and runtime.in_flight == 0, runtime
+            assert reply.reclaim is not None and reply.reclaim.target_bytes == 0
 
     def heartbeat(self, runtime: Runtime) -> None:
         if not runtime.registered:
@@ -117,16 +144,17 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         try:
             reply = self.ledger.heartbeat(
-                runtime.tenant, runtime.instance, runtime.phys, runtime.want, 0, self.now
-            )
+                runtime.tenant, runtime.instance, runtime.phys, runtime.want, runtime.in_flight,
+                self.now, idle_s=runtime.idle_s,
+            )  # fmt: skip
         except AgentError as error:
             assert error.code == "unknown_tenant", error.code
             runtime.registered = False
             runtime.grant = runtime.phys  # the old grant is void; keep what is mapped
             self.register(runtime)
             return
-        runtime.grant, runtime.last_ok = reply.granted_bytes, self.now
-        runtime.target = reply.reclaim.target_bytes if reply.reclaim else None
+        runtime.last_ok = self.now
+        self.took(runtime, reply)
 
     def release(self, runtime: Runtime, to: int, want: int | None = None) -> None:
         runtime.phys = min(runtime.phys, to)
@@ -136,23 +164,42 @@ class LedgerMachine(RuleBasedStateMachine):
         self.releasing.add(runtime.tenant)
         reply = self.ledger.release(runtime.tenant, runtime.instance, runtime.phys, want, self.now)
         assert reply.granted_bytes >= runtime.phys
-        runtime.grant, runtime.last_ok = reply.granted_bytes, self.now
-        runtime.target = reply.reclaim.target_bytes if reply.reclaim else None
+        runtime.last_ok = self.now
+        self.took(runtime, reply)
+
+    def park(self, runtime: Runtime) -> None:
+        """Give everything back and say so: held 0, want 0."""
+        runtime.parked, runtime.want, runtime.in_flight = True, 0, 0
+        self.release(runtime, 0, 0)
 
     # --- rules ----------------------------------------------------------------------------
 
     @initialize(
-        sizes=st.lists(st.tuples(SIZES.filter(bool), SIZES, SIZES), min_size=1, max_size=3),
+        sizes=st.lists(
+            st.tuples(SIZES.filter(bool), SIZES, SIZES, st.booleans()), min_size=1, max_size=3
+        ),
         stubborn=st.booleans(),
+        idle=st.lists(st.sampled_from([0.0, 2.0, 20.0]), min_size=3, max_size=3),
+        park_first=st.booleans(),
     )
-    def busy_gpu(self, sizes: list[tuple[int, int, int]], stubborn: bool) -> None:
-        """Start with a few runtimes on one GPU, each holding all it was granted."""
-        for request, burst, want_extra in sizes:
-            self.start_runtime("GPU-a", request, burst, want_extra, stubborn)
+    def busy_gpu(
+        self,
+        sizes: list[tuple[int, int, int, bool]],
+        stubborn: bool,
+        idle: list[float],
+        park_first: bool,
+    ) -> None:
+        """Start with a few runtimes on one GPU, each holding all it was granted (and maybe
+        the first that can park parked already)."""
+        for request, burst, want_extra, can_park in sizes:
+            self.start_runtime("GPU-a", request, burst, want_extra, stubborn, can_park)
             stubborn = False
-        for runtime in self.alive():
+        for runtime, idle_s in zip(self.alive(), idle, strict=False):
+            runtime.idle_s = idle_s
             self.heartbeat(runtime)
             runtime.phys = runtime.grant
+        if park_first and (standby := self.able(parked=False)):
+            self.park(standby[0])
 
     @rule(
         gpu=st.sampled_from(["GPU-a", "GPU-a", "GPU-b"]),
@@ -160,15 +207,16 @@ class LedgerMachine(RuleBasedStateMachine):
         burst=SIZES,
         want_extra=SIZES,
         stubborn=st.booleans(),
+        can_park=st.booleans(),
     )
     def start_runtime(
-        self, gpu: str, request: int, burst: int, want_extra: int, stubborn: bool
+        self, gpu: str, request: int, burst: int, want_extra: int, stubborn: bool, can_park: bool
     ) -> None:
         self.count += 1
         limit = request + burst
         runtime = Runtime(
             f"ns/pod{self.count}", f"i{self.count}", gpu, request, limit,
-            min(limit, request + want_extra), stubborn,
+            min(limit, request + want_extra), stubborn, can_park=can_park,
         )  # fmt: skip
         self.runtimes.append(runtime)
         self.register(runtime)
@@ -183,8 +231,9 @@ class LedgerMachine(RuleBasedStateMachine):
         old.alive, old.phys = False, 0
         self.count += 1
         new = Runtime(
-            old.tenant, f"i{self.count}", old.gpu, old.request, old.limit, old.want, old.stubborn
-        )
+            old.tenant, f"i{self.count}", old.gpu, old.request, old.limit, old.want, old.stubborn,
+            can_park=old.can_park, parked=old.parked,
+        )  # fmt: skip
         self.runtimes.append(new)
         self.register(new)
         if not new.registered:
@@ -194,7 +243,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, 999), amount=SIZES.filter(bool))
     def grow(self, index: int, amount: int) -> None:
         runtime = self.pick(index)
-        if not runtime.silent:
+        if not runtime.silent and not runtime.parked:
             runtime.phys = min(runtime.grant, runtime.phys + amount)
 
     @precondition(lambda self: self.alive())
@@ -202,7 +251,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def heartbeat_with_new_want(self, index: int, want: int, grow: bool) -> None:
         """Heartbeat; a runtime under load then maps everything it was granted."""
         runtime = self.pick(index)
-        if not runtime.silent:
+        if not runtime.silent and not runtime.parked:
             runtime.want = min(want, runtime.limit)
             self.heartbeat(runtime)
             if grow:
@@ -223,7 +272,69 @@ class LedgerMachine(RuleBasedStateMachine):
     def comply_with_reclaim(self, index: int) -> None:
         runtime = self.pick(index)
         if not runtime.silent and not runtime.stubborn and runtime.target is not None:
-            self.release(runtime, runtime.target)
+            if runtime.park_asked:
+                self.park(runtime)
+            else:
+                self.release(runtime, runtime.target)
+
+    @precondition(lambda self: self.alive())
+    @rule(
+        index=st.integers(0, 999),
+        in_flight=st.sampled_from([0, 0, 0, 1, 3]),
+        idle_s=st.sampled_from([0.0, 1.0, 5.0, 30.0]),
+    )
+    def traffic(self, index: int, in_flight: int, idle_s: float) -> None:
+        """Requests come and go; a parked runtime that gets one wakes (next rule)."""
+        runtime = self.pick(index)
+        if not runtime.silent and not runtime.parked:
+            runtime.in_flight, runtime.idle_s = in_flight, 0.0 if in_flight else idle_s
+            self.heartbeat(runtime)
+
+    def able(self, parked: bool) -> list[Runtime]:
+        return [
+            r for r in self.alive() if r.can_park and r.parked == parked and not r.silent
+        ]  # fmt: skip
+
+    @precondition(lambda self: self.able(parked=False))
+    @rule(index=st.integers(0, 999))
+    def park_on_its_own(self, index: int) -> None:
+        runtimes = self.able(parked=False)
+        self.park(runtimes[index % len(runtimes)])
+
+    @precondition(lambda self: self.able(parked=True))
+    @rule(index=st.integers(0, 999), in_flight=st.sampled_from([0, 1]), grow=st.booleans())
+    def wake(self, index: int, in_flight: int, grow: bool) -> None:
+        """A parked runtime wants its request back (a request arrived, or an operator asked);
+        it maps only what the replies grant."""
+        runtimes = self.able(parked=True)
+        runtime = runtimes[index % len(runtimes)]
+        runtime.parked, runtime.want, runtime.in_flight = False, runtime.request, in_flight
+        runtime.idle_s = 0.0
+        self.heartbeat(runtime)
+        if grow:
+            runtime.phys = runtime.grant
+
+    @precondition(lambda self: self.able(parked=True))
+    @rule(index=st.integers(0, 999), can_park=st.booleans(), in_flight=st.sampled_from([0, 1]))
+    def another_takes_the_room_then_the_parked_one_wakes(
+        self, index: int, can_park: bool, in_flight: int
+    ) -> None:
+        """The case warm standby is for: a newcomer fills what a parked tenant gave back, and
+        then the parked one wants its request again (it waits for idle tenants to park)."""
+        runtimes = self.able(parked=True)
+        parked = runtimes[index % len(runtimes)]
+        free = self.ledger.free(parked.gpu)
+        if free > 0:
+            self.start_runtime(parked.gpu, free, 0, 0, False, can_park)
+            newcomer = self.runtimes[-1]
+            if newcomer.alive:
+                newcomer.phys = newcomer.grant
+        self.time_passes(2.0)  # the others idle a while
+        if parked.alive and parked.parked:
+            parked.parked, parked.want, parked.in_flight = False, parked.request, in_flight
+            parked.idle_s = 0.0
+            self.heartbeat(parked)
+            parked.phys = parked.grant
 
     @precondition(lambda self: self.alive())
     @rule(index=st.integers(0, 999))
@@ -246,10 +357,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(dt=st.floats(0.1, 4.0))
     def time_passes(self, dt: float) -> None:
-        """Time passes; every live runtime heartbeats once (a stalled one is killed before its
-        lease ends), then the agent ticks."""
+        """Time passes (idle runtimes idle longer); every live runtime heartbeats once (a
+        stalled one is killed before its lease ends), then the agent ticks."""
         self.now += dt
         for runtime in self.alive():
+            if runtime.in_flight == 0 and not runtime.parked:
+                runtime.idle_s += dt
             if runtime.silent and self.now - runtime.last_ok >= POLICY.lease_s:
                 runtime.alive, runtime.phys = False, 0
             elif not runtime.silent:
@@ -282,7 +395,10 @@ class LedgerMachine(RuleBasedStateMachine):
         for _ in range(3):
             for runtime in self.alive():
                 if not runtime.silent and not runtime.stubborn and runtime.target is not None:
-                    self.release(runtime, runtime.target)
+                    if runtime.park_asked:
+                        self.park(runtime)
+                    else:
+                        self.release(runtime, runtime.target)
             for runtime in self.alive():
                 if not runtime.silent:
                     self.heartbeat(runtime)
@@ -292,7 +408,12 @@ class LedgerMachine(RuleBasedStateMachine):
             for t in self.ledger.tenants.values()
         )
         if clean and not self.ledger.recovering(self.now):
-            owed = {t.tenant: t.owed for t in self.ledger.tenants.values() if t.owed}
+            # Owed memory that parking could not cover may wait (waking tenants on a GPU whose
+            # other tenants are busy); every other need is met.
+            owed = {
+                t.tenant: t.owed for t in self.ledger.tenants.values()
+                if t.owed and not self.waits_for_busy_tenants(t.gpu)
+            }  # fmt: skip
             assert not owed, f"still owed after everyone complied: {owed}"
 
     # --- invariants -----------------------------------------------------------------------
@@ -316,23 +437,48 @@ class LedgerMachine(RuleBasedStateMachine):
             if tenant is not None and runtime.registered:
                 assert runtime.phys <= tenant.granted, (runtime.tenant, runtime.phys, tenant)
 
+    def waits_for_busy_tenants(self, uuid: str) -> bool:
+        """Some tenant on the GPU is owed more than reclaims and parks can bring (the
+        non-parked requests overcommit it since a wake, or a newcomer waits for idle ones)."""
+        tenants = [t for t in self.ledger.tenants.values() if t.gpu == uuid]
+        owed = sum(t.owed for t in tenants if not t.overdue)
+        coming = sum(t.charge - t.reclaim.target for t in tenants if t.reclaim)
+        return owed > 0 and coming < owed
+
     @invariant()
     def owed_memory_is_free_or_being_reclaimed(self) -> None:
         """Requests are guaranteed: memory owed to a tenant below its request is covered by
-        reclaims of other tenants' bursts, and never lent out as a burst meanwhile."""
+        reclaims of other tenants' bursts and by parks of idle tenants, and never lent out as
+        a burst meanwhile; it is short only when even parking every idle tenant would not
+        cover it, and then nobody is asked to park for nothing."""
         if self.ledger.recovering(self.now):
             return
         for gpu in GPUS:
             tenants = [t for t in self.ledger.tenants.values() if t.gpu == gpu.uuid]
-            assert sum(t.request for t in tenants) <= gpu.allocatable
+            assert sum(t.request for t in tenants if not t.can_park) <= gpu.allocatable
             owed = sum(t.owed for t in tenants if not t.overdue)
             if owed:
                 assert self.ledger.free(gpu.uuid) <= 0
                 coming = sum(t.charge - t.reclaim.target for t in tenants if t.reclaim)
-                assert coming >= owed, (gpu.uuid, owed, coming)
+                idle = sum(
+                    _target(t) for t in tenants
+                    if t.parkable and not (t.reclaim and t.reclaim.park)
+                )  # fmt: skip
+                assert coming >= owed or coming + idle < owed, (gpu.uuid, owed, coming, idle)
             for t in tenants:
-                if t.reclaim:
+                if t.reclaim and t.reclaim.park:
+                    assert t.reclaim.target == 0 and (t.charge > 0 or t.overdue)
+                    assert t.in_flight == 0 and t.can_park  # never one serving requests
+                elif t.reclaim:
                     assert t.request <= t.reclaim.target < t.charge or t.overdue
+
+    @invariant()
+    def parked_tenants_hold_nothing(self) -> None:
+        for runtime in self.alive():
+            tenant = self.tenant_of(runtime)
+            if tenant is not None and tenant.parked:
+                assert runtime.phys == 0 and tenant.granted == 0, runtime
+                assert tenant.state().value == "parked"
 
     @invariant()
     def grants_fall_only_by_release_and_overdue_tenants_get_nothing(self) -> None:
