@@ -440,7 +440,6 @@ class InferenceServiceSpec(ApiModel):
 # ``spec``. A service that sets one gets the condition ``FieldsNotActedOn`` naming it; whoever
 # makes a field act removes it from this tuple (``sandbox.runtimeClassName`` is rendered already).
 NOT_ACTED_ON: tuple[str, ...] = (
-    "standby",
     "sandbox.enabled",
     "sandbox.egress",
     "sandbox.ingress",

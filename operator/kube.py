@@ -30,6 +30,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Pod"): "pods",
     ("v1", "Node"): "nodes",
     ("v1", "Service"): "services",
+    ("v1", "Secret"): "secrets",
     ("v1", "Event"): "events",
     ("v1", "Namespace"): "namespaces",
     ("apps/v1", "Deployment"): "deployments",

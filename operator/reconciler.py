@@ -24,6 +24,7 @@ Shared state reaches the handlers as kopf's ``memo`` (``Shared``), set once by `
 
 import asyncio
 import logging
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -264,6 +265,8 @@ async def _apply(
     memo: Shared, service: api.InferenceService, generation: int, prune: bool
 ) -> list[Obj]:
     objects = _render(service, generation, memo.settings)
+    if render.standby_enabled(service):
+        await _ensure_admin_secret(memo, service)
     for obj in objects:
         try:
             await asyncio.to_thread(memo.client.apply, obj)
@@ -280,6 +283,19 @@ async def _apply(
         except httpx.HTTPError as error:
             raise ApplyError(apply_failure(budget, error)) from error
     return objects
+
+
+async def _ensure_admin_secret(memo: Shared, service: api.InferenceService) -> None:
+    """Create the runtimes' admin Secret once; an existing one keeps its token."""
+    secret = render.admin_secret(service, secrets.token_urlsafe(32))
+    path = resource_path("v1", "Secret", _key(service)[0])
+    try:
+        await asyncio.to_thread(memo.client.create, path, secret)
+    except KubeError as error:
+        if error.status != 409:
+            raise ApplyError(apply_failure(secret, error)) from error
+    except httpx.HTTPError as error:
+        raise ApplyError(apply_failure(secret, error)) from error
 
 
 def _key(service: api.InferenceService) -> Key:

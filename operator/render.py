@@ -19,6 +19,7 @@ from berth.operator.settings import OperatorSettings
 PORT = 8000
 MODEL_DIR = "/models"  # where the model volume is mounted
 FETCHED_MODEL_DIR = f"{MODEL_DIR}/model"  # where the init container puts a uri's model
+ADMIN_TOKEN_KEY = "token"  # the key of the admin Secret's bearer token
 AGENT_DIR = "/run/berth-agent"  # where the runtime container sees the node agent's socket folder
 MANAGED_BY = "berth"
 
@@ -183,6 +184,7 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
                         "hostPath": {"path": settings.agent_socket_dir, "type": "DirectoryOrCreate"}})  # fmt: skip
         mounts.append({"name": "node-agent", "mountPath": AGENT_DIR, "readOnly": True})
         env.append({"name": wire.ENV_AGENT_SOCKET, "value": f"{AGENT_DIR}/agent.sock"})
+    env += standby_env(service)
     image = spec.runtime.image or settings.runtime_image
     container: dict[str, Any] = {
         "name": "runtime",
@@ -249,6 +251,41 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
                 "spec": pod_spec,
             },
         },
+    }
+
+
+def standby_enabled(service: InferenceService) -> bool:
+    return service.spec.standby is not None and service.spec.standby.enabled
+
+
+def standby_env(service: InferenceService) -> list[dict[str, Any]]:
+    """Warm standby (ARCHITECTURE section 5): the runtime parks after ``idleSeconds`` without
+    requests, registers with the node agent as able to park, and opens its admin endpoints
+    (``POST /admin/park``, ``/admin/wake``) to the bearer token in the service's admin Secret."""
+    standby = service.spec.standby
+    if standby is None or not standby.enabled:
+        return []
+    token = {"secretKeyRef": {"name": admin_secret_name(service), "key": ADMIN_TOKEN_KEY}}
+    return [
+        {"name": wire.ENV_STANDBY_IDLE_SECONDS, "value": str(standby.idle_seconds)},
+        {"name": wire.ENV_ADMIN_TOKEN, "valueFrom": token},
+    ]
+
+
+def admin_secret_name(service: InferenceService) -> str:
+    return f"{service.metadata['name']}-berth-admin"
+
+
+def admin_secret(service: InferenceService, token: str) -> dict[str, Any]:
+    """The Secret holding the token of the runtimes' admin endpoints. The reconciler creates it
+    once with a random token (applying it again would rotate the token under running pods); it
+    is owned by the service, so it goes with it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {**_metadata(service), "name": admin_secret_name(service)},
+        "type": "Opaque",
+        "stringData": {ADMIN_TOKEN_KEY: token},
     }
 
 

@@ -185,3 +185,25 @@ def test_hf_uri_init_container_passes_the_uri_without_a_checksum() -> None:
     pod = pod_of(render.deployment(service(model={"source": {"uri": "hf://org/m@v1"}}), SETTINGS))
     assert pod["initContainers"][0]["args"] == ["hf://org/m@v1", "/models/model"]
     assert "resources" not in pod["initContainers"][0]
+
+
+def test_standby_reaches_the_runtime_as_its_idle_time_and_admin_token() -> None:
+    standby = service(standby={"idleSeconds": 45})
+    assert render.standby_enabled(standby)
+    container = render.deployment(standby, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[wire.ENV_STANDBY_IDLE_SECONDS]["value"] == "45"
+    ref = env[wire.ENV_ADMIN_TOKEN]["valueFrom"]["secretKeyRef"]
+    secret = render.admin_secret(standby, "t0ken")
+    assert ref == {"name": secret["metadata"]["name"], "key": render.ADMIN_TOKEN_KEY}
+    assert secret["stringData"] == {render.ADMIN_TOKEN_KEY: "t0ken"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+def test_without_standby_or_with_it_disabled_the_runtime_never_parks() -> None:
+    for spec in ({}, {"standby": {"enabled": False}}):
+        s = service(**spec)
+        assert not render.standby_enabled(s)
+        container = render.deployment(s, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+        names = {e["name"] for e in container["env"]}
+        assert wire.ENV_STANDBY_IDLE_SECONDS not in names and wire.ENV_ADMIN_TOKEN not in names

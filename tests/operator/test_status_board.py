@@ -138,10 +138,10 @@ def test_a_relist_of_one_namespace_leaves_the_others_alone() -> None:
 def test_the_view_names_the_fields_a_spec_sets_that_nothing_acts_on() -> None:
     b = board()
     obj = isvc()
-    obj["spec"]["standby"] = {"idleSeconds": 60}
+    obj["spec"]["sandbox"] = {"deniedSyscalls": ["ptrace"]}
     b._services_listed(None, [obj])
     _, view, _ = take(b)
-    assert view.not_acted_on == ("spec.standby",)
+    assert view.not_acted_on == ("spec.sandbox.deniedSyscalls",)
 
 
 def test_an_apply_failure_is_marked_once_and_cleared_once() -> None:
