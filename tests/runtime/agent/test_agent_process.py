@@ -217,6 +217,49 @@ def test_metrics_export_the_ledger_per_gpu_and_per_tenant(client: httpx.Client) 
     assert tenant["pid"] == 4242 and tenant["in_flight"] == 3
 
 
+def test_a_parked_tenant_wakes_by_parking_the_idle_one_and_metrics_show_it(
+    client: httpx.Client,
+) -> None:
+    """Warm standby over the socket: a tenant parks on its own, a newcomer takes its room, and
+    its wake parks the idle tenant (never the busy newcomer)."""
+    park = {"can_park": True}
+    assert client.post("/v1/tenants", json=register_body("ns/sleepy", "GPU-7", 50, 50, **park))
+    assert client.post("/v1/tenants", json=register_body("ns/waker", "GPU-7", 46, 46, **park))
+    idle = {"instance": "i1", "held_bytes": 50 * MIB, "want_bytes": 50 * MIB, "idle_s": 30.0}
+    assert client.post("/v1/tenants/ns/sleepy/heartbeat", json=idle).json()["reclaim"] is None
+    parked = client.post("/v1/tenants/ns/waker/release",
+                         json={"instance": "i1", "held_bytes": 0, "want_bytes": 0}).json()  # fmt: skip
+    assert parked["state"] == "parked" and parked["granted_bytes"] == 0
+    assert gpu_view(client, "GPU-7")["requested_bytes"] == 50 * MIB  # a parked request is not
+    other = client.post("/v1/tenants", json=register_body("ns/busy", "GPU-7", 46, 46)).json()
+    assert other["granted_bytes"] == 46 * MIB  # fits in the room the parked tenant gave back
+    busy = {"instance": "i1", "held_bytes": 46 * MIB, "want_bytes": 46 * MIB, "in_flight": 2}
+    client.post("/v1/tenants/ns/busy/heartbeat", json=busy)
+
+    waking = heartbeat(client, "ns/waker", 0, 46)
+    assert waking["state"] == "pending" and waking["granted_bytes"] == 0
+    asked = client.post("/v1/tenants/ns/sleepy/heartbeat", json=idle).json()
+    assert asked["reclaim"]["park"] is True and asked["reclaim"]["target_bytes"] == 0
+    assert client.post("/v1/tenants/ns/busy/heartbeat", json=busy).json()["reclaim"] is None
+    gone = client.post("/v1/tenants/ns/sleepy/release",
+                       json={"instance": "i1", "held_bytes": 0, "want_bytes": 0}).json()  # fmt: skip
+    assert gone["state"] == "parked"
+    woke = heartbeat(client, "ns/waker", 0, 46)
+    assert woke["state"] == "active" and woke["granted_bytes"] == 46 * MIB
+
+    text = client.get("/metrics").text
+    labels = {"gpu": "GPU-7", "tenant": "ns/sleepy"}
+    assert metric(text, "berth_gpu_tenant_state", state="parked", **labels) == 1
+    assert metric(text, "berth_gpu_tenant_idle_seconds", **labels) == 30.0
+    assert metric(text, "berth_gpu_park_requests_total", gpu="GPU-7") == 1
+    assert metric(text, "berth_gpu_parks_total", gpu="GPU-7", reason="agent") == 1
+    assert metric(text, "berth_gpu_parks_total", gpu="GPU-7", reason="tenant") == 1
+    view = {t["tenant"]: t for t in gpu_view(client, "GPU-7")["tenants"]}
+    assert view["ns/sleepy"]["can_park"] and not view["ns/busy"]["can_park"]
+    negative = client.post("/v1/tenants/ns/busy/heartbeat", json={**busy, "idle_s": -1.0})
+    assert negative.status_code == 400 and negative.json()["error"]["field"] == "idle_s"
+
+
 def test_after_a_restart_tenants_get_back_what_they_hold_and_nothing_twice(
     tmp_path: Path,
 ) -> None:
