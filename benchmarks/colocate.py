@@ -1,20 +1,37 @@
 """Co-location benchmark: several ``berth serve`` processes on one GPU, each inside its share.
 
-(b) ``halves``: two copies of one model, each given half of the GPU as its budget
+(a) ``--mode a``: three models of different sizes (``--shapes``) on one GPU under a real
+``berth node-agent``, first with fixed shares (request == limit, proportional to the weights,
+summing to the card minus ``--margin-gib``), then with request/limit pairs (each request
+``--request-fraction`` of its fixed share, each limit the card minus the other two requests, so
+a busy model may burst into whatever the others leave). The load takes turns: at each
+concurrency level each model in turn gets ``--concurrency`` closed-loop streams while the other
+two are idle (the pattern where memory left idle by one model can serve another). Per turn:
+output throughput, p50 end-to-end latency and TTFT, and the memory each runtime held (the
+agent's ledger) and used (NVML, from outside: this process holds no CUDA context), checked
+against its grant at every sample. The raw results go to a JSON file beside the report after
+each layout, so a run cut short still leaves data (``--render`` turns that file into the report).
+
+(b) ``--mode b`` (default): two copies of one model, each given half of the GPU as its budget
 (``--gpu-memory-request = --gpu-memory-limit = free/2``), loaded together at each concurrency
 level, against one copy given the whole GPU under twice the load; combined output throughput
 and p50 end-to-end latency. While both halves serve, the device memory of every GPU process is
-read from outside the runtimes (NVML, from this process, which holds no CUDA context): each
-must stay within its share and their sum within the card.
-
-(a) three models of different sizes with fixed fractions vs request/limit pairs needs the node
-agent to arbitrate bursts (``berth node-agent``); it runs only with ``--agent-socket``.
+read from outside the runtimes (NVML): each must stay within its share and their sum within the
+card.
 
 Requests as in ``serve.py`` (random prompt ids, ``ignore_eos``, streamed, locust closed loop).
 Run on the GPU machine after installing ``serve_wheels.sh``'s wheels::
 
+    python benchmarks/colocate.py --mode a --model-cache /tmp/berth-models \\
+        --out $OUT/colocate-a.md
     python benchmarks/colocate.py --shape llama-3-8b --model-cache /tmp/berth-models \\
         --out $OUT/colocate-h200.md
+
+(a) on the CPU against a simulated GPU, to check the whole path (locust in a side directory)::
+
+    python benchmarks/colocate.py --mode a --device cpu --shapes tiny,tiny-qwen3,tiny-llama-3.2 \\
+        --concurrency 2,8 --prompt-tokens 64 --output-tokens 16 --warmup 2 --duration 5 \\
+        --max-num-seqs 8 --load-site /tmp/locust-site --out /tmp/colocate-a.md
 """
 
 from __future__ import annotations
@@ -22,11 +39,18 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import json
+import math
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,28 +60,81 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import serve  # noqa: E402  (benchmarks/serve.py: the server launcher and the locust load)
 
+from berth import wire  # noqa: E402
+from berth.agent_protocol import TenantView  # noqa: E402
 from berth.runtime.engine import nvml  # noqa: E402
+from berth.runtime.server.agent_client import AgentClient, AgentError  # noqa: E402
 
 GIB = 1 << 30
+MIB = 1 << 20
+
+
+@dataclass
+class TenantMemory:
+    """One tenant's memory over a watch: peaks of what the agent granted and saw held, and of
+    what NVML saw its engine process use; ``headroom`` is the least grant - used over the
+    samples (negative: it held more than its grant)."""
+
+    request: int
+    limit: int
+    granted: int = 0
+    held: int = 0
+    used: int = 0
+    headroom: int | None = None
+    samples: int = 0
 
 
 class MemoryWatch:
-    """Samples every GPU process's memory (NVML) every ``period`` s; keeps the maxima."""
+    """Samples every GPU process's memory (NVML) every ``period`` s; keeps the maxima. Given
+    the node agent, also each tenant's grant, read before and after the NVML sample so that a
+    resize between the two reads never looks like an overrun (the runtime maps only after a
+    grant and releases only after it unmapped)."""
 
-    def __init__(self, period: float = 0.5) -> None:
+    def __init__(
+        self, period: float = 0.5, agent: AgentClient | None = None, uuid: str | None = None
+    ) -> None:
         self.period = period
+        self.agent = agent
+        self.uuid = uuid
         self.peak_per_pid: dict[int, int] = {}
         self.peak_device_used = 0
+        self.tenants: dict[str, TenantMemory] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            for pid, used in nvml.all_process_bytes().items():
+            before = self._views()
+            per_pid = nvml.all_process_bytes(self.uuid)
+            after = self._views()
+            for pid, used in per_pid.items():
                 self.peak_per_pid[pid] = max(self.peak_per_pid.get(pid, 0), used)
-            mem = nvml.device_memory()
+            mem = nvml.device_memory(self.uuid)
             if mem is not None:
                 self.peak_device_used = max(self.peak_device_used, mem[1])
+            for name, view in after.items():
+                m = self.tenants.setdefault(
+                    name, TenantMemory(view.request_bytes, view.limit_bytes)
+                )
+                m.granted = max(m.granted, view.granted_bytes)
+                m.held = max(m.held, view.held_bytes)
+                if view.pid in per_pid:
+                    used = per_pid[view.pid]
+                    earlier = before.get(name)
+                    grant = max(view.granted_bytes, earlier.granted_bytes if earlier else 0)
+                    m.used = max(m.used, used)
+                    headroom = grant - used
+                    m.headroom = headroom if m.headroom is None else min(m.headroom, headroom)
+                    m.samples += 1
+
+    def _views(self) -> dict[str, TenantView]:
+        if self.agent is None:
+            return {}
+        try:
+            ledger = self.agent.ledger()
+        except AgentError:
+            return {}
+        return {t.tenant: t for gpu in ledger.gpus for t in gpu.tenants}
 
     def __enter__(self) -> MemoryWatch:
         self._thread.start()
@@ -125,7 +202,429 @@ def _memory_line(log: Path) -> str:
     return lines[-1].split("memory: ", 1)[1] if lines else "(not logged)"
 
 
-def report(args: argparse.Namespace, gpu: str, rows: list[dict], memory: dict) -> str:
+# ---- (a) three models of different sizes: fixed shares vs request/limit pairs -----------------
+
+LAYOUTS = {"fixed": "fixed shares", "burst": "request/limit"}
+SETTINGS = ("shapes", "concurrency", "prompt_tokens", "output_tokens", "warmup", "duration",
+            "max_num_seqs", "margin_gib", "request_fraction", "device")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Model:
+    shape: str
+    path: str
+    weights_bytes: int  # the safetensors files: what its weights take on the device
+    vocab_size: int
+
+
+Budgets = dict[str, tuple[int, int]]  # shape -> (request, limit) bytes
+
+
+def fixed_shares(weights: dict[str, int], allocatable: int) -> Budgets:
+    """request == limit, proportional to each model's weights, summing to ``allocatable``."""
+    total = sum(weights.values())
+    return {shape: (allocatable * w // total,) * 2 for shape, w in weights.items()}
+
+
+def burst_pairs(fixed: Budgets, fraction: float, allocatable: int) -> Budgets:
+    """Each request ``fraction`` of the fixed share; each limit whatever the other requests
+    leave of ``allocatable`` (the agent grants bursts from memory nobody else is owed)."""
+    requests = {shape: int(request * fraction) for shape, (request, _) in fixed.items()}
+    owed = sum(requests.values())
+    return {shape: (r, allocatable - (owed - r)) for shape, r in requests.items()}
+
+
+def _tenant(layout: str, shape: str) -> str:
+    """The tenant name a runtime registers under (POD_NAMESPACE/POD_NAME, as in a pod)."""
+    return f"bench/{layout}-{shape}"
+
+
+def make_models(args: argparse.Namespace, cache: Path) -> dict[str, Model]:
+    """The random-weight models of ``--shapes`` (made once into ``cache``, all at the same
+    time, each in a child process: this one must hold no CUDA context while it measures)."""
+    from berth.runtime.engine.tokenizer import Tokenizer
+
+    on_gpu = args.device != "cpu"
+    code = (
+        "import sys; from berth.runtime.engine.testmodels import make_model; "
+        "make_model(sys.argv[1], sys.argv[2], dtype=sys.argv[3], device=sys.argv[4])"
+    )
+    dtype, device = ("bfloat16", "cuda") if on_gpu else ("float32", "cpu")
+    shapes = args.shapes.split(",")
+    missing = [s for s in shapes if not (cache / s / "config.json").exists()]
+    if missing:
+        print(f"making the random-weight models {', '.join(missing)} ...", flush=True)
+        makers = [
+            subprocess.Popen([sys.executable, "-c", code, s, str(cache / s), dtype, device])
+            for s in missing
+        ]
+        if any(m.wait() != 0 for m in makers):
+            raise RuntimeError("making a test model failed (see its output above)")
+    return {
+        s: Model(
+            s,
+            str(cache / s),
+            sum(f.stat().st_size for f in (cache / s).glob("*.safetensors")),
+            Tokenizer(str(cache / s)).vocab_size,
+        )
+        for s in shapes
+    }
+
+
+@contextlib.contextmanager
+def node_agent(sock: Path, log: Path, gpu_flags: list[str]) -> Iterator[AgentClient]:
+    """A real ``berth node-agent`` on ``sock``; yields a client once it answers."""
+    command = [sys.executable, "-c", "from berth.cli import main; main()", "node-agent",
+               "--socket", str(sock), "--heartbeat-interval", "0.5", "--lease", "10",
+               "--reclaim-deadline", "5", *gpu_flags]  # fmt: skip
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    client = AgentClient(str(sock))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the node agent exited:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(AgentError):
+                client.ledger()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the node agent did not answer")
+            time.sleep(0.2)
+        yield client
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_granting(agent: AgentClient) -> None:
+    """A fresh agent grants nothing during its restart grace (it cannot know it is fresh)."""
+    while (recovering := agent.ledger().recovering_s) > 0:
+        time.sleep(min(recovering, 1.0))
+
+
+@contextlib.contextmanager
+def serving(
+    args: argparse.Namespace,
+    layout: str,
+    models: dict[str, Model],
+    budgets: Budgets,
+    ctx: dict[str, str],
+) -> Iterator[dict[str, str]]:
+    """One ``berth serve`` per model, started together, each with its budget in the env vars
+    a pod gets and the agent's socket; yields shape -> URL once all are ready."""
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    urls: dict[str, str] = {}
+    try:
+        for shape, model in models.items():
+            request, limit = budgets[shape]
+            port = serve._free_port()
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+                wire.ENV_GPU_MEMORY_REQUEST: str(request),
+                wire.ENV_GPU_MEMORY_LIMIT: str(limit),
+                wire.ENV_GPU_UUID: ctx["uuid"],
+                wire.ENV_AGENT_SOCKET: ctx["socket"],
+                "POD_NAMESPACE": "bench",
+                "POD_NAME": f"{layout}-{shape}",
+            }
+            command = [sys.executable, "-c", "from berth.cli import main; main()", "serve",
+                       "--model", model.path, "--served-model-name", "bench",
+                       "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
+                       "--no-access-log", "--log-level", "info", "--shutdown-delay", "0",
+                       "--max-waiting-requests", "1024",
+                       "--max-num-seqs", str(args.max_num_seqs)]  # fmt: skip
+            with _log(ctx, layout, shape).open("w") as sink:
+                processes[shape] = subprocess.Popen(
+                    command, stdout=sink, stderr=subprocess.STDOUT, env=env
+                )
+            urls[shape] = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 900
+        for shape, url in urls.items():
+            while not _ready(url):
+                if processes[shape].poll() is not None:
+                    tail = _log(ctx, layout, shape).read_text()[-3000:]
+                    raise RuntimeError(f"berth serve ({layout}, {shape}) exited:\n{tail}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"berth serve ({layout}, {shape}) did not become ready")
+                time.sleep(1)
+        yield urls
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _log(ctx: dict[str, str], layout: str, shape: str) -> Path:
+    return Path(ctx["tmp"]) / f"{layout}-{shape}.log"
+
+
+def _ready(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
+        return bool(r.status == 200)
+    return False
+
+
+def _turn(args: argparse.Namespace, model: Model, url: str, users: int) -> dict:
+    """``users`` closed-loop streams on one model for warm-up + duration (serve.py's load)."""
+    child = argparse.Namespace(**{**vars(args), "model_dir": model.path})
+    extra = ["--url", url, "--users", str(users), "--vocab-size", str(model.vocab_size)]
+    try:
+        return serve._child("_load", child, extra, args.load_site)
+    except subprocess.CalledProcessError as e:
+        return {"error": f"the load failed: {(e.stderr or '')[-2000:]}"}
+
+
+def run_layout(
+    args: argparse.Namespace,
+    layout: str,
+    models: dict[str, Model],
+    budgets: Budgets,
+    agent: AgentClient,
+    ctx: dict[str, str],
+    entry: dict,
+    save: Callable[[], None],
+) -> None:
+    """Start the three runtimes with ``budgets``; at each level each model takes its turn.
+    Fills ``entry`` as it goes and calls ``save`` after every turn."""
+    entry.update({"layout": layout, "budgets": budgets, "turns": [], "startup": {}})
+    save()
+    t0 = time.perf_counter()
+    with serving(args, layout, models, budgets, ctx) as urls:
+        entry["start_s"] = time.perf_counter() - t0
+        entry["leased"] = sorted(t.tenant for g in agent.ledger().gpus for t in g.tenants)
+        print(f"[{_clock(ctx)}] {layout}: ready in {entry['start_s']:.0f} s, leased: "
+              f"{', '.join(entry['leased']) or 'none'}", flush=True)  # fmt: skip
+        for users in (int(c) for c in args.concurrency.split(",")):
+            for shape, model in models.items():
+                with MemoryWatch(agent=agent, uuid=ctx.get("nvml_uuid") or None) as watch:
+                    run = _turn(args, model, urls[shape], users)
+                memory = {
+                    s: asdict(watch.tenants[_tenant(layout, s)])
+                    for s in models
+                    if _tenant(layout, s) in watch.tenants
+                }
+                entry["turns"].append({"users": users, "busy": shape, "run": run,
+                                       "memory": memory})  # fmt: skip
+                save()
+                held = memory.get(shape, {}).get("held", 0)
+                print(f"[{_clock(ctx)}] {layout} {shape} x{users}: "
+                      f"{run.get('output_tokens_per_s', float('nan')):.0f} tok/s, "
+                      f"E2E p50 {run.get('e2e_s_p50', float('nan')):.2f} s, held "
+                      f"{held / MIB:.0f} MiB{' ' + run['error'] if 'error' in run else ''}",
+                      flush=True)  # fmt: skip
+    entry["startup"] = {s: _memory_line(_log(ctx, layout, s)) for s in models}
+
+
+def _clock(ctx: dict[str, str]) -> str:
+    return f"{time.perf_counter() - float(ctx['t0']):6.1f} s"
+
+
+def three_models(args: argparse.Namespace, tmp: Path, json_out: Path) -> dict:
+    """(a): the agent, the models, then each layout in turn; the raw results after each."""
+    from berth.runtime.agent import gpus
+
+    ctx = {"tmp": str(tmp), "socket": str(tmp / "agent.sock"), "t0": str(time.perf_counter())}
+    if args.device == "cpu":
+        allocatable = int(args.cpu_capacity_mib * MIB)
+        total, used0, name = allocatable, 0, "CPU (one simulated GPU)"
+        ctx["uuid"] = "GPU-colocate-cpu"
+        agent_flags = ["--simulate-gpus", f"{ctx['uuid']}:{allocatable}"]
+    else:
+        gpu = gpus.nvml()[0]
+        mem = nvml.device_memory(gpu.uuid)
+        assert mem is not None, "NVML cannot read the device"
+        total, used0, _ = mem
+        allocatable = total - used0 - int(args.margin_gib * GIB)
+        name, ctx["uuid"], ctx["nvml_uuid"] = gpu.name, gpu.uuid, gpu.uuid
+        agent_flags = ["--reserve", str(total - allocatable)]
+    results: dict = {
+        "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "device": name,
+        "capacity": total,
+        "used_before": used0,
+        "allocatable": allocatable,
+        "settings": {k: getattr(args, k) for k in SETTINGS},
+        "layouts": [],
+    }
+    cache = Path(args.model_cache or tmp)
+    with node_agent(Path(ctx["socket"]), tmp / "agent.log", agent_flags) as agent:
+        models = make_models(args, cache)  # meanwhile the agent's grace runs out
+        print(f"[{_clock(ctx)}] models ready", flush=True)
+        weights = {s: m.weights_bytes for s, m in models.items()}
+        results["weights"] = weights
+        fixed = fixed_shares(weights, allocatable)
+        layouts = {"fixed": fixed, "burst": burst_pairs(fixed, args.request_fraction, allocatable)}
+        _wait_granting(agent)
+
+        def save() -> None:
+            json_out.write_text(json.dumps(results, indent=1))
+
+        try:
+            for layout, budgets in layouts.items():
+                entry: dict = {"start_s": float("nan"), "leased": []}
+                results["layouts"].append(entry)
+                run_layout(args, layout, models, budgets, agent, ctx, entry, save)
+                save()
+        finally:
+            _keep_logs(ctx, models, json_out.with_suffix(".logs.txt"))
+    return results
+
+
+def _keep_logs(ctx: dict[str, str], models: dict[str, Model], out: Path) -> None:
+    """The tails of the agent's and the runtimes' logs, for the record."""
+    tmp = Path(ctx["tmp"])
+    parts = []
+    for log in [tmp / "agent.log", *(_log(ctx, lay, s) for lay in LAYOUTS for s in models)]:
+        if log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-80:]
+            parts.append(f"==== {log.name}\n" + "\n".join(tail))
+    out.write_text("\n\n".join(parts) + "\n")
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
+def _mean(values: list[float]) -> float:
+    good = [v for v in values if not math.isnan(v)]
+    return sum(good) / len(good) if len(good) == len(values) and good else float("nan")
+
+
+def report_three(results: dict, note: str = "") -> str:
+    s = results["settings"]
+    u, unit = (GIB, "GiB") if results["capacity"] >= 4 * GIB else (MIB, "MiB")
+    shapes = s["shapes"].split(",")
+    weights = results["weights"]
+    budgets = {e["layout"]: e["budgets"] for e in results["layouts"]}
+    lines = [
+        f"## (a) {len(shapes)} models on one GPU: fixed shares vs request/limit pairs",
+        "",
+        f"{results['date']}, {results['device']}; {s['prompt_tokens']} prompt + "
+        f"{s['output_tokens']} output tokens per request (random ids, ignore_eos, streamed); "
+        f"locust closed loop, {s['warmup']:g} s warm-up, {s['duration']:g} s measured per "
+        f"turn; max_num_seqs {s['max_num_seqs']}; one real `berth node-agent` (heartbeat "
+        f"0.5 s). Card {results['capacity'] / u:.1f} {unit}, {results['used_before'] / u:.2f} "
+        f"{unit} in use before, {results['allocatable'] / u:.1f} {unit} shared by the runtimes "
+        f"({(results['capacity'] - results['used_before'] - results['allocatable']) / u:g} "
+        f"{unit} margin). Fixed shares: request = limit, proportional to the "
+        f"weights. Request/limit: each request {s['request_fraction']:g} of the fixed share, "
+        f"each limit the shared memory minus the other requests.",
+        "",
+        f"| model | weights ({unit}) | fixed share ({unit}) | request / limit ({unit}) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for shape in shapes:
+        fixed = budgets.get("fixed", {}).get(shape, [float("nan")] * 2)
+        burst = budgets.get("burst", {}).get(shape, [float("nan")] * 2)
+        lines.append(
+            f"| `{shape}` | {weights[shape] / u:.2f} | {_fmt(fixed[0] / u, '.2f')} | "
+            f"{_fmt(burst[0] / u, '.2f')} / {_fmt(burst[1] / u, '.2f')} |"
+        )
+    lines += [
+        "",
+        "Taking turns: at each level each model in turn gets that many streams while the other "
+        "two are idle. KV held: the busy runtime's peak holding in the agent's ledger "
+        "(weights + workspace + mapped KV chunks).",
+        "",
+        "| layout | streams | busy model | output tok/s | E2E p50 (s) | TTFT p50 (ms) | "
+        f"requests | failures | held peak ({unit}) |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    summary: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+    for entry in results["layouts"]:
+        layout = entry["layout"]
+        for turn in entry["turns"]:
+            run, users = turn["run"], turn["users"]
+            tput = run.get("output_tokens_per_s", float("nan"))
+            e2e = run.get("e2e_s_p50", float("nan"))
+            ttft = run.get("ttft_ms", {}).get("50", float("nan"))
+            held = turn["memory"].get(turn["busy"], {}).get("held", float("nan"))
+            tputs, p50s = summary.setdefault((layout, users), ([], []))
+            tputs.append(tput)
+            p50s.append(e2e)
+            lines.append(
+                f"| {LAYOUTS[layout]} | {users} | `{turn['busy']}` | {_fmt(tput, '.0f')} | "
+                f"{_fmt(e2e, '.2f')} | {_fmt(ttft, '.0f')} | {run.get('requests', 0)} | "
+                f"{run.get('failures', run.get('error', '?'))} | {_fmt(held / u, '.2f')} |"
+            )
+    lines += [
+        "",
+        "Per level, over the turns (the card's mean throughput over the rotation; the mean of "
+        "the three models' p50):",
+        "",
+        "| streams | fixed tok/s | request/limit tok/s | throughput x | fixed p50 (s) | "
+        "request/limit p50 (s) | p50 lower by x |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    levels = sorted({users for (_, users) in summary})
+    for users in levels:
+        ft, fp = summary.get(("fixed", users), ([float("nan")], [float("nan")]))
+        bt, bp = summary.get(("burst", users), ([float("nan")], [float("nan")]))
+        f_t, b_t, f_p, b_p = _mean(ft), _mean(bt), _mean(fp), _mean(bp)
+        lines.append(
+            f"| {users} | {_fmt(f_t, '.0f')} | {_fmt(b_t, '.0f')} | {_fmt(b_t / f_t, '.2f')} | "
+            f"{_fmt(f_p, '.2f')} | {_fmt(b_p, '.2f')} | {_fmt(f_p / b_p, '.2f')} |"
+        )
+    lines += [
+        "",
+        "Targets: request/limit >= 1.5x the throughput and >= 1.7x lower p50 than fixed shares "
+        "(NVIDIA Run:ai's published dynamic-vs-static figures: up to 1.4x and 1.7x).",
+        "",
+        "### Memory of (a), read from outside the runtimes",
+        "",
+        "Over all turns: the peak grant and holding in the agent's ledger, the peak device "
+        "memory of each engine process (NVML, sampled every 0.5 s from this process), and the "
+        "least headroom, grant - NVML reading, over the samples (a negative value would mean a "
+        "runtime held more than it was granted).",
+        "",
+        f"| layout | model | request / limit ({unit}) | peak granted | peak held | "
+        f"peak used (NVML) | least headroom ({unit}) | within its grant |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for entry in results["layouts"]:
+        for shape in shapes:
+            seen = [t["memory"][shape] for t in entry["turns"] if shape in t["memory"]]
+            if not seen:
+                continue
+            request, limit = entry["budgets"][shape]
+            samples = sum(m["samples"] for m in seen)
+            heads = [m["headroom"] for m in seen if m["headroom"] is not None]
+            least = min(heads) if heads else None
+            verdict = "not measured" if least is None else ("yes" if least >= 0 else "NO")
+            lines.append(
+                f"| {LAYOUTS[entry['layout']]} | `{shape}` | {request / u:.2f} / "
+                f"{limit / u:.2f} | {max(m['granted'] for m in seen) / u:.2f} | "
+                f"{max(m['held'] for m in seen) / u:.2f} | "
+                f"{max(m['used'] for m in seen) / u:.2f} | "
+                f"{'n/a' if least is None else f'{least / u:.2f}'} | {verdict} "
+                f"({samples} samples) |"
+            )
+    lines += ["", "Each runtime's own start-up measurement (its log):", ""]
+    for entry in results["layouts"]:
+        lines.append(
+            f"- {LAYOUTS[entry['layout']]} (all ready in {entry['start_s']:.0f} s; leased from "
+            f"the agent: {', '.join(entry['leased']) or 'none'}):"
+        )
+        lines += [f"  - `{shape}`: {line}" for shape, line in entry["startup"].items()]
+    lines.append("")
+    if note:
+        lines += [note, ""]
+    return "\n".join(lines)
+
+
+def report_halves(args: argparse.Namespace, gpu: str, rows: list[dict], memory: dict) -> str:
     lines = [
         f"# Co-location on {gpu}",
         "",
@@ -189,20 +688,39 @@ def report(args: argparse.Namespace, gpu: str, rows: list[dict], memory: dict) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-3-8b")
-    parser.add_argument("--model-cache", help="where to make (or find) the test model")
-    parser.add_argument("--concurrency", default="8,32", help="streams per half")
+    parser.add_argument("--mode", choices=["a", "b"], default="b",
+                        help="a: three models, fixed vs request/limit; b: two halves vs one whole")  # fmt: skip
+    parser.add_argument("--shape", default="llama-3-8b", help="(b) the model")
+    parser.add_argument(
+        "--shapes", default="llama-3.2-1b,qwen3-4b,llama-3-8b", help="(a) the models"
+    )
+    parser.add_argument(
+        "--device", default="cuda", help="(a) only: cpu runs against a simulated GPU"
+    )
+    parser.add_argument("--model-cache", help="where to make (or find) the test models")
+    parser.add_argument("--concurrency", help="streams per half (b; default 8,32) or on the busy "
+                        "model (a; default 32,128)")  # fmt: skip
     parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, help="default: 64 (b), 128 (a)")
     parser.add_argument("--margin-gib", type=float, default=1.0, help="left free on the card")
+    parser.add_argument("--request-fraction", type=float, default=0.5,
+                        help="(a) each request as a fraction of the model's fixed share")  # fmt: skip
+    parser.add_argument("--cpu-capacity-mib", type=float, default=8.0,
+                        help="(a) on the CPU: the simulated GPU's memory")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--load-site", help="extra sys.path entry where locust is installed")
     parser.add_argument("--note", default="")
-    parser.add_argument("--out", help="results file")
+    parser.add_argument("--out", help="results file (a: the raw results go beside it, .json)")
+    parser.add_argument("--render", help="(a) only: write the report of this results JSON")
     args = parser.parse_args()
+    if args.mode == "a":
+        three_models_main(args)
+        return
+    args.concurrency = args.concurrency or "8,32"
+    args.max_num_seqs = args.max_num_seqs or 64
     args.device = "cuda"
     from berth.runtime.engine.tokenizer import Tokenizer
 
@@ -221,9 +739,26 @@ def main() -> None:
         rows, memory = halves_vs_whole(args, Path(tmp), vocab)
     import torch
 
-    text = report(args, torch.cuda.get_device_name(0), rows, memory)
+    text = report_halves(args, torch.cuda.get_device_name(0), rows, memory)
     out = Path(args.out or ROOT / "benchmarks" / "results" / "colocate-h200.md")
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
+def three_models_main(args: argparse.Namespace) -> None:
+    args.concurrency = args.concurrency or "32,128"
+    args.max_num_seqs = args.max_num_seqs or 128
+    out = Path(args.out or "colocate-a.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+    else:
+        # A timeout's SIGTERM: stop the runtimes and keep the logs on the way out.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        with tempfile.TemporaryDirectory(prefix="berth-colocate-") as tmp:
+            results = three_models(args, Path(tmp), out.with_suffix(".json"))
+    text = f"# Co-location on {results['device']}\n\n" + report_three(results, args.note)
     out.write_text(text)
     print(text)
 

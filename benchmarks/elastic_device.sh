@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call for the elastic KV pool and co-location (issue 17): the GPU tests (CUDA virtual
 # memory pool under the grow/shrink schedule, graphs replayed after shrinks), VMM timings, then
-# benchmarks/colocate.py. Results under $OUT. Usage: benchmarks/elastic_device.sh [tests|colocate|all]
+# benchmarks/colocate.py. Results under $OUT.
+# Usage: benchmarks/elastic_device.sh [tests|colocate|colocate-a|all]
+#   colocate: (b) two halves vs one whole; colocate-a: (a) three models under the node agent,
+#   fixed shares vs request/limit pairs, sized to end within a 9-minute call (not part of all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part="${1:-all}"
@@ -19,4 +22,14 @@ fi
 if [[ $part == colocate || $part == all ]]; then
   timeout 480 python3 benchmarks/colocate.py --model-cache /tmp/berth-models --out "$OUT/colocate-h200.md" \
     --load-site /tmp/site ${COLOCATE_ARGS:-} 2>&1 | tee "$OUT/colocate.log" | tail -40
+fi
+if [[ $part == colocate-a ]]; then
+  # Highest level first: a run cut short by the timeout loses the least telling turns. On
+  # SIGTERM the script stops its runtimes and keeps its logs; the raw results are saved after
+  # every turn, and the report is rendered from them if the run did not get that far.
+  timeout -k 20 "${COLOCATE_A_TIMEOUT:-470}" python3 benchmarks/colocate.py --mode a \
+    --model-cache /tmp/berth-models --out "$OUT/colocate-a.md" --load-site /tmp/site \
+    --concurrency 128,32 --warmup 4 --duration 14 ${COLOCATE_ARGS:-} 2>&1 | tee "$OUT/colocate-a.log" | tail -70
+  [[ -f $OUT/colocate-a.md ]] || python3 benchmarks/colocate.py --mode a \
+    --render "$OUT/colocate-a.json" --out "$OUT/colocate-a.md" | tail -70
 fi
