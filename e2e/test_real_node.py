@@ -9,9 +9,6 @@ services here (which tolerate the taint and ask for its GPU product) land on it.
 import functools
 import http.server
 import json
-import shutil
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -35,112 +32,18 @@ from berth.e2e.operator_fixtures import (
     get_json,
     wait_for,
 )
+from berth.e2e.real_node import (
+    PRODUCT,
+    cluster_ip,
+    post,
+    ready_pod,
+    real_service,
+    routed_post,
+    tenants,
+)
 from berth.runtime.server.agent_client import AgentClient
 
-pytestmark = pytest.mark.e2e
-MODELS = Path("/var/tmp/berth-e2e-models")  # readable by the pods' non-root user
-PRODUCT = RealNodeShape().gpu_product
-
-
-@pytest.fixture(autouse=True)
-def _needs_the_real_node(cluster: LocalCluster) -> None:
-    if not cluster.real_node:
-        pytest.skip("this run's cluster has no real node (see the session's first line)")
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> Iterator[Path]:
-    """The random-weight tiny model the runtime serves, on a hostPath the pods can read."""
-    target = MODELS / "tiny"
-    if not (target / "config.json").exists():
-        MODELS.mkdir(parents=True, exist_ok=True)
-        MODELS.chmod(0o755)
-        subprocess.run([sys.executable, "-m", "berth", "make-model", "tiny", "--out", str(target)],
-                       check=True, capture_output=True)  # fmt: skip
-        for path in [target, *target.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-    yield target
-
-
-@pytest.fixture(scope="module")
-def smollm2_model() -> Path:
-    """The real SmolLM2-135M-Instruct (imported from its wheel, cached) on a hostPath."""
-    from berth.runtime.engine.gguf_import import import_model
-
-    target = MODELS / "smollm2"
-    if not (target / "config.json").exists():
-        MODELS.mkdir(parents=True, exist_ok=True)
-        MODELS.chmod(0o755)
-        shutil.copytree(import_model("smollm2", say=lambda _: None), target, dirs_exist_ok=True)
-        for path in [target, *target.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-    return target
-
-
-def real_service(name: str, namespace: str, model: Path, fraction: float = 0.5,
-                 **spec: Any) -> dict[str, Any]:  # fmt: skip
-    return {
-        "apiVersion": f"{wire.GROUP}/{wire.VERSION}",
-        "kind": "InferenceService",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"source": {"hostPath": {"path": str(model)}}, "servedName": name},
-            "gpu": {"fraction": fraction, "product": PRODUCT},
-            "runtime": {"dtype": "float32", "maxNumSeqs": 8, "maxModelLen": 256},
-            "replicas": 1,
-            "pod": {
-                "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
-            },
-            **spec,
-        },
-    }
-
-
-def cluster_ip(cluster: LocalCluster, name: str, namespace: str) -> str:
-    ip: str = get_json(cluster, "service", name, "-n", namespace)["spec"]["clusterIP"]
-    return ip
-
-
-def routed_post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """``post`` once the Service routes: a pod turns Ready a moment before kube-proxy has its
-    endpoints (the ClusterIP refuses until then)."""
-
-    def attempt() -> dict[str, Any] | None:
-        try:
-            return post(url, body)
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, ConnectionRefusedError):
-                return None
-            raise
-
-    answer: dict[str, Any] = wait_for(f"{url} to route", attempt, timeout=60, every=0.5)
-    return answer
-
-
-def post(url: str, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        result: dict[str, Any] = json.loads(response.read())
-        return result
-
-
-def ready_pod(cluster: LocalCluster, namespace: str) -> dict[str, Any] | None:
-    for pod in berth_pods(cluster, namespace):
-        if condition(pod, "Ready").get("status") == "True":
-            return pod
-    return None
-
-
-def tenants(cluster: LocalCluster) -> list[str]:
-    """Berth pods bound to the real node, in any namespace (an earlier test's may linger)."""
-    pods = get_json(cluster, "pods", "-A", "--field-selector", f"spec.nodeName={NODE_NAME}")
-    return [
-        p["metadata"]["name"]
-        for p in pods["items"]
-        if wire.LABEL_SERVICE in p["metadata"].get("labels", {})
-    ]
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("needs_real_node")]
 
 
 def test_real_node_is_ready_with_simulated_gpus_and_a_taint(cluster: LocalCluster) -> None:
