@@ -1,6 +1,6 @@
 """The node agent's Kubernetes adapter against the real API server: it publishes the node's GPUs
-as the annotations the scheduler reads, and reports a tenant that ignores a reclaim with a
-Warning event on the tenant's pod."""
+as the annotations the scheduler reads, reports a tenant that ignores a reclaim with a Warning
+event on the tenant's pod, and marks a parked tenant's pod standby (what the operator counts)."""
 
 import json
 import time
@@ -99,3 +99,33 @@ def test_a_tenant_that_ignores_a_reclaim_gets_a_warning_event_on_its_pod(
     assert found["type"] == "Warning"
     assert found["involvedObject"]["kind"] == "Pod"
     assert "shrink to" in found["message"] and "GPU-e2e-1" in found["message"]
+
+
+def test_a_parked_tenants_pod_is_marked_standby_until_it_is_resident_again(
+    cluster: LocalCluster, agent: AgentProcess
+) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "standby", "namespace": NAMESPACE},
+           "spec": {"schedulerName": "nobody", "containers": [{"name": "c", "image": "none"}]}}  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+
+    def standby() -> str | None:
+        found = json.loads(cluster.kubectl("get", "pod", "standby", "-n", NAMESPACE, "-o", "json"))
+        annotations: dict[str, str] = found["metadata"].get("annotations") or {}
+        return annotations.get(wire.POD_STANDBY)
+
+    with agent.client() as client:
+        wait_until_granting(client)
+        body = {"tenant": f"{NAMESPACE}/standby", "instance": "i1", "gpu_uuid": "GPU-e2e-0",
+                "request_bytes": 20 * GIB, "limit_bytes": 20 * GIB, "can_park": True}  # fmt: skip
+        assert client.post("/v1/tenants", json=body).json()["granted_bytes"] == 20 * GIB
+        assert standby() is None  # resident from the start: nothing to mark
+        path = f"/v1/tenants/{NAMESPACE}/standby"
+        parked = client.post(f"{path}/release",
+                             json={"instance": "i1", "held_bytes": 0, "want_bytes": 0})  # fmt: skip
+        assert parked.json()["state"] == "parked"
+        wait_for(lambda: standby() == "true", 30, "the pod's standby annotation")
+        woke = client.post(f"{path}/heartbeat",
+                           json={"instance": "i1", "held_bytes": 0, "want_bytes": 20 * GIB})  # fmt: skip
+        assert woke.json()["granted_bytes"] == 20 * GIB
+        wait_for(lambda: standby() == "false", 30, "the pod marked resident again")
+        client.delete(path, params={"instance": "i1"})
