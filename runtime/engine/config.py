@@ -30,6 +30,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
     budget: GpuBudget | None = None  # the pod's GPU memory share (``budget.read_budget``)
+    standby: bool = False  # keep a host copy of the weights so the engine can park and wake
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""

@@ -77,6 +77,8 @@ class Engine:
         self._ids = itertools.count()
         self._num_special = 0  # live requests that need the full sampler
         self._in_flight: _InFlight | None = None
+        self.parked = False  # weights and KV off the device (``park``); no step until ``wake``
+        self._blocks_before_park = 0
         self._waited = 0.0  # seconds this step spent waiting for the device
         # Host time of the last step that ran the model, excluding the wait for the device:
         # scheduling, input preparation, sampling and output processing (seconds).
@@ -145,6 +147,10 @@ class Engine:
             self._forget(request_id)
             self.scheduler.abort(request_id)
 
+    def unfinished_request_ids(self) -> list[str]:
+        """The requests not finished yet, waiting or running."""
+        return list(self.requests)
+
     def has_unfinished(self) -> bool:
         """True while a request waits, runs, or has tokens in flight on the device."""
         if self.scheduler.has_unfinished():
@@ -165,6 +171,8 @@ class Engine:
         back in the call after the one that launched them; ``has_unfinished`` stays true until
         they have.
         """
+        if self.parked:
+            raise RuntimeError("the engine is parked: wake it before stepping")
         start = time.perf_counter()
         self._waited = 0.0
         flight = self._in_flight
@@ -381,11 +389,51 @@ class Engine:
         self.resize_kv_pool(chunks * self.runner.arena.layout.chunk_blocks)
         return self.held_bytes
 
+    # ---- warm standby ----------------------------------------------------------------------
+
+    def park(self) -> int:
+        """Give the device memory of the weights and the KV pool back (a host copy of the
+        weights stays). Running sequences are preempted: they wait, with their tokens, and are
+        computed again after ``wake``; the prefix cache is dropped. Returns how many were
+        preempted. Needs ``EngineConfig.standby`` (the host copy, taken at load)."""
+        if self.runner.weight_arena.host is None:
+            raise RuntimeError(
+                "this engine keeps no host copy of its weights (EngineConfig.standby is off), "
+                "so it cannot park"
+            )
+        if self.parked:
+            return 0
+        self.runner.synchronize()  # the batch in flight still reads weights and KV
+        self._blocks_before_park = self.pool.num_blocks
+        preempted = len(self.scheduler.resize_pool(0))
+        self.runner.forget_block_tables()
+        self.runner.release_memory()
+        self.parked = True
+        return preempted
+
+    def wake(self) -> None:
+        """Map the weights and the KV pool back at their addresses and copy the weights in;
+        the pool comes back at the budget's request (or its size before the park, without a
+        budget). Raises, still parked, when the device has no memory for it."""
+        if not self.parked:
+            return
+        arena, plan = self.runner.arena, self.runner.plan
+        chunk_blocks = arena.layout.chunk_blocks
+        blocks = self._blocks_before_park
+        if plan is not None:
+            blocks = min(plan.request_chunks, arena.max_chunks) * chunk_blocks
+        self.runner.restore_memory(-(-blocks // chunk_blocks))
+        self.scheduler.resize_pool(min(blocks, arena.num_blocks))
+        self.parked = False
+
     @property
     def held_bytes(self) -> int:
-        """Device memory held: weights, measured workspace and the backed KV chunks."""
+        """Device memory held: weights, measured workspace and the backed KV chunks (parked:
+        the workspace only: graphs' pool, context)."""
         arena = self.runner.arena
         plan = self.runner.plan
+        if self.parked:
+            return self.runner.footprint.workspace_bytes
         if plan is None:
             return self.runner.weights_bytes + arena.mapped_bytes
         return plan.held_bytes(arena.num_chunks)

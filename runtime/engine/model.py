@@ -196,6 +196,7 @@ class CausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    cos_sin: torch.Tensor  # a buffer: [max_positions, 2, head_dim]
 
     def __init__(
         self, config: ModelConfig, ops: AttentionOps, pointwise: Pointwise, max_positions: int
@@ -210,16 +211,21 @@ class CausalLM(nn.Module):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.max_positions = max_positions
-        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+        # [max_positions, 2, head_dim], filled by ``init_rope``; shaped here so that it is laid
+        # out with the weights (``WeightArena``) and parks and wakes with them.
+        self.register_buffer(
+            "cos_sin", torch.empty(max_positions, 2, config.head_dim), persistent=False
+        )
 
     def init_rope(self) -> None:
-        """Build the [max_positions, 2, head_dim] cos/sin table (fp32 math, model dtype)."""
+        """Fill the [max_positions, 2, head_dim] cos/sin table in place (fp32 math, model dtype)."""
         inv = rope_inv_freq(self.config).to(self.model.norm.weight.device)
         pos = torch.arange(self.max_positions, device=inv.device, dtype=torch.float32)
         freqs = torch.outer(pos, inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         dtype = self.model.norm.weight.dtype
-        self.cos_sin = torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype)
+        with torch.no_grad():
+            self.cos_sin.copy_(torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype))
 
     def part_rows(self, fused: str, index: int) -> tuple[int, int]:
         """Row range of part ``index`` inside fused parameter ``fused``."""

@@ -41,6 +41,7 @@ from berth.runtime.engine.model import AttentionMetadata, AttentionOps, CausalLM
 from berth.runtime.engine.model_config import DTYPES, ModelConfig
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
+from berth.runtime.engine.weight_arena import WeightArena
 from berth.runtime.engine.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,12 @@ class ModelRunner:
         self.pointwise = Pointwise.compiled() if use_graphs else Pointwise()
         with torch.device("meta"), _default_dtype(self.dtype):
             model = CausalLM(model_config, self.ops, self.pointwise, max_model_len)
-        self.model = model.to_empty(device=self.device).eval()
+        self.weight_arena = WeightArena(model, self.device)  # the weights' own range
+        self.model = model.eval()
         load_weights(self.model, model_config, Path(config.model))
         self.model.init_rope()
+        if config.standby:
+            self.weight_arena.keep_host_copy()
         self.weights_bytes = tensors_bytes(self.model)
         self.layout = KvLayout(
             model_config.num_layers,
@@ -246,6 +250,30 @@ class ModelRunner:
         """Wait for the device to finish the step (a no-op on the CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    # ---- standby --------------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """Park: unmap every KV chunk and the weights and empty torch's cache. The CUDA graphs,
+        their memory pool and the staging buffers stay where they are, so that the graphs
+        replay after :meth:`restore_memory` (the KV and weight ranges keep their addresses)."""
+        self.synchronize()
+        self.arena.resize(0)
+        self.weight_arena.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def restore_memory(self, kv_chunks: int) -> None:
+        """Wake: map and fill the weights, then back ``kv_chunks`` KV chunks; on failure (the
+        device is out of memory) give back what was mapped and raise, still parked."""
+        try:
+            self.weight_arena.restore()
+            self.arena.resize(kv_chunks)
+        except Exception:
+            self.arena.resize(0)
+            if self.weight_arena.resident:
+                self.weight_arena.release()
+            raise
 
     # ---- one step -------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from berth.runtime.server import errors
+from berth.runtime.server.admin import install_admin_routes
 from berth.runtime.server.engine_loop import EngineLoadError, EngineLoop
 from berth.runtime.server.engine_process import EngineFactory
 from berth.runtime.server.errors import APIError, install_error_handlers
@@ -28,12 +29,12 @@ from berth.runtime.server.metrics import (
     RequestMetrics,
     RuntimeCollector,
     RuntimeGauges,
-    StandbyState,
 )
 from berth.runtime.server.openapi import ERRORS, PROBE, generation_responses, install_openapi
 from berth.runtime.server.prompts import PromptEncoder, prompt_byte_limit
 from berth.runtime.server.protocol import ModelCard, ModelList
 from berth.runtime.server.settings import ServerSettings
+from berth.runtime.server.standby import StandbyState
 
 if TYPE_CHECKING:
     from berth.runtime.engine.tokenizer import Tokenizer
@@ -60,7 +61,6 @@ class ModelServer:
         self.created = int(time.time())
         self.registry = CollectorRegistry()
         self.metrics = RequestMetrics(self.registry, self.model_name)
-        self.state = StandbyState.LOADING
         self.draining = False  # SIGTERM came: /ready fails (admitting ends when the loop closes)
         self.model: ServedModel | None = None
         self.loop = EngineLoop(
@@ -70,6 +70,7 @@ class ModelServer:
             max_waiting=settings.max_waiting_requests,
             retry_after_s=settings.retry_after_s,
             log_level=settings.log_level,
+            standby=settings.standby,
         )
         self.load_error: str | None = None
         self.connections = ConnectionStats()
@@ -104,9 +105,14 @@ class ModelServer:
         max_len = ready.max_model_len
         limit = prompt_byte_limit(self.settings.max_prompt_bytes, max_len)
         self.model = ServedModel(tokenizer, PromptEncoder(tokenizer), max_len, limit)
-        self.state = StandbyState.ACTIVE
         pid = self.loop.process.pid if self.loop.process else None
         log.info("model %s loaded (engine process %s); serving", self.model_name, pid)
+
+    @property
+    def state(self) -> StandbyState:
+        """Warm standby's state: loading until the model and tokenizer are loaded, then the
+        engine's own (it parks and wakes)."""
+        return StandbyState.LOADING if self.model is None else self.loop.state
 
     async def stop(self) -> None:
         """Stop the engine process (aborting what runs) and wait for it to exit."""
@@ -208,7 +214,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastA
         failure = server.load_error or server.loop.failure
         if failure is not None:
             return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "state": server.state.value})
 
     @app.get("/ready", responses=PROBE)
     async def ready() -> JSONResponse:
@@ -247,6 +253,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastA
         "/v1/chat/completions", create_chat_completion, methods=["POST"],
         responses=generation_responses(ChatCompletionResponse),
     )  # fmt: skip
+    install_admin_routes(app, server)
     install_openapi(
         app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
     )

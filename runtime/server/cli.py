@@ -7,6 +7,7 @@ variables and the annotations file the downward API fills, names in ``berth.wire
 CPU default pool): local use.
 """
 
+import os
 import sys
 
 import click
@@ -168,6 +169,35 @@ def _env(name: str) -> str:
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
 )
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
+@click.option(
+    "--standby-idle-seconds",
+    "standby_idle_s",
+    type=click.FloatRange(min=0),
+    envvar=wire.ENV_STANDBY_IDLE_SECONDS,
+    help="Warm standby: park (give the GPU memory back, keep the weights in pinned host RAM) "
+    "after this many idle seconds; 0 parks only when asked (POST /admin/park, the node agent) "
+    "[default: standby off].",
+)
+@click.option(
+    "--park-deadline",
+    "park_deadline_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    envvar=_env("PARK_DEADLINE"),
+    help="Seconds running requests may take to finish when parking; then they are preempted "
+    "(and computed again after the wake).",
+)
+@click.option(
+    "--wake-timeout",
+    "wake_timeout_s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    envvar=_env("WAKE_TIMEOUT"),
+    help="Seconds a wake may wait for the node agent's GPU memory; then waiting requests get "
+    "503 with Retry-After.",
+)
 def serve(
     model: str,
     served_model_name: str | None,
@@ -199,13 +229,22 @@ def serve(
     seed: int,
     log_level: str,
     access_log: bool,
+    standby_idle_s: float | None,
+    park_deadline_s: float,
+    wake_timeout_s: float,
 ) -> None:
-    """Serve a model with an OpenAI-compatible API, Prometheus metrics and graceful drain."""
+    """Serve a model with an OpenAI-compatible API, Prometheus metrics and graceful drain.
+
+    The bearer token of POST /admin/park and /admin/wake comes from the environment only
+    (BERTH_ADMIN_TOKEN, from the pod's Secret), never from a flag that ``ps`` would show."""
+    from pydantic import SecretStr
+
     from berth.runtime.engine import EngineConfig
     from berth.runtime.engine.budget import BudgetError, budget_from_flags, read_budget
     from berth.runtime.server.lifecycle import serve as run_server
     from berth.runtime.server.metrics import MemoryBudget
     from berth.runtime.server.settings import ServerSettings
+    from berth.runtime.server.standby import StandbyPolicy
 
     try:
         budget = budget_from_flags(gpu_memory_request, gpu_memory_limit) or read_budget()
@@ -251,5 +290,7 @@ def serve(
         ),
         log_level=log_level,
         access_log=access_log,
+        standby=StandbyPolicy(standby_idle_s, park_deadline_s, wake_timeout_s),
+        admin_token=SecretStr(token) if (token := os.environ.get(wire.ENV_ADMIN_TOKEN)) else None,
     )
     sys.exit(run_server(settings))

@@ -13,6 +13,11 @@ admitted sequence is tracked until it finishes or is aborted; an abort ends the 
 stream at once with a final update, so a handler never waits on a request the engine has
 forgotten. If the engine process fails or dies, every tracked sequence ends with a 500, later
 requests get 503 and :attr:`EngineLoop.failure` says why (the probes fail on it).
+
+Warm standby: the engine process decides and reports its residency (``standby.py``); this side
+mirrors it (:attr:`EngineLoop.state`), sends :class:`ParkEngine` / :class:`WakeEngine` for the
+admin endpoints, and keeps submitting while parked: the engine holds those requests and wakes
+for them. A wake that gets no memory refuses them as retryable: 503 with Retry-After.
 """
 
 import asyncio
@@ -34,12 +39,15 @@ from berth.runtime.server.engine_process import (
     EngineReady,
     EngineRequest,
     OutputRow,
+    ParkEngine,
     StepReport,
+    WakeEngine,
     output_from_row,
     run_engine_process,
 )
 from berth.runtime.server.errors import APIError
 from berth.runtime.server.metrics import RequestMetrics, RuntimeGauges
+from berth.runtime.server.standby import StandbyPolicy, StandbyState
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -140,8 +148,14 @@ class EngineLoop:
         max_waiting: int,
         retry_after_s: int = 1,
         log_level: str = "info",
+        standby: StandbyPolicy = StandbyPolicy(),  # noqa: B008  (frozen)
     ) -> None:
         self._factory = factory
+        self._standby = standby
+        self._state = StandbyState.LOADING
+        # How often each state was entered, as reported (a park and a wake may both happen
+        # between two looks, so callers that wait compare counts, not just the state).
+        self.entered: dict[StandbyState, int] = dict.fromkeys(StandbyState, 0)
         self._metrics = metrics
         self._max_running = max_running
         self._max_waiting = max_waiting
@@ -171,7 +185,7 @@ class EngineLoop:
         ours, theirs = context.Pipe(duplex=True)
         process = context.Process(
             target=run_engine_process,
-            args=(theirs, self._factory, self._log_level),
+            args=(theirs, self._factory, self._log_level, self._standby),
             name="berth-engine",
         )
         self._ready = loop.create_future()
@@ -181,8 +195,32 @@ class EngineLoop:
         loop.add_reader(ours.fileno(), self._on_readable)
         ready = await self._ready
         self._weights_bytes = ready.weights_bytes
+        self._set_state(StandbyState.ACTIVE)
         self._refresh_gauges(ready.stats, 0)
         return ready
+
+    @property
+    def state(self) -> StandbyState:
+        """The engine's residency as of its last report."""
+        return self._state
+
+    @property
+    def standby(self) -> StandbyPolicy:
+        return self._standby
+
+    def park(self, reason: str) -> None:
+        """Ask the engine to park (it finishes or preempts what runs first); see ``state``."""
+        self._send(ParkEngine(reason))
+
+    def wake(self) -> None:
+        """Ask the engine to wake now rather than at the next request; see ``state``."""
+        self._send(WakeEngine())
+
+    def _set_state(self, state: StandbyState) -> None:
+        if state is not self._state:
+            self._state = state
+            self.entered[state] += 1
+            log.info("runtime state: %s", state.value)
 
     @property
     def process(self) -> "BaseProcess | None":
@@ -305,10 +343,13 @@ class EngineLoop:
     def _on_report(self, report: StepReport) -> None:
         now = time.monotonic()
         # Gauges first: a client that has seen an output must not scrape older gauges.
+        self._set_state(StandbyState(report.state))
         self._refresh_gauges(report.stats, report.taken)
         for rejection in report.rejections:
             if rejection.invalid:
                 error = errors.invalid_request(rejection.message)
+            elif rejection.retry:
+                error = errors.unavailable(rejection.message, "wake_failed", self._retry_after_s)
             else:
                 error = APIError(
                     500,
@@ -400,6 +441,8 @@ class EngineLoop:
         self._taken = taken
         pending = self._sent - taken  # sent, not yet in the engine's queue
         self._engine_waiting = stats.num_waiting
+        parked = self._state in (StandbyState.STANDBY, StandbyState.WAKING)
+        weights = 0 if parked else self._weights_bytes
         self._gauges = RuntimeGauges(
             running=stats.num_running,
             waiting=stats.num_waiting + pending,
@@ -410,5 +453,5 @@ class EngineLoop:
             prefix_cache_queries=stats.prefix_cache_queries,
             prefix_cache_hits=stats.prefix_cache_hits,
             kv_cache_bytes=stats.kv_cache_bytes,
-            resident_bytes=stats.kv_cache_bytes + self._weights_bytes,
+            resident_bytes=stats.kv_cache_bytes + weights,
         )

@@ -12,7 +12,6 @@ read at scrape time from the latest snapshot through :class:`RuntimeCollector`, 
 drift from the engine's own numbers.
 """
 
-import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -20,6 +19,8 @@ from typing import NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from berth.runtime.server.standby import StandbyState
 
 
 class Name(NamedTuple):
@@ -112,21 +113,6 @@ HTTP_HEADER_TIMEOUTS = Name(
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)  # fmt: skip
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)  # fmt: skip
-
-
-class StandbyState(enum.Enum):
-    """The runtime's residency on its GPU (ARCHITECTURE section 5).
-
-    Only ``loading`` and ``active`` are entered today; parking and waking belong to the node
-    agent's park/wake protocol, and the metric already exports every state so that dashboards
-    and the autoscaler can be written against the final shape.
-    """
-
-    LOADING = "loading"
-    ACTIVE = "active"
-    PARKING = "parking"
-    STANDBY = "standby"
-    WAKING = "waking"
 
 
 @dataclass(frozen=True)

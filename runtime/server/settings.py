@@ -3,11 +3,12 @@
 from dataclasses import replace
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from berth import wire
 from berth.runtime.engine import EngineConfig
 from berth.runtime.server.metrics import MemoryBudget
+from berth.runtime.server.standby import StandbyPolicy
 
 TINY = "tiny"  # --model tiny: make the random-weight test model on the fly
 
@@ -43,6 +44,10 @@ class ServerSettings(BaseModel):
     keep_alive_timeout_s: int = Field(5, ge=1)
     max_connections: int = Field(1024, ge=1)
     memory: MemoryBudget = MemoryBudget()
+    # Warm standby (standby.py): off unless idle_s is set; admin_token (wire.ENV_ADMIN_TOKEN)
+    # authenticates POST /admin/park and /admin/wake (none: they answer 403).
+    standby: StandbyPolicy = StandbyPolicy()
+    admin_token: SecretStr | None = None
     log_level: str = "info"
     access_log: bool = True
 
@@ -54,4 +59,6 @@ class ServerSettings(BaseModel):
         return Path(self.engine.model).name or self.engine.model
 
     def engine_config(self, model_dir: str) -> EngineConfig:
-        return replace(self.engine, model=model_dir)
+        """The engine's config for ``model_dir``; with standby on it keeps a host copy of its
+        weights."""
+        return replace(self.engine, model=model_dir, standby=self.standby.enabled)
