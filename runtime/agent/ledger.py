@@ -257,7 +257,11 @@ class NodeLedger:
             old.pid = body.pid or old.pid
             want = old.want if body.want_bytes is None else body.want_bytes
             return self._registration(self._report(old, body.held_bytes, want, now), now)
-        if self.recovering(now) and body.held_bytes == 0 and body.tenant not in self.awaited:
+        # A tenant that registers parked holds and wants nothing, and its request does not count:
+        # it is admitted even during the grace (it is granted nothing until the grace ends).
+        parks_itself = body.can_park and body.held_bytes == 0 and body.want_bytes == 0
+        recovering = self.recovering(now) and body.held_bytes == 0 and not parks_itself
+        if recovering and body.tenant not in self.awaited:
             retry = self.recovering_until - now
             raise AgentError(
                 "recovering",
@@ -266,10 +270,10 @@ class NodeLedger:
                 retry_after_s=retry,
             )
         others = [t for t in self._on(gpu.uuid) if t.tenant != body.tenant]
-        # What stays requested even if every idle tenant parked; nothing, for a tenant that
-        # registers parked (it holds and wants nothing).
-        parks_itself = body.can_park and body.held_bytes == 0 and body.want_bytes == 0
-        requested = sum(t.request for t in others if not (t.parked or t.parkable))
+        # What stays requested even if every idle tenant parked, not counting parked tenants nor
+        # waking ones (not resident yet: they wait for room, they do not hold it). None of it
+        # matters to a tenant that registers parked.
+        requested = sum(t.request for t in others if not (t.standby or t.parkable))
         if (0 if parks_itself else requested) + body.request_bytes > gpu.allocatable:
             raise AgentError(
                 "request_does_not_fit",

@@ -142,3 +142,29 @@ def test_a_parked_tenant_re_registers_after_an_agent_restart_holding_nothing() -
     assert node.tenants["a"].state() == TenantState.PARKED
     assert not node.recovering(1.0)  # everyone the previous agent knew is back
     assert [type(n) for n in node.drain()] == [Parked]
+
+
+def test_a_parked_tenant_is_admitted_during_the_restart_grace_and_granted_nothing() -> None:
+    node = NodeLedger.start([GpuMemory("G", 0, "sim", 100)], "e3", POLICY, now=0.0)  # blind
+    assert register(node, "a", 60, want=0) == 0
+    with pytest.raises(AgentError) as refused:
+        register(node, "b", 30)  # an empty registration that wants memory waits out the grace
+    assert refused.value.code == "recovering"
+    assert node.heartbeat("a", "i", 0, 60, 0, now=2.0).granted_bytes == 0  # woke: not yet
+    node.tick(now=POLICY.grace_s)
+    assert node.tenants["a"].granted == 60
+
+
+def test_a_waking_tenant_never_stops_a_tenant_that_holds_memory_from_re_registering() -> None:
+    """After an agent restart, a parked tenant back first wakes (its request and the others'
+    overcommit the GPU); one that holds memory then re-registers: it must be admitted with what
+    it holds, or its memory would be granted to the waking one."""
+    node = NodeLedger.start([GpuMemory("G", 0, "sim", 100)], "e4", POLICY, now=0.0,
+                            known=["a", "b"])  # fmt: skip
+    register(node, "a", 60, want=0)
+    node.heartbeat("a", "i", 0, 60, 0, now=1.5)  # wakes during the grace
+    body = Register(tenant="b", instance="i", gpu_uuid="G", request_bytes=50, limit_bytes=50,
+                    held_bytes=50, can_park=True, pid=None)  # fmt: skip
+    assert node.register(body, now=2.0).granted_bytes == 50
+    node.tick(now=3.0)
+    assert node.tenants["a"].granted == 50 and node.tenants["a"].owed == 10

@@ -104,11 +104,11 @@ class LedgerMachine(RuleBasedStateMachine):
             pid=None,
         )
         gpu = self.ledger.gpus[runtime.gpu]
-        # What stays requested even if every idle tenant parked; a tenant registering parked
-        # (it holds and wants nothing) needs none of it.
+        # What stays requested even if every idle tenant parked, without parked or waking
+        # tenants; a tenant registering parked (it holds and wants nothing) needs none of it.
         requested = sum(
             t.request for t in self.ledger.tenants.values()
-            if t.gpu == runtime.gpu and t.tenant != runtime.tenant and not (t.parked or t.parkable)
+            if t.gpu == runtime.gpu and t.tenant != runtime.tenant and not (t.standby or t.parkable)
         )  # fmt: skip
         if runtime.can_park and runtime.phys == 0 and runtime.want == 0:
             requested = 0
