@@ -39,15 +39,18 @@ hold right now; it rises only through the agent's replies and falls only through
 own ``release`` (or when the lease ends), so the agent never takes memory a tenant may already
 be using. Invariant: per GPU ``sum(granted) <= allocatable``.
 
-- Admission: a tenant is admitted only if the requests of the non-parked tenants on its GPU,
-  its own included, fit in ``allocatable`` (parked tenants' requests do not count: standby
-  tenants may overcommit a GPU, and the operator's scheduler bounds that with its overcommit
-  factor). Its request is then guaranteed: whenever it wants memory up to its request
+- Admission: a tenant is admitted only if its request fits in ``allocatable`` together with the
+  requests of the tenants on its GPU that could not make room: neither parked, nor waking, nor
+  idle enough to be parked (see "Warm standby"). Standby tenants may so overcommit a GPU; the
+  operator's scheduler bounds that with its overcommit factor. A tenant that registers parked
+  (``can_park``, holding and wanting nothing) is always admitted, even during the restart
+  grace: it is granted nothing. Its request is then guaranteed: whenever it wants memory up to its request
   (``want_bytes``; a fresh registration wants its request), it gets it from free memory, and if
   there is not enough, the agent reclaims bursts from other tenants, then parks idle ones (below).
   A tenant still below what it is owed is ``pending``: it must not map more than
   ``granted_bytes``, and waits (heartbeating) until ``granted_bytes`` reaches its request.
-  Every live, non-parked, admitted tenant keeps at least its request.
+  Every live, non-parked, admitted tenant keeps at least its request once granted (a waking
+  tenant may wait for idle tenants to park, while the GPU is overcommitted).
 - Burst: when nobody is owed memory, a tenant that wants more than its grant gets free memory,
   up to ``min(want_bytes, limit_bytes)``. Unused request memory of another tenant counts as
   free: it is lent, and reclaimed when its owner grows back to its request.
