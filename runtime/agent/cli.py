@@ -97,7 +97,10 @@ def run(settings: AgentSettings) -> None:
         publisher = NodePublisher(client, settings.node_name, gpus)
     driver_free = None
     if not settings.simulate_gpus:  # a real GPU: wake grants wait until the driver has it back
-        driver_free = gpu_discovery.DriverFree([gpu.uuid for gpu in gpus])
+        try:
+            driver_free = gpu_discovery.DriverFree([gpu.uuid for gpu in gpus])
+        except gpu_discovery.GpuDiscoveryError as error:
+            log.warning("waking tenants are granted by the ledger alone: %s", error)
     agent = Agent(
         ledger,
         report=publisher.report if publisher else None,

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from berth.runtime.agent.gpus import GpuDiscoveryError, nvml, simulated
+from berth.runtime.agent.gpus import DriverFree, GpuDiscoveryError, nvml, simulated
 
 GIB = 2**30
 
@@ -57,3 +57,21 @@ def test_nvml_finds_every_gpu_with_the_uuid_and_memory_nvidia_smi_reports() -> N
         tuple(row) for row in expected
     ]
     assert all(g.allocatable == g.capacity - GIB for g in gpus)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not nvml_present(), reason="needs NVML (a GPU machine)")
+def test_the_drivers_free_memory_is_read_for_every_gpu_and_tracks_an_allocation() -> None:
+    gpus = nvml()
+    free = DriverFree([g.uuid for g in gpus])
+    try:
+        before = free()
+        assert set(before) == {g.uuid for g in gpus}
+        assert all(0 < before[g.uuid] <= g.capacity for g in gpus)
+        torch = pytest.importorskip("torch")
+        block = torch.empty(2 * GIB, dtype=torch.uint8, device="cuda:0")
+        after = free()[gpus[0].uuid]
+        assert before[gpus[0].uuid] - after >= 2 * GIB - 64 * 2**20  # seen by the driver
+        del block
+    finally:
+        free.close()
