@@ -335,6 +335,12 @@ class StandbySpec(ApiModel):
     min_active_replicas: int = Field(
         default=0, ge=0, description="Replicas that never park (0 = scale to standby)."
     )
+    host_memory: PositiveQuantity | None = Field(
+        default=None,
+        description="Host memory for a replica's parked copy of its weights, e.g. 16Gi: added to "
+        "the runtime container's memory request (and limit, if one is set), so that the "
+        "scheduler places replicas only on nodes whose memory holds their standby copies.",
+    )
 
 
 class EgressRule(ApiModel):

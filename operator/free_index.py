@@ -27,6 +27,7 @@ from berth.operator.placement import (
     PodRequest,
     best_gpu,
     eligible,
+    host_memory_fits,
 )
 
 Rank = tuple[int, int, int, str, int]
@@ -39,6 +40,7 @@ class FreeIndex:
         self.nodes = sorted(nodes, key=lambda n: n.name)
         self.ledger, self.policy = ledger, policy
         self.gpus: dict[GpuKey, Gpu] = {g.key: g for n in self.nodes for g in n.gpus}
+        self.by_name: dict[str, Node] = {n.name: n for n in self.nodes}
         self.used: dict[int, list[tuple[int, str, int]]] = {}  # capacity -> (free, node, index)
         self.empty: dict[int, list[tuple[str, int]]] = {}  # capacity -> (node, index)
         self.eligible_cache: dict[tuple[object, ...], set[str]] = {}
@@ -79,6 +81,10 @@ class FreeIndex:
         if request.standby:
             return best_gpu(self.nodes, self.ledger, request, self.policy)
         allowed = self._eligible_nodes(request)
+        if request.host_memory:
+            allowed = {
+                n for n in allowed if host_memory_fits(self.by_name[n], self.ledger, request)
+            }
         ledger, service = self.ledger, request.service
         usable_total = self.policy.standby_overcommit
         best: tuple[Rank, Gpu, int] | None = None
@@ -129,4 +135,5 @@ class FreeIndex:
             gpu_index=gpu.index,
             request=need,
             limit=request.demand.limit_on(self.policy.usable(gpu.memory)),
+            host_memory=request.host_memory,
         )

@@ -67,13 +67,28 @@ def node_from_object(node: Obj) -> Node:
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in status.get("conditions") or []
     )
+    memory = (status.get("allocatable") or {}).get("memory")
     return Node(
         name=name,
         gpus=gpus,
         labels=labels,
         taints=taints,
         schedulable=ready and not spec.get("unschedulable", False),
+        memory=quantity_bytes(memory) if memory else None,
     )
+
+
+def pod_host_memory(pod: Obj) -> int:
+    """The memory a pod requests of its node, as the kubelet counts it: its containers' requests
+    summed, or its largest init container's when that is more."""
+    spec = pod.get("spec", {})
+
+    def requested(container: Obj) -> int:
+        value = ((container.get("resources") or {}).get("requests") or {}).get("memory")
+        return quantity_bytes(str(value)) if value else 0
+
+    running = sum(requested(c) for c in spec.get("containers") or [])
+    return max([running, *(requested(c) for c in spec.get("initContainers") or [])])
 
 
 def nodes_from_inventory(inventory: Inventory) -> list[Node]:
@@ -86,7 +101,8 @@ def nodes_from_inventory(inventory: Inventory) -> list[Node]:
                 Gpu(name, i, (group.gpu_memory_mib or 0) * MIB, group.gpu_product or "")
                 for i in range(group.gpus)
             )
-            nodes.append(Node(name, gpus, group.node_labels(), taints))
+            memory = quantity_bytes(group.memory) if group.memory else None
+            nodes.append(Node(name, gpus, group.node_labels(), taints, memory=memory))
     return nodes
 
 
@@ -130,6 +146,7 @@ def pod_request(pod: Obj) -> PodRequest:
         node_selector=spec.get("nodeSelector") or {},
         tolerations=tolerations,
         standby=_meta(pod, "annotations").get(wire.POD_STANDBY) == "true",
+        host_memory=pod_host_memory(pod),
     )
 
 
@@ -151,6 +168,7 @@ def pod_allocation(pod: Obj) -> Allocation | None:
         request=request,
         limit=_count(annotations, wire.POD_GPU_MEMORY_LIMIT, request),
         standby=annotations.get(wire.POD_STANDBY) == "true",
+        host_memory=pod_host_memory(pod),
     )
 
 

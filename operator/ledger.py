@@ -25,8 +25,8 @@ A pod's life in the ledger follows kube-scheduler's cache
   processed after it: dropping the booking there booked one GPU twice), and is dropped when the
   list shows the pod bound without an allocation or does not show it at all (deleted).
 
-Invariant: the counters (``resident``, ``total``, ``tenants``, services per GPU and node) are
-always the sums over ``by_pod``, Assumed and Added alike.
+Invariant: the counters (``resident``, ``total``, ``tenants``, services per GPU and node, host
+memory per node) are always the sums over ``by_pod``, Assumed and Added alike.
 """
 
 from collections import Counter
@@ -45,6 +45,7 @@ class Allocation:
     request: int  # bytes
     limit: int  # bytes
     standby: bool = False
+    host_memory: int = 0  # bytes of the node's memory the pod requests (a parked weights copy)
 
     @property
     def gpu(self) -> GpuKey:
@@ -67,6 +68,7 @@ class GpuLedger:
         self.tenants: Counter[GpuKey] = Counter()
         self.services_on_gpu: dict[GpuKey, Counter[str]] = {}
         self.services_on_node: dict[str, Counter[str]] = {}
+        self.host_memory: Counter[str] = Counter()  # node -> bytes of memory its pods request
         # pod -> deadline (monotonic seconds) of an Assumed booking; None while its bind is in flight
         self.assumed: dict[str, float | None] = {}
 
@@ -83,6 +85,7 @@ class GpuLedger:
         self.tenants[a.gpu] += 1
         self.services_on_gpu.setdefault(a.gpu, Counter())[a.service] += 1
         self.services_on_node.setdefault(a.node, Counter())[a.service] += 1
+        self.host_memory[a.node] += a.host_memory
 
     def remove(self, pod: str) -> Allocation | None:
         """Free the pod's share, Assumed or Added (Deleted); None if it held none."""
@@ -96,6 +99,7 @@ class GpuLedger:
         self.tenants[a.gpu] -= 1
         self.services_on_gpu[a.gpu][a.service] -= 1
         self.services_on_node[a.node][a.service] -= 1
+        self.host_memory[a.node] -= a.host_memory
         return a
 
     # ---- the assumed-pod protocol --------------------------------------------------------

@@ -65,6 +65,7 @@ class Node:
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
     schedulable: bool = True  # False when cordoned or not Ready
+    memory: int | None = None  # allocatable host memory, bytes (None: unknown, not checked)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class PodRequest:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = ()
     standby: bool = False
+    host_memory: int = 0  # bytes of host memory the pod requests (its weights' parked copy)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,15 @@ def eligible(node: Node, request: PodRequest) -> bool:
     )
 
 
+def host_memory_fits(node: Node, ledger: GpuLedger, request: PodRequest) -> bool:
+    """The node's allocatable memory holds what Berth's pods there request, this one's too (a
+    standby tenant's pinned copy of its weights lives in host memory). Berth binds its pods
+    itself, so without this check the kubelet would refuse them (OutOfmemory) instead."""
+    if node.memory is None or not request.host_memory:
+        return True
+    return ledger.host_memory[node.name] + request.host_memory <= node.memory
+
+
 def best_gpu(
     nodes: Iterable[Node],
     ledger: GpuLedger,
@@ -148,7 +159,7 @@ def best_gpu(
     chosen: Allocation | None = None
     service = request.service
     for node in nodes:
-        if not eligible(node, request):
+        if not eligible(node, request) or not host_memory_fits(node, ledger, request):
             continue
         on_node = ledger.services_on_node.get(node.name)
         same_on_node = on_node[service] if on_node else 0
@@ -182,6 +193,7 @@ def best_gpu(
                     request=need,
                     limit=request.demand.limit_on(usable),
                     standby=request.standby,
+                    host_memory=request.host_memory,
                 )
     return chosen
 
@@ -237,6 +249,14 @@ def unplaceable_reason(
             f"0/{len(gpu_nodes)} GPU nodes match: node selector {dict(request.node_selector)}, "
             "untolerated taints, or cordoned"
         )
+    roomy = [n for n in candidates if host_memory_fits(n, ledger, request)]
+    if not roomy:
+        most = max((n.memory or 0) - ledger.host_memory[n.name] for n in candidates)
+        return (
+            f"0/{len(candidates)} matching nodes have the host memory: needs "
+            f"{request.host_memory / 2**30:.1f} GiB, the most free is {most / 2**30:.1f} GiB"
+        )
+    candidates = roomy
     gpus = [g for n in candidates for g in n.gpus]
     same_service = too_small = overcommitted = 0
     short: tuple[int, int, int] | None = None  # (free, need, usable) of the GPU closest to fitting

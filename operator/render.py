@@ -13,7 +13,7 @@ import posixpath
 from typing import Any
 
 from berth import wire
-from berth.operator.api import InferenceService, InferenceServiceSpec
+from berth.operator.api import InferenceService, InferenceServiceSpec, quantity_bytes
 from berth.operator.settings import OperatorSettings
 
 PORT = 8000
@@ -207,8 +207,13 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         # status board names either in the service's Ready condition.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if pod.resources is not None:
-        container["resources"] = pod.resources.model_dump(by_alias=True, exclude_defaults=True)
+    resources = (
+        pod.resources.model_dump(by_alias=True, exclude_defaults=True) if pod.resources else {}
+    )
+    if spec.standby is not None and spec.standby.enabled and spec.standby.host_memory:
+        resources = with_host_memory(resources, quantity_bytes(spec.standby.host_memory))
+    if resources:
+        container["resources"] = resources
     node_selector = dict(pod.node_selector)
     if spec.gpu.product:
         node_selector[wire.NODE_GPU_PRODUCT] = spec.gpu.product
@@ -252,6 +257,16 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
             },
         },
     }
+
+
+def with_host_memory(resources: dict[str, Any], extra: int) -> dict[str, Any]:
+    """``resources`` asking for ``extra`` more bytes of memory (a limit, if set, grows alike)."""
+    grown = {kind: dict(values) for kind, values in resources.items()}
+    for kind in ("requests", "limits"):
+        if kind == "requests" or "memory" in grown.get(kind, {}):
+            values = grown.setdefault(kind, {})
+            values["memory"] = str(quantity_bytes(values.get("memory", "0")) + extra)
+    return grown
 
 
 def standby_enabled(service: InferenceService) -> bool:

@@ -74,3 +74,28 @@ def test_demands_come_from_the_template_annotations() -> None:
     )
     assert demand is not None and demand.request == 12 * 2**30 and demand.limit == 30 * 2**30
     assert gpus.pod_demand(pod({})) is None
+
+
+def test_host_memory_comes_from_the_node_allocatable_and_the_pod_requests() -> None:
+    node = ready(node_manifest(GROUP, "g"))
+    node["status"]["allocatable"] = {**node["status"].get("allocatable", {}), "memory": "64Gi"}
+    assert gpus.node_from_object(node).memory == 64 * 2**30
+    assert gpus.node_from_object(ready(node_manifest(GROUP, "g"))).memory == 256 * 2**30
+    del node["status"]["allocatable"]["memory"]
+    assert gpus.node_from_object(node).memory is None  # not said: not checked
+    bound = pod({wire.POD_WANTS_GPU_FRACTION: "0.5"}, node="g")
+    bound["metadata"]["annotations"].update(
+        gpus.binding_annotations(Allocation("ns/p", "ns/svc", "g", 0, 1, 1), Gpu("g", 0, 1))
+    )
+
+    def requests(memory: str) -> dict[str, Any]:
+        return {"resources": {"requests": {"memory": memory}}}
+
+    # The kubelet's count: containers summed, or the largest init container when that is more.
+    bound["spec"]["containers"] = [requests("6Gi"), requests("512Mi"), {}]
+    bound["spec"]["initContainers"] = [requests("1Gi")]
+    assert gpus.pod_host_memory(bound) == 6 * 2**30 + 2**29
+    allocation = gpus.pod_allocation(bound)
+    assert allocation is not None and allocation.host_memory == 6 * 2**30 + 2**29
+    bound["spec"]["initContainers"] = [requests("8Gi")]
+    assert gpus.pod_request(bound).host_memory == 8 * 2**30

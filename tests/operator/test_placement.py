@@ -353,3 +353,54 @@ def test_with_any_reserve_fractions_pack_as_they_would_on_a_smaller_gpu_without_
     assert [(d.request.pod, d.allocation and d.allocation.gpu) for d in with_reserve] == [
         (d.request.pod, d.allocation and d.allocation.gpu) for d in without
     ]
+
+
+def test_host_memory_bounds_the_pods_a_node_takes_and_the_reason_says_so() -> None:
+    """A standby tenant's pinned weights live in host memory: a node whose allocatable memory
+    cannot hold one more is skipped, and when none can, the reason gives the numbers."""
+    nodes = [
+        Node("n0", tuple(Gpu("n0", g, CAP) for g in range(4)), memory=40 * GIB),
+        Node("n1", tuple(Gpu("n1", g, CAP) for g in range(4)), memory=16 * GIB),
+    ]
+    batch = [
+        PodRequest(f"ns/s{i}", f"ns/s{i}", GpuDemand(fraction=0.25), host_memory=16 * GIB)
+        for i in range(4)
+    ]
+    decisions = {d.request.pod: d for d in place(nodes, GpuLedger(), batch)}
+    by_node = [d.allocation.node for d in decisions.values() if d.allocation]
+    assert sorted(by_node) == ["n0", "n0", "n1"]
+    (refused,) = [d for d in decisions.values() if d.allocation is None]
+    assert "have the host memory: needs 16.0 GiB" in refused.reason
+    assert "the most free is 8.0 GiB" in refused.reason
+    placed_ledger = placed(list(decisions.values()))
+    assert placed_ledger.host_memory == {"n0": 32 * GIB, "n1": 16 * GIB}
+    # Nodes that do not say their memory, and pods that request none, are not held back.
+    unknown = [Node("n9", (Gpu("n9", 0, CAP),))]
+    assert all(d.allocation for d in place(unknown, GpuLedger(), batch[:1]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    fractions=st.lists(st.sampled_from(EIGHTHS[:4]), min_size=1, max_size=16),
+    host_gib=st.lists(st.sampled_from([0, 4, 8, 16]), min_size=16, max_size=16),
+)
+def test_the_free_memory_index_honours_host_memory_as_the_full_scan_does(
+    fractions: list[float], host_gib: list[int]
+) -> None:
+    nodes = [
+        Node(f"n{i}", tuple(Gpu(f"n{i}", g, CAP) for g in range(2)), memory=(8 + 8 * i) * GIB)
+        for i in range(3)
+    ]
+    batch = [
+        PodRequest(r.pod, r.service, r.demand, host_memory=host_gib[i] * GIB)
+        for i, r in enumerate(requests(fractions))
+    ]
+    fast = {d.request.pod: d.allocation for d in place(nodes, GpuLedger(), batch)}
+    ledger = GpuLedger()
+    for request in decreasing(batch, CAP):
+        naive = best_gpu(nodes, ledger, request, PlacementPolicy())
+        assert naive == fast[request.pod], request
+        if naive:
+            ledger.add(naive)
+    for node in nodes:
+        assert node.memory is not None and ledger.host_memory[node.name] <= node.memory

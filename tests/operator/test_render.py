@@ -207,3 +207,25 @@ def test_without_standby_or_with_it_disabled_the_runtime_never_parks() -> None:
         container = render.deployment(s, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
         names = {e["name"] for e in container["env"]}
         assert wire.ENV_STANDBY_IDLE_SECONDS not in names and wire.ENV_ADMIN_TOKEN not in names
+
+
+def test_standby_host_memory_grows_the_memory_request_and_a_set_limit() -> None:
+    standby = {"idleSeconds": 60, "hostMemory": "2Gi"}
+    alone = render.deployment(service(standby=standby), SETTINGS)
+    resources = alone["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {"requests": {"memory": str(2 * 2**30)}}
+    bounded = service(
+        standby=standby,
+        pod={"resources": {"requests": {"memory": "1Gi", "cpu": "2"}, "limits": {"memory": "3Gi"}}},
+    )
+    container = render.deployment(bounded, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {
+        "requests": {"memory": str(3 * 2**30), "cpu": "2"},
+        "limits": {"memory": str(5 * 2**30)},
+    }
+    # Standby off: the host memory is not asked for.
+    off = service(standby={**standby, "enabled": False})
+    assert (
+        "resources"
+        not in render.deployment(off, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    )
