@@ -315,10 +315,13 @@ def serving(
     models: dict[str, Model],
     budgets: Budgets,
     ctx: dict[str, str],
-) -> Iterator[dict[str, str]]:
+) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
     """One ``berth serve`` per model, started together, each with its budget in the env vars
-    a pod gets and the agent's socket; yields shape -> URL once all are ready."""
+    a pod gets and the agent's socket; yields (shape -> URL of those that turned ready,
+    shape -> the log's tail of those that did not), so one failed start costs only its turns."""
     paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    # What the requests need (one block spare), not the shapes' own (131072 for llama-3.2-1b).
+    max_len = args.prompt_tokens + args.output_tokens + 16
     processes: dict[str, subprocess.Popen[bytes]] = {}
     urls: dict[str, str] = {}
     try:
@@ -340,22 +343,23 @@ def serving(
                        "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
                        "--no-access-log", "--log-level", "info", "--shutdown-delay", "0",
                        "--max-waiting-requests", "1024",
-                       "--max-num-seqs", str(args.max_num_seqs)]  # fmt: skip
+                       "--max-num-seqs", str(args.max_num_seqs),
+                       "--max-model-len", str(max_len)]  # fmt: skip
             with _log(ctx, layout, shape).open("w") as sink:
                 processes[shape] = subprocess.Popen(
                     command, stdout=sink, stderr=subprocess.STDOUT, env=env
                 )
             urls[shape] = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 900
+        failed: dict[str, str] = {}
         for shape, url in urls.items():
             while not _ready(url):
-                if processes[shape].poll() is not None:
-                    tail = _log(ctx, layout, shape).read_text()[-3000:]
-                    raise RuntimeError(f"berth serve ({layout}, {shape}) exited:\n{tail}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"berth serve ({layout}, {shape}) did not become ready")
+                if processes[shape].poll() is not None or time.monotonic() > deadline:
+                    failed[shape] = _log(ctx, layout, shape).read_text()[-3000:]
+                    print(f"berth serve ({layout}, {shape}) did not start:\n{failed[shape]}")
+                    break
                 time.sleep(1)
-        yield urls
+        yield {s: u for s, u in urls.items() if s not in failed}, failed
     finally:
         for process in processes.values():
             process.send_signal(signal.SIGTERM)
@@ -401,13 +405,16 @@ def run_layout(
     entry.update({"layout": layout, "budgets": budgets, "turns": [], "startup": {}})
     save()
     t0 = time.perf_counter()
-    with serving(args, layout, models, budgets, ctx) as urls:
+    with serving(args, layout, models, budgets, ctx) as (urls, failed):
         entry["start_s"] = time.perf_counter() - t0
+        entry["failed"] = failed
         entry["leased"] = sorted(t.tenant for g in agent.ledger().gpus for t in g.tenants)
         print(f"[{_clock(ctx)}] {layout}: ready in {entry['start_s']:.0f} s, leased: "
               f"{', '.join(entry['leased']) or 'none'}", flush=True)  # fmt: skip
         for users in (int(c) for c in args.concurrency.split(",")):
             for shape, model in models.items():
+                if shape not in urls:
+                    continue
                 with MemoryWatch(agent=agent, uuid=ctx.get("nvml_uuid") or None) as watch:
                     run = _turn(args, model, urls[shape], users)
                 memory = {
@@ -424,7 +431,7 @@ def run_layout(
                       f"E2E p50 {run.get('e2e_s_p50', float('nan')):.2f} s, held "
                       f"{held / MIB:.0f} MiB{' ' + run['error'] if 'error' in run else ''}",
                       flush=True)  # fmt: skip
-    entry["startup"] = {s: _memory_line(_log(ctx, layout, s)) for s in models}
+    entry["startup"] = {s: _memory_line(_log(ctx, layout, s)) for s in urls}
 
 
 def _clock(ctx: dict[str, str]) -> str:
@@ -455,6 +462,7 @@ def three_models(args: argparse.Namespace, tmp: Path, json_out: Path) -> dict:
         "capacity": total,
         "used_before": used0,
         "allocatable": allocatable,
+        "versions": _versions(),
         "settings": {k: getattr(args, k) for k in SETTINGS},
         "layouts": [],
     }
@@ -480,6 +488,16 @@ def three_models(args: argparse.Namespace, tmp: Path, json_out: Path) -> dict:
         finally:
             _keep_logs(ctx, models, json_out.with_suffix(".logs.txt"))
     return results
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in ("torch", "triton"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{name} {metadata.version(name)}")
+    return ", ".join([*found, f"Python {sys.version.split()[0]}"])
 
 
 def _keep_logs(ctx: dict[str, str], models: dict[str, Model], out: Path) -> None:
@@ -511,7 +529,8 @@ def report_three(results: dict, note: str = "") -> str:
     lines = [
         f"## (a) {len(shapes)} models on one GPU: fixed shares vs request/limit pairs",
         "",
-        f"{results['date']}, {results['device']}; {s['prompt_tokens']} prompt + "
+        f"{results['date']}, {results['device']} ({results.get('versions', '')}); "
+        f"{s['prompt_tokens']} prompt + "
         f"{s['output_tokens']} output tokens per request (random ids, ignore_eos, streamed); "
         f"locust closed loop, {s['warmup']:g} s warm-up, {s['duration']:g} s measured per "
         f"turn; max_num_seqs {s['max_num_seqs']}; one real `berth node-agent` (heartbeat "
@@ -618,6 +637,9 @@ def report_three(results: dict, note: str = "") -> str:
             f"the agent: {', '.join(entry['leased']) or 'none'}):"
         )
         lines += [f"  - `{shape}`: {line}" for shape, line in entry["startup"].items()]
+        for shape, tail in entry.get("failed", {}).items():
+            last = tail.strip().splitlines()[-1] if tail.strip() else "(empty log)"
+            lines.append(f"  - `{shape}` did not start: {last}")
     lines.append("")
     if note:
         lines += [note, ""]

@@ -27,9 +27,9 @@ if [[ $part == colocate-a ]]; then
   # Highest level first: a run cut short by the timeout loses the least telling turns. On
   # SIGTERM the script stops its runtimes and keeps its logs; the raw results are saved after
   # every turn, and the report is rendered from them if the run did not get that far.
-  timeout -k 20 "${COLOCATE_A_TIMEOUT:-470}" python3 benchmarks/colocate.py --mode a \
+  timeout -k 20 "${COLOCATE_A_TIMEOUT:-480}" python3 benchmarks/colocate.py --mode a \
     --model-cache /tmp/berth-models --out "$OUT/colocate-a.md" --load-site /tmp/site \
-    --concurrency 128,32 --warmup 4 --duration 14 ${COLOCATE_ARGS:-} 2>&1 | tee "$OUT/colocate-a.log" | tail -70
+    --concurrency 128,32 --warmup 5 --duration 13 ${COLOCATE_ARGS:-} 2>&1 | tee "$OUT/colocate-a.log" | tail -70
   [[ -f $OUT/colocate-a.md ]] || python3 benchmarks/colocate.py --mode a \
     --render "$OUT/colocate-a.json" --out "$OUT/colocate-a.md" | tail -70
 fi
