@@ -355,6 +355,13 @@ class EgressRule(ApiModel):
     ports: list[Port] = Field(
         default_factory=list, max_length=64, description="Allowed ports; empty means all ports."
     )
+    protocols: list[Literal["TCP", "UDP"]] = Field(
+        default_factory=lambda: ["TCP"],
+        min_length=1,
+        max_length=2,
+        description="Transport protocols the ports are allowed for.",
+        json_schema_extra={"default": ["TCP"]},
+    )
 
 
 class IngressRule(ApiModel):
@@ -363,10 +370,14 @@ class IngressRule(ApiModel):
     pod_labels: Labels = Field(default_factory=dict, max_length=32)
 
 
+# ``enabled`` seals the pods (``sandbox.py``: a NetworkPolicy and, where installed, Cilium and
+# Tetragon policies; pod hardening; the seccomp profile); ``egress``, ``ingress`` and
+# ``deniedSyscalls`` say what the seal lets through. ``runtimeClassName`` and
+# ``maxRequestSeconds`` act either way.
 class SandboxSpec(ApiModel):
     """Seal the runtime for agent workloads: network allowlists, syscall denials, limits."""
 
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="Seal the pods with the policies below.")
     egress: list[EgressRule] = Field(
         default_factory=list, max_length=32, description="Default deny; allow these."
     )
@@ -379,7 +390,11 @@ class SandboxSpec(ApiModel):
     runtime_class_name: DnsSubdomain | None = Field(
         default=None, description="RuntimeClass of the runtime's pods (e.g. gvisor, kata)."
     )
-    max_request_seconds: int | None = Field(default=None, ge=1)
+    max_request_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest a request may run, arrival to last token; then 408 and it is aborted.",
+    )
 
 
 class InferenceServiceSpec(ApiModel):
@@ -444,21 +459,20 @@ class InferenceServiceSpec(ApiModel):
 
 # Spec fields that the API accepts but no controller acts on yet, as camelCase paths under
 # ``spec``. A service that sets one gets the condition ``FieldsNotActedOn`` naming it; whoever
-# makes a field act removes it from this tuple (``sandbox.runtimeClassName`` is rendered already).
-NOT_ACTED_ON: tuple[str, ...] = (
-    "sandbox.enabled",
-    "sandbox.egress",
-    "sandbox.ingress",
-    "sandbox.deniedSyscalls",
-    "sandbox.maxRequestSeconds",
-)
+# makes a field act removes it from this tuple.
+NOT_ACTED_ON: tuple[str, ...] = ()
+# The sandbox's allowlists and denials act only under ``sandbox.enabled: true``; set without it,
+# they are reported as not acted on too.
+SEALED_ONLY: tuple[str, ...] = ("sandbox.egress", "sandbox.ingress", "sandbox.deniedSyscalls")
 
 
 def fields_not_acted_on(spec: InferenceServiceSpec) -> tuple[str, ...]:
-    """The ``NOT_ACTED_ON`` paths that ``spec`` sets to something other than their default
-    (the API server fills defaults in, so "present" alone would flag every default)."""
+    """The ``NOT_ACTED_ON`` paths (and ``SEALED_ONLY`` ones without an enabled sandbox) that
+    ``spec`` sets to something other than their default (the API server fills defaults in, so
+    "present" alone would flag every default)."""
+    sealed = spec.sandbox is not None and spec.sandbox.enabled
     found = []
-    for path in NOT_ACTED_ON:
+    for path in NOT_ACTED_ON + (() if sealed else SEALED_ONLY):
         node: Any = spec
         for depth, part in enumerate(parts := path.split(".")):
             model = type(node)

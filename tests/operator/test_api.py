@@ -53,13 +53,21 @@ def test_field_errors_spell_paths_as_the_api_server_does() -> None:
         ({"standby": {"enabled": True}}, ()),
         ({"sandbox": {"runtimeClassName": "gvisor"}}, ()),
         ({"sandbox": {"runtimeClassName": "gvisor", "enabled": False}}, ()),
-        (
-            {"sandbox": {"enabled": True, "deniedSyscalls": ["ptrace"]}},
-            ("spec.sandbox.enabled", "spec.sandbox.deniedSyscalls"),
-        ),
+        ({"sandbox": {"enabled": True, "deniedSyscalls": ["ptrace"]}}, ()),
+        ({"sandbox": {"maxRequestSeconds": 30}}, ()),
         (
             {"autoscaling": {"targetConcurrency": 4}, "sandbox": {"egress": [{"ports": [443]}]}},
             ("spec.sandbox.egress",),
+        ),
+        (
+            {
+                "sandbox": {
+                    "enabled": False,
+                    "ingress": [{"cidrs": ["10.0.0.0/8"]}],
+                    "deniedSyscalls": ["ptrace"],
+                }
+            },
+            ("spec.sandbox.ingress", "spec.sandbox.deniedSyscalls"),
         ),
     ],
 )
@@ -76,7 +84,7 @@ def test_defaults_the_api_server_fills_in_are_not_reported_as_set() -> None:
 
 
 def test_every_field_listed_as_not_acted_on_exists_in_the_spec() -> None:
-    for path in api.NOT_ACTED_ON:
+    for path in api.NOT_ACTED_ON + api.SEALED_ONLY:
         model: Any = api.InferenceServiceSpec
         for part in path.split("."):
             field = next(f for n, f in model.model_fields.items() if (f.alias or n) == part)

@@ -118,9 +118,9 @@ def test_retries_back_off_exponentially_up_to_a_cap() -> None:
 
 
 def test_a_spec_with_fields_not_acted_on_gets_a_warning_event(memo: reconciler.Shared) -> None:
-    reconcile(memo, service_body(sandbox={"enabled": True}))
+    reconcile(memo, service_body(sandbox={"deniedSyscalls": ["ptrace"]}))  # not enabled
     reasons = {e["reason"]: e["message"] for e in memo.client.events}  # type: ignore[attr-defined]
-    assert "spec.sandbox.enabled" in reasons["FieldsNotActedOn"]
+    assert "spec.sandbox.deniedSyscalls" in reasons["FieldsNotActedOn"]
     assert "Created" in reasons
 
 
