@@ -190,8 +190,12 @@ class MemoryLease:
             try:
                 reply = self._exchange(held, want, state)
             except AgentError as e:
-                return self._failed(e)
+                error: AgentError | None = e
+            else:
+                error = None
             standby = self._standby is not None or (state is not None and state.parked)
+        if error is not None:  # outside the lock: it may resize the engine
+            return self._failed(error)
         if state is not None:
             self._apply(reply, held, want, standby)
         return self.interval_s
