@@ -10,14 +10,15 @@ VENV ?= $(CACHE)/venv-py$(PYVER)-$(VENV_KEY)
 BIN := $(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: system venv toolchain images prerequisites demo test unit e2e lint lock
+.PHONY: system venv toolchain ebpf images prerequisites demo test unit e2e lint lock
 
 # Debian packages the tests use: openssl makes the control plane's certificates; the real kubelet
 # node runs pods with containerd, runc and the CNI bridge plugin (kube-proxy needs iptables and
-# conntrack); debootstrap makes the images' base layer and gcc the pod sandbox's pause binary.
-# (Go >= 1.24, which builds the control plane, ships with this kind of machine.)
+# conntrack); debootstrap makes the images' base layer and gcc the pod sandbox's pause binary;
+# clang, llvm and libbpf-dev build the egress enforcer's eBPF programs, libbpf1 loads them and
+# bpftool inspects them. (Go >= 1.24, which builds the control plane, ships with this machine.)
 SYSTEM_PACKAGES := openssl containerd runc containernetworking-plugins iptables conntrack \
-	debootstrap gcc libc6-dev
+	debootstrap gcc libc6-dev clang llvm libbpf-dev libbpf1 bpftool
 system:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then echo "[berth] installing Debian packages:" $$missing; \
@@ -39,12 +40,19 @@ venv: $(VENV)/.installed
 toolchain: system
 	@bash cluster/build-k8s.sh >/dev/null
 
+# The node agent's eBPF programs (policies/ebpf/*.c), one object each, in the ignored build folder.
+EBPF_OBJECTS := $(patsubst policies/ebpf/%.c,build/ebpf/%.o,$(wildcard policies/ebpf/*.c))
+ebpf: $(EBPF_OBJECTS)
+build/ebpf/%.o: policies/ebpf/%.c $(wildcard policies/ebpf/*.h) | system
+	@mkdir -p $(@D)
+	clang -O2 -g -target bpf -Wall -Werror -I/usr/include/$$(gcc -dumpmachine) -c $< -o $@
+
 # The real node's images (debootstrap base, pinned Python packages, Berth): cached by content.
 images: venv system
 	@$(BIN)/berth cluster images
 
 # The Go build is CPU-bound, the image build mostly disk and network: run them side by side.
-prerequisites: venv system
+prerequisites: venv system ebpf
 	@$(MAKE) --no-print-directory -j2 toolchain images
 
 lock:
