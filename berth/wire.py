@@ -37,6 +37,10 @@ POD_WANTS_GPU_MEMORY: Final = f"{GROUP}/wants-gpu-memory"  # a quantity, "20Gi"
 POD_WANTS_GPU_MEMORY_LIMIT: Final = f"{GROUP}/wants-gpu-memory-limit"  # a quantity
 # "true" while the tenant is parked in host memory (holds no GPU memory); set by the node agent.
 POD_STANDBY: Final = f"{GROUP}/standby"
+# A sandboxed pod's seccomp profile (JSON), rendered into the pod template by the reconciler; the
+# node agent writes it into the kubelet's seccomp folder under the name that the pod's
+# securityContext gives (berth/<sha256 of the JSON>.json, operator/seccomp.py).
+POD_SECCOMP_PROFILE: Final = f"{GROUP}/seccomp-profile"
 
 # Labels on every object the operator renders.
 LABEL_SERVICE: Final = f"{GROUP}/inference-service"

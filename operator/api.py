@@ -343,6 +343,9 @@ class StandbySpec(ApiModel):
     )
 
 
+Protocol = Literal["TCP", "UDP"]
+
+
 class EgressRule(ApiModel):
     cidrs: list[Cidr] = Field(
         default_factory=list, max_length=64, description="Allowed destination CIDRs."
@@ -355,8 +358,8 @@ class EgressRule(ApiModel):
     ports: list[Port] = Field(
         default_factory=list, max_length=64, description="Allowed ports; empty means all ports."
     )
-    protocols: list[Literal["TCP", "UDP"]] = Field(
-        default_factory=lambda: ["TCP"],
+    protocols: list[Protocol] = Field(
+        default_factory=lambda: ["TCP"],  # type: ignore[arg-type]
         min_length=1,
         max_length=2,
         description="Transport protocols the ports are allowed for.",

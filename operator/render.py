@@ -1,4 +1,5 @@
-"""``render(service) -> manifests``: the Deployment, Service and PodDisruptionBudget of one model.
+"""``render(service) -> manifests``: the Deployment, Service and PodDisruptionBudget of one model,
+and the policies of its sandbox (``sandbox.py``).
 
 Pure: a parsed InferenceService in, plain dicts out; the reconciler applies them with
 server-side apply. How a pod gets its GPU: it requests *no* ``nvidia.com/gpu`` (a fraction is
@@ -14,6 +15,7 @@ from typing import Any
 
 from berth import wire
 from berth.operator.api import InferenceService, InferenceServiceSpec, quantity_bytes
+from berth.operator.sandbox import NO_ENGINES, PolicyEngines, hardening, policies
 from berth.operator.settings import OperatorSettings
 
 PORT = 8000
@@ -149,6 +151,8 @@ def _serve_args(service: InferenceService, model_path: str) -> list[str]:
         args += ["--max-model-len", str(runtime.max_model_len)]
     if not runtime.enable_prefix_caching:
         args.append("--no-enable-prefix-caching")
+    if spec.sandbox is not None and spec.sandbox.max_request_seconds is not None:
+        args += ["--request-timeout", str(spec.sandbox.max_request_seconds)]
     return args + runtime.args
 
 
@@ -236,6 +240,14 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
         pod_spec["serviceAccountName"] = pod.service_account_name
     if spec.sandbox is not None and spec.sandbox.runtime_class_name:
         pod_spec["runtimeClassName"] = spec.sandbox.runtime_class_name
+    annotations = {**pod.annotations, **gpu_annotations(spec)}
+    if (hardened := hardening(spec.sandbox)) is not None:
+        pod_spec["securityContext"] = hardened.pod_security_context
+        pod_spec["volumes"] = volumes + hardened.volumes
+        for each in [container, *pod_spec.get("initContainers", [])]:
+            each["securityContext"] = hardened.container_security_context
+            each["volumeMounts"] = each["volumeMounts"] + hardened.mounts
+        annotations.update(hardened.annotations)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -251,7 +263,7 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
             "template": {
                 "metadata": {
                     "labels": {**pod.labels, **labels(name)},
-                    "annotations": {**pod.annotations, **gpu_annotations(spec)},
+                    "annotations": annotations,
                 },
                 "spec": pod_spec,
             },
@@ -333,9 +345,17 @@ def endpoint_url(service: InferenceService) -> str:
     return f"http://{meta['name']}.{meta.get('namespace', 'default')}.svc:{PORT}/v1"
 
 
-def render(service: InferenceService, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Every object the service owns; the PDB only when more than one replica can run."""
+def render(
+    service: InferenceService, settings: OperatorSettings, engines: PolicyEngines = NO_ENGINES
+) -> list[dict[str, Any]]:
+    """Every object the service owns, the Deployment first; the PDB only when more than one
+    replica can run; the sandbox's policies when it is enabled (those of ``engines`` the cluster
+    has). The operator's pods are let in from ``settings.reservation_namespace``: the chart
+    runs the operator there."""
     objects = [deployment(service, settings), service_object(service)]
     if service.spec.desired_replicas() > 1:
         objects.append(disruption_budget(service))
+    if service.spec.sandbox is not None:
+        namespace = settings.reservation_namespace
+        objects += policies(service.spec.sandbox, _metadata(service), engines, PORT, namespace)
     return objects
