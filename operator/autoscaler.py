@@ -16,12 +16,14 @@ KPA (knative/serving ``pkg/autoscaler/scaling/autoscaler.go``), step by step:
 
 Berth's steps: with standby on, the last replicas are never removed. The decision names how many
 replicas run (``replicas``, at least ``max(minReplicas, 1)``) and how many of them should be
-``active``; the rest are parked in host memory. ``active`` is the count before the scale-down
-delay: a replica kept only by the delay is surplus and parks, so it holds no GPU memory while it
-waits and comes back with a wake rather than a cold start when demand returns within the delay.
-KPA's default delay is 0, which lets the count step by one around a boundary as the average
-moves with noise (every few ticks under steady Poisson load, shown in the tests); a removed GPU
-replica costs a cold start to bring back, so Berth's default delay is 120 s. A parked replica
+``active``; the rest are parked in host memory. Pods follow the stable window, as in KPA, because
+a new pod costs a cold start; residency follows the panic window (the larger count while
+panicking), because a wake costs a fraction of a second. So a replica kept only by the stable
+window's memory or by the scale-down delay parks and holds no GPU memory, and comes back with a
+wake rather than a cold start when demand returns. KPA's default delay is 0, which lets the count
+step by one around a boundary as the average moves with noise (every few ticks under steady
+Poisson load, shown in the tests); a removed GPU replica costs a cold start to bring back, so
+Berth's default delay is 120 s. A parked replica
 wakes on its own first request (the runtime does that), so demand reaching a parked replica shows
 up in its metrics and the next decision counts it active again.
 
@@ -179,9 +181,10 @@ def desired(samples: Sequence[Sample], policy: Policy, state: State, now: float)
         wanted = (*(w for w in wanted if w[0] > now - policy.scale_down_delay_s), (now, count))
         kept = max(n for _, n in wanted)
     replicas = _bounded(kept, policy)
-    # Replicas past what demand asks for run only for the floor or the delay: with standby they
-    # park; without it they stay active.
-    active = max(min(count, replicas), min(policy.min_active_replicas, replicas))
+    # Residency follows the panic window (a wake is cheap); the rest park. Without standby,
+    # every replica stays active.
+    now_count = count if panic_since is not None else min(want_panic, up_limit)
+    active = max(min(now_count, replicas), min(policy.min_active_replicas, replicas))
     if not policy.standby:
         active = replicas
     demand = (

@@ -236,6 +236,15 @@ def test_idle_replicas_park_instead_of_going_away_and_come_back_under_load() -> 
     assert_rates_bounded(run, BERTH)
 
 
+def test_residency_follows_the_panic_window_while_pods_follow_the_stable_one() -> None:
+    """A wake costs a fraction of a second, a new pod a cold start: when demand drops, replicas
+    park within seconds but stay for the stable window and the delay."""
+    run = simulate(lambda t: 70.0 if t < 300 else 7.0, BERTH, duration_s=400, start=needed(70))
+    after = run.at(320)
+    assert after.replicas == needed(70) and after.active == needed(7) == 1
+    assert after.reason == autoscaler.STEADY and "9 of them in standby" in after.message
+
+
 def test_min_active_replicas_never_park() -> None:
     policy = Policy(target_concurrency=10, min_replicas=3, min_active_replicas=2)
     run = simulate(lambda t: 0.0, policy, duration_s=200, start=3)
