@@ -6,8 +6,10 @@
  * (a container, a `kubectl exec`) finds its sandbox by walking its ancestors from the root and
  * keeping the deepest one with an entry in `sandboxes`. connect4/6 cover TCP and connected UDP;
  * sendmsg4/6 cover UDP sendto() without connect(). An IPv4-mapped IPv6 address (::ffff:a.b.c.d)
- * arrives at the v6 hooks and is judged by the IPv4 allowlist, so a dual-stack socket cannot
- * reach a v4 address the v4 allowlist refuses. Returning 0 makes the system call fail with EPERM.
+ * arrives at connect6 and is judged by the IPv4 allowlist, so a dual-stack socket cannot reach a
+ * v4 address the v4 allowlist refuses (a mapped UDP sendto arrives at sendmsg4 on Linux 6.18;
+ * sendmsg6 judges mapped ones the same way should a kernel send one there). Returning 0 makes
+ * the system call fail with EPERM.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
