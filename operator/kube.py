@@ -36,6 +36,9 @@ PLURALS: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
     ("apps/v1", "ReplicaSet"): "replicasets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("cilium.io/v2", "CiliumNetworkPolicy"): "ciliumnetworkpolicies",
+    ("cilium.io/v1alpha1", "TracingPolicyNamespaced"): "tracingpoliciesnamespaced",
     (f"{wire.GROUP}/{wire.VERSION}", "InferenceService"): "inferenceservices",
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }

@@ -1,4 +1,5 @@
-"""kopf handlers: InferenceService -> Deployment, Service, PodDisruptionBudget; owned objects kept.
+"""kopf handlers: InferenceService -> Deployment, Service, PodDisruptionBudget and the sandbox's
+policies; owned objects kept.
 
 ``reconcile`` renders and applies a service's objects (server-side apply, field manager
 ``berth``, owner references, so the garbage collector cleans up on delete and a restart
@@ -19,7 +20,9 @@ generation. Anything else (403 from RBAC or quota, 5xx, 429, a broken connection
 ``Forbidden`` or ``ApplyFailed`` in the ``Ready`` condition and a ``TemporaryError`` retried with
 exponential backoff on kopf's per-object retry count (``retry_delay``).
 
-Shared state reaches the handlers as kopf's ``memo`` (``Shared``), set once by ``kopf.run``.
+Shared state reaches the handlers as kopf's ``memo`` (``Shared``), set once by ``kopf.run``. It
+holds the policy engines the cluster has (Cilium's and Tetragon's CRDs, ``discover_engines``),
+looked up once at start-up: a cluster that gains one later needs an operator restart.
 """
 
 import asyncio
@@ -34,7 +37,7 @@ import kopf
 from pydantic import ValidationError
 
 from berth import wire
-from berth.operator import api, api_types, drift, render
+from berth.operator import api, api_types, drift, render, sandbox
 from berth.operator.events import record_event
 from berth.operator.kube import KubeClient, KubeError, Obj, resource_path
 from berth.operator.settings import OperatorSettings
@@ -59,11 +62,36 @@ class Shared:
     settings: OperatorSettings
     client: KubeClient
     board: StatusBoard
+    engines: sandbox.PolicyEngines = sandbox.NO_ENGINES
 
 
 def shared(settings: OperatorSettings, client: KubeClient) -> Shared:
     """The memo for ``kopf.run``."""
-    return Shared(settings, client, StatusBoard(client, settings.namespaces))
+    engines = discover_engines(client)
+    return Shared(settings, client, StatusBoard(client, settings.namespaces, engines), engines)
+
+
+def discover_engines(client: KubeClient) -> sandbox.PolicyEngines:
+    """Which policy engines the cluster has, by their CRDs. A 403 counts as absent (a chart
+    older than this operator), with a warning; other failures stop the start-up."""
+
+    def installed(name: str) -> bool:
+        path = resource_path("apiextensions.k8s.io/v1", "CustomResourceDefinition", name=name)
+        try:
+            client.get(path)
+        except KubeError as error:
+            if error.status == 403:
+                log.warning("may not read CRD %s (%s): its policies are not rendered", name, error)
+            elif error.status != 404:
+                raise
+            return False
+        return True
+
+    engines = sandbox.PolicyEngines(
+        cilium=installed(sandbox.CILIUM_CRD), tetragon=installed(sandbox.TETRAGON_CRD)
+    )
+    log.info("policy engines: cilium=%s tetragon=%s", engines.cilium, engines.tetragon)
+    return engines
 
 
 def retry_delay(retry: int) -> float:
@@ -150,8 +178,18 @@ def services_by_key(body: kopf.Body, **_: Any) -> dict[Key, Obj]:
 @kopf.on.resume(*RESOURCE, backoff=UNEXPECTED_BACKOFF_S)
 @kopf.on.create(*RESOURCE, backoff=UNEXPECTED_BACKOFF_S)
 @kopf.on.update(*RESOURCE, field="spec", backoff=UNEXPECTED_BACKOFF_S)
-async def reconcile(*, body: kopf.Body, reason: str, retry: int, memo: Shared, **_: Any) -> None:
-    """Render the service's objects and apply them; prune the PDB when one replica remains."""
+async def reconcile(
+    *,
+    body: kopf.Body,
+    reason: str,
+    retry: int,
+    memo: Shared,
+    old: Any = None,
+    new: Any = None,
+    **_: Any,
+) -> None:
+    """Render the service's objects and apply them; prune the PDB when one replica remains, and
+    the sandbox's policies when they are no longer rendered."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     generation = body["metadata"].get("generation", 0)
     try:
@@ -161,8 +199,14 @@ async def reconcile(*, body: kopf.Body, reason: str, retry: int, memo: Shared, *
         await _report(memo, body, key, generation, failure)
         raise kopf.PermanentError(failure.message) from error
     try:
-        # A new service never had a budget; an existing one may have had one for more replicas.
-        objects = await _apply(memo, service, generation, prune=reason != kopf.Reason.CREATE)
+        # A new service never had a budget; an existing one may have had one for more replicas,
+        # and policies of a sandbox it no longer has (looked for on resume and sandbox changes).
+        sandbox_changed = reason == kopf.Reason.RESUME or (
+            reason == kopf.Reason.UPDATE
+            and (old or {}).get("sandbox") != (new or {}).get("sandbox")
+        )
+        prune = _prunable(memo, sandbox_changed) if reason != kopf.Reason.CREATE else []
+        objects = await _apply(memo, service, generation, prune)
     except ApplyError as error:
         await _report(memo, body, key, generation, error.failure)
         if error.failure.permanent:
@@ -184,6 +228,7 @@ async def reconcile(*, body: kopf.Body, reason: str, retry: int, memo: Shared, *
 @kopf.on.event("apps/v1", "deployments", labels=OWNED_LABELS)
 @kopf.on.event("v1", "services", labels=OWNED_LABELS)
 @kopf.on.event("policy/v1", "poddisruptionbudgets", labels=OWNED_LABELS)
+@kopf.on.event("networking.k8s.io/v1", "networkpolicies", labels=OWNED_LABELS)
 async def put_back(*, event: kopf.RawEvent, body: kopf.Body, memo: Shared, **kwargs: Any) -> None:
     """Re-apply an owned object that was deleted or edited away from its rendering.
 
@@ -203,7 +248,7 @@ async def put_back(*, event: kopf.RawEvent, body: kopf.Body, memo: Shared, **kwa
         return  # reconcile reports it
     generation = owner["metadata"].get("generation", 0)
     wanted = next(
-        (o for o in _render(service, generation, memo.settings) if o["kind"] == body["kind"]), None
+        (o for o in _render(service, generation, memo) if o["kind"] == body["kind"]), None
     )
     live = None if event["type"] == "DELETED" else dict(body)
     if wanted is None or not drift.drifted(wanted, live):
@@ -253,18 +298,27 @@ def _parse(body: kopf.Body | Obj) -> api.InferenceService:
     )
 
 
-def _render(
-    service: api.InferenceService, generation: int, settings: OperatorSettings
-) -> list[Obj]:
-    objects = render.render(service, settings)
+def _render(service: api.InferenceService, generation: int, memo: Shared) -> list[Obj]:
+    objects = render.render(service, memo.settings, memo.engines)
     objects[0]["metadata"]["annotations"] = {GENERATION_ANNOTATION: str(generation)}
     return objects
 
 
+Kind = tuple[str, str]  # (apiVersion, kind)
+
+
+def _prunable(memo: Shared, sandbox_changed: bool) -> list[Kind]:
+    """The kinds a service may have had and may no longer render, all named as the service."""
+    kinds = [("policy/v1", "PodDisruptionBudget")]
+    if sandbox_changed:
+        kinds += sandbox.policy_kinds(memo.engines)
+    return kinds
+
+
 async def _apply(
-    memo: Shared, service: api.InferenceService, generation: int, prune: bool
+    memo: Shared, service: api.InferenceService, generation: int, prune: list[Kind]
 ) -> list[Obj]:
-    objects = _render(service, generation, memo.settings)
+    objects = _render(service, generation, memo)
     if render.standby_enabled(service):
         await _ensure_admin_secret(memo, service)
     for obj in objects:
@@ -272,16 +326,21 @@ async def _apply(
             await asyncio.to_thread(memo.client.apply, obj)
         except (KubeError, httpx.HTTPError) as error:
             raise ApplyError(apply_failure(obj, error)) from error
-    if len(objects) < 3 and prune:
-        budget = render.disruption_budget(service)
-        path = resource_path("policy/v1", "PodDisruptionBudget", *_key(service))
+    rendered = {(o["apiVersion"], o["kind"]) for o in objects}
+    for api_version, kind in prune:
+        if (api_version, kind) in rendered:
+            continue
+        namespace, name = _key(service)
+        gone = {"apiVersion": api_version, "kind": kind, "metadata": {"name": name}}
         try:
-            await asyncio.to_thread(memo.client.delete, path)
+            await asyncio.to_thread(
+                memo.client.delete, resource_path(api_version, kind, namespace, name)
+            )
         except KubeError as error:
             if error.status != 404:
-                raise ApplyError(apply_failure(budget, error)) from error
+                raise ApplyError(apply_failure(gone, error)) from error
         except httpx.HTTPError as error:
-            raise ApplyError(apply_failure(budget, error)) from error
+            raise ApplyError(apply_failure(gone, error)) from error
     return objects
 
 

@@ -55,6 +55,14 @@ class PolicyEngines:
 
 
 NO_ENGINES = PolicyEngines()  # plain Kubernetes: NetworkPolicy only
+NETWORK_POLICY = ("networking.k8s.io/v1", "NetworkPolicy")
+CILIUM_POLICY = ("cilium.io/v2", "CiliumNetworkPolicy")
+TRACING_POLICY = ("cilium.io/v1alpha1", "TracingPolicyNamespaced")
+
+
+def policy_kinds(engines: PolicyEngines) -> list[tuple[str, str]]:
+    """(apiVersion, kind) of every policy ``policies`` may render on a cluster with ``engines``."""
+    return [NETWORK_POLICY] + [CILIUM_POLICY] * engines.cilium + [TRACING_POLICY] * engines.tetragon
 
 
 def _selector(name: str) -> Obj:
@@ -120,8 +128,8 @@ def network_policy(
         peers = _ingress_peers(rule)
         ingress.append({"from": peers, "ports": served} if peers else {"ports": served})
     return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
+        "apiVersion": NETWORK_POLICY[0],
+        "kind": NETWORK_POLICY[1],
         "metadata": dict(meta),
         "spec": {
             "podSelector": _selector(meta["name"]),
@@ -158,8 +166,8 @@ def cilium_policy(sandbox: SandboxSpec, meta: Obj) -> Obj | None:
                      "rules": {"dns": [{"matchPattern": "*"}]}}],
     }  # fmt: skip
     return {
-        "apiVersion": "cilium.io/v2",
-        "kind": "CiliumNetworkPolicy",
+        "apiVersion": CILIUM_POLICY[0],
+        "kind": CILIUM_POLICY[1],
         "metadata": dict(meta),
         "spec": {"endpointSelector": _selector(meta["name"]), "egress": [dns, *rules]},
     }
@@ -172,8 +180,8 @@ def tracing_policy(sandbox: SandboxSpec, meta: Obj) -> Obj | None:
         return None
     names = sorted(set(sandbox.denied_syscalls))
     return {
-        "apiVersion": "cilium.io/v1alpha1",
-        "kind": "TracingPolicyNamespaced",
+        "apiVersion": TRACING_POLICY[0],
+        "kind": TRACING_POLICY[1],
         "metadata": dict(meta),
         "spec": {
             "podSelector": _selector(meta["name"]),

@@ -15,6 +15,9 @@ observation, so nothing here is remembered between calls except each condition's
   kstatus sense.
 - ``FieldsNotActedOn`` (only while there are some): True/``NotImplemented``, naming the spec
   fields that were accepted but that no controller acts on yet (``api.NOT_ACTED_ON``).
+- ``HostsNotInNetworkPolicy`` (only while it holds): True/``NoFqdnPolicyEngine`` when a sandbox
+  allows egress to host names and no policy engine that can name hosts is installed
+  (``sandbox.hosts_note``).
 """
 
 from dataclasses import dataclass, field
@@ -104,6 +107,7 @@ class ServiceView:
     pods: list[PodSummary] = field(default_factory=list)
     render_error: ApplyFailure | None = None  # why this generation's objects are not applied
     not_acted_on: tuple[str, ...] = ()  # spec fields accepted but not acted on yet
+    hosts_note: str | None = None  # why the sandbox's egress host names are in no policy
 
 
 def summarize_pod(pod: Obj) -> PodSummary:
@@ -227,6 +231,12 @@ def service_status(view: ServiceView, previous: Obj | None, now: str) -> Obj:
         message = f"accepted but not acted on yet: {', '.join(view.not_acted_on)}"
         conditions.append(
             {**_condition("FieldsNotActedOn", True, "NotImplemented", message, generation)}
+        )
+    if view.hosts_note:
+        conditions.append(
+            _condition(
+                "HostsNotInNetworkPolicy", True, "NoFqdnPolicyEngine", view.hosts_note, generation
+            )
         )
     before = {c["type"]: c for c in (previous or {}).get("conditions") or []}
     for condition in conditions:

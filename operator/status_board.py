@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from berth import wire
-from berth.operator import api, render
+from berth.operator import api, render, sandbox
 from berth.operator.events import now_rfc3339
 from berth.operator.kube import KubeClient, KubeError, Obj, reflect, resource_path
 from berth.operator.status import (
@@ -51,28 +51,38 @@ class ServiceInfo:
     url: str
     status: Obj
     not_acted_on: tuple[str, ...] = ()
+    hosts_note: str | None = None
 
 
-def service_info(obj: Obj, previous: ServiceInfo | None) -> ServiceInfo:
+def service_info(
+    obj: Obj, previous: ServiceInfo | None, engines: sandbox.PolicyEngines = sandbox.NO_ENGINES
+) -> ServiceInfo:
     """What the status needs from an InferenceService; the spec is parsed once per generation."""
     meta = obj["metadata"]
     generation = meta.get("generation", 0)
     if previous and previous.uid == meta.get("uid") and previous.generation == generation:
         desired, ignored = previous.desired_replicas, previous.not_acted_on
+        hosts = previous.hosts_note
     else:
         try:
             spec = api.InferenceServiceSpec.model_validate(obj.get("spec") or {})
             desired, ignored = spec.desired_replicas(), api.fields_not_acted_on(spec)
+            hosts = sandbox.hosts_note(spec.sandbox, engines)
         except ValidationError:
-            desired, ignored = 0, ()
+            desired, ignored, hosts = 0, (), None
     url = f"http://{meta['name']}.{meta['namespace']}.svc:{render.PORT}/v1"
     status = obj.get("status") or {}
-    return ServiceInfo(meta.get("uid", ""), generation, desired, url, status, ignored)
+    return ServiceInfo(meta.get("uid", ""), generation, desired, url, status, ignored, hosts)
 
 
 class StatusBoard:
-    def __init__(self, client: KubeClient, namespaces: tuple[str, ...] = ()) -> None:
-        self.client, self.namespaces = client, namespaces
+    def __init__(
+        self,
+        client: KubeClient,
+        namespaces: tuple[str, ...] = (),
+        engines: sandbox.PolicyEngines = sandbox.NO_ENGINES,
+    ) -> None:
+        self.client, self.namespaces, self.engines = client, namespaces, engines
         self.lock = threading.Condition()
         self.stop = threading.Event()
         self.services: dict[Key, ServiceInfo] = {}
@@ -135,7 +145,7 @@ class StatusBoard:
             for key in [k for k in self.services if _in(k, namespace) and k not in listed]:
                 self._forget(key)
             for key, obj in listed.items():
-                self.services[key] = service_info(obj, self.services.get(key))
+                self.services[key] = service_info(obj, self.services.get(key), self.engines)
                 self._mark(key)
 
     def _service_event(self, kind: str, obj: Obj) -> None:
@@ -145,7 +155,7 @@ class StatusBoard:
                 self._forget(key)
                 return
             old = self.services.get(key)
-            info = service_info(obj, old)
+            info = service_info(obj, old, self.engines)
             self.services[key] = info
             ours = info.status == self.written.get(key)  # our own write coming back
             if old is None or old.generation != info.generation or not ours:
@@ -235,6 +245,7 @@ class StatusBoard:
                     deployment=self.deployments.get(key),
                     pods=list(self.pods.get(key, {}).values()),
                     not_acted_on=info.not_acted_on,
+                    hosts_note=info.hosts_note,
                 )
                 error = self.render_errors.get(key)
                 if error and error[0] == info.generation:

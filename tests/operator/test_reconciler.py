@@ -10,7 +10,7 @@ import kopf
 import pytest
 
 from berth import wire
-from berth.operator import reconciler
+from berth.operator import reconciler, sandbox
 from berth.operator.kube import KubeError, Obj
 from berth.operator.settings import OperatorSettings
 from berth.operator.status_board import StatusBoard
@@ -60,10 +60,22 @@ def memo() -> reconciler.Shared:
     return reconciler.Shared(OperatorSettings(), client, StatusBoard(client))
 
 
-def reconcile(memo: reconciler.Shared, body: Obj, retry: int = 0, reason: str = "create") -> None:
+def reconcile(
+    memo: reconciler.Shared,
+    body: Obj,
+    retry: int = 0,
+    reason: str = "create",
+    old: Obj | None = None,
+) -> None:
+    """As kopf calls it; ``old`` is the previous spec of an update (the handler's field)."""
     asyncio.run(
         reconciler.reconcile(
-            body=kopf.Body(body), reason=kopf.Reason(reason), retry=retry, memo=memo
+            body=kopf.Body(body),
+            reason=kopf.Reason(reason),
+            retry=retry,
+            memo=memo,
+            old=old,
+            new=body["spec"],
         )
     )
 
@@ -122,6 +134,66 @@ def test_a_spec_with_fields_not_acted_on_gets_a_warning_event(memo: reconciler.S
     reasons = {e["reason"]: e["message"] for e in memo.client.events}  # type: ignore[attr-defined]
     assert "spec.sandbox.deniedSyscalls" in reasons["FieldsNotActedOn"]
     assert "Created" in reasons
+
+
+# ---- the sandbox's policies ---------------------------------------------------------------
+
+SANDBOX = {"enabled": True, "egress": [{"hosts": ["api.example.com"], "ports": [443]}]}
+
+
+def test_a_sandbox_applies_its_policies_and_those_of_the_engines_found(
+    memo: reconciler.Shared,
+) -> None:
+    reconcile(memo, service_body(sandbox=SANDBOX))
+    kinds = [o["kind"] for o in memo.client.applied]  # type: ignore[attr-defined]
+    assert kinds == ["Deployment", "Service", "NetworkPolicy"]
+    cilium = reconciler.Shared(
+        memo.settings, memo.client, memo.board, sandbox.PolicyEngines(cilium=True, tetragon=True)
+    )
+    memo.client.applied.clear()  # type: ignore[attr-defined]
+    reconcile(cilium, service_body(sandbox={**SANDBOX, "deniedSyscalls": ["ptrace"]}))
+    kinds = [o["kind"] for o in memo.client.applied]  # type: ignore[attr-defined]
+    assert kinds[2:] == ["NetworkPolicy", "CiliumNetworkPolicy", "TracingPolicyNamespaced"]
+
+
+def test_dropping_the_sandbox_prunes_its_policies_and_other_updates_leave_them(
+    memo: reconciler.Shared,
+) -> None:
+    sealed = service_body(sandbox=SANDBOX)
+    reconcile(memo, sealed)
+    reconcile(
+        memo, service_body(2, sandbox=SANDBOX, replicas=1), reason="update", old=sealed["spec"]
+    )
+    deleted = memo.client.deleted  # type: ignore[attr-defined]
+    assert [p.rsplit("/", 2)[-2] for p in deleted] == ["poddisruptionbudgets"]
+    deleted.clear()
+    reconcile(memo, service_body(3), reason="update", old=sealed["spec"])
+    assert "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/llama" in deleted
+
+
+class CrdClient:
+    """Answers CRD reads: the names in ``present`` exist, ``refuse`` answers 403."""
+
+    def __init__(self, present: set[str], refuse: int | None = None) -> None:
+        self.present, self.refuse = present, refuse
+
+    def get(self, path: str) -> Obj:
+        name = path.rsplit("/", 1)[-1]
+        if self.refuse is not None:
+            raise KubeError(self.refuse, "Refused", "no")
+        if name not in self.present:
+            raise KubeError(404, "NotFound", "not found")
+        return {"metadata": {"name": name}}
+
+
+def test_policy_engines_are_found_by_their_crds() -> None:
+    client: Any = CrdClient({sandbox.CILIUM_CRD})
+    assert reconciler.discover_engines(client) == sandbox.PolicyEngines(cilium=True)
+    client = CrdClient({sandbox.CILIUM_CRD, sandbox.TETRAGON_CRD})
+    assert reconciler.discover_engines(client) == sandbox.PolicyEngines(True, True)
+    assert reconciler.discover_engines(CrdClient(set(), refuse=403)) == sandbox.NO_ENGINES  # type: ignore[arg-type]
+    with pytest.raises(KubeError):
+        reconciler.discover_engines(CrdClient(set(), refuse=500))  # type: ignore[arg-type]
 
 
 # ---- put_back: the owned objects ----------------------------------------------------------
@@ -240,3 +312,17 @@ def test_a_repair_stops_retrying_once_the_owner_changes(
     assert attempts == [0, 1, 2, 3] and memo.client.applied == []  # type: ignore[attr-defined]
     got = failure(memo)
     assert got is not None and got[0] == "Forbidden"
+
+
+def test_a_deleted_network_policy_is_put_back(memo: reconciler.Shared) -> None:
+    body = service_body(sandbox=SANDBOX)
+    policy = rendered(memo, "NetworkPolicy", body)
+    live = copy.deepcopy(policy)
+    live["metadata"].update(uid="np-1", resourceVersion="9")
+    assert put_back(memo, "DELETED", live, body) == [policy]
+    memo.client.applied.clear()  # type: ignore[attr-defined]
+    opened = copy.deepcopy(live)
+    opened["spec"]["egress"] = [{}]  # everything allowed
+    assert put_back(memo, "MODIFIED", opened, body) == [policy]
+    memo.client.applied.clear()  # type: ignore[attr-defined]
+    assert put_back(memo, "MODIFIED", live, service_body()) == []  # unsealed: reconcile prunes

@@ -83,6 +83,15 @@ def test_fields_not_acted_on_get_a_condition_naming_them_and_none_otherwise() ->
     assert "spec.autoscaling, spec.sandbox.egress" in condition["message"]
 
 
+def test_egress_hosts_in_no_network_policy_get_a_condition_and_none_otherwise() -> None:
+    v = view([pod("a"), pod("b")])
+    assert "HostsNotInNetworkPolicy" not in conditions(service_status(v, None, NOW))
+    v.hosts_note = "egress to api.example.com: ..."
+    status = service_status(v, None, NOW)
+    assert conditions(status)["HostsNotInNetworkPolicy"] == ("True", "NoFqdnPolicyEngine")
+    assert status["conditions"][-1]["message"] == v.hosts_note
+
+
 def test_transition_time_holds_while_the_status_holds() -> None:
     first = service_status(view([pod("a"), pod("b")]), None, "2026-01-01T00:00:00Z")
     again = service_status(view([pod("a"), pod("b")]), first, NOW)

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from berth import wire
+from berth.operator import sandbox
 from berth.operator.kube import KubeClient
 from berth.operator.status import ApplyFailure
 from berth.operator.status_board import StatusBoard, service_info
@@ -142,6 +143,20 @@ def test_the_view_names_the_fields_a_spec_sets_that_nothing_acts_on() -> None:
     b._services_listed(None, [obj])
     _, view, _ = take(b)
     assert view.not_acted_on == ("spec.sandbox.deniedSyscalls",)
+
+
+def test_the_view_says_when_egress_hosts_need_an_engine_the_cluster_lacks() -> None:
+    obj = isvc()
+    obj["spec"]["sandbox"] = {"enabled": True, "egress": [{"hosts": ["api.example.com"]}]}
+    b = board()
+    b._services_listed(None, [obj])
+    _, view, _ = take(b)
+    assert view.hosts_note is not None and "api.example.com" in view.hosts_note
+    client = KubeClient("https://127.0.0.1:1", False, None, None)
+    with_cilium = StatusBoard(client, engines=sandbox.PolicyEngines(cilium=True))
+    with_cilium._services_listed(None, [obj])
+    _, view, _ = take(with_cilium)
+    assert view.hosts_note is None
 
 
 def test_an_apply_failure_is_marked_once_and_cleared_once() -> None:
