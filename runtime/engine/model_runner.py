@@ -264,12 +264,15 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def restore_memory(self, kv_chunks: int) -> None:
-        """Wake: map and fill the weights, then back ``kv_chunks`` KV chunks; on failure (the
-        device is out of memory) give back what was mapped and raise, still parked."""
+        """Wake: map and fill the weights, then back ``kv_chunks`` KV chunks (mapped while the
+        weights' copies run); on failure (the device is out of memory) give back what was
+        mapped and raise, still parked."""
         try:
-            self.weight_arena.restore()
+            self.weight_arena.restore(wait=False)
             self.arena.resize(kv_chunks)
+            self.synchronize()
         except Exception:
+            self.synchronize()
             self.arena.resize(0)
             if self.weight_arena.resident:
                 self.weight_arena.release()

@@ -114,9 +114,11 @@ class WeightArena:
         self.resident = False
         self.last = ArenaTiming(time.perf_counter() - start, self.flat.numel())
 
-    def restore(self) -> None:
+    def restore(self, wait: bool = True) -> None:
         """Back the range with memory again (same addresses) and copy the weights in, chunk by
-        chunk; raises (still released) when the device has no memory for them."""
+        chunk; raises (still released) when the device has no memory for them. ``wait=False``
+        returns once the copies are queued (the caller synchronizes), so that the host can map
+        other memory while they run."""
         if self.resident:
             return
         assert self.host is not None
@@ -129,7 +131,7 @@ class WeightArena:
         for offset in range(0, n, COPY_CHUNK):
             end = min(offset + COPY_CHUNK, n)
             self.flat[offset:end].copy_(self.host[offset:end], non_blocking=True)
-        if self.device.type == "cuda":
+        if wait and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.resident = True
         self.last = ArenaTiming(time.perf_counter() - start, n)

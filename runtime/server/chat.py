@@ -10,7 +10,7 @@ from jinja2 import TemplateError
 
 from berth.runtime.server.body import parse_body
 from berth.runtime.server.chunks import chat_choice
-from berth.runtime.server.engine_process import EngineRequest
+from berth.runtime.server.engine_messages import EngineRequest
 from berth.runtime.server.errors import invalid_request
 from berth.runtime.server.generation import respond
 from berth.runtime.server.prompts import check_prompt_bytes, check_sequence_count

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from berth.runtime.server.body import parse_body
 from berth.runtime.server.chunks import completion_choice
-from berth.runtime.server.engine_process import EngineRequest
+from berth.runtime.server.engine_messages import EngineRequest
 from berth.runtime.server.generation import respond
 from berth.runtime.server.prompts import check_prompt_bytes, check_sequence_count
 from berth.runtime.server.protocol import (

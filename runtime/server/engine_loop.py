@@ -30,11 +30,10 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from berth.runtime.server import errors
-from berth.runtime.server.engine_process import (
+from berth.runtime.server.engine_messages import (
     STOP,
     AbortRequests,
     AddRequests,
-    EngineFactory,
     EngineFailed,
     EngineReady,
     EngineRequest,
@@ -43,8 +42,8 @@ from berth.runtime.server.engine_process import (
     StepReport,
     WakeEngine,
     output_from_row,
-    run_engine_process,
 )
+from berth.runtime.server.engine_process import EngineFactory, run_engine_process
 from berth.runtime.server.errors import APIError
 from berth.runtime.server.metrics import RequestMetrics, RuntimeGauges
 from berth.runtime.server.standby import StandbyPolicy, StandbyState
