@@ -7,12 +7,15 @@ sends them to the resolvers in ``/etc/resolv.conf``. A truncated answer is used 
 """
 
 import ipaddress
+import math
 import secrets
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-A, AAAA = 1, 28
+A, CNAME, AAAA = 1, 5, 28
+DNS_PORT = 53
 CLASS_IN = 1
 NXDOMAIN = 3
 MAX_POINTERS = 32  # compression pointers followed in one name before it counts as a loop
@@ -30,8 +33,8 @@ class Answer:
 
 def query(name: str, qtype: int, ident: int) -> bytes:
     """A recursion-desired question for ``name`` (an absolute name, no search domains)."""
-    labels = name.rstrip(".").encode("idna").split(b".")
-    if any(not 0 < len(label) < 64 for label in labels):
+    labels = name.rstrip(".").encode("ascii", errors="replace").split(b".")
+    if any(not 0 < len(label) < 64 or b"?" in label for label in labels):
         raise DnsError(f"{name!r} is not a valid host name")
     qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
     return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
@@ -55,7 +58,7 @@ def parse_answers(message: bytes, ident: int) -> list[Answer]:
     """The A and AAAA records of a response to question ``ident``; [] for NXDOMAIN.
 
     CNAME chains are followed by the resolver: every address record in the answer section is
-    for the asked name or an alias of it. Each address keeps the smallest TTL of the chain.
+    for the asked name or an alias of it. An address holds no longer than the chain's CNAMEs.
     """
     if len(message) < 12:
         raise DnsError("short DNS answer")
@@ -71,7 +74,7 @@ def parse_answers(message: bytes, ident: int) -> list[Answer]:
     for _ in range(questions):
         offset = _skip_name(message, offset) + 4
     addresses: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = []
-    chain_ttl: int | None = None
+    chain = math.inf  # the smallest CNAME TTL seen
     for _ in range(count):
         offset = _skip_name(message, offset)
         if offset + 10 > len(message):
@@ -81,18 +84,20 @@ def parse_answers(message: bytes, ident: int) -> list[Answer]:
         offset += 10 + length
         if len(data) != length or rclass != CLASS_IN:
             continue
-        chain_ttl = ttl if chain_ttl is None else min(chain_ttl, ttl)
-        if rtype == A and length == 4:
+        if rtype == CNAME:
+            chain = min(chain, ttl)
+        elif rtype == A and length == 4:
             addresses.append((ipaddress.IPv4Address(data), ttl))
         elif rtype == AAAA and length == 16:
             addresses.append((ipaddress.IPv6Address(data), ttl))
-    return [Answer(address, float(min(ttl, chain_ttl or ttl))) for address, ttl in addresses]
+    return [Answer(address, float(min(ttl, chain))) for address, ttl in addresses]
 
 
 def resolve(
     name: str,
-    servers: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...],
+    servers: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
     timeout_s: float = 2.0,
+    port: int = DNS_PORT,
 ) -> list[Answer]:
     """``name``'s A and AAAA records from the first of ``servers`` that answers both."""
     last: Exception = DnsError("no DNS servers configured")
@@ -104,7 +109,7 @@ def resolve(
                 ident = secrets.randbits(16)
                 with socket.socket(family, socket.SOCK_DGRAM) as sock:
                     sock.settimeout(timeout_s)
-                    sock.connect((str(server), 53))
+                    sock.connect((str(server), port))
                     sock.send(query(name, qtype, ident))
                     answers += parse_answers(sock.recv(65535), ident)
             return answers

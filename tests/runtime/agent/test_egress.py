@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -51,6 +52,7 @@ for kind, host, port in json.loads(sys.argv[1]):
         sock.close()
 print(json.dumps(results))
 """
+Protocol = Literal["TCP", "UDP"]
 Attempt = tuple[str, str, int]  # ("tcp" | "udp" | "sendto", address, port)
 _names = itertools.count()
 
@@ -126,7 +128,7 @@ def listeners() -> Iterator[tuple[int, int]]:
         sock.close()
 
 
-def only(cidr: str, port: int, protocols: tuple[str, ...] = ("TCP", "UDP")) -> EgressPolicy:
+def only(cidr: str, port: int, protocols: tuple[Protocol, ...] = ("TCP", "UDP")) -> EgressPolicy:
     rule = EgressRule(cidrs=[cidr], ports=[port], protocols=list(protocols))
     return EgressPolicy(rules=(rule,))
 
