@@ -366,7 +366,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def agent_command(self, kubeconfig: Path) -> list[str]:
         """Berth's node agent over the node's simulated GPUs (the UUIDs the Node advertises),
-        publishing them on the Node and posting events and standby annotations on its pods."""
+        publishing them on the Node, posting events and standby annotations on its pods, and
+        installing sandboxed pods' seccomp profiles into the kubelet's seccomp folder."""
         from berth.cluster.nodes import gpu_uuids
 
         gpus = ",".join(
@@ -375,7 +376,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         )
         return [sys.executable, "-m", "berth", "node-agent", f"--socket={AGENT_SOCKET}",
                 f"--simulate-gpus={gpus}", f"--node-name={NODE_NAME}",
-                f"--kubeconfig={kubeconfig}"]  # fmt: skip
+                f"--kubeconfig={kubeconfig}", f"--seccomp-dir={self.kubelet_root / 'seccomp'}"]  # fmt: skip
 
     def agent_answers(self) -> bool:
         """The node agent serves its ledger on its socket."""

@@ -2,6 +2,8 @@
 
 Every flag can also come from an environment variable (the DaemonSet sets them). Without a GPU
 (CI, a laptop) ``--simulate-gpus`` describes the GPUs, and the real agent runs all the same.
+With ``--node-name`` it also watches the Berth pods bound to its node and installs sandboxed
+pods' seccomp profiles into the kubelet's ``--seccomp-dir`` (``pod_watch``, ``seccomp_sync``).
 """
 
 import logging
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from berth import agent_protocol
 from berth.runtime.agent import gpus as gpu_discovery
 from berth.runtime.agent.ledger import GpuMemory, LeasePolicy, NodeLedger
+from berth.runtime.agent.seccomp_sync import KUBELET_SECCOMP_DIR
 
 log = logging.getLogger("berth.node_agent")
 
@@ -33,6 +36,7 @@ class AgentSettings(BaseModel):
     policy: LeasePolicy
     node_name: str | None = None
     kubeconfig: Path | None = None
+    seccomp_dir: Path = KUBELET_SECCOMP_DIR
     log_level: str = "info"
 
 
@@ -77,6 +81,8 @@ def run(settings: AgentSettings) -> None:
     import uvicorn
 
     from berth.runtime.agent.node import NodePublisher
+    from berth.runtime.agent.pod_watch import PodWatch
+    from berth.runtime.agent.seccomp_sync import SeccompProfiles
     from berth.runtime.agent.server import Agent, create_app, read_state
 
     logging.basicConfig(
@@ -89,12 +95,15 @@ def run(settings: AgentSettings) -> None:
     epoch = secrets.token_hex(8)
     known = read_state(settings.state_file)
     ledger = NodeLedger.start(gpus, epoch, settings.policy, time.monotonic(), known)
-    publisher = None
+    publisher = pods = None
     if settings.node_name:
         from berth.operator.kube import KubeClient
 
-        client = KubeClient.from_config(settings.kubeconfig, pool=2)
+        client = KubeClient.from_config(settings.kubeconfig, pool=3)  # publisher, pod watch, spare
         publisher = NodePublisher(client, settings.node_name, gpus)
+        profiles = SeccompProfiles(settings.seccomp_dir)
+        pods = PodWatch(client, settings.node_name, on_seen=[profiles.pod_seen])
+        pods.start()
     driver_free = None
     if not settings.simulate_gpus:  # a real GPU: wake grants wait until the driver has it back
         try:
@@ -129,6 +138,8 @@ def run(settings: AgentSettings) -> None:
         uvicorn.Server(config).run()
     finally:
         settings.socket.unlink(missing_ok=True)
+        if pods:
+            pods.close()
         if publisher:
             publisher.close()
         if driver_free:
@@ -182,6 +193,10 @@ def run(settings: AgentSettings) -> None:
               help="Publish the GPUs on this Node and post events on tenants' pods.")  # fmt: skip
 @click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Credentials [default: $KUBECONFIG, ~/.kube/config, else in-cluster].")  # fmt: skip
+@click.option("--seccomp-dir", default=KUBELET_SECCOMP_DIR, show_default=True,
+              envvar="BERTH_SECCOMP_DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="The kubelet's seccomp folder (<its --root-dir>/seccomp): sandboxed pods' "
+              "profiles go there (with --node-name).")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def node_agent(
@@ -196,6 +211,7 @@ def node_agent(
     grace_s: float | None,
     node_name: str | None,
     kubeconfig: Path | None,
+    seccomp_dir: Path,
     log_level: str,
 ) -> None:
     """Arbitrate GPU memory between the runtimes on this node (protocol: berth.agent_protocol)."""
@@ -219,6 +235,7 @@ def node_agent(
         policy=policy,
         node_name=node_name,
         kubeconfig=kubeconfig,
+        seccomp_dir=seccomp_dir,
         log_level=log_level,
     )
     run(settings)
