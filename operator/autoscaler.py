@@ -216,6 +216,8 @@ def desired(samples: Sequence[Sample], policy: Policy, state: State, now: float)
     message = f"{demand}; target {policy.target:.2f} per replica -> {replicas} replica(s)"
     if active < replicas:
         message += f", {replicas - active} of them in standby"
+    if latest.parked:
+        message += f" ({latest.parked} parked now)"
     return Decision(replicas, active, reason, message, after)
 
 
