@@ -11,12 +11,13 @@ which the GPU scheduler reserved for it. Resizes are not done here: ``resize`` h
 the engine loop, which applies it between two steps (preempting the sequences in the region
 given back) and returns what the engine holds afterwards.
 
-Warm standby (``can_park``, when ``BERTH_STANDBY_IDLE_SECONDS`` is set): the runtime parks (gives
-back weights and KV, keeping the weights in host RAM) on its own, then calls :meth:`MemoryLease.parked`,
-or because the agent asked (a reclaim with ``park``: the lease thread calls the engine's ``park``
-and releases what it gave back). While parked it reports holding and wanting nothing. To wake,
-the engine calls :meth:`MemoryLease.wake`, which asks for the request again and waits for the
-grant before the engine maps anything.
+Warm standby (``can_park``, when ``BERTH_STANDBY_IDLE_SECONDS`` is set): the runtime parks
+(gives back weights and KV, keeping the weights in host RAM) on its own, then calls
+:meth:`MemoryLease.parked`, or because the agent asked (a reclaim with ``park``: the lease calls
+the engine's ``park`` on a thread of its own, heartbeating meanwhile, and releases what it gave
+back). While parked it reports holding and wanting nothing. To wake, the engine calls
+:meth:`MemoryLease.wake`, which asks for the request again and waits for the grant before the
+engine maps anything.
 
 Agent unreachable (no socket yet, restarted, stalled): keep serving within what is held, never
 grow, try again next cycle. ``404 unknown_tenant`` (the agent restarted, or our lease lapsed):
@@ -138,6 +139,9 @@ class MemoryLease:
         # Standby as the agent is told it: "parked" (hold 0, want 0), "waking" (hold 0, want
         # the request), or None (resident: what the engine's state says).
         self._standby: str | None = None
+        self._parking = False  # the engine is parking at the agent's request
+        self._wakes = 0  # wakes begun: a park that ends after a wake began says nothing
+        self._woken = False  # granted a wake; until the engine's state shows it resident
         self._warned = False
         self._loading_held = 0  # what to report before ``attach``
         self._lock = threading.Lock()
@@ -207,8 +211,13 @@ class MemoryLease:
             return 0, 0
         if state is None:  # loading: up to the request once admitted (its grant covers it)
             return self._loading_held, request
-        if self._standby == "waking" or state.parked:  # woken: the engine maps it back now
+        if self._standby == "waking":
             return state.held_bytes, max(request, state.held_bytes)
+        if self._parking:  # on its way to holding nothing, at the agent's request
+            return state.held_bytes, 0
+        if state.parked:  # woken (the engine maps its request back now), else parked
+            return 0, (request if self._woken else 0)
+        self._woken = False
         return state.held_bytes, desired_bytes(state)
 
     def _exchange(self, held: int, want: int, state: MemoryState | None) -> proto.Lease:
@@ -275,7 +284,7 @@ class MemoryLease:
         if reply.reclaim is not None and reply.reclaim.park:
             self._park_for_agent()
             return
-        if standby:  # nothing mapped to resize; a wake maps the request back
+        if standby or self._parking:  # nothing to resize: parked, or parking
             return
         floor = self.budget.request_bytes
         if reply.reclaim is not None:
@@ -288,16 +297,35 @@ class MemoryLease:
             self._resize(min(want, reply.granted_bytes))
 
     def _park_for_agent(self) -> None:
-        """The agent asked this runtime to park: park the engine, then release what it holds."""
-        if self._standby == "parked":
-            return  # parked already: the release below, or the next heartbeat, tells it
+        """The agent asked this runtime to park: park the engine on a thread of its own (it may
+        wait for running requests to finish, and heartbeats must go on meanwhile, or the lease
+        would lapse while the memory is still held), then release what it holds."""
+        if self._standby == "parked" or self._parking:
+            return  # parked already, or on its way: the release, or the next heartbeat, says so
         if self._park is None:
             log.warning("the node agent asked this runtime to park, but it cannot (no standby)")
             return
         self.num_parks += 1
+        self._parking = True
         log.info("the node agent asked this runtime to park: giving its GPU memory back")
-        held = self._park()  # blocks until the engine is parked; outside the lock
+        wakes = self._wakes
+        threading.Thread(
+            target=self._park_then_release,
+            args=(self._park, wakes),
+            name="berth-park",
+            daemon=True,
+        ).start()
+
+    def _park_then_release(self, park: Callable[[], int], wakes: int) -> None:
+        try:
+            held: int | None = park()  # blocks until the engine is parked; outside the lock
+        except Exception:
+            log.exception("parking for the node agent failed")
+            held = None
         with self._lock:
+            self._parking = False
+            if held is None or self._wakes != wakes:
+                return  # failed (the heartbeats report what is held), or already waking again
             if held == 0:
                 self._standby = "parked"
             state = self._state()
@@ -341,6 +369,7 @@ class MemoryLease:
         request = self.budget.request_bytes
         with self._lock:
             self._standby = "waking"
+            self._wakes += 1
         log.info("waking: asking the node agent for %d MiB", request >> 20)
         while not self.stopped:
             with self._lock:
@@ -352,7 +381,7 @@ class MemoryLease:
                     log.debug("wake: %s", e)
                     reply = None
                 if reply is not None and reply.granted_bytes >= request:
-                    self._standby = None
+                    self._standby, self._woken = None, True
                     return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -101,7 +101,7 @@ def test_a_wake_on_a_full_gpu_parks_the_idle_runtime_through_its_lease(
         until("idle heartbeats", lambda: states(agent)["test/idle"] == "active")
 
         assert sleeper.wake(timeout_s=10.0)  # the agent parks "idle" for it
-        assert idle_engine.parked and idle_engine.park_threads == ["berth-memory-lease"]
+        assert idle_engine.parked and idle_engine.park_threads == ["berth-park"]
         assert idle.standby and idle.num_parks == 1 and not sleeper.standby
         assert states(agent) == {"test/idle": "parked", "test/sleeper": "active",
                                  "test/busy": "active"}  # fmt: skip
