@@ -1,8 +1,9 @@
 """The generated seccomp profile, deterministic and named by its content, and applied for real: a
 child process under it gets EPERM from the denied system calls while the others work.
 
-The child loads the profile as runc does: the default action, then each rule's action for each of
-its names that the machine's architecture has (libseccomp through ``pyseccomp``).
+The child loads the profile as runc does: the default action, the architectures, then each rule's
+action for each of its names that the machine's architecture has (libseccomp through
+``pyseccomp``).
 """
 
 import hashlib
@@ -34,6 +35,11 @@ actions = {"SCMP_ACT_ALLOW": lambda rule: pyseccomp.ALLOW,
            "SCMP_ACT_ERRNO": lambda rule: pyseccomp.ERRNO(rule.get("errnoRet", errno.EPERM))}
 work = tempfile.mkdtemp()  # before the filter: mkdir is allowed anyway, but be plain
 flt = pyseccomp.SyscallFilter(actions[profile["defaultAction"]]({}))
+for arch in profile["architectures"]:
+    try:
+        flt.add_arch(getattr(pyseccomp.Arch, arch.removeprefix("SCMP_ARCH_")))
+    except FileExistsError:
+        pass  # the native one is there from the start
 for rule in profile["syscalls"]:
     for name in rule["names"]:
         try:
