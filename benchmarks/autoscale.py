@@ -412,7 +412,11 @@ def main() -> None:
     arrivals = day_trace(args.seed, args.base_peak, args.burst_rate)
     idle = after_idle(arrivals)
     kpa = Policy(
-        target_concurrency=TARGET_CONCURRENCY, min_replicas=0, standby=False, scale_down_delay_s=0
+        target_concurrency=TARGET_CONCURRENCY,
+        min_replicas=0,
+        standby=False,
+        scale_to_zero=True,
+        scale_down_delay_s=0,
     )
     berth = Policy(target_concurrency=TARGET_CONCURRENCY)
     runs: list[tuple[str, Setup]] = [

@@ -14,9 +14,10 @@ KPA (knative/serving ``pkg/autoscaler/scaling/autoscaler.go``), step by step:
 - with a scale-down delay, the count is the most wanted over the last ``delay`` seconds;
 - min and max replicas bound the result.
 
-Berth's steps: with standby on, the last replicas are never removed. The decision names how many
-replicas run (``replicas``, at least ``max(minReplicas, 1)``) and how many of them should be
-``active``; the rest are parked in host memory. Pods follow the stable window, as in KPA, because
+Berth's steps: the last replica is never removed (Berth has no activator to hold requests while
+no replica runs, and a request is what wakes a parked one); with standby on it parks. The
+decision names how many replicas run (``replicas``, at least ``max(minReplicas, 1)``) and how
+many of them should be ``active``; the rest are parked in host memory. Pods follow the stable window, as in KPA, because
 a new pod costs a cold start; residency follows the panic window (the larger count while
 panicking), because a wake costs a fraction of a second. So a replica kept only by the stable
 window's memory or by the scale-down delay parks and holds no GPU memory, and comes back with a
@@ -74,7 +75,10 @@ class Policy:
     min_replicas: int = 1
     max_replicas: int | None = None
     scale_down_delay_s: float = 120.0  # KPA's default is 0
-    standby: bool = True  # park the last replicas instead of removing them
+    standby: bool = True  # idle replicas park (hold no GPU memory) instead of staying active
+    # Remove the last replica too. Only with an activator that holds requests while nothing runs
+    # and reports them as demand (Knative's); Berth has none, so the operator never sets it.
+    scale_to_zero: bool = False
     min_active_replicas: int = 0
     stale_after_s: float = 10.0  # a newer sample than this must exist to act on
 
@@ -85,8 +89,8 @@ class Policy:
 
     @property
     def floor(self) -> int:
-        """Fewest replicas that run: scale to standby keeps one where scale to zero keeps none."""
-        return max(self.min_replicas, 1 if self.standby else 0)
+        """Fewest replicas that run: one at least, parked with standby, unless scaling to zero."""
+        return max(self.min_replicas, 0 if self.scale_to_zero else 1)
 
     @classmethod
     def from_spec(cls, spec: InferenceServiceSpec, stale_after_s: float = 10.0) -> "Policy":

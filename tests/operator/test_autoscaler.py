@@ -252,9 +252,17 @@ def test_min_active_replicas_never_park() -> None:
 
 
 def test_without_standby_kpa_scales_to_zero() -> None:
-    policy = Policy(target_concurrency=10, min_replicas=0, standby=False)
+    policy = Policy(target_concurrency=10, min_replicas=0, standby=False, scale_to_zero=True)
     run = simulate(lambda t: 20.0 if t < 100 else 0.0, policy, duration_s=400, start=4)
     assert run.decisions[-1].replicas == 0 == run.decisions[-1].active
+
+
+def test_without_standby_the_last_replica_stays_active() -> None:
+    """No activator holds requests while nothing runs, so Berth keeps one replica; without
+    standby it stays active."""
+    policy = Policy(target_concurrency=10, min_replicas=0, standby=False)
+    run = simulate(lambda t: 20.0 if t < 100 else 0.0, policy, duration_s=600, start=4)
+    assert (run.decisions[-1].replicas, run.decisions[-1].active) == (1, 1)
 
 
 def test_a_scale_down_delay_keeps_the_most_replicas_wanted_over_the_delay() -> None:
@@ -310,11 +318,20 @@ def test_a_window_not_yet_covered_after_a_restart_does_not_scale_down() -> None:
     missing=st.integers(0, 3),
     min_replicas=st.integers(0, 5),
     standby=st.booleans(),
+    to_zero=st.booleans(),
 )
 def test_any_samples_give_a_count_within_bounds_and_holds_never_go_down(
-    values: list[float], gap: float, replicas: int, missing: int, min_replicas: int, standby: bool
+    values: list[float],
+    gap: float,
+    replicas: int,
+    missing: int,
+    min_replicas: int,
+    standby: bool,
+    to_zero: bool,
 ) -> None:
-    policy = Policy(min_replicas=min_replicas, max_replicas=50, standby=standby)
+    policy = Policy(
+        min_replicas=min_replicas, max_replicas=50, standby=standby, scale_to_zero=to_zero
+    )
     now = 2.0 * len(values) + gap
     samples = [Sample(2.0 * i, v, ready=replicas, missing=missing) for i, v in enumerate(values)]
     decision = desired(samples, policy, State(replicas), now)
