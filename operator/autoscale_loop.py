@@ -11,6 +11,10 @@ Status: the loop writes only its own fields (``desiredReplicas``, ``activeReplic
 an event (``ScaledUp``, ``MetricsStale``, ...) whenever the count, the active count or the
 reason changes; a reason that holds the count on missing metrics is a Warning.
 
+Each tick lists the service's pods from the API server's watch cache (``resourceVersion=0``),
+one cheap request per service every 2 s; a shared pod informer would save even that, at the
+price of a second copy of the status board's pod cache.
+
 The autoscaler's state (samples, panic, delay window) lives in the daemon: a restarted operator
 starts over with an empty window, in which the decision never scales down (``WindowFilling``).
 Parking the surplus that a decision names is the runtimes' own idle timeout and the node agent's
@@ -135,8 +139,10 @@ class ServiceAutoscaler:
         """This tick's sample; None when the source as a whole could not be read."""
         path = resource_path("v1", "Pod", self.namespace)
         selector = f"{wire.LABEL_SERVICE}={self.name}"
-        try:
-            listing = await asyncio.to_thread(self.client.get, path, labelSelector=selector)
+        try:  # resourceVersion 0: from the API server's watch cache, not a read from etcd
+            listing = await asyncio.to_thread(
+                self.client.get, path, labelSelector=selector, resourceVersion="0"
+            )
         except (KubeError, httpx.HTTPError) as error:
             log.warning("autoscaler %s/%s: listing pods failed: %s", *self.key, error)
             return None

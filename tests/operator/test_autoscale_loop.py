@@ -44,7 +44,7 @@ class FakeClient:
 
     def get(self, path: str, **params: str) -> Obj:
         assert path == "/api/v1/namespaces/ml/pods"
-        assert params == {"labelSelector": f"{wire.LABEL_SERVICE}=llama"}
+        assert params == {"labelSelector": f"{wire.LABEL_SERVICE}=llama", "resourceVersion": "0"}
         return {"items": copy.deepcopy(self.pods)}
 
     def merge_patch(self, path: str, body: Obj) -> None:
