@@ -130,7 +130,8 @@ def admit_to_node_agent(config: "EngineConfig") -> "MemoryLease | None":
     from berth.runtime.server.agent_client import AgentClient
     from berth.runtime.server.memory_lease import LeaseSettings, MemoryLease
 
-    settings = LeaseSettings.from_env()
+    # The engine's own setting decides (``--standby-idle-seconds`` may have set it, not the env).
+    settings = dataclasses.replace(LeaseSettings.from_env(), can_park=config.standby)
     lease = MemoryLease(
         AgentClient(settings.socket_path), settings, budget, budget.gpu_uuid or _gpu_uuid(config)
     )
