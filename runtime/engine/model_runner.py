@@ -7,6 +7,11 @@ arrays and one replay instead of hundreds of kernel launches. An input token tha
 step sampled but the host has not read yet is copied on the device from that step's output.
 Prefill and mixed steps run eagerly. On the CPU the same code runs with the kernels' PyTorch
 references.
+
+The weights live in one range of their own (``weight_arena``) and the KV cache in another
+(``kv_arena``), so that warm standby can give both back and map them again at the same
+addresses (``release_memory`` / ``restore_memory``): the decode graphs captured at load replay
+after a wake.
 """
 
 from __future__ import annotations
