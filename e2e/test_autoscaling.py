@@ -5,16 +5,14 @@ it reads from a Prometheus-compatible query API on loopback that the test drives
 tests/operator/test_autoscale_sources.py; here the point is the operator's loop and the API."""
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from berth.cluster.cluster import LocalCluster
+from berth.e2e.driven_prometheus import DrivenPrometheus
 from berth.e2e.operator_fixtures import (
     OperatorProcess,
     apply_docs,
@@ -29,54 +27,6 @@ from berth.e2e.operator_fixtures import (
 
 pytestmark = pytest.mark.e2e
 __all__ = ["namespace", "operator"]  # fixtures
-
-
-class DrivenPrometheus:
-    """Answers ``/api/v1/query`` as Prometheus does for a range selector, with the in-flight
-    requests the test sets per pod, observed now; ``down`` answers 503 like a Prometheus that
-    is restarting."""
-
-    def __init__(self) -> None:
-        self.in_flight: dict[str, float] = {}
-        self.down = False
-        self.queries: list[str] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                url = urlparse(self.path)
-                if url.path != "/api/v1/query" or owner.down:
-                    self.send_error(503 if owner.down else 404)
-                    return
-                owner.queries.append(parse_qs(url.query)["query"][0])
-                body = json.dumps(owner.answer()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def answer(self) -> dict[str, Any]:
-        now = time.time()
-        result = []
-        for pod, value in dict(self.in_flight).items():
-            for name, v in (("berth_requests_running", value), ("berth_requests_waiting", 0.0)):
-                metric = {"__name__": name, "namespace": "ns", "pod": pod, "model": "m"}
-                result.append({"metric": metric, "values": [[now, str(v)]]})
-        return {"status": "success", "data": {"resultType": "matrix", "result": result}}
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 from metrics_harness import serving
 
 from berth import wire
+from berth.e2e.driven_prometheus import DrivenPrometheus
 from berth.operator import api, autoscaler
 from berth.operator.autoscale_loop import ServiceAutoscaler, berth_mode, ready_pods, status_patch
 from berth.operator.kube import Obj
@@ -140,3 +141,50 @@ def test_a_status_patch_names_the_scale_time_only_when_it_scaled() -> None:
     assert "lastScaleTime" in status_patch(decision, "t", scaled=True)["status"]
     steady = status_patch(decision, "t", scaled=False)["status"]
     assert "lastScaleTime" not in steady and steady["activeReplicas"] == 1
+
+
+def test_through_prometheus_up_held_while_it_is_down_then_parked_when_idle() -> None:
+    """The e2e test's sequence, tick by tick on a fake clock: demand scales up, Prometheus going
+    away holds the count (MetricsStale), its return with nothing in flight scales to standby."""
+    clock = [1000.0]
+    prometheus = DrivenPrometheus(clock=lambda: clock[0])
+    names = [f"llama-x-{i}" for i in range(4)]
+    client = FakeClient([pod(n, 8000, ip="10.0.0.1") for n in names[:1]])
+    autoscaling = {
+        "stableWindowSeconds": 12,
+        "scaleDownDelaySeconds": 0,
+        "metrics": "Prometheus",
+        "prometheusUrl": prometheus.url,
+    }
+    seen: list[autoscaler.Decision] = []
+
+    async def go() -> None:
+        async with httpx.AsyncClient() as http:
+            scaler = ServiceAutoscaler(client, http, INVOLVED)  # type: ignore[arg-type]
+            replicas = 1
+            for step in range(60):
+                clock[0] = 1000.0 + 2 * step
+                if step == 5:
+                    prometheus.in_flight = {names[0]: 12.0}
+                if step == 15:  # four pods ready and idle, then Prometheus goes away
+                    client.pods = [pod(n, 8000, ip="10.0.0.1") for n in names]
+                    prometheus.in_flight = dict.fromkeys(names, 0.0)
+                    prometheus.down = True
+                if step == 30:
+                    prometheus.down = False
+                decision = await scaler.tick(spec(replicas, **autoscaling), clock[0])
+                replicas = decision.replicas  # the watch shows the scale at once
+                if step >= 15:  # and the Deployment removes pods at once
+                    client.pods = client.pods[:replicas]
+                seen.append(decision)
+
+    try:
+        asyncio.run(go())
+    finally:
+        prometheus.close()
+    assert max(d.replicas for d in seen[5:15]) == 9  # 12 in flight at 1.4 per replica
+    assert {d.reason for d in seen[21:30]} == {autoscaler.METRICS_STALE}
+    assert all(d.replicas == seen[14].replicas for d in seen[15:30])
+    assert seen[-1].replicas == 1 and seen[-1].active == 0
+    assert seen[-1].reason == autoscaler.TO_STANDBY
+    assert any('pod=~"llama-' in q for q in prometheus.queries)
