@@ -285,9 +285,9 @@ class EngineCore:
         state = self.residency.state
         now = time.monotonic()
         idle_since = self.idle_since
-        if state is ACTIVE and idle_since is not None and not self._engine.has_unfinished():
-            if self._policy.idle_park_due(now - idle_since):
-                self._begin_park(f"idle for {self._policy.idle_s:g} s")
+        idle = state is ACTIVE and idle_since is not None and not self._engine.has_unfinished()
+        if idle and self._policy.idle_park_due(now - (idle_since or now)):
+            self._begin_park(f"idle for {self._policy.idle_s:g} s")
         if self.residency.state is PARKING:
             if self._held and self._park_reason.startswith("idle"):
                 self._abandon_park("a request arrived", rejections)
