@@ -122,6 +122,54 @@ def test_a_wake_on_a_full_gpu_parks_the_idle_runtime_through_its_lease(
         sleeper.end()
 
 
+def test_a_wake_that_begins_before_an_asked_park_ends_keeps_the_grant(
+    agent: AgentProcess,
+) -> None:
+    """The engine parks at the agent's request, then a request arrives and it wakes before the
+    lease has released anything: the lease must not release the memory the wake now uses."""
+    lease, engine = tenant(agent, "racer", can_park=True)
+    resume = threading.Event()
+    parked_once = threading.Event()
+
+    def slow_park() -> int:  # parked at once; the lease hears of it only later
+        engine.park()
+        parked_once.set()
+        resume.wait(10)
+        return 0
+
+    lease.attach(engine.state, engine.resize, slow_park)
+    engine.idle_s = 5.0
+    newcomer = None
+    try:
+        until("an idle heartbeat", lambda: states(agent)["test/racer"] == "active")
+        newcomer = pending(agent, "newcomer", 60 * MIB)  # needs "racer" to park
+        assert parked_once.wait(10)
+        engine.in_flight, engine.idle_s = 1, 0.0  # a request came in: wake
+        assert lease.wake(timeout_s=5.0)  # still granted: nothing was released
+        engine.parked = False
+        resume.set()
+        time.sleep(1.0)  # the park's thread ends, and heartbeats go on
+        gpus = agent.client().get("/v1/gpus").json()["gpus"]
+        racer = next(t for g in gpus for t in g["tenants"] if t["tenant"] == "test/racer")
+        assert racer["granted_bytes"] == REQUEST and racer["state"] != "parked"
+        assert not lease.standby
+    finally:
+        resume.set()
+        lease.end()
+        if newcomer is not None:
+            newcomer.end()
+
+
+def pending(agent: AgentProcess, name: str, request: int) -> MemoryLease:
+    """A runtime that registers and heartbeats without waiting for its grant (it maps nothing
+    while it waits for room)."""
+    budget = GpuBudget(request, request, GPU)
+    settings = LeaseSettings(str(agent.socket), f"test/{name}", f"{name}-1", False)
+    lease = MemoryLease(AgentClient(str(agent.socket)), settings, budget, GPU)
+    lease.start()
+    return lease
+
+
 def test_without_the_agent_a_wake_fails_in_time(tmp_path: Path) -> None:
     budget = GpuBudget(REQUEST, REQUEST, GPU)
     socket = str(tmp_path / "nobody.sock")
