@@ -41,6 +41,9 @@ POD_STANDBY: Final = f"{GROUP}/standby"
 # node agent writes it into the kubelet's seccomp folder under the name that the pod's
 # securityContext gives (berth/<sha256 of the JSON>.json, operator/seccomp.py).
 POD_SECCOMP_PROFILE: Final = f"{GROUP}/seccomp-profile"
+# A sandboxed pod's egress rules (JSON: the spec.sandbox.egress list), rendered into the pod
+# template; the node agent's eBPF enforcer holds the pod's cgroup to them.
+POD_EGRESS_POLICY: Final = f"{GROUP}/egress-policy"
 
 # Labels on every object the operator renders.
 LABEL_SERVICE: Final = f"{GROUP}/inference-service"

@@ -23,9 +23,11 @@ pod template. The layers (ARCHITECTURE section 7), each on its own where the oth
    emptyDirs where the runtime writes (``/tmp``: the tiny model, Torch's and Hugging Face's caches
    under ``XDG_CACHE_HOME=/tmp/cache``; the image's home: Triton's cache), no privilege escalation,
    every capability dropped, and the seccomp ``Localhost`` profile of ``seccomp.py``, carried to
-   the node in the pod annotation ``wire.POD_SECCOMP_PROFILE``.
+   the node in the pod annotation ``wire.POD_SECCOMP_PROFILE``; the egress rules go along in
+   ``wire.POD_EGRESS_POLICY`` for the node agent's eBPF enforcer (``runtime/agent/pod_egress.py``).
 """
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +226,12 @@ def hosts_note(sandbox: SandboxSpec | None, engines: PolicyEngines) -> str | Non
     )
 
 
+def egress_json(sandbox: SandboxSpec) -> str:
+    """The egress rules as the node agent's enforcer reads them (``wire.POD_EGRESS_POLICY``)."""
+    rules = [rule.model_dump(by_alias=True) for rule in sandbox.egress]
+    return json.dumps(rules, sort_keys=True, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class Hardening:
     """What a sandboxed pod template gets: securityContexts, writable emptyDirs, the profile."""
@@ -257,5 +265,8 @@ def hardening(sandbox: SandboxSpec | None) -> Hardening | None:
         container_security_context=container,
         volumes=[{"name": name, "emptyDir": {}} for name in WRITABLE],
         mounts=[{"name": name, "mountPath": path} for name, path in WRITABLE.items()],
-        annotations={wire.POD_SECCOMP_PROFILE: profile},
+        annotations={
+            wire.POD_SECCOMP_PROFILE: profile,
+            wire.POD_EGRESS_POLICY: egress_json(sandbox),
+        },
     )

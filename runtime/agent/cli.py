@@ -2,16 +2,22 @@
 
 Every flag can also come from an environment variable (the DaemonSet sets them). Without a GPU
 (CI, a laptop) ``--simulate-gpus`` describes the GPUs, and the real agent runs all the same.
-With ``--node-name`` it also watches the Berth pods bound to its node and installs sandboxed
-pods' seccomp profiles into the kubelet's ``--seccomp-dir`` (``pod_watch``, ``seccomp_sync``).
+With ``--node-name`` it also watches the Berth pods bound to its node, installs sandboxed pods'
+seccomp profiles into the kubelet's ``--seccomp-dir`` (``pod_watch``, ``seccomp_sync``) and, as
+root on a kernel with cgroup BPF, holds their egress to their allowlists (``pod_egress``; where
+the enforcer cannot load, the agent says so and runs without it).
 """
 
+import ipaddress
 import logging
 import secrets
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +26,9 @@ from berth import agent_protocol
 from berth.runtime.agent import gpus as gpu_discovery
 from berth.runtime.agent.ledger import GpuMemory, LeasePolicy, NodeLedger
 from berth.runtime.agent.seccomp_sync import KUBELET_SECCOMP_DIR
+
+if TYPE_CHECKING:
+    from berth.runtime.agent.pod_egress import PodEgress
 
 log = logging.getLogger("berth.node_agent")
 
@@ -37,6 +46,8 @@ class AgentSettings(BaseModel):
     node_name: str | None = None
     kubeconfig: Path | None = None
     seccomp_dir: Path = KUBELET_SECCOMP_DIR
+    egress: bool = True
+    cluster_dns: tuple[str, ...] = ()
     log_level: str = "info"
 
 
@@ -47,6 +58,16 @@ def _quantity(_: click.Context, param: click.Parameter, value: str) -> int:
         return quantity_bytes(value)
     except ValueError as error:
         raise click.BadParameter(f"{value!r} is not a memory quantity (e.g. 2Gi)") from error
+
+
+def _addresses(_: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    found = tuple(a.strip() for a in value.split(",") if a.strip())
+    for address in found:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError as error:
+            raise click.BadParameter(f"{address!r} is not an IP address") from error
+    return found
 
 
 def _refuse_if_served(path: Path) -> None:
@@ -73,6 +94,25 @@ def discover(settings: AgentSettings) -> list[GpuMemory]:
         raise click.ClickException(str(error)) from error
 
 
+def egress_enforcement(
+    settings: AgentSettings, report: Callable[[str, str, str], None] | None
+) -> "PodEgress | None":
+    """The eBPF egress enforcer over this node's sandboxed pods, or None (off, or it cannot load
+    here: logged, since sandboxed pods' host names are then held by nothing on this node)."""
+    if not settings.egress:
+        return None
+    from berth.runtime.agent.egress import EgressEnforcer, EgressError
+    from berth.runtime.agent.pod_egress import PodEgress
+
+    try:
+        enforcer = EgressEnforcer()
+    except (EgressError, OSError) as error:
+        log.warning("no egress enforcer on this node (%s): sandboxed pods' egress is held by "
+                    "their NetworkPolicy alone", error)  # fmt: skip
+        return None
+    return PodEgress(enforcer, settings.cluster_dns, report)
+
+
 def _exit_cleanly(signum: int, _: object) -> None:
     raise SystemExit(0)
 
@@ -95,14 +135,20 @@ def run(settings: AgentSettings) -> None:
     epoch = secrets.token_hex(8)
     known = read_state(settings.state_file)
     ledger = NodeLedger.start(gpus, epoch, settings.policy, time.monotonic(), known)
-    publisher = pods = None
+    publisher = pods = egress = None
+    stop = threading.Event()
     if settings.node_name:
         from berth.operator.kube import KubeClient
 
         client = KubeClient.from_config(settings.kubeconfig, pool=3)  # publisher, pod watch, spare
         publisher = NodePublisher(client, settings.node_name, gpus)
-        profiles = SeccompProfiles(settings.seccomp_dir)
-        pods = PodWatch(client, settings.node_name, on_seen=[profiles.pod_seen])
+        on_seen, on_gone = [SeccompProfiles(settings.seccomp_dir).pod_seen], []
+        egress = egress_enforcement(settings, publisher.report)
+        if egress is not None:
+            on_seen.append(egress.pod_seen)
+            on_gone.append(egress.pod_gone)
+            threading.Thread(target=egress.run, args=(stop,), name="egress", daemon=True).start()
+        pods = PodWatch(client, settings.node_name, on_seen=on_seen, on_gone=on_gone)
         pods.start()
     driver_free = None
     if not settings.simulate_gpus:  # a real GPU: wake grants wait until the driver has it back
@@ -117,6 +163,10 @@ def run(settings: AgentSettings) -> None:
         annotate=publisher.annotate if publisher else None,
         driver_free=driver_free,
     )
+    if egress is not None:
+        from berth.runtime.agent.pod_egress import EgressCollector
+
+        agent.metrics.registry.register(EgressCollector(egress))
     for gpu in gpus:
         log.info("GPU %d %s (%s): %d bytes, %d reserved", gpu.index, gpu.uuid, gpu.name,
                  gpu.capacity, gpu.reserved)  # fmt: skip
@@ -138,8 +188,11 @@ def run(settings: AgentSettings) -> None:
         uvicorn.Server(config).run()
     finally:
         settings.socket.unlink(missing_ok=True)
+        stop.set()
         if pods:
             pods.close()
+        if egress:
+            egress.close()
         if publisher:
             publisher.close()
         if driver_free:
@@ -197,6 +250,12 @@ def run(settings: AgentSettings) -> None:
               envvar="BERTH_SECCOMP_DIR", type=click.Path(file_okay=False, path_type=Path),
               help="The kubelet's seccomp folder (<its --root-dir>/seccomp): sandboxed pods' "
               "profiles go there (with --node-name).")  # fmt: skip
+@click.option("--egress/--no-egress", default=True, show_default=True, envvar="BERTH_EGRESS",
+              help="Hold sandboxed pods' egress to their allowlists with the eBPF enforcer "
+              "(with --node-name; needs root and a kernel with cgroup BPF).")  # fmt: skip
+@click.option("--cluster-dns", default="", envvar="BERTH_CLUSTER_DNS", callback=_addresses,
+              help="Comma-separated addresses of the cluster's DNS servers (the kubelet's "
+              "clusterDNS): the only resolvers sandboxed pods may query.")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def node_agent(
@@ -212,6 +271,8 @@ def node_agent(
     node_name: str | None,
     kubeconfig: Path | None,
     seccomp_dir: Path,
+    egress: bool,
+    cluster_dns: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Arbitrate GPU memory between the runtimes on this node (protocol: berth.agent_protocol)."""
@@ -236,6 +297,8 @@ def node_agent(
         node_name=node_name,
         kubeconfig=kubeconfig,
         seccomp_dir=seccomp_dir,
+        egress=egress,
+        cluster_dns=cluster_dns,
         log_level=log_level,
     )
     run(settings)

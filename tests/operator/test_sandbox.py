@@ -9,6 +9,7 @@ cluster.
 
 import hashlib
 import ipaddress
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,6 +269,10 @@ def test_a_sandboxed_pod_runs_hardened_under_its_generated_seccomp_profile() -> 
     digest = hashlib.sha256(text.encode()).hexdigest()
     assert profile == {"type": "Localhost", "localhostProfile": f"berth/{digest}.json"}
     assert text == seccomp.profile_json(["ptrace", "mknodat"])
+    egress = json.loads(template["metadata"]["annotations"][wire.POD_EGRESS_POLICY])
+    assert [api.EgressRule.model_validate(r) for r in egress] == service(
+        sandbox=SANDBOX
+    ).spec.sandbox.egress  # type: ignore[union-attr]
     (container,) = pod["containers"]
     assert container["securityContext"] == {
         "allowPrivilegeEscalation": False,
@@ -295,6 +300,7 @@ def test_without_an_enabled_sandbox_the_pod_is_not_hardened_but_keeps_its_runtim
         assert "securityContext" not in pod
         assert "securityContext" not in pod["containers"][0]
         assert wire.POD_SECCOMP_PROFILE not in template["metadata"]["annotations"]
+        assert wire.POD_EGRESS_POLICY not in template["metadata"]["annotations"]
     assert pod["runtimeClassName"] == "gvisor"
 
 

@@ -17,6 +17,7 @@ from berth.cli import main
         (["--simulate-gpus", "1x1Gi", "--lease", "5", "--grace", "1"], "--grace"),
         (["--simulate-gpus", "1x1Gi", "--heartbeat-interval", "5", "--lease", "2"],
          "--heartbeat-interval"),
+        (["--simulate-gpus", "1x1Gi", "--cluster-dns", "10.96.0.10,kube-dns"], "'kube-dns'"),
     ],
 )  # fmt: skip
 def test_a_bad_flag_is_refused_with_its_name(tmp_path: Path, flags: list[str], says: str) -> None:
