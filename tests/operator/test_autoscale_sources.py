@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +186,14 @@ def test_a_real_prometheus_scraping_runtimes_gives_the_same_readings(
         "svc-abc-3": (0.0, False),
     }
     assert all(abs(r.time - time.time()) < 60 for r in readings.values())
+
+
+def test_the_metric_names_come_from_the_runtime_without_its_engine() -> None:
+    """The operator reads the runtime's metric table; importing it must not pull torch into the
+    operator's process (or image)."""
+    code = (
+        "import sys, berth.operator.autoscale_loop;"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')]"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
