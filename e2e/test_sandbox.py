@@ -1,5 +1,6 @@
 """The agent sandbox on real parts: a sandboxed InferenceService's pod runs hardened on the real
 kubelet node under the seccomp profile the operator generated and the node agent installed, the
+node agent's eBPF enforcer holds its egress to the allowlist (refused and reported otherwise), the
 API server accepts its NetworkPolicy, and the service still answers through its ClusterIP.
 
 The real node's CNI (the bridge plugin) does not enforce NetworkPolicies, so here they are only
@@ -8,6 +9,8 @@ checked as accepted; what they allow and deny is tested as tables in
 """
 
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +43,40 @@ def write(path):
 print(probe(lambda: os.mkfifo("/tmp/berth-fifo")), probe(lambda: write("/tmp/berth-file")),
       probe(lambda: write("/etc/berth-file")))
 """
+# Run in the container with (address, port) pairs: what each connection attempt met.
+CONNECT = """
+import errno, json, socket, sys
+
+def attempt(host, port):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error))
+    return "ok"
+
+print(" ".join(attempt(host, port) for host, port in json.loads(sys.argv[1])))
+"""
 
 
-def sealed_service(name: str, namespace: str, model: Path, **sandbox: Any) -> dict[str, Any]:
+@pytest.fixture
+def node_listeners() -> Iterator[tuple[int, int]]:
+    """Two TCP listeners on the node's address, which pods reach over the bridge: the port the
+    sandbox allows, and another."""
+    socks = [socket.create_server((NODE_IP, 0)) for _ in range(2)]
+    try:
+        yield socks[0].getsockname()[1], socks[1].getsockname()[1]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def sealed_service(
+    name: str, namespace: str, model: Path, port: int = 9, **sandbox: Any
+) -> dict[str, Any]:
     service = real_service(name, namespace, model)
     service["spec"]["sandbox"] = {
         "enabled": True,
-        "egress": [{"cidrs": [f"{NODE_IP}/32"], "ports": [9]}],
+        "egress": [{"cidrs": [f"{NODE_IP}/32"], "ports": [port]}],
         "ingress": [{"namespaceLabels": {"kubernetes.io/metadata.name": namespace}}],
         "deniedSyscalls": ["mknod", "mknodat"],
         "maxRequestSeconds": 60,
@@ -62,12 +92,17 @@ def status_line(status: str, field: str) -> str:
 
 
 def test_a_sandboxed_service_runs_hardened_under_its_seccomp_profile_and_still_serves(
-    cluster: LocalCluster, operator: OperatorProcess, namespace: str, tiny_model: Path
+    cluster: LocalCluster,
+    operator: OperatorProcess,
+    namespace: str,
+    tiny_model: Path,
+    node_listeners: tuple[int, int],
 ) -> None:
+    allowed, other = node_listeners
     wait_for(
         "earlier tests' pods to leave the real node", lambda: not tenants(cluster), timeout=120
     )
-    apply_docs(cluster, [sealed_service("sealed", namespace, tiny_model)])
+    apply_docs(cluster, [sealed_service("sealed", namespace, tiny_model, port=allowed)])
     pod = wait_for(
         "the sandboxed runtime pod Ready", lambda: ready_pod(cluster, namespace), timeout=240
     )
@@ -108,7 +143,26 @@ def test_a_sandboxed_service_runs_hardened_under_its_seccomp_profile_and_still_s
     assert policy["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
     egress = policy["spec"]["egress"]
     assert {"to": [{"ipBlock": {"cidr": f"{NODE_IP}/32"}}],
-            "ports": [{"protocol": "TCP", "port": 9}]} in egress  # fmt: skip
+            "ports": [{"protocol": "TCP", "port": allowed}]} in egress  # fmt: skip
+
+    # The node agent's eBPF enforcer holds the pod to its allowlist, whatever the CNI: the
+    # allowed port connects, the other is refused (EPERM) and the denial is reported on the pod.
+    pairs = json.dumps([[NODE_IP, allowed], [NODE_IP, other]])
+
+    def enforced() -> list[str] | None:
+        met = cluster.kubectl("exec", "-n", namespace, name, "--", PYTHON, "-c", CONNECT,
+                              pairs).split()  # fmt: skip
+        return met if met[1] != "ok" else None  # attached within a tick of the pod starting
+
+    assert wait_for("the egress enforcer on the pod", enforced, timeout=30) == ["ok", "EPERM"]
+
+    def denied_event() -> list[Any]:
+        events = get_json(cluster, "events", "-n", namespace, "--field-selector",
+                          f"involvedObject.name={name},reason=EgressDenied")["items"]  # fmt: skip
+        return list(events)
+
+    (event, *_) = wait_for("the EgressDenied event on the pod", denied_event, timeout=30)
+    assert event["type"] == "Warning" and "refused" in event["message"]
 
     # It still serves, and nothing in its spec went unheeded.
     ip = cluster_ip(cluster, "sealed", namespace)
