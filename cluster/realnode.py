@@ -486,6 +486,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for stale in (self.sock, Path(f"{self.sock}.ttrpc")):
             stale.unlink(missing_ok=True)
         shutil.rmtree(AGENT_DIR, ignore_errors=True)  # the agent's socket and its tenants file
+        # The agent's egress enforcer pins its maps and links in bpffs so that they outlive it;
+        # unpinned, the kernel frees them (the pods' cgroups are gone already).
+        shutil.rmtree(_egress_pins(), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _egress_pins().parent.rmdir()
         self.release()
 
 
@@ -505,6 +510,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _egress_pins() -> Path:
+    """Where the node agent's egress enforcer pins its maps and links (in bpffs)."""
+    from berth.runtime.agent.egress import PIN_DIR
+
+    return PIN_DIR
+
+
 def leftovers(node: RealNode) -> list[str]:
     """What a stopped real node left on the host (empty when teardown was complete)."""
     found = [f"mount {m}" for m in _mounts_under(node.dir) + _mounts_under(node.content_dir)]
@@ -514,6 +526,7 @@ def leftovers(node: RealNode) -> list[str]:
     found += [f"process {pid}: {cmd}" for pid, cmd in _processes_using(str(node.sock))]
     found += [f"process {pid}: {cmd}" for pid, cmd in _processes_using(str(AGENT_SOCKET))]
     found += [f"path {AGENT_DIR}"] if AGENT_DIR.exists() else []
+    found += [f"path {_egress_pins()}"] if _egress_pins().exists() else []
     found += (
         [f"netns {n.name}" for n in Path("/var/run/netns").glob("cni-*")]
         if Path("/var/run/netns").exists()
