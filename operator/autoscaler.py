@@ -30,7 +30,8 @@ up in its metrics and the next decision counts it active again.
 
 Missing or stale metrics never scale down: with no fresh sample, or a sample that could not read
 every ready replica, or a stable window not yet covered by samples (the operator just started),
-the count may rise but not fall, and the decision says why. Pure: no clock, no I/O.
+the count and the active count may rise but not fall, and the decision says why. Pure: no clock,
+no I/O.
 """
 
 import math
@@ -198,7 +199,9 @@ def desired(samples: Sequence[Sample], policy: Policy, state: State, now: float)
     after = State(replicas, active, panic_since, max_panic, wanted, newest)
 
     covered = samples[0].time <= now - policy.stable_window_s + policy.stale_after_s
-    if replicas < state.replicas and (latest.missing or not covered):
+    was_active = state.replicas if state.active is None else state.active
+    going_down = replicas < state.replicas or active < was_active
+    if going_down and (latest.missing or not covered):
         if latest.missing:
             reason, why = METRICS_PARTIAL, f"metrics of {latest.missing} ready replica(s) missing"
         else:

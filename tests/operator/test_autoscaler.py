@@ -302,6 +302,16 @@ def test_a_replica_that_cannot_be_read_blocks_scale_down_but_not_scale_up() -> N
     assert desired(busy, POLICY, state, now=120.0).replicas == needed(200)
 
 
+def test_an_unreadable_last_replica_is_not_reported_idle() -> None:
+    quiet = [Sample(t, 0.0, ready=1, missing=1) for t in range(0, 122, 2)]
+    decision = desired(quiet, POLICY, State(1, active=1), now=120.0)
+    assert (decision.replicas, decision.active, decision.reason) == (
+        1,
+        1,
+        autoscaler.METRICS_PARTIAL,
+    )
+
+
 def test_a_window_not_yet_covered_after_a_restart_does_not_scale_down() -> None:
     recent = [Sample(t, 0.0, ready=5) for t in range(100, 122, 2)]
     decision = desired(recent, POLICY, State(5), now=120.0)
