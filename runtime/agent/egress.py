@@ -8,20 +8,35 @@ bpffs (mounted here if the host has not) and each attachment's links under
 pinned links and rewrites the entries rather than leaving a pod open while it was away.
 :mod:`.egress_policy` turns a policy into map entries; this module only moves bytes.
 
+The agent's calls: :meth:`EgressEnforcer.attach_pod` (or ``attach`` with a cgroup path) when a
+sandboxed pod runs on the node, again with a changed policy; :meth:`Attachment.denials` for the
+pod's metrics and events; :meth:`EgressEnforcer.refresh` when it last said (host names' TTLs);
+:meth:`Attachment.detach` when the pod goes; :meth:`EgressEnforcer.prune` after a restart, once
+the live pods are attached again, and after pods are deleted.
+
 Where a pod's processes are in cgroup v2 (checked as root on this machine's hybrid hierarchy,
 runc 1.1.5, 2026-12-05): cgroup eBPF programs attach only to v2 cgroups, and the node's pods live
 in v1 hierarchies under ``/sys/fs/cgroup/<controller>/berth/kubepods/...``. runc in hybrid mode
 also creates the container's cgroup at the same path in the v2 hierarchy
 (``/sys/fs/cgroup/unified/berth/kubepods/<qos>/pod<uid>/<container>``, parents made as needed)
 and puts the container's init there: ``/proc/<pid>/cgroup`` lists ``0::/<that path>`` beside the
-v1 lines. ``runc exec`` (what ``kubectl exec`` runs) joins the same v2 cgroup as well. So the
-agent needs no cgroup of its own: :func:`find_pod_cgroup` finds ``pod<uid>`` in the v2 hierarchy
-and the programs attached there cover the pause container, every container, their restarts and
-every exec'd process (they all sit below it; the programs find the sandbox by walking the
-caller's ancestors). Only a process that moves itself out of the pod's cgroup escapes, which
-needs write access to the cgroup tree (a hardened pod has none). What is not covered: ICMP and
-raw sockets (no cgroup sock_addr hook; hardened pods drop CAP_NET_RAW), and connections made
-before the agent attaches, between the pod's start and the agent's pod watch seeing it.
+v1 lines. This held for a plain ``runc run`` with a v1-style ``cgroupsPath`` and for the project's
+real node (its pause and runtime containers, read while another session ran it). ``runc exec``
+(what ``kubectl exec`` runs) joins the same v2 cgroup: with the enforcer on the pod's cgroup, a
+``runc exec``'d ``bash`` was refused (EPERM, counted) a port outside the allowlist and reached
+the allowlisted one. So the agent needs no v2 cgroup of its own and moves no processes:
+:func:`find_pod_cgroup` finds ``pod<uid>`` in the v2 hierarchy, and the programs attached there
+cover the pause container, every container, their restarts and every exec'd process (all sit
+below it; the programs find the sandbox by walking the caller's ancestors). Only a process that
+moves itself out of the pod's cgroup escapes, which needs write access to the cgroup tree (a
+hardened pod has none). Not covered: ICMP and raw sockets (no cgroup sock_addr hook; hardened
+pods drop CAP_NET_RAW), and connections made before the agent attaches, between the pod's start
+and the agent's pod watch seeing it.
+
+Host names are enforced at the addresses the agent's resolver returns, for their TTL plus a grace
+(:class:`.egress_policy.HostAddresses`); a pod whose resolver answers differently (round-robin
+DNS, CDNs, split horizon) can be refused an address the agent never saw. Wildcard names cannot be
+resolved ahead of time and allow nothing here (:attr:`Attachment.unresolvable`).
 """
 
 import ctypes
@@ -123,12 +138,12 @@ class _Map:
     def delete(self, key: bytes) -> None:
         self.lib.bpf_map_delete_elem(self.fd, key)
 
-    def keys_of(self, cgroup_id: int) -> list[bytes]:
-        """The keys that belong to one sandbox (every key starts with its cgroup id)."""
+    def keys_of(self, cgroup_id: int | None) -> list[bytes]:
+        """The keys that belong to one sandbox (every key starts with its cgroup id), or all."""
         found: list[bytes] = []
         key, following = None, ctypes.create_string_buffer(self.key_size)
         while self.lib.bpf_map_get_next_key(self.fd, key, following) == 0:
-            if key_cgroup_id(self.name, following.raw) == cgroup_id:
+            if cgroup_id is None or key_cgroup_id(self.name, following.raw) == cgroup_id:
                 found.append(following.raw)
             key = ctypes.create_string_buffer(following.raw, self.key_size)
         return found
@@ -216,18 +231,60 @@ class EgressEnforcer:
             hook: lib.bpf_object__find_program_by_name(self._object, hook.encode())
             for hook in HOOKS
         }
+        self.attachments: dict[int, Attachment] = {}  # by cgroup id
 
     def attach(self, cgroup_path: Path, policy: EgressPolicy) -> "Attachment":
-        """Sandbox the v2 cgroup at ``cgroup_path`` and everything below it."""
+        """Sandbox the v2 cgroup at ``cgroup_path`` and everything below it; a cgroup already
+        attached gets ``policy`` as an update."""
+        known = self.attachments.get(cgroup_id(cgroup_path))
+        if known is not None:
+            known.update(policy)
+            return known
         attachment = Attachment(self, Path(cgroup_path), cgroup_id(cgroup_path), policy)
         attachment.refresh()
         self.maps["sandboxes"].update(sandbox_key(attachment.cgroup_id), bytes(32), BPF_NOEXIST)
         attachment.link()
+        self.attachments[attachment.cgroup_id] = attachment
         return attachment
 
     def attach_pod(self, pod_uid: str, policy: EgressPolicy) -> "Attachment":
         """Sandbox a running pod of this node by its UID (what the agent's pod watch calls)."""
         return self.attach(find_pod_cgroup(pod_uid), policy)
+
+    def refresh(self) -> float:
+        """Refresh every attachment's host names; returns when (``clock``) to call again."""
+        return min((a.refresh() for a in list(self.attachments.values())), default=math.inf)
+
+    def prune(self) -> list[int]:
+        """Remove every sandbox this enforcer has not attached (left by an earlier agent for a
+        pod that is gone) and every attachment whose cgroup is gone; returns their cgroup ids.
+        A restarted agent calls it once it has re-attached the pods it still sandboxes."""
+        for attachment in list(self.attachments.values()):
+            if not attachment.cgroup_path.exists():
+                attachment.detach()
+        pinned = self.pin_dir / "links"
+        sandboxes = self.maps["sandboxes"]
+        stale = {key_cgroup_id("sandboxes", key) for key in sandboxes.keys_of(None)}
+        stale |= {int(p.name) for p in pinned.iterdir()} if pinned.exists() else set()
+        stale -= set(self.attachments)
+        for cgroup in stale:
+            self._remove(cgroup)
+        return sorted(stale)
+
+    def _remove(self, cgroup: int) -> None:
+        """Detach and unpin a sandbox's links and delete its map entries."""
+        link_dir = self.pin_dir / "links" / str(cgroup)
+        for pin in sorted(link_dir.glob("*")):
+            link = self.lib.bpf_link__open(str(pin).encode())
+            if link:
+                self.lib.bpf_link__detach(link)
+                self.lib.bpf_link__destroy(link)
+            pin.unlink()
+        if link_dir.exists():
+            link_dir.rmdir()
+        for bpf_map in self.maps.values():
+            for key in bpf_map.keys_of(cgroup):
+                bpf_map.delete(key)
 
     def close(self) -> None:
         """Drop this process's handles; pinned maps and links keep enforcing."""
@@ -318,16 +375,8 @@ class Attachment:
 
     def detach(self) -> None:
         """Detach the programs, unpin their links and remove this cgroup's entries."""
-        lib = self.enforcer.lib
+        self.enforcer._remove(self.cgroup_id)
         for link in self._links:
-            lib.bpf_link__detach(link)
-            lib.bpf_link__unpin(link)
-            lib.bpf_link__destroy(link)
+            self.enforcer.lib.bpf_link__destroy(link)
         self._links.clear()
-        for pin in self._link_dir.glob("*"):
-            pin.unlink()
-        if self._link_dir.exists():
-            self._link_dir.rmdir()
-        for bpf_map in self.enforcer.maps.values():
-            for key in bpf_map.keys_of(self.cgroup_id):
-                bpf_map.delete(key)
+        self.enforcer.attachments.pop(self.cgroup_id, None)

@@ -303,3 +303,29 @@ def test_a_pod_slice_of_the_systemd_driver_is_found_and_a_missing_pod_is_named(
     assert find_pod_cgroup(pod_uid, root=tmp_path) == pod
     with pytest.raises(EgressError, match="has no cgroup in the v2 hierarchy"):
         find_pod_cgroup(str(uuid.uuid4()), root=tmp_path)
+
+
+def test_attaching_an_attached_cgroup_updates_it_and_prune_removes_what_no_one_attached(
+    enforcer: EgressEnforcer, cgroups: Path, listeners: tuple[int, int]
+) -> None:
+    allowed, other = listeners
+    kept, left = cgroups / "kept", cgroups / "left"
+    kept.mkdir()
+    left.mkdir()
+    earlier = EgressEnforcer(pin_dir=enforcer.pin_dir, resolve=resolver)
+    earlier.attach(left, only("127.0.0.1/32", allowed))  # an earlier agent's pod, now gone
+    earlier.close()
+    attachment = enforcer.attach(kept, only("127.0.0.1/32", allowed))
+    try:
+        assert enforcer.attach(kept, only("127.0.0.1/32", other)) is attachment
+        assert probe(kept, [("tcp", "127.0.0.1", allowed), ("tcp", "127.0.0.1", other)]) == [
+            "EPERM",
+            "ok",
+        ]
+        assert enforcer.prune() == [cgroup_id(left)]
+        assert probe(left, [("tcp", "127.0.0.1", other)]) == ["ok"]
+        assert probe(kept, [("tcp", "127.0.0.1", allowed)]) == ["EPERM"]
+        assert not enforcer.maps["allow4"].keys_of(cgroup_id(left))
+    finally:
+        attachment.detach()
+    assert enforcer.attachments == {}
