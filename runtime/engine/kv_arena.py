@@ -10,6 +10,8 @@ captured over it never move. ``KvBlockPool`` may hand out only backed blocks.
 On the GPU the pieces are CUDA virtual memory (``cuda_vmm``); on the CPU the same bookkeeping
 runs over a tensor allocated for all ``max_blocks`` at once (the OS backs its pages only when
 they are touched): the chunk count is a logical bound, so the grow/shrink logic runs in CI.
+There, shrinking to no chunk at all (a parked engine) frees the tensor's storage, and growing
+from none allocates it again; the views over it follow.
 """
 
 from __future__ import annotations
@@ -115,6 +117,9 @@ class KvArena:
         Out of device memory while growing: raise, with the chunks mapped so far kept."""
         if not 0 <= num_chunks <= self.max_chunks:
             raise ValueError(f"num_chunks must be in [0, {self.max_chunks}], got {num_chunks}")
+        storage = self.tensor.untyped_storage()
+        if self._range is None and self.num_chunks == 0 and num_chunks > 0:
+            storage.resize_(self.tensor.numel() * self.tensor.element_size())
         while self.num_chunks < num_chunks:
             self._map(self.num_chunks)
             blocks = self.layout.chunk_blocks
@@ -125,6 +130,8 @@ class KvArena:
             self.num_chunks -= 1
             self._unmap(self.num_chunks)
             self.num_remaps += 1
+        if self._range is None and num_chunks == 0:
+            storage.resize_(0)
 
     def _pieces(self, chunk: int) -> list[tuple[int, int]]:
         """(offset, size) of the chunk's piece in each slab."""

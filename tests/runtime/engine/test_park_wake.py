@@ -64,8 +64,9 @@ def test_park_frees_the_weights_storage_and_the_kv_pool(standby_engine: Engine) 
         assert runner.arena.num_chunks == 0
         assert weights.mapped_bytes == 0
         assert engine.stats().kv_cache_bytes == 0
-        if runner.device.type == "cpu":
+        if runner.device.type == "cpu":  # the host memory itself is freed
             assert weights.flat.untyped_storage().nbytes() == 0
+            assert runner.kv_cache.untyped_storage().nbytes() == 0
     finally:
         engine.wake()
     assert weights.mapped_bytes == weights.flat.numel()
