@@ -175,12 +175,12 @@ def find_pod_cgroup(pod_uid: str, root: Path | None = None) -> Path:
     """The pod's v2 cgroup: ``pod<uid>`` (cgroupfs driver) or ``*-pod<uid_with_underscores>.slice``
     (systemd driver), anywhere in the first few levels of the hierarchy."""
     root = root or cgroup2_root()
-    names = {f"pod{pod_uid}"}
+    cgroupfs_name = f"pod{pod_uid}"
     slice_suffix = f"pod{pod_uid.replace('-', '_')}.slice"
     for directory, subdirectories, _ in os.walk(root):
         depth = len(Path(directory).relative_to(root).parts)
         for name in subdirectories:
-            if name in names or name.endswith(slice_suffix):
+            if name == cgroupfs_name or name.endswith(slice_suffix):
                 return Path(directory) / name
         if depth >= POD_SEARCH_DEPTH:
             subdirectories.clear()

@@ -329,3 +329,29 @@ def test_attaching_an_attached_cgroup_updates_it_and_prune_removes_what_no_one_a
     finally:
         attachment.detach()
     assert enforcer.attachments == {}
+
+
+def test_an_ipv6_entry_lets_its_address_through_and_dns_goes_only_where_the_policy_says(
+    enforcer: EgressEnforcer, cgroups: Path
+) -> None:
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as server:
+        port = server.getsockname()[1]
+        rule = EgressRule(cidrs=["::1/128"], ports=[port])
+        policy = EgressPolicy(rules=(rule,), dns_servers=(IPv4Address("127.0.0.1"),))
+        attachment = enforcer.attach(cgroups, policy)
+        try:
+            got = probe(
+                cgroups,
+                [
+                    ("tcp", "::1", port),
+                    ("tcp", "127.0.0.1", port),  # the v4 loopback is another address
+                    ("sendto", "127.0.0.1", 53),  # the resolver, over UDP
+                    ("tcp", "127.0.0.1", 53),  # and TCP: let through, nothing listens
+                    ("sendto", "127.0.0.2", 53),  # another resolver
+                ],
+            )
+            assert got == ["ok", "EPERM", "ok", "ECONNREFUSED", "EPERM"]
+            attachment.update(EgressPolicy(rules=(rule,)))
+            assert probe(cgroups, [("sendto", "127.0.0.1", 53)]) == ["EPERM"]
+        finally:
+            attachment.detach()
