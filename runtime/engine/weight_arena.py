@@ -18,25 +18,10 @@ on keeps one.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import torch
 
 ALIGN = 256  # bytes: each tensor's offset, enough for any dtype and vectorized loads
 COPY_CHUNK = 1 << 30  # bytes per host-to-device copy when restoring
-
-
-@dataclass(frozen=True)
-class ArenaTiming:
-    """What the last release or restore took, in seconds and bytes."""
-
-    seconds: float
-    nbytes: int
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 class WeightArena:
@@ -85,7 +70,6 @@ class WeightArena:
                 module._buffers[name] = view
         self.host: torch.Tensor | None = None
         self.resident = True
-        self.last = ArenaTiming(0.0, 0)
 
     def keep_host_copy(self) -> None:
         """Copy the loaded weights into a host image (pinned on the GPU) for later restores."""
@@ -106,13 +90,11 @@ class WeightArena:
             raise RuntimeError("the weights have no host copy to come back from (standby is off)")
         if not self.resident:
             return
-        start = time.perf_counter()
         if self._range is not None:
             self._range.unmap(0)
         else:
             self.flat.untyped_storage().resize_(0)
         self.resident = False
-        self.last = ArenaTiming(time.perf_counter() - start, self.flat.numel())
 
     def restore(self, wait: bool = True) -> None:
         """Back the range with memory again (same addresses) and copy the weights in, chunk by
@@ -122,7 +104,6 @@ class WeightArena:
         if self.resident:
             return
         assert self.host is not None
-        start = time.perf_counter()
         n = self.flat.numel()
         if self._range is not None:
             self._range.map(0, self._range.size)
@@ -134,4 +115,3 @@ class WeightArena:
         if wait and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.resident = True
-        self.last = ArenaTiming(time.perf_counter() - start, n)
