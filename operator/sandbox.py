@@ -7,8 +7,10 @@ pod template. The layers (ARCHITECTURE section 7), each on its own where the oth
    deny: egress to the cluster DNS (kube-system's ``k8s-app: kube-dns`` pods, port 53 over UDP and
    TCP) and to each egress rule's CIDRs on its ports and protocols; ingress to the runtime's port
    from each ingress rule's sources and from Berth's operator (the autoscaler reads every pod's
-   ``/metrics``). Kubelet probes come from the node, which NetworkPolicy implementations let in.
-   An empty rule means "anywhere" (for egress, on its ports), as in a NetworkPolicy.
+   ``/metrics``; a Prometheus that scrapes the pods needs an ingress rule of its own). Kubelet
+   probes come from the node, which NetworkPolicy implementations let in. An empty rule means
+   "anywhere" (for egress, on its ports), as in a NetworkPolicy. A ``uri`` model source is
+   downloaded from inside the pod: its host needs an egress rule too.
 2. Host names cannot be said in a NetworkPolicy. With Cilium's CRDs a ``CiliumNetworkPolicy``
    allows them (``toFQDNs``, with DNS through Cilium's proxy so it learns the addresses) and the
    NetworkPolicy leaves them out, since allow rules add up and a wider one would void it. Without
