@@ -221,11 +221,15 @@ def hosts_note(sandbox: SandboxSpec | None, engines: PolicyEngines) -> str | Non
     hosts = sorted({host for rule in sandbox.egress for host in rule.hosts})
     if not hosts:
         return None
-    return (
+    note = (
         f"egress to {', '.join(hosts)}: a NetworkPolicy cannot name hosts and Cilium's "
         f"{CILIUM_CRD} is not installed, so the NetworkPolicy allows those rules' ports to any "
         "address; only Berth's node agent (its eBPF egress enforcer) holds the pods to the names"
     )
+    wildcards = [host for host in hosts if host.startswith("*.")]
+    if wildcards:  # the enforcer resolves names ahead of the pod; a wildcard has no answer
+        note += f", and it refuses {', '.join(wildcards)} (a wildcard cannot be resolved)"
+    return note
 
 
 def egress_json(sandbox: SandboxSpec) -> str:

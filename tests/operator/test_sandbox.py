@@ -211,6 +211,7 @@ def test_without_cilium_host_rules_open_their_ports_to_any_address_and_a_conditi
     note = sandbox.hosts_note(service(sandbox=HOSTS).spec.sandbox, sandbox.NO_ENGINES)
     assert note is not None and "*.tools.example.com, api.example.com" in note
     assert sandbox.CILIUM_CRD in note
+    assert note.endswith("it refuses *.tools.example.com (a wildcard cannot be resolved)")
 
 
 def test_with_cilium_hosts_go_to_fqdn_rules_only_and_no_condition() -> None:
