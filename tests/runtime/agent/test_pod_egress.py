@@ -21,7 +21,7 @@ import pytest
 
 from berth import wire
 from berth.runtime.agent.egress import EgressEnforcer, EgressError, cgroup2_root
-from berth.runtime.agent.pod_egress import DENIALS, EgressCollector, PodEgress
+from berth.runtime.agent.pod_egress import ATTACH_RETRY_S, DENIALS, EgressCollector, PodEgress
 
 REPO = Path(__file__).resolve().parents[3]
 CONNECT = r"""
@@ -111,11 +111,14 @@ def test_a_sandboxed_pod_is_held_to_its_rules_from_when_its_cgroup_exists_until_
 ) -> None:
     allowed, other = listeners
     reports: list[tuple[str, str, str]] = []
-    pods = PodEgress(enforcer, report=lambda *event: reports.append(event))
+    clock = [100.0]
+    pods = PodEgress(enforcer, report=lambda *event: reports.append(event), clock=lambda: clock[0])
     pods.pod_seen(pod(uid, [allowed]))  # bound, not started: no cgroup yet
     assert pods.denials() == {}
     cgroup = pod_cgroup(uid)
-    pods.sandboxes[uid].refresh_at = 0.0  # the retry is due
+    pods.tick()
+    assert pods.denials() == {}  # not tried again before its retry is due
+    clock[0] += ATTACH_RETRY_S
     pods.tick()
     assert connect(cgroup, [allowed, other]) == ["ok", "EPERM"]
 
