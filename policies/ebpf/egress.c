@@ -56,7 +56,9 @@ struct {
 /* The deepest ancestor (or self) of the caller's cgroup that is sandboxed; 0 if none. Walking
  * down from the root ends at the caller's level (deeper levels answer 0); walking up from
  * BERTH_MAX_LEVELS to stop at the first hit measured slower (about 255 vs 200 ns per connect4
- * for a container below its pod), the helper calls for empty levels costing more than lookups. */
+ * for a container below its pod), the helper calls for empty levels costing more than lookups.
+ * Remembering each caller cgroup's sandbox in an LRU map measured about 150 ns: not worth a cache
+ * whose entries could go stale. */
 static __always_inline __u64 find_sandbox(void)
 {
 	__u64 found = 0;

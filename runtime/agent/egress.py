@@ -92,7 +92,8 @@ def _libbpf() -> ctypes.CDLL:
         "bpf_object__open_file": (p, [s, p]),
         "bpf_object__load": (i, [p]),
         "bpf_object__close": (None, [p]),
-        "bpf_object__find_map_by_name": (p, [p, s]),
+        "bpf_object__next_map": (p, [p, p]),
+        "bpf_map__name": (s, [p]),
         "bpf_object__find_program_by_name": (p, [p, s]),
         "bpf_map__set_pin_path": (i, [p, s]),
         "bpf_map__fd": (i, [p]),
@@ -216,10 +217,17 @@ class EgressEnforcer:
         self._object = lib.bpf_object__open_file(str(path).encode(), None)
         if not self._object:
             raise _failed("bpf_object__open_file", path)
-        handles = {
-            name: lib.bpf_object__find_map_by_name(self._object, name.encode()) for name in MAPS
-        }
-        for name, handle in handles.items():
+        handles: dict[str, int] = {}
+        handle = lib.bpf_object__next_map(self._object, None)
+        while handle:
+            handles[lib.bpf_map__name(handle).decode()] = handle
+            handle = lib.bpf_object__next_map(self._object, handle)
+        if set(handles) != set(MAPS):
+            lib.bpf_object__close(self._object)
+            raise EgressError(
+                f"{path} has maps {sorted(handles)}, this loader knows {sorted(MAPS)}"
+            )
+        for name, handle in handles.items():  # pinned by name: libbpf reuses a pinned map
             lib.bpf_map__set_pin_path(handle, str(pin_dir / name).encode())
         if lib.bpf_object__load(self._object) != 0:
             lib.bpf_object__close(self._object)
