@@ -148,7 +148,8 @@ def run(settings: AgentSettings) -> None:
             on_seen.append(egress.pod_seen)
             on_gone.append(egress.pod_gone)
             threading.Thread(target=egress.run, args=(stop,), name="egress", daemon=True).start()
-        pods = PodWatch(client, settings.node_name, on_seen=on_seen, on_gone=on_gone)
+        pods = PodWatch(client, settings.node_name, on_seen=on_seen, on_gone=on_gone,
+                        on_listed=[egress.listed] if egress is not None else [])  # fmt: skip
         pods.start()
     driver_free = None
     if not settings.simulate_gpus:  # a real GPU: wake grants wait until the driver has it back

@@ -4,7 +4,8 @@ The operator renders a sandboxed pod's egress rules (``spec.sandbox.egress``) in
 annotation ``wire.POD_EGRESS_POLICY``. For each such pod the agent attaches the enforcer to the
 pod's cgroup as soon as the cgroup exists (the watch sees the pod again as its containers start,
 and ``tick`` retries while it waits), rewrites the entries when the rules change, and detaches
-when the pod goes. ``tick`` also looks host names up again when their TTL runs out and reports
+when the pod goes (and, after each list of the node's pods, whatever an earlier agent left for
+pods that are gone). ``tick`` also looks host names up again when their TTL runs out and reports
 each sandbox's new denials as a Warning event on its pod; ``EgressCollector`` exports the denial
 counters (read from the maps at scrape time, so they cannot drift from what the kernel counted).
 
@@ -38,6 +39,8 @@ DENIALS = "berth_egress_denials_total"
 
 class Enforcer(Protocol):
     def attach_pod(self, pod_uid: str, policy: EgressPolicy) -> Attachment: ...
+
+    def prune(self) -> list[int]: ...
 
 
 def egress_policy(pod: Obj, dns_servers: Sequence[Address]) -> EgressPolicy | None:
@@ -89,6 +92,14 @@ class PodEgress:
                     sandbox.attachment.update(policy)
             if sandbox.attachment is None:
                 self._attach(uid, sandbox)
+
+    def listed(self) -> None:
+        """The pod watch handed out a whole list: remove the sandboxes of pods that are gone
+        (an earlier agent's, pinned in bpffs, or attachments whose cgroup went)."""
+        with self.lock:
+            removed = self.enforcer.prune()
+        if removed:
+            log.info("egress sandboxes of %d gone pod(s) removed", len(removed))
 
     def pod_gone(self, pod: Obj) -> None:
         with self.lock:

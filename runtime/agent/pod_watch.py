@@ -6,8 +6,9 @@ allowlist attached to its cgroup. One list-then-watch of the pods whose ``spec.n
 node and that carry Berth's service label (``kube.reflect``: it watches again from the last
 version after a break and relists only when that version is gone) hands every pod it sees (added,
 changed, listed) to each ``on_seen`` handler and every pod that went (deleted, missing from a
-relist, or finished) to each ``on_gone`` handler. A handler that raises is logged with the pod's
-name and the others still run: the next event of that pod tries again.
+relist, or finished) to each ``on_gone`` handler, and calls each ``on_listed`` hook once a whole
+list has been handed out (when what is not listed may be cleaned up). A handler that raises is
+logged with the pod's name and the others still run: the next event of that pod tries again.
 """
 
 import logging
@@ -31,9 +32,10 @@ class PodWatch:
         node: str,
         on_seen: Sequence[PodHandler],
         on_gone: Sequence[PodHandler] = (),
+        on_listed: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.client, self.node = client, node
-        self.on_seen, self.on_gone = list(on_seen), list(on_gone)
+        self.on_seen, self.on_gone, self.on_listed = list(on_seen), list(on_gone), list(on_listed)
         self.pods: dict[str, Obj] = {}  # uid -> the pod as last seen, while it runs here
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -59,6 +61,13 @@ class PodWatch:
             self._gone(pod)
         for pod in items:
             self._event("ADDED", pod)
+        for hook in self.on_listed:
+            try:
+                hook()
+            except Exception:
+                log.exception(
+                    "pod watch: %s failed after a list", getattr(hook, "__qualname__", hook)
+                )
 
     def _event(self, kind: str, pod: Obj) -> None:
         if kind == "DELETED" or (pod.get("status") or {}).get("phase") in FINISHED:

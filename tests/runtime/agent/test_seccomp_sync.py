@@ -91,8 +91,10 @@ class Script:
         yield from self.watches.pop(0)
 
 
-def watch(script: Script, seen: list[Any], gone: list[Any] | None = None) -> PodWatch:
-    w = PodWatch(script, NODE, on_seen=seen, on_gone=gone or [])  # type: ignore[arg-type]
+def watch(
+    script: Script, seen: list[Any], gone: list[Any] | None = None, listed: list[Any] | None = None
+) -> PodWatch:
+    w = PodWatch(script, NODE, on_seen=seen, on_gone=gone or [], on_listed=listed or [])  # type: ignore[arg-type]
     w.stop = script.stop
     w._run()  # in this thread: returns once the script is played
     return w
@@ -134,3 +136,14 @@ def test_a_failing_handler_does_not_keep_the_pod_from_the_others() -> None:
 
     watch(Script([pod("a", "u-1")], []), [broken, lambda p: seen.append(p["metadata"]["name"])])
     assert seen == ["a"]
+
+
+def test_after_a_whole_list_is_handed_out_the_listed_hooks_run() -> None:
+    calls: list[str] = []
+    script = Script([pod("a", "u-1"), pod("b", "u-2")], [[("ADDED", pod("c", "u-3"))]])
+    watch(
+        script,
+        [lambda p: calls.append(p["metadata"]["name"])],
+        listed=[lambda: calls.append("listed")],
+    )
+    assert calls == ["a", "b", "listed", "c"]
