@@ -45,9 +45,9 @@ from berth.runtime.server.agent_client import AgentClient, AgentError
 
 log = logging.getLogger(__name__)
 
-GROW_AT = 0.85  # KV usage at or above which the runtime asks for its limit
+GROW_AT = 0.85  # KV usage at or above which the runtime asks for more (toward its limit)
 RELEASE_AT = 0.30  # KV usage at or below which it gives back burst chunks it does not use
-RELEASED_USAGE = 0.60  # the usage it shrinks to when it gives some back
+TARGET_USAGE = 0.60  # the usage a resize aims at, growing or shrinking: well inside both bands
 RETRY_S = proto.REGISTER_RETRY_S  # between attempts while the agent is unreachable
 WAKE_POLL_S = 0.1  # between heartbeats while waiting for a wake's grant
 
@@ -71,19 +71,26 @@ class MemoryState:
 
 
 def desired_bytes(state: MemoryState) -> int:
-    """What the runtime would like to hold: nothing while parked; its limit while requests wait
-    or the pool is nearly full; fewer chunks once usage falls low (never below the request);
-    else what it holds."""
+    """What the runtime would like to hold: nothing while parked; under memory pressure (usage at
+    ``GROW_AT`` or above) enough chunks to run at ``TARGET_USAGE``, at least one more, within its
+    limit; once usage falls to ``RELEASE_AT`` with nothing waiting, its burst back down to
+    ``TARGET_USAGE`` (never below the request); else what it holds.
+
+    Both resizes land at ``TARGET_USAGE``, between the two bands, so the next cycle at the same
+    load holds still. (Asking for the whole limit whenever a request waited made a runtime on the
+    H200 map tens of GiB for a prompt that only waited for the step's token budget, then give
+    most of it back a cycle later, over and over.)"""
     if state.parked:
         return 0
     plan = state.plan
     total = state.num_chunks * state.chunk_blocks
     usage = state.used_blocks / total if total else 1.0
-    if state.num_waiting or usage >= GROW_AT:
-        return plan.held_bytes(plan.limit_chunks)
-    if usage <= RELEASE_AT and state.num_chunks > plan.request_chunks:
-        need = math.ceil(state.used_blocks / (RELEASED_USAGE * state.chunk_blocks))
-        return plan.held_bytes(max(plan.request_chunks, min(need, state.num_chunks)))
+    at_target = math.ceil(state.used_blocks / (TARGET_USAGE * state.chunk_blocks))
+    if usage >= GROW_AT:
+        grown = max(at_target, state.num_chunks + 1)
+        return plan.held_bytes(min(grown, plan.limit_chunks))
+    if usage <= RELEASE_AT and not state.num_waiting and state.num_chunks > plan.request_chunks:
+        return plan.held_bytes(max(plan.request_chunks, min(at_target, state.num_chunks)))
     return state.held_bytes
 
 
