@@ -16,9 +16,11 @@ export PATH := $(BIN):$(PATH)
 # node runs pods with containerd, runc and the CNI bridge plugin (kube-proxy needs iptables and
 # conntrack); debootstrap makes the images' base layer and gcc the pod sandbox's pause binary;
 # clang, llvm and libbpf-dev build the egress enforcer's eBPF programs, libbpf1 loads them and
-# bpftool inspects them. (Go >= 1.24, which builds the control plane, ships with this machine.)
+# bpftool inspects them; prometheus is the real Prometheus the autoscaler's tests scrape with
+# (started by the tests on loopback; the package starts no daemon here, there is no init system).
+# (Go >= 1.24, which builds the control plane, ships with this machine.)
 SYSTEM_PACKAGES := openssl containerd runc containernetworking-plugins iptables conntrack \
-	debootstrap gcc libc6-dev clang llvm libbpf-dev libbpf1 bpftool
+	debootstrap gcc libc6-dev clang llvm libbpf-dev libbpf1 bpftool prometheus
 system:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then echo "[berth] installing Debian packages:" $$missing; \
