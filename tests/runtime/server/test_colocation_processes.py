@@ -11,21 +11,15 @@ succeeds, and A's greedy outputs equal those of runtime B, which never resized.
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
-
-from berth import wire
+from processes import child, serve_tiny
 
 WEIGHTS = 886_016  # the tiny model's fp32 weights (checked against the ledger below)
 CHUNK = 65_536  # a KV chunk of the tiny model on the CPU: 8 blocks of 16 tokens
@@ -38,46 +32,10 @@ MAX_TOKENS = 160
 pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def _process(
-    command: list[str], log: Path, env: dict[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 def _serve(stack: ExitStack, tmp: Path, name: str, sock: Path) -> str:
-    port = _free_port()
-    env = {
-        **os.environ,
-        wire.ENV_GPU_MEMORY_REQUEST: str(REQUEST),
-        wire.ENV_GPU_MEMORY_LIMIT: str(LIMIT),
-        wire.ENV_GPU_UUID: GPU,
-        wire.ENV_AGENT_SOCKET: str(sock),
-        "POD_NAMESPACE": "test",
-        "POD_NAME": name,
-    }
-    command = [sys.executable, "-m", "berth", "serve", "--model", "tiny", "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "16",
-               "--no-access-log"]  # fmt: skip
-    stack.enter_context(_process(command, tmp / f"{name}.log", env))
-    return f"http://127.0.0.1:{port}"
+    url, _ = serve_tiny(stack, tmp / f"{name}.log", name, (REQUEST, LIMIT, GPU), sock,
+                      flags=("--max-num-seqs", "16"))  # fmt: skip
+    return url
 
 
 def _wait_ready(url: str, log: Path, timeout_s: float = 240.0) -> None:
@@ -123,7 +81,7 @@ def test_a_burst_is_granted_under_load_and_reclaimed_for_a_newcomer(tmp_path: Pa
         agent_cmd = [sys.executable, "-m", "berth", "node-agent", "--socket", str(sock),
                      "--simulate-gpus", f"{GPU}:{CAPACITY}", "--heartbeat-interval", "0.3",
                      "--lease", "5", "--reclaim-deadline", "10"]  # fmt: skip
-        stack.enter_context(_process(agent_cmd, tmp_path / "agent.log", dict(os.environ)))
+        stack.enter_context(child(agent_cmd, tmp_path / "agent.log"))
         a = _serve(stack, tmp_path, "a", sock)
         b = _serve(stack, tmp_path, "b", sock)
         _wait_ready(a, tmp_path / "a.log")

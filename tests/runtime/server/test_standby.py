@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
+from processes import serve_tiny, stop
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import RunningServer, running_server
 
@@ -189,35 +186,19 @@ def test_the_idle_timeout_parks_and_the_next_request_wakes(
         assert server.model_server.loop.entered[StandbyState.STANDBY] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_wake_that_gets_no_memory_answers_503_with_retry_after(tmp_path: Path) -> None:
     """``berth serve`` with a GPU budget leases it from a node agent that cannot be reached:
     it serves within its request, parks when asked, and its lease cannot get the memory back,
     so the request that would wake it gets a 503 (after the wake timeout), not a hang."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        wire.ENV_GPU_MEMORY_REQUEST: str(8 << 20),
-        wire.ENV_GPU_MEMORY_LIMIT: str(8 << 20),
-        wire.ENV_GPU_UUID: "GPU-standby-test",
-        wire.ENV_AGENT_SOCKET: str(tmp_path / "no-agent.sock"),
-        wire.ENV_STANDBY_IDLE_SECONDS: "0",
-        wire.ENV_ADMIN_TOKEN: TOKEN,
-    }
-    command = [sys.executable, "-m", "berth", "serve", "--model", "tiny", "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "4",
-               "--wake-timeout", "1", "--retry-after", "7", "--no-access-log",
-               "--log-level", "warning"]  # fmt: skip
     log = tmp_path / "serve.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
+    with ExitStack() as stack:
+        url, process = serve_tiny(
+            stack, log, "standby", (8 << 20, 8 << 20, "GPU-standby-test"),
+            tmp_path / "no-agent.sock",
+            env={wire.ENV_STANDBY_IDLE_SECONDS: "0", wire.ENV_ADMIN_TOKEN: TOKEN},
+            flags=("--max-num-seqs", "4", "--wake-timeout", "1", "--retry-after", "7",
+                   "--log-level", "warning"),
+        )  # fmt: skip
         _wait(lambda: _ready(url), f"the server's start ({log})", timeout_s=240)
         assert _complete(url, 0)
         assert httpx.post(f"{url}/admin/park", headers=AUTH, timeout=60).json() == {
@@ -234,13 +215,7 @@ def test_a_wake_that_gets_no_memory_answers_503_with_retry_after(tmp_path: Path)
         wake = httpx.post(f"{url}/admin/wake", headers=AUTH, timeout=60)
         assert wake.status_code == 503
         assert wake.headers["retry-after"] == "7"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
     assert process.returncode == 0, log.read_text()[-3000:]
 
 

@@ -8,17 +8,14 @@ request succeeds, and the outputs after each wake equal those before the first p
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+from processes import child, serve_tiny
 
 from berth import wire
 from berth.e2e.agent_process import metric
@@ -31,44 +28,13 @@ GPU = "GPU-standby-processes"
 PROMPT = [(7 * j) % 500 + 3 for j in range(30)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def _process(command: list[str], log: Path, env: dict[str, str]) -> Iterator[None]:
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
-        yield
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _serve(stack: ExitStack, tmp: Path, name: str, sock: Path) -> str:
-    port = _free_port()
-    env = {
-        **os.environ,
-        wire.ENV_GPU_MEMORY_REQUEST: str(REQUEST),
-        wire.ENV_GPU_MEMORY_LIMIT: str(REQUEST),
-        wire.ENV_GPU_UUID: GPU,
-        wire.ENV_AGENT_SOCKET: str(sock),
-        wire.ENV_STANDBY_IDLE_SECONDS: "0",  # park only when asked
-        "POD_NAMESPACE": "test",
-        "POD_NAME": name,
-    }
-    command = [sys.executable, "-m", "berth", "serve", "--model", "tiny", "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "4",
-               "--wake-timeout", "60", "--no-access-log"]  # fmt: skip
-    stack.enter_context(_process(command, tmp / f"{name}.log", env))
-    return f"http://127.0.0.1:{port}"
+    url, _ = serve_tiny(
+        stack, tmp / f"{name}.log", name, (REQUEST, REQUEST, GPU), sock,
+        env={wire.ENV_STANDBY_IDLE_SECONDS: "0"},  # park only when asked
+        flags=("--max-num-seqs", "4", "--wake-timeout", "60"),
+    )  # fmt: skip
+    return url
 
 
 def _until(what: str, predicate: Callable[[], bool], log: Path, timeout_s: float = 240) -> None:
@@ -101,7 +67,7 @@ def test_two_runtimes_take_turns_on_a_gpu_that_holds_one(tmp_path: Path) -> None
         agent_cmd = [sys.executable, "-m", "berth", "node-agent", "--socket", str(sock),
                      "--simulate-gpus", f"{GPU}:{CAPACITY}", "--heartbeat-interval", "0.3",
                      "--lease", "5", "--park-deadline", "20"]  # fmt: skip
-        stack.enter_context(_process(agent_cmd, tmp_path / "agent.log", dict(os.environ)))
+        stack.enter_context(child(agent_cmd, tmp_path / "agent.log"))
         agent = stack.enter_context(
             httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://agent")
         )
