@@ -1,5 +1,7 @@
 {{- define "berth.name" -}}berth-operator{{- end -}}
 
+{{- define "berth.agentName" -}}berth-node-agent{{- end -}}
+
 {{- define "berth.labels" -}}
 app.kubernetes.io/name: {{ include "berth.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -10,4 +12,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "berth.selector" -}}
 app.kubernetes.io/name: {{ include "berth.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "berth.agentLabels" -}}
+app.kubernetes.io/name: {{ include "berth.agentName" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "berth.agentSelector" -}}
+app.kubernetes.io/name: {{ include "berth.agentName" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "berth.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The node agent's image: its own when named, else the operator's (Berth without torch). */}}
+{{- define "berth.agentImage" -}}
+{{- if .Values.nodeAgent.image.repository -}}
+{{ .Values.nodeAgent.image.repository }}:{{ .Values.nodeAgent.image.tag | default .Chart.AppVersion }}
+{{- else -}}
+{{ include "berth.image" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "berth.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
