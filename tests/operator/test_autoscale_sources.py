@@ -3,8 +3,6 @@ over HTTP on loopback, and a real Prometheus scraping it where the binary is ins
 ``prometheus`` package)."""
 
 import asyncio
-import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import pytest
 from metrics_harness import runtime_registry, serving
 from prometheus_client import generate_latest
 
+from berth.e2e import prometheus
 from berth.operator import concurrency
 from berth.operator.concurrency import (
     MetricsUnavailable,
@@ -130,10 +129,9 @@ def test_prometheus_that_cannot_be_reached_is_unavailable() -> None:
         asyncio.run(read())
 
 
-PROMETHEUS = shutil.which("prometheus")
-
-
-@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus package is not installed")
+@pytest.mark.skipif(
+    prometheus.BINARY is None, reason="Debian's prometheus package is not installed"
+)
 def test_a_real_prometheus_scraping_runtimes_gives_the_same_readings(
     runtimes: dict[str, str], tmp_path: Path
 ) -> None:
@@ -149,23 +147,13 @@ def test_a_real_prometheus_scraping_runtimes_gives_the_same_readings(
         }
         for name, url in runtimes.items()
     ]
-    config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({"scrape_configs": scrape_configs}))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [PROMETHEUS or "prometheus", f"--config.file={config}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     selector = concurrency.service_selector(None, "ns", "svc")
 
-    async def read_until_all_three() -> dict[str, ReplicaReading]:
+    async def read_until_all_three(url: str) -> dict[str, ReplicaReading]:
         async with httpx.AsyncClient() as http:
-            source = PrometheusSource(http, f"http://127.0.0.1:{port}")
+            source = PrometheusSource(http, url)
             readings: dict[str, ReplicaReading] = {}
-            for _ in range(60):  # at most 30 s: start-up and the first scrapes
+            for _ in range(60):  # at most 30 s: the first scrapes
                 try:
                     readings = await source.read(selector)
                 except MetricsUnavailable:
@@ -175,11 +163,8 @@ def test_a_real_prometheus_scraping_runtimes_gives_the_same_readings(
                 await asyncio.sleep(0.5)
             return readings
 
-    try:
-        readings = asyncio.run(read_until_all_three())
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with prometheus.serving({"scrape_configs": scrape_configs}, tmp_path) as url:
+        readings = asyncio.run(read_until_all_three(url))
     assert {n: (r.in_flight, r.parked) for n, r in readings.items()} == {
         "svc-abc-1": (5.0, False),
         "svc-abc-2": (1.0, True),
