@@ -59,7 +59,9 @@ def install_berth(cluster: LocalCluster, say: Say) -> None:
                  "--set", f"runtimeImage={cluster.images['runtime']}",
                  "--set", "nodeSelector.type=real",
                  "--set", "tolerations[0].key=berth.dev/simulated-gpu",
-                 "--set", "tolerations[0].operator=Exists")  # fmt: skip
+                 "--set", "tolerations[0].operator=Exists",
+                 # The real node runs the node agent as a host process (realnode.py): no DaemonSet.
+                 "--set", "nodeAgent.enabled=false")  # fmt: skip
 
 
 def wait_ready(cluster: LocalCluster, names: list[str], say: Say, timeout: float = 300) -> None:
