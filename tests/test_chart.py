@@ -1,0 +1,334 @@
+"""The Helm chart rendered by the real ``helm`` (the project's pinned v3.19.0): lint, values that
+the schema refuses, what each value changes, the node agent's privileges, namespaced RBAC, and a
+dashboard whose every metric name is one the code exports. The API server's own check of every
+rendered object is end to end (``e2e/test_chart.py``)."""
+
+import json
+import re
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from berth.cluster.toolchain import ToolchainError, ensure_binaries
+from berth.operator.metrics import OperatorMetrics
+from berth.runtime.agent import metrics as agent_metrics
+from berth.runtime.server import metrics as runtime_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "berth"
+Obj = dict[str, Any]
+# Every value away from its default, in one file (the e2e test sends the same to the API server).
+NON_DEFAULT: Obj = {
+    "image": {"repository": "registry.example/berth", "tag": "9.9.9", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "registry"}],
+    "replicas": 3,
+    "runtimeImage": "registry.example/berth-runtime:9.9.9",
+    "watchNamespaces": ["team-a", "team-b"],
+    "gpuReserveMiB": 1024,
+    "standbyOvercommit": 3.0,
+    "priorityClassName": "system-cluster-critical",
+    "podAnnotations": {"example.com/scrape": "true"},
+    "resources": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}
+                ]
+            }
+        }
+    },
+    "metrics": {"port": 9090, "service": {"enabled": True}, "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}},
+    "nodeAgent": {
+        "enabled": True,
+        "image": {"repository": "registry.example/berth-agent", "tag": "9.9.9"},
+        # Helm merges maps into the defaults: null drops a default key.
+        "nodeSelector": {"nvidia.com/gpu.present": None, "example.com/gpu": "yes"},
+        "tolerations": [],
+        "affinity": {},
+        "priorityClassName": "",
+        "podAnnotations": {"example.com/team": "ml"},
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+        "runtimeClassName": "",
+        "gpuReserve": "1Gi",
+        "socketDir": "/run/berth/agent",
+        "kubeletSeccompDir": "/var/lib/k0s/kubelet/seccomp",
+        "egress": {"enabled": False},
+        "clusterDNS": ["10.96.0.10", "fd00::a"],
+        "logLevel": "debug",
+    },
+    "dashboard": {"enabled": True, "labels": {"grafana_dashboard": "1"}, "namespace": "monitoring"},
+    "tests": {"enabled": True},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    try:
+        return ensure_binaries(build=False) / "helm"
+    except ToolchainError as error:
+        pytest.skip(f"no helm: {error}")
+
+
+def run_helm(helm: Path, *args: str, values: Obj | None = None) -> subprocess.CompletedProcess[str]:
+    """``helm ARGS CHART``, with ``values`` (if any) as a values file on stdin."""
+    command = [str(helm), *args, str(CHART), *(["--values", "-"] if values is not None else [])]
+    stdin = yaml.safe_dump(values) if values is not None else None
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def render(helm: Path, values: Obj | None = None, *flags: str) -> list[Obj]:
+    result = run_helm(
+        helm, "template", "berth", "--namespace", "berth-system", *flags, values=values
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(objects: Iterable[Obj], kind: str, name: str | None = None) -> Obj:
+    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''}"
+    return found[0]
+
+
+def test_lint_default_and_non_default(helm: Path) -> None:
+    for values in (None, NON_DEFAULT):
+        result = run_helm(helm, "lint", "--strict", values=values)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "refusal"),
+    [
+        ({"replicas": 0}, "replicas"),
+        ({"replicas": "2"}, "replicas"),
+        ({"nodeAgent": {"gpuReserve": "lots"}}, "gpuReserve"),
+        ({"nodeAgent": {"clusterDNS": ["cluster.local"]}}, "clusterDNS"),
+        ({"nodeAgent": {"logLevel": "trace"}}, "logLevel"),
+        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+        ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "interval"),
+        ({"nodeAgent": {"privileged": True}}, "privileged"),  # unknown keys are refused
+    ],
+)
+def test_schema_refuses(helm: Path, values: Obj, refusal: str) -> None:
+    result = run_helm(helm, "template", "berth", values=values)
+    assert result.returncode != 0
+    assert refusal in result.stderr
+
+
+def test_service_monitor_needs_the_service(helm: Path) -> None:
+    values = {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}
+    result = run_helm(helm, "template", "berth", values=values)
+    assert result.returncode != 0
+    assert "needs metrics.service.enabled" in result.stderr
+
+
+def test_defaults(helm: Path) -> None:
+    objects = render(helm)
+    kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
+    assert kinds == [
+        "ClusterRole/berth-node-agent", "ClusterRole/berth-operator",
+        "ClusterRoleBinding/berth-node-agent", "ClusterRoleBinding/berth-operator",
+        "DaemonSet/berth-node-agent", "Deployment/berth-operator", "Pod/berth-operator-test",
+        "Role/berth-operator-leader", "Role/berth-operator-reservations",
+        "RoleBinding/berth-operator-leader", "RoleBinding/berth-operator-reservations",
+        "Service/berth-operator-metrics", "ServiceAccount/berth-node-agent",
+        "ServiceAccount/berth-operator",
+    ]  # fmt: skip
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert "priorityClassName" not in pod and "imagePullSecrets" not in pod
+    assert pod["containers"][0]["image"] == "ghcr.io/berth-dev/berth-operator:0.1.0"
+    service = one(objects, "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    test = one(objects, "Pod")
+    assert test["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert (
+        "berth-operator-metrics.berth-system.svc:8081" in test["spec"]["containers"][0]["args"][0]
+    )
+
+
+def test_non_default_values_reach_the_objects(helm: Path) -> None:
+    objects = render(helm, NON_DEFAULT)
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert deployment["spec"]["replicas"] == 3
+    assert (
+        deployment["spec"]["template"]["metadata"]["annotations"] == NON_DEFAULT["podAnnotations"]
+    )
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["affinity"] == NON_DEFAULT["affinity"]
+    assert pod["tolerations"] == NON_DEFAULT["tolerations"]
+    assert container["image"] == "registry.example/berth:9.9.9"
+    assert container["args"] == ["operator", "--namespace=team-a", "--namespace=team-b"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BERTH_HEALTH_PORT"] == "9090" and env["BERTH_GPU_RESERVE_MIB"] == "1024"
+    assert container["ports"][0]["containerPort"] == 9090
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    ]
+    dashboard = one(objects, "ConfigMap", "berth-dashboard")
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    agent = one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    assert agent["containers"][0]["image"] == "registry.example/berth-agent:9.9.9"
+    assert "runtimeClassName" not in agent and "priorityClassName" not in agent
+    assert agent["nodeSelector"] == {"example.com/gpu": "yes"}
+    agent_env = {e["name"]: e.get("value") for e in agent["containers"][0]["env"]}
+    assert agent_env["BERTH_CLUSTER_DNS"] == "10.96.0.10,fd00::a"
+    assert agent_env["BERTH_GPU_RESERVE"] == "1Gi"
+    assert "--seccomp-dir=/var/lib/k0s/kubelet/seccomp" in agent["containers"][0]["args"]
+
+
+def agent_pod(objects: list[Obj]) -> Obj:
+    spec: Obj = one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def test_node_agent_privileges_are_exactly_the_named_ones(helm: Path) -> None:
+    pod = agent_pod(render(helm))
+    container = pod["containers"][0]
+    security = container["securityContext"]
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    assert "privileged" not in security and security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "SYS_ADMIN"]}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {
+        "socket": "/run/berth/agent",
+        "seccomp": "/var/lib/kubelet/seccomp",
+        "bpffs": "/sys/fs/bpf",
+        "cgroup": "/sys/fs/cgroup",
+    }
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["cgroup"]["readOnly"] is True
+    assert mounts["bpffs"]["mountPropagation"] == "HostToContainer"
+    # No GPU taken from the tenants: NVML through the NVIDIA runtime's utility capability only.
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility" and pod["runtimeClassName"] == "nvidia"
+    assert "--socket=/run/berth/agent/agent.sock" in container["args"]
+    assert pod["priorityClassName"] == "system-node-critical"
+
+
+def test_node_agent_without_egress_holds_no_bpf_privilege(helm: Path) -> None:
+    pod = agent_pod(render(helm, {"nodeAgent": {"egress": {"enabled": False}}}))
+    container = pod["containers"][0]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {v["name"] for v in pod["volumes"]} == {"socket", "seccomp", "tmp"}
+    assert "--no-egress" in container["args"]
+
+
+def test_node_agent_off(helm: Path) -> None:
+    objects = render(helm, {"nodeAgent": {"enabled": False}})
+    assert not [o for o in objects if "node-agent" in o["metadata"]["name"]]
+
+
+def rules_of(role: Obj) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_namespaced_rbac(helm: Path) -> None:
+    cluster_wide = render(helm)
+    namespaced = render(helm, {"watchNamespaces": ["team-a", "team-b"]})
+    everything = rules_of(one(cluster_wide, "ClusterRole", "berth-operator"))
+    cluster_rules = rules_of(one(namespaced, "ClusterRole", "berth-operator"))
+    roles = [
+        o for o in namespaced if o["kind"] == "Role" and o["metadata"]["name"] == "berth-operator"
+    ]
+    bindings = [
+        o
+        for o in namespaced
+        if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "berth-operator"
+    ]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    namespace_rules = rules_of(roles[0])
+    # Nothing lost, nothing added: the cluster-wide rules are split, not changed.
+    assert cluster_rules | namespace_rules == everything
+    assert not cluster_rules & namespace_rules
+    assert not {r for r in cluster_rules if r[0] in ("berth.dev", "networking.k8s.io", "policy")}
+    assert ("", "secrets", "create") in namespace_rules
+    assert ("", "pods/binding", "create") in cluster_rules  # the scheduler binds anywhere
+    assert ("berth.dev", "inferenceservices/finalizers", "update") in namespace_rules
+
+
+def test_node_agent_rbac_is_what_it_calls(helm: Path) -> None:
+    role = one(render(helm), "ClusterRole", "berth-node-agent")
+    assert rules_of(role) == {
+        ("", "nodes", "patch"),  # NodePublisher: the GPU annotations on its Node
+        ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch"),  # PodWatch
+        ("", "pods", "patch"),  # the standby annotation on a parked tenant's pod
+        ("", "events", "create"),  # record_event
+    }  # fmt: skip
+
+
+BERTH_NAME = re.compile(r"\bberth_[a-z_]+")
+SUFFIXES = ("_bucket", "_total", "_count", "_sum")
+
+
+def exported_names() -> set[str]:
+    """Every series name the operator, the node agent and the runtime declare."""
+    families = list(OperatorMetrics().registry.collect())  # a labelled family has no samples yet
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    names |= set(agent_metrics.GPU_GAUGES) | set(agent_metrics.TENANT_GAUGES)
+    counters = [agent_metrics.RECLAIMS, agent_metrics.RECLAIM_OVERDUE, agent_metrics.OVER_GRANT,
+                agent_metrics.LAPSES, agent_metrics.PARK_REQUESTS, agent_metrics.PARKS]  # fmt: skip
+    names |= {agent_metrics.TENANT_STATE, agent_metrics.RECOVERING, *counters}
+    names |= {f"{c}_total" for c in counters}
+    for value in vars(runtime_metrics).values():
+        if isinstance(value, runtime_metrics.Name):
+            names |= {value.berth, *(value.berth + s for s in SUFFIXES)}
+    return names
+
+
+def dashboard() -> Obj:
+    loaded: Obj = json.loads((CHART / "dashboards" / "berth.json").read_text())
+    return loaded
+
+
+def test_dashboard_reads_only_metrics_the_code_exports() -> None:
+    board = dashboard()
+    queries = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    queries += [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+    used = {name for query in queries for name in BERTH_NAME.findall(query)}
+    assert len(used) >= 15
+    assert used <= exported_names(), used - exported_names()
+
+
+def test_dashboard_shows_what_the_issue_asks() -> None:
+    queries = " ".join(t["expr"] for p in dashboard()["panels"] for t in p.get("targets", []))
+    for needed in ["berth_gpu_memory_capacity_bytes", "berth_gpu_memory_requested_bytes",
+                   "berth_gpu_memory_granted_bytes", "berth_gpu_tenant_resident_bytes",
+                   "berth_requests_running", "berth_time_to_first_token_seconds_bucket",
+                   "berth_inter_token_latency_seconds_bucket", "berth_generation_tokens_total",
+                   "berth_standby_state", "berth_scheduler_binds_total",
+                   "berth_scheduler_bind_failures_total"]:  # fmt: skip
+        assert needed in queries, needed
+    ids = [p["id"] for p in dashboard()["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_dashboard_config_map_holds_the_file(helm: Path) -> None:
+    config_map = one(render(helm, {"dashboard": {"enabled": True}}), "ConfigMap", "berth-dashboard")
+    assert json.loads(config_map["data"]["berth.json"]) == dashboard()
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
