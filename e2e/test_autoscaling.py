@@ -159,6 +159,14 @@ def test_berth_scales_up_on_concurrency_holds_without_metrics_and_parks_when_idl
         "-o", "name",
     )  # fmt: skip
     assert events.split(), "no MetricsStale warning event"
+    scaling = wait_for(
+        "the ScalingActive condition to say why the count holds",
+        lambda: next((c for c in get_json(cluster, "inferenceservice", "scaled", "-n", namespace)
+                      ["status"].get("conditions", []) if c["type"] == "ScalingActive"
+                      and c["reason"] == "MetricsStale"), None),
+        timeout=30,
+    )  # fmt: skip
+    assert scaling["status"] == "False", scaling
 
     # Prometheus back, nothing in flight: down to the one replica that standby keeps, parked.
     prometheus.down = False

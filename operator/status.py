@@ -13,6 +13,10 @@ observation, so nothing here is remembered between calls except each condition's
   run said (a runtime whose GPU memory request cannot hold its weights gives the numbers).
 - ``Progressing``: a rollout is under way (True) or finished (False/``RolloutComplete``), in the
   kstatus sense.
+- ``ScalingActive`` (only while Berth's autoscaler runs for the service): False while its last
+  decision held the replica count because metrics were missing, stale or partial (or its window
+  is still filling), with that reason; True otherwise. The autoscaler writes the decision
+  (``status.lastDecision``); this reads it, as an HPA's own condition of that name says.
 - ``FieldsNotActedOn`` (only while there are some): True/``NotImplemented``, naming the spec
   fields that were accepted but that no controller acts on yet (``api.NOT_ACTED_ON``).
 - ``HostsNotInNetworkPolicy`` (only while it holds): True/``NoFqdnPolicyEngine`` when a sandbox
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berth import wire
+from berth.operator.autoscaler import HELD
 
 Obj = dict[str, Any]
 GENERATION_ANNOTATION = f"{wire.GROUP}/generation"  # IS generation a Deployment was rendered from
@@ -107,6 +112,8 @@ class ServiceView:
     pods: list[PodSummary] = field(default_factory=list)
     render_error: ApplyFailure | None = None  # why this generation's objects are not applied
     not_acted_on: tuple[str, ...] = ()  # spec fields accepted but not acted on yet
+    autoscaled: bool = False  # Berth's autoscaler sets the replica count (autoscaling.mode berth)
+    last_decision: Obj | None = None  # the autoscaler's ``status.lastDecision``, as it wrote it
     hosts_note: str | None = None  # why the sandbox's egress host names are in no policy
 
 
@@ -227,6 +234,13 @@ def service_status(view: ServiceView, previous: Obj | None, now: str) -> Obj:
         message = f"{ready}/{view.desired_replicas} replicas ready"
         ready_condition = _condition("Ready", False, "ReplicasNotReady", message, generation)
     conditions = [ready_condition, scheduled, _progressing(view, generation)]
+    decision = view.last_decision
+    if view.autoscaled and decision:
+        reason = decision.get("reason") or "Unknown"
+        message = decision.get("message") or reason
+        conditions.append(
+            _condition("ScalingActive", reason not in HELD, reason, message, generation)
+        )
     if view.not_acted_on:
         message = f"accepted but not acted on yet: {', '.join(view.not_acted_on)}"
         conditions.append(

@@ -52,6 +52,7 @@ class ServiceInfo:
     status: Obj
     not_acted_on: tuple[str, ...] = ()
     hosts_note: str | None = None
+    autoscaled: bool = False
 
 
 def service_info(
@@ -62,17 +63,20 @@ def service_info(
     generation = meta.get("generation", 0)
     if previous and previous.uid == meta.get("uid") and previous.generation == generation:
         desired, ignored = previous.desired_replicas, previous.not_acted_on
-        hosts = previous.hosts_note
+        hosts, autoscaled = previous.hosts_note, previous.autoscaled
     else:
         try:
             spec = api.InferenceServiceSpec.model_validate(obj.get("spec") or {})
             desired, ignored = spec.desired_replicas(), api.fields_not_acted_on(spec)
             hosts = sandbox.hosts_note(spec.sandbox, engines)
+            autoscaled = spec.autoscaling is not None and spec.autoscaling.mode == "berth"
         except ValidationError:
-            desired, ignored, hosts = 0, (), None
+            desired, ignored, hosts, autoscaled = 0, (), None, False
     url = f"http://{meta['name']}.{meta['namespace']}.svc:{render.PORT}/v1"
     status = obj.get("status") or {}
-    return ServiceInfo(meta.get("uid", ""), generation, desired, url, status, ignored, hosts)
+    return ServiceInfo(
+        meta.get("uid", ""), generation, desired, url, status, ignored, hosts, autoscaled
+    )
 
 
 class StatusBoard:
@@ -246,6 +250,8 @@ class StatusBoard:
                     pods=list(self.pods.get(key, {}).values()),
                     not_acted_on=info.not_acted_on,
                     hosts_note=info.hosts_note,
+                    autoscaled=info.autoscaled,
+                    last_decision=info.status.get("lastDecision"),
                 )
                 error = self.render_errors.get(key)
                 if error and error[0] == info.generation:

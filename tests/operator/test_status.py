@@ -183,3 +183,18 @@ def test_a_long_termination_message_is_cut() -> None:
             "state": {"terminated": {"exitCode": 1, "message": "x" * 5000}}}  # fmt: skip
     failing = summarize_pod(kubelet_pod(long)).failing
     assert failing is not None and len(failing) < 1100 and failing.endswith(" ...")
+
+
+def test_scaling_active_mirrors_the_autoscalers_last_decision_while_it_runs() -> None:
+    v = view([pod("a"), pod("b")])
+    v.last_decision = {"reason": "MetricsStale", "message": "no reading for 30 s: held"}
+    assert "ScalingActive" not in conditions(service_status(v, None, NOW))  # not autoscaled
+    v.autoscaled = True
+    status = service_status(v, None, NOW)
+    assert conditions(status)["ScalingActive"] == ("False", "MetricsStale")
+    (scaling,) = [c for c in status["conditions"] if c["type"] == "ScalingActive"]
+    assert scaling["message"] == "no reading for 30 s: held"
+    v.last_decision = {"reason": "ScaledUp", "message": "3 in flight: 2 replicas"}
+    assert conditions(service_status(v, None, NOW))["ScalingActive"] == ("True", "ScaledUp")
+    v.last_decision = None
+    assert "ScalingActive" not in conditions(service_status(v, None, NOW))  # no decision yet
