@@ -21,51 +21,7 @@ from berth.runtime.server import metrics as runtime_metrics
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "berth"
 Obj = dict[str, Any]
-# Every value away from its default, in one file (the e2e test sends the same to the API server).
-NON_DEFAULT: Obj = {
-    "image": {"repository": "registry.example/berth", "tag": "9.9.9", "pullPolicy": "Always"},
-    "imagePullSecrets": [{"name": "registry"}],
-    "replicas": 3,
-    "runtimeImage": "registry.example/berth-runtime:9.9.9",
-    "watchNamespaces": ["team-a", "team-b"],
-    "gpuReserveMiB": 1024,
-    "standbyOvercommit": 3.0,
-    "priorityClassName": "system-cluster-critical",
-    "podAnnotations": {"example.com/scrape": "true"},
-    "resources": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
-    "nodeSelector": {"kubernetes.io/os": "linux"},
-    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-    "affinity": {
-        "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}
-                ]
-            }
-        }
-    },
-    "metrics": {"port": 9090, "service": {"enabled": True}, "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}},
-    "nodeAgent": {
-        "enabled": True,
-        "image": {"repository": "registry.example/berth-agent", "tag": "9.9.9"},
-        # Helm merges maps into the defaults: null drops a default key.
-        "nodeSelector": {"nvidia.com/gpu.present": None, "example.com/gpu": "yes"},
-        "tolerations": [],
-        "affinity": {},
-        "priorityClassName": "",
-        "podAnnotations": {"example.com/team": "ml"},
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
-        "runtimeClassName": "",
-        "gpuReserve": "1Gi",
-        "socketDir": "/run/berth/agent",
-        "kubeletSeccompDir": "/var/lib/k0s/kubelet/seccomp",
-        "egress": {"enabled": False},
-        "clusterDNS": ["10.96.0.10", "fd00::a"],
-        "logLevel": "debug",
-    },
-    "dashboard": {"enabled": True, "labels": {"grafana_dashboard": "1"}, "namespace": "monitoring"},
-    "tests": {"enabled": True},
-}  # fmt: skip
+NON_DEFAULT: Obj = yaml.safe_load((CHART / "ci" / "non-default-values.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
