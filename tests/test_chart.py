@@ -27,8 +27,10 @@ NON_DEFAULT: Obj = yaml.safe_load((CHART / "ci" / "non-default-values.yaml").rea
 
 @pytest.fixture(scope="module")
 def helm() -> Path:
+    """The pinned helm, built with the control plane on first use (`make toolchain`) as the local
+    cluster's is; instant when cached."""
     try:
-        return ensure_binaries(build=False) / "helm"
+        return ensure_binaries() / "helm"
     except ToolchainError as error:
         pytest.skip(f"no helm: {error}")
 
