@@ -181,12 +181,9 @@ def test_examples_reach_their_states(
     smollm2_model: Path,
 ) -> None:
     models = {"tiny": tiny_model, "smollm2": smollm2_model}
-    applied: dict[str, list[Obj]] = {
-        p.name: example_docs(p.name, models) for p in EXAMPLES if p.name != "smollm2-from-hub.yaml"
-    }
-    # smollm2-from-hub downloads from the Hub, which the cluster cannot reach; cpu-demo has a
-    # service of the same name.
-    for docs in applied.values():
+
+    def apply(name: str) -> None:
+        docs = example_docs(name, models)
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs))
 
     def service(name: str) -> Obj:
@@ -206,13 +203,20 @@ def test_examples_reach_their_states(
         found = placed(name)
         return bool(found) and all(node and index for node, index in found)
 
-    # The CPU models on the real node serve: Ready.
-    for name in ("smollm2", "tiny"):
-        wait_for(f"{name} Ready", partial(ready, name), timeout=300)
-    # Three models on one GPU: one node, one GPU index.
+    # Three models on one GPU (0.4 + 0.3 + 0.3), applied first so that no other example takes
+    # part of a GPU they could share: one node, one GPU index.
+    apply("colocated-three.yaml")
     names = ["llama-3-8b-chat", "qwen-7b-coder", "mistral-7b"]
     wait_for("the three co-located models placed", lambda: all(all_placed(n) for n in names))
     assert len({placed(n)[0] for n in names}) == 1, {n: placed(n) for n in names}
+    # The rest; smollm2-from-hub downloads from the Hub, which the cluster cannot reach (and
+    # cpu-demo has a service of the same name).
+    for path in EXAMPLES:
+        if path.name not in ("colocated-three.yaml", "smollm2-from-hub.yaml"):
+            apply(path.name)
+    # The CPU models on the real node serve: Ready.
+    for name in ("smollm2", "tiny"):
+        wait_for(f"{name} Ready", partial(ready, name), timeout=300)
     # Fractions and request/limit shares are placed on the kwok GPU nodes.
     for name in ("llama-3-8b", "qwen-0-5b", "legal-summarizer", "agent-coder"):
         wait_for(f"{name} placed", partial(all_placed, name))
