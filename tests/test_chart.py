@@ -107,6 +107,9 @@ def test_defaults(helm: Path) -> None:
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert "priorityClassName" not in pod and "imagePullSecrets" not in pod
     assert pod["containers"][0]["image"] == "ghcr.io/berth-dev/berth-operator:0.1.0"
+    # The agent runs from the runtime image: the operator's lacks the agent's server.
+    agent = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    assert agent["image"] == "ghcr.io/berth-dev/berth-runtime:0.1.0"
     service = one(objects, "Service")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     test = one(objects, "Pod")
@@ -189,6 +192,12 @@ def test_node_agent_without_egress_holds_no_bpf_privilege(helm: Path) -> None:
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert {v["name"] for v in pod["volumes"]} == {"socket", "seccomp", "tmp"}
     assert "--no-egress" in container["args"]
+
+
+def test_node_agent_image_follows_the_runtime_image(helm: Path) -> None:
+    objects = render(helm, {"runtimeImage": "berth.local/runtime:abc"})
+    agent = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    assert agent["image"] == "berth.local/runtime:abc"
 
 
 def test_node_agent_off(helm: Path) -> None:

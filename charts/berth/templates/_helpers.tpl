@@ -30,12 +30,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{/* The node agent's image: its own when named, else the operator's (Berth without torch). */}}
+{{/* The node agent's image: its own when named, else the runtime's (already on every GPU node). */}}
 {{- define "berth.agentImage" -}}
 {{- if .Values.nodeAgent.image.repository -}}
 {{ .Values.nodeAgent.image.repository }}:{{ .Values.nodeAgent.image.tag | default .Chart.AppVersion }}
+{{- else if .Values.runtimeImage -}}
+{{ .Values.runtimeImage }}
 {{- else -}}
-{{ include "berth.image" . }}
+ghcr.io/berth-dev/berth-runtime:{{ .Chart.AppVersion }}
 {{- end -}}
 {{- end -}}
 
