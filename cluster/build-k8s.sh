@@ -15,9 +15,7 @@ HELM_VERSION=${BERTH_HELM_VERSION:-v3.19.0}
 CRICTL_VERSION=${BERTH_CRICTL_VERSION:-v1.34.0}
 CACHE=${BERTH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/berth}
 BIN="$CACHE/toolchain/k8s-$K8S_VERSION/bin"
-if [ "${1:-}" = --print-bin-dir ]; then # crictl removes the real node's pod sandboxes through the CRI on teardown (CNI DEL included).
-have_all crictl || timed crictl-$CRICTL_VERSION 2 env GOBIN="$BIN" go install -ldflags "-s -w" "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
-echo "$BIN"; exit 0; fi
+if [ "${1:-}" = --print-bin-dir ]; then echo "$BIN"; exit 0; fi
 
 log() { printf '[berth build-k8s] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
