@@ -297,8 +297,12 @@ class AutoscalingSpec(ApiModel):
         description="Remove replicas only down to the most wanted over this many seconds; the "
         "surplus parks meanwhile (Knative's default is 0; a removed replica costs a cold start).",
     )
-    stable_window_seconds: int = Field(default=60, ge=6, le=3600)
-    panic_window_seconds: int = Field(default=6, ge=1, le=600)
+    stable_window_seconds: int = Field(
+        default=60, ge=6, le=3600, description="Seconds of concurrency averaged for steady scaling."
+    )
+    panic_window_seconds: int = Field(
+        default=6, ge=1, le=600, description="Seconds averaged to detect a burst (panic mode)."
+    )
     panic_threshold: float = Field(
         default=2.0, gt=1, description="Panic when demand exceeds this multiple of capacity."
     )
@@ -310,7 +314,12 @@ class AutoscalingSpec(ApiModel):
         default="Pods",
         description="Read concurrency from the runtimes' /metrics or from Prometheus.",
     )
-    prometheus_url: str | None = Field(default=None, pattern="^https?://", max_length=2048)
+    prometheus_url: str | None = Field(
+        default=None,
+        pattern="^https?://",
+        max_length=2048,
+        description="Prometheus' base URL, with metrics: Prometheus (its /api/v1/query is read).",
+    )
     prometheus_selector: str | None = Field(
         default=None,
         max_length=1024,
@@ -368,9 +377,15 @@ class EgressRule(ApiModel):
 
 
 class IngressRule(ApiModel):
-    cidrs: list[Cidr] = Field(default_factory=list, max_length=64)
-    namespace_labels: Labels = Field(default_factory=dict, max_length=32)
-    pod_labels: Labels = Field(default_factory=dict, max_length=32)
+    cidrs: list[Cidr] = Field(
+        default_factory=list, max_length=64, description="Allowed source CIDRs."
+    )
+    namespace_labels: Labels = Field(
+        default_factory=dict, max_length=32, description="Allowed source namespaces, by label."
+    )
+    pod_labels: Labels = Field(
+        default_factory=dict, max_length=32, description="Allowed source pods, by label."
+    )
 
 
 # ``enabled`` seals the pods (``sandbox.py``: a NetworkPolicy and, where installed, Cilium and
@@ -422,7 +437,7 @@ class InferenceServiceSpec(ApiModel):
         )
     )
 
-    model: ModelSpec
+    model: ModelSpec = Field(description="The model to serve and where its weights come from.")
     gpu: GpuSpec
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, json_schema_extra={"default": {}})
     replicas: int | None = Field(

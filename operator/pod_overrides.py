@@ -51,11 +51,15 @@ class Toleration(ApiModel):
         )
     )
 
-    key: LabelKey | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    key: LabelKey | None = Field(default=None, description="Taint key; empty with Exists: all.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value, with Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty: all."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="With NoExecute: seconds the pod stays after the taint."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "Toleration":
@@ -101,11 +105,12 @@ class EnvVar(ApiModel):
             min_length=1,
             max_length=256,
             pattern="^[ -<>-~]+$",
+            description="Variable name (Berth's own BERTH_* and GPU variables are reserved).",
             json_schema_extra=validations(_RESERVED_ENV_RULE),
         ),
         AfterValidator(_not_reserved),
     ]
-    value: str | None = None
+    value: str | None = Field(default=None, description="Literal value.")
     value_from: dict[str, Any] | None = Field(
         default=None,
         description="A core/v1 EnvVarSource.",
@@ -142,10 +147,16 @@ class Resources(ApiModel):
     )
 
     requests: dict[ResourceName, Quantity] = Field(
-        default_factory=dict, max_length=16, json_schema_extra=validations(_NO_GPU_RULE)
+        default_factory=dict,
+        max_length=16,
+        description="Guaranteed amounts (cpu, memory, ...).",
+        json_schema_extra=validations(_NO_GPU_RULE),
     )
     limits: dict[ResourceName, Quantity] = Field(
-        default_factory=dict, max_length=16, json_schema_extra=validations(_NO_GPU_RULE)
+        default_factory=dict,
+        max_length=16,
+        description="Ceilings (cpu, memory, ...).",
+        json_schema_extra=validations(_NO_GPU_RULE),
     )
 
     @model_validator(mode="after")
@@ -162,12 +173,24 @@ class Resources(ApiModel):
 class PodOverrides(ApiModel):
     """Pod-level settings merged into the rendered Deployment's pod template."""
 
-    node_selector: Labels = Field(default_factory=dict, max_length=32)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    node_selector: Labels = Field(
+        default_factory=dict, max_length=32, description="Node labels the pods must land on."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints the pods tolerate."
+    )
     resources: Resources | None = Field(
         default=None, description="CPU and memory for the runtime container (not GPUs)."
     )
-    env: list[EnvVar] = Field(default_factory=list, max_length=128)
-    service_account_name: DnsSubdomain | None = None
-    labels: Labels = Field(default_factory=dict, max_length=64)
-    annotations: dict[LabelKey, str] = Field(default_factory=dict, max_length=64)
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=128, description="Extra environment of the runtime."
+    )
+    service_account_name: DnsSubdomain | None = Field(
+        default=None, description="ServiceAccount of the pods (e.g. for a hub token's Secret)."
+    )
+    labels: Labels = Field(
+        default_factory=dict, max_length=64, description="Extra labels on the pods."
+    )
+    annotations: dict[LabelKey, str] = Field(
+        default_factory=dict, max_length=64, description="Extra annotations on the pods."
+    )

@@ -51,6 +51,23 @@ def test_schema_is_structural_with_descriptions_defaults_and_cel() -> None:
     assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Ready", "GPU", "Age"}
 
 
+def undescribed(node: dict[str, Any], path: str) -> list[str]:
+    """Fields below ``path`` without a description (what ``kubectl explain`` would leave blank)."""
+    found = []
+    for name, child in (node.get("properties") or {}).items():
+        here = f"{path}.{name}"
+        found += [here] if not child.get("description") else []
+        found += undescribed(child, here)
+    if isinstance(node.get("items"), dict):
+        found += undescribed(node["items"], f"{path}[]")
+    return found
+
+
+def test_every_spec_field_has_a_description_for_kubectl_explain() -> None:
+    schema = crd.custom_resource_definition()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert undescribed(schema["properties"]["spec"], "spec") == []
+
+
 def test_short_names_do_not_clash_with_kserve() -> None:
     names = crd.custom_resource_definition()["spec"]["names"]
     assert "isvc" not in names["shortNames"]
