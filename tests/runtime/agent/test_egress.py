@@ -9,7 +9,6 @@ kernel finding no listener after the enforcer let the attempt through.
 import itertools
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from egress_harness import loaded_enforcer
 
 from berth.operator.api import EgressRule
 from berth.runtime.agent.dns import Answer, DnsError
@@ -32,7 +32,6 @@ from berth.runtime.agent.egress import (
 )
 from berth.runtime.agent.egress_policy import GRACE_S, EgressPolicy
 
-REPO = Path(__file__).resolve().parents[3]
 PROBE = r"""
 import errno, json, socket, sys
 results = []
@@ -76,17 +75,8 @@ def probe(cgroup: Path, attempts: list[Attempt]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def enforcer() -> Iterator[EgressEnforcer]:
-    if os.geteuid() != 0:
-        pytest.skip("the egress enforcer loads BPF programs and makes cgroups: run as root")
-    subprocess.run(["make", "-s", "ebpf"], cwd=REPO, check=True)
-    pins = Path(f"/sys/fs/bpf/berth-test-{os.getpid()}")
-    try:
-        loaded = EgressEnforcer(pin_dir=pins, resolve=resolver, clock=lambda: clock[0])
-    except EgressError as error:
-        pytest.skip(f"the kernel refused BPF here: {error}")
-    yield loaded
-    loaded.close()
-    shutil.rmtree(pins)
+    with loaded_enforcer("berth-test", resolve=resolver, clock=lambda: clock[0]) as loaded:
+        yield loaded
 
 
 # Host names the tests allow, answered by the table instead of a DNS server; the clock is theirs.

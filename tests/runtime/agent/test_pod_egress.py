@@ -8,7 +8,6 @@ containers, ``egress.py``) and a child process in it; maps are pinned in the tes
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from egress_harness import loaded_enforcer
 
 from berth import wire
-from berth.runtime.agent.egress import EgressEnforcer, EgressError, cgroup2_root
+from berth.runtime.agent.egress import EgressEnforcer, cgroup2_root
 from berth.runtime.agent.pod_egress import ATTACH_RETRY_S, DENIALS, EgressCollector, PodEgress
 
-REPO = Path(__file__).resolve().parents[3]
 CONNECT = r"""
 import errno, json, socket, sys
 results = []
@@ -43,17 +42,8 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def enforcer() -> Iterator[EgressEnforcer]:
-    if os.geteuid() != 0:
-        pytest.skip("the egress enforcer loads BPF programs and makes cgroups: run as root")
-    subprocess.run(["make", "-s", "ebpf"], cwd=REPO, check=True)
-    pins = Path(f"/sys/fs/bpf/berth-test-pods-{os.getpid()}")
-    try:
-        loaded = EgressEnforcer(pin_dir=pins, resolve=lambda name: [])
-    except EgressError as error:
-        pytest.skip(f"the kernel refused BPF here: {error}")
-    yield loaded
-    loaded.close()
-    shutil.rmtree(pins)
+    with loaded_enforcer("berth-test-pods", resolve=lambda name: []) as loaded:
+        yield loaded
 
 
 @pytest.fixture
