@@ -50,7 +50,7 @@ build/ebpf/%.o: policies/ebpf/%.c $(wildcard policies/ebpf/*.h) | system
 	clang -O2 -g -target bpf -Wall -Werror -I/usr/include/$$(gcc -dumpmachine) -c $< -o $@
 
 # The real node's images (debootstrap base, pinned Python packages, Berth): cached by content.
-images: venv system
+images: venv system ebpf
 	@$(BIN)/berth cluster images
 
 # The Go build is CPU-bound, the image build mostly disk and network: run them side by side.

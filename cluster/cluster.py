@@ -20,7 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
@@ -228,8 +228,37 @@ class LocalCluster:
         """Run the built kubectl against this cluster; raise with its stderr on failure."""
         return self._run("kubectl", args, input=input, check=check)
 
-    def helm(self, *args: str, check: bool = True) -> str:
-        return self._run("helm", args, input=None, check=check)
+    def helm(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
+        return self._run("helm", args, input=None, check=check, timeout=timeout)
+
+    @contextlib.contextmanager
+    def node_agent_handed_over(self, timeout: float = 60.0) -> Iterator[None]:
+        """The real node without its host-process node agent, while another one (the Helm
+        chart's DaemonSet) serves the node's socket; afterwards, once that one has let the socket
+        go, the host agent starts again and the node's runtimes re-register with it."""
+        assert self.node is not None, "no real node"
+        node = self.node
+        pid = self.pids.pop("node-agent", None)
+        if pid is not None and process_alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            wait_for(lambda: not process_alive(pid), time.monotonic() + 20, "the host node agent")
+            _reap(pid)
+        self._save_state()
+        try:
+            yield
+        finally:
+            deadline = time.monotonic() + timeout
+            wait_for(lambda: not node.agent_answers(), deadline, "the node's socket to be let go")
+            command = node.agent_command(kubeconfig=self.state_dir / "kubeconfig")
+            self._spawn("node-agent", command, append=True)
+            started = self.pids["node-agent"]
+
+            def serves() -> bool:
+                if not process_alive(started):
+                    raise ClusterError(self._exited_message("node-agent"))
+                return node.agent_answers()
+
+            wait_for(serves, deadline, f"the node agent (see {self.logs / 'node-agent.log'})")
 
     def env(self) -> dict[str, str]:
         """Environment for a child process (an operator, a test tool) that talks to the cluster."""
@@ -264,14 +293,21 @@ class LocalCluster:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _run(self, tool: str, args: Sequence[str], input: str | None, check: bool) -> str:
+    def _run(
+        self,
+        tool: str,
+        args: Sequence[str],
+        input: str | None,
+        check: bool,
+        timeout: float = 120.0,
+    ) -> str:
         assert self.bin_dir is not None
         result = subprocess.run(
             [str(self.bin_dir / tool), "--kubeconfig", str(self.kubeconfig), *args],
             input=input,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise ClusterError(f"{tool} {' '.join(args)} failed: {result.stderr.strip()}")
@@ -383,9 +419,12 @@ class LocalCluster:
         return kwok + ([f"--config={s / 'kwok.yaml'}"] if self.pod_ready_delay_s else [])
 
     def _start(self, component: str, pki: Pki) -> None:
-        log = (self.logs / f"{component}.log").open("w")
+        self._spawn(component, self._command(component, pki))
+
+    def _spawn(self, component: str, command: list[str], append: bool = False) -> None:
+        log = (self.logs / f"{component}.log").open("a" if append else "w")
         process = subprocess.Popen(
-            self._command(component, pki),
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -6,8 +6,9 @@ Each image is three layers, plain directories packed as uncompressed tars:
   ``tini`` (PID 1 that forwards SIGTERM to the server) and CA certificates, made once and shared;
 - a **deps** layer: the pinned Python packages of ``images/runtime.lock`` or of the torch-free
   ``images/operator.lock``, installed by uv into ``/opt/berth/lib`` for the image's interpreter;
-- a **berth** layer: Berth itself as a wheel, and a ``berth`` launcher on PATH (a few MB, so a
-  code change repacks and re-imports only this).
+- a **berth** layer: Berth itself as a wheel, a ``berth`` launcher on PATH and the node agent's
+  eBPF egress enforcer (``build/ebpf/egress.o`` from ``make ebpf``; libbpf1 is in the base), a
+  few MB, so a code change repacks and re-imports only this.
 
 Why not umoci: Debian's umoci 0.4.7 writes only gzip layers, and gzip of the runtime's 5 GB of
 torch wheels costs minutes per build while containerd unpacks it again on import; an uncompressed
@@ -43,6 +44,10 @@ MIRROR = os.environ.get("BERTH_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 PYTHON = "/usr/bin/python3.11"
 SITE = "/opt/berth/lib"  # the app layer's packages; on PYTHONPATH in the image
 LAUNCHER = f'#!/bin/sh\nexec {PYTHON} -m berth "$@"\n'
+# The node agent's eBPF object: built on the host by `make ebpf` (clang, bpf target: the same
+# object for every architecture), found in the image through BERTH_EGRESS_OBJECT.
+EGRESS_OBJECT = ROOT / "build" / "ebpf" / "egress.o"
+EGRESS_IN_IMAGE = "/opt/berth/ebpf/egress.o"
 USER_ID = 65532  # the images' non-root user ("berth"), as distroless' nonroot
 # Paths that a minbase root carries and an image does not need (apt lists, docs, locales).
 PRUNE = (
@@ -211,7 +216,11 @@ def deps_layer(spec: ImageSpec, say: Say) -> Path:
 def berth_layer(say: Say) -> Path:
     """Berth's own wheel into ``/opt/berth/lib`` and the ``berth`` launcher (a few MB)."""
     wheel = berth_wheel(say)
-    target = cache_dir() / f"berth-{_digest(wheel.parent.name.encode(), LAUNCHER.encode())}"
+    if not EGRESS_OBJECT.is_file():
+        raise ImageError(f"no eBPF object at {EGRESS_OBJECT}: build it with `make ebpf`")
+    egress = EGRESS_OBJECT.read_bytes()
+    key = _digest(wheel.parent.name.encode(), LAUNCHER.encode(), egress)
+    target = cache_dir() / f"berth-{key}"
     if (target / ".done").exists():
         return target / "layer"
     shutil.rmtree(target, ignore_errors=True)
@@ -224,6 +233,9 @@ def berth_layer(say: Say) -> Path:
     launcher.parent.mkdir(parents=True)
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)
+    enforcer = layer / EGRESS_IN_IMAGE.lstrip("/")
+    enforcer.parent.mkdir(parents=True)
+    enforcer.write_bytes(egress)
     (target / ".done").write_text("")
     return layer
 
@@ -351,6 +363,7 @@ def _image_config(spec: ImageSpec) -> dict[str, Any]:
                 "PYTHONDONTWRITEBYTECODE=1",
                 "HOME=/home/berth",
                 "XDG_CACHE_HOME=/tmp/cache",
+                f"BERTH_EGRESS_OBJECT={EGRESS_IN_IMAGE}",
             ],
             # tini forwards SIGTERM to the server and reaps its children (PID 1 in a container).
             "Entrypoint": ["/usr/bin/tini", "--", PYTHON, "-m", "berth"],

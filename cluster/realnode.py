@@ -368,15 +368,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """Berth's node agent over the node's simulated GPUs (the UUIDs the Node advertises),
         publishing them on the Node, posting events and standby annotations on its pods, and
         installing sandboxed pods' seccomp profiles into the kubelet's seccomp folder."""
+        return [sys.executable, "-m", "berth", "node-agent", f"--socket={AGENT_SOCKET}",
+                f"--simulate-gpus={self.simulated_gpus()}", f"--node-name={NODE_NAME}",
+                f"--kubeconfig={kubeconfig}", f"--seccomp-dir={self.kubelet_root / 'seccomp'}"]  # fmt: skip
+
+    def simulated_gpus(self) -> str:
+        """The node's GPUs as ``berth node-agent --simulate-gpus`` takes them: the UUIDs and
+        memory its Node advertises."""
         from berth.cluster.nodes import gpu_uuids
 
-        gpus = ",".join(
+        return ",".join(
             f"{uuid}:{self.shape.gpu_memory_mib}Mi"
             for uuid in gpu_uuids(NODE_NAME, self.shape.gpus)
         )
-        return [sys.executable, "-m", "berth", "node-agent", f"--socket={AGENT_SOCKET}",
-                f"--simulate-gpus={gpus}", f"--node-name={NODE_NAME}",
-                f"--kubeconfig={kubeconfig}", f"--seccomp-dir={self.kubelet_root / 'seccomp'}"]  # fmt: skip
 
     def agent_answers(self) -> bool:
         """The node agent serves its ledger on its socket."""

@@ -3,9 +3,11 @@
 Every object the chart renders, with default and with non-default values, passes the API server's
 own validation (server-side dry run: the pinned release's schemas, admission, RBAC rules that name
 real verbs), and every example passes the CRD's schema and CEL rules. With the real node, the
-chart installs for real: the operator runs as the chart's pod, ``helm test`` passes, the examples
-reach their expected states, ``helm upgrade`` rolls the operator without double-booking a GPU and
-``helm uninstall`` leaves nothing but the CRD.
+chart installs for real: the operator runs as the chart's two pods and the node agent as its
+DaemonSet's pod (in place of the real node's host-process agent, with the eBPF egress enforcer
+loaded from the runtime image), ``helm test`` passes, the examples reach their expected states
+(the runtime pods register with the chart's agent), ``helm upgrade`` rolls the operator without
+double-booking a GPU and ``helm uninstall`` leaves nothing but the CRD.
 """
 
 import json
@@ -21,7 +23,7 @@ import yaml
 
 from berth import wire
 from berth.cluster.cluster import LocalCluster
-from berth.cluster.realnode import NODE_NAME, TAINT_KEY
+from berth.cluster.realnode import AGENT_DIR, AGENT_SOCKET, NODE_NAME, TAINT_KEY
 from berth.e2e.operator_fixtures import (
     CHART,
     CHART_NAMESPACE,
@@ -38,7 +40,7 @@ Obj = dict[str, Any]
 NON_DEFAULT = CHART / "ci" / "non-default-values.yaml"
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if p.name != "inventory.yaml")
 # Kinds whose CRDs this cluster lacks (prometheus-operator's): rendered, not sent.
-NOT_SERVED = {"ServiceMonitor"}
+NOT_SERVED = {"ServiceMonitor", "PodMonitor"}
 RELEASE = "berth"
 
 
@@ -81,14 +83,16 @@ def namespaces(cluster: LocalCluster) -> Iterator[None]:
                 cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-# The non-default values are not sent here: the chart's objects have fixed names, and the release
-# that the operator fixture of other modules installs in this cluster turns their client-side
-# apply into a merge (a second "metrics" port). Not yet passing in the full suite; next session.
-@pytest.mark.parametrize("values", [[]], ids=["default"])
+@pytest.mark.parametrize("values", [[], [str(NON_DEFAULT)]], ids=["default", "non-default"])
 def test_every_rendered_object_passes_the_api_server(
     cluster: LocalCluster, namespaces: None, values: list[str]
 ) -> None:
     objects = rendered(cluster, *values)
+    if values:
+        # The chart's objects have fixed names, and the release that other modules install
+        # here holds them: under names of their own, the dry run checks a create of each.
+        for obj in objects:
+            obj["metadata"]["name"] += "-non-default"
     sent = [o for o in objects if o["kind"] not in NOT_SERVED]
     sent += [pod_of(o) for o in objects if o["kind"] in ("Deployment", "DaemonSet")]
     out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(sent))
@@ -96,7 +100,7 @@ def test_every_rendered_object_passes_the_api_server(
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "DaemonSet", "Service", "ClusterRole", "Pod"} <= kinds
     if values:
-        assert {"ServiceMonitor", "ConfigMap", "Role"} <= kinds
+        assert {"ServiceMonitor", "PodMonitor", "ConfigMap", "Role"} <= kinds
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -106,22 +110,30 @@ def test_example_passes_admission(cluster: LocalCluster, namespaces: None, examp
     assert out.count("created (server dry run)") == len(docs), out
 
 
-# With the real node: the chart for real. Unrun at the time of writing (another test held the
-# real node); written against the fixtures the other real-node tests use.
+# With the real node: the chart for real.
 
 
 def helm_install(cluster: LocalCluster, *extra: str) -> None:
+    assert cluster.node is not None
     image, tag = cluster.images["operator"].rsplit(":", 1)
+    toleration = [f"tolerations[0].key={TAINT_KEY}", "tolerations[0].operator=Exists"]
     cluster.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", CHART_NAMESPACE,
-                 "--create-namespace", "--wait", "--timeout", "180s",
+                 "--create-namespace", "--wait", "--timeout", "240s",
                  "--set", f"image.repository={image}", "--set", f"image.tag={tag}",
                  "--set", "image.pullPolicy=Never",
                  "--set", f"runtimeImage={cluster.images['runtime']}",
                  "--set", "nodeSelector.type=real",
-                 "--set", f"tolerations[0].key={TAINT_KEY}",
-                 "--set", "tolerations[0].operator=Exists",
-                 # The real node runs the node agent as a host process.
-                 "--set", "nodeAgent.enabled=false", *extra)  # fmt: skip
+                 *(arg for t in toleration for arg in ("--set", t)),
+                 # The node agent as the chart's DaemonSet on the real node: its simulated GPUs
+                 # are the ones the Node advertises, its seccomp folder the kubelet's.
+                 "--set", "nodeAgent.nodeSelector.nvidia\\.com/gpu\\.present=null",
+                 "--set", "nodeAgent.nodeSelector.type=real",
+                 *(arg for t in toleration for arg in ("--set", f"nodeAgent.{t}")),
+                 "--set", "nodeAgent.runtimeClassName=",
+                 "--set", f"nodeAgent.socketDir={AGENT_DIR}",
+                 "--set", f"nodeAgent.kubeletSeccompDir={cluster.node.kubelet_root / 'seccomp'}",
+                 "--set", f"nodeAgent.simulateGpus={cluster.node.simulated_gpus()}",
+                 *extra, timeout=300)  # fmt: skip
 
 
 def operator_pods(cluster: LocalCluster) -> list[Obj]:
@@ -156,21 +168,15 @@ def double_booked(cluster: LocalCluster) -> list[str]:
 def chart_release(cluster: LocalCluster, namespaces: None) -> Iterator[None]:
     if not cluster.real_node:
         pytest.skip("this run's cluster has no real node (see the session's first line)")
-    helm_install(cluster)
-    try:
-        yield
-    finally:
-        cluster.helm("uninstall", RELEASE, "--namespace", CHART_NAMESPACE, "--wait", check=False)
+    with cluster.node_agent_handed_over():
+        helm_install(cluster)
+        try:
+            yield
+        finally:
+            cluster.helm("uninstall", RELEASE, "--namespace", CHART_NAMESPACE, "--wait",
+                         "--timeout", "240s", check=False, timeout=300)  # fmt: skip
 
 
-NOT_YET = pytest.mark.skip(
-    reason="never passed on the real node (first full-suite run: helm test outran its 120 s "
-    "subprocess limit, the upgrade check counted terminating pods, uninstall was checked before "
-    "the pods were gone); written against the fixtures, to be made to pass next session"
-)
-
-
-@NOT_YET
 def test_installed_operator_runs_as_the_charts_pod_and_helm_test_passes(
     cluster: LocalCluster, chart_release: None
 ) -> None:
@@ -180,8 +186,41 @@ def test_installed_operator_runs_as_the_charts_pod_and_helm_test_passes(
     lease = get_json(cluster, "lease", "berth-operator", "-n", CHART_NAMESPACE)
     holder = lease["spec"].get("holderIdentity", "")
     assert any(holder.startswith(p["metadata"]["name"]) for p in pods), holder
-    out = cluster.helm("test", RELEASE, "--namespace", CHART_NAMESPACE, "--timeout", "180s")
+    out = cluster.helm(
+        "test", RELEASE, "--namespace", CHART_NAMESPACE, "--timeout", "240s", timeout=300
+    )
     assert re.search(r"Phase:\s+Succeeded", out), out
+
+
+def test_node_agent_runs_as_the_charts_daemonset_with_its_enforcer(
+    cluster: LocalCluster, chart_release: None
+) -> None:
+    from berth.runtime.server.agent_client import AgentClient
+
+    selector = "app.kubernetes.io/name=berth-node-agent"
+    pods = get_json(cluster, "pods", "-n", CHART_NAMESPACE, "-l", selector)["items"]
+    assert [p["spec"]["nodeName"] for p in pods] == [NODE_NAME]
+    assert pods[0]["status"]["phase"] == "Running"
+    # The node's socket is the pod's: its ledger holds the GPUs the Node advertises.
+    ledger = AgentClient(str(AGENT_SOCKET), timeout_s=5.0).ledger()
+    node = get_json(cluster, "node", NODE_NAME)
+    advertised = node["metadata"]["annotations"][wire.NODE_GPU_UUIDS].split(",")
+    assert sorted(g.uuid for g in ledger.gpus) == sorted(advertised)
+    # Its metrics on the pod's address, as the PodMonitor scrapes them; the egress enforcer's
+    # family is there only when libbpf and the eBPF object loaded in the image.
+    url = f"http://{pods[0]['status']['podIP']}:9401/metrics"
+    text = wait_for("the agent's metrics port", lambda: _get(url))
+    assert "berth_gpu_memory_capacity_bytes{" in text
+    assert "# TYPE berth_egress_denials_total counter" in text, text[-2000:]
+
+
+def _get(url: str) -> str:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return ""
 
 
 def test_examples_reach_their_states(
@@ -228,6 +267,17 @@ def test_examples_reach_their_states(
     # The CPU models on the real node serve: Ready.
     for name in ("smollm2", "tiny"):
         wait_for(f"{name} Ready", partial(ready, name), timeout=300)
+    # ... each holding its share under the chart's node agent (tenant: namespace/pod).
+    from berth.runtime.server.agent_client import AgentClient
+
+    def tenants() -> set[str]:
+        ledger = AgentClient(str(AGENT_SOCKET), timeout_s=5.0).ledger()
+        return {t.tenant for gpu in ledger.gpus for t in gpu.tenants}
+
+    on_node = {f"{namespace}/{p['metadata']['name']}" for p in berth_pods(cluster, namespace)
+               if p["spec"].get("nodeName") == NODE_NAME}  # fmt: skip
+    assert len(on_node) == 2, on_node
+    wait_for("the CPU models registered with the chart's agent", lambda: on_node <= tenants())
     # Fractions and request/limit shares are placed on the kwok GPU nodes.
     for name in ("llama-3-8b", "qwen-0-5b", "legal-summarizer", "agent-coder", "llama-3-70b"):
         wait_for(f"{name} placed", partial(all_placed, name))
@@ -237,14 +287,18 @@ def test_examples_reach_their_states(
     assert not double_booked(cluster)
 
 
-@NOT_YET
 def test_upgrade_rolls_the_operator_without_double_booking(
     cluster: LocalCluster, chart_release: None
 ) -> None:
     before = {p["metadata"]["uid"] for p in operator_pods(cluster)}
     helm_install(cluster, "--set", "gpuReserveMiB=512", "--set", "podAnnotations.rolled=yes")
-    pods = operator_pods(cluster)
-    assert pods and not before & {p["metadata"]["uid"] for p in pods}
+
+    def rolled() -> list[Obj]:  # two pods, none of the old ones (they may still terminate)
+        pods = operator_pods(cluster)
+        new = [p for p in pods if p["metadata"]["uid"] not in before]
+        return new if len(pods) == len(new) == 2 else []
+
+    pods = wait_for("the operator rolled", rolled, timeout=120)
     env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
     assert env["BERTH_GPU_RESERVE_MIB"] == "512"
     deadline = time.monotonic() + 30  # the new leader rebuilds its ledger from the annotations
@@ -253,13 +307,16 @@ def test_upgrade_rolls_the_operator_without_double_booking(
         time.sleep(2)
 
 
-@NOT_YET
 def test_uninstall_leaves_only_the_crd(cluster: LocalCluster, chart_release: None) -> None:
-    cluster.helm("uninstall", RELEASE, "--namespace", CHART_NAMESPACE, "--wait")
+    cluster.helm("uninstall", RELEASE, "--namespace", CHART_NAMESPACE, "--wait",
+                 "--timeout", "240s", timeout=300)  # fmt: skip
     selector = f"app.kubernetes.io/instance={RELEASE}"
-    left = cluster.kubectl("get", "all,serviceaccounts,roles,rolebindings,configmaps", "-A",
-                           "-l", selector, "-o", "name").split()  # fmt: skip
-    cluster_wide = json.loads(cluster.kubectl("get", "clusterroles,clusterrolebindings", "-l",
-                                              selector, "-o", "json"))["items"]  # fmt: skip
-    assert not left and not cluster_wide, (left, cluster_wide)
+
+    def left() -> list[str]:  # pods leave after their grace period, the rest at once
+        names: list[str] = cluster.kubectl(
+            "get", "all,serviceaccounts,roles,rolebindings,configmaps,clusterroles,"
+            "clusterrolebindings", "-A", "-l", selector, "-o", "name").split()  # fmt: skip
+        return names
+
+    wait_for("nothing of the release left", lambda: not left(), timeout=120)
     assert get_json(cluster, "crd", "inferenceservices.berth.dev")["metadata"]["name"]

@@ -152,6 +152,23 @@ def test_non_default_values_reach_the_objects(helm: Path) -> None:
     assert agent_env["BERTH_CLUSTER_DNS"] == "10.96.0.10,fd00::a"
     assert agent_env["BERTH_GPU_RESERVE"] == "1Gi"
     assert "--seccomp-dir=/var/lib/k0s/kubelet/seccomp" in agent["containers"][0]["args"]
+    assert "--simulate-gpus=GPU-0a1b:80Gi,GPU-2c3d:40Gi" in agent["containers"][0]["args"]
+    assert "--metrics-port=19401" in agent["containers"][0]["args"]
+    assert agent["containers"][0]["ports"] == [
+        {"name": "metrics", "containerPort": 19401, "protocol": "TCP"}
+    ]
+    # Prometheus scrapes the runtimes (in the watched namespaces) and the agents directly.
+    runtimes = one(objects, "PodMonitor", "berth-runtimes")["spec"]
+    assert runtimes["selector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "berth"}}
+    assert runtimes["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    assert runtimes["podMetricsEndpoints"][0]["port"] == "http"
+    agents = one(objects, "PodMonitor", "berth-node-agent")["spec"]
+    assert (
+        agents["selector"]["matchLabels"].items()
+        <= one(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert agents["podMetricsEndpoints"][0] == {"port": "metrics", "path": "/metrics",
+                                                "interval": "15s"}  # fmt: skip
 
 
 def agent_pod(objects: list[Obj]) -> Obj:
@@ -184,6 +201,10 @@ def test_node_agent_privileges_are_exactly_the_named_ones(helm: Path) -> None:
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility" and pod["runtimeClassName"] == "nvidia"
     assert "--socket=/run/berth/agent/agent.sock" in container["args"]
     assert pod["priorityClassName"] == "system-node-critical"
+    # Metrics on the pod's own address (no hostNetwork, no hostPort); real GPUs through NVML.
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9401, "protocol": "TCP"}]
+    assert "--metrics-port=9401" in container["args"]
+    assert not [a for a in container["args"] if a.startswith("--simulate-gpus")]
 
 
 def test_node_agent_without_egress_holds_no_bpf_privilege(helm: Path) -> None:

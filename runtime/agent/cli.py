@@ -48,6 +48,7 @@ class AgentSettings(BaseModel):
     seccomp_dir: Path = KUBELET_SECCOMP_DIR
     egress: bool = True
     cluster_dns: tuple[str, ...] = ()
+    metrics_port: int = Field(0, ge=0, le=65535)  # 0: /metrics on the unix socket only
     log_level: str = "info"
 
 
@@ -168,6 +169,12 @@ def run(settings: AgentSettings) -> None:
         from berth.runtime.agent.pod_egress import EgressCollector
 
         agent.metrics.registry.register(EgressCollector(egress))
+    if settings.metrics_port:
+        # Prometheus cannot scrape a unix socket: the ledger's metrics on TCP too (pod network).
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, registry=agent.metrics.registry)
+        log.info("metrics on TCP port %d", settings.metrics_port)
     for gpu in gpus:
         log.info("GPU %d %s (%s): %d bytes, %d reserved", gpu.index, gpu.uuid, gpu.name,
                  gpu.capacity, gpu.reserved)  # fmt: skip
@@ -257,6 +264,10 @@ def run(settings: AgentSettings) -> None:
 @click.option("--cluster-dns", default="", envvar="BERTH_CLUSTER_DNS", callback=_addresses,
               help="Comma-separated addresses of the cluster's DNS servers (the kubelet's "
               "clusterDNS): the only resolvers sandboxed pods may query.")  # fmt: skip
+@click.option("--metrics-port", default=0, show_default=True, envvar="BERTH_AGENT_METRICS_PORT",
+              type=click.IntRange(0, 65535),
+              help="Also serve /metrics on this TCP port, all addresses, for Prometheus "
+              "(0: only on the unix socket).")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def node_agent(
@@ -274,6 +285,7 @@ def node_agent(
     seccomp_dir: Path,
     egress: bool,
     cluster_dns: tuple[str, ...],
+    metrics_port: int,
     log_level: str,
 ) -> None:
     """Arbitrate GPU memory between the runtimes on this node (protocol: berth.agent_protocol)."""
@@ -300,6 +312,7 @@ def node_agent(
         seccomp_dir=seccomp_dir,
         egress=egress,
         cluster_dns=cluster_dns,
+        metrics_port=metrics_port,
         log_level=log_level,
     )
     run(settings)

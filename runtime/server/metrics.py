@@ -96,7 +96,10 @@ KV_CACHE_BYTES = Name("berth_kv_cache_bytes", None, "Bytes of the KV-cache pool.
 MEMORY_REQUEST = Name("berth_gpu_memory_request_bytes", None, "Guaranteed GPU memory, bytes.")
 MEMORY_LIMIT = Name("berth_gpu_memory_limit_bytes", None, "Burst ceiling of GPU memory, bytes.")
 MEMORY_RESIDENT = Name(
-    "berth_gpu_memory_resident_bytes", None, "GPU memory this runtime holds (weights + KV), bytes."
+    "berth_runtime_gpu_memory_resident_bytes",
+    None,
+    "GPU memory this runtime holds (weights + KV), bytes; the agent sums its tenants' as "
+    "berth_gpu_memory_resident_bytes.",
 )
 STANDBY_STATE = Name(
     "berth_standby_state", None, "1 for the runtime's current residency state (label state)."

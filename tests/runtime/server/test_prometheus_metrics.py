@@ -84,7 +84,7 @@ def test_engine_gauges_prefix_cache_memory_and_state_are_exported(
     assert value(text, "berth_kv_cache_blocks_total") == NUM_KV_BLOCKS
     assert value(text, "berth_kv_cache_blocks_free") == NUM_KV_BLOCKS
     assert value(text, "berth_kv_cache_bytes") == kv_bytes
-    assert value(text, "berth_gpu_memory_resident_bytes") > kv_bytes  # + weights
+    assert value(text, "berth_runtime_gpu_memory_resident_bytes") > kv_bytes  # + weights
     assert value(text, "berth_gpu_memory_request_bytes") == 3 << 30
     assert value(text, "berth_gpu_memory_limit_bytes") == 5 << 30
     assert value(text, "berth_standby_state", state="active") == 1
