@@ -3,8 +3,8 @@ that scraped a real run, drawn with matplotlib (no Grafana installs here).
 
 ``record``: a real node agent over one simulated GPU, three real ``berth serve`` runtimes of the
 random-weight tiny model on the CPU (leasing their GPU memory from the agent as pods do), a real
-Prometheus scraping them every second (the agent's ``/metrics`` is on its unix socket, relayed to
-loopback TCP for the scrape), and a scripted load: two busy services, a burst, and a rarely used
+Prometheus scraping them every second (the agent's ``/metrics`` on its ``--metrics-port``), and a
+scripted load: two busy services, a burst, and a rarely used
 one that parks when idle and wakes on its next request. Every panel query of
 ``charts/berth/dashboards/berth.json`` is then read back over the run (``query_range``) into a
 JSON file. ``plot``: that file as one picture (needs matplotlib; the scheduler row needs an
@@ -22,7 +22,6 @@ import time
 import urllib.parse
 import urllib.request
 from contextlib import ExitStack
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +42,6 @@ TENANTS = {
 }
 RATE_WINDOW = "10s"
 Obj = dict[str, Any]
-
-
-def relay(socket_path: Path) -> ThreadingHTTPServer:
-    """Loopback HTTP that answers ``/metrics`` with the agent's, read over its unix socket."""
-    import httpx
-
-    agent = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://a")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = agent.get("/metrics", timeout=5).content
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def load(url: str, name: str, streams: int, seconds: float, errors: list[str]) -> None:
@@ -126,15 +103,17 @@ def record(out: Path) -> None:
     from processes import child, serve_tiny
 
     from berth import wire
+    from berth.cluster.cluster import free_port
     from berth.e2e import prometheus
 
     tmp = Path(tempfile.mkdtemp(prefix="berth-snapshot-"))
-    sock = tmp / "agent.sock"
+    sock, agent_port = tmp / "agent.sock", free_port()
     with ExitStack() as stack:
         stack.enter_context(child(
             [sys.executable, "-m", "berth", "node-agent", "--socket", str(sock),
              "--simulate-gpus", f"{GPU}:{CAPACITY}", "--heartbeat-interval", "0.5",
-             "--lease", "5", "--park-deadline", "20"], tmp / "agent.log"))  # fmt: skip
+             "--lease", "5", "--park-deadline", "20", "--metrics-port", str(agent_port)],
+            tmp / "agent.log"))  # fmt: skip
         deadline = time.monotonic() + 60
         while not sock.exists():
             if time.monotonic() > deadline:
@@ -147,10 +126,8 @@ def record(out: Path) -> None:
                 env={wire.ENV_STANDBY_IDLE_SECONDS: str(idle)},
                 flags=("--served-model-name", name, "--max-num-seqs", "8", "--wake-timeout", "120"),
             )  # fmt: skip
-        agent = relay(sock)
-        stack.callback(agent.shutdown)
         targets = [u.removeprefix("http://") for u in urls.values()]
-        targets.append(f"127.0.0.1:{agent.server_address[1]}")
+        targets.append(f"127.0.0.1:{agent_port}")
         config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
                   "scrape_configs": [{"job_name": "berth", "static_configs": [{"targets": targets}]}]}  # fmt: skip
         url = stack.enter_context(prometheus.serving(config, tmp))
