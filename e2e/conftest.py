@@ -17,6 +17,9 @@ from berth.e2e.operator_fixtures import namespace, operator  # noqa: F401
 # The real node's models (hostPath folders) and a guard for tests that need the node.
 from berth.e2e.real_node import needs_real_node, smollm2_model, tiny_model  # noqa: F401
 
+# Listeners on the node's address that a sandboxed pod may or may not reach.
+from berth.e2e.sandbox_fixtures import node_listeners  # noqa: F401
+
 
 def _comparable(snapshot: HostSnapshot) -> dict[str, object]:
     """The host state that teardown must put back; iptables packet counters move on their own."""

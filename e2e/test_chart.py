@@ -23,11 +23,14 @@ import yaml
 
 from berth import wire
 from berth.cluster.cluster import LocalCluster
+from berth.cluster.pki import NODE_IP
 from berth.cluster.realnode import AGENT_DIR, AGENT_SOCKET, NODE_NAME, TAINT_KEY
+from berth.e2e.agent_process import metric
 from berth.e2e.operator_fixtures import (
     CHART,
     CHART_NAMESPACE,
     ROOT,
+    apply_docs,
     berth_pods,
     condition,
     get_json,
@@ -35,6 +38,8 @@ from berth.e2e.operator_fixtures import (
     install_crds,
     wait_for,
 )
+from berth.e2e.real_node import ready_pod, tenants
+from berth.e2e.sandbox_fixtures import CONNECT, PYTHON, sealed_service
 
 Obj = dict[str, Any]
 NON_DEFAULT = CHART / "ci" / "non-default-values.yaml"
@@ -156,11 +161,11 @@ def double_booked(cluster: LocalCluster) -> list[str]:
     """GPUs whose bound tenants' requests add up to more than the GPU holds."""
     nodes = {n["metadata"]["name"]: n for n in get_json(cluster, "nodes")["items"]}
     over = []
-    for (node, index), tenants in gpu_usage(cluster).items():
+    for (node, index), booked in gpu_usage(cluster).items():
         labels = nodes[node]["metadata"]["labels"]
         capacity = int(labels.get(wire.NODE_GPU_MEMORY_MIB, "0")) * 2**20
-        if capacity and sum(request for _, request in tenants) > capacity:
-            over.append(f"{node}/{index}: {tenants}")
+        if capacity and sum(request for _, request in booked) > capacity:
+            over.append(f"{node}/{index}: {booked}")
     return over
 
 
@@ -212,6 +217,42 @@ def test_node_agent_runs_as_the_charts_daemonset_with_its_enforcer(
     text = wait_for("the agent's metrics port", lambda: _get(url))
     assert "berth_gpu_memory_capacity_bytes{" in text
     assert "# TYPE berth_egress_denials_total counter" in text, text[-2000:]
+
+
+def test_the_charts_operator_and_agent_seal_a_sandboxed_service(
+    cluster: LocalCluster,
+    chart_release: None,
+    namespace: str,
+    tiny_model: Path,
+    node_listeners: tuple[int, int],
+) -> None:
+    """The sandbox end to end with nothing but what Helm installed: the chart's operator renders
+    it, the chart's agent installs its seccomp profile and attaches the enforcer from the image."""
+    allowed, other = node_listeners
+    wait_for("earlier pods to leave the real node", lambda: not tenants(cluster), timeout=120)
+    apply_docs(cluster, [sealed_service("sealed", namespace, tiny_model, port=allowed)])
+    pod = wait_for("the sandboxed pod Ready", lambda: ready_pod(cluster, namespace), timeout=240)
+    name = pod["metadata"]["name"]
+    status = cluster.kubectl("exec", "-n", namespace, name, "--", "cat", "/proc/1/status")
+    assert re.search(r"^Seccomp:\s+2$", status, re.M), status  # its Localhost profile, filtering
+    pairs = json.dumps([[NODE_IP, allowed], [NODE_IP, other]])
+
+    def enforced() -> list[str] | None:
+        met = cluster.kubectl("exec", "-n", namespace, name, "--", PYTHON, "-c", CONNECT,
+                              pairs).split()  # fmt: skip
+        return met if met[1] != "ok" else None
+
+    assert wait_for("the enforcer on the pod", enforced, timeout=30) == ["ok", "EPERM"]
+    (agent,) = get_json(cluster, "pods", "-n", CHART_NAMESPACE, "-l",
+                        "app.kubernetes.io/name=berth-node-agent")["items"]  # fmt: skip
+    url = f"http://{agent['status']['podIP']}:9401/metrics"
+
+    def denials() -> float | None:
+        return metric(_get(url), "berth_egress_denials_total", pod=f"{namespace}/{name}")
+
+    assert wait_for("the denial counted on the agent's metrics", denials, timeout=30) >= 1
+    cluster.kubectl("delete", "inferenceservice", "sealed", "-n", namespace, "--wait=true")
+    wait_for("the sandboxed pod to leave the node", lambda: not tenants(cluster), timeout=120)
 
 
 def _get(url: str) -> str:
@@ -270,14 +311,14 @@ def test_examples_reach_their_states(
     # ... each holding its share under the chart's node agent (tenant: namespace/pod).
     from berth.runtime.server.agent_client import AgentClient
 
-    def tenants() -> set[str]:
+    def registered() -> set[str]:
         ledger = AgentClient(str(AGENT_SOCKET), timeout_s=5.0).ledger()
         return {t.tenant for gpu in ledger.gpus for t in gpu.tenants}
 
     on_node = {f"{namespace}/{p['metadata']['name']}" for p in berth_pods(cluster, namespace)
                if p["spec"].get("nodeName") == NODE_NAME}  # fmt: skip
     assert len(on_node) == 2, on_node
-    wait_for("the CPU models registered with the chart's agent", lambda: on_node <= tenants())
+    wait_for("the CPU models registered with the chart's agent", lambda: on_node <= registered())
     # Fractions and request/limit shares are placed on the kwok GPU nodes.
     for name in ("llama-3-8b", "qwen-0-5b", "legal-summarizer", "agent-coder", "llama-3-70b"):
         wait_for(f"{name} placed", partial(all_placed, name))

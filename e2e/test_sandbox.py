@@ -9,8 +9,6 @@ checked as accepted; what they allow and deny is tested as tables in
 """
 
 import json
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,10 @@ from berth.cluster.cluster import LocalCluster
 from berth.cluster.pki import NODE_IP
 from berth.e2e.operator_fixtures import OperatorProcess, apply_docs, condition, get_json, wait_for
 from berth.e2e.real_node import cluster_ip, ready_pod, real_service, routed_post, tenants
+from berth.e2e.sandbox_fixtures import CONNECT, PYTHON, sealed_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("needs_real_node")]
 
-PYTHON = "/usr/bin/python3.11"  # the runtime image's interpreter
 # Run in the container: each probe's outcome, "ok" or the errno's name.
 PROBES = """
 import errno, os
@@ -43,46 +41,6 @@ def write(path):
 print(probe(lambda: os.mkfifo("/tmp/berth-fifo")), probe(lambda: write("/tmp/berth-file")),
       probe(lambda: write("/etc/berth-file")))
 """
-# Run in the container with (address, port) pairs: what each connection attempt met.
-CONNECT = """
-import errno, json, socket, sys
-
-def attempt(host, port):
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as error:
-        return errno.errorcode.get(error.errno, str(error))
-    return "ok"
-
-print(" ".join(attempt(host, port) for host, port in json.loads(sys.argv[1])))
-"""
-
-
-@pytest.fixture
-def node_listeners() -> Iterator[tuple[int, int]]:
-    """Two TCP listeners on the node's address, which pods reach over the bridge: the port the
-    sandbox allows, and another."""
-    socks = [socket.create_server((NODE_IP, 0)) for _ in range(2)]
-    try:
-        yield socks[0].getsockname()[1], socks[1].getsockname()[1]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def sealed_service(
-    name: str, namespace: str, model: Path, port: int = 9, **sandbox: Any
-) -> dict[str, Any]:
-    service = real_service(name, namespace, model)
-    service["spec"]["sandbox"] = {
-        "enabled": True,
-        "egress": [{"cidrs": [f"{NODE_IP}/32"], "ports": [port]}],
-        "ingress": [{"namespaceLabels": {"kubernetes.io/metadata.name": namespace}}],
-        "deniedSyscalls": ["mknod", "mknodat"],
-        "maxRequestSeconds": 60,
-        **sandbox,
-    }
-    return service
 
 
 def status_line(status: str, field: str) -> str:
