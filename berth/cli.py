@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "berth.runtime.engine.cli:generate_command",
     "import-model": "berth.runtime.engine.cli:import_model_command",
     "fetch-model": "berth.runtime.engine.cli:fetch_model_command",
+    "smoke-test": "berth.operator.smoke:smoke_test",
 }
 
 

@@ -14,6 +14,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,7 @@ def pod_of(workload: Obj) -> Obj:
     template = workload["spec"]["template"]
     metadata = {**template["metadata"], "name": f"{workload['metadata']['name']}-template",
                 "namespace": workload["metadata"]["namespace"]}  # fmt: skip
-    # A dry run creates no ServiceAccount, and the ServiceAccount admission plugin looks the
-    # pod's up: the namespace's default one stands in.
-    spec = {**template["spec"], "serviceAccountName": "default"}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +96,12 @@ def test_every_rendered_object_passes_the_api_server(
         # here holds them: under names of their own, the dry run checks a create of each.
         for obj in objects:
             obj["metadata"]["name"] += "-non-default"
-    sent = [o for o in objects if o["kind"] not in NOT_SERVED]
-    sent += [pod_of(o) for o in objects if o["kind"] in ("Deployment", "DaemonSet")]
+    sent = [o for o in objects if o["kind"] not in NOT_SERVED | {"Pod"}]
+    # Pods (helm test's, the workloads' templates) under the namespace's default ServiceAccount:
+    # a dry run creates none of the chart's, and the ServiceAccount admission plugin looks it up.
+    pods = [o for o in objects if o["kind"] == "Pod"]
+    pods += [pod_of(o) for o in objects if o["kind"] in ("Deployment", "DaemonSet")]
+    sent += [{**p, "spec": {**p["spec"], "serviceAccountName": "default"}} for p in pods]
     out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(sent))
     assert out.count("(server dry run)") == len(sent), out
     kinds = {o["kind"] for o in objects}
@@ -116,6 +118,10 @@ def test_example_passes_admission(cluster: LocalCluster, namespaces: None, examp
 
 
 # With the real node: the chart for real.
+
+
+REAL_NODE_POD = {"nodeSelector": {"type": "real"},
+                 "tolerations": [{"key": TAINT_KEY, "operator": "Exists"}]}  # fmt: skip
 
 
 def helm_install(cluster: LocalCluster, *extra: str) -> None:
@@ -137,7 +143,10 @@ def helm_install(cluster: LocalCluster, *extra: str) -> None:
                  "--set", "nodeAgent.runtimeClassName=",
                  "--set", f"nodeAgent.socketDir={AGENT_DIR}",
                  "--set", f"nodeAgent.kubeletSeccompDir={cluster.node.kubelet_root / 'seccomp'}",
-                 "--set", f"nodeAgent.simulateGpus={cluster.node.simulated_gpus()}",
+                 # --set would split the GPU list at its commas.
+                 "--set-json", f"nodeAgent.simulateGpus={json.dumps(cluster.node.simulated_gpus())}",
+                 # helm test's tiny model runs on the real node.
+                 "--set-json", f"tests.inferenceService.pod={json.dumps(REAL_NODE_POD)}",
                  *extra, timeout=300)  # fmt: skip
 
 
@@ -176,6 +185,12 @@ def chart_release(cluster: LocalCluster, namespaces: None) -> Iterator[None]:
     with cluster.node_agent_handed_over():
         helm_install(cluster)
         try:
+            # helm's --wait lets a DaemonSet be one pod short (its maxUnavailable): not here.
+            out = cluster.kubectl("rollout", "status", "daemonset/berth-node-agent", "-n",
+                                  CHART_NAMESPACE, "--timeout=120s", check=False)  # fmt: skip
+            assert "successfully rolled out" in out, out + cluster.kubectl(
+                "logs", "-n", CHART_NAMESPACE, "daemonset/berth-node-agent", check=False
+            )
             yield
         finally:
             cluster.helm("uninstall", RELEASE, "--namespace", CHART_NAMESPACE, "--wait",
@@ -191,10 +206,23 @@ def test_installed_operator_runs_as_the_charts_pod_and_helm_test_passes(
     lease = get_json(cluster, "lease", "berth-operator", "-n", CHART_NAMESPACE)
     holder = lease["spec"].get("holderIdentity", "")
     assert any(holder.startswith(p["metadata"]["name"]) for p in pods), holder
-    out = cluster.helm(
-        "test", RELEASE, "--namespace", CHART_NAMESPACE, "--timeout", "240s", timeout=300
-    )
+    # helm test deletes its pod when it passes (so nothing is left behind), logs and all: what
+    # its tiny-model InferenceService went through is watched from here while it runs.
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cluster.helm, "test", RELEASE, "--namespace", CHART_NAMESPACE,
+                              "--timeout", "360s", check=False, timeout=420)  # fmt: skip
+        seen: set[str] = set()
+        while not running.done():
+            found = cluster.kubectl("get", "inferenceservice", "berth-operator-smoke-test", "-n",
+                                    CHART_NAMESPACE, "-o", "json", check=False)  # fmt: skip
+            if found:
+                seen.add(condition(json.loads(found), "Ready").get("status", "absent"))
+            time.sleep(1)
+        out = running.result()
     assert re.search(r"Phase:\s+Succeeded", out), out
+    assert "True" in seen, seen  # the random tiny model was served (and answered, or it fails)
+    # ... and deleted by the test afterwards.
+    assert not cluster.kubectl("get", "inferenceservices", "-n", CHART_NAMESPACE, "-o", "name")
 
 
 def test_node_agent_runs_as_the_charts_daemonset_with_its_enforcer(

@@ -124,15 +124,30 @@ ModelUri = Annotated[
 ]  # fmt: skip
 
 
+# Shapes ``berth make-model`` writes (``runtime/engine/testmodels.py``; a test keeps them equal).
+RandomShape = Literal[
+    "tiny", "tiny-qwen2", "tiny-qwen3", "tiny-llama-3.2", "llama-3-8b", "llama-3.2-1b", "qwen3-4b"
+]
+
+
+class RandomSource(ApiModel):
+    """A random-weight model of a known shape, written in the pod by ``berth make-model`` (an
+    init container, nothing downloaded): for smoke and load tests and ``helm test``. Its tokens
+    are noise; its speed and memory are those of the real shape."""
+
+    shape: RandomShape = Field(description="Architecture and size, e.g. tiny or llama-3-8b.")
+    seed: int = Field(default=0, ge=0, description="Weights and tokenizer are a function of it.")
+
+
 class ModelSource(ApiModel):
-    """Where the weights come from: exactly one of pvc, hostPath, image or uri."""
+    """Where the weights come from: exactly one of pvc, hostPath, image, uri or random."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
             {
-                "rule": "[has(self.pvc), has(self.hostPath), has(self.image), has(self.uri)]"
-                ".filter(x, x).size() == 1",
-                "message": "set exactly one of pvc, hostPath, image or uri",
+                "rule": "[has(self.pvc), has(self.hostPath), has(self.image), has(self.uri), "
+                "has(self.random)].filter(x, x).size() == 1",
+                "message": "set exactly one of pvc, hostPath, image, uri or random",
             },
             {
                 "rule": "!has(self.sha256) || (has(self.uri) && self.uri.matches('^https?://'))",
@@ -146,6 +161,7 @@ class ModelSource(ApiModel):
     host_path: HostPathSource | None = None
     image: ImageSource | None = None
     uri: ModelUri | None = None
+    random: RandomSource | None = None
     sha256: str | None = Field(
         default=None,
         pattern="^[0-9a-f]{64}$",
@@ -154,9 +170,9 @@ class ModelSource(ApiModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSource":
-        chosen = [self.pvc, self.host_path, self.image, self.uri]
+        chosen = [self.pvc, self.host_path, self.image, self.uri, self.random]
         if sum(x is not None for x in chosen) != 1:
-            raise ValueError("set exactly one of pvc, hostPath, image or uri")
+            raise ValueError("set exactly one of pvc, hostPath, image, uri or random")
         if self.sha256 is not None and not (self.uri or "").startswith(("https://", "http://")):
             raise ValueError(
                 "sha256 checks an https:// or http:// download; pin hf:// with @revision"

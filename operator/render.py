@@ -21,6 +21,7 @@ from berth.operator.settings import OperatorSettings
 PORT = 8000
 MODEL_DIR = "/models"  # where the model volume is mounted
 FETCHED_MODEL_DIR = f"{MODEL_DIR}/model"  # where the init container puts a uri's model
+# or writes a random source's
 ADMIN_TOKEN_KEY = "token"  # the key of the admin Secret's bearer token
 AGENT_DIR = "/run/berth-agent"  # where the runtime container sees the node agent's socket folder
 MANAGED_BY = "berth"
@@ -91,26 +92,31 @@ def _model_volume(spec: InferenceServiceSpec) -> tuple[dict[str, Any], str]:
     if source.image is not None:
         image = {"reference": source.image.reference, "pullPolicy": source.image.pull_policy}
         return {"name": "model", "image": image}, _inside(MODEL_DIR, source.image.path)
-    assert source.uri is not None
+    assert source.uri is not None or source.random is not None
     return {"name": "model", "emptyDir": {}}, FETCHED_MODEL_DIR
 
 
 def fetch_container(service: InferenceService, image: str) -> dict[str, Any] | None:
-    """The storage initializer of a ``uri`` source: ``berth fetch-model`` from the runtime
-    image, writing into the model volume; the runtime container starts only once it exited 0.
-    It gets the user's ``pod.env`` (HF_TOKEN from a Secret, HF_ENDPOINT, proxies) and the
-    runtime container's resources."""
+    """The storage initializer of a ``uri`` source (``berth fetch-model``) or a ``random`` one
+    (``berth make-model``), from the runtime image, writing into the model volume; the runtime
+    container starts only once it exited 0. It gets the user's ``pod.env`` (HF_TOKEN from a
+    Secret, HF_ENDPOINT, proxies) and the runtime container's resources."""
     spec = service.spec
     source = spec.model.source
-    if source.uri is None:
+    if source.uri is not None:
+        name, command = "fetch-model", ["berth", "fetch-model"]
+        args = [source.uri, FETCHED_MODEL_DIR]
+        if source.sha256 is not None:
+            args += ["--sha256", source.sha256]
+    elif source.random is not None:
+        name, command = "make-model", ["berth", "make-model"]
+        args = [source.random.shape, "--out", FETCHED_MODEL_DIR, "--seed", str(source.random.seed)]
+    else:
         return None
-    args = [source.uri, FETCHED_MODEL_DIR]
-    if source.sha256 is not None:
-        args += ["--sha256", source.sha256]
     container: dict[str, Any] = {
-        "name": "fetch-model",
+        "name": name,
         "image": image,
-        "command": ["berth", "fetch-model"],
+        "command": command,
         "args": args,
         "env": [e.model_dump(by_alias=True, exclude_none=True) for e in spec.pod.env],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],

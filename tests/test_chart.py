@@ -96,9 +96,10 @@ def test_defaults(helm: Path) -> None:
         "ClusterRoleBinding/berth-node-agent", "ClusterRoleBinding/berth-operator",
         "DaemonSet/berth-node-agent", "Deployment/berth-operator", "Pod/berth-operator-test",
         "Role/berth-operator-leader", "Role/berth-operator-reservations",
-        "RoleBinding/berth-operator-leader", "RoleBinding/berth-operator-reservations",
+        "Role/berth-operator-test", "RoleBinding/berth-operator-leader",
+        "RoleBinding/berth-operator-reservations", "RoleBinding/berth-operator-test",
         "Service/berth-operator-metrics", "ServiceAccount/berth-node-agent",
-        "ServiceAccount/berth-operator",
+        "ServiceAccount/berth-operator", "ServiceAccount/berth-operator-test",
     ]  # fmt: skip
     deployment = one(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 2
@@ -114,9 +115,25 @@ def test_defaults(helm: Path) -> None:
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     test = one(objects, "Pod")
     assert test["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    assert (
-        "berth-operator-metrics.berth-system.svc:8081" in test["spec"]["containers"][0]["args"][0]
-    )
+    assert test["spec"]["serviceAccountName"] == "berth-operator-test"
+    assert test["spec"]["containers"][0]["args"] == [
+        "smoke-test", "--namespace=berth-system", "--operator-service=berth-operator-metrics",
+        "--operator-port=8081", "--timeout=300", "--name=berth-operator-smoke-test",
+        "--fraction=0.1", "--pod={}",
+    ]  # fmt: skip
+    # The test's own rights: the two Services' addresses and its own InferenceService.
+    rules = rules_of(one(objects, "Role", "berth-operator-test"))
+    assert rules == {("", "services", "get")} | {
+        ("berth.dev", "inferenceservices", verb) for verb in ("get", "create", "patch", "delete")
+    }
+    hooks = [o for o in objects if o["metadata"].get("annotations", {}).get("helm.sh/hook")]
+    assert len(hooks) == 4 and all(o["metadata"]["name"] == "berth-operator-test" for o in hooks)
+
+
+def test_helm_test_can_check_the_operator_alone(helm: Path) -> None:
+    objects = render(helm, {"tests": {"inferenceService": {"enabled": False}}})
+    args = one(objects, "Pod")["spec"]["containers"][0]["args"]
+    assert args[-1] == "--operator-only" and not [a for a in args if a.startswith("--pod")]
 
 
 def test_non_default_values_reach_the_objects(helm: Path) -> None:
@@ -144,6 +161,9 @@ def test_non_default_values_reach_the_objects(helm: Path) -> None:
     ]
     dashboard = one(objects, "ConfigMap", "berth-dashboard")
     assert dashboard["metadata"]["namespace"] == "monitoring"
+    test_args = one(objects, "Pod")["spec"]["containers"][0]["args"]
+    assert "--fraction=0.25" in test_args and "--timeout=600" in test_args
+    assert '--pod={"nodeSelector":{"example.com/gpu":"yes"}}' in test_args
     agent = one(objects, "DaemonSet")["spec"]["template"]["spec"]
     assert agent["containers"][0]["image"] == "registry.example/berth-agent:9.9.9"
     assert "runtimeClassName" not in agent and "priorityClassName" not in agent
@@ -194,12 +214,14 @@ def test_node_agent_privileges_are_exactly_the_named_ones(helm: Path) -> None:
     }
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["cgroup"]["readOnly"] is True
-    assert mounts["bpffs"]["mountPropagation"] == "HostToContainer"
+    assert "mountPropagation" not in mounts["bpffs"]  # works on private host mounts too
     # No GPU taken from the tenants: NVML through the NVIDIA runtime's utility capability only.
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility" and pod["runtimeClassName"] == "nvidia"
     assert "--socket=/run/berth/agent/agent.sock" in container["args"]
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert "connect('/run/berth/agent/agent.sock')" in probe[-1]
     assert pod["priorityClassName"] == "system-node-critical"
     # Metrics on the pod's own address (no hostNetwork, no hostPort); real GPUs through NVML.
     assert container["ports"] == [{"name": "metrics", "containerPort": 9401, "protocol": "TCP"}]

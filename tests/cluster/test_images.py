@@ -64,6 +64,12 @@ def test_operator_image_carries_no_torch() -> None:
     assert {"torch", "triton", "fastapi", "uvicorn"} <= set(_pins(ROOT / "images" / "runtime.lock"))
 
 
+def test_runtime_image_carries_the_node_agents_kubernetes_client() -> None:
+    """The chart's node agent runs from the runtime image and, with --node-name, talks to the API
+    server (berth.operator.kube) and parses quantities (berth.operator.api_types)."""
+    assert "kubernetes" in _pins(ROOT / "images" / "runtime.lock")
+
+
 def test_oci_archive_names_the_image_and_every_blob_matches_its_digest(tmp_path: Path) -> None:
     layer_dir = tmp_path / "layer"
     (layer_dir / "etc").mkdir(parents=True)

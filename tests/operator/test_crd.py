@@ -102,6 +102,11 @@ def manifest(**spec: Any) -> dict[str, Any]:
         ({"minReplicas": 3, "maxReplicas": 2}, "maxReplicas"),
         ({"colour": "blue"}, "colour"),
         ({"model": {"source": {}}}, "exactly one of pvc"),
+        ({"model": {"source": {"random": {"shape": "gpt-9"}}}}, "shape"),
+        (
+            {"model": {"source": {"random": {"shape": "tiny"}, "hostPath": {"path": "/m"}}}},
+            "exactly one of pvc",
+        ),
     ],
 )
 def test_python_validation_refuses_what_the_crd_refuses(spec: dict[str, Any], field: str) -> None:

@@ -181,6 +181,28 @@ def test_uri_source_is_fetched_by_an_init_container_into_an_empty_dir() -> None:
     assert runtime["args"][runtime["args"].index("--model") + 1] == "/models/model"
 
 
+def test_random_source_is_written_by_make_model_in_an_init_container() -> None:
+    source = {"random": {"shape": "tiny", "seed": 7}}
+    pod = pod_of(render.deployment(service(model={"source": source}), SETTINGS))
+    assert {"name": "model", "emptyDir": {}} in pod["volumes"]
+    [make] = pod["initContainers"]
+    assert make["name"] == "make-model" and make["image"] == SETTINGS.runtime_image
+    assert make["command"] == ["berth", "make-model"]
+    assert make["args"] == ["tiny", "--out", "/models/model", "--seed", "7"]
+    assert make["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
+    runtime = pod["containers"][0]
+    assert runtime["args"][runtime["args"].index("--model") + 1] == "/models/model"
+
+
+def test_random_shapes_are_the_ones_make_model_writes() -> None:
+    from typing import get_args
+
+    from berth.operator.api import RandomShape
+    from berth.runtime.engine.testmodels import SHAPES
+
+    assert sorted(get_args(RandomShape)) == sorted(SHAPES)
+
+
 def test_hf_uri_init_container_passes_the_uri_without_a_checksum() -> None:
     pod = pod_of(render.deployment(service(model={"source": {"uri": "hf://org/m@v1"}}), SETTINGS))
     assert pod["initContainers"][0]["args"] == ["hf://org/m@v1", "/models/model"]
