@@ -12,9 +12,9 @@ double-booking a GPU and ``helm uninstall`` leaves nothing but the CRD.
 
 import json
 import re
+import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,14 @@ REAL_NODE_POD = {"nodeSelector": {"type": "real"},
                  "tolerations": [{"key": TAINT_KEY, "operator": "Exists"}]}  # fmt: skip
 
 
+def json_stream(text: str) -> Iterator[Obj]:
+    """The objects of ``kubectl get --watch -o json``: JSON documents one after another."""
+    decoder, at = json.JSONDecoder(), 0
+    while (at := len(text) - len(text[at:].lstrip())) < len(text):
+        obj, at = decoder.raw_decode(text, at)
+        yield obj
+
+
 def helm_install(cluster: LocalCluster, *extra: str) -> None:
     assert cluster.node is not None
     image, tag = cluster.images["operator"].rsplit(":", 1)
@@ -208,17 +216,20 @@ def test_installed_operator_runs_as_the_charts_pod_and_helm_test_passes(
     assert any(holder.startswith(p["metadata"]["name"]) for p in pods), holder
     # helm test deletes its pod when it passes (so nothing is left behind), logs and all: what
     # its tiny-model InferenceService went through is watched from here while it runs.
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(cluster.helm, "test", RELEASE, "--namespace", CHART_NAMESPACE,
-                              "--timeout", "360s", check=False, timeout=420)  # fmt: skip
-        seen: set[str] = set()
-        while not running.done():
-            found = cluster.kubectl("get", "inferenceservice", "berth-operator-smoke-test", "-n",
-                                    CHART_NAMESPACE, "-o", "json", check=False)  # fmt: skip
-            if found:
-                seen.add(condition(json.loads(found), "Ready").get("status", "absent"))
-            time.sleep(1)
-        out = running.result()
+    assert cluster.bin_dir is not None
+    watch = subprocess.Popen(
+        [str(cluster.bin_dir / "kubectl"), "--kubeconfig", str(cluster.kubeconfig), "get",
+         "inferenceservices", "-n", CHART_NAMESPACE, "--watch", "-o", "json"],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out = cluster.helm("test", RELEASE, "--namespace", CHART_NAMESPACE, "--timeout", "360s",
+                           check=False, timeout=420)  # fmt: skip
+        time.sleep(2)  # the last updates
+    finally:
+        watch.terminate()
+    stream, _ = watch.communicate(timeout=10)
+    seen = {condition(obj, "Ready").get("status", "absent") for obj in json_stream(stream)
+            if obj["metadata"]["name"] == "berth-operator-smoke-test"}  # fmt: skip
     assert re.search(r"Phase:\s+Succeeded", out), out
     assert "True" in seen, seen  # the random tiny model was served (and answered, or it fails)
     # ... and deleted by the test afterwards.

@@ -79,9 +79,9 @@ def test_hosts_become_a_cilium_policy_that_cilium_s_schema_accepts(
     service = wait_for("the service's conditions", settled, timeout=60)
     assert not condition(service, "HostsNotInNetworkPolicy"), service["status"]["conditions"]
 
-    # The schema is Cilium's and it is enforced: a port out of range is refused by name.
+    # The schema is Cilium's and it is enforced: a protocol it does not know is refused by name.
     broken = copy.deepcopy(created)
     broken["metadata"] = {"name": "broken", "namespace": namespace}
-    broken["spec"]["egress"][-1]["toPorts"][0]["ports"][0]["port"] = "99999999"
-    with pytest.raises(ClusterError, match=r"toPorts\[0\]\.ports\[0\]\.port"):
+    broken["spec"]["egress"][-1]["toPorts"][0]["ports"][0]["protocol"] = "XTP"
+    with pytest.raises(ClusterError, match=r"toPorts\[0\]\.ports\[0\]\.protocol"):
         cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(broken))
