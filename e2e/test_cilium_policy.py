@@ -29,7 +29,12 @@ def cilium_crd(cluster: LocalCluster) -> Iterator[dict[str, Any]]:
     path = cilium_network_policy_crd()
     # Server-side: the CRD is larger than client-side apply's last-applied annotation may be.
     cluster.kubectl("apply", "--server-side", "-f", str(path))
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    wait_for(
+        "Cilium's CRD established",
+        lambda: (
+            condition(get_json(cluster, "crd", CRD_NAME), "Established").get("status") == "True"
+        ),
+    )
     try:
         yield yaml.safe_load(path.read_text())
     finally:
