@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct and the random-weight ``tiny``), and once both are Ready t
 exploring (``kubectl get bis``); ``berth cluster down`` removes everything.
 """
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from berth.cluster.cluster import LocalCluster, default_state_dir
+from berth.cluster.realnode import REAL_NODE_POD, TAINT_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cpu-demo.yaml"
@@ -58,8 +60,10 @@ def install_berth(cluster: LocalCluster, say: Say) -> None:
                  "--set", "image.pullPolicy=Never",
                  "--set", f"runtimeImage={cluster.images['runtime']}",
                  "--set", "nodeSelector.type=real",
-                 "--set", "tolerations[0].key=berth.dev/simulated-gpu",
+                 "--set", f"tolerations[0].key={TAINT_KEY}",
                  "--set", "tolerations[0].operator=Exists",
+                 # `helm test`'s tiny model runs on the real node too.
+                 "--set-json", f"tests.inferenceService.pod={json.dumps(REAL_NODE_POD)}",
                  # The real node runs the node agent as a host process (realnode.py): no DaemonSet.
                  "--set", "nodeAgent.enabled=false")  # fmt: skip
 
@@ -126,4 +130,6 @@ def run(say: Say) -> None:
         + "\n" + cluster.kubectl("get", "pods", "-n", "berth-system", "-o", "wide").rstrip())  # fmt: skip
     say(f"done in {time.monotonic() - started:.0f} s. The cluster is still up:\n"
         f"  export KUBECONFIG={cluster.kubeconfig} PATH={cluster.bin_dir}:$PATH\n"
-        "  kubectl get bis,pods -A -o wide\n  berth cluster down    # removes everything")  # fmt: skip
+        "  kubectl get bis,pods -A -o wide\n"
+        "  helm test berth -n berth-system    # the operator, then a random tiny model served\n"
+        "  berth cluster down    # removes everything")  # fmt: skip

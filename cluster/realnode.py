@@ -47,6 +47,9 @@ AGENT_SOCKET = AGENT_DIR / "agent.sock"
 # Only pods that tolerate this land on the real node: its GPUs are simulated and its pods run for
 # real on the CPU, so the kwok-scale tests and services without the toleration stay off it.
 TAINT_KEY = "berth.dev/simulated-gpu"
+# What lands a pod on the real node (its label, its taint), as an InferenceService's spec.pod.
+REAL_NODE_POD = {"nodeSelector": {"type": "real"},
+                 "tolerations": [{"key": TAINT_KEY, "operator": "Exists"}]}  # fmt: skip
 TAINT = f"{TAINT_KEY}=true:NoSchedule"
 
 CNI_BIN = Path("/usr/lib/cni")

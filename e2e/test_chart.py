@@ -25,7 +25,7 @@ import yaml
 from berth import wire
 from berth.cluster.cluster import LocalCluster
 from berth.cluster.pki import NODE_IP
-from berth.cluster.realnode import AGENT_DIR, AGENT_SOCKET, NODE_NAME, TAINT_KEY
+from berth.cluster.realnode import AGENT_DIR, AGENT_SOCKET, NODE_NAME, REAL_NODE_POD, TAINT_KEY
 from berth.e2e.agent_process import metric
 from berth.e2e.operator_fixtures import (
     CHART,
@@ -118,10 +118,6 @@ def test_example_passes_admission(cluster: LocalCluster, namespaces: None, examp
 
 
 # With the real node: the chart for real.
-
-
-REAL_NODE_POD = {"nodeSelector": {"type": "real"},
-                 "tolerations": [{"key": TAINT_KEY, "operator": "Exists"}]}  # fmt: skip
 
 
 def json_stream(text: str) -> Iterator[Obj]:
