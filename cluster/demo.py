@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from berth.cluster.cluster import LocalCluster, default_state_dir
-from berth.cluster.realnode import REAL_NODE_POD, TAINT_KEY
+from berth.cluster.realnode import REAL_NODE_POD
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cpu-demo.yaml"
@@ -51,19 +51,23 @@ def stage_models(say: Say) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
+def real_node_values(cluster: LocalCluster) -> list[str]:
+    """Helm flags that put the chart on this cluster's real node with the images it built
+    (nothing pulled): the operator's pods and `helm test`'s model land there (its label, its
+    taint)."""
+    image, tag = cluster.images["operator"].rsplit(":", 1)
+    return ["--set", f"image.repository={image}", "--set", f"image.tag={tag}",
+            "--set", "image.pullPolicy=Never",
+            "--set", f"runtimeImage={cluster.images['runtime']}",
+            "--set-json", f"nodeSelector={json.dumps(REAL_NODE_POD['nodeSelector'])}",
+            "--set-json", f"tolerations={json.dumps(REAL_NODE_POD['tolerations'])}",
+            "--set-json", f"tests.inferenceService.pod={json.dumps(REAL_NODE_POD)}"]  # fmt: skip
+
+
 def install_berth(cluster: LocalCluster, say: Say) -> None:
     say("installing Berth with Helm (operator image, runtime image, CRDs, RBAC)")
-    operator_image, operator_tag = cluster.images["operator"].rsplit(":", 1)
     cluster.helm("upgrade", "--install", "berth", str(CHART), "--namespace", "berth-system",
-                 "--create-namespace", "--wait", "--timeout", "180s",
-                 "--set", f"image.repository={operator_image}", "--set", f"image.tag={operator_tag}",
-                 "--set", "image.pullPolicy=Never",
-                 "--set", f"runtimeImage={cluster.images['runtime']}",
-                 "--set", "nodeSelector.type=real",
-                 "--set", f"tolerations[0].key={TAINT_KEY}",
-                 "--set", "tolerations[0].operator=Exists",
-                 # `helm test`'s tiny model runs on the real node too.
-                 "--set-json", f"tests.inferenceService.pod={json.dumps(REAL_NODE_POD)}",
+                 "--create-namespace", "--wait", "--timeout", "180s", *real_node_values(cluster),
                  # The real node runs the node agent as a host process (realnode.py): no DaemonSet.
                  "--set", "nodeAgent.enabled=false")  # fmt: skip
 

@@ -48,7 +48,7 @@ AGENT_SOCKET = AGENT_DIR / "agent.sock"
 # real on the CPU, so the kwok-scale tests and services without the toleration stay off it.
 TAINT_KEY = "berth.dev/simulated-gpu"
 # What lands a pod on the real node (its label, its taint), as an InferenceService's spec.pod.
-REAL_NODE_POD = {"nodeSelector": {"type": "real"},
+REAL_NODE_POD: dict[str, Any] = {"nodeSelector": {"type": "real"},
                  "tolerations": [{"key": TAINT_KEY, "operator": "Exists"}]}  # fmt: skip
 TAINT = f"{TAINT_KEY}=true:NoSchedule"
 

@@ -15,6 +15,7 @@ import yaml
 
 from berth import wire
 from berth.cluster.cluster import ClusterError, LocalCluster, die_with_parent, free_port
+from berth.operator.status import condition as condition  # the e2e modules' one import
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,13 +182,6 @@ def gpu_capacity(cluster: LocalCluster) -> dict[str, int]:
         for n in nodes
         if wire.NODE_GPU_MEMORY_MIB in n["metadata"].get("labels", {})
     }
-
-
-def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
-    for c in (obj.get("status") or {}).get("conditions") or []:
-        if c["type"] == kind:
-            return dict(c)
-    return {}
 
 
 CHART = ROOT / "charts" / "berth"

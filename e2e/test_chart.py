@@ -24,8 +24,9 @@ import yaml
 
 from berth import wire
 from berth.cluster.cluster import LocalCluster
+from berth.cluster.demo import real_node_values
 from berth.cluster.pki import NODE_IP
-from berth.cluster.realnode import AGENT_DIR, AGENT_SOCKET, NODE_NAME, REAL_NODE_POD, TAINT_KEY
+from berth.cluster.realnode import AGENT_DIR, AGENT_SOCKET, NODE_NAME, REAL_NODE_POD
 from berth.e2e.agent_process import metric
 from berth.e2e.operator_fixtures import (
     CHART,
@@ -130,27 +131,19 @@ def json_stream(text: str) -> Iterator[Obj]:
 
 def helm_install(cluster: LocalCluster, *extra: str) -> None:
     assert cluster.node is not None
-    image, tag = cluster.images["operator"].rsplit(":", 1)
-    toleration = [f"tolerations[0].key={TAINT_KEY}", "tolerations[0].operator=Exists"]
+    # The node agent as the chart's DaemonSet on the real node (null drops the chart's default
+    # GPU-node selector): its simulated GPUs are the ones the Node advertises, its seccomp folder
+    # the kubelet's.
+    agent_selector = {**REAL_NODE_POD["nodeSelector"], "nvidia.com/gpu.present": None}
     cluster.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", CHART_NAMESPACE,
-                 "--create-namespace", "--wait", "--timeout", "240s",
-                 "--set", f"image.repository={image}", "--set", f"image.tag={tag}",
-                 "--set", "image.pullPolicy=Never",
-                 "--set", f"runtimeImage={cluster.images['runtime']}",
-                 "--set", "nodeSelector.type=real",
-                 *(arg for t in toleration for arg in ("--set", t)),
-                 # The node agent as the chart's DaemonSet on the real node: its simulated GPUs
-                 # are the ones the Node advertises, its seccomp folder the kubelet's.
-                 "--set", "nodeAgent.nodeSelector.nvidia\\.com/gpu\\.present=null",
-                 "--set", "nodeAgent.nodeSelector.type=real",
-                 *(arg for t in toleration for arg in ("--set", f"nodeAgent.{t}")),
+                 "--create-namespace", "--wait", "--timeout", "240s", *real_node_values(cluster),
+                 "--set-json", f"nodeAgent.nodeSelector={json.dumps(agent_selector)}",
+                 "--set-json", f"nodeAgent.tolerations={json.dumps(REAL_NODE_POD['tolerations'])}",
                  "--set", "nodeAgent.runtimeClassName=",
                  "--set", f"nodeAgent.socketDir={AGENT_DIR}",
                  "--set", f"nodeAgent.kubeletSeccompDir={cluster.node.kubelet_root / 'seccomp'}",
                  # --set would split the GPU list at its commas.
                  "--set-json", f"nodeAgent.simulateGpus={json.dumps(cluster.node.simulated_gpus())}",
-                 # helm test's tiny model runs on the real node.
-                 "--set-json", f"tests.inferenceService.pod={json.dumps(REAL_NODE_POD)}",
                  *extra, timeout=300)  # fmt: skip
 
 

@@ -47,6 +47,7 @@ from berth.operator.concurrency import (
 from berth.operator.events import now_rfc3339, record_event
 from berth.operator.kube import KubeClient, KubeError, Obj, resource_path
 from berth.operator.reconciler import RESOURCE, Shared
+from berth.operator.status import condition
 
 log = logging.getLogger(__name__)
 TICK_S = 2.0
@@ -65,10 +66,7 @@ def ready_pods(pods: list[Obj]) -> list[PodTarget]:
     out = []
     for pod in pods:
         status = pod.get("status") or {}
-        ready = any(
-            c.get("type") == "Ready" and c.get("status") == "True"
-            for c in status.get("conditions") or []
-        )
+        ready = condition(pod, "Ready").get("status") == "True"
         if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
             ports = [
                 p.get("containerPort")

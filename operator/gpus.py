@@ -22,6 +22,7 @@ from berth.operator.placement import (
     Taint,
     Toleration,
 )
+from berth.operator.status import condition
 
 MIB = 2**20
 
@@ -63,10 +64,7 @@ def node_from_object(node: Obj) -> Node:
     taints = tuple(
         Taint(t["key"], t.get("value", ""), t["effect"]) for t in spec.get("taints") or []
     )
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
-    )
+    ready = condition(node, "Ready").get("status") == "True"
     memory = (status.get("allocatable") or {}).get("memory")
     return Node(
         name=name,

@@ -18,6 +18,7 @@ import httpx
 from berth import wire
 from berth.operator.kube import KubeClient, KubeError, resource_path
 from berth.operator.render import PORT
+from berth.operator.status import condition
 
 Obj = dict[str, Any]
 T = TypeVar("T")
@@ -42,11 +43,6 @@ def smoke_service(name: str, namespace: str, fraction: float, pod: Obj) -> Obj:
             "pod": pod,
         },
     }
-
-
-def ready_condition(service: Obj) -> Obj:
-    conditions: list[Obj] = service.get("status", {}).get("conditions", [])
-    return next((c for c in conditions if c.get("type") == "Ready"), {})
 
 
 def _until(what: str, check: Callable[[], T | None], deadline: float, seen: Callable[[], str]) -> T:
@@ -94,7 +90,7 @@ def check_model(client: KubeClient, manifest: Obj, deadline: float) -> Obj:
 
     def ready() -> Obj | None:
         state.update(client.get(path))
-        return state if ready_condition(state).get("status") == "True" else None
+        return state if condition(state, "Ready").get("status") == "True" else None
 
     client.apply(manifest)
     click.echo(f"applied InferenceService {meta['namespace']}/{meta['name']} (random tiny model)")

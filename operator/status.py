@@ -24,6 +24,7 @@ observation, so nothing here is remembered between calls except each condition's
   (``sandbox.hosts_note``).
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,15 @@ def summarize_deployment(deployment: Obj) -> DeploymentSummary:
         progress_deadline_exceeded=conditions.get("Progressing", {}).get("reason")
         == "ProgressDeadlineExceeded",
     )
+
+
+def condition(obj: Mapping[str, Any], kind: str) -> Obj:
+    """The ``status.conditions`` entry of type ``kind`` of any object (a Node, a Pod, an
+    InferenceService), or ``{}``."""
+    for entry in (obj.get("status") or {}).get("conditions") or []:
+        if entry.get("type") == kind:
+            return dict(entry)
+    return {}
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> Obj:
