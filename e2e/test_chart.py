@@ -230,8 +230,7 @@ def test_node_agent_runs_as_the_charts_daemonset_with_its_enforcer(
 ) -> None:
     from berth.runtime.server.agent_client import AgentClient
 
-    selector = "app.kubernetes.io/name=berth-node-agent"
-    pods = get_json(cluster, "pods", "-n", CHART_NAMESPACE, "-l", selector)["items"]
+    pods = agent_pods(cluster)
     assert [p["spec"]["nodeName"] for p in pods] == [NODE_NAME]
     assert pods[0]["status"]["phase"] == "Running"
     # The node's socket is the pod's: its ledger holds the GPUs the Node advertises.
@@ -241,7 +240,7 @@ def test_node_agent_runs_as_the_charts_daemonset_with_its_enforcer(
     assert sorted(g.uuid for g in ledger.gpus) == sorted(advertised)
     # Its metrics on the pod's address, as the PodMonitor scrapes them; the egress enforcer's
     # family is there only when libbpf and the eBPF object loaded in the image.
-    url = f"http://{pods[0]['status']['podIP']}:9401/metrics"
+    url = agent_metrics_url(pods[0])
     text = wait_for("the agent's metrics port", lambda: _get(url))
     assert "berth_gpu_memory_capacity_bytes{" in text
     assert "# TYPE berth_egress_denials_total counter" in text, text[-2000:]
@@ -271,9 +270,8 @@ def test_the_charts_operator_and_agent_seal_a_sandboxed_service(
         return met if met[1] != "ok" else None
 
     assert wait_for("the enforcer on the pod", enforced, timeout=30) == ["ok", "EPERM"]
-    (agent,) = get_json(cluster, "pods", "-n", CHART_NAMESPACE, "-l",
-                        "app.kubernetes.io/name=berth-node-agent")["items"]  # fmt: skip
-    url = f"http://{agent['status']['podIP']}:9401/metrics"
+    (agent,) = agent_pods(cluster)
+    url = agent_metrics_url(agent)
 
     def denials() -> float | None:
         return metric(_get(url), "berth_egress_denials_total", pod=f"{namespace}/{name}")
@@ -281,6 +279,17 @@ def test_the_charts_operator_and_agent_seal_a_sandboxed_service(
     assert wait_for("the denial counted on the agent's metrics", denials, timeout=30) >= 1
     cluster.kubectl("delete", "inferenceservice", "sealed", "-n", namespace, "--wait=true")
     wait_for("the sandboxed pod to leave the node", lambda: not tenants(cluster), timeout=120)
+
+
+def agent_pods(cluster: LocalCluster) -> list[Obj]:
+    selector = "app.kubernetes.io/name=berth-node-agent"
+    pods: list[Obj] = get_json(cluster, "pods", "-n", CHART_NAMESPACE, "-l", selector)["items"]
+    return pods
+
+
+def agent_metrics_url(pod: Obj) -> str:
+    """The agent pod's /metrics at the chart's default nodeAgent.metricsPort."""
+    return f"http://{pod['status']['podIP']}:9401/metrics"
 
 
 def _get(url: str) -> str:

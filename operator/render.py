@@ -20,8 +20,7 @@ from berth.operator.settings import OperatorSettings
 
 PORT = 8000
 MODEL_DIR = "/models"  # where the model volume is mounted
-FETCHED_MODEL_DIR = f"{MODEL_DIR}/model"  # where the init container puts a uri's model
-# or writes a random source's
+FETCHED_MODEL_DIR = f"{MODEL_DIR}/model"  # where the init container puts a uri or random model
 ADMIN_TOKEN_KEY = "token"  # the key of the admin Secret's bearer token
 AGENT_DIR = "/run/berth-agent"  # where the runtime container sees the node agent's socket folder
 MANAGED_BY = "berth"
@@ -104,19 +103,19 @@ def fetch_container(service: InferenceService, image: str) -> dict[str, Any] | N
     spec = service.spec
     source = spec.model.source
     if source.uri is not None:
-        name, command = "fetch-model", ["berth", "fetch-model"]
+        name = "fetch-model"
         args = [source.uri, FETCHED_MODEL_DIR]
         if source.sha256 is not None:
             args += ["--sha256", source.sha256]
     elif source.random is not None:
-        name, command = "make-model", ["berth", "make-model"]
+        name = "make-model"
         args = [source.random.shape, "--out", FETCHED_MODEL_DIR, "--seed", str(source.random.seed)]
     else:
         return None
     container: dict[str, Any] = {
         "name": name,
         "image": image,
-        "command": command,
+        "command": ["berth", name],  # the init container is named after its subcommand
         "args": args,
         "env": [e.model_dump(by_alias=True, exclude_none=True) for e in spec.pod.env],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
