@@ -84,17 +84,20 @@ def cluster_ip(cluster: LocalCluster, name: str, namespace: str) -> str:
 
 def routed_post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     """``post`` once the Service routes: a pod turns Ready a moment before kube-proxy has its
-    endpoints (the ClusterIP refuses until then). Once in CI the first answer was a 404
-    model_not_found from another model's server right after both pods turned Ready: most likely
-    a ClusterIP recycled from an earlier test's Service whose kube-proxy rule, not yet synced,
-    led to a pod address the network had given to another runtime. Both count as not routed
-    yet; a right answer within 60 s is still required."""
+    endpoints (the ClusterIP refuses until then). Twice in CI the first answers were 404s right
+    after both pods turned Ready (once a model_not_found from another model's server, once a 404
+    of another kind): most likely a ClusterIP recycled from an earlier test's Service whose
+    kube-proxy rule, not yet synced, led to an address the network had since given to another
+    pod. Refusals and 404s count as not routed yet; a right answer within 60 s is still
+    required, and a timeout names the 404s seen."""
+    not_found: list[str] = []
 
     def attempt() -> dict[str, Any] | None:
         try:
             return post(url, body)
         except urllib.error.HTTPError as error:
-            if error.code == 404 and b"model_not_found" in error.read():
+            if error.code == 404:
+                not_found.append(error.read().decode(errors="replace")[:300])
                 return None
             raise
         except urllib.error.URLError as error:
@@ -102,8 +105,11 @@ def routed_post(url: str, body: dict[str, Any]) -> dict[str, Any]:
                 return None
             raise
 
-    what = f"{url} to route (refused, or answered by another model's server, until then)"
-    answer: dict[str, Any] = wait_for(what, attempt, timeout=60, every=0.5)
+    what = f"{url} to route (refused, or a 404 from another server, until then)"
+    try:
+        answer: dict[str, Any] = wait_for(what, attempt, timeout=60, every=0.5)
+    except pytest.fail.Exception:
+        pytest.fail(f"{what}: no answer in 60 s; 404 bodies seen: {not_found[-3:]!r}")
     return answer
 
 
