@@ -202,6 +202,11 @@ def main() -> None:
         "--hf-tokens", type=int, default=17, help="generate length for the HF step time"
     )
     ap.add_argument("--kv-cache-gib", type=float, default=30.0)
+    ap.add_argument("--tag", default="", help="suffix of the result files' names")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="per-step budget")
+    ap.add_argument(
+        "--max-prefill-graph-tokens", type=int, default=2048, help="0: prefill steps run eagerly"
+    )
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--profile", default="", help="concurrencies to profile, e.g. 1,64")
     ap.add_argument(
@@ -212,13 +217,15 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower() + args.tag
     report: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "model": args.model,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_prefill_graph_tokens": args.max_prefill_graph_tokens,
     }
 
     def save() -> None:
@@ -243,13 +250,16 @@ def main() -> None:
             device="cuda",
             max_model_len=args.prompt_len + args.output_len + 256,
             max_num_seqs=max(concurrencies),
-            max_num_batched_tokens=8192,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_prefill_graph_tokens=args.max_prefill_graph_tokens,
             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
         )
     )
     report["engine_start_s"] = time.perf_counter() - t0
     report["kernels"] = engine.runner.kernel_backend
     report["cuda_graphs"] = bool(engine.runner.graphs)
+    report["prefill_graph_sizes"] = engine.runner.prefill_graph_sizes
+    report["graph_capture_s"] = engine.runner.graph_capture_seconds
     print(f"engine up in {report['engine_start_s']:.1f}s ({report['kernels']} kernels)", flush=True)
     mc = engine.model_config
     params = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
@@ -292,7 +302,9 @@ def render(report: dict[str, Any]) -> str:
         f"# Engine decode benchmark: {report['model']} (random weights, bf16) on {report['gpu']}",
         "",
         f"{report['prompt_len']}-token prompts, {report['output_len']} output tokens, greedy, "
-        f"ignore_eos; {report['kernels']} kernels, CUDA graphs {'on' if report['cuda_graphs'] else 'off'}; "
+        f"ignore_eos; {report['kernels']} kernels, CUDA graphs {'on' if report['cuda_graphs'] else 'off'} "
+        f"(prefill/mixed steps of up to {report['max_prefill_graph_tokens']} tokens as graphs; "
+        f"capture {report['graph_capture_s']:.1f} s); step budget {report['max_num_batched_tokens']} tokens; "
         f"torch {report['torch']}. HBM read bandwidth measured in this run: "
         f"{report['hbm_read_bytes_per_s'] / 1e12:.2f} TB/s (copy {report['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s). "
         f"Roofline = (weight bytes read per step {report['weight_bytes_read_per_step'] / 1e9:.2f} GB + KV bytes "

@@ -11,7 +11,7 @@ One run, one model (random weights of a real shape: ``llama-3-8b`` in bf16 is ab
    (its wake included); on the GPU also that the decode graphs captured at load still replay;
 4. cold start: a new process imports, initializes the device, loads the weights from disk with
    the model's files evicted from the page cache, and produces its first token;
-5. what is not released on park (the decode graphs' memory pool, the CUDA context) and, for the
+5. what is not released on park (the graphs' memory pool, the CUDA context) and, for the
    record, what recapturing the graphs takes (the price of releasing their pool too).
 
 Prints one table and writes it as Markdown (``--out``). Runs on the CPU too (``--device cpu
@@ -203,7 +203,7 @@ def main() -> None:
     recapture_s = None
     if runner.graphs and not args.no_recapture:
         t = time.perf_counter()
-        runner._capture_decode_graphs()
+        runner._capture_graphs(engine.config)
         recapture_s = time.perf_counter() - t
 
     cold = None
@@ -236,7 +236,7 @@ def main() -> None:
             ("kept while parked: torch allocator (graph pool, staging)", f"{retained / 2**30:.3f} GiB"),
         ]  # fmt: skip
     if recapture_s is not None:
-        rows.append(("recapturing the decode graphs (if their pool were freed)", f"{recapture_s:.2f} s"))  # fmt: skip
+        rows.append(("recapturing the decode and prefill graphs (if their pool were freed)", f"{recapture_s:.2f} s"))  # fmt: skip
     if cold is not None:
         total, phases = cold
         rows += [

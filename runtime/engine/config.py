@@ -28,6 +28,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    # Prefill/mixed steps of up to this many tokens replay CUDA graphs (0: they run eagerly).
+    max_prefill_graph_tokens: int = 2048
     seed: int = 0
     budget: GpuBudget | None = None  # the pod's GPU memory share (``budget.read_budget``)
     standby: bool = False  # keep a host copy of the weights so the engine can park and wake
@@ -42,6 +44,10 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be >= block_size ({self.block_size}), "
                 f"got {self.max_num_batched_tokens}"
+            )
+        if self.max_prefill_graph_tokens < 0:
+            raise ValueError(
+                f"max_prefill_graph_tokens must be >= 0, got {self.max_prefill_graph_tokens}"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

@@ -5,8 +5,12 @@ A decode step (one token per sequence) on the GPU replays a graph captured for t
 batch size, padded with rows that write nowhere, so its CPU cost is filling a few pinned host
 arrays and one replay instead of hundreds of kernel launches. An input token that the previous
 step sampled but the host has not read yet is copied on the device from that step's output.
-Prefill and mixed steps run eagerly. On the CPU the same code runs with the kernels' PyTorch
-references.
+Prefill and mixed steps of up to ``max_prefill_graph_tokens`` tokens replay a graph captured for
+the next larger token count (``pad_step``: the padding tokens form one extra sequence that
+attends only to itself and writes nowhere, and every graph has room for ``max_num_seqs + 1``
+sequences, so the attention kernel's grid is the same at every replay); larger steps, whose
+launches the device's work hides, run eagerly. On the CPU the same code runs eagerly with the
+kernels' PyTorch references.
 
 The weights live in one range of their own (``weight_arena``) and the KV cache in another
 (``kv_arena``), so that warm standby can give both back and map them again at the same
@@ -17,10 +21,13 @@ after a wake.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -48,6 +55,9 @@ from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
 from berth.runtime.engine.weight_arena import WeightArena
 from berth.runtime.engine.weights import load_weights
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE as _PoolHandle
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +126,62 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
     sizes += list(range(16, max_num_seqs, 16))
     return [*sizes, max_num_seqs]
+
+
+def prefill_graph_sizes(max_num_batched_tokens: int, max_graph_tokens: int) -> list[int]:
+    """Token counts of the prefill/mixed graphs: powers of two to 256, then steps of 128 (a
+    padded step computes at most 128 tokens more, under 1/3 from 384 tokens on), up to the
+    step budget or ``max_graph_tokens`` (larger steps run eagerly: at 2,048 tokens of an 8B
+    model the device computes for longer than the host takes to launch the step)."""
+    top = min(max_num_batched_tokens, max_graph_tokens)
+    if top <= 0:
+        return []
+    sizes = [t for t in (16, 32, 64, 128, 256) if t < top]
+    sizes += list(range(384, top, 128))
+    return [*sizes, top]
+
+
+@dataclass
+class StepInputs:
+    """A prefill or mixed step as host arrays: ``tokens`` int64 [3, T] (ids, positions, KV
+    slots), per sequence ``query_start_loc`` int32 [B + 1] and ``seq_lens`` int32 [B] (tokens in
+    the cache after the step), and the rows whose logits are sampled."""
+
+    tokens: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    sample_rows: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def pad_step(step: StepInputs, num_tokens: int, num_seqs: int) -> StepInputs:
+    """``step`` as a graph of ``num_tokens`` tokens and ``num_seqs`` sequences runs it. The
+    padding tokens form one extra sequence with no prefix, so they attend only to each other
+    and write nowhere (slot -1); the sequences after it are empty. The real tokens' results are
+    those of the unpadded step."""
+    t, b = step.num_tokens, step.num_seqs
+    if t > num_tokens or b + (t < num_tokens) > num_seqs:
+        raise ValueError(
+            f"a step of {t} tokens in {b} sequences does not fit a graph of {num_tokens} "
+            f"tokens and {num_seqs} sequences"
+        )
+    tokens = np.empty((3, num_tokens), dtype=np.int64)
+    tokens[:, :t] = step.tokens
+    tokens[:, t:] = _PAD_TOKENS
+    query_start_loc = np.full(num_seqs + 1, num_tokens, dtype=np.int32)
+    query_start_loc[: b + 1] = step.query_start_loc
+    seq_lens = np.zeros(num_seqs, dtype=np.int32)
+    seq_lens[:b] = step.seq_lens
+    if t < num_tokens:
+        seq_lens[b] = num_tokens - t  # the padding sequence: its own tokens, no prefix
+    return StepInputs(tokens, query_start_loc, seq_lens, step.sample_rows)
 
 
 class ModelRunner:
@@ -193,6 +259,13 @@ class ModelRunner:
         self.graph_logits: dict[int, torch.Tensor] = {}
         self.graph_sizes: list[int] = []
         self.num_graph_replays = 0
+        # Prefill/mixed graphs by token count; each has room for ``graph_seqs`` sequences.
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_hidden: dict[int, torch.Tensor] = {}
+        self.prefill_graph_sizes: list[int] = []
+        self.num_prefill_graph_replays = 0
+        self.graph_seqs = self.max_num_seqs + 1  # and one for the padding tokens
+        self.graph_capture_seconds = 0.0
         self._table_seqs: list[Sequence] = []  # whose block tables the host rows hold
         self._table_rows: dict[int, int] = {}  # id(seq) -> row
         self._table_width = 1
@@ -200,18 +273,26 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
             profile_largest_step(self.model, config, self.max_model_len, self.max_blocks_per_seq)
         if use_graphs:
+            started = time.perf_counter()
             try:
-                self._capture_decode_graphs()
+                self._capture_graphs(config)
             except Exception as e:  # torch.compile is optional: graphs work without it
                 if not self.pointwise.is_compiled:
                     raise
                 log.warning("fused pointwise ops failed (%s); capturing eager ones", e)
                 self.pointwise.use_eager()
-                self._capture_decode_graphs()
-            # The graphs hold the fused kernels. Eager steps (prefill) launch few, large kernels,
-            # where a compiled function's per-call guard checks cost more host time than the
-            # launches it saves, so they run the eager functions.
+                self._capture_graphs(config)
+            # The graphs hold the fused kernels. Eager steps (the largest prefills) launch few,
+            # large kernels, where a compiled function's per-call guard checks cost more host
+            # time than the launches it saves, so they run the eager functions.
             self.pointwise.use_eager()
+            self.graph_capture_seconds = time.perf_counter() - started
+            log.info(
+                "captured %d decode and %d prefill/mixed graphs in %.1f s",
+                len(self.graphs),
+                len(self.prefill_graphs),
+                self.graph_capture_seconds,
+            )
         self.footprint = measure_footprint(self.device, self.weights_bytes, self.arena.mapped_bytes)
         self.plan: KvPlan | None = None
         if self.budget is not None:
@@ -402,7 +483,8 @@ class ModelRunner:
         dev = input_ids.device
         input_ids[torch.tensor(missing, device=dev)] = sampled[torch.tensor(src, device=dev)]
 
-    def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """The step's host arrays; the block tables go to the pinned host rows."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -421,35 +503,95 @@ class ModelRunner:
             starts.append(starts[-1] + n)
             if end == seq.num_tokens:
                 sample_rows.append(starts[-1] - 1)
-        b = len(batch.seqs)
+        tokens = np.stack([np.asarray(ids), np.concatenate(positions), np.concatenate(slots)])
+        return StepInputs(
+            tokens.astype(np.int64, copy=False),
+            np.asarray(starts, dtype=np.int32),
+            np.asarray(seq_lens, dtype=np.int32),
+            sample_rows,
+        )
+
+    def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
+        step = self._step_inputs(batch)
+        b = step.num_seqs
         width = self._fill_block_tables(batch.seqs, b, batch.grown)
         dev = self.device
+        rows = torch.tensor(step.sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
+        size = next((t for t in self.prefill_graph_sizes if t >= step.num_tokens), 0)
+        if size and b + (step.num_tokens < size) <= self.graph_seqs:
+            return self.model.logits(self._replay_prefill(step, size, width)[rows])
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            slot_mapping=torch.from_numpy(step.tokens[2]).to(dev),
             block_tables=self.h_block_tables[:b, :width].to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev),
-            max_seq_len=max(seq_lens),
+            seq_lens=torch.from_numpy(step.seq_lens).to(dev),
+            query_start_loc=torch.from_numpy(step.query_start_loc).to(dev),
+            max_seq_len=int(step.seq_lens.max()),
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev)
-        hidden = self.model(input_ids, torch.from_numpy(np.concatenate(positions)).to(dev), meta)
-        return self.model.logits(hidden[torch.tensor(sample_rows, dtype=torch.int64, device=dev)])
+        tokens = torch.from_numpy(step.tokens).to(dev)
+        hidden = self.model(tokens[0], tokens[1], meta)
+        return self.model.logits(hidden[rows])
+
+    def _replay_prefill(self, step: StepInputs, size: int, width: int) -> torch.Tensor:
+        """Copy the padded step into the graph's inputs, replay; the graph's hidden states
+        [size, hidden] (read before the next replay)."""
+        padded = pad_step(step, size, self.graph_seqs)
+        b = step.num_seqs
+        self.np_prefill_tokens[:, :size] = padded.tokens
+        self.np_prefill_seqs[0, : self.graph_seqs + 1] = padded.query_start_loc
+        self.np_prefill_seqs[1, : self.graph_seqs] = padded.seq_lens
+        self.d_prefill_tokens[:, :size].copy_(self.h_prefill_tokens[:, :size], non_blocking=True)
+        self.d_prefill_seqs.copy_(self.h_prefill_seqs, non_blocking=True)
+        self.d_block_tables[:b, :width].copy_(self.h_block_tables[:b, :width], non_blocking=True)
+        self.prefill_graphs[size].replay()
+        self.num_prefill_graph_replays += 1
+        return self.prefill_hidden[size]
 
     # ---- CUDA graphs ----------------------------------------------------------------------
 
-    def _capture_decode_graphs(self) -> None:
-        """Capture one decode graph per batch size, largest first, sharing one memory pool."""
-        n = self.max_num_seqs
+    def _capture_graphs(self, config: EngineConfig) -> None:
+        """Capture the prefill/mixed graphs, then the decode graphs, largest first, all in one
+        memory pool (they never run at once)."""
         dev = self.device
+        n, s = self.max_num_seqs, self.graph_seqs
         self.d_tokens = torch.zeros((3, n), dtype=torch.int64, device=dev)
         self.d_tokens[2].fill_(-1)
         self.d_seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.d_block_tables = torch.zeros(
-            (n, self.max_blocks_per_seq), dtype=torch.int32, device=dev
+            (s, self.max_blocks_per_seq), dtype=torch.int32, device=dev
         )
+        sizes = prefill_graph_sizes(config.max_num_batched_tokens, config.max_prefill_graph_tokens)
+        top = max(sizes, default=0)
+        # Prefill staging, pinned: [3, top] (ids, positions, slots) and [2, s + 1] (query
+        # starts; sequence lengths in the first s).
+        self.h_prefill_tokens = torch.zeros((3, top), dtype=torch.int64, pin_memory=True)
+        self.h_prefill_seqs = torch.zeros((2, s + 1), dtype=torch.int32, pin_memory=True)
+        self.np_prefill_tokens = self.h_prefill_tokens.numpy()
+        self.np_prefill_seqs = self.h_prefill_seqs.numpy()
+        self.d_prefill_tokens = torch.zeros((3, top), dtype=torch.int64, device=dev)
+        self.d_prefill_seqs = torch.zeros((2, s + 1), dtype=torch.int32, device=dev)
         pool = None
-        sizes = graph_batch_sizes(n)
         for size in reversed(sizes):
+            # Capture-time inputs: one sequence of ``size`` new tokens, no prefix, writing
+            # nowhere; the replays copy in the real step.
+            self.d_prefill_tokens[:, :size].zero_()
+            self.d_prefill_tokens[2, :size].fill_(-1)
+            self.d_prefill_seqs[0].fill_(size)
+            self.d_prefill_seqs[0, 0] = 0
+            self.d_prefill_seqs[1].zero_()
+            self.d_prefill_seqs[1, 0] = size
+            meta = AttentionMetadata(
+                slot_mapping=self.d_prefill_tokens[2, :size],
+                block_tables=self.d_block_tables,
+                seq_lens=self.d_prefill_seqs[1, :s],
+                query_start_loc=self.d_prefill_seqs[0],
+                max_seq_len=self.max_model_len,
+            )
+            ids, positions = self.d_prefill_tokens[0, :size], self.d_prefill_tokens[1, :size]
+            graph, hidden = self._capture(functools.partial(self.model, ids, positions, meta), pool)
+            pool = graph.pool()
+            self.prefill_graphs[size], self.prefill_hidden[size] = graph, hidden
+        self.prefill_graph_sizes = sizes
+        for size in reversed(graph_batch_sizes(n)):
             meta = AttentionMetadata(
                 slot_mapping=self.d_tokens[2, :size],
                 block_tables=self.d_block_tables[:size],
@@ -457,16 +599,25 @@ class ModelRunner:
                 query_start_loc=None,
                 max_seq_len=self.max_model_len,
             )
-            with torch.inference_mode():
-                hidden = self.model(self.d_tokens[0, :size], self.d_tokens[1, :size], meta)
-                self.model.logits(hidden)  # warm-up: compile, autotune
-                torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    hidden = self.model(self.d_tokens[0, :size], self.d_tokens[1, :size], meta)
-                    # The graph's own output, kept alive; read before the next replay.
-                    self.graph_logits[size] = self.model.logits(hidden)
+            step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta)
+            graph, logits = self._capture(step, pool)
             pool = graph.pool()
-            self.graphs[size] = graph
+            self.graphs[size], self.graph_logits[size] = graph, logits
         torch.cuda.synchronize(dev)
-        self.graph_sizes = sizes
+        self.graph_sizes = graph_batch_sizes(n)
+
+    def _decode_logits(self, tokens: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model.logits(self.model(tokens[0], tokens[1], meta))
+
+    def _capture(
+        self, run: Callable[[], torch.Tensor], pool: _PoolHandle | None
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Run once eagerly (compile, autotune), then capture ``run`` into ``pool``; the
+        graph and its output, kept alive."""
+        with torch.inference_mode():
+            run()
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = run()
+        return graph, out

@@ -161,6 +161,13 @@ def _env(name: str) -> str:
 @click.option("--max-num-batched-tokens", default=2048, show_default=True, type=click.IntRange(1))
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
+@click.option(
+    "--max-prefill-graph-tokens",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Prefill/mixed steps up to this many tokens replay CUDA graphs (0: eager).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--log-level",
@@ -226,6 +233,7 @@ def serve(
     max_num_batched_tokens: int,
     enable_prefix_caching: bool,
     enforce_eager: bool,
+    max_prefill_graph_tokens: int,
     seed: int,
     log_level: str,
     access_log: bool,
@@ -262,6 +270,7 @@ def serve(
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
         enforce_eager=enforce_eager,
+        max_prefill_graph_tokens=max_prefill_graph_tokens,
         seed=seed,
         budget=budget,
     )
