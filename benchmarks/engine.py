@@ -105,6 +105,7 @@ def run_engine(
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
         host_profile.write_text(text.getvalue())
     itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
+    ttft = sorted(times[0] - start for times in token_times.values())
     return {
         "concurrency": concurrency,
         "total_s": total,
@@ -117,6 +118,8 @@ def run_engine(
         "kv_tokens_mean": statistics.mean(k for _, _, k in decode_steps),
         "itl_ms": 1e3 * statistics.median(itl),
         "itl_ms_p99": 1e3 * sorted(itl)[int(0.99 * len(itl))],
+        "ttft_ms": 1e3 * statistics.median(ttft),
+        "ttft_ms_p99": 1e3 * ttft[int(0.99 * len(ttft))],
     }
 
 
@@ -202,6 +205,7 @@ def main() -> None:
         "--hf-tokens", type=int, default=17, help="generate length for the HF step time"
     )
     ap.add_argument("--kv-cache-gib", type=float, default=30.0)
+    ap.add_argument("--max-prefill-tokens-while-decoding", type=int, default=512, help="0: no cap")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="per-step budget")
     ap.add_argument(
@@ -226,6 +230,7 @@ def main() -> None:
         "output_len": args.output_len,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_prefill_graph_tokens": args.max_prefill_graph_tokens,
+        "max_prefill_tokens_while_decoding": args.max_prefill_tokens_while_decoding,
     }
 
     def save() -> None:
@@ -252,6 +257,7 @@ def main() -> None:
             max_num_seqs=max(concurrencies),
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_prefill_graph_tokens=args.max_prefill_graph_tokens,
+            max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None,
             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
         )
     )
@@ -304,7 +310,8 @@ def render(report: dict[str, Any]) -> str:
         f"{report['prompt_len']}-token prompts, {report['output_len']} output tokens, greedy, "
         f"ignore_eos; {report['kernels']} kernels, CUDA graphs {'on' if report['cuda_graphs'] else 'off'} "
         f"(prefill/mixed steps of up to {report['max_prefill_graph_tokens']} tokens as graphs; "
-        f"capture {report['graph_capture_s']:.1f} s); step budget {report['max_num_batched_tokens']} tokens; "
+        f"capture {report['graph_capture_s']:.1f} s); step budget {report['max_num_batched_tokens']} tokens, "
+        f"of them prompt tokens while decoding: {report['max_prefill_tokens_while_decoding'] or 'no cap'}; "
         f"torch {report['torch']}. HBM read bandwidth measured in this run: "
         f"{report['hbm_read_bytes_per_s'] / 1e12:.2f} TB/s (copy {report['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s). "
         f"Roofline = (weight bytes read per step {report['weight_bytes_read_per_step'] / 1e9:.2f} GB + KV bytes "
@@ -312,8 +319,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Time to first token, 512-token prompt, idle engine: **{report['ttft_ms']:.1f} ms** (median of 5).",
         "",
-        "| concurrency | output tok/s | decode step (ms) | roofline (ms) | step / roofline | ITL median / p99 (ms) | host CPU per step median / p90 (ms) | HF generate step (ms) | HF tok/s (decode) | speed-up vs HF |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| concurrency | output tok/s | decode step (ms) | roofline (ms) | step / roofline | ITL median / p99 (ms) | TTFT median / p99 (ms) | host CPU per step median / p90 (ms) | HF generate step (ms) | HF tok/s (decode) | speed-up vs HF |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["engine"]:
         hf = report.get("hf", {}).get(r["concurrency"], {})
@@ -332,6 +339,7 @@ def render(report: dict[str, Any]) -> str:
             f"{r['roofline_ms']:.2f}",
             f"{r['vs_roofline']:.2f}x",
             f"{r['itl_ms']:.2f} / {r['itl_ms_p99']:.2f}",
+            f"{r['ttft_ms']:.0f} / {r['ttft_ms_p99']:.0f}",
             f"{r['host_ms']:.2f} / {r['host_ms_p90']:.2f}",
             *hf_cells,
         ]

@@ -26,6 +26,9 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
+    # While sequences decode, a step computes at most this many prompt tokens besides them, so
+    # that a burst of prompts lengthens each decode step by a bounded amount (None: no cap).
+    max_prefill_tokens_while_decoding: int | None = 512
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
     # Prefill/mixed steps of up to this many tokens replay CUDA graphs (0: they run eagerly).
@@ -45,6 +48,9 @@ class EngineConfig:
                 f"max_num_batched_tokens must be >= block_size ({self.block_size}), "
                 f"got {self.max_num_batched_tokens}"
             )
+        cap = self.max_prefill_tokens_while_decoding
+        if cap is not None and cap < 1:
+            raise ValueError(f"max_prefill_tokens_while_decoding must be >= 1, got {cap}")
         if self.max_prefill_graph_tokens < 0:
             raise ValueError(
                 f"max_prefill_graph_tokens must be >= 0, got {self.max_prefill_graph_tokens}"

@@ -2,7 +2,10 @@
 
 Each step spends a token budget: running sequences first (decodes before unfinished prefills),
 then waiting ones in arrival order (FCFS), their prompts cut into chunks so that one long prompt
-never stalls everyone's decoding. When the pool runs out of blocks the newest running sequence
+never stalls everyone's decoding. While any sequence decodes, prompt tokens get a smaller share
+(``max_prefill_tokens_while_decoding``): a step's time grows with its prompt tokens, and every
+decoding sequence waits for the whole step, so this bounds the inter-token latency a burst of
+prompts causes, at the price of a longer time to first token for long prompts. When the pool runs out of blocks the newest running sequence
 is preempted: it drops its blocks and later computes them again (mostly from the prefix cache).
 """
 
@@ -47,6 +50,7 @@ class Scheduler:
         self.pool = pool
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_prefill_tokens_while_decoding = config.max_prefill_tokens_while_decoding
         self.watermark = watermark
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -67,20 +71,25 @@ class Scheduler:
         preempted = False
         # Decodes first, then running prefills; each group keeps its order.
         order = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
-        if len(order) != len(self.running):
+        decodes = len(order)
+        if decodes != len(self.running):
             order += [s for s in self.running if len(s.token_ids) - s.num_computed_tokens != 1]
-        elif budget >= len(order) and self._room_for_decodes(order):
-            batch.seqs, batch.num_new_tokens = order, [1] * len(order)
+        elif budget >= decodes and self._room_for_decodes(order):
+            batch.seqs, batch.num_new_tokens = order, [1] * decodes
             batch.grown = self.pool.take_grown()
-            return self._admit(batch, budget - len(order))
+            return self._admit(batch, self._prompt_budget(budget - decodes, decodes))
         allocate, running = self.pool.allocate, SequenceStatus.RUNNING
         seqs, counts = batch.seqs, batch.num_new_tokens
+        prompt_budget = self._prompt_budget(budget, decodes)
         for i, seq in enumerate(order):
             if budget == 0:
                 break
             if seq.status is not running:  # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            left = len(seq.token_ids) - seq.num_computed_tokens
+            n = min(left, budget if left == 1 else prompt_budget)
+            if n == 0:
+                break  # prefills come after the decodes: no prompt tokens left this step
             while not allocate(seq, n):
                 # The newest sequence not yet scheduled in this step (possibly seq) makes room.
                 victim = max((s for s in order[i:] if s.status is running), key=_arrival)
@@ -92,10 +101,19 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
+                if left > 1:
+                    prompt_budget -= n
+                prompt_budget = min(prompt_budget, budget)
         batch.grown = self.pool.take_grown()
         if preempted:
             return batch
-        return self._admit(batch, budget)
+        return self._admit(batch, prompt_budget)
+
+    def _prompt_budget(self, budget: int, decodes: int) -> int:
+        """Prompt tokens this step may compute: the rest of the budget, capped while any
+        sequence decodes."""
+        cap = self.max_prefill_tokens_while_decoding
+        return budget if cap is None or decodes == 0 else min(budget, cap)
 
     def _room_for_decodes(self, decodes: list[Sequence]) -> bool:
         """The common step, every running sequence decoding: only those whose next token

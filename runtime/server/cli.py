@@ -159,6 +159,13 @@ def _env(name: str) -> str:
     help="Sequences in the running batch.",
 )
 @click.option("--max-num-batched-tokens", default=2048, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--max-prefill-tokens-while-decoding",
+    default=512,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Prompt tokens per step while sequences decode (bounds inter-token latency; 0: no cap).",
+)
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
 @click.option(
@@ -231,6 +238,7 @@ def serve(
     kv_cache_bytes: int | None,
     max_num_seqs: int,
     max_num_batched_tokens: int,
+    max_prefill_tokens_while_decoding: int,
     enable_prefix_caching: bool,
     enforce_eager: bool,
     max_prefill_graph_tokens: int,
@@ -268,6 +276,7 @@ def serve(
         kv_cache_bytes=kv_cache_bytes,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding or None,
         enable_prefix_caching=enable_prefix_caching,
         enforce_eager=enforce_eager,
         max_prefill_graph_tokens=max_prefill_graph_tokens,

@@ -48,6 +48,34 @@ def test_decodes_go_before_prefills_and_new_prompts_fill_the_rest() -> None:
     assert not batch.is_decode
 
 
+def test_prompt_tokens_are_capped_while_sequences_decode() -> None:
+    s = _scheduler(max_num_batched_tokens=16, max_prefill_tokens_while_decoding=4)
+    s.add(_seq("first", 20))
+    batch = s.schedule()
+    assert batch.num_new_tokens == [16]  # nothing decodes yet: the whole budget
+    _run(s, batch)
+    _run(s, s.schedule())  # first's last 4 prompt tokens: it decodes from now on
+    for name, n, first_id in (("second", 20, 100), ("third", 3, 200)):  # no shared prefix
+        s.add(Sequence(name, list(range(first_id, first_id + n)), n, SamplingParams(), n + 16))
+    chunks = []
+    for _ in range(6):
+        batch = s.schedule()
+        assert batch.seqs[0].request_id == "first" and batch.num_new_tokens[0] == 1
+        assert sum(batch.num_new_tokens[1:]) <= 4  # the decode's step stays short
+        chunks.append(batch.num_new_tokens[1:])
+        _run(s, batch)
+    # second is chunked 4 at a time, third (FCFS) gets the cap's rest once second is done
+    assert chunks == [[4], [4], [4], [4], [4], [1, 3]]
+
+
+def test_without_the_cap_prompts_fill_the_budget_beside_decodes() -> None:
+    s = _scheduler(max_num_batched_tokens=16, max_prefill_tokens_while_decoding=None)  # type: ignore[arg-type]
+    s.add(_seq("old", 3))
+    _run(s, s.schedule())
+    s.add(_seq("new", 40))
+    assert s.schedule().num_new_tokens == [1, 15]
+
+
 def test_admission_is_fcfs_and_bounded_by_max_num_seqs() -> None:
     s = _scheduler(max_num_seqs=2)
     for name in "abc":
