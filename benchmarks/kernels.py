@@ -39,7 +39,9 @@ from berth.kernels.prefill import PrefillConfig, launch_prefill
 from berth.kernels.synthetic import PagedBatch, random_paged_batch
 
 HQ, HKV, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16  # Llama-3-8B attention
-DECODE_SHAPES = [(1, 4096), (8, 32768), (64, 2048), (64, 4096), (256, 1024), (256, 4096)]
+DECODE_SHAPES = [
+    (1, 4096), (1, 32768), (8, 32768), (16, 8192), (64, 2048), (64, 4096), (256, 1024), (256, 4096),
+]  # fmt: skip
 PAGE_SIZES = [16, 32]
 PREFILL_BATCH, PREFILL_CHUNK, PREFIXES = 4, 2048, [0, 2048]
 PREFILL_ROUNDS = 5  # prefill timings are medians of this many interleaved rounds
@@ -137,17 +139,28 @@ def decode_batches(
 
 
 def decode_configs(sweep: bool) -> list[DecodeConfig | None]:
-    """The default, plus (with --sweep) neighbours of it; see kernels-notes.md for past grids."""
+    """The default, plus (with --sweep) a grid over the split plan (how many programs per SM
+    a split batch aims at, the fewest tokens per split) and the tile; kernels-notes.md has
+    past grids."""
     if not sweep:
         return [None]
-    return [None, DecodeConfig(block_n=64), DecodeConfig(num_stages=4)]
+    grid: list[DecodeConfig | None] = [None]
+    for waves in (2.0, 4.0, 8.0, 16.0):
+        for min_tokens in (128, 512, 1024):
+            for warps in (4, 8):
+                grid.append(
+                    DecodeConfig(split_waves=waves, min_split_tokens=min_tokens, num_warps=warps)
+                )
+    return [*grid, DecodeConfig(block_n=64), DecodeConfig(num_stages=4)]
 
 
-def bench_decode(peak_read: float, sweep: bool, log: list[str]) -> list[dict[str, object]]:
+def bench_decode(
+    peak_read: float, sweep: bool, log: list[str], shapes: list[tuple[int, int]]
+) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     sdpa_time: dict[tuple[int, int], float] = {}
     for page in PAGE_SIZES:
-        for batch, context in DECODE_SHAPES:
+        for batch, context in shapes:
             paged, dense = decode_batches(batch, context, page)
             pb0, q0 = paged[0]
             ref = reference.paged_decode_attention(
@@ -418,13 +431,21 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configs")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument(
+        "--decode-shapes", help="batch x context list, e.g. 1x32768,16x8192 [default: all]"
+    )
     args = parser.parse_args()
+    shapes = DECODE_SHAPES
+    if args.decode_shapes:
+        shapes = [
+            (int(b), int(c)) for b, c in (x.split("x") for x in args.decode_shapes.split(","))
+        ]
     torch.manual_seed(0)
     log: list[str] = []
     bw = measure_bandwidth()
     print({k: f"{v / 1e12:.2f} TB/s" for k, v in bw.items()}, flush=True)
     peak = max(bw["triton_read"], bw["torch_sum_read"])
-    decode = [] if args.skip_decode else bench_decode(peak, args.sweep, log)
+    decode = [] if args.skip_decode else bench_decode(peak, args.sweep, log, shapes)
     prefill = [] if args.skip_prefill else bench_prefill(args.sweep, log)
     text = report(bw, decode, prefill)
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower().replace("nvidia", ""))
