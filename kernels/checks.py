@@ -13,6 +13,8 @@ import os
 import torch
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8 = torch.float8_e4m3fn  # the quantized KV cache's element type
+CACHE_DTYPES = (*ATTENTION_DTYPES, FP8)
 INDEX_DTYPES = (torch.int32,)
 
 
@@ -82,7 +84,7 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int,
         raise ValueError(
             f"v_cache must have k_cache's shape {list(k_cache.shape)}, got {list(v_cache.shape)}"
         )
-    check_dtype("k_cache", k_cache, ATTENTION_DTYPES)
+    check_dtype("k_cache", k_cache, CACHE_DTYPES)
     check_same_dtype(k_cache=k_cache, v_cache=v_cache)
     check_unit_last_stride("k_cache", k_cache)
     check_unit_last_stride("v_cache", v_cache)
@@ -110,3 +112,40 @@ def check_out(out: torch.Tensor, like: torch.Tensor) -> None:
     if out.dtype != like.dtype:
         raise TypeError(f"out must have the query's dtype {like.dtype}, got {out.dtype}")
     check_unit_last_stride("out", out)
+
+
+def check_cache_scales(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> bool:
+    """An FP8 cache needs its per-token, per-head float32 scales [num_blocks, block_size, Hkv]
+    (unit last stride) on its device; any other cache takes none. True for FP8."""
+    if k_cache.dtype != FP8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale/v_scale go with an FP8 cache, not {k_cache.dtype}")
+        return False
+    if k_scale is None or v_scale is None:
+        raise ValueError("an FP8 cache needs k_scale and v_scale [num_blocks, block_size, Hkv]")
+    want = tuple(k_cache.shape[:3])
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        check_shape(name, t, want, "[num_blocks, block_size, num_kv_heads]")
+        check_dtype(name, t, (torch.float32,))
+        check_unit_last_stride(name, t)
+        if t.device != k_cache.device:
+            raise ValueError(
+                f"{name} must be on the cache's device {k_cache.device}, got {t.device}"
+            )
+    return True
+
+
+def scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> tuple[int, ...]:
+    """(block, slot) strides of k_scale then v_scale; zeros without scales."""
+    if k_scale is None or v_scale is None:
+        return (0, 0, 0, 0)
+    return (k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1))
+
+
+def check_query_and_cache(query: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """The cache holds the query's dtype, or FP8 (dequantized to the query's dtype)."""
+    check_dtype("query", query, ATTENTION_DTYPES)
+    if k_cache.dtype != FP8:
+        check_same_dtype(query=query, k_cache=k_cache)

@@ -7,6 +7,11 @@ tensor-core dot (the group padded to 16 rows). A batch too small to fill the GPU
 sequence split into ``num_splits`` pieces; each writes its partial output, normalised, and its
 log-sum-exp, and a second kernel merges them. The split count depends only on shapes and the
 caller's ``max_seq_len`` so the launch can be captured in a CUDA graph.
+
+An FP8 cache is read as it is stored (half the bytes of bf16) and dequantized in registers: a
+key's per-head scale multiplies its column of scores, a value's scales its column of
+probabilities before the PV product, so the tensor-core dots see the raw e4m3 values converted
+to the query's type.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     out_ptr,  # [B, Hq, D]; written when SINGLE_SPLIT
     part_out_ptr,  # [B, Hq, num_splits, D] float32; written otherwise
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
+    k_scale_ptr,  # [num_blocks, block_size, Hkv] float32 (FP8 only)
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_q_b,
     stride_q_h,
@@ -57,6 +64,10 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     stride_bt_b,
     stride_out_b,
     stride_out_h,
+    stride_ks_block,
+    stride_ks_slot,
+    stride_vs_block,
+    stride_vs_slot,
     num_splits,
     split_tokens,  # tokens per split, a multiple of BLOCK_N
     GROUP: tl.constexpr,
@@ -65,6 +76,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -104,13 +116,30 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
             mask=tok_ok[:, None],
             other=0.0,
         )  # [N, D]
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, N], log2 units
+        if FP8:
+            k_scale = tl.load(
+                k_scale_ptr + block * stride_ks_block + slot * stride_ks_slot + kv_head,
+                mask=tok_ok,
+                other=0.0,
+            )  # [N]
+            v_scale = tl.load(
+                v_scale_ptr + block * stride_vs_block + slot * stride_vs_slot + kv_head,
+                mask=tok_ok,
+                other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale * qk_scale)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, N], log2 units
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if FP8:
+            pv = tl.dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype))
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         m = m_new
 
     if SINGLE_SPLIT:
@@ -204,16 +233,19 @@ def launch_decode(
     out: torch.Tensor | None,
     max_seq_len: int | None,
     config: DecodeConfig | None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``paged_decode_attention`` with an explicit launch config (the benchmark sweeps it)."""
     _, block_size, num_kv_heads, head_dim = checks.check_cache_pair(k_cache, v_cache)
+    fp8 = checks.check_cache_scales(k_cache, k_scale, v_scale)
     device = checks.check_device(
         query=query, k_cache=k_cache, block_tables=block_tables, seq_lens=seq_lens
     )
     checks.check_shape("query", query, (None, None, head_dim), "[num_seqs, num_heads, head_dim]")
     num_seqs, num_heads, _ = query.shape
     group = checks.check_attention_dims(num_heads, num_kv_heads, head_dim)
-    checks.check_same_dtype(query=query, k_cache=k_cache)
+    checks.check_query_and_cache(query, k_cache)
     checks.check_unit_last_stride("query", query)
     checks.check_shape("block_tables", block_tables, (num_seqs, None), "[num_seqs, max_blocks]")
     checks.check_shape("seq_lens", seq_lens, (num_seqs,), "[num_seqs]")
@@ -260,6 +292,8 @@ def launch_decode(
         out,
         part_out,
         part_lse,
+        k_scale if fp8 else seq_lens,  # unused without FP8
+        v_scale if fp8 else seq_lens,
         scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -272,6 +306,7 @@ def launch_decode(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        *checks.scale_strides(k_scale, v_scale),
         num_splits,
         split_tokens,
         GROUP=group,
@@ -280,6 +315,7 @@ def launch_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         SINGLE_SPLIT=single,
+        FP8=fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -307,12 +343,17 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     max_seq_len: int | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, D] over each sequence's first ``seq_lens[b]`` cached tokens.
 
     ``max_seq_len`` (an upper bound of ``seq_lens``, a Python int) sets how far the KV sequence
     is split; without it the block table's capacity is used. No host sync: graph-capturable.
+    An FP8 cache comes with its scales (``write_kv_cache``).
     """
     return launch_decode(
-        query, k_cache, v_cache, block_tables, seq_lens, scale, out, max_seq_len, None
-    )
+        query, k_cache, v_cache, block_tables, seq_lens, scale, out, max_seq_len, None,
+        k_scale, v_scale,
+    )  # fmt: skip

@@ -3,7 +3,9 @@
 The cached prefix is gathered row by row through the block table (``kv_rows``); the chunk's own
 keys, which the engine hands over as contiguous ``key``/``value`` [T, Hkv, D], are read by TMA
 through a descriptor of their [T, Hkv * D] rows (``row_descriptor``), whole tiles at a time. A
-step that straddles the prefix's end takes each row from its own source (``kv_tiles``).
+step that straddles the prefix's end takes each row from its own source (``kv_tiles``). An
+FP8 cache's rows are dequantized as they load (``fp8_rows``: e4m3 x the token's per-head scale);
+the chunk's own keys are never quantized.
 """
 
 from __future__ import annotations
@@ -45,6 +47,95 @@ def kv_rows(  # type: ignore[no-untyped-def]
     k_off = block * stride_k_block + slot * stride_k_slot
     v_off = k_off if V_LIKE_K else block * stride_v_block + slot * stride_v_slot
     return k_base + k_off, v_base + v_off
+
+
+@triton.jit
+def fp8_rows(  # type: ignore[no-untyped-def]
+    rows,
+    scale_base,
+    table,
+    toks,
+    ok,
+    dims,
+    stride_s_block,
+    stride_s_slot,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """FP8 cache rows [N, D] at row pointers ``rows``, dequantized to float32 with the scales
+    of positions ``toks`` (``scale_base`` already offset to the KV head); zero where not ``ok``
+    (None: all valid)."""
+    if ok is None:
+        block = tl.load(table + toks // BLOCK_SIZE)
+        scale = tl.load(scale_base + block * stride_s_block + (toks % BLOCK_SIZE) * stride_s_slot)
+        x = tl.load(rows[:, None] + dims[None, :])
+    else:
+        block = tl.load(table + toks // BLOCK_SIZE, mask=ok, other=0)
+        where = block * stride_s_block + (toks % BLOCK_SIZE) * stride_s_slot
+        scale = tl.load(scale_base + where, mask=ok, other=0.0)
+        x = tl.load(rows[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
+    return x.to(tl.float32) * scale[:, None]
+
+
+@triton.jit
+def kv_tiles_fp8(  # type: ignore[no-untyped-def]
+    table,
+    toks,
+    tok_ok,
+    prefix,
+    self_row0,
+    k_base,
+    v_base,
+    k_scale_base,
+    v_scale_base,
+    key_ptr,
+    value_ptr,
+    self_col,
+    dims,
+    stride_k_block,
+    stride_k_slot,
+    stride_v_block,
+    stride_v_slot,
+    stride_ks_block,
+    stride_ks_slot,
+    stride_vs_block,
+    stride_vs_slot,
+    stride_key_t,
+    stride_value_t,
+    BLOCK_SIZE: tl.constexpr,
+    V_LIKE_K: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    SELF_KV: tl.constexpr,
+):
+    """``kv_tiles`` over an FP8 cache, in float32: cached positions dequantized from the pages,
+    with SELF_KV the chunk's own from ``key``/``value`` (two loads, selected by value: the
+    sources differ in type)."""
+    cached = tok_ok & (toks < prefix) if SELF_KV else tok_ok
+    k_rows, v_rows = kv_rows(
+        table, toks, cached, k_base, v_base, stride_k_block, stride_k_slot,
+        stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+    )  # fmt: skip
+    k = fp8_rows(k_rows, k_scale_base, table, toks, cached, dims, stride_ks_block,
+                 stride_ks_slot, BLOCK_SIZE)  # fmt: skip
+    v = fp8_rows(v_rows, v_scale_base, table, toks, cached, dims, stride_vs_block,
+                 stride_vs_slot, BLOCK_SIZE)  # fmt: skip
+    if SELF_KV:
+        own = tok_ok & (toks >= prefix)
+        rows = self_row0 + toks
+        if WIDE_INDEX:
+            rows = rows.to(tl.int64)
+        k_own = tl.load(
+            key_ptr + self_col + rows[:, None] * stride_key_t + dims[None, :],
+            mask=own[:, None],
+            other=0.0,
+        )
+        v_own = tl.load(
+            value_ptr + self_col + rows[:, None] * stride_value_t + dims[None, :],
+            mask=own[:, None],
+            other=0.0,
+        )
+        k = tl.where(own[:, None], k_own.to(tl.float32), k)
+        v = tl.where(own[:, None], v_own.to(tl.float32), v)
+    return k, v
 
 
 @triton.jit

@@ -19,7 +19,8 @@ Those unmasked keys run in three loops: whole prefix steps through the page tabl
 32-bit offsets shared by K and V), a step that straddles the prefix's end by row pointers, and
 the chunk's own keys by TMA tiles of the [T, Hkv * D] rows (no table, no per-row addresses, a
 deeper pipeline). The softmax scale folds into the exponent's FMA. benchmarks/results/
-kernels-notes.md has the measured effect of each choice.
+kernels-notes.md has the measured effect of each choice. An FP8 cache's prefix is dequantized
+as it loads (``kv_tiles_fp8``, ``fp8_rows``); the chunk's own keys stay in the model's type.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ import triton
 import triton.language as tl
 
 from berth.kernels import checks
-from berth.kernels.kv_tiles import kv_rows, kv_tiles, row_descriptor, tma_rows
+from berth.kernels.kv_tiles import (
+    fp8_rows,
+    kv_rows,
+    kv_tiles,
+    kv_tiles_fp8,
+    row_descriptor,
+    tma_rows,
+)
 
 LOG2E = 1.4426950408889634
 WIDE_INDEX_FROM = 2**31  # caches with element offsets this large index K/V in 64 bits
@@ -95,6 +103,8 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     value_ptr,  # [T, Hkv, D]
     key_desc,  # TMA descriptor of key viewed as [T, Hkv * D], box [BLOCK_N, D] (SELF_KV)
     value_desc,  # the same for value
+    k_scale_ptr,  # [num_blocks, block_size, Hkv] float32 (FP8 only)
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
     num_seqs,
     num_kv_heads,
@@ -111,6 +121,10 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     stride_bt_b,
     stride_out_t,
     stride_out_h,
+    stride_ks_block,
+    stride_ks_slot,
+    stride_vs_block,
+    stride_vs_slot,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -122,6 +136,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     V_LIKE_K: tl.constexpr,  # v_cache has k_cache's strides: one offset tensor serves both
     WIDE_INDEX: tl.constexpr,  # an offset can pass 2**31: 64-bit offset arithmetic
     SELF_KV: tl.constexpr,  # the chunks' own K/V come from key/value, not the pages
+    FP8: tl.constexpr,  # the cache is e4m3 with per-token, per-head scales
 ):
     # Heaviest tiles (the last ones of the last sequences) first, all KV heads of a tile
     # together, so the lightest programs form the tail (H100, 4 x 2k chunks, no prefix: +2-4%
@@ -151,6 +166,9 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     k_base = k_cache_ptr + kv_head * stride_k_head
     v_base = v_cache_ptr + kv_head * stride_v_head
+    k_scale_base = k_scale_ptr + kv_head
+    v_scale_base = v_scale_ptr + kv_head
+    dtype = q_ptr.dtype.element_ty
     self_col = kv_head * HEAD_DIM  # this head's columns in key/value viewed as [T, Hkv * D]
     offsets = tl.arange(0, BLOCK_N)
 
@@ -163,11 +181,20 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     band_end = tl.minimum(prefix + q_first + BLOCK_Q, seq_len)
     toks = diag_start + offsets
     tok_ok = toks < band_end
-    k, v = kv_tiles(
-        table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col, dims,
-        stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
-        stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
-    )  # fmt: skip
+    if FP8:
+        k, v = kv_tiles_fp8(
+            table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
+            key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
+            stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
+            stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
+        )  # fmt: skip
+        k, v = k.to(dtype), v.to(dtype)
+    else:
+        k, v = kv_tiles(
+            table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col,
+            dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
+            stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
+        )  # fmt: skip
     q = tl.load(
         q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
         mask=row_ok[:, None],
@@ -185,11 +212,21 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     for tok0 in tl.range(diag_start + BLOCK_N, band_end, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
         tok_ok = toks < band_end
-        k, v = kv_tiles(
-            table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col, dims,
-            stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
-            stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
-        )  # fmt: skip
+        if FP8:
+            k, v = kv_tiles_fp8(
+                table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base,
+                v_scale_base, key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot,
+                stride_v_block, stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block,
+                stride_vs_slot, stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+                SELF_KV,
+            )  # fmt: skip
+            k, v = k.to(dtype), v.to(dtype)
+        else:
+            k, v = kv_tiles(
+                table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr,
+                self_col, dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+                stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
+            )  # fmt: skip
         visible = (toks[None, :] <= q_pos[:, None]) & tok_ok[None, :]
         m, l_i, acc = _online_softmax_step(q, k, v, m, l_i, acc, qk_scale, visible)
 
@@ -209,16 +246,33 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
             table, tok0 + paged_offsets, None, k_base, v_base, stride_k_block, stride_k_slot,
             stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
         )  # fmt: skip
-        k_wide = tl.load(k_rows[:, None] + dims[None, :])  # [PAGED_N, D]
-        v_wide = tl.load(v_rows[:, None] + dims[None, :])
+        if FP8:
+            toks = tok0 + paged_offsets
+            k_wide = fp8_rows(k_rows, k_scale_base, table, toks, None, dims, stride_ks_block,
+                              stride_ks_slot, BLOCK_SIZE).to(dtype)  # fmt: skip
+            v_wide = fp8_rows(v_rows, v_scale_base, table, toks, None, dims, stride_vs_block,
+                              stride_vs_slot, BLOCK_SIZE).to(dtype)  # fmt: skip
+        else:
+            k_wide = tl.load(k_rows[:, None] + dims[None, :])  # [PAGED_N, D]
+            v_wide = tl.load(v_rows[:, None] + dims[None, :])
         m, l_i, acc = _online_softmax_step(q, k_wide, v_wide, m, l_i, acc, qk_scale, None)
     for tok0 in tl.range(paged_end, self_start, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
-        k, v = kv_tiles(
-            table, toks, toks >= 0, prefix, self_row0, k_base, v_base, key_ptr, value_ptr,
-            self_col, dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-            stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
-        )  # fmt: skip
+        if FP8:
+            k, v = kv_tiles_fp8(
+                table, toks, toks >= 0, prefix, self_row0, k_base, v_base, k_scale_base,
+                v_scale_base, key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot,
+                stride_v_block, stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block,
+                stride_vs_slot, stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+                SELF_KV,
+            )  # fmt: skip
+            k, v = k.to(dtype), v.to(dtype)
+        else:
+            k, v = kv_tiles(
+                table, toks, toks >= 0, prefix, self_row0, k_base, v_base, key_ptr, value_ptr,
+                self_col, dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
+                stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
+            )  # fmt: skip
         m, l_i, acc = _online_softmax_step(q, k, v, m, l_i, acc, qk_scale, None)
     if SELF_KV:
         for tok0 in tl.range(self_start, diag_start, BLOCK_N, num_stages=SELF_STAGES):
@@ -260,9 +314,12 @@ def launch_prefill(
     config: PrefillConfig | None,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``paged_prefill_attention`` with an explicit tile config (the benchmark sweeps it)."""
     _, block_size, num_kv_heads, head_dim = checks.check_cache_pair(k_cache, v_cache)
+    fp8 = checks.check_cache_scales(k_cache, k_scale, v_scale)
     checks.check_device(
         query=query,
         k_cache=k_cache,
@@ -273,7 +330,7 @@ def launch_prefill(
     checks.check_shape("query", query, (None, None, head_dim), "[num_tokens, num_heads, head_dim]")
     num_tokens, num_heads, _ = query.shape
     group = checks.check_attention_dims(num_heads, num_kv_heads, head_dim)
-    checks.check_same_dtype(query=query, k_cache=k_cache)
+    checks.check_query_and_cache(query, k_cache)
     checks.check_unit_last_stride("query", query)
     checks.check_shape("seq_lens", seq_lens, (None,), "[num_seqs]")
     num_seqs = seq_lens.shape[0]
@@ -338,6 +395,8 @@ def launch_prefill(
         value,
         key_desc,
         value_desc,
+        k_scale if fp8 else seq_lens,  # unused without FP8
+        v_scale if fp8 else seq_lens,
         scale * LOG2E,
         num_seqs,
         num_kv_heads,
@@ -354,6 +413,7 @@ def launch_prefill(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        *checks.scale_strides(k_scale, v_scale),
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
@@ -365,6 +425,7 @@ def launch_prefill(
         V_LIKE_K=k_cache.stride() == v_cache.stride(),
         WIDE_INDEX=max(_max_offset(t) for t in indexed) >= WIDE_INDEX_FROM,
         SELF_KV=key is not None,
+        FP8=fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -383,6 +444,8 @@ def paged_prefill_attention(
     *,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens [T, Hq, D] over their prefix and themselves.
 
@@ -390,9 +453,9 @@ def paged_prefill_attention(
     (positions before ``seq_lens[b] - q_len_b``) is read from the cache. The new tokens' own
     K/V are read from ``key``/``value`` [T, Hkv, D] when given (no block table, TMA), else from
     the cache, where they must already be. No host sync: mixed prefill/decode batches are one
-    launch.
+    launch. An FP8 cache comes with its scales (``write_kv_cache``).
     """
     return launch_prefill(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, None,
-        key, value,
+        key, value, k_scale, v_scale,
     )  # fmt: skip

@@ -5,7 +5,8 @@ docstring). These run on any device and dtype; they gather the pages of a whole 
 indexing operation and hand the attention itself to ``scaled_dot_product_attention``, so the
 engine's CPU path can use them directly. Scores and softmax run in at least float32 (float64
 inputs stay float64, which is what the tests use as ground truth); the result is cast back to
-the query's dtype.
+the query's dtype. An FP8 cache is dequantized as it is gathered: value = e4m3 x the token's
+per-head scale (``quantize_fp8`` is the rule ``write_kv_cache`` stores by).
 """
 
 from __future__ import annotations
@@ -24,10 +25,28 @@ def _flat_slots(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
+FP8_TINY = 1e-12
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 [..., D], float32 scale [...]): each row's largest magnitude maps
+    to 448, so nothing saturates."""
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1).clamp(min=FP8_TINY) / FP8_MAX
+    return (x32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
 def _gather_tokens(
-    cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int
+    cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_tokens: int,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The first ``num_tokens`` slots of each sequence's pages: [B, num_tokens, Hkv, D].
+    """The first ``num_tokens`` slots of each sequence's pages: [B, num_tokens, Hkv, D]
+    (dequantized with ``scale`` [num_blocks, block_size, Hkv] from an FP8 cache).
 
     Slots at or past a sequence's length come back as zeros, whatever the cache or the unused
     tail of the block table holds there (the layout leaves both undefined).
@@ -38,7 +57,10 @@ def _gather_tokens(
     owned = torch.arange(num_pages, device=pages.device)[None, :] * block_size < seq_lens[
         :, None
     ].to(pages.device)
-    tokens = cache[torch.where(owned, pages, 0)]  # [B, P, block_size, Hkv, D]
+    index = torch.where(owned, pages, 0)
+    tokens = cache[index]  # [B, P, block_size, Hkv, D]
+    if scale is not None:
+        tokens = tokens.float() * scale[index][..., None]
     b, p = pages.shape
     tokens = tokens.reshape(b, p * block_size, cache.shape[2], cache.shape[3])[:, :num_tokens]
     positions = torch.arange(num_tokens, device=cache.device)
@@ -52,12 +74,22 @@ def write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter key/value [T, Hkv, D] into the caches at ``slot_mapping`` [T]; slot < 0 skips."""
+    """Scatter key/value [T, Hkv, D] into the caches at ``slot_mapping`` [T]; slot < 0 skips.
+    An FP8 cache stores ``quantize_fp8`` of each token's heads and their scales."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    _flat_slots(k_cache)[slots] = key[keep].to(k_cache.dtype)
-    _flat_slots(v_cache)[slots] = value[keep].to(v_cache.dtype)
+    for new, cache, scales in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        if cache.dtype == FP8:
+            if scales is None:
+                raise ValueError("an FP8 cache needs k_scale and v_scale")
+            quantized, scale = quantize_fp8(new[keep])
+            _flat_slots(cache)[slots] = quantized
+            scales.view(-1, scales.shape[2])[slots] = scale
+        else:
+            _flat_slots(cache)[slots] = new[keep].to(cache.dtype)
 
 
 def paged_decode_attention(
@@ -69,6 +101,9 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     max_seq_len: int | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence ([B, Hq, D]) attending to its first ``seq_lens[b]`` tokens.
 
@@ -83,8 +118,8 @@ def paged_decode_attention(
     if num_seqs == 0 or max_seq_len == 0:
         return out
     dtype = _compute_dtype(query.dtype)
-    keys = _gather_tokens(k_cache, block_tables, seq_lens, max_seq_len).to(dtype)  # [B, L, Hkv, D]
-    values = _gather_tokens(v_cache, block_tables, seq_lens, max_seq_len).to(dtype)
+    keys = _gather_tokens(k_cache, block_tables, seq_lens, max_seq_len, k_scale).to(dtype)
+    values = _gather_tokens(v_cache, block_tables, seq_lens, max_seq_len, v_scale).to(dtype)
     positions = torch.arange(max_seq_len, device=query.device)
     visible = positions[None, :] < seq_lens[:, None].to(query.device)  # [B, L]
     num_kv_heads = k_cache.shape[2]
@@ -112,6 +147,8 @@ def paged_prefill_attention(
     *,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed new tokens [T, Hq, D] attending causally to their cached prefix and to themselves.
 
@@ -136,8 +173,8 @@ def paged_prefill_attention(
             continue
         table, length = block_tables[b : b + 1], seq_lens[b : b + 1]
         cached = context_len if key is None else context_len - q_len
-        keys = _gather_tokens(k_cache, table, length, cached)[0]  # [L, Hkv, D]
-        values = _gather_tokens(v_cache, table, length, cached)[0]
+        keys = _gather_tokens(k_cache, table, length, cached, k_scale)[0]  # [L, Hkv, D]
+        values = _gather_tokens(v_cache, table, length, cached, v_scale)[0]
         if key is not None and value is not None:
             keys = torch.cat([keys, key[q_start:q_end].to(keys.dtype)])
             values = torch.cat([values, value[q_start:q_end].to(values.dtype)])
