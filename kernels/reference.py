@@ -20,11 +20,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _flat_slots(cache: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size, Hkv, D] -> [num_slots, Hkv, D], a view (never a copy)."""
-    return cache.view(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
-
-
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
 FP8_TINY = 1e-12
@@ -81,15 +76,17 @@ def write_kv_cache(
     An FP8 cache stores ``quantize_fp8`` of each token's heads and their scales."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
+    block_size = k_cache.shape[1]
+    at = (slots // block_size, slots % block_size)  # (block, offset): blocks may be strided
     for new, cache, scales in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         if cache.dtype == FP8:
             if scales is None:
                 raise ValueError("an FP8 cache needs k_scale and v_scale")
             quantized, scale = quantize_fp8(new[keep])
-            _flat_slots(cache)[slots] = quantized
-            scales.view(-1, scales.shape[2])[slots] = scale
+            cache[at] = quantized
+            scales[at] = scale
         else:
-            _flat_slots(cache)[slots] = new[keep].to(cache.dtype)
+            cache[at] = new[keep].to(cache.dtype)
 
 
 def paged_decode_attention(

@@ -202,6 +202,11 @@ class RuntimeSpec(ApiModel):
         default=None, ge=16, le=1_048_576, description="Longest prompt + output in tokens."
     )
     block_size: Literal[8, 16, 32] = Field(default=16, description="Tokens per KV-cache block.")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        default="auto",
+        description="KV-cache element type: auto (the weights' dtype) or fp8 (e4m3 with a "
+        "scale per token and KV head: about half the bytes of bf16, twice the context per GB).",
+    )
     max_num_seqs: int = Field(default=256, ge=1, le=4096, description="Most sequences per batch.")
     enable_prefix_caching: bool = Field(
         default=True, description="Reuse KV blocks of shared prefixes."

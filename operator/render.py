@@ -149,6 +149,7 @@ def _serve_args(service: InferenceService, model_path: str) -> list[str]:
         "--served-model-name", spec.model.served_name or service.metadata["name"],
         "--dtype", runtime.dtype,
         "--block-size", str(runtime.block_size),
+        "--kv-cache-dtype", runtime.kv_cache_dtype,
         "--max-num-seqs", str(runtime.max_num_seqs),
         "--port", str(PORT),
     ]  # fmt: skip

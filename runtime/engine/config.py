@@ -19,6 +19,9 @@ class EngineConfig:
 
     model: str
     dtype: str = "auto"  # "auto" (the checkpoint's), "bfloat16", "float16", "float32"
+    # "auto": the KV cache in the model's dtype; "fp8": e4m3 with a scale per token and KV head
+    # (half the bytes of bf16: twice the context per GB)
+    kv_cache_dtype: str = "auto"
     device: str = "auto"  # "auto" (cuda when available), "cuda", "cuda:N", "cpu"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16  # tokens per KV block
@@ -61,6 +64,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"):
             raise ValueError(
                 f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"

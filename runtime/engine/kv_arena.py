@@ -7,6 +7,11 @@ backed by memory: a chunk is the same run of block ids in each of the ``2 * num_
 shrinking unmaps the last. The tensor, its per-layer views, the block ids and the CUDA graphs
 captured over it never move. ``KvBlockPool`` may hand out only backed blocks.
 
+An FP8 cache (``KvLayout.fp8``) keeps each block's float32 scales (one per token and KV head)
+right after its e4m3 values, inside the same slab: the tensor is then raw bytes
+``[num_layers, 2, max_blocks, slab_block_bytes]`` and ``layer_caches`` cuts the typed views, so
+the scales grow, shrink, park and copy with their blocks.
+
 On the GPU the pieces are CUDA virtual memory (``cuda_vmm``); on the CPU the same bookkeeping
 runs over a tensor allocated for all ``max_blocks`` at once (the OS backs its pages only when
 they are touched): the chunk count is a logical bound, so the grow/shrink logic runs in CI.
@@ -26,6 +31,8 @@ from berth.runtime.engine.config import EngineConfig
 
 CPU_GRANULARITY = 16 << 10  # bytes: the CPU build's stand-in for the driver's 2 MiB
 CPU_KV_CACHE_BYTES = 512 << 20  # the CPU's fixed pool without a budget (local use)
+SCALE_BYTES = 4  # an FP8 cache's float32 scale per token and KV head
+FP8 = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -38,11 +45,18 @@ class KvLayout:
     head_dim: int
     itemsize: int
     granularity: int  # a chunk's piece of each slab is a multiple of this
+    fp8: bool = False  # e4m3 values (itemsize 1) and a float32 scale per token and head
+
+    @property
+    def values_bytes(self) -> int:
+        """One block of one layer's keys (or values), without scales."""
+        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
 
     @property
     def slab_block_bytes(self) -> int:
-        """One block of one layer's keys (or values)."""
-        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
+        """One block of one layer's keys (or values), with an FP8 block's scales."""
+        scales = self.block_size * self.num_kv_heads * SCALE_BYTES if self.fp8 else 0
+        return self.values_bytes + scales
 
     @property
     def block_bytes(self) -> int:
@@ -80,7 +94,7 @@ class KvArena:
         self.num_chunks = 0
         self.max_blocks = max_chunks * layout.chunk_blocks
         self.slab_bytes = self.max_blocks * layout.slab_block_bytes  # one slab's span
-        shape = (
+        shape: tuple[int, ...] = (
             layout.num_layers,
             2,
             self.max_blocks,
@@ -88,6 +102,8 @@ class KvArena:
             layout.num_kv_heads,
             layout.head_dim,
         )
+        if layout.fp8:
+            dtype, shape = torch.uint8, (*shape[:3], layout.slab_block_bytes)
         self._range = None
         if device.type == "cuda":
             from berth.runtime.engine.cuda_vmm import VirtualRange
@@ -102,6 +118,25 @@ class KvArena:
         else:
             self.tensor = torch.empty(shape, dtype=dtype, device=device)
         self.num_remaps = 0  # chunks mapped or unmapped since start-up (for tests and metrics)
+
+    def layer_caches(
+        self, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Layer ``layer``'s (k_cache, v_cache [max_blocks, block_size, Hkv, D], k_scale,
+        v_scale [max_blocks, block_size, Hkv] or None): views that never move."""
+        lay = self.layout
+        if not lay.fp8:
+            return self.tensor[layer, 0], self.tensor[layer, 1], None, None
+        views: list[torch.Tensor] = []
+        for kind in (0, 1):
+            raw = self.tensor[layer, kind]  # [max_blocks, slab_block_bytes]
+            shape = (self.max_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+            views.append(raw[:, : lay.values_bytes].view(FP8).view(shape))
+        for kind in (0, 1):
+            raw = self.tensor[layer, kind]
+            scales = raw[:, lay.values_bytes :].view(torch.float32)
+            views.append(scales.view(self.max_blocks, lay.block_size, lay.num_kv_heads))
+        return views[0], views[1], views[2], views[3]
 
     @property
     def num_blocks(self) -> int:

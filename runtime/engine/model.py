@@ -92,6 +92,9 @@ class Attention(nn.Module):
         self.ops = ops
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D], set by the runner
         self.v_cache = torch.empty(0)
+        # An FP8 cache's scales [num_blocks, block_size, Hkv], else None; set by the runner.
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
@@ -107,7 +110,8 @@ class Attention(nn.Module):
             )
         else:
             q, k = self.pointwise.rope(q, k, cos, sin)
-        self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
         if meta.query_start_loc is None:
             o = self.ops.paged_decode_attention(
                 q,
@@ -117,6 +121,7 @@ class Attention(nn.Module):
                 meta.seq_lens,
                 self.scale,
                 max_seq_len=meta.max_seq_len,
+                **scales,
             )
         else:
             # The chunk's own K/V also go in directly: the kernel reads them without the
@@ -131,6 +136,7 @@ class Attention(nn.Module):
                 self.scale,
                 key=k,
                 value=v,
+                **scales,
             )
         return self.o_proj(o.reshape(t, self.q_size))
 

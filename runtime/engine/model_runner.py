@@ -218,13 +218,15 @@ class ModelRunner:
         if config.standby:
             self.weight_arena.keep_host_copy()
         self.weights_bytes = tensors_bytes(self.model)
+        fp8 = config.kv_cache_dtype == "fp8"
         self.layout = KvLayout(
             model_config.num_layers,
             config.block_size,
             model_config.num_kv_heads,
             model_config.head_dim,
-            torch.empty((), dtype=self.dtype).element_size(),
+            1 if fp8 else torch.empty((), dtype=self.dtype).element_size(),
             device_granularity(self.device),
+            fp8=fp8,
         )
         self.arena, self._fixed_blocks = reserve_kv_arena(
             config,
@@ -238,8 +240,7 @@ class ModelRunner:
         self.kv_cache = self.arena.tensor
         for i, layer in enumerate(self.model.model.layers):
             attn = cast(DecoderLayer, layer).self_attn
-            attn.k_cache = self.kv_cache[i, 0]
-            attn.v_cache = self.kv_cache[i, 1]
+            attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale = self.arena.layer_caches(i)
         pin = self.device.type == "cuda"
         # Host staging for decode steps: [3, max_num_seqs] (ids, positions, slots), seq lens,
         # block tables. Pinned, so the copies to the device are asynchronous.

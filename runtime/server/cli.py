@@ -152,6 +152,13 @@ def _env(name: str) -> str:
 @click.option("--num-kv-blocks", type=click.IntRange(1), help="KV-cache blocks (wins over bytes).")
 @click.option("--kv-cache-bytes", type=click.IntRange(1), help="Bytes of KV cache to allocate.")
 @click.option(
+    "--kv-cache-dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp8"]),
+    help="auto: the model's dtype; fp8: e4m3 with a scale per token and KV head (half of bf16).",
+)
+@click.option(
     "--max-num-seqs",
     default=256,
     show_default=True,
@@ -236,6 +243,7 @@ def serve(
     block_size: int,
     num_kv_blocks: int | None,
     kv_cache_bytes: int | None,
+    kv_cache_dtype: str,
     max_num_seqs: int,
     max_num_batched_tokens: int,
     max_prefill_tokens_while_decoding: int,
@@ -274,6 +282,7 @@ def serve(
         block_size=block_size,
         num_kv_blocks=num_kv_blocks,
         kv_cache_bytes=kv_cache_bytes,
+        kv_cache_dtype=kv_cache_dtype,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding or None,

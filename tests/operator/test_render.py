@@ -251,3 +251,15 @@ def test_standby_host_memory_grows_the_memory_request_and_a_set_limit() -> None:
         "resources"
         not in render.deployment(off, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
     )
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_the_runtime_settings_reach_berth_serve(kv: str) -> None:
+    """``spec.runtime`` as ``berth serve`` parses the rendered arguments."""
+    from test_sandbox import serve_params
+
+    runtime = {"dtype": "bfloat16", "kvCacheDtype": kv, "maxNumSeqs": 32, "blockSize": 32}
+    container = render.deployment(service(runtime=runtime), SETTINGS)["spec"]["template"]["spec"]
+    params = serve_params(container["containers"][0]["args"])
+    assert (params["dtype"], params["kv_cache_dtype"]) == ("bfloat16", kv)
+    assert (params["max_num_seqs"], params["block_size"]) == (32, 32)
