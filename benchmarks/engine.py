@@ -206,6 +206,7 @@ def main() -> None:
     )
     ap.add_argument("--kv-cache-gib", type=float, default=30.0)
     ap.add_argument("--max-prefill-tokens-while-decoding", type=int, default=512, help="0: no cap")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="per-step budget")
     ap.add_argument(
@@ -231,6 +232,7 @@ def main() -> None:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_prefill_graph_tokens": args.max_prefill_graph_tokens,
         "max_prefill_tokens_while_decoding": args.max_prefill_tokens_while_decoding,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
 
     def save() -> None:
@@ -258,6 +260,7 @@ def main() -> None:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_prefill_graph_tokens=args.max_prefill_graph_tokens,
             max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None,
+            kv_cache_dtype=args.kv_cache_dtype,
             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
         )
     )
@@ -312,6 +315,7 @@ def render(report: dict[str, Any]) -> str:
         f"(prefill/mixed steps of up to {report['max_prefill_graph_tokens']} tokens as graphs; "
         f"capture {report['graph_capture_s']:.1f} s); step budget {report['max_num_batched_tokens']} tokens, "
         f"of them prompt tokens while decoding: {report['max_prefill_tokens_while_decoding'] or 'no cap'}; "
+        f"KV cache {report['kv_cache_dtype']}; "
         f"torch {report['torch']}. HBM read bandwidth measured in this run: "
         f"{report['hbm_read_bytes_per_s'] / 1e12:.2f} TB/s (copy {report['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s). "
         f"Roofline = (weight bytes read per step {report['weight_bytes_read_per_step'] / 1e9:.2f} GB + KV bytes "
