@@ -89,8 +89,14 @@ def test_a_burst_is_granted_under_load_and_reclaimed_for_a_newcomer(tmp_path: Pa
         agent = stack.enter_context(
             httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://agent")
         )
-        tenants = _tenants(agent)
-        assert tenants["test/a"]["held_bytes"] == WEIGHTS + 4 * CHUNK  # the request's 4 chunks
+        # While it loads a runtime reports holding its whole request; its first heartbeat
+        # after the load reports what it holds: the weights and the request's 4 chunks.
+        _wait_for(
+            "A's first report after its load",
+            lambda t: t["test/a"]["held_bytes"] == WEIGHTS + 4 * CHUNK,
+            10,
+            agent,
+        )
 
         # Load on A: more than its request's 32 blocks hold, so it grows toward its limit.
         stop, results, failures = threading.Event(), [], []
