@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -159,6 +160,39 @@ class StepInputs:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+
+def step_inputs(batch: ScheduledBatch, tables: np.ndarray, block_size: int) -> StepInputs:
+    """A prefill or mixed step's host arrays, ``tables`` holding the batch's block tables in
+    its first rows. Vectorised over the step's tokens: a mixed step of 256 decodes beside a
+    prompt chunk is one pass of array operations, not 256 small ones."""
+    seqs, counts = batch.seqs, np.asarray(batch.num_new_tokens, dtype=np.int64)
+    b = len(seqs)
+    computed = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=b)
+    query_start_loc = np.zeros(b + 1, dtype=np.int32)
+    np.cumsum(counts, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    rows = np.repeat(np.arange(b), counts)
+    positions = np.arange(num_tokens) + np.repeat(computed - query_start_loc[:-1], counts)
+    slots = tables[rows, positions // block_size].astype(np.int64) * block_size
+    slots += positions % block_size
+    ids = np.fromiter(
+        itertools.chain.from_iterable(
+            s.token_ids[c : c + n]
+            for s, c, n in zip(seqs, computed.tolist(), batch.num_new_tokens, strict=True)
+        ),
+        dtype=np.int64,
+        count=num_tokens,
+    )
+    assert not (ids == PENDING).any(), "prefill inputs must be known on the host"
+    seq_lens = computed + counts
+    prompt_done = seq_lens == np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=b)
+    return StepInputs(
+        np.stack([ids, positions, slots]),
+        query_start_loc,
+        seq_lens.astype(np.int32),
+        (query_start_loc[1:][prompt_done] - 1).tolist(),
+    )
 
 
 def pad_step(step: StepInputs, num_tokens: int, num_seqs: int) -> StepInputs:
@@ -484,38 +518,10 @@ class ModelRunner:
         dev = input_ids.device
         input_ids[torch.tensor(missing, device=dev)] = sampled[torch.tensor(src, device=dev)]
 
-    def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        """The step's host arrays; the block tables go to the pinned host rows."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        seq_lens: list[int] = []
-        starts = [0]
-        sample_rows: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += seq.token_ids[start:end]
-            assert ids[-1] != PENDING, "prefill inputs must be known on the host"
-            pos = np.arange(start, end)
-            positions.append(pos)
-            slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
-            seq_lens.append(end)
-            starts.append(starts[-1] + n)
-            if end == seq.num_tokens:
-                sample_rows.append(starts[-1] - 1)
-        tokens = np.stack([np.asarray(ids), np.concatenate(positions), np.concatenate(slots)])
-        return StepInputs(
-            tokens.astype(np.int64, copy=False),
-            np.asarray(starts, dtype=np.int32),
-            np.asarray(seq_lens, dtype=np.int32),
-            sample_rows,
-        )
-
     def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
-        step = self._step_inputs(batch)
-        b = step.num_seqs
+        b = len(batch.seqs)
         width = self._fill_block_tables(batch.seqs, b, batch.grown)
+        step = step_inputs(batch, self.np_block_tables, self.block_size)
         dev = self.device
         rows = torch.tensor(step.sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
         size = next((t for t in self.prefill_graph_sizes if t >= step.num_tokens), 0)

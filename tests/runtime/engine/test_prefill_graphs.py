@@ -12,7 +12,10 @@ import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams
 from berth.runtime.engine.model import AttentionMetadata
-from berth.runtime.engine.model_runner import StepInputs, pad_step, prefill_graph_sizes
+from berth.runtime.engine.config import SamplingParams as Params
+from berth.runtime.engine.model_runner import StepInputs, pad_step, prefill_graph_sizes, step_inputs
+from berth.runtime.engine.scheduler import ScheduledBatch
+from berth.runtime.engine.sequence import Sequence
 
 
 def test_graph_sizes_cover_every_step_up_to_the_budget_with_bounded_padding() -> None:
@@ -41,6 +44,29 @@ def _step(seqs: list[tuple[int, int]], block_size: int, tables: list[list[int]])
     return StepInputs(
         tokens.astype(np.int64), np.asarray(starts, np.int32), np.asarray(lens, np.int32), rows
     )
+
+
+def test_step_inputs_of_a_mixed_batch_are_those_built_sequence_by_sequence() -> None:
+    """Decodes (one token after their cached ones, the last one sampled), a chunk in the
+    middle of a prompt (not sampled) and a prompt's last chunk (sampled)."""
+    bs = 4
+    shapes = [(9, 1, 10), (0, 6, 14), (4, 3, 7), (17, 1, 18)]  # (cached, new, prompt length)
+    tables = [[3, 0, 5, 9, 1], [2, 6, 8, 4], [7, 10], [11, 12, 13, 14, 15]]
+    seqs = []
+    for i, (cached, _, length) in enumerate(shapes):
+        ids = [(17 * i + p) % 200 + 3 for p in range(length)]
+        seq = Sequence(str(i), ids, length, Params(), length + 4)
+        seq.num_computed_tokens, seq.block_table = cached, tables[i]
+        seqs.append(seq)
+    host = np.zeros((4, 6), dtype=np.int32)
+    for i, t in enumerate(tables):
+        host[i, : len(t)] = t
+    got = step_inputs(ScheduledBatch(seqs, [n for _, n, _ in shapes]), host, bs)
+    want = _step([(c, n) for c, n, _ in shapes], bs, tables)
+    assert (got.tokens == want.tokens).all()
+    assert got.query_start_loc.tolist() == want.query_start_loc.tolist()
+    assert got.seq_lens.tolist() == want.seq_lens.tolist()
+    assert got.sample_rows == [0, 9, 10]  # the chunk mid-prompt (rows 1-6) samples nothing
 
 
 def test_pad_step_appends_one_self_attending_sequence_and_empty_ones() -> None:
