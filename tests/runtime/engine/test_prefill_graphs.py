@@ -12,7 +12,6 @@ import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams
 from berth.runtime.engine.model import AttentionMetadata
-from berth.runtime.engine.config import SamplingParams as Params
 from berth.runtime.engine.model_runner import StepInputs, pad_step, prefill_graph_sizes, step_inputs
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
@@ -55,7 +54,7 @@ def test_step_inputs_of_a_mixed_batch_are_those_built_sequence_by_sequence() -> 
     seqs = []
     for i, (cached, _, length) in enumerate(shapes):
         ids = [(17 * i + p) % 200 + 3 for p in range(length)]
-        seq = Sequence(str(i), ids, length, Params(), length + 4)
+        seq = Sequence(str(i), ids, length, SamplingParams(), length + 4)
         seq.num_computed_tokens, seq.block_table = cached, tables[i]
         seqs.append(seq)
     host = np.zeros((4, 6), dtype=np.int32)
