@@ -208,3 +208,51 @@ def row_descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
         strides=[t.stride(0), 1],
         block_shape=[block_n, head_dim],
     )
+
+
+@triton.jit
+def cache_tiles(  # type: ignore[no-untyped-def]
+    table,
+    toks,
+    tok_ok,
+    prefix,
+    self_row0,
+    k_base,
+    v_base,
+    k_scale_base,
+    v_scale_base,
+    key_ptr,
+    value_ptr,
+    self_col,
+    dims,
+    stride_k_block,
+    stride_k_slot,
+    stride_v_block,
+    stride_v_slot,
+    stride_ks_block,
+    stride_ks_slot,
+    stride_vs_block,
+    stride_vs_slot,
+    stride_key_t,
+    stride_value_t,
+    BLOCK_SIZE: tl.constexpr,
+    V_LIKE_K: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    SELF_KV: tl.constexpr,
+    FP8: tl.constexpr,
+):
+    """``kv_tiles``, or ``kv_tiles_fp8`` (float32 tiles) over an FP8 cache."""
+    if FP8:
+        k, v = kv_tiles_fp8(
+            table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
+            key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
+            stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
+            stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
+        )  # fmt: skip
+    else:
+        k, v = kv_tiles(
+            table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col,
+            dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
+            stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
+        )  # fmt: skip
+    return k, v

@@ -32,14 +32,7 @@ import triton
 import triton.language as tl
 
 from berth.kernels import checks
-from berth.kernels.kv_tiles import (
-    fp8_rows,
-    kv_rows,
-    kv_tiles,
-    kv_tiles_fp8,
-    row_descriptor,
-    tma_rows,
-)
+from berth.kernels.kv_tiles import cache_tiles, fp8_rows, kv_rows, row_descriptor, tma_rows
 
 LOG2E = 1.4426950408889634
 WIDE_INDEX_FROM = 2**31  # caches with element offsets this large index K/V in 64 bits
@@ -181,20 +174,13 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     band_end = tl.minimum(prefix + q_first + BLOCK_Q, seq_len)
     toks = diag_start + offsets
     tok_ok = toks < band_end
-    if FP8:
-        k, v = kv_tiles_fp8(
-            table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
-            key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
-            stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
-            stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
-        )  # fmt: skip
-        k, v = k.to(dtype), v.to(dtype)
-    else:
-        k, v = kv_tiles(
-            table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col,
-            dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
-            stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
-        )  # fmt: skip
+    k, v = cache_tiles(
+        table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
+        key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
+        stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
+        stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV, FP8,
+    )  # fmt: skip
+    k, v = k.to(dtype), v.to(dtype)  # FP8: dequantized in float32
     q = tl.load(
         q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
         mask=row_ok[:, None],
@@ -212,21 +198,13 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     for tok0 in tl.range(diag_start + BLOCK_N, band_end, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
         tok_ok = toks < band_end
-        if FP8:
-            k, v = kv_tiles_fp8(
-                table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base,
-                v_scale_base, key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot,
-                stride_v_block, stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block,
-                stride_vs_slot, stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
-                SELF_KV,
-            )  # fmt: skip
-            k, v = k.to(dtype), v.to(dtype)
-        else:
-            k, v = kv_tiles(
-                table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr,
-                self_col, dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-                stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
-            )  # fmt: skip
+        k, v = cache_tiles(
+            table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
+            key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
+            stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
+            stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV, FP8,
+        )  # fmt: skip
+        k, v = k.to(dtype), v.to(dtype)  # FP8: dequantized in float32
         visible = (toks[None, :] <= q_pos[:, None]) & tok_ok[None, :]
         m, l_i, acc = _online_softmax_step(q, k, v, m, l_i, acc, qk_scale, visible)
 
@@ -258,21 +236,13 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
         m, l_i, acc = _online_softmax_step(q, k_wide, v_wide, m, l_i, acc, qk_scale, None)
     for tok0 in tl.range(paged_end, self_start, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
-        if FP8:
-            k, v = kv_tiles_fp8(
-                table, toks, toks >= 0, prefix, self_row0, k_base, v_base, k_scale_base,
-                v_scale_base, key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot,
-                stride_v_block, stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block,
-                stride_vs_slot, stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
-                SELF_KV,
-            )  # fmt: skip
-            k, v = k.to(dtype), v.to(dtype)
-        else:
-            k, v = kv_tiles(
-                table, toks, toks >= 0, prefix, self_row0, k_base, v_base, key_ptr, value_ptr,
-                self_col, dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot,
-                stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
-            )  # fmt: skip
+        k, v = cache_tiles(
+            table, toks, toks >= 0, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
+            key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
+            stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
+            stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV, FP8,
+        )  # fmt: skip
+        k, v = k.to(dtype), v.to(dtype)  # FP8: dequantized in float32
         m, l_i, acc = _online_softmax_step(q, k, v, m, l_i, acc, qk_scale, None)
     if SELF_KV:
         for tok0 in tl.range(self_start, diag_start, BLOCK_N, num_stages=SELF_STAGES):
