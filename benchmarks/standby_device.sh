@@ -10,11 +10,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 python3 -c "import torch, triton; from cuda import bindings; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda-bindings', bindings.__version__)"
 if [[ $part == tests || $part == all ]]; then
-  timeout 300 python3 -m pytest -q -x -s -p no:cacheprovider tests/runtime/engine/test_park_wake.py \
+  timeout 150 python3 -m pytest -q -x -s -p no:cacheprovider tests/runtime/engine/test_park_wake.py \
     tests/runtime/engine/test_elastic_pool.py 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [[ $part == bench || $part == all ]]; then
   # Making the random 16 GB model takes a minute or two the first time (cached after).
-  timeout 540 python3 benchmarks/standby.py --shape llama-3-8b --model-cache /tmp/berth-models \
+  timeout 400 python3 benchmarks/standby.py --shape llama-3-8b --model-cache /tmp/berth-models \
     --out "$OUT/standby-h200.md" ${STANDBY_ARGS:-} 2>&1 | tee "$OUT/standby.log" | tail -40
 fi
