@@ -7,10 +7,12 @@ backed by memory: a chunk is the same run of block ids in each of the ``2 * num_
 shrinking unmaps the last. The tensor, its per-layer views, the block ids and the CUDA graphs
 captured over it never move. ``KvBlockPool`` may hand out only backed blocks.
 
-An FP8 cache (``KvLayout.fp8``) keeps each block's float32 scales (one per token and KV head)
-right after its e4m3 values, inside the same slab: the tensor is then raw bytes
-``[num_layers, 2, max_blocks, slab_block_bytes]`` and ``layer_caches`` cuts the typed views, so
-the scales grow, shrink, park and copy with their blocks.
+An FP8 cache (``KvLayout.fp8``) holds e4m3 values in the slabs and their float32 scales (one
+per token and KV head) in one more slab after them, ``scales [max_blocks, num_layers, 2,
+block_size, kv_heads]``: a block's scales for every layer lie together, so a chunk's piece of
+the scale slab is as much a multiple of the granularity as its value pieces are (scales beside
+each block's values would make a block 16,896 bytes for Llama-3-8B and a chunk 4 GiB), and the
+scales grow, shrink, park and copy with their blocks.
 
 On the GPU the pieces are CUDA virtual memory (``cuda_vmm``); on the CPU the same bookkeeping
 runs over a tensor allocated for all ``max_blocks`` at once (the OS backs its pages only when
@@ -48,24 +50,29 @@ class KvLayout:
     fp8: bool = False  # e4m3 values (itemsize 1) and a float32 scale per token and head
 
     @property
-    def values_bytes(self) -> int:
-        """One block of one layer's keys (or values), without scales."""
+    def slab_block_bytes(self) -> int:
+        """One block of one layer's keys (or values)."""
         return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
 
     @property
-    def slab_block_bytes(self) -> int:
-        """One block of one layer's keys (or values), with an FP8 block's scales."""
-        scales = self.block_size * self.num_kv_heads * SCALE_BYTES if self.fp8 else 0
-        return self.values_bytes + scales
+    def scale_block_bytes(self) -> int:
+        """One block's FP8 scales over all layers, K and V (0 without FP8)."""
+        per_token = 2 * self.num_layers * self.num_kv_heads * SCALE_BYTES
+        return self.block_size * per_token if self.fp8 else 0
 
     @property
     def block_bytes(self) -> int:
-        return 2 * self.num_layers * self.slab_block_bytes
+        return 2 * self.num_layers * self.slab_block_bytes + self.scale_block_bytes
 
     @property
     def chunk_blocks(self) -> int:
-        """Blocks per chunk: the fewest whose slab piece is a multiple of the granularity."""
-        return math.lcm(self.granularity, self.slab_block_bytes) // self.slab_block_bytes
+        """Blocks per chunk: the fewest whose piece of every slab (the scale slab's too) is a
+        multiple of the granularity."""
+        g = self.granularity
+        blocks = g // math.gcd(g, self.slab_block_bytes)
+        if self.fp8:
+            blocks = math.lcm(blocks, g // math.gcd(g, self.scale_block_bytes))
+        return blocks
 
     @property
     def chunk_bytes(self) -> int:
@@ -94,7 +101,8 @@ class KvArena:
         self.num_chunks = 0
         self.max_blocks = max_chunks * layout.chunk_blocks
         self.slab_bytes = self.max_blocks * layout.slab_block_bytes  # one slab's span
-        shape: tuple[int, ...] = (
+        values_bytes = 2 * layout.num_layers * self.slab_bytes
+        shape = (
             layout.num_layers,
             2,
             self.max_blocks,
@@ -102,21 +110,35 @@ class KvArena:
             layout.num_kv_heads,
             layout.head_dim,
         )
+        scale_shape = (
+            self.max_blocks,
+            layout.num_layers,
+            2,
+            layout.block_size,
+            layout.num_kv_heads,
+        )
         if layout.fp8:
-            dtype, shape = torch.uint8, (*shape[:3], layout.slab_block_bytes)
+            dtype = FP8
         self._range = None
+        self.scales: torch.Tensor | None = None  # FP8: [max_blocks, L, 2, block_size, Hkv]
         if device.type == "cuda":
             from berth.runtime.engine.cuda_vmm import VirtualRange
 
-            self._range = VirtualRange(2 * layout.num_layers * self.slab_bytes, device)
+            total = values_bytes + self.max_blocks * layout.scale_block_bytes
+            self._range = VirtualRange(total, device)
             if self._range.granularity != layout.granularity:
                 raise ValueError(
                     f"layout granularity {layout.granularity} != the device's "
                     f"{self._range.granularity}"
                 )
-            self.tensor = self._range.tensor(dtype, shape)
+            whole = self._range.tensor(torch.uint8, (total,))
+            self.tensor = whole[:values_bytes].view(dtype).view(shape)
+            if layout.fp8:
+                self.scales = whole[values_bytes:].view(torch.float32).view(scale_shape)
         else:
             self.tensor = torch.empty(shape, dtype=dtype, device=device)
+            if layout.fp8:
+                self.scales = torch.empty(scale_shape, dtype=torch.float32, device=device)
         self.num_remaps = 0  # chunks mapped or unmapped since start-up (for tests and metrics)
 
     def layer_caches(
@@ -124,19 +146,16 @@ class KvArena:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Layer ``layer``'s (k_cache, v_cache [max_blocks, block_size, Hkv, D], k_scale,
         v_scale [max_blocks, block_size, Hkv] or None): views that never move."""
-        lay = self.layout
-        if not lay.fp8:
-            return self.tensor[layer, 0], self.tensor[layer, 1], None, None
-        views: list[torch.Tensor] = []
-        for kind in (0, 1):
-            raw = self.tensor[layer, kind]  # [max_blocks, slab_block_bytes]
-            shape = (self.max_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
-            views.append(raw[:, : lay.values_bytes].view(FP8).view(shape))
-        for kind in (0, 1):
-            raw = self.tensor[layer, kind]
-            scales = raw[:, lay.values_bytes :].view(torch.float32)
-            views.append(scales.view(self.max_blocks, lay.block_size, lay.num_kv_heads))
-        return views[0], views[1], views[2], views[3]
+        k, v = self.tensor[layer, 0], self.tensor[layer, 1]
+        if self.scales is None:
+            return k, v, None, None
+        return k, v, self.scales[:, layer, 0], self.scales[:, layer, 1]
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks (all layers, K and V, and their scales)."""
+        self.tensor[:, :, dst] = self.tensor[:, :, src]
+        if self.scales is not None:
+            self.scales[dst] = self.scales[src]
 
     @property
     def num_blocks(self) -> int:
@@ -152,13 +171,19 @@ class KvArena:
         Out of device memory while growing: raise, with the chunks mapped so far kept."""
         if not 0 <= num_chunks <= self.max_chunks:
             raise ValueError(f"num_chunks must be in [0, {self.max_chunks}], got {num_chunks}")
-        storage = self.tensor.untyped_storage()
+        tensors = [t for t in (self.tensor, self.scales) if t is not None]
         if self._range is None and self.num_chunks == 0 and num_chunks > 0:
-            storage.resize_(self.tensor.numel() * self.tensor.element_size())
+            for t in tensors:
+                t.untyped_storage().resize_(t.numel() * t.element_size())
         while self.num_chunks < num_chunks:
             self._map(self.num_chunks)
-            blocks = self.layout.chunk_blocks
-            self.tensor[:, :, self.num_chunks * blocks : (self.num_chunks + 1) * blocks].zero_()
+            blocks = slice(
+                self.num_chunks * self.layout.chunk_blocks,
+                (self.num_chunks + 1) * self.layout.chunk_blocks,
+            )
+            self.tensor[:, :, blocks].zero_()
+            if self.scales is not None:
+                self.scales[blocks].zero_()
             self.num_chunks += 1
             self.num_remaps += 1
         while self.num_chunks > num_chunks:
@@ -166,14 +191,18 @@ class KvArena:
             self._unmap(self.num_chunks)
             self.num_remaps += 1
         if self._range is None and num_chunks == 0:
-            storage.resize_(0)
+            for t in tensors:
+                t.untyped_storage().resize_(0)
 
     def _pieces(self, chunk: int) -> list[tuple[int, int]]:
-        """(offset, size) of the chunk's piece in each slab."""
-        piece = self.layout.chunk_blocks * self.layout.slab_block_bytes
-        return [
-            (s * self.slab_bytes + chunk * piece, piece) for s in range(2 * self.layout.num_layers)
-        ]
+        """(offset, size) of the chunk's piece in each slab (and the scale slab's)."""
+        lay = self.layout
+        piece = lay.chunk_blocks * lay.slab_block_bytes
+        pieces = [(s * self.slab_bytes + chunk * piece, piece) for s in range(2 * lay.num_layers)]
+        if lay.fp8:
+            scale_piece = lay.chunk_blocks * lay.scale_block_bytes
+            pieces.append((2 * lay.num_layers * self.slab_bytes + chunk * scale_piece, scale_piece))
+        return pieces
 
     def _map(self, chunk: int) -> None:
         """Back every slab's piece of ``chunk``, or none of them (out of memory: raise)."""

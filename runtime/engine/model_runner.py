@@ -365,7 +365,7 @@ class ModelRunner:
         self.forget_block_tables()
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        self.arena.copy_blocks(src, dst)
 
     def synchronize(self) -> None:
         """Wait for the device to finish the step (a no-op on the CPU)."""

@@ -12,6 +12,7 @@ import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams
 from berth.runtime.engine.gguf_import import import_model
+from berth.runtime.engine.kv_arena import KvArena, KvLayout
 
 
 def _engine(model: Path, kv: str, **kw: object) -> Engine:
@@ -25,7 +26,8 @@ def test_fp8_holds_four_times_the_blocks_of_an_fp32_cache_less_its_scales(
     full = _engine(tiny_model, "auto", kv_cache_bytes=8 << 20)
     fp8 = _engine(tiny_model, "fp8", kv_cache_bytes=8 << 20)
     layout = fp8.runner.layout
-    assert layout.fp8 and layout.values_bytes * 4 == full.runner.layout.slab_block_bytes
+    assert layout.fp8 and layout.slab_block_bytes * 4 == full.runner.layout.slab_block_bytes
+    assert layout.chunk_blocks <= 4 * full.runner.layout.chunk_blocks  # chunks no coarser
     ratio = fp8.runner.num_kv_blocks / full.runner.num_kv_blocks
     head_dim = layout.head_dim
     assert ratio == pytest.approx(4 * head_dim / (head_dim + 4), rel=0.02)
@@ -98,3 +100,26 @@ def test_fp8_kv_quality_on_smollm2() -> None:
           f"{prefix_lens} (of {[len(a.new_token_ids) for a in runs['auto']]}); "
           f"mean |dlogprob| of the chosen tokens there {mean_err:.4f}")  # fmt: skip
     assert min(prefix_lens) >= 4 and mean_err < 0.1
+
+
+def test_fp8_chunks_stay_fine_grained_and_carry_their_scales() -> None:
+    """Llama-3-8B's layout on a 2 MiB granule: 128 blocks a chunk (bf16: 64), about 132 MiB;
+    on the CPU arena a chunk's scales are backed, zeroed, copied and freed with its values."""
+    gpu = KvLayout(32, 16, 8, 128, 1, 2 << 20, fp8=True)
+    assert gpu.chunk_blocks == 128 and gpu.chunk_bytes == 128 * (64 * 16384 + 16 * 2048)
+    assert KvLayout(32, 16, 8, 128, 2, 2 << 20).chunk_blocks == 64
+    layout = KvLayout(2, 4, 2, 16, 1, 1024, fp8=True)
+    arena = KvArena(layout, 3, torch.device("cpu"), torch.float32)
+    assert arena.tensor.dtype == torch.float8_e4m3fn and arena.scales is not None
+    arena.resize(1)
+    blocks = layout.chunk_blocks
+    k, _, k_scale, _ = arena.layer_caches(1)
+    assert k_scale is not None
+    k[0].fill_(2.0)
+    k_scale[0].fill_(0.5)
+    arena.copy_blocks(torch.tensor([0]), torch.tensor([blocks - 1]))
+    assert k_scale[blocks - 1].eq(0.5).all() and k[blocks - 1].float().eq(2.0).all()
+    arena.resize(2)
+    assert k_scale[blocks : 2 * blocks].eq(0).all()  # a new chunk reads as zeros
+    arena.resize(0)
+    assert arena.scales.untyped_storage().nbytes() == 0  # parked: nothing held
