@@ -86,10 +86,7 @@ def write_kv_cache(
             cache[at] = quantized
             scales[at] = scale
         else:
-            # index_copy_ on the slots' flat view: on the CPU hundreds of times faster than
-            # assigning through an index (8 ms for 256 tokens of the tiny model)
-            flat = cache.view(-1, *cache.shape[2:])
-            flat.index_copy_(0, slots, new[keep].to(cache.dtype))
+            cache.view(-1, *cache.shape[2:])[slots] = new[keep].to(cache.dtype)
 
 
 def paged_decode_attention(
