@@ -577,6 +577,33 @@ class ModelRunner:
         self.d_prefill_tokens = torch.zeros((3, top), dtype=torch.int64, device=dev)
         self.d_prefill_seqs = torch.zeros((2, s + 1), dtype=torch.int32, device=dev)
         pool = None
+        try:
+            pool = self._capture_prefill_graphs(sizes)
+        except Exception as e:  # graphs are an optimisation: prefill still runs eagerly
+            log.warning("prefill/mixed steps run eagerly: capturing their graphs failed (%s)", e)
+            self.prefill_graphs.clear()
+            self.prefill_hidden.clear()
+            self.prefill_graph_sizes = []
+            torch.cuda.synchronize(dev)
+        for size in reversed(graph_batch_sizes(n)):
+            meta = AttentionMetadata(
+                slot_mapping=self.d_tokens[2, :size],
+                block_tables=self.d_block_tables[:size],
+                seq_lens=self.d_seq_lens[:size],
+                query_start_loc=None,
+                max_seq_len=self.max_model_len,
+            )
+            step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta)
+            graph, logits = self._capture(step, pool)
+            pool = graph.pool()
+            self.graphs[size], self.graph_logits[size] = graph, logits
+        torch.cuda.synchronize(dev)
+        self.graph_sizes = graph_batch_sizes(n)
+
+    def _capture_prefill_graphs(self, sizes: list[int]) -> _PoolHandle | None:
+        """One prefill/mixed graph per token count, largest first; their shared memory pool."""
+        s = self.graph_seqs
+        pool = None
         for size in reversed(sizes):
             # Capture-time inputs: one sequence of ``size`` new tokens, no prefix, writing
             # nowhere; the replays copy in the real step.
@@ -598,20 +625,7 @@ class ModelRunner:
             pool = graph.pool()
             self.prefill_graphs[size], self.prefill_hidden[size] = graph, hidden
         self.prefill_graph_sizes = sizes
-        for size in reversed(graph_batch_sizes(n)):
-            meta = AttentionMetadata(
-                slot_mapping=self.d_tokens[2, :size],
-                block_tables=self.d_block_tables[:size],
-                seq_lens=self.d_seq_lens[:size],
-                query_start_loc=None,
-                max_seq_len=self.max_model_len,
-            )
-            step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta)
-            graph, logits = self._capture(step, pool)
-            pool = graph.pool()
-            self.graphs[size], self.graph_logits[size] = graph, logits
-        torch.cuda.synchronize(dev)
-        self.graph_sizes = graph_batch_sizes(n)
+        return pool
 
     def _decode_logits(self, tokens: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model.logits(self.model(tokens[0], tokens[1], meta))
