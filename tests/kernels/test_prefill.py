@@ -267,3 +267,34 @@ def test_write_then_prefill_equals_dense_causal_attention(device: torch.device) 
     ).transpose(0, 1)
     assert_close(out, expected, torch.float16)
     assert_close(out_key_value, expected, torch.float16)
+
+
+def test_prefill_on_a_step_padded_as_the_engine_graphs_pad_it(device: torch.device) -> None:
+    """``model_runner.pad_step``'s layout: the real sequences, one padding sequence of its own
+    tokens (no prefix, garbage block-table row) and empty sequences up to the graph's count;
+    the real tokens' outputs are those of the unpadded launch."""
+    from berth.runtime.engine.model_runner import StepInputs, pad_step
+
+    lens, q_lens = [21, 45, 9], [21, 13, 1]
+    batch = random_paged_batch(lens, 2, 32, 16, torch.float16, device)
+    key, value = batch.chunk_kv(q_lens)
+    starts = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    query = torch.randn(sum(q_lens), 4, 32, dtype=torch.float16, device=device)
+    args = (batch.k_cache, batch.v_cache)
+    want = launch_prefill(query, *args, batch.block_tables, batch.seq_lens, starts.to(device),
+                          32**-0.5, None, SPLIT, key, value)  # fmt: skip
+    tokens = torch.zeros(3, sum(q_lens), dtype=torch.int64).numpy()
+    step = StepInputs(tokens, starts.numpy(), batch.seq_lens.cpu().numpy(), [])
+    padded = pad_step(step, 48, 9)  # 13 padding tokens, then five empty sequences
+    extra = 48 - sum(q_lens)
+    pad_q = torch.cat([query, torch.randn(extra, 4, 32, dtype=torch.float16, device=device)])
+    pad_k = torch.cat([key, torch.randn(extra, 2, 32, dtype=torch.float16, device=device)])
+    pad_v = torch.cat([value, torch.randn(extra, 2, 32, dtype=torch.float16, device=device)])
+    table = torch.full((9, batch.block_tables.shape[1]), 10**6, dtype=torch.int32)
+    table[:3] = batch.block_tables.cpu()  # padding rows point nowhere: they must not be read
+    got = launch_prefill(
+        pad_q, *args, table.to(device), torch.from_numpy(padded.seq_lens).to(device),
+        torch.from_numpy(padded.query_start_loc).to(device), 32**-0.5, None, SPLIT, pad_k, pad_v,
+    )  # fmt: skip
+    assert torch.equal(got[: sum(q_lens)], want)
+    assert torch.isfinite(got[sum(q_lens) :]).all()  # the padding attends to its own keys
