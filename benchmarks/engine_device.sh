@@ -2,6 +2,8 @@
 # One device call for the engine's speed (issue 23). Parts, in the order given:
 #   tests    the GPU tests of the graphed prefill/mixed steps and the FP8 KV cache
 #   kernels  benchmarks/kernels.py, decode only: bf16 and FP8 caches, SDPA, split-plan sweep
+#   burst    benchmarks/itl_burst.py: decoders' ITL under a burst of prompts vs the burst's TTFT,
+#            per cap on prompt tokens while decoding (the scheduling trade-off)
 #   bench    benchmarks/engine.py on the llama-3-8b shape, variants side by side on one card:
 #            the landed engine (prefill/mixed steps eager, no cap on prompt tokens beside
 #            decodes, 8,192-token steps) and the new defaults, with a bf16 and an FP8 KV cache
@@ -21,6 +23,10 @@ for part in $parts; do
   kernels)
     timeout 200 python3 benchmarks/kernels.py --out "$OUT" --skip-prefill ${KERNELS_ARGS:-} 2>&1 \
       | tee "$OUT/kernels.log" | grep -E "^\| [0-9]|BEST|FAIL|Error" | head -40 ;;
+  burst)
+    timeout 240 python3 benchmarks/itl_burst.py --device cuda --shape llama-3-8b --model-cache /tmp/berth-models \
+      --decoders 128 --burst 32 --prompt-len 2048 --caps 0,1024,512,256 --out "$OUT/itl-burst.md" 2>&1 \
+      | tee "$OUT/itl-burst.log" | tail -12 ;;
   bench)
     common="--concurrency ${ENGINE_CONCURRENCY:-1,64,256} --skip-hf --out $OUT"
     for v in ${ENGINE_VARIANTS:-landed:8192:0:0:auto new:2048:2048:512:auto new-fp8:2048:2048:512:fp8}; do
