@@ -23,6 +23,23 @@ def quantized(batch: PagedBatch) -> tuple[torch.Tensor, ...]:
     return k, v, ks, vs
 
 
+def run_fp8_decode(
+    batch: PagedBatch, query: torch.Tensor, max_len: int, config: DecodeConfig | None
+) -> torch.Tensor:
+    """The kernel over the batch's cache quantized, checked against the reference's
+    dequantization of the same cache; returns the kernel's output."""
+    k, v, ks, vs = quantized(batch)
+    scale = query.shape[-1] ** -0.5
+    out = poisoned_like(query)
+    launch_decode(query, k, v, batch.block_tables, batch.seq_lens, scale, out, max_len, config,
+                  ks, vs)  # fmt: skip
+    expected = reference.paged_decode_attention(
+        query.double(), k, v, batch.block_tables, batch.seq_lens, scale, k_scale=ks, v_scale=vs
+    )
+    assert_close(out, expected, query.dtype)
+    return out
+
+
 def test_write_kernel_quantizes_like_the_reference(device: torch.device) -> None:
     torch.manual_seed(0)
     tokens, blocks, bs, heads, dim = 9, 4, 4, 3, 32
@@ -64,16 +81,8 @@ def test_fp8_decode_matches_the_dequantized_reference(
 ) -> None:
     seq_lens = [1, 37, 70]
     batch = random_paged_batch(seq_lens, 2, 32, 16, torch.float32, device)
-    k, v, ks, vs = quantized(batch)
     query = torch.randn(len(seq_lens), 2 * group, 32, dtype=dtype, device=device)
-    out = poisoned_like(query)
-    launch_decode(query, k, v, batch.block_tables, batch.seq_lens, 32**-0.5, out, 70, config,
-                  ks, vs)  # fmt: skip
-    expected = reference.paged_decode_attention(
-        query.double(), k, v, batch.block_tables, batch.seq_lens, 32**-0.5,
-        k_scale=ks, v_scale=vs,
-    )  # fmt: skip
-    assert_close(out, expected, dtype)
+    out = run_fp8_decode(batch, query, 70, config)
     exact = reference.paged_decode_attention(
         query.double(), batch.k_cache.double(), batch.v_cache.double(), batch.block_tables,
         batch.seq_lens, 32**-0.5,
@@ -140,13 +149,5 @@ def test_fp8_decode_full_shape_on_gpu(device: torch.device, dtype: torch.dtype) 
     """Llama-3-8B attention (32/8 heads, D 128) over 16-token pages, long and short sequences."""
     seq_lens = [4096, 1, 777, 2048]
     batch = random_paged_batch(seq_lens, 8, 128, 16, dtype, device)
-    k, v, ks, vs = quantized(batch)
     query = torch.randn(len(seq_lens), 32, 128, dtype=dtype, device=device)
-    out = poisoned_like(query)
-    launch_decode(query, k, v, batch.block_tables, batch.seq_lens, 128**-0.5, out, 4096, None,
-                  ks, vs)  # fmt: skip
-    expected = reference.paged_decode_attention(
-        query.double(), k, v, batch.block_tables, batch.seq_lens, 128**-0.5,
-        k_scale=ks, v_scale=vs,
-    )  # fmt: skip
-    assert_close(out, expected, dtype)
+    run_fp8_decode(batch, query, 4096, None)
