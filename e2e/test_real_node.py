@@ -92,8 +92,9 @@ def test_two_half_gpu_services_share_one_simulated_gpu_and_both_serve(
     wait_for(
         "earlier tests' pods to leave the real node", lambda: not tenants(cluster), timeout=120
     )
-    apply_docs(cluster, [real_service("left", namespace, tiny_model),
-                         real_service("right", namespace, tiny_model)])  # fmt: skip
+    right = real_service("right", namespace, tiny_model)
+    right["spec"]["runtime"]["kvCacheDtype"] = "fp8"  # and left keeps the model's fp32
+    apply_docs(cluster, [real_service("left", namespace, tiny_model), right])
 
     def both_ready() -> list[dict[str, Any]] | None:
         pods = [
@@ -109,6 +110,7 @@ def test_two_half_gpu_services_share_one_simulated_gpu_and_both_serve(
     share = RealNodeShape().gpu_memory_mib * 2**20 // 2
     for pod in pods:
         assert int(pod["metadata"]["annotations"][wire.POD_GPU_MEMORY_REQUEST]) == share
+    block_bytes = {}
     for name in ("left", "right"):
         ip = cluster_ip(cluster, name, namespace)
         answer = routed_post(f"http://{ip}:8000/v1/completions",
@@ -124,6 +126,12 @@ def test_two_half_gpu_services_share_one_simulated_gpu_and_both_serve(
         assert float(gauges["berth_gpu_memory_request_bytes"]) == share
         # The runtime sized its KV pool inside its share (the CPU build bounds a logical pool).
         assert 0 < float(gauges["berth_kv_cache_bytes"]) <= share
+        block_bytes[name] = float(gauges["berth_kv_cache_bytes"]) / float(
+            gauges["berth_kv_cache_blocks_total"]
+        )
+    # spec.runtime.kvCacheDtype reached the engine: right's blocks are e4m3, a quarter of
+    # fp32's bytes, plus a float32 scale per token and KV head.
+    assert block_bytes["left"] / 4 < block_bytes["right"] < block_bytes["left"] / 3, block_bytes
     # Both runtimes leased their shares from the node's agent, on the GPU they were bound to.
     ((_, uuid),) = gpus
     names = {f"{namespace}/{p['metadata']['name']}" for p in pods}
