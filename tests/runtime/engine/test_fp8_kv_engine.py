@@ -123,3 +123,15 @@ def test_fp8_chunks_stay_fine_grained_and_carry_their_scales() -> None:
     assert k_scale[blocks : 2 * blocks].eq(0).all()  # a new chunk reads as zeros
     arena.resize(0)
     assert arena.scales.untyped_storage().nbytes() == 0  # parked: nothing held
+
+
+def test_an_fp8_engine_parks_and_wakes_with_the_same_outputs(tiny_model: Path) -> None:
+    engine = _engine(tiny_model, "fp8", standby=True)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    before = [o.new_token_ids for o in engine.generate(list(prompts), params)]
+    engine.park()
+    assert engine.runner.arena.scales is not None
+    assert engine.runner.arena.scales.untyped_storage().nbytes() == 0  # scales freed too
+    engine.wake()
+    assert [o.new_token_ids for o in engine.generate(list(prompts), params)] == before
