@@ -5,8 +5,9 @@ then waiting ones in arrival order (FCFS), their prompts cut into chunks so that
 never stalls everyone's decoding. While any sequence decodes, prompt tokens get a smaller share
 (``max_prefill_tokens_while_decoding``): a step's time grows with its prompt tokens, and every
 decoding sequence waits for the whole step, so this bounds the inter-token latency a burst of
-prompts causes, at the price of a longer time to first token for long prompts. When the pool runs out of blocks the newest running sequence
-is preempted: it drops its blocks and later computes them again (mostly from the prefix cache).
+prompts causes, at the price of a longer time to first token for long prompts. When the pool
+runs out of blocks the newest running sequence is preempted: it drops its blocks and later
+computes them again (mostly from the prefix cache).
 """
 
 from __future__ import annotations
