@@ -77,141 +77,7 @@ def fp8_rows(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def kv_tiles_fp8(  # type: ignore[no-untyped-def]
-    table,
-    toks,
-    tok_ok,
-    prefix,
-    self_row0,
-    k_base,
-    v_base,
-    k_scale_base,
-    v_scale_base,
-    key_ptr,
-    value_ptr,
-    self_col,
-    dims,
-    stride_k_block,
-    stride_k_slot,
-    stride_v_block,
-    stride_v_slot,
-    stride_ks_block,
-    stride_ks_slot,
-    stride_vs_block,
-    stride_vs_slot,
-    stride_key_t,
-    stride_value_t,
-    BLOCK_SIZE: tl.constexpr,
-    V_LIKE_K: tl.constexpr,
-    WIDE_INDEX: tl.constexpr,
-    SELF_KV: tl.constexpr,
-):
-    """``kv_tiles`` over an FP8 cache, in float32: cached positions dequantized from the pages,
-    with SELF_KV the chunk's own from ``key``/``value`` (two loads, selected by value: the
-    sources differ in type)."""
-    cached = tok_ok & (toks < prefix) if SELF_KV else tok_ok
-    k_rows, v_rows = kv_rows(
-        table, toks, cached, k_base, v_base, stride_k_block, stride_k_slot,
-        stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
-    )  # fmt: skip
-    k = fp8_rows(k_rows, k_scale_base, table, toks, cached, dims, stride_ks_block,
-                 stride_ks_slot, BLOCK_SIZE)  # fmt: skip
-    v = fp8_rows(v_rows, v_scale_base, table, toks, cached, dims, stride_vs_block,
-                 stride_vs_slot, BLOCK_SIZE)  # fmt: skip
-    if SELF_KV:
-        own = tok_ok & (toks >= prefix)
-        rows = self_row0 + toks
-        if WIDE_INDEX:
-            rows = rows.to(tl.int64)
-        k_own = tl.load(
-            key_ptr + self_col + rows[:, None] * stride_key_t + dims[None, :],
-            mask=own[:, None],
-            other=0.0,
-        )
-        v_own = tl.load(
-            value_ptr + self_col + rows[:, None] * stride_value_t + dims[None, :],
-            mask=own[:, None],
-            other=0.0,
-        )
-        k = tl.where(own[:, None], k_own.to(tl.float32), k)
-        v = tl.where(own[:, None], v_own.to(tl.float32), v)
-    return k, v
-
-
-@triton.jit
 def kv_tiles(  # type: ignore[no-untyped-def]
-    table,
-    toks,
-    tok_ok,
-    prefix,
-    self_row0,
-    k_base,
-    v_base,
-    key_ptr,
-    value_ptr,
-    self_col,
-    dims,
-    stride_k_block,
-    stride_k_slot,
-    stride_v_block,
-    stride_v_slot,
-    stride_key_t,
-    stride_value_t,
-    BLOCK_SIZE: tl.constexpr,
-    V_LIKE_K: tl.constexpr,
-    WIDE_INDEX: tl.constexpr,
-    SELF_KV: tl.constexpr,
-):
-    """K and V tiles [N, D] of positions ``toks`` (zero where not ``tok_ok``) for a step that
-    may straddle the prefix's end: cached positions from the pages, with SELF_KV the chunk's own
-    from ``key``/``value`` rows ``self_row0 + toks``, columns from ``self_col`` (one load
-    each: row pointers are selected, not tiles)."""
-    if SELF_KV:
-        cached = toks < prefix
-        k_rows, v_rows = kv_rows(
-            table, toks, tok_ok & cached, k_base, v_base, stride_k_block, stride_k_slot,
-            stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
-        )  # fmt: skip
-        rows = self_row0 + toks
-        if WIDE_INDEX:
-            rows = rows.to(tl.int64)
-        k_rows = tl.where(cached, k_rows, key_ptr + self_col + rows * stride_key_t)
-        v_rows = tl.where(cached, v_rows, value_ptr + self_col + rows * stride_value_t)
-    else:
-        k_rows, v_rows = kv_rows(
-            table, toks, tok_ok, k_base, v_base, stride_k_block, stride_k_slot,
-            stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
-        )  # fmt: skip
-    k = tl.load(k_rows[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-    v = tl.load(v_rows[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-    return k, v
-
-
-def tma_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` [T, Hkv, D] if TMA can read it as a [T, Hkv * D] matrix (heads packed, 16-byte
-    aligned base and rows), else a packed copy. The engine's K (fresh from RoPE) and V (a view
-    of the fused QKV projection) both qualify as they are."""
-    row_bytes = t.stride(0) * t.element_size()
-    packed = t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
-    if packed and t.data_ptr() % 16 == 0 and row_bytes % 16 == 0:
-        return t
-    return t.contiguous() if not t.is_contiguous() else t.clone()
-
-
-def row_descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """TMA descriptor of ``t`` [T, Hkv, D] seen as [T, Hkv * D], one box = ``block_n`` rows of
-    one head."""
-    num_tokens, num_kv_heads, head_dim = t.shape
-    return TensorDescriptor(
-        base=t,
-        shape=[num_tokens, num_kv_heads * head_dim],
-        strides=[t.stride(0), 1],
-        block_shape=[block_n, head_dim],
-    )
-
-
-@triton.jit
-def cache_tiles(  # type: ignore[no-untyped-def]
     table,
     toks,
     tok_ok,
@@ -241,18 +107,79 @@ def cache_tiles(  # type: ignore[no-untyped-def]
     SELF_KV: tl.constexpr,
     FP8: tl.constexpr,
 ):
-    """``kv_tiles``, or ``kv_tiles_fp8`` (float32 tiles) over an FP8 cache."""
+    """K and V tiles [N, D] of positions ``toks`` (zero where not ``tok_ok``) for a step that
+    may straddle the prefix's end: cached positions from the pages, with SELF_KV the chunk's own
+    from ``key``/``value`` rows ``self_row0 + toks``, columns from ``self_col`` (one load
+    each: row pointers are selected, not tiles). Over an FP8 cache (``k_scale_base`` and
+    ``v_scale_base`` offset to the KV head) the tiles are float32: cached rows dequantized, the
+    chunk's own loaded apart and selected by value (the sources differ in type)."""
     if FP8:
-        k, v = kv_tiles_fp8(
-            table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
-            key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
-            stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
-            stride_key_t, stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
+        cached = tok_ok & (toks < prefix) if SELF_KV else tok_ok
+        k_rows, v_rows = kv_rows(
+            table, toks, cached, k_base, v_base, stride_k_block, stride_k_slot,
+            stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
         )  # fmt: skip
+        k = fp8_rows(k_rows, k_scale_base, table, toks, cached, dims, stride_ks_block,
+                     stride_ks_slot, BLOCK_SIZE)  # fmt: skip
+        v = fp8_rows(v_rows, v_scale_base, table, toks, cached, dims, stride_vs_block,
+                     stride_vs_slot, BLOCK_SIZE)  # fmt: skip
+        if SELF_KV:
+            own = tok_ok & (toks >= prefix)
+            rows = self_row0 + toks
+            if WIDE_INDEX:
+                rows = rows.to(tl.int64)
+            k_own = tl.load(
+                key_ptr + self_col + rows[:, None] * stride_key_t + dims[None, :],
+                mask=own[:, None],
+                other=0.0,
+            )
+            v_own = tl.load(
+                value_ptr + self_col + rows[:, None] * stride_value_t + dims[None, :],
+                mask=own[:, None],
+                other=0.0,
+            )
+            k = tl.where(own[:, None], k_own.to(tl.float32), k)
+            v = tl.where(own[:, None], v_own.to(tl.float32), v)
     else:
-        k, v = kv_tiles(
-            table, toks, tok_ok, prefix, self_row0, k_base, v_base, key_ptr, value_ptr, self_col,
-            dims, stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, stride_key_t,
-            stride_value_t, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX, SELF_KV,
-        )  # fmt: skip
+        if SELF_KV:
+            cached = toks < prefix
+            k_rows, v_rows = kv_rows(
+                table, toks, tok_ok & cached, k_base, v_base, stride_k_block, stride_k_slot,
+                stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+            )  # fmt: skip
+            rows = self_row0 + toks
+            if WIDE_INDEX:
+                rows = rows.to(tl.int64)
+            k_rows = tl.where(cached, k_rows, key_ptr + self_col + rows * stride_key_t)
+            v_rows = tl.where(cached, v_rows, value_ptr + self_col + rows * stride_value_t)
+        else:
+            k_rows, v_rows = kv_rows(
+                table, toks, tok_ok, k_base, v_base, stride_k_block, stride_k_slot,
+                stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
+            )  # fmt: skip
+        k = tl.load(k_rows[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        v = tl.load(v_rows[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
     return k, v
+
+
+def tma_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [T, Hkv, D] if TMA can read it as a [T, Hkv * D] matrix (heads packed, 16-byte
+    aligned base and rows), else a packed copy. The engine's K (fresh from RoPE) and V (a view
+    of the fused QKV projection) both qualify as they are."""
+    row_bytes = t.stride(0) * t.element_size()
+    packed = t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
+    if packed and t.data_ptr() % 16 == 0 and row_bytes % 16 == 0:
+        return t
+    return t.contiguous() if not t.is_contiguous() else t.clone()
+
+
+def row_descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """TMA descriptor of ``t`` [T, Hkv, D] seen as [T, Hkv * D], one box = ``block_n`` rows of
+    one head."""
+    num_tokens, num_kv_heads, head_dim = t.shape
+    return TensorDescriptor(
+        base=t,
+        shape=[num_tokens, num_kv_heads * head_dim],
+        strides=[t.stride(0), 1],
+        block_shape=[block_n, head_dim],
+    )

@@ -20,7 +20,7 @@ Those unmasked keys run in three loops: whole prefix steps through the page tabl
 the chunk's own keys by TMA tiles of the [T, Hkv * D] rows (no table, no per-row addresses, a
 deeper pipeline). The softmax scale folds into the exponent's FMA. benchmarks/results/
 kernels-notes.md has the measured effect of each choice. An FP8 cache's prefix is dequantized
-as it loads (``kv_tiles_fp8``, ``fp8_rows``); the chunk's own keys stay in the model's type.
+as it loads (``kv_tiles``, ``fp8_rows``); the chunk's own keys stay in the model's type.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from berth.kernels import checks
-from berth.kernels.kv_tiles import cache_tiles, fp8_rows, kv_rows, row_descriptor, tma_rows
+from berth.kernels.kv_tiles import fp8_rows, kv_rows, kv_tiles, row_descriptor, tma_rows
 
 LOG2E = 1.4426950408889634
 WIDE_INDEX_FROM = 2**31  # caches with element offsets this large index K/V in 64 bits
@@ -174,7 +174,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     band_end = tl.minimum(prefix + q_first + BLOCK_Q, seq_len)
     toks = diag_start + offsets
     tok_ok = toks < band_end
-    k, v = cache_tiles(
+    k, v = kv_tiles(
         table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
         key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
         stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
@@ -198,7 +198,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
     for tok0 in tl.range(diag_start + BLOCK_N, band_end, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
         tok_ok = toks < band_end
-        k, v = cache_tiles(
+        k, v = kv_tiles(
             table, toks, tok_ok, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
             key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
             stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
@@ -236,7 +236,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
         m, l_i, acc = _online_softmax_step(q, k_wide, v_wide, m, l_i, acc, qk_scale, None)
     for tok0 in tl.range(paged_end, self_start, BLOCK_N, num_stages=1):
         toks = tok0 + offsets
-        k, v = cache_tiles(
+        k, v = kv_tiles(
             table, toks, toks >= 0, prefix, self_row0, k_base, v_base, k_scale_base, v_scale_base,
             key_ptr, value_ptr, self_col, dims, stride_k_block, stride_k_slot, stride_v_block,
             stride_v_slot, stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,

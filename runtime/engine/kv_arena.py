@@ -101,7 +101,7 @@ class KvArena:
         self.num_chunks = 0
         self.max_blocks = max_chunks * layout.chunk_blocks
         self.slab_bytes = self.max_blocks * layout.slab_block_bytes  # one slab's span
-        values_bytes = 2 * layout.num_layers * self.slab_bytes
+        self.values_bytes = 2 * layout.num_layers * self.slab_bytes  # the scale slab starts here
         shape = (
             layout.num_layers,
             2,
@@ -124,7 +124,7 @@ class KvArena:
         if device.type == "cuda":
             from berth.runtime.engine.cuda_vmm import VirtualRange
 
-            total = values_bytes + self.max_blocks * layout.scale_block_bytes
+            total = self.values_bytes + self.max_blocks * layout.scale_block_bytes
             self._range = VirtualRange(total, device)
             if self._range.granularity != layout.granularity:
                 raise ValueError(
@@ -132,9 +132,9 @@ class KvArena:
                     f"{self._range.granularity}"
                 )
             whole = self._range.tensor(torch.uint8, (total,))
-            self.tensor = whole[:values_bytes].view(dtype).view(shape)
+            self.tensor = whole[: self.values_bytes].view(dtype).view(shape)
             if layout.fp8:
-                self.scales = whole[values_bytes:].view(torch.float32).view(scale_shape)
+                self.scales = whole[self.values_bytes :].view(torch.float32).view(scale_shape)
         else:
             self.tensor = torch.empty(shape, dtype=dtype, device=device)
             if layout.fp8:
@@ -201,7 +201,7 @@ class KvArena:
         pieces = [(s * self.slab_bytes + chunk * piece, piece) for s in range(2 * lay.num_layers)]
         if lay.fp8:
             scale_piece = lay.chunk_blocks * lay.scale_block_bytes
-            pieces.append((2 * lay.num_layers * self.slab_bytes + chunk * scale_piece, scale_piece))
+            pieces.append((self.values_bytes + chunk * scale_piece, scale_piece))
         return pieces
 
     def _map(self, chunk: int) -> None:

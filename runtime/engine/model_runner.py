@@ -585,7 +585,8 @@ class ModelRunner:
             self.prefill_hidden.clear()
             self.prefill_graph_sizes = []
             torch.cuda.synchronize(dev)
-        for size in reversed(graph_batch_sizes(n)):
+        decode_sizes = graph_batch_sizes(n)
+        for size in reversed(decode_sizes):
             meta = AttentionMetadata(
                 slot_mapping=self.d_tokens[2, :size],
                 block_tables=self.d_block_tables[:size],
@@ -598,7 +599,7 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[size], self.graph_logits[size] = graph, logits
         torch.cuda.synchronize(dev)
-        self.graph_sizes = graph_batch_sizes(n)
+        self.graph_sizes = decode_sizes
 
     def _capture_prefill_graphs(self, sizes: list[int]) -> _PoolHandle | None:
         """One prefill/mixed graph per token count, largest first; their shared memory pool."""
