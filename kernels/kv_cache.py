@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from berth.kernels import checks
+from berth.kernels import checks, reference
 
-FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # e4m3's largest finite value
-FP8_TINY: tl.constexpr = tl.constexpr(1e-12)  # an all-zero head still gets a usable scale
+# The reference's quantization rule, as constants the kernel can read.
+FP8_MAX: tl.constexpr = tl.constexpr(reference.FP8_MAX)
+FP8_TINY: tl.constexpr = tl.constexpr(reference.FP8_TINY)
 
 
 @triton.jit

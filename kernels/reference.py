@@ -14,15 +14,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from berth.kernels.checks import FP8
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, float64 for float64: never compute softmax in 16 bits."""
     return torch.promote_types(dtype, torch.float32)
 
 
-FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
-FP8_TINY = 1e-12
+FP8_TINY = 1e-12  # an all-zero row still gets a usable scale
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,16 +78,18 @@ def write_kv_cache(
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     block_size = k_cache.shape[1]
-    at = (slots // block_size, slots % block_size)  # (block, offset): FP8 blocks are strided
     for new, cache, scales in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
-        if cache.dtype == FP8:
-            if scales is None:
-                raise ValueError("an FP8 cache needs k_scale and v_scale")
-            quantized, scale = quantize_fp8(new[keep])
-            cache[at] = quantized
-            scales[at] = scale
-        else:
-            cache.view(-1, *cache.shape[2:])[slots] = new[keep].to(cache.dtype)
+        flat = cache.view(-1, *cache.shape[2:])  # [num_slots, Hkv, D]
+        if cache.dtype != FP8:
+            flat[slots] = new[keep].to(cache.dtype)
+            continue
+        if scales is None:
+            raise ValueError("an FP8 cache needs k_scale and v_scale")
+        quantized, scale = quantize_fp8(new[keep])
+        flat[slots] = quantized
+        # A layer's scales are a strided view (the engine keeps a block's scales for all
+        # layers together): indexed by (block, offset), not flattened.
+        scales[slots // block_size, slots % block_size] = scale
 
 
 def paged_decode_attention(
