@@ -29,11 +29,12 @@ host-to-device copy allows: 16 GB / 55.1 GB/s = 0.29 s) and the cold start (no B
 measurement; issue 20 cites NVIDIA Run:ai's 75-92 s for large models; 45 s is used here, with
 15 s and 90 s as sensitivity rows).
 
-Routing assumption: requests go to the least-loaded active replica; a parked replica is woken
-when every active one holds at least ``targetConcurrency`` requests (an endpoint picker that
-reads the runtimes' queue metrics, as the Gateway API Inference Extension's does). A plain
-Kubernetes Service round-robins over every Ready pod, parked ones included, which would wake
-them all under any load: Berth's loop does not take parked pods out of rotation today.
+Routing, as the operator does it: each tick the loop's ``routing.plan`` (the same code) keeps the
+decision's active replicas (at least one) in the Service's rotation, takes the rest out, parks
+those idle for ``DRAIN_S`` and wakes parked ones the decision wants active; a request goes to
+the least-loaded routed Ready replica (kube-proxy spreads at random: least-loaded is the kinder
+model), and a routed replica that is parked wakes on it. A scale-down removes unrouted pods
+first (their deletion cost is lower).
 
 Prints one table per scenario and writes benchmarks/results/autoscale.md.
 """
@@ -51,6 +52,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from berth.operator import routing
+from berth.operator.autoscale_loop import DRAIN_S
 from berth.operator.autoscaler import Policy, Sample, State, desired
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +71,7 @@ OUTPUT_TOKENS = 256
 SLOTS = 64  # streams per replica (the highest measured level)
 TARGET_CONCURRENCY = 32.0  # per replica, before the 70 % utilisation: both autoscalers
 KPA_GRACE_S = 30.0  # Knative's scale-to-zero-grace-period
+_names = itertools.count()
 
 
 # ---- calibration ---------------------------------------------------------------------------
@@ -156,10 +160,13 @@ def ramp_trace(
 
 @dataclass
 class Replica:
-    state: str  # starting (cold) | waking | active | parking | parked | draining
+    state: str  # starting (cold) | waking | active | parked | draining
     ready_at: float = 0.0
     in_flight: int = 0
     idle_since: float = 0.0
+    routed: bool = True  # in the Service's endpoints (pods are born routed)
+    unrouted_since: float | None = None
+    name: str = field(default_factory=lambda: f"r{next(_names)}")
 
     @property
     def holds_gpu(self) -> bool:
@@ -212,17 +219,20 @@ def simulate(arrivals: list[float], setup: Setup, seed: int, until: float) -> Ou
         out.ttft.append((arrival, t - arrival + first))
         push(t + first + OUTPUT_TOKENS * itl, "done", r)
 
+    def wake(r: Replica, t: float) -> None:
+        r.state, r.ready_at = "waking", t + setup.wake_s
+        out.wakes += 1
+        push(r.ready_at, "ready", r)
+
     def dispatch(arrival: float, t: float) -> bool:
-        active = [r for r in replicas if r.state in ("active", "waking") and r.in_flight < SLOTS]
-        best = min(active, key=lambda r: r.in_flight, default=None)
-        parked = [r for r in replicas if r.state == "parked"]
-        if parked and (best is None or best.in_flight >= TARGET_CONCURRENCY):
-            best = parked[0]
-            best.state, best.ready_at = "waking", t + setup.wake_s
-            out.wakes += 1
-            push(best.ready_at, "ready", best)
+        """To the least-loaded routed replica that is Ready (a parked one is: it wakes)."""
+        ready = ("active", "waking", "parked")
+        open_ = [r for r in replicas if r.routed and r.state in ready and r.in_flight < SLOTS]
+        best = min(open_, key=lambda r: (r.in_flight, r.state != "active"), default=None)
         if best is None:
             return False
+        if best.state == "parked":
+            wake(best, t)
         start(best, arrival, max(t, best.ready_at))
         return True
 
@@ -249,14 +259,12 @@ def simulate(arrivals: list[float], setup: Setup, seed: int, until: float) -> Ou
             assert isinstance(what, Replica)
             r = what
             r.in_flight -= 1
-            if queue and r.state in ("active", "waking"):
+            if queue and r.routed and r.state in ("active", "waking"):
                 start(r, queue.popleft(), max(t, r.ready_at))
             elif r.in_flight == 0:
                 r.idle_since = t
                 if r.state == "draining":
                     replicas.remove(r)
-                elif r.state == "parking":
-                    r.state = "parked"
                 elif setup.idle_park_s is not None:
                     push(t + setup.idle_park_s, "idle", r)
         elif kind == "ready":
@@ -299,22 +307,33 @@ def simulate(arrivals: list[float], setup: Setup, seed: int, until: float) -> Ou
                 replicas.append(Replica("starting", ready_at=t + setup.cold_start_s))
                 out.cold_starts += 1
                 push(t + setup.cold_start_s, "ready", replicas[-1])
-            order = {"parked": 0, "parking": 1, "starting": 2, "waking": 3, "active": 4}
-            for r in sorted(live, key=lambda r: (order[r.state], r.in_flight))[
+            # The operator's loop: routing first (operator/routing.py, the same code), so the
+            # ReplicaSet's scale-down takes unrouted pods first (their deletion cost is lower).
+            views = [
+                routing.Replica(r.name, r.routed, r.state == "parked",
+                                r.in_flight, True, r.unrouted_since)
+                for r in live if r.state != "starting"
+            ]  # fmt: skip
+            standby = setup.idle_park_s is not None and setup.policy.standby
+            change = routing.plan(views, decision.active, standby=standby, hold=decision.held,
+                                  now=t, drain_s=DRAIN_S)  # fmt: skip
+            for r in live:
+                if r.name in change.route:
+                    r.routed, r.unrouted_since = True, None
+                elif r.name in change.unroute:
+                    r.routed, r.unrouted_since = False, t
+                if r.name in change.park:
+                    r.state = "parked"
+                elif r.name in change.wake and r.state == "parked":
+                    wake(r, t)
+            order = {"parked": 0, "starting": 1, "waking": 2, "active": 3}
+            for r in sorted(live, key=lambda r: (r.routed, order[r.state], r.in_flight))[
                 : max(0, len(live) - wanted)
             ]:
                 if r.in_flight:
-                    r.state = "draining"
+                    r.state, r.routed = "draining", False
                 else:
                     replicas.remove(r)
-            # The decision's surplus takes no new requests and parks once its requests finish.
-            surplus = sum(r.state in ("active", "waking") for r in replicas) - decision.active
-            if setup.idle_park_s is not None and surplus > 0:
-                serving = sorted(
-                    (r for r in replicas if r.state == "active"), key=lambda r: r.in_flight
-                )
-                for r in serving[:surplus]:
-                    r.state = "parking" if r.in_flight else "parked"
             out.most_replicas = max(out.most_replicas, sum(r.state != "draining" for r in replicas))
     return out
 

@@ -48,6 +48,10 @@ POD_EGRESS_POLICY: Final = f"{GROUP}/egress-policy"
 # Labels on every object the operator renders.
 LABEL_SERVICE: Final = f"{GROUP}/inference-service"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+# On runtime pods: "true" puts the pod in its Service's endpoints (pods are born with it); the
+# autoscaler takes it off replicas its decision parks (operator/routing.py), and notes when.
+LABEL_ROUTED: Final = f"{GROUP}/routed"
+POD_UNROUTED_AT: Final = f"{GROUP}/unrouted-at"  # seconds since the epoch
 
 # Environment variables through which the runtime learns its GPU budget (downward API).
 ENV_GPU_MEMORY_REQUEST: Final = "BERTH_GPU_MEMORY_REQUEST"

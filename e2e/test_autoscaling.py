@@ -107,7 +107,13 @@ def test_berth_scales_up_on_concurrency_holds_without_metrics_and_parks_when_idl
         "prometheusUrl": prometheus.url,
     }
     service = service_manifest(
-        "scaled", namespace, 0.125, replicas=1, maxReplicas=4, autoscaling=autoscaling
+        "scaled",
+        namespace,
+        0.125,
+        replicas=1,
+        maxReplicas=4,
+        autoscaling=autoscaling,
+        standby={"idleSeconds": 30},
     )
     apply_docs(cluster, [service])
     first = wait_for("scaled's first pod ready", lambda: ready_pod_names(cluster, namespace))
@@ -126,13 +132,14 @@ def test_berth_scales_up_on_concurrency_holds_without_metrics_and_parks_when_idl
         lambda: get_json(cluster, "deployment", "scaled", "-n", namespace)["spec"]["replicas"] == 4,
         timeout=60,
     )
-    status = wait_for(
+    status = wait_for(  # 12 in flight keep all four resident (2 each) once the 6 s window fills
         "the autoscaler's status",
         lambda: (
             (s := get_json(cluster, "inferenceservice", "scaled", "-n", namespace)["status"]).get(
                 "desiredReplicas"
             )
             == 4
+            == s.get("activeReplicas")
             and s
         ),
     )

@@ -3,8 +3,9 @@ the real node serving the tiny model on the CPU, a real Prometheus scraping them
 only metric source here), and bounded closed-loop load through the Service's ClusterIP.
 
 One service of one to two replicas (the real node has two GPUs, and two replicas of one service
-never share a GPU): four clients scale it to two; down to one client, the surplus pod goes while
-that client keeps sending (a stopping pod drains); idle, the last replica parks (scale to
+never share a GPU): four clients scale it to two; down to one client, the surplus pod leaves the
+Service's rotation and is parked by the autoscaler while the scale-down delay keeps it, then it
+goes while that client keeps sending; idle, the last replica parks (scale to
 standby, not to zero: the node agent's ledger and ``status.standbyReplicas`` say so, the
 Deployment keeps it); two clients wake it and the count goes back up. Every request of the test
 is counted and none may fail.
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from berth import wire
 from berth.agent_protocol import TenantState, TenantView
 from berth.cluster.cluster import LocalCluster
 from berth.cluster.realnode import AGENT_SOCKET
@@ -47,7 +49,7 @@ AUTOSCALING = {
     "targetUtilization": 1.0,
     "stableWindowSeconds": 6,  # the CRD's least
     "panicWindowSeconds": 2,
-    "scaleDownDelaySeconds": 0,
+    "scaleDownDelaySeconds": 20,  # the surplus stays a while: out of the rotation and parked
     "metrics": "Prometheus",
 }
 
@@ -111,6 +113,14 @@ def ready_names(cluster: LocalCluster, namespace: str) -> set[str]:
     }
 
 
+def routing_labels(cluster: LocalCluster, namespace: str) -> dict[str, str]:
+    """Each pod's ``berth.dev/routed`` label (what the Service selects on)."""
+    return {
+        p["metadata"]["name"]: p["metadata"].get("labels", {}).get(wire.LABEL_ROUTED, "")
+        for p in berth_pods(cluster, namespace)
+    }
+
+
 def ledger(namespace: str) -> dict[str, TenantView]:
     """The node agent's tenants of ``namespace`` by pod name."""
     views = [t for g in AgentClient(str(AGENT_SOCKET)).ledger().gpus for t in g.tenants]
@@ -158,9 +168,28 @@ def test_real_pods_scale_up_under_load_down_while_serving_park_when_idle_and_wak
             timeout=60,
         )
 
-        # Down while serving: one client keeps sending as the surplus pod drains and goes.
+        # Down while serving: one client keeps sending. The surplus pod leaves the Service's
+        # rotation and the autoscaler parks it (its own idle timeout is far off) while the
+        # scale-down delay keeps it; then the count drops, and the pod that goes is that one.
         loads.append(trickle := Load(url, clients=1))
         load.end()
+        (surplus,) = wait_for(
+            "one pod out of the rotation",
+            lambda: [n for n, routed in routing_labels(cluster, namespace).items()
+                     if routed == "false"],
+            timeout=60,
+        )  # fmt: skip
+        wait_for(
+            "the surplus parked in the node agent's ledger",
+            lambda: (v := ledger(namespace).get(surplus)) and v.state == TenantState.PARKED,
+            timeout=30,
+        )
+        assert 'POST /admin/park HTTP/1.1" 200' in cluster.kubectl("logs", "-n", namespace, surplus)
+        assert deployment_replicas(cluster, namespace) == 2, "the delay still keeps it"
+        served = trickle.ok
+        wait_for("the client served while the surplus is parked",
+                 lambda: trickle.ok >= served + 3, timeout=60)  # fmt: skip
+        assert ledger(namespace)[surplus].state == TenantState.PARKED, "a request reached it"
         wait_for(
             "the count back to one",
             lambda: (
@@ -181,6 +210,7 @@ def test_real_pods_scale_up_under_load_down_while_serving_park_when_idle_and_wak
 
         # Idle: the last replica parks; the Deployment keeps it (standby, not zero).
         (last,) = ready_names(cluster, namespace)
+        assert last != surplus, "the scale-down removed the routed pod, not the parked one"
         view = wait_for(
             "the last replica parked in the node agent's ledger",
             lambda: (v := ledger(namespace).get(last)) and v.state == TenantState.PARKED and v,

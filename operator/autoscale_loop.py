@@ -22,6 +22,7 @@ Parking the surplus that a decision names is the runtimes' own idle timeout and 
 """
 
 import asyncio
+import base64
 import logging
 import time
 from collections import deque
@@ -33,7 +34,7 @@ import kopf
 from pydantic import ValidationError
 
 from berth import wire
-from berth.operator import api, autoscaler, render
+from berth.operator import api, autoscaler, render, routing
 from berth.operator.autoscaler import Decision, Policy, Sample, State
 from berth.operator.concurrency import (
     MetricsUnavailable,
@@ -51,6 +52,9 @@ from berth.operator.status import condition
 
 log = logging.getLogger(__name__)
 TICK_S = 2.0
+DRAIN_S = 2 * TICK_S  # out of the rotation this long before a park (kube-proxy catches up)
+ADMIN_TIMEOUT_S = 1.0
+ADMIN_RETRY_S = 10.0  # a park or wake not yet seen in the metrics is asked again after this
 API_VERSION = f"{wire.GROUP}/{wire.VERSION}"
 
 
@@ -61,21 +65,44 @@ def berth_mode(spec: kopf.Spec, **_: Any) -> bool:
 
 
 def ready_pods(pods: list[Obj]) -> list[PodTarget]:
-    """Pods the Service routes to (Ready, not terminating, with an IP), with the URL of their
-    ``/metrics`` on the container port named ``http`` (the rendered runtime's)."""
+    """Ready runtime pods (not terminating, with an IP), where their container port named
+    ``http`` (the rendered runtime's) answers, and whether the Service routes to them."""
     out = []
     for pod in pods:
-        status = pod.get("status") or {}
+        status, meta = pod.get("status") or {}, pod["metadata"]
         ready = condition(pod, "Ready").get("status") == "True"
-        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
+        if ready and status.get("podIP") and not meta.get("deletionTimestamp"):
             ports = [
                 p.get("containerPort")
                 for c in (pod.get("spec") or {}).get("containers") or []
                 for p in c.get("ports") or []
                 if p.get("name") == "http"
             ]
-            url = f"http://{status['podIP']}:{ports[0] if ports else render.PORT}/metrics"
-            out.append(PodTarget(pod["metadata"]["name"], url))
+            base = f"http://{status['podIP']}:{ports[0] if ports else render.PORT}"
+            routed = (meta.get("labels") or {}).get(wire.LABEL_ROUTED) == "true"
+            since = (meta.get("annotations") or {}).get(wire.POD_UNROUTED_AT)
+            out.append(PodTarget(meta["name"], base, routed, _seconds(since)))
+    return out
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
+
+
+def replicas_of(
+    targets: list[PodTarget], readings: dict[str, ReplicaReading]
+) -> list[routing.Replica]:
+    """The routing view of the ready pods; one whose metrics were not read is never parked."""
+    out = []
+    for t in targets:
+        read = readings.get(t.name)
+        in_flight, parked = (read.in_flight, read.parked) if read else (0.0, False)
+        out.append(
+            routing.Replica(t.name, t.routed, parked, in_flight, read is not None, t.unrouted_since)
+        )
     return out
 
 
@@ -102,6 +129,8 @@ class ServiceAutoscaler:
         self.state: State | None = None
         self.asked: tuple[int, int] | None = None  # (spec's count, count set) until it shows
         self.reported: tuple[int, int, str] | None = None
+        self.token: str | None = None  # the runtimes' admin token, read from their Secret
+        self.called: dict[tuple[str, str], float] = {}  # (pod, action) -> when last asked
 
     @property
     def key(self) -> tuple[str, str]:
@@ -119,13 +148,17 @@ class ServiceAutoscaler:
             self.state = State(current)
         elif self.state.replicas != current:  # someone else set spec.replicas: it is in force
             self.state = replace(self.state, replicas=current, active=None)
-        reading = await self._read(spec, now)
+        reading, targets, replicas = await self._read(spec, now)
         if reading is not None:
             self.samples.append(reading)
         while self.samples and self.samples[0].time <= now - policy.stable_window_s:
             self.samples.popleft()
         decision = autoscaler.desired(list(self.samples), policy, self.state, now)
         self.state = decision.state
+        # Route first: a scale-down then removes pods already out of the rotation.
+        change = routing.plan(replicas, decision.active, standby=policy.standby,
+                              hold=decision.held, now=now, drain_s=DRAIN_S)  # fmt: skip
+        await self._route(change, {t.name: t for t in targets}, now)
         scaled = decision.replicas != current
         if scaled:
             await self._scale(decision.replicas)
@@ -133,18 +166,26 @@ class ServiceAutoscaler:
         await self._report(decision, scaled)
         return decision
 
-    async def _read(self, spec: api.InferenceServiceSpec, now: float) -> Sample | None:
-        """This tick's sample; None when the source as a whole could not be read."""
+    async def _pods(self) -> list[Obj]:
+        """The service's pods, from the API server's watch cache (not a read from etcd)."""
         path = resource_path("v1", "Pod", self.namespace)
         selector = f"{wire.LABEL_SERVICE}={self.name}"
-        try:  # resourceVersion 0: from the API server's watch cache, not a read from etcd
-            listing = await asyncio.to_thread(
-                self.client.get, path, labelSelector=selector, resourceVersion="0"
-            )
+        listing = await asyncio.to_thread(
+            self.client.get, path, labelSelector=selector, resourceVersion="0"
+        )
+        items: list[Obj] = listing.get("items") or []
+        return items
+
+    async def _read(
+        self, spec: api.InferenceServiceSpec, now: float
+    ) -> tuple[Sample | None, list[PodTarget], list[routing.Replica]]:
+        """This tick's sample (None when the source as a whole could not be read), the ready
+        pods, and their routing view."""
+        try:
+            targets = ready_pods(await self._pods())
         except (KubeError, httpx.HTTPError) as error:
             log.warning("autoscaler %s/%s: listing pods failed: %s", *self.key, error)
-            return None
-        targets = ready_pods(listing.get("items") or [])
+            return None, [], []
         assert spec.autoscaling is not None
         readings: dict[str, ReplicaReading]
         if spec.autoscaling.metrics == "Prometheus" and spec.autoscaling.prometheus_url:
@@ -156,10 +197,73 @@ class ServiceAutoscaler:
                 readings = await source.read(matchers) if targets else {}
             except MetricsUnavailable as error:
                 log.warning("autoscaler %s/%s: %s", *self.key, error)
-                return None
+                return None, targets, replicas_of(targets, {})
         else:
             readings = await PodScraper(self.http).read(targets, now)
-        return sample([t.name for t in targets], readings, now)
+        taken = sample([t.name for t in targets], readings, now)
+        return taken, targets, replicas_of(targets, readings)
+
+    async def _route(self, change: routing.Plan, targets: dict[str, PodTarget], now: float) -> None:
+        """Move the routing label, then ask the runtimes to park and wake."""
+        for name in sorted(change.route | change.unroute):
+            body = routing.pod_patch(name in change.route, now)
+            path = resource_path("v1", "Pod", self.namespace, name)
+            try:
+                await asyncio.to_thread(self.client.merge_patch, path, body)
+            except KubeError as error:
+                if error.status != 404:  # a pod that just went is not worth a warning
+                    raise
+        if change.route or change.unroute:
+            log.info("autoscaler %s/%s: routed %s, unrouted %s", *self.key,
+                     sorted(change.route) or "none", sorted(change.unroute) or "none")  # fmt: skip
+        wanted = [(n, "park") for n in sorted(change.park)] + [(n, "wake") for n in change.wake]
+        calls = [c for c in wanted if self.called.get(c, -ADMIN_RETRY_S) + ADMIN_RETRY_S <= now]
+        self.called = {c: self.called.get(c, now) for c in wanted}  # forget the rest
+        self.called.update(dict.fromkeys(calls, now))
+        if calls and await self._admin_token() is not None:
+            await asyncio.gather(*(self._admin(targets[n], action) for n, action in calls))
+
+    async def _admin_token(self) -> str | None:
+        if self.token is None:
+            name = render.admin_secret_name(self.name)
+            path = resource_path("v1", "Secret", self.namespace, name)
+            try:
+                secret = await asyncio.to_thread(self.client.get, path)
+                raw = (secret.get("data") or {})[render.ADMIN_TOKEN_KEY]
+                self.token = base64.b64decode(raw).decode()
+            except (KubeError, httpx.HTTPError, KeyError, ValueError) as error:
+                log.warning("autoscaler %s/%s: no admin token from Secret %s: %s; parked "
+                            "replicas wake on requests, idle ones park on their own timeout",
+                            *self.key, name, error)  # fmt: skip
+        return self.token
+
+    async def _admin(self, pod: PodTarget, action: str) -> None:
+        """``POST /admin/park`` or ``/admin/wake``; the runtime acts on it at once and answers
+        when done, which need not be waited for: the next tick's metrics show the state."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            answer = await self.http.post(
+                f"{pod.base}/admin/{action}", headers=headers, timeout=ADMIN_TIMEOUT_S
+            )
+        except httpx.TimeoutException:
+            return
+        except httpx.HTTPError as error:
+            log.info("autoscaler %s/%s: %s %s: %s", *self.key, action, pod.name, error)
+            return
+        if answer.status_code in (401, 403):
+            self.token = None  # rotated: read it again
+        if answer.is_error:
+            log.warning("autoscaler %s/%s: %s %s: HTTP %d %s", *self.key, action, pod.name,
+                        answer.status_code, answer.text[:200])  # fmt: skip
+
+    async def put_all_back(self) -> None:
+        """Route every pod again: the service left Berth's autoscaling, so nothing moves the
+        label any more and a Service must reach all its replicas (parked ones wake on a
+        request)."""
+        for pod in await self._pods():
+            if (pod["metadata"].get("labels") or {}).get(wire.LABEL_ROUTED) != "true":
+                path = resource_path("v1", "Pod", self.namespace, pod["metadata"]["name"])
+                await asyncio.to_thread(self.client.merge_patch, path, routing.pod_patch(True, 0.0))
 
     async def _scale(self, replicas: int) -> None:
         """Set ``spec.replicas`` through the service's scale subresource."""
@@ -206,3 +310,11 @@ async def autoscale(
             except Exception:  # a bug: keep scaling the service on the next tick
                 log.exception("autoscaler %s/%s failed; next tick", *scaler.key)
             await stopped.wait(max(0.0, TICK_S - (time.monotonic() - started)))
+        if stopped.reason is not None and kopf.DaemonStoppingReason.FILTERS_MISMATCH in (
+            stopped.reason
+        ):
+            try:
+                await scaler.put_all_back()
+            except (KubeError, httpx.HTTPError) as error:
+                log.warning("autoscaler %s/%s: routing every pod again failed: %s", *scaler.key,
+                            error)  # fmt: skip

@@ -17,16 +17,16 @@ KPA (knative/serving ``pkg/autoscaler/scaling/autoscaler.go``), step by step:
 Berth's steps: the last replica is never removed (Berth has no activator to hold requests while
 no replica runs, and a request is what wakes a parked one); with standby on it parks. The
 decision names how many replicas run (``replicas``, at least ``max(minReplicas, 1)``) and how
-many of them should be ``active``; the rest are parked in host memory. Pods follow the stable window, as in KPA, because
-a new pod costs a cold start; residency follows the panic window (the larger count while
-panicking), because a wake costs a fraction of a second. So a replica kept only by the stable
-window's memory or by the scale-down delay parks and holds no GPU memory, and comes back with a
-wake rather than a cold start when demand returns. KPA's default delay is 0, which lets the count
-step by one around a boundary as the average moves with noise (every few ticks under steady
-Poisson load, shown in the tests); a removed GPU replica costs a cold start to bring back, so
-Berth's default delay is 120 s. A parked replica
-wakes on its own first request (the runtime does that), so demand reaching a parked replica shows
-up in its metrics and the next decision counts it active again.
+many of them should be ``active``; the rest are parked in host memory (the operator's loop takes
+them out of the Service's rotation and parks them, ``routing.py``). Pods follow the stable
+window, as in KPA, because a new pod costs a cold start; residency follows the panic window at
+the full ``targetConcurrency`` (no utilisation headroom, no panic mode), because a wake costs a
+fraction of a second: the headroom is there to carry demand while new pods cold-start. So a
+replica kept only by the stable window's memory, by panic or by the scale-down delay parks and
+holds no GPU memory, and comes back with a wake rather than a cold start when demand returns.
+KPA's default delay is 0, which lets the count step by one around a boundary as the average
+moves with noise (every few ticks under steady Poisson load, shown in the tests); a removed GPU
+replica costs a cold start to bring back, so Berth's default delay is 120 s.
 
 Missing or stale metrics never scale down: with no fresh sample, or a sample that could not read
 every ready replica, or a stable window not yet covered by samples (the operator just started),
@@ -98,7 +98,7 @@ class Policy:
         a, s = spec.autoscaling, spec.standby
         if a is None:
             raise ValueError("the service sets no spec.autoscaling")
-        standby = s is None or s.enabled
+        standby = s is not None and s.enabled  # the runtimes can park only with spec.standby
         return cls(
             target_concurrency=a.target_concurrency,
             target_utilization=a.target_utilization,
@@ -186,9 +186,9 @@ def desired(samples: Sequence[Sample], policy: Policy, state: State, now: float)
         wanted = (*(w for w in wanted if w[0] > now - policy.scale_down_delay_s), (now, count))
         kept = max(n for _, n in wanted)
     replicas = _bounded(kept, policy)
-    # Residency follows the panic window (a wake is cheap); the rest park. Without standby,
-    # every replica stays active.
-    now_count = count if panic_since is not None else min(want_panic, up_limit)
+    # Residency follows the panic window at the full target (a wake is cheap); the rest park.
+    # Without standby, every replica stays active.
+    now_count = min(math.ceil(panic / policy.target_concurrency), up_limit)
     active = max(min(now_count, replicas), min(policy.min_active_replicas, replicas))
     if not policy.standby:
         active = replicas

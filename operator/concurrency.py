@@ -48,10 +48,16 @@ class ReplicaReading:
 
 @dataclass(frozen=True)
 class PodTarget:
-    """A ready runtime pod and where its ``/metrics`` answers."""
+    """A ready runtime pod, where it answers, and whether its Service routes to it."""
 
     name: str
-    url: str
+    base: str  # http://<pod IP>:<port>
+    routed: bool = True
+    unrouted_since: float | None = None  # seconds since the epoch
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/metrics"
 
 
 def parse_metrics(text: str, observed: float) -> ReplicaReading:

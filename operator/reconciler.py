@@ -37,7 +37,7 @@ import kopf
 from pydantic import ValidationError
 
 from berth import wire
-from berth.operator import api, api_types, drift, render, sandbox
+from berth.operator import api, api_types, drift, render, routing, sandbox
 from berth.operator.events import record_event
 from berth.operator.kube import KubeClient, KubeError, Obj, resource_path
 from berth.operator.settings import OperatorSettings
@@ -321,6 +321,7 @@ async def _apply(
     objects = _render(service, generation, memo)
     if render.standby_enabled(service):
         await _ensure_admin_secret(memo, service)
+    await _route_unlabelled_pods(memo, service)
     for obj in objects:
         try:
             await asyncio.to_thread(memo.client.apply, obj)
@@ -355,6 +356,27 @@ async def _ensure_admin_secret(memo: Shared, service: api.InferenceService) -> N
             raise ApplyError(apply_failure(secret, error)) from error
     except httpx.HTTPError as error:
         raise ApplyError(apply_failure(secret, error)) from error
+
+
+async def _route_unlabelled_pods(memo: Shared, service: api.InferenceService) -> None:
+    """Label pods that predate the routing label as routed before the Service selects on it,
+    so that an operator upgrade does not empty the Service until the pods roll."""
+    namespace, name = _key(service)
+    selector = f"{wire.LABEL_SERVICE}={name},!{wire.LABEL_ROUTED}"
+    pods = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}'s pods"}}
+    try:
+        listing = await asyncio.to_thread(
+            memo.client.get, resource_path("v1", "Pod", namespace), labelSelector=selector
+        )
+        for pod in listing.get("items") or []:
+            path = resource_path("v1", "Pod", namespace, pod["metadata"]["name"])
+            try:
+                await asyncio.to_thread(memo.client.merge_patch, path, routing.pod_patch(True, 0))
+            except KubeError as error:
+                if error.status != 404:  # gone meanwhile: nothing to route
+                    raise
+    except (KubeError, httpx.HTTPError) as error:
+        raise ApplyError(apply_failure(pods, error)) from error
 
 
 def _key(service: api.InferenceService) -> Key:

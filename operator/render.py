@@ -268,7 +268,7 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
             },
             "template": {
                 "metadata": {
-                    "labels": {**pod.labels, **labels(name)},
+                    "labels": {**pod.labels, **labels(name), wire.LABEL_ROUTED: "true"},
                     "annotations": annotations,
                 },
                 "spec": pod_spec,
@@ -298,15 +298,16 @@ def standby_env(service: InferenceService) -> list[dict[str, Any]]:
     standby = service.spec.standby
     if standby is None or not standby.enabled:
         return []
-    token = {"secretKeyRef": {"name": admin_secret_name(service), "key": ADMIN_TOKEN_KEY}}
+    secret = admin_secret_name(service.metadata["name"])
+    token = {"secretKeyRef": {"name": secret, "key": ADMIN_TOKEN_KEY}}
     return [
         {"name": wire.ENV_STANDBY_IDLE_SECONDS, "value": str(standby.idle_seconds)},
         {"name": wire.ENV_ADMIN_TOKEN, "valueFrom": token},
     ]
 
 
-def admin_secret_name(service: InferenceService) -> str:
-    return f"{service.metadata['name']}-berth-admin"
+def admin_secret_name(service: str) -> str:
+    return f"{service}-berth-admin"
 
 
 def admin_secret(service: InferenceService, token: str) -> dict[str, Any]:
@@ -316,7 +317,7 @@ def admin_secret(service: InferenceService, token: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {**_metadata(service), "name": admin_secret_name(service)},
+        "metadata": {**_metadata(service), "name": admin_secret_name(service.metadata["name"])},
         "type": "Opaque",
         "stringData": {ADMIN_TOKEN_KEY: token},
     }
@@ -328,7 +329,8 @@ def service_object(service: InferenceService) -> dict[str, Any]:
         "kind": "Service",
         "metadata": _metadata(service),
         "spec": {
-            "selector": selector(service.metadata["name"]),
+            # Only routed pods: the autoscaler takes parked replicas out (operator/routing.py).
+            "selector": {**selector(service.metadata["name"]), wire.LABEL_ROUTED: "true"},
             "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }

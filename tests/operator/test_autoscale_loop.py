@@ -2,19 +2,27 @@
 that records the scale, status and event writes (the real API server is e2e/test_autoscaling.py)."""
 
 import asyncio
+import base64
 import copy
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from metrics_harness import serving
+from metrics_harness import runtime_registry, runtime_stubs, serving
 
 from berth import wire
 from berth.e2e.driven_prometheus import DrivenPrometheus
 from berth.operator import api, autoscaler
-from berth.operator.autoscale_loop import ServiceAutoscaler, berth_mode, ready_pods, status_patch
+from berth.operator.autoscale_loop import (
+    DRAIN_S,
+    ServiceAutoscaler,
+    berth_mode,
+    ready_pods,
+    status_patch,
+)
 from berth.operator.kube import Obj
+from berth.operator.routing import DELETION_COST
 
 INVOLVED = {
     "apiVersion": f"{wire.GROUP}/{wire.VERSION}",
@@ -22,6 +30,7 @@ INVOLVED = {
     "metadata": {"name": "llama", "namespace": "ml", "uid": "u-1"},
 }
 BASE = "/apis/berth.dev/v1alpha1/namespaces/ml/inferenceservices/llama"
+TOKEN = "s3cret"
 
 
 def pod(name: str, port: int, ready: bool = True, ip: str = "127.0.0.1", **meta: Any) -> Obj:
@@ -36,7 +45,8 @@ def pod(name: str, port: int, ready: bool = True, ip: str = "127.0.0.1", **meta:
 
 
 class FakeClient:
-    """Serves a pod list; records merge patches and posted events."""
+    """Serves a pod list and the admin Secret; records merge patches (and makes those of pods)
+    and posted events."""
 
     def __init__(self, pods: list[Obj]) -> None:
         self.pods = pods
@@ -44,12 +54,19 @@ class FakeClient:
         self.events: list[Obj] = []
 
     def get(self, path: str, **params: str) -> Obj:
+        if path == "/api/v1/namespaces/ml/secrets/llama-berth-admin":
+            return {"data": {"token": base64.b64encode(TOKEN.encode()).decode()}}
         assert path == "/api/v1/namespaces/ml/pods"
         assert params == {"labelSelector": f"{wire.LABEL_SERVICE}=llama", "resourceVersion": "0"}
         return {"items": copy.deepcopy(self.pods)}
 
     def merge_patch(self, path: str, body: Obj) -> None:
         self.patches.append((path, body))
+        if path.startswith("/api/v1/namespaces/ml/pods/"):
+            (pod,) = [p for p in self.pods if p["metadata"]["name"] == path.rsplit("/", 1)[1]]
+            for key in ("labels", "annotations"):
+                merged = {**pod["metadata"].get(key, {}), **body["metadata"][key]}
+                pod["metadata"][key] = {k: v for k, v in merged.items() if v is not None}
 
     def post(self, path: str, body: Obj) -> None:
         self.events.append(body)
@@ -58,7 +75,7 @@ class FakeClient:
 def spec(replicas: int, **autoscaling: Any) -> api.InferenceServiceSpec:
     return api.InferenceServiceSpec.model_validate(
         {"model": {"source": {"hostPath": {"path": "/m"}}}, "gpu": {"fraction": 0.5},
-         "replicas": replicas, "maxReplicas": 20,
+         "replicas": replicas, "maxReplicas": 20, "standby": {},
          "autoscaling": {"targetConcurrency": 2, **autoscaling}}
     )  # fmt: skip
 
@@ -188,3 +205,61 @@ def test_through_prometheus_up_held_while_it_is_down_then_parked_when_idle() -> 
     assert seen[-1].replicas == 1 and seen[-1].active == 0
     assert seen[-1].reason == autoscaler.TO_STANDBY
     assert any('pod=~"llama-' in q for q in prometheus.queries)
+
+
+def test_surplus_leaves_the_rotation_parks_after_the_drain_and_wakes_when_demand_returns() -> None:
+    """Three routed replicas, one request in flight: once the window is covered the two idle
+    ones leave the Service's rotation (label and deletion cost) before the scale-down, are asked
+    to park after the drain time with the Secret's token, and are routed and woken when demand
+    comes back."""
+    with runtime_stubs((1, 0, "active"), (0, 0, "active"), (0, 0, "active")) as stubs:
+        names = [f"llama-x-{i}" for i in range(3)]
+        routed = {"labels": {wire.LABEL_ROUTED: "true"}}
+        client = FakeClient(
+            [pod(n, s.server_port, **routed) for n, s in zip(names, stubs, strict=True)]
+        )
+        autoscaling = {"stableWindowSeconds": 6, "scaleDownDelaySeconds": 0}
+
+        def labels() -> dict[str, str]:
+            return {p["metadata"]["name"]: p["metadata"]["labels"][wire.LABEL_ROUTED]
+                    for p in client.pods}  # fmt: skip
+
+        async def go() -> list[autoscaler.Decision]:
+            nonlocal left, parked_at
+            seen = []
+            async with httpx.AsyncClient() as http:
+                scaler = ServiceAutoscaler(client, http, INVOLVED)  # type: ignore[arg-type]
+                replicas = 3
+                for step in range(20):
+                    now = 1000.0 + 2 * step
+                    if step == 12:  # parked now, and demand for five
+                        for stub in stubs[1:]:
+                            stub.registry = runtime_registry(0, 0, "standby")
+                        stubs[0].registry = runtime_registry(7, 0, "active")
+                    decision = await scaler.tick(spec(replicas, **autoscaling), now)
+                    replicas = decision.replicas
+                    seen.append(decision)
+                    if left is None and labels() == dict(
+                        zip(names, ["true", "false", "false"], strict=True)
+                    ):
+                        left = now
+                        scale = [i for i, (p, _) in enumerate(client.patches) if "scale" in p]
+                        unroute = [i for i, (p, _) in enumerate(client.patches) if "/pods/" in p]
+                        assert unroute and scale and max(unroute) < min(scale)
+                    if parked_at is None and stubs[1].admin_calls:
+                        parked_at = now
+            return seen
+
+        left: float | None = None
+        parked_at: float | None = None
+        seen = asyncio.run(go())
+        assert left is not None and parked_at is not None and parked_at - left >= DRAIN_S
+        parks = [s.admin_calls for s in stubs]
+        assert parks[0] == []
+        # The stubs do not change state when asked, so each ask is repeated once, 10 s later.
+        expected = [("/admin/park", TOKEN)] * 2 + [("/admin/wake", TOKEN)] * 2
+        assert parks[1] == parks[2] == expected
+        assert labels() == dict.fromkeys(names, "true")
+        assert seen[-1].active >= 3
+        unrouted = next(b for p, b in client.patches if p.endswith("llama-x-1"))
+        assert unrouted["metadata"]["annotations"][DELETION_COST] == "-1"

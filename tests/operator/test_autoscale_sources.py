@@ -35,7 +35,7 @@ def runtimes() -> Iterator[dict[str, str]]:
     """Three runtimes' /metrics on loopback: busy, parked with a queued request, and idle."""
     names = ["svc-abc-1", "svc-abc-2", "svc-abc-3"]
     with serving((3, 2, "active"), (0, 1, "standby"), (0, 0, "active")) as ports:
-        yield {n: f"http://127.0.0.1:{port}/metrics" for n, port in zip(names, ports, strict=True)}
+        yield {n: f"http://127.0.0.1:{port}" for n, port in zip(names, ports, strict=True)}
 
 
 def test_a_runtimes_exposition_gives_running_plus_waiting_and_its_state() -> None:
@@ -54,7 +54,7 @@ def test_an_exposition_without_the_in_flight_series_is_refused() -> None:
 def test_pods_that_answer_count_and_one_that_does_not_is_missing(runtimes: dict[str, str]) -> None:
     with socket.socket() as closed:  # a port that nothing listens on
         closed.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{closed.getsockname()[1]}/metrics"
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
     targets = [PodTarget(n, u) for n, u in runtimes.items()] + [PodTarget("svc-abc-4", dead)]
 
     async def read() -> dict[str, ReplicaReading]:

@@ -82,6 +82,11 @@ def needed(concurrency: float, policy: Policy = POLICY) -> int:
     return math.ceil(concurrency / policy.target)
 
 
+def resident(concurrency: float, policy: Policy = POLICY) -> int:
+    """Replicas kept active: a wake is cheap, so residency packs to the full target."""
+    return math.ceil(concurrency / policy.target_concurrency)
+
+
 def assert_rates_bounded(run: Run, policy: Policy = POLICY) -> None:
     """Every step stays within KPA's rates of the replicas ready at that tick, and the bounds."""
     previous = run.decisions[0].replicas
@@ -109,7 +114,9 @@ def test_the_policy_from_a_spec_has_knatives_defaults() -> None:
     policy = Policy.from_spec(spec)
     assert (policy.stable_window_s, policy.panic_window_s, policy.panic_threshold) == (60, 6, 2.0)
     assert policy.target_utilization == 0.7 and policy.target == pytest.approx(5.6)
-    assert (policy.min_replicas, policy.max_replicas, policy.standby) == (1, 4, True)
+    assert (policy.min_replicas, policy.max_replicas, policy.standby) == (1, 4, False)
+    with_standby = spec.model_copy(update={"standby": api.StandbySpec()})
+    assert Policy.from_spec(with_standby).standby  # only runtimes told to may park
     assert policy.scale_down_delay_s == 120 == BERTH.scale_down_delay_s
 
 
@@ -232,7 +239,8 @@ def test_idle_replicas_park_instead_of_going_away_and_come_back_under_load() -> 
     assert (idle.replicas, idle.active, idle.standby) == (1, 0, 1)
     assert idle.reason == autoscaler.TO_STANDBY
     back = run.at(606)
-    assert back.active == back.replicas >= needed(30)  # the panic window sees the return
+    assert back.replicas >= needed(30)  # the panic window sees the return
+    assert back.active == resident(30) < needed(30)
     assert_rates_bounded(run, BERTH)
 
 
@@ -241,8 +249,16 @@ def test_residency_follows_the_panic_window_while_pods_follow_the_stable_one() -
     park within seconds but stay for the stable window and the delay."""
     run = simulate(lambda t: 70.0 if t < 300 else 7.0, BERTH, duration_s=400, start=needed(70))
     after = run.at(320)
-    assert after.replicas == needed(70) and after.active == needed(7) == 1
+    assert after.replicas == needed(70) and after.active == resident(7) == 1
     assert after.reason == autoscaler.STEADY and "9 of them in standby" in after.message
+
+
+def test_residency_packs_to_the_full_target_while_pods_keep_the_utilisation_headroom() -> None:
+    """Pods are sized at 70 % of the target (a new one is a cold start away); replicas are kept
+    resident at 100 % (a parked one is a wake away), even while panicking."""
+    run = simulate(lambda t: 45.0, BERTH, duration_s=200, start=1)
+    last = run.decisions[-1]
+    assert last.replicas == needed(45) == 7 and last.active == resident(45) == 5
 
 
 def test_min_active_replicas_never_park() -> None:

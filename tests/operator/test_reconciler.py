@@ -26,12 +26,24 @@ class FakeClient:
         self.deleted: list[str] = []
         self.events: list[Obj] = []
         self.fail: dict[str, list[Exception]] = {}
+        self.unlabelled_pods: list[str] = []  # pods listed by the routing label's absence
+        self.writes: list[tuple[str, str]] = []  # ("apply", kind) and ("patch", path) in order
 
     def apply(self, obj: Obj, force: bool = True) -> None:
         failures = self.fail.get(obj["kind"])
         if failures:
             raise failures.pop(0)
         self.applied.append(copy.deepcopy(obj))
+        self.writes.append(("apply", obj["kind"]))
+
+    def get(self, path: str, **params: str) -> Obj:
+        assert path == "/api/v1/namespaces/ml/pods", path
+        assert params == {"labelSelector": f"{wire.LABEL_SERVICE}=llama,!{wire.LABEL_ROUTED}"}
+        return {"items": [{"metadata": {"name": n}} for n in self.unlabelled_pods]}
+
+    def merge_patch(self, path: str, body: Obj) -> None:
+        assert body["metadata"]["labels"] == {wire.LABEL_ROUTED: "true"}, body
+        self.writes.append(("patch", path))
 
     def delete(self, path: str) -> None:
         self.deleted.append(path)
@@ -111,6 +123,19 @@ def test_api_server_failures_are_retried_and_never_called_invalid_spec(
     reconcile(memo, service_body(), retry=1)  # the retry goes through and clears the condition
     assert failure(memo) is None
     assert [o["kind"] for o in memo.client.applied] == ["Deployment", "Service"]  # type: ignore[attr-defined]
+
+
+def test_pods_older_than_the_routing_label_are_routed_before_the_service_selects_on_it(
+    memo: reconciler.Shared,
+) -> None:
+    client: Any = memo.client
+    client.unlabelled_pods = ["llama-a-1", "llama-a-2"]
+    reconcile(memo, service_body(), reason="resume")
+    patches = [w for w in client.writes if w[0] == "patch"]
+    assert patches == [("patch", f"/api/v1/namespaces/ml/pods/llama-a-{i}") for i in (1, 2)]
+    assert client.writes.index(patches[-1]) < client.writes.index(("apply", "Service"))
+    service = next(o for o in client.applied if o["kind"] == "Service")
+    assert service["spec"]["selector"][wire.LABEL_ROUTED] == "true"
 
 
 def test_a_refused_object_is_invalid_spec_and_not_retried(memo: reconciler.Shared) -> None:
