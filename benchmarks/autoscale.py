@@ -189,9 +189,22 @@ class Setup:
 class Outcome:
     ttft: list[tuple[float, float]] = field(default_factory=list)  # (arrival, ttft)
     gpu_s: float = 0.0
+    gpu_by: dict[str, float] = field(default_factory=dict)  # seconds per use (see _use)
     cold_starts: int = 0
     wakes: int = 0
     most_replicas: int = 0
+
+
+USES = ("serving", "idle", "cold start", "waking")
+
+
+def _use(r: Replica) -> str:
+    """What a replica that holds its GPU share spends it on."""
+    if r.state == "starting":
+        return "cold start"
+    if r.state == "waking":
+        return "waking"
+    return "serving" if r.in_flight else "idle"
 
 
 def simulate(arrivals: list[float], setup: Setup, seed: int, until: float) -> Outcome:
@@ -250,6 +263,9 @@ def simulate(arrivals: list[float], setup: Setup, seed: int, until: float) -> Ou
         if t > until:
             break
         out.gpu_s += (t - last_t) * sum(r.holds_gpu for r in replicas)
+        for r in replicas:
+            if r.holds_gpu:
+                out.gpu_by[_use(r)] = out.gpu_by.get(_use(r), 0.0) + t - last_t
         last_t = t
         if kind == "arrive":
             arrival_i += 1
@@ -365,6 +381,7 @@ class Row:
     slo_after_idle: float
     p99: float
     gpu_h: float
+    gpu_by_h: dict[str, float]
     cold_starts: int
     wakes: int
     most: int
@@ -374,8 +391,9 @@ def summarize(name: str, out: Outcome, idle: set[float]) -> Row:
     under = [ttft < SLO_S for _, ttft in out.ttft]
     after = [ttft < SLO_S for a, ttft in out.ttft if a in idle]
     return Row(name, sum(under) / len(under), sum(after) / max(1, len(after)),
-               quantile([x for _, x in out.ttft], 0.99), out.gpu_s / 3600, out.cold_starts,
-               out.wakes, out.most_replicas)  # fmt: skip
+               quantile([x for _, x in out.ttft], 0.99), out.gpu_s / 3600,
+               {k: v / 3600 for k, v in out.gpu_by.items()}, out.cold_starts, out.wakes,
+               out.most_replicas)  # fmt: skip
 
 
 def day_table(rows: list[Row]) -> str:
@@ -389,6 +407,17 @@ def day_table(rows: list[Row]) -> str:
             f"| {r.name} | {100 * r.slo:.2f}% | {100 * r.slo_after_idle:.2f}% | {r.p99:.2f} | "
             f"{r.gpu_h:.1f} | {r.gpu_h / kpa:.0%} | {r.cold_starts} | {r.wakes} | {r.most} |"
         )
+    return "\n".join(lines)
+
+
+def use_table(rows: list[Row]) -> str:
+    lines = [
+        "| policy | GPU-hours | " + " | ".join(USES) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in USES) + " |",
+    ]
+    for r in rows:
+        uses = " | ".join(f"{r.gpu_by_h.get(u, 0.0):.2f}" for u in USES)
+        lines.append(f"| {r.name} | {r.gpu_h:.2f} | {uses} |")
     return "\n".join(lines)
 
 
@@ -479,6 +508,7 @@ def main() -> None:
         outcomes[name] = simulate(arrivals, setup, args.seed, DAY_S)
     rows = [summarize(name, outcomes[name], idle) for name, _ in runs]
     day = day_table(rows)
+    uses = use_table(rows)
 
     # 1 -> 16 replicas: in flight from one replica's target to sixteen's over 10 minutes.
     ramp_s, hold_s = 600.0, 300.0
@@ -570,6 +600,11 @@ Targets (issue 21), against KPA with the 45 s cold start:
 
 {verdict}
 
+Where the GPU-hours go (a replica holds its share while serving at least one request, idle
+but resident, cold-starting or waking; draining counts as serving):
+
+{uses}
+
 ## 1 to 16 replicas
 
 In flight rises from one replica's target ({per_replica:.1f}) to sixteen's over {ramp_s / 60:.0f}
@@ -590,16 +625,17 @@ Llama 3.1 8B service with no TTFT spikes).
   come from. Parked replicas cost no GPU, so a standby pool (minReplicas above the usual need, all
   parked while idle) or a long scale-down delay turns those cold starts into wakes; the pool is
   the configuration to compare with KPA on a bursty service.
-- Residency follows the 6 s window while pods follow the 60 s one (``autoscaler.py``): replicas
-  that the stable window still keeps park within seconds of the demand falling instead of holding
-  their GPU for the rest of the window.
+- Residency follows the 6 s window at the full target while pods follow the 60 s one at 70 %
+  (``autoscaler.py``): replicas that the stable window, panic or the delay still keep leave the
+  rotation and park within seconds of the demand falling instead of holding their GPU.
+- Most of every autoscaled policy's GPU time is replicas serving at least one request (the
+  table above): a Service spreads requests over every routed replica, so each resident one is
+  busy. That, not idle time, bounds what any autoscaler can save on this trace.
 
 ## What this does and does not show
 
-- Parked replicas are woken by the request that needs them only through an endpoint picker that
-  prefers active replicas (the routing assumption in `benchmarks/autoscale.py`'s docstring); the
-  operator's loop reports the active/standby split but does not take parked pods out of a
-  Service's rotation.
+- Routing is the operator's own decision (``routing.plan``); the Service's kube-proxy spreads
+  requests at random over the routed pods, which the simulation models as least-loaded.
 - Wake and cold-start times are estimates until issue 20's standby benchmark measures them;
   rerun with `--wake-s` and `--cold-start-s` set to the measured values.
 """

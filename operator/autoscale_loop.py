@@ -17,8 +17,11 @@ price of a second copy of the status board's pod cache.
 
 The autoscaler's state (samples, panic, delay window) lives in the daemon: a restarted operator
 starts over with an empty window, in which the decision never scales down (``WindowFilling``).
-Parking the surplus that a decision names is the runtimes' own idle timeout and the node agent's
-(``standby.idleSeconds``); the loop reports the split, it does not park pods itself.
+The decision's active/standby split is made real by routing (``routing.py``): before any scale
+the loop moves the ``berth.dev/routed`` label that the Service selects on, asks runtimes out of
+the rotation to park and parked ones that the decision wants active to wake (their admin
+endpoints, with the token of the service's admin Secret), and routes every pod again when the
+service leaves ``mode: berth``.
 """
 
 import asyncio

@@ -263,3 +263,21 @@ def test_surplus_leaves_the_rotation_parks_after_the_drain_and_wakes_when_demand
         assert seen[-1].active >= 3
         unrouted = next(b for p, b in client.patches if p.endswith("llama-x-1"))
         assert unrouted["metadata"]["annotations"][DELETION_COST] == "-1"
+
+
+def test_leaving_berth_mode_routes_every_pod_again() -> None:
+    out = {"labels": {wire.LABEL_ROUTED: "false"}, "annotations": {wire.POD_UNROUTED_AT: "1.0"}}
+    client = FakeClient([pod("llama-x-0", 1, labels={wire.LABEL_ROUTED: "true"}),
+                         pod("llama-x-1", 1, **out), pod("llama-x-2", 1, ready=False, **out)])  # fmt: skip
+
+    async def go() -> None:
+        async with httpx.AsyncClient() as http:
+            await ServiceAutoscaler(client, http, INVOLVED).put_all_back()  # type: ignore[arg-type]
+
+    asyncio.run(go())
+    assert [p for p, _ in client.patches] == [
+        "/api/v1/namespaces/ml/pods/llama-x-1",
+        "/api/v1/namespaces/ml/pods/llama-x-2",
+    ]
+    assert all(p["metadata"]["labels"][wire.LABEL_ROUTED] == "true" for p in client.pods)
+    assert all(wire.POD_UNROUTED_AT not in p["metadata"]["annotations"] for p in client.pods[1:])
