@@ -14,6 +14,7 @@ is counted and none may fail.
 import json
 import threading
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,11 @@ def routing_labels(cluster: LocalCluster, namespace: str) -> dict[str, str]:
     }
 
 
+def closes_connections(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return bool(answer.headers.get("connection", "").lower() == "close")
+
+
 def ledger(namespace: str) -> dict[str, TenantView]:
     """The node agent's tenants of ``namespace`` by pod name."""
     views = [t for g in AgentClient(str(AGENT_SOCKET)).ledger().gpus for t in g.tenants]
@@ -186,6 +192,12 @@ def test_real_pods_scale_up_under_load_down_while_serving_park_when_idle_and_wak
         )
         assert 'POST /admin/park HTTP/1.1" 200' in cluster.kubectl("logs", "-n", namespace, surplus)
         assert deployment_replicas(cluster, namespace) == 2, "the delay still keeps it"
+        ip = get_json(cluster, "pod", surplus, "-n", namespace)["status"]["podIP"]
+        wait_for(  # so keep-alive clients pinned to it reconnect through the Service
+            "the surplus to close connections after each response (its labels file)",
+            lambda: closes_connections(f"http://{ip}:{render.PORT}/health"),
+            timeout=90,
+        )
         served = trickle.ok
         wait_for("the client served while the surplus is parked",
                  lambda: trickle.ok >= served + 3, timeout=60)  # fmt: skip

@@ -178,7 +178,10 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
     pod_info = {
         "name": "pod-info",
         "downwardAPI": {
-            "items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
+            "items": [
+                {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+                {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+            ]
         },
     }
     mounts = [

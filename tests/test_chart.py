@@ -279,6 +279,8 @@ def test_namespaced_rbac(helm: Path) -> None:
     assert not cluster_rules & namespace_rules
     assert not {r for r in cluster_rules if r[0] in ("berth.dev", "networking.k8s.io", "policy")}
     assert ("", "secrets", "create") in namespace_rules
+    # The autoscaler: the admin token to park and wake, the routing label on pods.
+    assert {("", "secrets", "get"), ("", "pods", "patch")} <= namespace_rules
     assert ("", "pods/binding", "create") in cluster_rules  # the scheduler binds anywhere
     assert ("berth.dev", "inferenceservices/finalizers", "update") in namespace_rules
 

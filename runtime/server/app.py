@@ -33,6 +33,7 @@ from berth.runtime.server.metrics import (
 from berth.runtime.server.openapi import ERRORS, PROBE, generation_responses, install_openapi
 from berth.runtime.server.prompts import PromptEncoder, prompt_byte_limit
 from berth.runtime.server.protocol import ModelCard, ModelList
+from berth.runtime.server.rotation import Rotation
 from berth.runtime.server.settings import ServerSettings
 from berth.runtime.server.standby import StandbyState
 
@@ -62,6 +63,7 @@ class ModelServer:
         self.registry = CollectorRegistry()
         self.metrics = RequestMetrics(self.registry, self.model_name)
         self.draining = False  # SIGTERM came: /ready fails (admitting ends when the loop closes)
+        self.rotation = Rotation(settings.pod_info_dir)
         self.model: ServedModel | None = None
         self.loop = EngineLoop(
             engine_factory,
@@ -162,9 +164,10 @@ def get_server(request: Request) -> ModelServer:
     return server
 
 
-class CloseWhileDraining:
-    """ASGI middleware: once the server drains, every response closes its connection, so that
-    keep-alive clients reconnect (to another replica) instead of reusing this one."""
+class CloseConnections:
+    """ASGI middleware: while the server drains, or its pod is out of the Service's rotation
+    (``rotation.py``), every response closes its connection, so that keep-alive clients
+    reconnect (to another replica) instead of reusing this one."""
 
     def __init__(self, app: ASGIApp, server: ModelServer) -> None:
         self.app = app
@@ -176,7 +179,8 @@ class CloseWhileDraining:
             return
 
         async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start" and self.server.draining:
+            closing = self.server.draining or self.server.rotation.out()
+            if message["type"] == "http.response.start" and closing:
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
@@ -205,7 +209,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastA
 
     app = FastAPI(title="Berth model server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
-    app.add_middleware(CloseWhileDraining, server=server)
+    app.add_middleware(CloseConnections, server=server)
     install_error_handlers(app, server.count_error)
 
     @app.get("/health", responses=PROBE)

@@ -44,6 +44,7 @@ class ServerSettings(BaseModel):
     keep_alive_timeout_s: int = Field(5, ge=1)
     max_connections: int = Field(1024, ge=1)
     memory: MemoryBudget = MemoryBudget()
+    pod_info_dir: str = wire.POD_INFO_DIR  # the downward API's files (labels: rotation.py)
     # Warm standby (standby.py): off unless idle_s is set; admin_token (wire.ENV_ADMIN_TOKEN)
     # authenticates POST /admin/park and /admin/wake (none: they answer 403).
     standby: StandbyPolicy = StandbyPolicy()

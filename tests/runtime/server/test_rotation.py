@@ -1,0 +1,62 @@
+"""A pod out of its Service's rotation closes keep-alive connections after each response, so
+clients reconnect through the Service (runtime/server/rotation.py)."""
+
+import time
+from pathlib import Path
+
+import httpx
+from server_harness import running_server
+
+from berth import wire
+from berth.runtime.engine import EngineConfig
+from berth.runtime.server.rotation import LABELS_FILE, READ_EVERY_S, Rotation
+
+
+def write_labels(pod_info: Path, routed: str) -> None:
+    """As the kubelet writes the downward API's labels file."""
+    text = f'app.kubernetes.io/name="berth-runtime"\n{wire.LABEL_ROUTED}="{routed}"\n'
+    (pod_info / LABELS_FILE).write_text(text)
+
+
+def test_the_label_is_read_at_most_once_a_second(tmp_path: Path) -> None:
+    clock = [100.0]
+    rotation = Rotation(tmp_path, clock=lambda: clock[0])
+    assert not rotation.out()  # no file: not under the operator, routed
+    write_labels(tmp_path, "false")
+    assert not rotation.out()  # within the second
+    clock[0] += READ_EVERY_S
+    assert rotation.out()
+    write_labels(tmp_path, "true")
+    clock[0] += READ_EVERY_S
+    assert not rotation.out()
+    (tmp_path / LABELS_FILE).write_text('other="x"\n')  # no label at all: routed
+    clock[0] += READ_EVERY_S
+    assert not rotation.out()
+
+
+def test_out_of_the_rotation_every_response_closes_its_connection(
+    engine_config: EngineConfig, tmp_path: Path
+) -> None:
+    write_labels(tmp_path, "true")
+    with (
+        running_server(engine_config, pod_info_dir=str(tmp_path)) as server,
+        httpx.Client(base_url=server.base_url, timeout=60) as client,
+    ):
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+        first = client.post("/v1/completions", json=body)
+        assert first.status_code == 200 and first.headers.get("connection") != "close"
+        write_labels(tmp_path, "false")
+        answers = []
+        deadline = time.monotonic() + 5 * READ_EVERY_S  # the label shows within a second
+        while time.monotonic() < deadline:
+            answers.append(client.post("/v1/completions", json=body))
+            if answers[-1].headers.get("connection") == "close":
+                break
+        assert all(a.status_code == 200 for a in answers)  # served, then told to go
+        assert answers[-1].headers.get("connection") == "close"
+        assert client.get("/health").headers.get("connection") == "close"
+        write_labels(tmp_path, "true")
+        deadline = time.monotonic() + 5 * READ_EVERY_S
+        while client.get("/health").headers.get("connection") == "close":
+            assert time.monotonic() < deadline, "still closing connections once routed again"
+            time.sleep(0.1)
