@@ -8,8 +8,8 @@ born with it), and the autoscaler's loop moves the label each tick:
 
 - the routed set has the decision's ``active`` pods, and at least one: a request must always
   reach a replica, and a request is what wakes a parked one (Berth has no activator);
-- it prefers pods that are resident (a wake costs a fraction of a second, a cold start nothing
-  here but still a request's wait), then pods already routed (no churn), then the busiest;
+- it prefers pods that are resident (routing a parked one costs its first request a wake), then
+  pods already routed (no churn), then the busiest;
 - a pod out of rotation for ``drain_s`` (long enough for kube-proxy to stop sending it new
   connections) with nothing in flight is parked by the loop; its own idle timeout
   (``standby.idleSeconds``) would park it too, later;
@@ -50,10 +50,6 @@ class Plan:
     unroute: frozenset[str] = frozenset()  # pods to take out of it
     park: frozenset[str] = frozenset()  # out of it long enough, idle and still resident
     wake: frozenset[str] = frozenset()  # parked but wanted active
-
-    @property
-    def empty(self) -> bool:
-        return not (self.route or self.unroute or self.park or self.wake)
 
 
 def plan(

@@ -179,8 +179,9 @@ class CloseConnections:
             return
 
         async def send_closing(message: Message) -> None:
-            closing = self.server.draining or self.server.rotation.out()
-            if message["type"] == "http.response.start" and closing:
+            if message["type"] == "http.response.start" and (
+                self.server.draining or self.server.rotation.out()
+            ):
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
