@@ -1,7 +1,7 @@
 """Autoscaling policies on a simulated day: Berth (scale to standby) against Knative's KPA (scale
 to zero, cold starts) and a fixed replica count, then a 1 to 16 replica ramp.
 
-    python benchmarks/autoscale.py [--cold-start-s 45] [--wake-s 0.35] [--seed 1]
+    python benchmarks/autoscale.py [--cold-start-s 46.5] [--wake-s 0.335] [--seed 1]
 
 Every policy runs the same pure decision, ``berth.operator.autoscaler.desired``, every 2 s on
 the same request trace; only the policy differs:
@@ -23,11 +23,11 @@ TTFT by concurrency (p50 / p90 at 1, 16 and 64 streams) and inter-token latency 
 ``benchmarks/results/serve-h100.md`` (llama-3-8b, 512 prompt + 256 output tokens, H100); a
 replica serves at most 64 streams (the highest measured level); a request's TTFT is drawn from
 the measured quantiles at the replica's concurrency, plus its time in a queue, a wake or a cold
-start. Not measured yet, so estimates given on the command line and printed as such: the wake
-time (issue 20's target, 0.35 s for 16 GB, is what PLATFORM.md's measured 55.1 GB/s pinned
-host-to-device copy allows: 16 GB / 55.1 GB/s = 0.29 s) and the cold start (no Berth
-measurement; issue 20 cites NVIDIA Run:ai's 75-92 s for large models; 45 s is used here, with
-15 s and 90 s as sensitivity rows).
+start. The wake (0.335 s) and the cold start (46.5 s: a new process, imports, CUDA start-up,
+16 GB of weights from local disk with the page cache dropped, first token) are Berth's own,
+measured on the H200 (``benchmarks/results/standby-h200.md``); a pod's cold start adds image
+pull, scheduling and container start, so 46.5 s is its floor, and 15 s and 90 s are
+sensitivity rows.
 
 Routing, as the operator does it: each tick the loop's ``routing.plan`` (the same code) keeps the
 decision's active replicas (at least one) in the Service's rotation, takes the rest out, parks
@@ -396,12 +396,12 @@ def summarize(name: str, out: Outcome, idle: set[float]) -> Row:
                out.most_replicas)  # fmt: skip
 
 
-def day_table(rows: list[Row]) -> str:
+def day_table(rows: list[Row], kpa_name: str) -> str:
     lines = [
         "| policy | TTFT < 1 s | after idle < 1 s | TTFT p99 (s) | GPU-hours | vs KPA | cold starts | wakes | most replicas |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    kpa = next(r for r in rows if r.name.startswith("KPA") and "45" in r.name).gpu_h
+    kpa = next(r for r in rows if r.name == kpa_name).gpu_h
     for r in rows:
         lines.append(
             f"| {r.name} | {100 * r.slo:.2f}% | {100 * r.slo_after_idle:.2f}% | {r.p99:.2f} | "
@@ -438,11 +438,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--cold-start-s", type=float, default=45.0, help="ESTIMATE: new replica to first token"
+        "--cold-start-s", type=float, default=46.5, help="new replica to first token (measured)"
     )
-    parser.add_argument(
-        "--wake-s", type=float, default=0.35, help="ESTIMATE: parked to serving (issue 20's target)"
-    )
+    parser.add_argument("--wake-s", type=float, default=0.335, help="parked to serving (measured)")
     parser.add_argument(
         "--idle-park-s", type=float, default=30.0, help="Berth's standby.idleSeconds in this run"
     )
@@ -467,6 +465,7 @@ def main() -> None:
         scale_down_delay_s=0,
     )
     berth = Policy(target_concurrency=TARGET_CONCURRENCY)
+    kpa_name = f"KPA, cold start {args.cold_start_s:g} s"
     runs: list[tuple[str, Setup]] = [
         (
             "Berth (defaults)",
@@ -496,7 +495,7 @@ def main() -> None:
             ),
         ),
         (
-            f"KPA, cold start {args.cold_start_s:.0f} s",
+            kpa_name,
             Setup("kpa", kpa, args.cold_start_s, grace_s=KPA_GRACE_S),
         ),
         ("KPA, cold start 15 s", Setup("kpa15", kpa, 15.0, grace_s=KPA_GRACE_S)),
@@ -507,7 +506,7 @@ def main() -> None:
     for name, setup in runs[1:]:
         outcomes[name] = simulate(arrivals, setup, args.seed, DAY_S)
     rows = [summarize(name, outcomes[name], idle) for name, _ in runs]
-    day = day_table(rows)
+    day = day_table(rows, kpa_name)
     uses = use_table(rows)
 
     # 1 -> 16 replicas: in flight from one replica's target to sixteen's over 10 minutes.
@@ -526,7 +525,7 @@ def main() -> None:
             ),
         ),
         (
-            f"from 1 replica, new ones cold-start in {args.cold_start_s:.0f} s (KPA, or Berth without a pool)",
+            f"from 1 replica, new ones cold-start in {args.cold_start_s:g} s (KPA, or Berth without a pool)",
             Setup("r-cold", berth, args.cold_start_s),
         ),
     ]
@@ -547,7 +546,7 @@ def main() -> None:
         )
     ramp_table = "\n".join(ramp_lines)
 
-    kpa_row = next(r for r in rows if r.name.startswith("KPA, cold start 45"))
+    kpa_row = next(r for r in rows if r.name == kpa_name)
     lines = []
     for row in (r for r in rows if r.name.startswith("Berth")):
         checks = [
@@ -569,7 +568,7 @@ def main() -> None:
 {stamp}; `python benchmarks/autoscale.py {command}`;
 {len(arrivals)} requests over one day (seed {args.seed}); {time.monotonic() - started:.0f} s on {platform.node() or "this machine"}.
 A simulation, not a cluster run: the decisions are the operator's own `autoscaler.desired`, the
-service times come from recorded measurements, two inputs are estimates (below).
+service times, wake and cold start come from recorded measurements (below).
 
 ## Inputs
 
@@ -579,8 +578,8 @@ service times come from recorded measurements, two inputs are estimates (below).
 | TTFT p99 | p90 x {P99_OVER_P90:.2f} | measured ratio at 64 streams, same file (its 16-stream p99, 1.60 s from 96 requests, is one slow request) |
 | inter-token latency p50 at 1, 16, 64 streams | 7.08, 8.36, 12.54 ms | measured: same file |
 | streams per replica | {SLOTS} | the highest level measured in the same file |
-| wake (parked -> serving) | {args.wake_s} s | **estimate**: not measured yet (`benchmarks/standby.py` of issue 20); 16 GB at the 55.1 GB/s pinned copy measured in PLATFORM.md is 0.29 s |
-| cold start (new replica -> serving) | {args.cold_start_s} s (rows at 15 and 90 s) | **estimate**: not measured for Berth; issue 20 cites Run:ai's 75-92 s |
+| wake (parked -> serving) | {args.wake_s} s | measured: `benchmarks/results/standby-h200.md` (llama-3-8b, 16 GB, H200; first token after a wake 0.346 s) |
+| cold start (new replica -> serving) | {args.cold_start_s} s (rows at 15 and 90 s) | measured: same file (new process to first token, model files not cached); a pod adds scheduling and container start |
 | targetConcurrency | {TARGET_CONCURRENCY:.0f} (x 0.7 utilisation), both autoscalers | this run's setting |
 | Berth standby.idleSeconds | {args.idle_park_s} s | this run's setting |
 | KPA scale-to-zero grace | {KPA_GRACE_S:.0f} s | Knative's default |
@@ -596,7 +595,7 @@ cold-starting, waking or draining; a parked replica holds none.
 
 {day}
 
-Targets (issue 21), against KPA with the 45 s cold start:
+Targets (issue 21), against KPA with the measured cold start ({args.cold_start_s:g} s):
 
 {verdict}
 
@@ -636,8 +635,9 @@ Llama 3.1 8B service with no TTFT spikes).
 
 - Routing is the operator's own decision (``routing.plan``); the Service's kube-proxy spreads
   requests at random over the routed pods, which the simulation models as least-loaded.
-- Wake and cold-start times are estimates until issue 20's standby benchmark measures them;
-  rerun with `--wake-s` and `--cold-start-s` set to the measured values.
+- Wake and cold start are measured on the H200 (`standby-h200.md`); TTFT and inter-token
+  latency by concurrency are the H100's (`serve-h100.md`): the serving benchmark has not been
+  rerun on the H200.
 """
     args.out.write_text(report)
     print(day)

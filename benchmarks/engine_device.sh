@@ -32,7 +32,7 @@ for part in $parts; do
     for v in ${ENGINE_VARIANTS:-landed:8192:0:0:auto new:2048:2048:512:auto new-fp8:2048:2048:512:fp8}; do
       IFS=: read -r tag budget graphs cap kv <<<"$v"
       echo "== $tag: step budget $budget, prefill graphs up to $graphs tokens, prompt cap $cap, KV $kv"
-      timeout 240 python3 benchmarks/engine.py $common --tag "-$tag" --max-num-batched-tokens "$budget" \
+      timeout 240 python3 benchmarks/engine.py $common --tag="-$tag" --max-num-batched-tokens "$budget" \
         --max-prefill-graph-tokens "$graphs" --max-prefill-tokens-while-decoding "$cap" \
         --kv-cache-dtype "$kv" 2>&1 | tee "$OUT/engine-$tag.log" \
         | grep -E "^\| [0-9]|TTFT|engine up|model ready|Error|error" | head -20

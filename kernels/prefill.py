@@ -224,12 +224,12 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer a
             table, tok0 + paged_offsets, None, k_base, v_base, stride_k_block, stride_k_slot,
             stride_v_block, stride_v_slot, BLOCK_SIZE, V_LIKE_K, WIDE_INDEX,
         )  # fmt: skip
-        if FP8:
-            toks = tok0 + paged_offsets
-            k_wide = fp8_rows(k_rows, k_scale_base, table, toks, None, dims, stride_ks_block,
-                              stride_ks_slot, BLOCK_SIZE).to(dtype)  # fmt: skip
-            v_wide = fp8_rows(v_rows, v_scale_base, table, toks, None, dims, stride_vs_block,
-                              stride_vs_slot, BLOCK_SIZE).to(dtype)  # fmt: skip
+        if FP8:  # (not ``toks``: a loop-carried name must keep its [BLOCK_N] shape)
+            paged_toks = tok0 + paged_offsets
+            k_wide = fp8_rows(k_rows, k_scale_base, table, paged_toks, None, dims,
+                              stride_ks_block, stride_ks_slot, BLOCK_SIZE).to(dtype)  # fmt: skip
+            v_wide = fp8_rows(v_rows, v_scale_base, table, paged_toks, None, dims,
+                              stride_vs_block, stride_vs_slot, BLOCK_SIZE).to(dtype)  # fmt: skip
         else:
             k_wide = tl.load(k_rows[:, None] + dims[None, :])  # [PAGED_N, D]
             v_wide = tl.load(v_rows[:, None] + dims[None, :])
