@@ -188,11 +188,14 @@ class Setup:
 @dataclass
 class Outcome:
     ttft: list[tuple[float, float]] = field(default_factory=list)  # (arrival, ttft)
-    gpu_s: float = 0.0
     gpu_by: dict[str, float] = field(default_factory=dict)  # seconds per use (see _use)
     cold_starts: int = 0
     wakes: int = 0
     most_replicas: int = 0
+
+    @property
+    def gpu_s(self) -> float:
+        return sum(self.gpu_by.values())
 
 
 USES = ("serving", "idle", "cold start", "waking")
@@ -262,10 +265,10 @@ def simulate(arrivals: list[float], setup: Setup, seed: int, until: float) -> Ou
             t, kind, what = next_arrival, "arrive", None
         if t > until:
             break
-        out.gpu_s += (t - last_t) * sum(r.holds_gpu for r in replicas)
         for r in replicas:
             if r.holds_gpu:
-                out.gpu_by[_use(r)] = out.gpu_by.get(_use(r), 0.0) + t - last_t
+                use = _use(r)
+                out.gpu_by[use] = out.gpu_by.get(use, 0.0) + t - last_t
         last_t = t
         if kind == "arrive":
             arrival_i += 1

@@ -50,7 +50,7 @@ from berth.operator.concurrency import (
 )
 from berth.operator.events import now_rfc3339, record_event
 from berth.operator.kube import KubeClient, KubeError, Obj, resource_path
-from berth.operator.reconciler import RESOURCE, Shared
+from berth.operator.reconciler import RESOURCE, Shared, route_pods
 from berth.operator.status import condition
 
 log = logging.getLogger(__name__)
@@ -263,10 +263,8 @@ class ServiceAutoscaler:
         """Route every pod again: the service left Berth's autoscaling, so nothing moves the
         label any more and a Service must reach all its replicas (parked ones wake on a
         request)."""
-        for pod in await self._pods():
-            if (pod["metadata"].get("labels") or {}).get(wire.LABEL_ROUTED) != "true":
-                path = resource_path("v1", "Pod", self.namespace, pod["metadata"]["name"])
-                await asyncio.to_thread(self.client.merge_patch, path, routing.pod_patch(True, 0.0))
+        selector = f"{wire.LABEL_SERVICE}={self.name},{wire.LABEL_ROUTED}!=true"  # unset too
+        await route_pods(self.client, self.namespace, selector)
 
     async def _scale(self, replicas: int) -> None:
         """Set ``spec.replicas`` through the service's scale subresource."""

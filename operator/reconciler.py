@@ -358,24 +358,30 @@ async def _ensure_admin_secret(memo: Shared, service: api.InferenceService) -> N
         raise ApplyError(apply_failure(secret, error)) from error
 
 
+async def route_pods(client: KubeClient, namespace: str, selector: str) -> None:
+    """Put the pods that ``selector`` matches into their Service's rotation (the routing
+    label on, the autoscaler's annotations off); a pod gone meanwhile is skipped."""
+    listing = await asyncio.to_thread(
+        client.get, resource_path("v1", "Pod", namespace), labelSelector=selector
+    )
+    for pod in listing.get("items") or []:
+        path = resource_path("v1", "Pod", namespace, pod["metadata"]["name"])
+        try:
+            await asyncio.to_thread(client.merge_patch, path, routing.pod_patch(True, 0))
+        except KubeError as error:
+            if error.status != 404:
+                raise
+
+
 async def _route_unlabelled_pods(memo: Shared, service: api.InferenceService) -> None:
     """Label pods that predate the routing label as routed before the Service selects on it,
     so that an operator upgrade does not empty the Service until the pods roll."""
     namespace, name = _key(service)
     selector = f"{wire.LABEL_SERVICE}={name},!{wire.LABEL_ROUTED}"
-    pods = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}'s pods"}}
     try:
-        listing = await asyncio.to_thread(
-            memo.client.get, resource_path("v1", "Pod", namespace), labelSelector=selector
-        )
-        for pod in listing.get("items") or []:
-            path = resource_path("v1", "Pod", namespace, pod["metadata"]["name"])
-            try:
-                await asyncio.to_thread(memo.client.merge_patch, path, routing.pod_patch(True, 0))
-            except KubeError as error:
-                if error.status != 404:  # gone meanwhile: nothing to route
-                    raise
+        await route_pods(memo.client, namespace, selector)
     except (KubeError, httpx.HTTPError) as error:
+        pods = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}'s pods"}}
         raise ApplyError(apply_failure(pods, error)) from error
 
 

@@ -57,6 +57,10 @@ class FakeClient:
         if path == "/api/v1/namespaces/ml/secrets/llama-berth-admin":
             return {"data": {"token": base64.b64encode(TOKEN.encode()).decode()}}
         assert path == "/api/v1/namespaces/ml/pods"
+        unrouted = f"{wire.LABEL_SERVICE}=llama,{wire.LABEL_ROUTED}!=true"
+        if params == {"labelSelector": unrouted}:  # as the API server selects: unset counts
+            return {"items": [copy.deepcopy(p) for p in self.pods
+                              if p["metadata"].get("labels", {}).get(wire.LABEL_ROUTED) != "true"]}  # fmt: skip
         assert params == {"labelSelector": f"{wire.LABEL_SERVICE}=llama", "resourceVersion": "0"}
         return {"items": copy.deepcopy(self.pods)}
 
