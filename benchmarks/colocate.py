@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -315,10 +315,11 @@ def serving(
     models: dict[str, Model],
     budgets: Budgets,
     ctx: dict[str, str],
+    extra: Sequence[str] = (),
 ) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
     """One ``berth serve`` per model, started together, each with its budget in the env vars
-    a pod gets and the agent's socket; yields (shape -> URL of those that turned ready,
-    shape -> the log's tail of those that did not), so one failed start costs only its turns."""
+    a pod gets and the agent's socket, plus ``extra`` flags; yields (shape -> URL of those
+    that turned ready, shape -> the log's tail of those that did not), so one failed start costs only its turns."""
     paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
     # What the requests need (one block spare), not the shapes' own (131072 for llama-3.2-1b).
     max_len = args.prompt_tokens + args.output_tokens + 16
@@ -344,7 +345,7 @@ def serving(
                        "--no-access-log", "--log-level", "info", "--shutdown-delay", "0",
                        "--max-waiting-requests", "1024",
                        "--max-num-seqs", str(args.max_num_seqs),
-                       "--max-model-len", str(max_len)]  # fmt: skip
+                       "--max-model-len", str(max_len), *extra]  # fmt: skip
             with _log(ctx, layout, shape).open("w") as sink:
                 processes[shape] = subprocess.Popen(
                     command, stdout=sink, stderr=subprocess.STDOUT, env=env

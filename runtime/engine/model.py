@@ -259,6 +259,10 @@ class CausalLM(nn.Module):
         norm = self.model.norm
         return self.pointwise.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``hidden``; into ``out`` [rows, vocab] when given (a CUDA graph writes
+        every batch size's logits into one buffer instead of keeping one per size)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if out is None:
+            return F.linear(hidden, weight)
+        return torch.mm(hidden, weight.t(), out=out)

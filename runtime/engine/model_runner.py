@@ -291,12 +291,10 @@ class ModelRunner:
         ]
         self._host_flip = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.graph_logits: dict[int, torch.Tensor] = {}
         self.graph_sizes: list[int] = []
         self.num_graph_replays = 0
         # Prefill/mixed graphs by token count; each has room for ``graph_seqs`` sequences.
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.prefill_hidden: dict[int, torch.Tensor] = {}
         self.prefill_graph_sizes: list[int] = []
         self.num_prefill_graph_replays = 0
         self.graph_seqs = self.max_num_seqs + 1  # and one for the padding tokens
@@ -480,7 +478,7 @@ class ModelRunner:
             self._fill_pending(self.d_tokens[0], seqs, pending, from_device)
             self.graphs[graph_size].replay()
             self.num_graph_replays += 1
-            return self.graph_logits[graph_size][:b]
+            return self.d_logits[:b]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=self.h_tokens[2, :b].to(dev),
@@ -551,13 +549,17 @@ class ModelRunner:
         self.d_block_tables[:b, :width].copy_(self.h_block_tables[:b, :width], non_blocking=True)
         self.prefill_graphs[size].replay()
         self.num_prefill_graph_replays += 1
-        return self.prefill_hidden[size]
+        return self.d_hidden[:size]
 
     # ---- CUDA graphs ----------------------------------------------------------------------
 
     def _capture_graphs(self, config: EngineConfig) -> None:
         """Capture the prefill/mixed graphs, then the decode graphs, largest first, all in one
-        memory pool (they never run at once)."""
+        memory pool (they never run at once). Their outputs go to two buffers outside the pool
+        (hidden states of the largest prefill graph, logits of the largest batch), so the pool
+        holds only what one graph needs while it runs: a graph that kept its own output would
+        keep it in the pool for good (Llama-3-8B: 0.6 GB of logits over the decode sizes, which
+        the KV cache gets instead and a parked runtime does not hold)."""
         dev = self.device
         n, s = self.max_num_seqs, self.graph_seqs
         self.d_tokens = torch.zeros((3, n), dtype=torch.int64, device=dev)
@@ -576,13 +578,15 @@ class ModelRunner:
         self.np_prefill_seqs = self.h_prefill_seqs.numpy()
         self.d_prefill_tokens = torch.zeros((3, top), dtype=torch.int64, device=dev)
         self.d_prefill_seqs = torch.zeros((2, s + 1), dtype=torch.int32, device=dev)
+        cfg = self.model.config
+        self.d_hidden = torch.empty((top, cfg.hidden_size), dtype=self.dtype, device=dev)
+        self.d_logits = torch.empty((n, cfg.vocab_size), dtype=self.dtype, device=dev)
         pool = None
         try:
             pool = self._capture_prefill_graphs(sizes)
         except Exception as e:  # graphs are an optimisation: prefill still runs eagerly
             log.warning("prefill/mixed steps run eagerly: capturing their graphs failed (%s)", e)
             self.prefill_graphs.clear()
-            self.prefill_hidden.clear()
             self.prefill_graph_sizes = []
             torch.cuda.synchronize(dev)
         decode_sizes = graph_batch_sizes(n)
@@ -594,10 +598,10 @@ class ModelRunner:
                 query_start_loc=None,
                 max_seq_len=self.max_model_len,
             )
-            step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta)
-            graph, logits = self._capture(step, pool)
+            step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta, size)
+            graph = self._capture(step, pool)
             pool = graph.pool()
-            self.graphs[size], self.graph_logits[size] = graph, logits
+            self.graphs[size] = graph
         torch.cuda.synchronize(dev)
         self.graph_sizes = decode_sizes
 
@@ -622,24 +626,28 @@ class ModelRunner:
                 max_seq_len=self.max_model_len,
             )
             ids, positions = self.d_prefill_tokens[0, :size], self.d_prefill_tokens[1, :size]
-            graph, hidden = self._capture(functools.partial(self.model, ids, positions, meta), pool)
+            graph = self._capture(
+                functools.partial(self._prefill_hidden, ids, positions, meta), pool
+            )
             pool = graph.pool()
-            self.prefill_graphs[size], self.prefill_hidden[size] = graph, hidden
+            self.prefill_graphs[size] = graph
         self.prefill_graph_sizes = sizes
         return pool
 
-    def _decode_logits(self, tokens: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model.logits(self.model(tokens[0], tokens[1], meta))
+    def _decode_logits(self, tokens: torch.Tensor, meta: AttentionMetadata, size: int) -> None:
+        self.model.logits(self.model(tokens[0], tokens[1], meta), out=self.d_logits[:size])
 
-    def _capture(
-        self, run: Callable[[], torch.Tensor], pool: _PoolHandle | None
-    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Run once eagerly (compile, autotune), then capture ``run`` into ``pool``; the
-        graph and its output, kept alive."""
+    def _prefill_hidden(
+        self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        self.d_hidden[: ids.shape[0]].copy_(self.model(ids, positions, meta))
+
+    def _capture(self, run: Callable[[], None], pool: _PoolHandle | None) -> torch.cuda.CUDAGraph:
+        """Run once eagerly (compile, autotune), then capture ``run`` into ``pool``."""
         with torch.inference_mode():
             run()
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = run()
-        return graph, out
+                run()
+        return graph

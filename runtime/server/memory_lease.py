@@ -150,6 +150,7 @@ class MemoryLease:
         self._wakes = 0  # wakes begun: a park that ends after a wake began says nothing
         self._woken = False  # granted a wake; until the engine's state shows it resident
         self._warned = False
+        self._refused: str | None = None  # the code of the agent's last refusal
         self._loading_held = 0  # what to report before ``attach``
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -175,21 +176,33 @@ class MemoryLease:
         """Before the engine loads anything: register holding nothing, and wait until the grant
         covers the request (the agent may first have to reclaim another tenant's burst). An
         unreachable agent, or one that refuses the registration, is not waited for: the GPU
-        scheduler reserved the request, so the runtime starts within it and retries later."""
+        scheduler reserved the request, so the runtime starts within it and retries later.
+        Except in warm standby: the scheduler overcommits standby tenants' memory (only the
+        resident ones must fit), so a refusal because the GPU is full is not a reservation
+        broken but a turn to wait for: until another tenant idles and the agent parks it.
+        Loading anyway would take memory that a resident tenant holds."""
         waited, said = 0.0, 0.0
         while True:
             delay = self.cycle_safely()
-            if not self.registered or self.granted_bytes >= self.budget.request_bytes:
-                self._loading_held = self.budget.request_bytes
-                return
+            if self.registered and self.granted_bytes >= self.budget.request_bytes:
+                break
+            if not self.registered and not self._waits_for_room():
+                break
             if waited - said >= 10.0 or said == 0.0:
                 log.info(
-                    "waiting for the node agent to grant the request (%d of %d MiB granted)",
-                    self.granted_bytes >> 20, self.budget.request_bytes >> 20,
+                    "waiting for the node agent to %s the request (%d of %d MiB granted)",
+                    "grant" if self.registered else "admit (another tenant must park first)",
+                    self.granted_bytes >> 20 if self.registered else 0,
+                    self.budget.request_bytes >> 20,
                 )  # fmt: skip
                 said = max(waited, 1e-9)
             time.sleep(delay)
             waited += delay
+        self._loading_held = self.budget.request_bytes
+
+    def _waits_for_room(self) -> bool:
+        """Refused admission: wait for a turn (standby, GPU full), or start within the request."""
+        return self.settings.can_park and self._refused == "request_does_not_fit"
 
     def cycle(self) -> float:
         """Register or heartbeat once, act on the reply; returns seconds until the next cycle."""
@@ -240,7 +253,7 @@ class MemoryLease:
                     idle_s=max(0.0, state.idle_s) if state else 0.0,
                 )
             )  # fmt: skip
-        self._warned = False
+        self._warned, self._refused = False, None
         self.granted_bytes = reply.granted_bytes
         return reply
 
@@ -263,6 +276,7 @@ class MemoryLease:
         return reply
 
     def _failed(self, e: AgentError) -> float:
+        self._refused = e.code
         if e.code == "unknown_tenant":
             log.warning("the node agent no longer knows this tenant; registering again")
             self.registered = False
@@ -279,8 +293,10 @@ class MemoryLease:
                 self._resize(self.budget.request_bytes)
             self.stopped = True
             return self.interval_s
-        # Unreachable, or refused (409 does not fit, 503 recovering): serve within what is held.
-        (log.warning if not self._warned else log.debug)("%s; serving within the request", e)
+        # Unreachable, or refused (409 does not fit, 503 recovering): serve within what is held,
+        # or (standby, not admitted yet) wait for a turn.
+        then = "waiting for a turn" if self._waits_for_room() else "serving within the request"
+        (log.warning if not self._warned else log.debug)("%s; %s", e, then)
         self._warned = True
         return RETRY_S if e.unreachable or not self.registered else self.interval_s
 

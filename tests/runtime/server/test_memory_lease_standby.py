@@ -160,6 +160,45 @@ def test_a_wake_that_begins_before_an_asked_park_ends_keeps_the_grant(
             newcomer.end()
 
 
+def test_a_standby_runtime_refused_on_a_full_gpu_waits_its_turn_instead_of_loading(
+    agent: AgentProcess,
+) -> None:
+    """The scheduler overcommits standby tenants: a newcomer may find the GPU held by resident
+    ones. It must not load into their memory: it waits until one idles and the agent parks it.
+    A runtime without standby, refused, starts within its request at once (its request was
+    reserved by the scheduler)."""
+    busy, busy_engine = tenant(agent, "busy", can_park=False)
+    resident, resident_engine = tenant(agent, "resident", can_park=True)
+    busy_engine.in_flight = resident_engine.in_flight = 1
+    budget = GpuBudget(REQUEST, REQUEST, GPU)
+
+    def newcomer(name: str, can_park: bool) -> MemoryLease:
+        settings = LeaseSettings(str(agent.socket), f"test/{name}", f"{name}-1", can_park)
+        return MemoryLease(AgentClient(str(agent.socket)), settings, budget, GPU)
+
+    plain = newcomer("plain", can_park=False)
+    started = time.monotonic()
+    plain.admit()
+    assert not plain.registered and time.monotonic() - started < 1.0
+
+    late = newcomer("late", can_park=True)
+    admitted = threading.Thread(target=late.admit, daemon=True)
+    try:
+        until("busy heartbeats", lambda: states(agent)["test/resident"] == "active")
+        admitted.start()
+        admitted.join(2.5)  # two refusals, one a second: still waiting
+        assert admitted.is_alive() and not late.registered
+        resident_engine.in_flight, resident_engine.idle_s = 0, 3.0  # idles: the agent parks it
+        admitted.join(10.0)
+        assert not admitted.is_alive() and late.registered and late.granted_bytes == REQUEST
+        assert resident_engine.parked and resident.standby
+        assert states(agent)["test/resident"] == "parked"
+    finally:
+        late.end()
+        resident.end()
+        busy.end()
+
+
 def pending(agent: AgentProcess, name: str, request: int) -> MemoryLease:
     """A runtime that registers and heartbeats without waiting for its grant (it maps nothing
     while it waits for room)."""
