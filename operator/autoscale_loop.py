@@ -19,9 +19,9 @@ The autoscaler's state (samples, panic, delay window) lives in the daemon: a res
 starts over with an empty window, in which the decision never scales down (``WindowFilling``).
 The decision's active/standby split is made real by routing (``routing.py``): before any scale
 the loop moves the ``berth.dev/routed`` label that the Service selects on, asks runtimes out of
-the rotation to park and parked ones that the decision wants active to wake (their admin
-endpoints, with the token of the service's admin Secret), and routes every pod again when the
-service leaves ``mode: berth``.
+the rotation to park (and, when the decision wants none active, the idle one kept in it), and
+parked ones that the decision wants active to wake (their admin endpoints, with the token of
+the service's admin Secret), and routes every pod again when the service leaves ``mode: berth``.
 """
 
 import asyncio

@@ -24,6 +24,9 @@ the full ``targetConcurrency`` (no utilisation headroom, no panic mode), because
 fraction of a second: the headroom is there to carry demand while new pods cold-start. So a
 replica kept only by the stable window's memory, by panic or by the scale-down delay parks and
 holds no GPU memory, and comes back with a wake rather than a cold start when demand returns.
+The last replica is no exception: with nothing in flight over the panic window (and
+``minActiveReplicas`` 0) ``active`` is 0 and the operator parks it at once, in the Service's
+rotation, rather than leaving it resident until its own ``standby.idleSeconds`` run out.
 KPA's default delay is 0, which lets the count step by one around a boundary as the average
 moves with noise (every few ticks under steady Poisson load, shown in the tests); a removed GPU
 replica costs a cold start to bring back, so Berth's default delay is 120 s.

@@ -13,6 +13,12 @@ born with it), and the autoscaler's loop moves the label each tick:
 - a pod out of rotation for ``drain_s`` (long enough for kube-proxy to stop sending it new
   connections) with nothing in flight is parked by the loop; its own idle timeout
   (``standby.idleSeconds``) would park it too, later;
+- when the decision wants no replica active (nothing was in flight over the panic window, and
+  ``minActiveReplicas`` is 0), the pod kept in the rotation only so that a request can reach
+  it parks too once it has nothing in flight: it stays routed, and the next request wakes it
+  (a wake is a fraction of a second). Waiting for its idle timeout instead would keep a GPU
+  share for ``idleSeconds`` (300 s by default) after every burst of demand, with the decision
+  and the status saying that no replica is active;
 - a parked pod that the decision wants active (not just the one kept for routing) is woken, so
   that it is resident before the requests come;
 - while the decision is held on missing metrics, nothing leaves the rotation.
@@ -78,17 +84,24 @@ def plan(
     if not standby:
         return Plan(route=route)
     wake = frozenset(r.name for r in order[:active] if r.parked and r.name in routed)
+    if hold:
+        return Plan(route=route, unroute=unroute, wake=wake)
+
+    def drained(r: Replica) -> bool:  # out of the rotation long enough for kube-proxy
+        return (
+            not r.routed
+            and r.name not in routed
+            and r.unrouted_since is not None
+            and now - r.unrouted_since >= drain_s
+        )
+
+    def kept_only_to_route(r: Replica) -> bool:  # in it only so that a request can wake it
+        return active == 0 and r.name in routed
+
     park = frozenset(
         r.name
         for r in replicas
-        if r.name not in routed
-        and not r.routed
-        and r.known
-        and not r.parked
-        and r.in_flight == 0
-        and r.unrouted_since is not None
-        and now - r.unrouted_since >= drain_s
-        and not hold
+        if r.known and not r.parked and r.in_flight == 0 and (drained(r) or kept_only_to_route(r))
     )
     return Plan(route=route, unroute=unroute, park=park, wake=wake)
 

@@ -269,6 +269,37 @@ def test_surplus_leaves_the_rotation_parks_after_the_drain_and_wakes_when_demand
         assert unrouted["metadata"]["annotations"][DELETION_COST] == "-1"
 
 
+def test_the_last_replica_parks_once_nothing_is_in_flight_and_stays_in_the_rotation() -> None:
+    """Scale to standby is real: once the window is covered and nothing was in flight over the
+    panic window, the one routed replica is asked to park (not left to its own idle timeout),
+    keeps its label so that a request can reach and wake it, and is not asked again once its
+    metrics say it is parked."""
+    with runtime_stubs((1, 0, "active")) as stubs:
+        routed = {"labels": {wire.LABEL_ROUTED: "true"}}
+        client = FakeClient([pod("llama-x-0", stubs[0].server_port, **routed)])
+        autoscaling = {"stableWindowSeconds": 6, "scaleDownDelaySeconds": 0}
+
+        async def go() -> list[autoscaler.Decision]:
+            seen = []
+            async with httpx.AsyncClient() as http:
+                scaler = ServiceAutoscaler(client, http, INVOLVED)  # type: ignore[arg-type]
+                for step in range(16):
+                    if step == 3:  # the request ends
+                        stubs[0].registry = runtime_registry(0, 0, "active")
+                    if stubs[0].admin_calls:  # the runtime parks when asked
+                        stubs[0].registry = runtime_registry(0, 0, "standby")
+                    seen.append(await scaler.tick(spec(1, **autoscaling), 1000.0 + 2 * step))
+            return seen
+
+        seen = asyncio.run(go())
+        assert [d.active for d in seen[:3]] == [1, 1, 1]
+        assert seen[-1].replicas == 1 and seen[-1].active == 0
+        assert seen[-1].reason == autoscaler.TO_STANDBY
+        assert stubs[0].admin_calls == [("/admin/park", TOKEN)]
+        assert client.pods[0]["metadata"]["labels"][wire.LABEL_ROUTED] == "true"
+        assert not [p for p, _ in client.patches if "/pods/" in p]
+
+
 def test_leaving_berth_mode_routes_every_pod_again() -> None:
     out = {"labels": {wire.LABEL_ROUTED: "false"}, "annotations": {wire.POD_UNROUTED_AT: "1.0"}}
     client = FakeClient([pod("llama-x-0", 1, labels={wire.LABEL_ROUTED: "true"}),

@@ -30,6 +30,28 @@ def test_one_pod_stays_routed_at_zero_active_so_a_request_can_wake_it() -> None:
     )
 
 
+def test_at_zero_active_the_pod_kept_for_routing_parks_once_idle_and_stays_routed() -> None:
+    """The decision wants none active: the routed pod parks at once (no drain: it stays in the
+    rotation, and the next request wakes it) instead of holding its GPU share until its own
+    idle timeout; not while it serves, while its metrics are unread, or while held."""
+    idle = Replica("a", True, False, 0)
+    assert plan([idle], 0, standby=True, hold=False, now=NOW, drain_s=DRAIN) == Plan(
+        park=frozenset({"a"})
+    )
+    for busy_or_unknown in (replace(idle, in_flight=1), replace(idle, known=False)):
+        assert plan([busy_or_unknown], 0, standby=True, hold=False, now=NOW, drain_s=DRAIN) == (
+            Plan()
+        )
+    assert plan([idle], 0, standby=True, hold=True, now=NOW, drain_s=DRAIN) == Plan()
+    assert plan([idle], 1, standby=True, hold=False, now=NOW, drain_s=DRAIN) == Plan()
+    assert plan([idle], 0, standby=False, hold=False, now=NOW, drain_s=DRAIN) == Plan()
+    # With a parked pod beside it, the resident one is kept in the rotation and parks too.
+    two = [replace(idle, routed=False, unrouted_since=NOW - 1), Replica("b", True, True, 0)]
+    assert plan(two, 0, standby=True, hold=False, now=NOW, drain_s=DRAIN) == Plan(
+        route=frozenset({"a"}), unroute=frozenset({"b"}), park=frozenset({"a"})
+    )
+
+
 def test_an_idle_resident_pod_out_of_the_rotation_for_the_drain_time_parks() -> None:
     routed = Replica("a", True, False, 2)
     idle = Replica("b", False, False, 0, unrouted_since=NOW - DRAIN)
@@ -104,7 +126,10 @@ def after(replicas: list[Replica], change: Plan) -> list[Replica]:
     return out
 
 
-@given(replica_sets, st.integers(0, 10), st.booleans(), st.booleans())
+actives = st.one_of(st.just(0), st.integers(0, 10))  # zero often: the scale to standby
+
+
+@given(replica_sets, actives, st.booleans(), st.booleans())
 def test_routing_invariants(
     replicas: list[Replica], active: int, standby: bool, hold: bool
 ) -> None:
@@ -126,13 +151,20 @@ def test_routing_invariants(
         assert len(routed) == min(len(replicas), max(1, active))
         if any(by_name[n].parked for n in routed):  # residents are preferred
             assert all(r.name in routed for r in replicas if not r.parked)
-    for name in change.park:  # parks: out of the rotation for the drain time, idle, resident
-        r = by_name[name]
-        assert name not in routed and not r.routed and r.known and not r.parked
-        assert r.in_flight == 0 and r.unrouted_since is not None
-        assert NOW - r.unrouted_since >= DRAIN
+    for name in change.park:  # parks: idle, read, resident, and either out of the rotation
+        r = by_name[name]  # for the drain time, or kept in it at zero active (a request wakes it)
+        assert standby and not hold and r.known and not r.parked and r.in_flight == 0
+        if name in routed:
+            assert active == 0 and len(routed) == 1
+        else:
+            assert not r.routed and r.unrouted_since is not None
+            assert NOW - r.unrouted_since >= DRAIN
     assert all(n in routed and by_name[n].parked for n in change.wake)
     assert len(change.wake) <= active
+    if standby and not hold and active == 0:  # the decision's zero is real: nothing idle,
+        for r in moved:  # read and resident stays in the rotation
+            if r.routed and r.known and not r.parked and r.in_flight == 0:
+                assert r.name in change.park
     # Stable: once the moves are made, the same demand moves nothing more.
     again = plan(moved, active, standby=standby, hold=hold, now=NOW, drain_s=DRAIN)
     assert not again.route and not again.unroute
