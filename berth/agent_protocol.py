@@ -26,6 +26,13 @@ Endpoints
   this tenant holds the lease: this process must stop using the GPU).
 - ``POST /v1/tenants/{tenant}/release`` :class:`Release` -> 200 :class:`Lease`: the tenant has
   shrunk to ``held_bytes``; its grant drops to that. This is how a reclaim is acknowledged.
+- ``GET /v1/tenants/{tenant}/orders?instance=...&wait_s=...`` -> 200 :class:`Lease`: a long
+  poll, so that a reclaim or a park order reaches the tenant when it is issued, not at its next
+  heartbeat (a wake that must park an idle tenant would otherwise wait up to a heartbeat
+  interval for it). Answers as soon as the lease carries a ``reclaim``, else after ``wait_s``
+  (at most ``MAX_ORDERS_WAIT_S``). It is not a heartbeat: it reports nothing and keeps no lease
+  alive. Errors as for the heartbeat. Optional for clients: one that never calls it still gets
+  every order in its heartbeat replies.
 - ``DELETE /v1/tenants/{tenant}?instance=...`` -> 204 (clean exit; the grant returns at once).
 - ``GET /v1/gpus`` -> :class:`LedgerView` (per GPU: capacity, reserve, every tenant's state).
 - ``GET /metrics`` (Prometheus text), ``GET /healthz`` -> :class:`Health`.
@@ -119,6 +126,7 @@ PREFIX: Final = f"/v{PROTOCOL_VERSION}"
 DEFAULT_SOCKET: Final = "/run/berth/agent.sock"
 ENV_SOCKET: Final = wire.ENV_AGENT_SOCKET
 REGISTER_RETRY_S: Final = 1.0  # a runtime without a lease retries at least this often
+MAX_ORDERS_WAIT_S: Final = 30.0  # the longest an orders call is held
 
 # Paths, relative to the socket's HTTP root. ``{tenant}`` may contain one "/" (namespace/name).
 TENANTS: Final = f"{PREFIX}/tenants"
@@ -128,7 +136,8 @@ HEALTHZ: Final = "/healthz"
 
 
 def tenant_path(tenant: str, action: str | None = None) -> str:
-    """``/v1/tenants/{tenant}`` or ``/v1/tenants/{tenant}/{action}`` (heartbeat, release)."""
+    """``/v1/tenants/{tenant}`` or ``/v1/tenants/{tenant}/{action}`` (heartbeat, release,
+    orders)."""
     return f"{TENANTS}/{tenant}" + (f"/{action}" if action else "")
 
 

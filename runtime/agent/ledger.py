@@ -343,6 +343,11 @@ class NodeLedger:
                 tenant.overdue = None
         return self.lease(self._report(tenant, held, want, now), now)
 
+    def orders(self, name: str, instance: str, now: float) -> Lease:
+        """The tenant's lease as it stands, its reclaim or park order included; a read: no
+        heartbeat, nothing reported."""
+        return self.lease(self._lookup(name, instance), now)
+
     def release(self, name: str, instance: str, held: int, want: int | None, now: float) -> Lease:
         """The tenant shrank to ``held``: its grant drops to that (what it still wants, up to
         its request, is owed to it again at once; the rest of its old grant is free)."""

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from berth.agent_protocol import (
     GPUS,
     HEALTHZ,
+    MAX_ORDERS_WAIT_S,
     METRICS,
     PROTOCOL_VERSION,
     TENANTS,
@@ -91,6 +92,9 @@ class Agent:
         self.state_file = state_file
         self.persisted: list[str] | None = None
         self.lock = threading.Lock()
+        # Orders long polls waiting, per tenant (set on the event loop, from any thread).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.order_waiters: dict[str, asyncio.Event] = {}
         self.metrics = AgentMetrics(lambda: self.call(lambda ledger, now: ledger.view(now)))
 
     def call(self, operation: Callable[[NodeLedger, float], T]) -> T:
@@ -127,8 +131,33 @@ class Agent:
         os.replace(temporary, self.state_file)
         self.persisted = leased
 
+    def _wake_orders(self, tenant: str) -> None:
+        """An order was issued to ``tenant``: answer its orders long poll now."""
+        event, loop = self.order_waiters.get(tenant), self.loop
+        if event is not None and loop is not None:
+            loop.call_soon_threadsafe(event.set)
+
+    async def orders(self, tenant: str, instance: str, wait_s: float) -> Lease:
+        """The tenant's lease once it carries a reclaim, or after ``wait_s``."""
+        event = self.order_waiters.setdefault(tenant, asyncio.Event())
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                event.clear()  # before reading: an order issued after the read sets it again
+                lease = self.call(lambda ledger, now: ledger.orders(tenant, instance, now))
+                remaining = deadline - time.monotonic()
+                if lease.reclaim is not None or remaining <= 0:
+                    return lease
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+        finally:
+            if self.order_waiters.get(tenant) is event:
+                del self.order_waiters[tenant]
+
     def _handle(self, notice: Notice) -> None:
         self.metrics.count(notice)
+        if isinstance(notice, ReclaimIssued | ParkIssued):
+            self._wake_orders(notice.tenant)
         who = f"{notice.tenant} ({notice.instance}) on {notice.gpu}"
         match notice:
             case ReclaimIssued():
@@ -236,6 +265,7 @@ def create_app(agent: Agent, tick_s: float) -> FastAPI:
                 await asyncio.sleep(tick_s)
                 agent.call(lambda ledger, now: ledger.tick(now))
 
+        agent.loop = asyncio.get_running_loop()
         task = asyncio.create_task(ticker())
         yield
         task.cancel()
@@ -260,6 +290,14 @@ def create_app(agent: Agent, tick_s: float) -> FastAPI:
                 idle_s=body.idle_s,
             )
         )
+
+    @app.get(TENANTS + "/{tenant:path}/orders")
+    async def orders(
+        tenant: str,
+        instance: Annotated[InstanceId, Query()],
+        wait_s: Annotated[float, Query(ge=0.0, le=MAX_ORDERS_WAIT_S, allow_inf_nan=False)] = 0.0,
+    ) -> Lease:
+        return await agent.orders(tenant, instance, wait_s)
 
     @app.post(TENANTS + "/{tenant:path}/release")
     def release(tenant: str, body: Release) -> Lease:

@@ -56,9 +56,14 @@ class AgentClient:
         self.timeout_s = timeout_s
 
     def _call(
-        self, method: str, path: str, body: BaseModel | None, reply: type[M] | None
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | None,
+        reply: type[M] | None,
+        timeout_s: float | None = None,
     ) -> M | None:
-        conn = _UnixConnection(self.socket_path, self.timeout_s)
+        conn = _UnixConnection(self.socket_path, timeout_s or self.timeout_s)
         try:
             payload = body.model_dump_json().encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -102,6 +107,16 @@ class AgentClient:
 
     def release(self, tenant: str, body: proto.Release) -> proto.Lease:
         out = self._call("POST", proto.tenant_path(tenant, "release"), body, proto.Lease)
+        assert out is not None
+        return out
+
+    def orders(self, tenant: str, instance: str, wait_s: float) -> proto.Lease:
+        """The lease once it carries a reclaim or park order, or after ``wait_s`` (a long
+        poll: the agent holds the call until then)."""
+        query = f"?instance={quote(instance)}&wait_s={wait_s:g}"
+        timeout = wait_s + self.timeout_s
+        out = self._call("GET", proto.tenant_path(tenant, "orders") + query, None, proto.Lease,
+                         timeout)  # fmt: skip
         assert out is not None
         return out
 

@@ -19,6 +19,9 @@ back). While parked it reports holding and wanting nothing. To wake, the engine 
 :meth:`MemoryLease.wake`, which asks for the request again and waits for the grant before the
 engine maps anything.
 
+Orders: a second thread long-polls the agent (``orders``) and makes the lease cycle at once when
+the agent issues a reclaim or a park order, instead of at the next heartbeat.
+
 Agent unreachable (no socket yet, restarted, stalled): keep serving within what is held, never
 grow, try again next cycle. ``404 unknown_tenant`` (the agent restarted, or our lease lapsed):
 register again with what we hold. ``409 instance_mismatch``: another
@@ -50,6 +53,7 @@ RELEASE_AT = 0.30  # KV usage at or below which it gives back burst chunks it do
 TARGET_USAGE = 0.60  # the usage a resize aims at, growing or shrinking: well inside both bands
 RETRY_S = proto.REGISTER_RETRY_S  # between attempts while the agent is unreachable
 WAKE_POLL_S = 0.1  # between heartbeats while waiting for a wake's grant
+ORDERS_WAIT_S = 10.0  # one orders long poll (the agent answers at once when it issues one)
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class MemoryLease:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._kick = threading.Event()  # an order came: cycle now
 
     def attach(
         self,
@@ -417,18 +422,43 @@ class MemoryLease:
         return False
 
     def start(self) -> None:
-        """Heartbeat from a thread of its own from now on (the engine loads meanwhile)."""
+        """Heartbeat from a thread of its own from now on (the engine loads meanwhile), and
+        watch for orders from another."""
         self._thread = threading.Thread(target=self._run, name="berth-memory-lease", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch_orders, name="berth-lease-orders", daemon=True).start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.cycle_safely()):
-            pass
+        while not self._stop.is_set():
+            self._kick.wait(self.cycle_safely())
+            self._kick.clear()  # a kick that came during the cycle is answered by the next one
+
+    def _watch_orders(self) -> None:
+        """Long-poll the agent for orders and cycle as soon as one comes: a park order for an
+        idle runtime then takes effect when a wake needs its memory, not up to a heartbeat
+        interval later (that wait would be part of the waking request's first token)."""
+        s = self.settings
+        while not self._stop.is_set():
+            if not self.registered or self.stopped or self._standby is not None:
+                self._stop.wait(self.interval_s)  # nothing to be ordered: holds nothing
+                continue
+            try:
+                lease = self.client.orders(s.tenant, s.instance, ORDERS_WAIT_S)
+            except AgentError as e:
+                if e.code == "not_found" or e.status == 405:  # an agent without the endpoint
+                    log.info("the node agent has no orders endpoint: orders come by heartbeat")
+                    return
+                self._stop.wait(self.interval_s)  # the heartbeats deal with it
+                continue
+            if lease.reclaim is not None:
+                self._kick.set()
+                self._stop.wait(self.interval_s)  # the cycle acts on it; no need to ask again
 
     def end(self) -> None:
         """Stop heartbeating and give the memory back to the agent at once (best effort: else
         the lease lapses)."""
         self._stop.set()
+        self._kick.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
         if self.registered and not self.stopped:

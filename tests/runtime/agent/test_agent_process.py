@@ -4,6 +4,7 @@ One agent serves most tests, each on a GPU of its own; the restart and shutdown 
 their own agents.
 """
 
+import concurrent.futures
 import json
 import signal
 import subprocess
@@ -151,6 +152,40 @@ def test_a_newcomer_gets_its_request_by_reclaiming_a_burst(client: httpx.Client)
     assert served["state"] == "active" and served["granted_bytes"] == 40 * MIB
     view = gpu_view(client, "GPU-3")
     assert view["granted_bytes"] == ALLOCATABLE and view["free_bytes"] == 0
+
+
+def test_an_orders_long_poll_answers_when_a_reclaim_is_issued_and_otherwise_times_out(
+    agent: AgentProcess, client: httpx.Client
+) -> None:
+    orders = "/v1/tenants/ns/poller/orders"
+    client.post("/v1/tenants", json=register_body("ns/poller", "GPU-8", 30, 90))
+    heartbeat(client, "ns/poller", 90, 90)  # bursts to 90
+    started = time.monotonic()
+    quiet = client.get(orders, params={"instance": "i1", "wait_s": 0.4})
+    assert quiet.status_code == 200 and quiet.json()["reclaim"] is None
+    assert 0.4 <= time.monotonic() - started < 2.0
+
+    with agent.client() as poller:  # a newcomer is owed what the burst holds: a reclaim
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(poller.get, orders, params={"instance": "i1", "wait_s": 20})
+            time.sleep(0.3)
+            client.post("/v1/tenants", json=register_body("ns/owed", "GPU-8", 40, 40))
+            answered = waiting.result(timeout=10)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["reclaim"]["target_bytes"] == 56 * MIB
+    assert time.monotonic() - started < 2.0  # not the 20 s wait
+    # The orders call is a read: it is no heartbeat (the poller's lease is kept by its own).
+    assert heartbeat(client, "ns/poller", 90, 90)["reclaim"]["target_bytes"] == 56 * MIB
+
+    for params, status, field in [({"instance": "i1", "wait_s": 31}, 400, "wait_s"),
+                                  ({"instance": "i1", "wait_s": "nan"}, 400, "wait_s"),
+                                  ({"instance": "other"}, 409, "instance")]:  # fmt: skip
+        bad = client.get(orders, params=params)
+        assert bad.status_code == status, bad.text
+        assert bad.json()["error"]["field"] == field
+    missing = client.get("/v1/tenants/ns/nobody/orders", params={"instance": "i1"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_tenant"
 
 
 def test_a_tenant_that_ignores_a_reclaim_is_reported_and_gets_nothing_more(

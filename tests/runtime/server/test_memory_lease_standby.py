@@ -81,6 +81,11 @@ def tenant(agent: AgentProcess, name: str, can_park: bool) -> tuple[MemoryLease,
     return lease, engine
 
 
+def idle_seconds(agent: AgentProcess, tenant: str) -> float:
+    gpus = agent.client().get("/v1/gpus").json()["gpus"]
+    return float(next(t["idle_s"] for g in gpus for t in g["tenants"] if t["tenant"] == tenant))
+
+
 def states(agent: AgentProcess) -> dict[str, str]:
     gpus = agent.client().get("/v1/gpus").json()["gpus"]
     return {t["tenant"]: t["state"] for g in gpus for t in g["tenants"]}
@@ -197,6 +202,36 @@ def test_a_standby_runtime_refused_on_a_full_gpu_waits_its_turn_instead_of_loadi
         late.end()
         resident.end()
         busy.end()
+
+
+def test_a_park_order_reaches_the_idle_runtime_when_issued_not_at_its_next_heartbeat(
+    tmp_path: Path,
+) -> None:
+    """With 3 s between heartbeats, a wake that needs an idle runtime parked would wait up to
+    3 s for that runtime to hear of it; its orders long poll brings the order at once."""
+    flags = ["--simulate-gpus", f"{GPU}:100Mi", "--reserve", "4Mi", "--lease", "10",
+             "--heartbeat-interval", "3", "--park-deadline", "5"]  # fmt: skip
+    with running_agent(tmp_path, *flags) as slow:
+        wait_until_granting(slow.client())
+        idle, idle_engine = tenant(slow, "idle", can_park=True)
+        sleeper, sleeper_engine = tenant(slow, "sleeper", can_park=True)
+        busy, busy_engine = None, None
+        try:
+            sleeper_engine.parked = True
+            sleeper.parked()
+            busy, busy_engine = tenant(slow, "busy", can_park=False)  # takes the room
+            busy_engine.in_flight = 1
+            idle_engine.idle_s = 12.0
+            until("an idle heartbeat", lambda: idle_seconds(slow, "test/idle") > 0, 8.0)
+            started = time.monotonic()
+            assert sleeper.wake(timeout_s=10.0)
+            took = time.monotonic() - started
+            assert idle_engine.parked and idle.num_parks == 1
+            assert took < 1.5, f"the wake took {took:.2f} s: the park order waited for a heartbeat"
+        finally:
+            for lease in (idle, sleeper, busy):
+                if lease is not None:
+                    lease.end()
 
 
 def pending(agent: AgentProcess, name: str, request: int) -> MemoryLease:
