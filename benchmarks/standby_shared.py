@@ -27,7 +27,9 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import re
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -152,6 +154,54 @@ def traffic(args: argparse.Namespace, urls: dict[str, str], vocab: int) -> list[
     return done
 
 
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+EVENTS = {
+    "ask": re.compile(r"waking: asking the node agent"),
+    "order": re.compile(r"the node agent asked this runtime to park"),
+    "parked": re.compile(r"parked \(node agent\) in ([\d.]+) s"),
+    "woke": re.compile(r"woke in ([\d.]+) s \(([\d.]+) s waiting"),
+}
+
+
+def events(logs: dict[str, str]) -> list[tuple[float, str, str, tuple[float, ...]]]:
+    """(time, tenant, kind, numbers) of the park and wake lines of the runtimes' logs."""
+    found = []
+    for name, text in logs.items():
+        for line in text.splitlines():
+            stamp = STAMP.match(line)
+            if stamp is None:
+                continue
+            for kind, pattern in EVENTS.items():
+                if (m := pattern.search(line)) is not None:
+                    when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    found.append((when, name, kind, tuple(float(g) for g in m.groups())))
+    return sorted(found)
+
+
+def phases(found: list[tuple[float, str, str, tuple[float, ...]]]) -> list[dict[str, float]]:
+    """Per wake: the park order reaching the resident runtime, its park, the grant after the
+    park, and the wake's own mapping and copying (from the runtimes' logs)."""
+    out = []
+    for when, name, kind, numbers in found:
+        if kind != "woke":
+            continue
+        total, waited = numbers
+        asked = when - total
+        others = [e for e in found if e[1] != name and asked - 0.05 <= e[0] <= when]
+        order = next((e[0] for e in others if e[2] == "order"), None)
+        parked = next((e for e in others if e[2] == "parked"), None)
+        if order is None or parked is None:
+            continue  # woke into free memory: nobody parked for it
+        out.append({
+            "order_s": order - asked,
+            "park_s": parked[3][0],
+            "grant_after_park_s": asked + waited - parked[0],
+            "map_and_copy_s": total - waited,
+            "wake_s": total,
+        })  # fmt: skip
+    return out
+
+
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     from berth.runtime.agent import gpus
 
@@ -210,6 +260,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             results["device_used_peak"] = residency.device_used_peak
             results["memory"] = {n: colocate._memory_line(colocate._log(ctx, "standby", n))
                                  for n in urls}  # fmt: skip
+            logs = {n: colocate._log(ctx, "standby", n).read_text() for n in urls}
+            results["phases"] = phases(events(logs))
+            results["runtime_logs"] = {
+                n: [line for line in text.splitlines() if "park" in line or "wak" in line
+                    or "woke" in line][-120:]
+                for n, text in logs.items()
+            }  # fmt: skip
         results["agent_log"] = (tmp / "agent.log").read_text()[-4000:]
     return results
 
@@ -267,6 +324,18 @@ def report(results: dict) -> str:
             f"- Device memory used at its peak (NVML): {results['device_used_peak'] / GIB:.1f} "
             f"of {results['capacity'] / GIB:.1f} GiB."
         )
+    if results.get("phases"):
+        lines += [
+            "",
+            "Where a parked turn's wait goes (medians over the wakes, from the runtimes' logs):",
+            "",
+            "| park order reaches the resident runtime | its park | grant after the park | "
+            "the wake's mapping and copy | wake in all |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        keys = ("order_s", "park_s", "grant_after_park_s", "map_and_copy_s", "wake_s")
+        medians = [statistics.median(p[k] for p in results["phases"]) for k in keys]
+        lines += ["| " + " | ".join(f"{m * 1e3:.0f} ms" for m in medians) + " |", ""]
     lines += ["- Each runtime's start-up measurement:"]
     lines += [f"  - {n}: {line}" for n, line in results["memory"].items()]
     return "\n".join(lines) + "\n"

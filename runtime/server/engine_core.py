@@ -342,6 +342,7 @@ class EngineCore:
         start = time.perf_counter()
         why = ""
         granted = self._lease is None or self._lease.wake(self._policy.wake_timeout_s)
+        granted_s = time.perf_counter() - start
         if not granted:
             why = f"the node agent granted no GPU memory within {self._policy.wake_timeout_s:g} s"
         else:
@@ -368,7 +369,10 @@ class EngineCore:
                 rejections.append(Rejection(preempted, message, invalid=False, retry=True))
             return
         self.residency.move(ACTIVE)
-        log.info("woke in %.3f s", time.perf_counter() - start)
+        log.info(
+            "woke in %.3f s (%.3f s waiting for the node agent's grant)",
+            time.perf_counter() - start, granted_s if self._lease is not None else 0.0,
+        )  # fmt: skip
         self._admit_held(rejections)
 
     def _admit_held(self, rejections: list[Rejection]) -> None:
