@@ -37,6 +37,7 @@ from berth.runtime.engine.budget import KvPlan, plan_kv_pool
 from berth.runtime.engine.config import EngineConfig
 from berth.runtime.engine.kv_arena import (
     KvLayout,
+    coarsened,
     device_granularity,
     fit_kv_arena,
     reserve_kv_arena,
@@ -262,6 +263,8 @@ class ModelRunner:
             device_granularity(self.device),
             fp8=fp8,
         )
+        if self.device.type == "cuda":  # fewer, larger pieces: the driver's calls are slow
+            self.layout = coarsened(self.layout, self._expected_kv_bytes(config))
         self.arena, self._fixed_blocks = reserve_kv_arena(
             config,
             self.layout,
@@ -535,6 +538,16 @@ class ModelRunner:
         tokens = torch.from_numpy(step.tokens).to(dev)
         hidden = self.model(tokens[0], tokens[1], meta)
         return self.model.logits(hidden[rows])
+
+    def _expected_kv_bytes(self, config: EngineConfig) -> int:
+        """The KV pool's size as far as it is known before the profile run: configured, or
+        the budget's request beside the weights."""
+        if config.kv_cache_bytes is not None:
+            return config.kv_cache_bytes
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks * self.layout.block_bytes
+        assert self.budget is not None  # set on the GPU when no size is configured
+        return self.budget.request_bytes - self.weights_bytes
 
     def _replay_prefill(self, step: StepInputs, size: int, width: int) -> torch.Tensor:
         """Copy the padded step into the graph's inputs, replay; the graph's hidden states

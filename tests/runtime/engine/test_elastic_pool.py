@@ -17,7 +17,7 @@ import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams
 from berth.runtime.engine.budget import GpuBudget
-from berth.runtime.engine.kv_arena import KvArena, KvLayout
+from berth.runtime.engine.kv_arena import MAX_PIECE_BYTES, MIN_CHUNKS, KvArena, KvLayout, coarsened
 
 # (engine step, "limit" | "request"): when the pool grows to the limit or shrinks back.
 SCHEDULE = [(3, "limit"), (8, "request"), (12, "limit"), (16, "request"), (24, "limit"),
@@ -163,3 +163,31 @@ def test_arena_maps_and_unmaps_whole_chunks_and_keeps_its_tensor() -> None:
     )
     with pytest.raises(ValueError, match="num_chunks"):
         arena.resize(6)
+
+
+LLAMA_3_8B = KvLayout(32, 16, 8, 128, 2, 2 << 20)  # 32 KiB slab blocks: 2 MiB pieces
+
+
+@pytest.mark.parametrize(
+    ("kv_gib", "piece_mib", "chunks"),
+    [(29, 8, 58), (8, 4, 32), (4, 2, 32), (1, 2, 8), (64, 32, 32), (120, 32, 60)],
+)
+def test_a_gpu_pool_is_cut_into_fewer_larger_pieces_but_enough_chunks(
+    kv_gib: int, piece_mib: int, chunks: int
+) -> None:
+    kv = kv_gib << 30
+    layout = coarsened(LLAMA_3_8B, kv)
+    piece = layout.chunk_blocks * layout.slab_block_bytes
+    assert piece == piece_mib << 20 and kv // layout.chunk_bytes == chunks
+    assert layout.granularity % LLAMA_3_8B.granularity == 0
+    assert piece <= MAX_PIECE_BYTES
+    if piece > LLAMA_3_8B.granularity:  # coarsened only while MIN_CHUNKS still fit
+        assert kv // layout.chunk_bytes >= MIN_CHUNKS
+
+
+def test_coarsening_keeps_fp8_scale_pieces_whole() -> None:
+    fp8 = KvLayout(32, 16, 8, 128, 1, 2 << 20, fp8=True)
+    layout = coarsened(fp8, 29 << 30)
+    assert layout.granularity > fp8.granularity
+    for piece in (layout.slab_block_bytes, layout.scale_block_bytes):
+        assert (layout.chunk_blocks * piece) % layout.granularity == 0
