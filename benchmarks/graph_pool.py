@@ -46,8 +46,15 @@ def child(args: argparse.Namespace, top: int) -> dict:
         name = "default" if tuple(pool) == (0, 0) else "graphs"
         pools[name][0] += segment["total_size"]
         pools[name][1] += segment["allocated_size"]
+    large = [  # default-pool segments of 64 MiB or more: what keeps them reserved
+        {"total": seg["total_size"], "live": [b["size"] for b in seg["blocks"]
+                                              if b["state"] == "active_allocated"]}
+        for seg in torch.cuda.memory_snapshot()
+        if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) and seg["total_size"] >= 64 * MIB
+    ]  # fmt: skip
     runner = engine.runner
     return {
+        "large_default_segments": large,
         "top": top,
         "prefill_graphs": len(runner.prefill_graphs),
         "decode_graphs": len(runner.graphs),

@@ -200,6 +200,7 @@ def main() -> None:
     graphs_replayed = runner.num_graph_replays > replays
 
     retained = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+    live = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     recapture_s = None
     if runner.graphs and not args.no_recapture:
         t = time.perf_counter()
@@ -234,6 +235,7 @@ def main() -> None:
             ("device memory held while parked", f"{parked / 2**30:.2f} GiB"),
             ("returned to the driver on park", f"{returned / 2**30:.2f} GiB ({returned / before:.1%})"),
             ("kept while parked: torch allocator (graph pool, staging)", f"{retained / 2**30:.3f} GiB"),
+            ("  of which live tensors", f"{live / 2**30:.3f} GiB"),
         ]  # fmt: skip
     if recapture_s is not None:
         rows.append(("recapturing the decode and prefill graphs (if their pool were freed)", f"{recapture_s:.2f} s"))  # fmt: skip
@@ -249,7 +251,12 @@ def main() -> None:
     for key, value in rows:
         print(f"{key:{width}}  {value}")
     if args.out:
-        lines = ["# Warm standby: park and wake", "", "| measure | value |", "| --- | --- |"]
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        versions = f"torch {torch.__version__}, Python {sys.version.split()[0]}"
+        lines = [f"# Warm standby: park and wake on {gpu}", "",
+                 f"{when}, {versions}; `benchmarks/standby.py --shape {args.shape}`.", "",
+                 "| measure | value |", "| --- | --- |"]  # fmt: skip
         lines += [f"| {k} | {v} |" for k, v in rows]
         Path(args.out).write_text("\n".join(lines) + "\n")
 

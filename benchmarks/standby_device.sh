@@ -12,6 +12,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
   $(ls benchmarks/wheels/*.whl | grep -v -E '/(pytest|pluggy|iniconfig|packaging|pygments)-') 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
+# Results are named after the card that measured them (h100, h200).
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i 'h[0-9]00' | tr 'A-Z' 'a-z')
+gpu=${gpu:-gpu}
 python3 -c "import torch, triton; from cuda import bindings; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda-bindings', bindings.__version__)"
 if [[ $part == tests || $part == all ]]; then
   timeout 150 python3 -m pytest -q -x -s -p no:cacheprovider tests/runtime/engine/test_park_wake.py \
@@ -20,12 +23,12 @@ fi
 if [[ $part == bench || $part == all ]]; then
   # Making the random 16 GB model takes a minute or two the first time (cached after).
   timeout 400 python3 benchmarks/standby.py --shape llama-3-8b --model-cache /tmp/berth-models \
-    --out "$OUT/standby-h200.md" ${STANDBY_ARGS:-} 2>&1 | tee "$OUT/standby.log" | tail -40
+    --out "$OUT/standby-$gpu.md" ${STANDBY_ARGS:-} 2>&1 | tee "$OUT/standby.log" | tail -40
 fi
 if [[ $part == shared || $part == all ]]; then
   # The agent's default heartbeat interval (1 s), as a node runs it. The model `bench` made.
   [[ -d /tmp/berth-models/llama-3-8b-bfloat16 ]] && ln -sfn llama-3-8b-bfloat16 /tmp/berth-models/llama-3-8b
   timeout -k 20 "${SHARED_TIMEOUT:-400}" python3 benchmarks/standby_shared.py --shape llama-3-8b \
-    --model-cache /tmp/berth-models --out "$OUT/standby-shared-h200.md" ${SHARED_ARGS:-} 2>&1 \
+    --model-cache /tmp/berth-models --out "$OUT/standby-shared-$gpu.md" ${SHARED_ARGS:-} 2>&1 \
     | tee "$OUT/standby-shared.log" | tail -40
 fi
