@@ -124,18 +124,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def _allocate_blas_workspaces(device: torch.device, dtype: torch.dtype) -> None:
-    """Make cuBLAS and cuBLASLt allocate their workspaces (kept for the process's life) now,
-    into segments of their own. Allocated by the profile run's first matmul instead, a
-    workspace is carved out of whatever large free block the allocator holds then and keeps
-    that whole segment reserved: what a parked runtime could not give back (Llama-3-8B on an
-    H100: 1,006 MiB reserved in torch's default pool for 34 MiB of live tensors)."""
-    x = torch.ones((16, 16), dtype=dtype, device=device)
-    torch.mm(x, x)
-    torch.addmm(x[0], x, x)  # with a bias: the cuBLASLt path
-    torch.cuda.synchronize(device)
-
-
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
     sizes += list(range(16, max_num_seqs, 16))
@@ -318,7 +306,6 @@ class ModelRunner:
         self._table_rows: dict[int, int] = {}  # id(seq) -> row
         self._table_width = 1
         if self.device.type == "cuda":
-            _allocate_blas_workspaces(self.device, self.dtype)
             torch.cuda.reset_peak_memory_stats(self.device)
             profile_largest_step(self.model, config, self.max_model_len, self.max_blocks_per_seq)
         if use_graphs:
@@ -588,9 +575,8 @@ class ModelRunner:
         the KV cache gets instead and a parked runtime does not hold)."""
         dev = self.device
         n, s = self.max_num_seqs, self.graph_seqs
-        # The profile run left large free segments in torch's cache; a buffer allocated now
-        # would be carved out of one and keep all of it reserved for good, which a park could
-        # not give back (measured on Llama-3-8B: 1.0 GiB reserved for 50 MiB of live tensors).
+        # The profile run left large free segments in torch's cache: a buffer allocated now
+        # would be carved out of one and keep all of it reserved, which a park cannot give back.
         torch.cuda.empty_cache()
         self.d_tokens = torch.zeros((3, n), dtype=torch.int64, device=dev)
         self.d_tokens[2].fill_(-1)
