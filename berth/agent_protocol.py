@@ -14,7 +14,8 @@ Endpoints
 ---------
 - ``POST /v1/tenants`` :class:`Register` -> 200 :class:`Registration`.
   400 bad body or unknown ``gpu_uuid`` (the error names the field); 409 ``request_does_not_fit``
-  (the requests on that GPU would exceed it), ``held_exceeds_free`` (a registration holds more
+  (the requests on that GPU would exceed it; never for a registration that holds memory, a
+  runtime's return after a restart or a lapse), ``held_exceeds_free`` (a registration holds more
   than is free: shrink to ``free_bytes`` in the error's ``detail`` and register again) or
   ``lease_conflict`` (this tenant+instance is registered with another GPU, request or limit);
   503 ``recovering`` (a registration that holds nothing, during the agent's restart grace; retry

@@ -274,7 +274,12 @@ class NodeLedger:
         # waking ones (not resident yet: they wait for room, they do not hold it). None of it
         # matters to a tenant that registers parked.
         requested = sum(t.request for t in others if not (t.standby or t.parkable))
-        if (0 if parks_itself else requested) + body.request_bytes > gpu.allocatable:
+        # A registration that holds memory is a running runtime's, back after an agent restart
+        # or a lapse: its memory is in use whatever the answer, so only what it holds must be
+        # free (below). Refusing it for its request would leave that memory unaccounted for
+        # (a restarted agent may have admitted an empty registration, a waking tenant's, first).
+        admitting = body.held_bytes == 0 and not parks_itself
+        if admitting and requested + body.request_bytes > gpu.allocatable:
             raise AgentError(
                 "request_does_not_fit",
                 f"request_bytes {body.request_bytes} does not fit on {gpu.uuid}: "

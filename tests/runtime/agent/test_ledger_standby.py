@@ -168,3 +168,29 @@ def test_a_waking_tenant_never_stops_a_tenant_that_holds_memory_from_re_register
     assert node.register(body, now=2.0).granted_bytes == 50
     node.tick(now=3.0)
     assert node.tenants["a"].granted == 50 and node.tenants["a"].owed == 10
+
+
+def test_after_a_restart_a_tenant_holding_memory_is_taken_back_even_if_a_waking_one_came_first() -> (
+    None
+):
+    """Found by the state machine: "a" parked, "x" took the whole GPU, "a" woke and waits; the
+    agent restarts (state file naming both) and "a" re-registers first, empty and wanting its
+    request. "x" still holds 100: it must be taken back, and "a" waits as before."""
+    node = ledger()
+    register(node, "a", 10)
+    node.release("a", "i", held=0, want=0, now=1.5)
+    register(node, "x", 100, can_park=False)
+    node.heartbeat("x", "i", 100, 100, 1, now=2.0)
+    node.heartbeat("a", "i", 0, 10, 0, now=2.5)  # wakes: pending, nothing is free
+    known = node.leased(3.0)
+    restarted = NodeLedger.start([GpuMemory("G", 0, "sim", 100)], "e2", POLICY, 3.0, known)
+    body = Register(tenant="a", instance="i", gpu_uuid="G", request_bytes=10, limit_bytes=10,
+                    held_bytes=0, want_bytes=10, can_park=True, pid=None)  # fmt: skip
+    assert restarted.register(body, 3.1).granted_bytes == 0
+    back = Register(tenant="x", instance="i", gpu_uuid="G", request_bytes=100, limit_bytes=100,
+                    held_bytes=100, want_bytes=100, can_park=False, pid=None)  # fmt: skip
+    assert restarted.register(back, 3.2).granted_bytes == 100
+    assert restarted.tenants["a"].granted == 0 and restarted.free("G") == 0
+    with pytest.raises(AgentError) as refused:  # a newcomer still cannot squeeze in
+        register(restarted, "late", 10, can_park=False, now=3.3)
+    assert refused.value.code == "request_does_not_fit"

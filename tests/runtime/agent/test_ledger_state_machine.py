@@ -124,7 +124,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 # An honest runtime's memory is always free for it: nothing was granted twice.
                 raise AssertionError(f"{runtime.tenant} refused: {error.code}: {error}") from error
             return
-        assert requested + runtime.request <= gpu.allocatable
+        if runtime.phys == 0:  # a runtime holding memory is back, not admitted anew
+            assert requested + runtime.request <= gpu.allocatable
         assert reply.granted_bytes >= runtime.phys
         runtime.registered, runtime.last_ok, runtime.epoch = True, self.now, self.ledger.epoch
         self.took(runtime, reply)
