@@ -27,6 +27,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import math
 import re
 import signal
 import statistics
@@ -48,7 +49,7 @@ import colocate  # noqa: E402  (the node agent, the runtimes under it, the test 
 import serve  # noqa: E402  (prompts and percentiles as the serving benchmark makes them)
 
 from berth.runtime.engine import nvml  # noqa: E402
-from berth.runtime.server.agent_client import AgentClient  # noqa: E402
+from berth.runtime.server.agent_client import AgentClient, AgentError  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -79,7 +80,7 @@ class Residency:
     def watch(self, agent: AgentClient, uuid: str | None, period: float = 0.1) -> threading.Thread:
         def run() -> None:
             while not self._stop.wait(period):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(AgentError):
                     ledger = agent.ledger()
                     held = sum(1 for g in ledger.gpus for t in g.tenants if t.held_bytes > 0)
                     self.most_resident = max(self.most_resident, held)
@@ -121,7 +122,7 @@ def stream_one(url: str, ids: list[int], output_tokens: int, out: Request) -> No
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     out.error = str(chunk["error"])[:200]
-                elif out.ttft_s != out.ttft_s and chunk["choices"][0].get("text"):
+                elif math.isnan(out.ttft_s) and chunk["choices"][0].get("text"):
                     out.ttft_s = time.perf_counter() - start
         out.e2e_s = time.perf_counter() - start
     except urllib.error.HTTPError as e:
