@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import click
@@ -192,8 +193,17 @@ def run(settings: AgentSettings) -> None:
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler found at start:
     # this one, so the socket is removed below and the agent exits 0 instead of dying by it.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+
+    class Server(uvicorn.Server):
+        """uvicorn, answering the orders long polls as soon as a shutdown begins (it drains
+        its connections first, and a poll would hold it for up to its ``wait_s``)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            agent.close_polls()
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         settings.socket.unlink(missing_ok=True)
         stop.set()

@@ -95,6 +95,7 @@ class Agent:
         # Orders long polls waiting, per tenant (set on the event loop, from any thread).
         self.loop: asyncio.AbstractEventLoop | None = None
         self.order_waiters: dict[str, asyncio.Event] = {}
+        self.closing = False  # shutting down: answer every orders poll now
         self.metrics = AgentMetrics(lambda: self.call(lambda ledger, now: ledger.view(now)))
 
     def call(self, operation: Callable[[NodeLedger, float], T]) -> T:
@@ -131,6 +132,13 @@ class Agent:
         os.replace(temporary, self.state_file)
         self.persisted = leased
 
+    def close_polls(self) -> None:
+        """Shutting down: answer the waiting orders polls at once (the server drains its
+        connections before it exits, and a poll would hold it for up to its ``wait_s``)."""
+        self.closing = True
+        for tenant in list(self.order_waiters):
+            self._wake_orders(tenant)
+
     def _wake_orders(self, tenant: str) -> None:
         """An order was issued to ``tenant``: answer its orders long poll now."""
         event, loop = self.order_waiters.get(tenant), self.loop
@@ -146,7 +154,7 @@ class Agent:
                 event.clear()  # before reading: an order issued after the read sets it again
                 lease = self.call(lambda ledger, now: ledger.orders(tenant, instance, now))
                 remaining = deadline - time.monotonic()
-                if lease.reclaim is not None or remaining <= 0:
+                if lease.reclaim is not None or remaining <= 0 or self.closing:
                     return lease
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), remaining)

@@ -368,3 +368,24 @@ def test_sigterm_stops_the_agent_and_removes_its_socket_and_a_second_agent_is_re
     finally:
         assert agent.stop(signal.SIGTERM) == 0
     assert not agent.socket.exists()
+
+
+def test_sigterm_answers_a_waiting_orders_poll_and_exits_at_once(tmp_path: Path) -> None:
+    """The server drains its connections before it exits: a pending long poll must not hold
+    the agent up for its whole wait (the pod's grace period would run out, then SIGKILL)."""
+    agent = AgentProcess(tmp_path / "agent.sock", tmp_path / "agent.log",
+                         "--simulate-gpus", "GPU-p:100Mi")  # fmt: skip
+    agent.start()
+    with agent.client() as client:
+        wait_until_granting(client)
+        assert client.post("/v1/tenants", json=register_body("ns/p", "GPU-p", 10, 10)).is_success
+    poll = "/v1/tenants/ns/p/orders"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, agent.client() as poller:
+        waiting = pool.submit(poller.get, poll, params={"instance": "i1", "wait_s": 25},
+                              timeout=40)  # fmt: skip
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert agent.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 5.0
+        answered = waiting.result(timeout=10)
+    assert answered.status_code == 200 and answered.json()["reclaim"] is None
