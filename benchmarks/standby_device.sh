@@ -3,7 +3,9 @@
 # weights and KV, decode graphs replayed after wakes), then benchmarks/standby.py on the
 # llama-3-8b shape in bf16; `shared`: three runtimes under the node agent on a GPU that holds one
 # at a time (benchmarks/standby_shared.py). Results under $OUT.
-# Usage: benchmarks/standby_device.sh [tests|bench|shared|all]
+# `pinned`: which live allocations keep torch's large default-pool segments reserved after a load
+# (benchmarks/pinned_blocks.py, llama-3.2-1b: quick).
+# Usage: benchmarks/standby_device.sh [tests|bench|shared|pinned|all]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part="${1:-all}"
@@ -31,4 +33,8 @@ if [[ $part == shared || $part == all ]]; then
   timeout -k 20 "${SHARED_TIMEOUT:-400}" python3 benchmarks/standby_shared.py --shape llama-3-8b \
     --model-cache /tmp/berth-models --out "$OUT/standby-shared-$gpu.md" ${SHARED_ARGS:-} 2>&1 \
     | tee "$OUT/standby-shared.log" | tail -40
+fi
+if [[ $part == pinned ]]; then
+  timeout 300 python3 benchmarks/pinned_blocks.py --shape llama-3.2-1b --model-cache /tmp/berth-models \
+    2>&1 | tee "$OUT/pinned-$gpu.txt" | tail -40
 fi
