@@ -52,9 +52,7 @@ GROW_AT = 0.85  # KV usage at or above which the runtime asks for more (toward i
 RELEASE_AT = 0.30  # KV usage at or below which it gives back burst chunks it does not use
 TARGET_USAGE = 0.60  # the usage a resize aims at, growing or shrinking: well inside both bands
 RETRY_S = proto.REGISTER_RETRY_S  # between attempts while the agent is unreachable
-WAKE_POLL_S = (
-    0.025  # between heartbeats while a wake waits for its grant (typically well under 1 s)
-)
+WAKE_POLL_S = 0.025  # between heartbeats while a wake waits for its grant (well under 1 s)
 ORDERS_WAIT_S = 10.0  # one orders long poll (the agent answers at once when it issues one)
 
 
