@@ -439,29 +439,53 @@ def _clock(ctx: dict[str, str]) -> str:
     return f"{time.perf_counter() - float(ctx['t0']):6.1f} s"
 
 
-def three_models(args: argparse.Namespace, tmp: Path, json_out: Path) -> dict:
-    """(a): the agent, the models, then each layout in turn; the raw results after each."""
+@dataclass(frozen=True)
+class AgentGpu:
+    """The one GPU a benchmark's node agent manages: the card (or, on the CPU, a simulated one
+    of ``--cpu-capacity-mib``), what is allocatable on it, and the agent's flags for it."""
+
+    ctx: dict[str, str]  # tmp, socket, t0, uuid (the runtimes' GPU) and, on a card, nvml_uuid
+    name: str
+    capacity: int
+    used_before: int
+    allocatable: int
+    agent_flags: list[str]
+
+    @property
+    def nvml_uuid(self) -> str | None:
+        return self.ctx.get("nvml_uuid")
+
+
+def agent_gpu(args: argparse.Namespace, tmp: Path, cpu_uuid: str) -> AgentGpu:
+    """The first GPU less what is in use and ``--margin-gib`` (reserved from the agent), or on
+    ``--device cpu`` a simulated GPU named ``cpu_uuid``."""
     from berth.runtime.agent import gpus
 
     ctx = {"tmp": str(tmp), "socket": str(tmp / "agent.sock"), "t0": str(time.perf_counter())}
     if args.device == "cpu":
         allocatable = int(args.cpu_capacity_mib * MIB)
-        total, used0, name = allocatable, 0, "CPU (one simulated GPU)"
-        ctx["uuid"] = "GPU-colocate-cpu"
-        agent_flags = ["--simulate-gpus", f"{ctx['uuid']}:{allocatable}"]
-    else:
-        gpu = gpus.nvml()[0]
-        mem = nvml.device_memory(gpu.uuid)
-        assert mem is not None, "NVML cannot read the device"
-        total, used0, _ = mem
-        allocatable = total - used0 - int(args.margin_gib * GIB)
-        name, ctx["uuid"], ctx["nvml_uuid"] = gpu.name, gpu.uuid, gpu.uuid
-        agent_flags = ["--reserve", str(total - allocatable)]
+        ctx["uuid"] = cpu_uuid
+        flags = ["--simulate-gpus", f"{cpu_uuid}:{allocatable}"]
+        return AgentGpu(ctx, "CPU (one simulated GPU)", allocatable, 0, allocatable, flags)
+    gpu = gpus.nvml()[0]
+    mem = nvml.device_memory(gpu.uuid)
+    assert mem is not None, "NVML cannot read the device"
+    total, used0, _ = mem
+    allocatable = total - used0 - int(args.margin_gib * GIB)
+    ctx["uuid"] = ctx["nvml_uuid"] = gpu.uuid
+    flags = ["--reserve", str(total - allocatable)]
+    return AgentGpu(ctx, gpu.name, total, used0, allocatable, flags)
+
+
+def three_models(args: argparse.Namespace, tmp: Path, json_out: Path) -> dict:
+    """(a): the agent, the models, then each layout in turn; the raw results after each."""
+    card = agent_gpu(args, tmp, "GPU-colocate-cpu")
+    ctx, allocatable, agent_flags = card.ctx, card.allocatable, card.agent_flags
     results: dict = {
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "device": name,
-        "capacity": total,
-        "used_before": used0,
+        "device": card.name,
+        "capacity": card.capacity,
+        "used_before": card.used_before,
         "allocatable": allocatable,
         "versions": _versions(),
         "settings": {k: getattr(args, k) for k in SETTINGS},

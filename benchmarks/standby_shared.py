@@ -51,7 +51,6 @@ import serve  # noqa: E402  (prompts and percentiles as the serving benchmark ma
 from berth.runtime.engine import nvml  # noqa: E402
 from berth.runtime.server.agent_client import AgentClient, AgentError  # noqa: E402
 
-MIB = 1 << 20
 GIB = 1 << 30
 NAMES = ("a", "b", "c")
 
@@ -204,28 +203,15 @@ def phases(found: list[tuple[float, str, str, tuple[float, ...]]]) -> list[dict[
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict:
-    from berth.runtime.agent import gpus
-
-    ctx = {"tmp": str(tmp), "socket": str(tmp / "agent.sock"), "t0": str(time.perf_counter())}
-    if args.device == "cpu":
-        allocatable = int(args.cpu_capacity_mib * MIB)
-        total, name, nvml_uuid = allocatable, "CPU (one simulated GPU)", None
-        ctx["uuid"] = "GPU-standby-cpu"
-        agent_flags = ["--simulate-gpus", f"{ctx['uuid']}:{allocatable}"]
-    else:
-        gpu = gpus.nvml()[0]
-        mem = nvml.device_memory(gpu.uuid)
-        assert mem is not None, "NVML cannot read the device"
-        total, used0, _ = mem
-        allocatable = total - used0 - int(args.margin_gib * GIB)
-        name, ctx["uuid"], nvml_uuid = gpu.name, gpu.uuid, gpu.uuid
-        agent_flags = ["--reserve", str(total - allocatable)]
-    agent_flags += ["--heartbeat-interval", str(args.heartbeat_interval)]  # the last one counts
+    card = colocate.agent_gpu(args, tmp, "GPU-standby-cpu")
+    ctx, allocatable, nvml_uuid = card.ctx, card.allocatable, card.nvml_uuid
+    # Given again, after the benchmark's usual flags: the last one counts.
+    agent_flags = [*card.agent_flags, "--heartbeat-interval", str(args.heartbeat_interval)]
     share = int(allocatable * args.request_fraction)
     results: dict = {
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "device": name,
-        "capacity": total,
+        "device": card.name,
+        "capacity": card.capacity,
         "allocatable": allocatable,
         "share": share,
         "versions": colocate._versions(),
