@@ -79,6 +79,11 @@ class KvLayout:
         return blocks
 
     @property
+    def piece_bytes(self) -> int:
+        """A chunk's piece of one slab (what one mapping call backs)."""
+        return self.chunk_blocks * self.slab_block_bytes
+
+    @property
     def chunk_bytes(self) -> int:
         """Memory one chunk maps, over all slabs."""
         return self.chunk_blocks * self.block_bytes
@@ -201,7 +206,7 @@ class KvArena:
     def _pieces(self, chunk: int) -> list[tuple[int, int]]:
         """(offset, size) of the chunk's piece in each slab (and the scale slab's)."""
         lay = self.layout
-        piece = lay.chunk_blocks * lay.slab_block_bytes
+        piece = lay.piece_bytes
         pieces = [(s * self.slab_bytes + chunk * piece, piece) for s in range(2 * lay.num_layers)]
         if lay.fp8:
             scale_piece = lay.chunk_blocks * lay.scale_block_bytes
@@ -249,8 +254,10 @@ def coarsened(layout: KvLayout, kv_bytes: int) -> KvLayout:
     multiple = 2
     while True:
         candidate = replace(layout, granularity=layout.granularity * multiple)
-        piece = candidate.chunk_blocks * candidate.slab_block_bytes
-        if piece > MAX_PIECE_BYTES or kv_bytes // candidate.chunk_bytes < MIN_CHUNKS:
+        if (
+            candidate.piece_bytes > MAX_PIECE_BYTES
+            or kv_bytes // candidate.chunk_bytes < MIN_CHUNKS
+        ):
             return best
         best, multiple = candidate, multiple * 2
 

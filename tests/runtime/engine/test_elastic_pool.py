@@ -177,7 +177,8 @@ def test_a_gpu_pool_is_cut_into_fewer_larger_pieces_but_enough_chunks(
 ) -> None:
     kv = kv_gib << 30
     layout = coarsened(LLAMA_3_8B, kv)
-    piece = layout.chunk_blocks * layout.slab_block_bytes
+    piece = layout.piece_bytes
+    assert piece == layout.chunk_blocks * layout.slab_block_bytes
     assert piece == piece_mib << 20 and kv // layout.chunk_bytes == chunks
     assert layout.granularity % LLAMA_3_8B.granularity == 0
     assert piece <= MAX_PIECE_BYTES
