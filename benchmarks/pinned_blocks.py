@@ -38,6 +38,10 @@ def main() -> None:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     snapshot = torch.cuda.memory._snapshot()
+    default = [s for s in snapshot["segments"] if tuple(s.get("segment_pool_id", (0, 0))) == (0, 0)]
+    print(f"default pool after empty_cache: {sum(s['total_size'] for s in default) / MIB:.0f} MiB"
+          f" reserved in {len(default)} segments,"
+          f" {sum(s['allocated_size'] for s in default) / MIB:.0f} MiB live")  # fmt: skip
     for seg in snapshot["segments"]:
         if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) or seg["total_size"] < 64 * MIB:
             continue

@@ -124,6 +124,24 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def _fresh_blas_workspaces(device: torch.device, dtype: torch.dtype) -> None:
+    """Empty torch's cache, and move the cuBLAS(Lt) workspaces into segments of their own.
+
+    A workspace lives as long as the process. The profile run's first matmul carves it out
+    of whatever large free block the cache holds then, and that one live block keeps the whole
+    segment reserved: on an H200, one of 502 MiB (Llama-3.2-1B) or about 1 GiB (Llama-3-8B)
+    that a parked runtime cannot give back. Freed and made again by a small matmul on an
+    empty cache, each workspace gets a segment of its own size."""
+    torch.cuda.synchronize(device)
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    x = torch.ones((16, 16), dtype=dtype, device=device)
+    torch.nn.functional.linear(x, x)  # the model's own op (cuBLASLt for 16-bit types)
+    torch.mm(x, x)
+    torch.cuda.synchronize(device)
+    del x
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
     sizes += list(range(16, max_num_seqs, 16))
@@ -263,21 +281,12 @@ class ModelRunner:
             device_granularity(self.device),
             fp8=fp8,
         )
-        if self.device.type == "cuda":  # fewer, larger pieces: the driver's calls are slow
+        sized_by_budget = config.num_kv_blocks is None and config.kv_cache_bytes is None
+        if self.device.type == "cuda" and not sized_by_budget:
+            # Fewer, larger pieces: the driver's calls are slow. A budget's pool is sized by
+            # the profile run below, so its layout is chosen after it.
             self.layout = coarsened(self.layout, self._expected_kv_bytes(config))
-        self.arena, self._fixed_blocks = reserve_kv_arena(
-            config,
-            self.layout,
-            self.budget,
-            self.weights_bytes,
-            self.device,
-            self.dtype,
-            self.max_blocks_per_seq,
-        )
-        self.kv_cache = self.arena.tensor
-        for i, layer in enumerate(self.model.model.layers):
-            attn = cast(DecoderLayer, layer).self_attn
-            attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale = self.arena.layer_caches(i)
+        self._reserve_arena(config)
         pin = self.device.type == "cuda"
         # Host staging for decode steps: [3, max_num_seqs] (ids, positions, slots), seq lens,
         # block tables. Pinned, so the copies to the device are asynchronous.
@@ -308,6 +317,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             profile_largest_step(self.model, config, self.max_model_len, self.max_blocks_per_seq)
+            _fresh_blas_workspaces(self.device, self.dtype)
+            if sized_by_budget:
+                self._coarsen_arena(config)
         if use_graphs:
             started = time.perf_counter()
             try:
@@ -539,15 +551,44 @@ class ModelRunner:
         hidden = self.model(tokens[0], tokens[1], meta)
         return self.model.logits(hidden[rows])
 
+    def _reserve_arena(self, config: EngineConfig) -> None:
+        """Reserve the KV arena for ``self.layout`` and point every layer's caches at it."""
+        self.arena, self._fixed_blocks = reserve_kv_arena(
+            config,
+            self.layout,
+            self.budget,
+            self.weights_bytes,
+            self.device,
+            self.dtype,
+            self.max_blocks_per_seq,
+        )
+        self.kv_cache = self.arena.tensor
+        for i, layer in enumerate(self.model.model.layers):
+            attn = cast(DecoderLayer, layer).self_attn
+            attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale = self.arena.layer_caches(i)
+
+    def _coarsen_arena(self, config: EngineConfig) -> None:
+        """After the profile run: the layout in the coarsest pieces that still cut what the
+        request leaves for KV (request - weights - the workspace measured so far) into
+        ``MIN_CHUNKS`` chunks, and the arena again in it (nothing is captured over it yet).
+        Chosen before the profile, from request - weights alone, a small pool's chunk could
+        outgrow what the workspace leaves of the request and a runtime that fits be refused."""
+        assert self.budget is not None
+        measured = measure_footprint(self.device, self.weights_bytes, self.arena.mapped_bytes)
+        kv_bytes = self.budget.request_bytes - self.weights_bytes - measured.workspace_bytes
+        layout = coarsened(self.layout, kv_bytes)
+        if layout == self.layout:
+            return
+        self.arena.close()
+        self.layout = layout
+        self._reserve_arena(config)
+
     def _expected_kv_bytes(self, config: EngineConfig) -> int:
-        """The KV pool's size as far as it is known before the profile run: configured, or
-        the budget's request beside the weights."""
+        """A configured KV pool's size."""
         if config.kv_cache_bytes is not None:
             return config.kv_cache_bytes
-        if config.num_kv_blocks is not None:
-            return config.num_kv_blocks * self.layout.block_bytes
-        assert self.budget is not None  # set on the GPU when no size is configured
-        return self.budget.request_bytes - self.weights_bytes
+        assert config.num_kv_blocks is not None
+        return config.num_kv_blocks * self.layout.block_bytes
 
     def _replay_prefill(self, step: StepInputs, size: int, width: int) -> torch.Tensor:
         """Copy the padded step into the graph's inputs, replay; the graph's hidden states
