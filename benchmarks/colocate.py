@@ -206,7 +206,7 @@ def _memory_line(log: Path) -> str:
 
 LAYOUTS = {"fixed": "fixed shares", "burst": "request/limit"}
 SETTINGS = ("shapes", "concurrency", "prompt_tokens", "output_tokens", "warmup", "duration",
-            "max_num_seqs", "margin_gib", "request_fraction", "device")  # fmt: skip
+            "max_num_seqs", "margin_gib", "request_fraction", "request_floor_gib", "device")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -226,10 +226,18 @@ def fixed_shares(weights: dict[str, int], allocatable: int) -> Budgets:
     return {shape: (allocatable * w // total,) * 2 for shape, w in weights.items()}
 
 
-def burst_pairs(fixed: Budgets, fraction: float, allocatable: int) -> Budgets:
-    """Each request ``fraction`` of the fixed share; each limit whatever the other requests
-    leave of ``allocatable`` (the agent grants bursts from memory nobody else is owed)."""
-    requests = {shape: int(request * fraction) for shape, (request, _) in fixed.items()}
+def burst_pairs(
+    fixed: Budgets, fraction: float, allocatable: int, weights: dict[str, int], floor: int
+) -> Budgets:
+    """Each request ``fraction`` of the fixed share, but at least the weights and ``floor``
+    beside them (a runtime measures its activation/graph workspace at start and refuses a
+    request that leaves no KV: Llama-3.2-1B on an H100 needs 1.55 GiB, half its fixed share
+    left 1.34); each limit whatever the other requests leave of ``allocatable`` (the agent
+    grants bursts from memory nobody else is owed)."""
+    requests = {
+        shape: min(request, max(int(request * fraction), weights[shape] + floor))
+        for shape, (request, _) in fixed.items()
+    }
     owed = sum(requests.values())
     return {shape: (r, allocatable - (owed - r)) for shape, r in requests.items()}
 
@@ -498,7 +506,10 @@ def three_models(args: argparse.Namespace, tmp: Path, json_out: Path) -> dict:
         weights = {s: m.weights_bytes for s, m in models.items()}
         results["weights"] = weights
         fixed = fixed_shares(weights, allocatable)
-        layouts = {"fixed": fixed, "burst": burst_pairs(fixed, args.request_fraction, allocatable)}
+        pairs = burst_pairs(
+            fixed, args.request_fraction, allocatable, weights, int(args.request_floor_gib * GIB)
+        )
+        layouts = {"fixed": fixed, "burst": pairs}
         _wait_granting(agent)
 
         def save() -> None:
@@ -563,7 +574,8 @@ def report_three(results: dict, note: str = "") -> str:
         f"{unit} in use before, {results['allocatable'] / u:.1f} {unit} shared by the runtimes "
         f"({(results['capacity'] - results['used_before'] - results['allocatable']) / u:g} "
         f"{unit} margin). Fixed shares: request = limit, proportional to the "
-        f"weights. Request/limit: each request {s['request_fraction']:g} of the fixed share, "
+        f"weights. Request/limit: each request {s['request_fraction']:g} of the fixed share "
+        f"(at least the weights + {s.get('request_floor_gib', 0):g} GiB), "
         f"each limit the shared memory minus the other requests.",
         "",
         f"| model | weights ({unit}) | fixed share ({unit}) | request / limit ({unit}) |",
@@ -586,7 +598,8 @@ def report_three(results: dict, note: str = "") -> str:
         f"requests | failures | held peak ({unit}) |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    summary: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+    # (layout, streams) -> busy model -> (output tok/s, E2E p50 s)
+    summary: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}
     for entry in results["layouts"]:
         layout = entry["layout"]
         for turn in entry["turns"]:
@@ -595,9 +608,8 @@ def report_three(results: dict, note: str = "") -> str:
             e2e = run.get("e2e_s_p50", float("nan"))
             ttft = run.get("ttft_ms", {}).get("50", float("nan"))
             held = turn["memory"].get(turn["busy"], {}).get("held", float("nan"))
-            tputs, p50s = summary.setdefault((layout, users), ([], []))
-            tputs.append(tput)
-            p50s.append(e2e)
+            if not math.isnan(tput):
+                summary.setdefault((layout, users), {})[turn["busy"]] = (tput, e2e)
             lines.append(
                 f"| {LAYOUTS[layout]} | {users} | `{turn['busy']}` | {_fmt(tput, '.0f')} | "
                 f"{_fmt(e2e, '.2f')} | {_fmt(ttft, '.0f')} | {run.get('requests', 0)} | "
@@ -605,20 +617,25 @@ def report_three(results: dict, note: str = "") -> str:
             )
     lines += [
         "",
-        "Per level, over the turns (the card's mean throughput over the rotation; the mean of "
-        "the three models' p50):",
+        "Per level, over the models measured in both layouts (the card's mean throughput over "
+        "the rotation; the mean of the models' p50):",
         "",
-        "| streams | fixed tok/s | request/limit tok/s | throughput x | fixed p50 (s) | "
+        "| streams | models | fixed tok/s | request/limit tok/s | throughput x | fixed p50 (s) | "
         "request/limit p50 (s) | p50 lower by x |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     levels = sorted({users for (_, users) in summary})
     for users in levels:
-        ft, fp = summary.get(("fixed", users), ([float("nan")], [float("nan")]))
-        bt, bp = summary.get(("burst", users), ([float("nan")], [float("nan")]))
-        f_t, b_t, f_p, b_p = _mean(ft), _mean(bt), _mean(fp), _mean(bp)
+        fixed_runs, burst_runs = (
+            summary.get(("fixed", users), {}),
+            summary.get(("burst", users), {}),
+        )
+        both = [shape for shape in shapes if shape in fixed_runs and shape in burst_runs]
+        f_t, f_p = (_mean([fixed_runs[m][i] for m in both]) for i in (0, 1))
+        b_t, b_p = (_mean([burst_runs[m][i] for m in both]) for i in (0, 1))
         lines.append(
-            f"| {users} | {_fmt(f_t, '.0f')} | {_fmt(b_t, '.0f')} | {_fmt(b_t / f_t, '.2f')} | "
+            f"| {users} | {len(both)} of {len(shapes)} | {_fmt(f_t, '.0f')} | "
+            f"{_fmt(b_t, '.0f')} | {_fmt(b_t / f_t, '.2f')} | "
             f"{_fmt(f_p, '.2f')} | {_fmt(b_p, '.2f')} | {_fmt(f_p / b_p, '.2f')} |"
         )
     lines += [
@@ -755,6 +772,8 @@ def main() -> None:
     parser.add_argument("--margin-gib", type=float, default=1.0, help="left free on the card")
     parser.add_argument("--request-fraction", type=float, default=0.5,
                         help="(a) each request as a fraction of the model's fixed share")  # fmt: skip
+    parser.add_argument("--request-floor-gib", type=float, default=3.0,
+                        help="(a) each request holds at least the weights and this much")  # fmt: skip
     parser.add_argument("--cpu-capacity-mib", type=float, default=8.0,
                         help="(a) on the CPU: the simulated GPU's memory")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
