@@ -123,6 +123,47 @@ def run_engine(
     }
 
 
+def steady_decode(
+    engine: Engine, concurrency: int, prompt_len: int, rng: random.Random, steps: int = 32
+) -> dict[str, Any]:
+    """Decode steps with all ``concurrency`` sequences decoding and nothing else in the step.
+
+    ``run_engine`` submits everything at once, so at 256 the first requests finish before the
+    last prompts are in: its full-batch decode steps are a handful, at the tail. Here the
+    requests run until every one decodes, then ``steps`` steps are timed (wall, host CPU,
+    KV tokens read), and the requests are aborted."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
+    ids = [f"steady-{concurrency}-{i}" for i in range(concurrency)]
+    for rid in ids:
+        engine.add_request(rid, [rng.randrange(vocab) for _ in range(prompt_len)], params)
+    ready = 0  # consecutive steps in which every request decoded and got a token
+    while ready < 2:
+        running = list(engine.scheduler.running)
+        outputs = engine.step()
+        full = len(running) == concurrency and len(outputs) == concurrency
+        ready = ready + 1 if full and all(s.num_computed_tokens >= s.num_prompt_tokens
+                                          for s in running) else 0  # fmt: skip
+    rows: list[tuple[float, float, int]] = []
+    for _ in range(steps):
+        kv_tokens = sum(s.num_computed_tokens for s in engine.scheduler.running)
+        t0 = time.perf_counter()
+        engine.step()
+        rows.append((time.perf_counter() - t0, engine.last_step_host_seconds, kv_tokens))
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished():
+        engine.step()
+    walls, hosts = sorted(w for w, _, _ in rows), sorted(h for _, h, _ in rows)
+    return {
+        "steps": steps,
+        "step_ms": 1e3 * statistics.median(walls),
+        "host_ms": 1e3 * statistics.median(hosts),
+        "host_ms_p90": 1e3 * hosts[int(0.9 * len(hosts))],
+        "kv_tokens_mean": statistics.mean(k for _, _, k in rows),
+    }
+
+
 def time_to_first_token(
     engine: Engine, prompt_len: int, rng: random.Random, repeats: int = 5
 ) -> float:
@@ -289,6 +330,11 @@ def main() -> None:
         kv_bytes = r["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         r["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
+        steady = steady_decode(engine, c, args.prompt_len, rng)
+        kv_bytes = steady["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
+        steady["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
+        steady["vs_roofline"] = steady["step_ms"] / steady["roofline_ms"]
+        r["steady"] = steady
         report["engine"].append(r)
         save()
         print(json.dumps(r), flush=True)
@@ -357,6 +403,26 @@ def render(report: dict[str, Any]) -> str:
         "time is (time for N tokens - time for 1 token) / (N - 1) on the same model and batch.",
         "",
     ]
+    steady = [r for r in report["engine"] if "steady" in r]
+    if steady:
+        lines += [
+            "Steady decode: every sequence decoding, nothing else in the step (the requests run "
+            "until all of them decode, then 32 steps are timed; above, at high concurrency the "
+            "first requests finish before the last prompts are in, so few steps are full-batch "
+            "decodes).",
+            "",
+            "| concurrency | full-batch steps above | decode step (ms) | roofline (ms) | "
+            "step / roofline | host CPU per step median / p90 (ms) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in steady:
+            d = r["steady"]
+            lines.append(
+                f"| {r['concurrency']} | {r['decode_steps']} | {d['step_ms']:.2f} | "
+                f"{d['roofline_ms']:.2f} | {d['vs_roofline']:.2f}x | "
+                f"{d['host_ms']:.2f} / {d['host_ms_p90']:.2f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
