@@ -129,8 +129,8 @@ def _fresh_blas_workspaces(device: torch.device, dtype: torch.dtype) -> None:
 
     A workspace lives as long as the process. The profile run's first matmul carves it out
     of whatever large free block the cache holds then, and that one live block keeps the whole
-    segment reserved: on an H200, one of 502 MiB (Llama-3.2-1B) or about 1 GiB (Llama-3-8B)
-    that a parked runtime cannot give back. Freed and made again by a small matmul on an
+    segment reserved, which a parked runtime cannot give back (Llama-3.2-1B on an H200: a
+    segment of 502 MiB; Llama-3-8B on an H100: about 1 GiB). Freed and made again by a small matmul on an
     empty cache, each workspace gets a segment of its own size."""
     torch.cuda.synchronize(device)
     torch._C._cuda_clearCublasWorkspaces()
