@@ -371,7 +371,7 @@ class EngineCore:
         self.residency.move(ACTIVE)
         log.info(
             "woke in %.3f s (%.3f s waiting for the node agent's grant)",
-            time.perf_counter() - start, granted_s if self._lease is not None else 0.0,
+            time.perf_counter() - start, granted_s,
         )  # fmt: skip
         self._admit_held(rejections)
 
