@@ -22,6 +22,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MIB = 1 << 20
+LARGE_SEGMENT = 64 * MIB
+
+
+def in_default_pool(segment: dict) -> bool:
+    """A segment of torch's default pool, not of a CUDA graph's private one."""
+    return tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0)
+
+
+def large_default_segments(segments: list[dict]) -> list[dict]:
+    """The default pool's segments of ``LARGE_SEGMENT`` or more: where one live block keeps
+    a large reservation that a park cannot give back."""
+    return [s for s in segments if in_default_pool(s) and s["total_size"] >= LARGE_SEGMENT]
 
 
 def child(args: argparse.Namespace, top: int) -> dict:
@@ -40,17 +52,16 @@ def child(args: argparse.Namespace, top: int) -> dict:
     load_s = time.perf_counter() - started
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    segments = torch.cuda.memory_snapshot()
     pools: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for segment in torch.cuda.memory_snapshot():
-        pool = segment.get("segment_pool_id", (0, 0))
-        name = "default" if tuple(pool) == (0, 0) else "graphs"
+    for segment in segments:
+        name = "default" if in_default_pool(segment) else "graphs"
         pools[name][0] += segment["total_size"]
         pools[name][1] += segment["allocated_size"]
-    large = [  # default-pool segments of 64 MiB or more: what keeps them reserved
+    large = [  # what keeps them reserved
         {"total": seg["total_size"], "live": [b["size"] for b in seg["blocks"]
                                               if b["state"] == "active_allocated"]}
-        for seg in torch.cuda.memory_snapshot()
-        if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) and seg["total_size"] >= 64 * MIB
+        for seg in large_default_segments(segments)
     ]  # fmt: skip
     runner = engine.runner
     return {

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from graph_pool import in_default_pool, large_default_segments
 
 MIB = 1 << 20
 
@@ -38,13 +41,11 @@ def main() -> None:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     snapshot = torch.cuda.memory._snapshot()
-    default = [s for s in snapshot["segments"] if tuple(s.get("segment_pool_id", (0, 0))) == (0, 0)]
+    default = [s for s in snapshot["segments"] if in_default_pool(s)]
     print(f"default pool after empty_cache: {sum(s['total_size'] for s in default) / MIB:.0f} MiB"
           f" reserved in {len(default)} segments,"
           f" {sum(s['allocated_size'] for s in default) / MIB:.0f} MiB live")  # fmt: skip
-    for seg in snapshot["segments"]:
-        if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) or seg["total_size"] < 64 * MIB:
-            continue
+    for seg in large_default_segments(snapshot["segments"]):
         print(f"segment {seg['total_size'] / MIB:.0f} MiB")
         for block in seg["blocks"]:
             if block["state"] != "active_allocated":
