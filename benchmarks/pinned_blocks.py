@@ -18,9 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from graph_pool import in_default_pool, large_default_segments
-
-MIB = 1 << 20
+from graph_pool import MIB, in_default_pool, large_default_segments
 
 
 def main() -> None:
