@@ -114,6 +114,17 @@ def check_out(out: torch.Tensor, like: torch.Tensor) -> None:
     check_unit_last_stride("out", out)
 
 
+def check_fp8_capability(capability: tuple[int, int]) -> None:
+    """An FP8 (e4m3) cache needs compute capability 8.9 or later: below it Triton has no e4m3
+    type, and every kernel reading the cache would fail to compile at the first step."""
+    if capability < (8, 9):
+        major, minor = capability
+        raise ValueError(
+            "kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper or "
+            f"newer); this one is {major}.{minor}: use kv_cache_dtype auto"
+        )
+
+
 def check_cache_scales(
     k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
 ) -> bool:

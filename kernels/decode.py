@@ -11,7 +11,9 @@ caller's ``max_seq_len`` so the launch can be captured in a CUDA graph.
 An FP8 cache is read as it is stored (half the bytes of bf16) and dequantized in registers: a
 key's per-head scale multiplies its column of scores, a value's scales its column of
 probabilities before the PV product, so the tensor-core dots see the raw e4m3 values converted
-to the query's type.
+to fp16. It is read as 16-bit words, two values each, split into the even and the odd head
+dimensions: read as bytes, the keys' transposed dot operand was gathered from shared memory a
+byte at a time (``benchmarks/kernel_sass.py`` counts the instructions).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class DecodeConfig:
     min_split_tokens: int = 128  # below this, the merge costs more than the split buys
     num_warps: int = 4
     num_stages: int = 3
+    # An FP8 cache read as 16-bit words (head_dim >= 32); False reads it byte by byte, the
+    # previous kernel, kept until a device run has timed the two side by side (kernels.py).
+    fp8_words: bool = True
 
 
 @triton.jit
@@ -159,6 +164,140 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
 
 
 @triton.jit
+def _e4m3_pairs_to_f16(words, HW_CVT: tl.constexpr):  # type: ignore[no-untyped-def]
+    """16-bit words holding two e4m3 values -> (low byte's, high byte's) values as fp16."""
+    if HW_CVT:  # sm_89 and later: one instruction converts a pair
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+            "=h,=h,h",
+            [words],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+    low = words.to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    high = (words >> 8).to(tl.int8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return low, high
+
+
+@triton.jit
+def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
+    q_ptr,  # [B, Hq, D]
+    k_words_ptr,  # [num_blocks, block_size, Hkv, D / 2] int16: the e4m3 cache, two per word
+    v_words_ptr,
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, Hq, D]; written when SINGLE_SPLIT
+    part_out_ptr,  # [B, Hq, num_splits, D] float32; written otherwise
+    part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
+    k_scale_ptr,  # [num_blocks, block_size, Hkv] float32
+    v_scale_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_b,
+    stride_q_h,
+    stride_k_block,  # in words
+    stride_k_slot,
+    stride_k_head,
+    stride_v_block,
+    stride_v_slot,
+    stride_v_head,
+    stride_bt_b,
+    stride_out_b,
+    stride_out_h,
+    stride_ks_block,
+    stride_ks_slot,
+    stride_vs_block,
+    stride_vs_slot,
+    num_splits,
+    split_tokens,  # tokens per split, a multiple of BLOCK_N
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HALF_DIM: tl.constexpr,  # head_dim / 2: words per row
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    HW_CVT: tl.constexpr,
+):
+    """``_decode_kernel`` over an FP8 cache read as words: word j of a row holds dimensions 2j
+    (low byte) and 2j + 1, so every dot runs twice, over the even and the odd dimensions."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * split_tokens
+    end = tl.minimum(start + split_tokens, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    row_ok = rows < GROUP
+    heads = kv_head * GROUP + rows
+    words = tl.arange(0, HALF_DIM)
+    q_even_ptr = q_ptr + seq * stride_q_b + heads[:, None] * stride_q_h + 2 * words[None, :]
+    q_even = tl.load(q_even_ptr, mask=row_ok[:, None], other=0.0).to(tl.float16)  # [G, D/2]
+    q_odd = tl.load(q_even_ptr + 1, mask=row_ok[:, None], other=0.0).to(tl.float16)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)  # noqa: E741
+    acc_even = tl.zeros([GROUP_PAD, HALF_DIM], tl.float32)
+    acc_odd = tl.zeros([GROUP_PAD, HALF_DIM], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
+    k_base = k_words_ptr + kv_head * stride_k_head
+    v_base = v_words_ptr + kv_head * stride_v_head
+    for tok0 in range(start, end, BLOCK_N):
+        toks = tok0 + tl.arange(0, BLOCK_N)
+        tok_ok = toks < end
+        block = tl.load(table + toks // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+        slot = toks % BLOCK_SIZE
+        k = tl.load(
+            k_base + (block * stride_k_block + slot * stride_k_slot)[:, None] + words[None, :],
+            mask=tok_ok[:, None],
+            other=0,
+        )  # [N, D/2] words
+        v = tl.load(
+            v_base + (block * stride_v_block + slot * stride_v_slot)[:, None] + words[None, :],
+            mask=tok_ok[:, None],
+            other=0,
+        )
+        k_scale = tl.load(
+            k_scale_ptr + block * stride_ks_block + slot * stride_ks_slot + kv_head,
+            mask=tok_ok,
+            other=0.0,
+        )  # [N]
+        v_scale = tl.load(
+            v_scale_ptr + block * stride_vs_block + slot * stride_vs_slot + kv_head,
+            mask=tok_ok,
+            other=0.0,
+        )
+        k_even, k_odd = _e4m3_pairs_to_f16(k, HW_CVT)
+        s = tl.dot(q_even, tl.trans(k_even))
+        s = tl.dot(q_odd, tl.trans(k_odd), s)
+        s = s * (k_scale * qk_scale)[None, :]  # [G, N], log2 units
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        p_v = (p * v_scale[None, :]).to(tl.float16)
+        v_even, v_odd = _e4m3_pairs_to_f16(v, HW_CVT)
+        acc_even = acc_even * alpha[:, None] + tl.dot(p_v, v_even)
+        acc_odd = acc_odd * alpha[:, None] + tl.dot(p_v, v_odd)
+        m = m_new
+
+    norm = 1.0 / tl.where(l > 0, l, 1.0)  # an empty sequence (graph padding) gets zeros
+    if SINGLE_SPLIT:
+        dst = out_ptr + seq * stride_out_b + heads[:, None] * stride_out_h + 2 * words[None, :]
+        dtype = out_ptr.dtype.element_ty
+        tl.store(dst, (acc_even * norm[:, None]).to(dtype), mask=row_ok[:, None])
+        tl.store(dst + 1, (acc_odd * norm[:, None]).to(dtype), mask=row_ok[:, None])
+    else:
+        part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [G]
+        dst = part_out_ptr + part[:, None] * (2 * HALF_DIM) + 2 * words[None, :]
+        tl.store(dst, acc_even * norm[:, None], mask=row_ok[:, None])
+        tl.store(dst + 1, acc_odd * norm[:, None], mask=row_ok[:, None])
+        lse = tl.where(l > 0, m + tl.math.log2(tl.maximum(l, 1e-30)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
 def _merge_splits_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     part_out_ptr,  # [B, Hq, num_splits, D] float32, each split normalised by its own sum
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
@@ -194,6 +333,20 @@ def _merge_splits_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poin
 
 
 @cache
+def _has_fp8_convert(device: torch.device) -> bool:
+    """sm_89 and later convert a pair of e4m3 values in one instruction (PTX cvt ... e4m3x2)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _as_words(cache: torch.Tensor) -> torch.Tensor | None:
+    """An FP8 cache viewed as int16 words of two values, or None where its strides or offset
+    are odd (never for the engine's caches)."""
+    if any(stride % 2 for stride in cache.stride()[:-1]) or cache.storage_offset() % 2:
+        return None
+    return cache.view(torch.int16)
+
+
+@cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: few programs keep CPU tests fast
@@ -223,6 +376,66 @@ def default_config(head_dim: int, block_size: int) -> DecodeConfig:
     in flight per program to keep HBM busy (measured on H100: 64 -> 128 tokens took 8 x 32k
     from 2.4 to 2.96 TB/s; benchmarks/results/kernels-*.md)."""
     return DecodeConfig(block_n=max(block_size, 16384 // head_dim))
+
+
+def _launch_decode_kernel(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    scale: float,
+    num_splits: int,
+    split_tokens: int,
+    group: int,
+    config: DecodeConfig,
+    fp8: bool,
+) -> None:
+    """``_decode_kernel``: a 16-bit cache, or an FP8 one read byte by byte."""
+    num_seqs, _, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    single = num_splits == 1
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        k_scale if fp8 else seq_lens,  # unused without FP8
+        v_scale if fp8 else seq_lens,
+        scale * LOG2E,
+        query.stride(0),
+        query.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        *checks.scale_strides(k_scale, v_scale),
+        num_splits,
+        split_tokens,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config.block_n,
+        SINGLE_SPLIT=single,
+        FP8=fp8,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 def launch_decode(
@@ -285,42 +498,47 @@ def launch_decode(
         part_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
         )
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        out,
-        part_out,
-        part_lse,
-        k_scale if fp8 else seq_lens,  # unused without FP8
-        v_scale if fp8 else seq_lens,
-        scale * LOG2E,
-        query.stride(0),
-        query.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        *checks.scale_strides(k_scale, v_scale),
-        num_splits,
-        split_tokens,
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        BLOCK_N=config.block_n,
-        SINGLE_SPLIT=single,
-        FP8=fp8,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    words = fp8 and config.fp8_words and head_dim >= 32  # the dots' depth, D / 2, is >= 16
+    k_words = _as_words(k_cache) if words else None
+    v_words = _as_words(v_cache) if words else None
+    if k_words is not None and v_words is not None:
+        _decode_fp8_words_kernel[(num_seqs, num_kv_heads, num_splits)](
+            query,
+            k_words,
+            v_words,
+            block_tables,
+            seq_lens,
+            out,
+            part_out,
+            part_lse,
+            k_scale,
+            v_scale,
+            scale * LOG2E,
+            query.stride(0),
+            query.stride(1),
+            *k_words.stride()[:3],
+            *v_words.stride()[:3],
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            *checks.scale_strides(k_scale, v_scale),
+            num_splits,
+            split_tokens,
+            GROUP=group,
+            GROUP_PAD=max(16, triton.next_power_of_2(group)),
+            HALF_DIM=head_dim // 2,
+            BLOCK_SIZE=block_size,
+            BLOCK_N=config.block_n,
+            SINGLE_SPLIT=single,
+            HW_CVT=_has_fp8_convert(device),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    else:
+        _launch_decode_kernel(
+            query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+            k_scale, v_scale, scale, num_splits, split_tokens, group, config, fp8,
+        )  # fmt: skip
     if not single:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_out,

@@ -272,6 +272,10 @@ class ModelRunner:
             self.weight_arena.keep_host_copy()
         self.weights_bytes = tensors_bytes(self.model)
         fp8 = config.kv_cache_dtype == "fp8"
+        if fp8 and self.device.type == "cuda":
+            from berth.kernels.checks import check_fp8_capability
+
+            check_fp8_capability(torch.cuda.get_device_capability(self.device))
         self.layout = KvLayout(
             model_config.num_layers,
             config.block_size,

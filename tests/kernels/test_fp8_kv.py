@@ -4,11 +4,13 @@ small against the unquantized cache."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from paged_checks import CPU_DTYPES, GPU_DTYPES, assert_close, poison_chunk_slots, poisoned_like
 
-from berth.kernels import reference, write_kv_cache
+from berth.kernels import checks, reference, write_kv_cache
 from berth.kernels.decode import DecodeConfig, launch_decode
 from berth.kernels.prefill import PrefillConfig, launch_prefill
 from berth.kernels.synthetic import PagedBatch, random_paged_batch
@@ -73,22 +75,59 @@ def test_write_kernel_quantizes_like_the_reference(device: torch.device) -> None
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize(
     "config",
-    [DecodeConfig(block_n=16, split_waves=4, min_split_tokens=16), DecodeConfig(block_n=16)],
-    ids=["split", "default-split"],
+    [
+        DecodeConfig(block_n=16, split_waves=4, min_split_tokens=16),
+        DecodeConfig(block_n=16),
+        DecodeConfig(block_n=16, no_split_waves=0.0),
+    ],
+    ids=["split", "default-split", "single"],
 )
+@pytest.mark.parametrize("words", [True, False], ids=["words", "bytes"])
+@pytest.mark.parametrize("head_dim", [32, 16])  # 16: too shallow for words, read as bytes
 def test_fp8_decode_matches_the_dequantized_reference(
-    device: torch.device, dtype: torch.dtype, group: int, config: DecodeConfig
+    device: torch.device,
+    dtype: torch.dtype,
+    group: int,
+    config: DecodeConfig,
+    words: bool,
+    head_dim: int,
 ) -> None:
     seq_lens = [1, 37, 70]
-    batch = random_paged_batch(seq_lens, 2, 32, 16, torch.float32, device)
-    query = torch.randn(len(seq_lens), 2 * group, 32, dtype=dtype, device=device)
-    out = run_fp8_decode(batch, query, 70, config)
+    batch = random_paged_batch(seq_lens, 2, head_dim, 16, torch.float32, device)
+    query = torch.randn(len(seq_lens), 2 * group, head_dim, dtype=dtype, device=device)
+    out = run_fp8_decode(batch, query, 70, dataclasses.replace(config, fp8_words=words))
     exact = reference.paged_decode_attention(
         query.double(), batch.k_cache.double(), batch.v_cache.double(), batch.block_tables,
-        batch.seq_lens, 32**-0.5,
+        batch.seq_lens, head_dim**-0.5,
     )  # fmt: skip
     err = float((out.double() - exact).norm() / exact.norm())
     assert err < 0.05, f"FP8 cache off the unquantized one by {err:.3f}"
+
+
+def test_fp8_decode_words_and_bytes_agree_and_odd_strides_read_bytes(
+    device: torch.device,
+) -> None:
+    """The two readings of one cache give the same output up to fp16 rounding, and a cache
+    whose rows sit at odd byte strides (no 16-bit view exists) is still read, as bytes."""
+    torch.manual_seed(1)
+    seq_lens = [5, 64, 33]
+    batch = random_paged_batch(seq_lens, 2, 32, 16, torch.float32, device)
+    query = torch.randn(len(seq_lens), 8, 32, dtype=torch.float16, device=device)
+    k, v, ks, vs = quantized(batch)
+    args = (batch.block_tables, batch.seq_lens, 32**-0.5, None, 64)
+    config = DecodeConfig(block_n=16)
+    as_words = launch_decode(query, k, v, *args, config, ks, vs)
+    as_bytes = launch_decode(
+        query, k, v, *args, dataclasses.replace(config, fp8_words=False), ks, vs
+    )
+    torch.testing.assert_close(as_words, as_bytes, rtol=2e-3, atol=2e-3)
+    k_odd = torch.zeros(*k.shape[:3], 33, dtype=FP8, device=device)[..., :32]  # rows 33 apart
+    v_odd = torch.zeros(*k.shape[:3], 33, dtype=FP8, device=device)[..., :32]
+    k_odd.copy_(k)
+    v_odd.copy_(v)
+    assert k_odd.stride(2) % 2 == 1
+    odd = launch_decode(query, k_odd, v_odd, *args, config, ks, vs)
+    torch.testing.assert_close(odd, as_bytes, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("self_kv", [False, True], ids=["cache", "key_value"])
@@ -126,6 +165,19 @@ def test_fp8_prefill_matches_the_dequantized_reference(
         k_scale=ks, v_scale=vs,
     )  # fmt: skip
     assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (8, 6)])
+def test_fp8_cache_is_refused_below_compute_capability_8_9(capability: tuple[int, int]) -> None:
+    with pytest.raises(
+        ValueError, match=rf"capability 8.9 or later.*is {capability[0]}\.{capability[1]}"
+    ):
+        checks.check_fp8_capability(capability)
+
+
+@pytest.mark.parametrize("capability", [(8, 9), (9, 0), (10, 0)])
+def test_fp8_cache_is_accepted_from_compute_capability_8_9(capability: tuple[int, int]) -> None:
+    checks.check_fp8_capability(capability)
 
 
 def test_fp8_cache_and_scales_go_together(device: torch.device) -> None:
