@@ -205,7 +205,9 @@ class RuntimeSpec(ApiModel):
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         default="auto",
         description="KV-cache element type: auto (the weights' dtype) or fp8 (e4m3 with a "
-        "scale per token and KV head: about half the bytes of bf16, twice the context per GB).",
+        "scale per token and KV head: about half the bytes of bf16, twice the context per GB; "
+        "needs a GPU of compute capability 8.9 or later, Ada or Hopper: on an older one the "
+        "runtime refuses to start and the status says why).",
     )
     max_num_seqs: int = Field(default=256, ge=1, le=4096, description="Most sequences per batch.")
     enable_prefix_caching: bool = Field(
