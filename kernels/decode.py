@@ -46,6 +46,41 @@ class DecodeConfig:
 
 
 @triton.jit
+def _token_scales(  # type: ignore[no-untyped-def]
+    k_scale_ptr, v_scale_ptr, block, slot, kv_head, tok_ok,
+    stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
+):  # fmt: skip
+    """An FP8 cache's per-token scales of one KV head, [N] each for K and V."""
+    k_scale = tl.load(
+        k_scale_ptr + block * stride_ks_block + slot * stride_ks_slot + kv_head,
+        mask=tok_ok,
+        other=0.0,
+    )
+    v_scale = tl.load(
+        v_scale_ptr + block * stride_vs_block + slot * stride_vs_slot + kv_head,
+        mask=tok_ok,
+        other=0.0,
+    )
+    return k_scale, v_scale
+
+
+@triton.jit
+def _softmax_step(s, m, l):  # type: ignore[no-untyped-def]  # noqa: E741
+    """Online softmax over one tile of scores s [G, N] (log2 units): the probabilities, the
+    factor that rescales what was accumulated, the new running max and sum."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m - m_new)
+    return p, alpha, m_new, l * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _log_sum_exp(m, l):  # type: ignore[no-untyped-def]  # noqa: E741
+    """A split's log2-sum-exp for the merge; -inf for an empty split."""
+    return tl.where(l > 0, m + tl.math.log2(tl.maximum(l, 1e-30)), float("-inf"))
+
+
+@triton.jit
 def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -122,32 +157,22 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
             other=0.0,
         )  # [N, D]
         if FP8:
-            k_scale = tl.load(
-                k_scale_ptr + block * stride_ks_block + slot * stride_ks_slot + kv_head,
-                mask=tok_ok,
-                other=0.0,
-            )  # [N]
-            v_scale = tl.load(
-                v_scale_ptr + block * stride_vs_block + slot * stride_vs_slot + kv_head,
-                mask=tok_ok,
-                other=0.0,
-            )
+            k_scale, v_scale = _token_scales(
+                k_scale_ptr, v_scale_ptr, block, slot, kv_head, tok_ok,
+                stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
+            )  # fmt: skip
             # e4m3 -> fp16 is one conversion instruction (to bf16 it goes through fp32).
             s = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
             s = s * (k_scale * qk_scale)[None, :]
         else:
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, N], log2 units
         s = tl.where(tok_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        p, alpha, m, l = _softmax_step(s, m, l)  # noqa: E741
         if FP8:
             pv = tl.dot((p * v_scale[None, :]).to(tl.float16), v.to(tl.float16))
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
-        m = m_new
 
     if SINGLE_SPLIT:
         # An empty sequence (padding in a captured batch) gets zeros, not NaN.
@@ -159,8 +184,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
         partial = acc / tl.where(l > 0, l, 1.0)[:, None]  # normalised within the split
         dst = part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :]
         tl.store(dst, partial, mask=row_ok[:, None])
-        lse = tl.where(l > 0, m + tl.math.log2(tl.maximum(l, 1e-30)), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+        tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
 
 
 @triton.jit
@@ -257,30 +281,20 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
             mask=tok_ok[:, None],
             other=0,
         )
-        k_scale = tl.load(
-            k_scale_ptr + block * stride_ks_block + slot * stride_ks_slot + kv_head,
-            mask=tok_ok,
-            other=0.0,
-        )  # [N]
-        v_scale = tl.load(
-            v_scale_ptr + block * stride_vs_block + slot * stride_vs_slot + kv_head,
-            mask=tok_ok,
-            other=0.0,
-        )
+        k_scale, v_scale = _token_scales(
+            k_scale_ptr, v_scale_ptr, block, slot, kv_head, tok_ok,
+            stride_ks_block, stride_ks_slot, stride_vs_block, stride_vs_slot,
+        )  # fmt: skip
         k_even, k_odd = _e4m3_pairs_to_f16(k, HW_CVT)
         s = tl.dot(q_even, tl.trans(k_even))
         s = tl.dot(q_odd, tl.trans(k_odd), s)
         s = s * (k_scale * qk_scale)[None, :]  # [G, N], log2 units
         s = tl.where(tok_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        p, alpha, m, l = _softmax_step(s, m, l)  # noqa: E741
         p_v = (p * v_scale[None, :]).to(tl.float16)
         v_even, v_odd = _e4m3_pairs_to_f16(v, HW_CVT)
         acc_even = acc_even * alpha[:, None] + tl.dot(p_v, v_even)
         acc_odd = acc_odd * alpha[:, None] + tl.dot(p_v, v_odd)
-        m = m_new
 
     norm = 1.0 / tl.where(l > 0, l, 1.0)  # an empty sequence (graph padding) gets zeros
     if SINGLE_SPLIT:
@@ -293,8 +307,7 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
         dst = part_out_ptr + part[:, None] * (2 * HALF_DIM) + 2 * words[None, :]
         tl.store(dst, acc_even * norm[:, None], mask=row_ok[:, None])
         tl.store(dst + 1, acc_odd * norm[:, None], mask=row_ok[:, None])
-        lse = tl.where(l > 0, m + tl.math.log2(tl.maximum(l, 1e-30)), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+        tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
 
 
 @triton.jit
