@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from berth.runtime.server import errors
+from berth.runtime.server import errors, heap
 from berth.runtime.server.admin import install_admin_routes
 from berth.runtime.server.engine_loop import EngineLoadError, EngineLoop
 from berth.runtime.server.engine_process import EngineFactory
@@ -109,6 +109,7 @@ class ModelServer:
         self.model = ServedModel(tokenizer, PromptEncoder(tokenizer), max_len, limit)
         pid = self.loop.process.pid if self.loop.process else None
         log.info("model %s loaded (engine process %s); serving", self.model_name, pid)
+        heap.freeze_startup_heap("server")
 
     @property
     def state(self) -> StandbyState:

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from berth.runtime.server import heap
 from berth.runtime.server.engine_core import EngineCore, ServableEngine
 from berth.runtime.server.engine_messages import EngineFailed, EngineReady
 from berth.runtime.server.standby import StandbyPolicy
@@ -106,6 +107,7 @@ def run_engine_process(
         log.exception("loading the model failed")
         conn.send(EngineFailed(f"loading the model failed: {type(exc).__name__}: {exc}"))
         return
+    heap.freeze_startup_heap("engine process")  # the model, torch and Triton stay for good
     conn.send(ready)
     lease = getattr(engine, "memory_lease", None)
     core = EngineCore(engine, conn, policy, lease)

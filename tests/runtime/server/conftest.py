@@ -1,6 +1,7 @@
 """Fixtures: the tiny model, the engine's configuration, and real uvicorn servers on free
 loopback ports, each with a real engine process of its own."""
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,3 +29,12 @@ def served(engine_config: EngineConfig) -> Iterator[RunningServer]:
     """One server per test module with default settings."""
     with running_server(engine_config) as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def _collectable_heap() -> Iterator[None]:
+    """A server run in this process froze its heap out of the collector's full passes (as it
+    does in production); give the objects back so the test session's cycles are collected."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
