@@ -9,6 +9,8 @@
 #            decodes, 8,192-token steps) and the new defaults, with a bf16 and an FP8 KV cache
 # Usage: benchmarks/engine_device.sh [tests] [kernels] [bench]   (default: all three)
 # ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv ..." overrides the variants. Results in $OUT.
+# KERNELS_ARGS adds kernels.py flags (e.g. "--sweep --decode-shapes 1x32768,16x8192"), with
+# KERNELS_TIMEOUT seconds (default 200) for the longer run a sweep makes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 parts="${*:-tests kernels bench}"
@@ -21,7 +23,7 @@ for part in $parts; do
     timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/runtime/engine/test_prefill_graphs.py \
       tests/runtime/engine/test_engine_gpu.py tests/kernels/test_fp8_kv.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
   kernels)
-    timeout 200 python3 benchmarks/kernels.py --out "$OUT" --skip-prefill ${KERNELS_ARGS:-} 2>&1 \
+    timeout "${KERNELS_TIMEOUT:-200}" python3 benchmarks/kernels.py --out "$OUT" --skip-prefill ${KERNELS_ARGS:-} 2>&1 \
       | tee "$OUT/kernels.log" | grep -E "^\| [0-9]|BEST|FAIL|Error" | head -40 ;;
   burst)
     timeout 240 python3 benchmarks/itl_burst.py --device cuda --shape llama-3-8b --model-cache /tmp/berth-models \
