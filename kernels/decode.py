@@ -391,122 +391,6 @@ def default_config(head_dim: int, block_size: int) -> DecodeConfig:
     return DecodeConfig(block_n=max(block_size, 16384 // head_dim))
 
 
-def _launch_decode_kernel(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    out: torch.Tensor,
-    part_out: torch.Tensor,
-    part_lse: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    scale: float,
-    num_splits: int,
-    split_tokens: int,
-    group: int,
-    config: DecodeConfig,
-    fp8: bool,
-) -> None:
-    """``_decode_kernel``: a 16-bit cache, or an FP8 one read byte by byte."""
-    num_seqs, _, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    single = num_splits == 1
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        out,
-        part_out,
-        part_lse,
-        k_scale if fp8 else seq_lens,  # unused without FP8
-        v_scale if fp8 else seq_lens,
-        scale * LOG2E,
-        query.stride(0),
-        query.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        *checks.scale_strides(k_scale, v_scale),
-        num_splits,
-        split_tokens,
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        BLOCK_N=config.block_n,
-        SINGLE_SPLIT=single,
-        FP8=fp8,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-
-
-def _launch_fp8_words_kernel(
-    query: torch.Tensor,
-    k_words: torch.Tensor,
-    v_words: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    out: torch.Tensor,
-    part_out: torch.Tensor,
-    part_lse: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    scale: float,
-    num_splits: int,
-    split_tokens: int,
-    group: int,
-    config: DecodeConfig,
-) -> None:
-    """``_decode_fp8_words_kernel``: an FP8 cache viewed as int16 words (``_as_words``)."""
-    num_seqs, _, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = k_words.shape
-    single = num_splits == 1
-    device = query.device
-    _decode_fp8_words_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query,
-        k_words,
-        v_words,
-        block_tables,
-        seq_lens,
-        out,
-        part_out,
-        part_lse,
-        k_scale,
-        v_scale,
-        scale * LOG2E,
-        query.stride(0),
-        query.stride(1),
-        *k_words.stride()[:3],
-        *v_words.stride()[:3],
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        *checks.scale_strides(k_scale, v_scale),
-        num_splits,
-        split_tokens,
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HALF_DIM=head_dim // 2,
-        BLOCK_SIZE=block_size,
-        BLOCK_N=config.block_n,
-        SINGLE_SPLIT=single,
-        HW_CVT=_has_fp8_convert(device),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-
-
 def launch_decode(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -571,15 +455,42 @@ def launch_decode(
     k_words = _as_words(k_cache) if words else None
     v_words = _as_words(v_cache) if words else None
     if k_words is not None and v_words is not None:
-        _launch_fp8_words_kernel(
-            query, k_words, v_words, block_tables, seq_lens, out, part_out, part_lse,
-            k_scale, v_scale, scale, num_splits, split_tokens, group, config,
-        )  # fmt: skip
-    else:
-        _launch_decode_kernel(
-            query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-            k_scale, v_scale, scale, num_splits, split_tokens, group, config, fp8,
-        )  # fmt: skip
+        kernel, k_arg, v_arg = _decode_fp8_words_kernel, k_words, v_words
+        dims = {"HALF_DIM": head_dim // 2, "HW_CVT": _has_fp8_convert(device)}
+    else:  # a 16-bit cache, or an FP8 one read byte by byte
+        kernel, k_arg, v_arg = _decode_kernel, k_cache, v_cache
+        dims = {"HEAD_DIM": head_dim, "FP8": fp8}
+    kernel[(num_seqs, num_kv_heads, num_splits)](
+        query,
+        k_arg,
+        v_arg,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        k_scale if fp8 else seq_lens,  # unused without FP8
+        v_scale if fp8 else seq_lens,
+        scale * LOG2E,
+        query.stride(0),
+        query.stride(1),
+        *k_arg.stride()[:3],  # in the kernel's elements: words for the words kernel
+        *v_arg.stride()[:3],
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        *checks.scale_strides(k_scale, v_scale),
+        num_splits,
+        split_tokens,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config.block_n,
+        SINGLE_SPLIT=single,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **dims,
+    )
     if not single:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_out,
