@@ -163,6 +163,29 @@ def _serve_flags(args: argparse.Namespace, share: int | None) -> list[str]:
     return flags
 
 
+@contextlib.contextmanager
+def mps_daemon(tmp: Path) -> Iterator[None]:
+    """NVIDIA's Multi-Process Service for the runtimes started inside: their kernels share the
+    GPU at once instead of in time slices, so one half's memory-bound decode can overlap the
+    other's compute-bound prefill. A private control daemon (its pipe and log directories in
+    ``tmp``, passed to the children through the environment), quit on the way out."""
+    dirs = {"CUDA_MPS_PIPE_DIRECTORY": tmp / "mps-pipe", "CUDA_MPS_LOG_DIRECTORY": tmp / "mps-log"}
+    for path in dirs.values():
+        path.mkdir()
+    saved = {name: os.environ.get(name) for name in dirs}
+    os.environ.update({name: str(path) for name, path in dirs.items()})
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", check=False)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def halves_vs_whole(args: argparse.Namespace, tmp: Path, vocab: int) -> tuple[list[dict], dict]:
     mem = nvml.device_memory()
     assert mem is not None, "NVML cannot read the device"
@@ -172,6 +195,8 @@ def halves_vs_whole(args: argparse.Namespace, tmp: Path, vocab: int) -> tuple[li
     rows: list[dict] = []
     memory: dict = {"capacity": total, "used_before": used0, "share": share}
     with contextlib.ExitStack() as stack:
+        if args.mps:
+            stack.enter_context(mps_daemon(tmp))
         t0 = time.perf_counter()
         urls = [
             stack.enter_context(
@@ -699,6 +724,15 @@ def report_halves(args: argparse.Namespace, gpu: str, rows: list[dict], memory: 
         "",
         "## (b) two copies at 0.5 of the GPU each vs one copy at 1.0",
         "",
+        *(
+            [
+                "The two halves ran under NVIDIA MPS (their kernels share the GPU at once); the "
+                "whole copy without.",
+                "",
+            ]
+            if args.mps
+            else []
+        ),
         "| layout | streams in all | output tok/s (sum) | E2E p50 (s) | TTFT p50 (ms) | failures |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -776,6 +810,8 @@ def main() -> None:
                         help="(a) each request holds at least the weights and this much")  # fmt: skip
     parser.add_argument("--cpu-capacity-mib", type=float, default=8.0,
                         help="(a) on the CPU: the simulated GPU's memory")  # fmt: skip
+    parser.add_argument("--mps", action="store_true",
+                        help="(b) the two halves under NVIDIA MPS (the whole copy without)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--load-site", help="extra sys.path entry where locust is installed")
     parser.add_argument("--note", default="")

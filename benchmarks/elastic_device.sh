@@ -20,7 +20,7 @@ if [[ $part == tests || $part == all ]]; then
   timeout 120 python3 benchmarks/vmm_timing.py 2>&1 | tee "$OUT/vmm.txt"
 fi
 if [[ $part == colocate || $part == all ]]; then
-  timeout 480 python3 benchmarks/colocate.py --model-cache /tmp/berth-models --out "$OUT/colocate-h200.md" \
+  timeout "${COLOCATE_TIMEOUT:-480}" python3 benchmarks/colocate.py --model-cache /tmp/berth-models --out "$OUT/colocate-h200.md" \
     --load-site /tmp/site ${COLOCATE_ARGS:-} 2>&1 | tee "$OUT/colocate.log" | tail -40
 fi
 if [[ $part == colocate-a ]]; then
