@@ -8,7 +8,8 @@
 #            the landed engine (prefill/mixed steps eager, no cap on prompt tokens beside
 #            decodes, 8,192-token steps) and the new defaults, with a bf16 and an FP8 KV cache
 # Usage: benchmarks/engine_device.sh [tests] [kernels] [bench]   (default: all three)
-# ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv ..." overrides the variants. Results in $OUT.
+# ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv ..." overrides the variants, ENGINE_ARGS adds
+# engine.py flags (e.g. "--profile 256 --host-profile 256"). Results in $OUT.
 # KERNELS_ARGS adds kernels.py flags (e.g. "--sweep --decode-shapes 1x32768,16x8192"), with
 # KERNELS_TIMEOUT seconds (default 200) for the longer run a sweep makes.
 set -uo pipefail
@@ -30,7 +31,7 @@ for part in $parts; do
       --decoders 128 --burst 32 --prompt-len 2048 --caps 0,1024,512,256 --out "$OUT/itl-burst.md" 2>&1 \
       | tee "$OUT/itl-burst.log" | tail -12 ;;
   bench)
-    common="--concurrency ${ENGINE_CONCURRENCY:-1,64,256} --skip-hf --out $OUT"
+    common="--concurrency ${ENGINE_CONCURRENCY:-1,64,256} --skip-hf --out $OUT ${ENGINE_ARGS:-}"
     for v in ${ENGINE_VARIANTS:-landed:8192:0:0:auto new:2048:2048:512:auto new-fp8:2048:2048:512:fp8}; do
       IFS=: read -r tag budget graphs cap kv <<<"$v"
       echo "== $tag: step budget $budget, prefill graphs up to $graphs tokens, prompt cap $cap, KV $kv"
