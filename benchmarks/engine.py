@@ -219,7 +219,7 @@ def time_to_first_token(
     return 1e3 * statistics.median(times)
 
 
-def profile_decode(engine: Engine, concurrency: int, prompt_len: int, out: Path) -> None:
+def profile_decode(engine: Engine, concurrency: int, prompt_len: int, path: Path) -> None:
     """GPU kernel time by kernel over 10 full-batch decode steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -237,7 +237,7 @@ def profile_decode(engine: Engine, concurrency: int, prompt_len: int, out: Path)
     table = prof.key_averages().table(
         sort_by="cuda_time_total", row_limit=30, max_name_column_width=60
     )
-    (out / f"profile-decode-{concurrency}.txt").write_text(table)
+    path.write_text(table)
     while engine.has_unfinished():
         engine.step()
 
@@ -364,7 +364,12 @@ def main() -> None:
         r = run_engine(engine, c, args.prompt_len, args.output_len, rng)
         if c in host_profiled:  # a second, profiled run: its timings are not reported
             run_engine(
-                engine, c, args.prompt_len, args.output_len, rng, out / f"host-profile-{c}.txt"
+                engine,
+                c,
+                args.prompt_len,
+                args.output_len,
+                rng,
+                out / f"host-profile-{c}{args.tag}.txt",
             )
         kv_bytes = r["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         r["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
@@ -381,7 +386,7 @@ def main() -> None:
         save()
         print(json.dumps(r), flush=True)
     for c in [int(c) for c in args.profile.split(",") if c]:
-        profile_decode(engine, c, args.prompt_len, out)
+        profile_decode(engine, c, args.prompt_len, out / f"profile-decode-{c}{args.tag}.txt")
     gc.unfreeze()  # the engine's objects become collectable again, its memory returns
     del engine
     gc.collect()
