@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams
+from berth.runtime.engine.model_config import ModelConfig
 from berth.runtime.engine.testmodels import make_model
 from berth.runtime.server.heap import freeze_startup_heap
 
@@ -60,6 +61,38 @@ def measure_bandwidth(gib: int = 4) -> dict[str, float]:
         results[name] = nbytes / statistics.median(times)
     torch.cuda.empty_cache()
     return results
+
+
+def measure_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
+    """The device's bf16 matmul rate (FLOP/s) on one n x n x n product, cuBLAS: what prefill's
+    matmuls can reach at best, for the end-to-end ideal."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return 2 * n**3 / statistics.median(times)
+
+
+def prefill_flops(model: torch.nn.Module, mc: ModelConfig, prompt_len: int) -> float:
+    """FLOPs to prefill one prompt: every linear of the decoder layers per token, the LM head
+    on the last token only, and causal attention (QK^T and PV over half the prompt on
+    average)."""
+    per_token = sum(
+        2 * m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name != "lm_head"
+    )
+    head = 2 * mc.hidden_size * mc.vocab_size
+    attention = 4 * mc.num_layers * mc.num_heads * mc.head_dim * prompt_len * (prompt_len + 1) / 2
+    return prompt_len * per_token + head + attention
 
 
 def time_linears(model: torch.nn.Module, batch: int, repeats: int = 11) -> dict[str, float]:
@@ -326,6 +359,8 @@ def main() -> None:
     bw = measure_bandwidth()
     report["hbm_read_bytes_per_s"], report["hbm_copy_bytes_per_s"] = bw["read"], bw["copy"]
     print(f"HBM read {bw['read'] / 1e12:.2f} TB/s, copy {bw['copy'] / 1e12:.2f} TB/s", flush=True)
+    report["matmul_flops_per_s"] = rate = measure_matmul_rate()
+    print(f"bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     t0 = time.perf_counter()
@@ -374,6 +409,14 @@ def main() -> None:
         kv_bytes = r["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         r["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
+        # The issue's ideal: every prompt prefilled at the measured matmul rate, then the
+        # decode steps at their roofline; what fraction of its rate the run reached.
+        ideal_s = (
+            c * prefill_flops(engine.runner.model, mc, args.prompt_len) / rate
+            + args.output_len * r["roofline_ms"] / 1e3
+        )
+        r["ideal_tokens_per_s"] = c * args.output_len / ideal_s
+        r["of_ideal"] = r["tokens_per_s"] / r["ideal_tokens_per_s"]
         steady = steady_decode(engine, c, args.prompt_len, rng)
         kv_bytes = steady["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         steady["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
@@ -417,8 +460,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Time to first token, 512-token prompt, idle engine: **{report['ttft_ms']:.1f} ms** (median of 5).",
         "",
-        "| concurrency | output tok/s | decode step (ms) | roofline (ms) | step / roofline | ITL median / p99 (ms) | TTFT median / p99 (ms) | host CPU per step median / p90 (ms) | HF generate step (ms) | HF tok/s (decode) | speed-up vs HF |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| concurrency | output tok/s | of the ideal | decode step (ms) | roofline (ms) | step / roofline | ITL median / p99 (ms) | TTFT median / p99 (ms) | host CPU per step median / p90 (ms) | HF generate step (ms) | HF tok/s (decode) | speed-up vs HF |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["engine"]:
         hf = report.get("hf", {}).get(r["concurrency"], {})
@@ -433,6 +476,7 @@ def render(report: dict[str, Any]) -> str:
         cells = [
             str(r["concurrency"]),
             f"{r['tokens_per_s']:.0f}",
+            f"{r['of_ideal']:.0%} of {r['ideal_tokens_per_s']:.0f}" if "of_ideal" in r else "n/a",
             f"{r['step_ms']:.2f}",
             f"{r['roofline_ms']:.2f}",
             f"{r['vs_roofline']:.2f}x",
@@ -444,7 +488,11 @@ def render(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Output tok/s is end to end (all requests submitted at once; prefill included). The decode "
+        "Output tok/s is end to end (all requests submitted at once; prefill included). The ideal "
+        "prefills every prompt at the bf16 matmul rate measured in this run "
+        f"({report.get('matmul_flops_per_s', float('nan')) / 1e12:.0f} TFLOP/s, one 8192^3 "
+        "product; linears, LM head on the last token, causal attention), then runs the decode "
+        "steps at their roofline. The decode "
         "step is the median wall time of steps in which every request decodes (full batch). "
         "Host CPU per step is the step's wall time minus the wait for the device "
         "(scheduling, input preparation, sampling, detokenization, outputs). HF generate's step "
