@@ -11,7 +11,8 @@
 # ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv ..." overrides the variants, ENGINE_ARGS adds
 # engine.py flags (e.g. "--profile 256 --host-profile 256"). Results in $OUT.
 # KERNELS_ARGS adds kernels.py flags (e.g. "--sweep --decode-shapes 1x32768,16x8192"), with
-# KERNELS_TIMEOUT seconds (default 200) for the longer run a sweep makes.
+# KERNELS_TIMEOUT seconds (default 200) for the longer run a sweep makes; TESTS_TIMEOUT and
+# BENCH_TIMEOUT (per variant) default to 240.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 parts="${*:-tests kernels bench}"
@@ -21,7 +22,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in $parts; do
   case $part in
   tests)
-    timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/runtime/engine/test_prefill_graphs.py \
+    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider tests/runtime/engine/test_prefill_graphs.py \
       tests/runtime/engine/test_engine_gpu.py tests/kernels/test_fp8_kv.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
   kernels)
     timeout "${KERNELS_TIMEOUT:-200}" python3 benchmarks/kernels.py --out "$OUT" --skip-prefill ${KERNELS_ARGS:-} 2>&1 \
@@ -35,7 +36,7 @@ for part in $parts; do
     for v in ${ENGINE_VARIANTS:-landed:8192:0:0:auto new:2048:2048:512:auto new-fp8:2048:2048:512:fp8}; do
       IFS=: read -r tag budget graphs cap kv <<<"$v"
       echo "== $tag: step budget $budget, prefill graphs up to $graphs tokens, prompt cap $cap, KV $kv"
-      timeout 240 python3 benchmarks/engine.py $common --tag="-$tag" --max-num-batched-tokens "$budget" \
+      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/engine.py $common --tag="-$tag" --max-num-batched-tokens "$budget" \
         --max-prefill-graph-tokens "$graphs" --max-prefill-tokens-while-decoding "$cap" \
         --kv-cache-dtype "$kv" 2>&1 | tee "$OUT/engine-$tag.log" \
         | grep -E "^\| [0-9]|TTFT|engine up|model ready|Error|error" | head -20
