@@ -5,7 +5,10 @@ asking for 256 tokens each (greedy, ignore_eos) and records every step. Reported
 concurrency: output tokens/s (end to end), the median decode-step time at full batch, the
 median inter-token latency seen by requests, the host (CPU) time per decode step, and the
 decode roofline: (weight bytes + KV bytes read that step) / HBM read bandwidth measured in this
-run. Then Hugging Face ``generate`` runs the same model and batch (a shorter output: its step
+run; the end-to-end ideal (prompts prefilled at the bf16 matmul rate measured in the run, then
+the decode steps at their roofline) and the fraction of it reached; steady decode steps beside
+a floor (the step's matmuls alone through cuBLAS, plus the KV read at the measured bandwidth).
+Then Hugging Face ``generate`` runs the same model and batch (a shorter output: its step
 time does not depend on the step) and time to first token is measured on an idle engine.
 The heap is frozen after the engine starts, as the engine process does (``heap.py``), so a
 full garbage collection does not walk the start-up objects in the middle of a run.
