@@ -18,7 +18,7 @@ byte at a time (``benchmarks/kernel_sass.py`` counts the instructions).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -41,7 +41,8 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     # An FP8 cache read as 16-bit words (head_dim >= 32); False reads it byte by byte, the
-    # previous kernel, kept until a device run has timed the two side by side (kernels.py).
+    # fallback for odd strides and small heads (H100: 1.43x -> 1.71x the bf16 cache at 8 x 32k
+    # for words; kernels.py times both).
     fp8_words: bool = True
 
 
@@ -435,7 +436,17 @@ def launch_decode(
         checks.check_out(out, query)
     if num_seqs == 0:
         return out
-    config = config or default_config(head_dim, block_size)
+    words = fp8 and (config is None or config.fp8_words) and head_dim >= 32  # dots' depth >= 16
+    if config is None:
+        config = default_config(head_dim, block_size)
+        if (
+            words
+            and plan_splits(num_seqs, num_kv_heads, max_seq_len, _num_sms(device), config)[0] == 1
+        ):
+            # An unsplit grid of the words kernel runs faster with half the tile (H100, D 128,
+            # kernels.py sweep: 64 x 4k 248 -> 213 us, 256 x 1k 244 -> 230 us); a split one
+            # keeps 128 (8 x 32k 210 vs 218 us, 1 x 32k 37.1 vs 38.2 us).
+            config = replace(config, block_n=max(block_size, config.block_n // 2), num_stages=2)
     if config.block_n % block_size and block_size % config.block_n:
         raise ValueError(f"block_n {config.block_n} and block_size {block_size} must nest")
     num_splits, split_tokens = plan_splits(
@@ -451,7 +462,6 @@ def launch_decode(
         part_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
         )
-    words = fp8 and config.fp8_words and head_dim >= 32  # the dots' depth, D / 2, is >= 16
     k_words = _as_words(k_cache) if words else None
     v_words = _as_words(v_cache) if words else None
     if k_words is not None and v_words is not None:

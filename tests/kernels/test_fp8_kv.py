@@ -104,6 +104,19 @@ def test_fp8_decode_matches_the_dequantized_reference(
     assert err < 0.05, f"FP8 cache off the unquantized one by {err:.3f}"
 
 
+@pytest.mark.parametrize("num_seqs", [8, 1], ids=["unsplit", "split"])
+def test_fp8_decode_default_config_on_unsplit_and_split_grids(
+    device: torch.device, num_seqs: int
+) -> None:
+    """The default launch (no config), as the engine calls it: an unsplit grid runs the words
+    kernel with half the default tile, a split one with the default tile; both match."""
+    torch.manual_seed(2)
+    seq_lens = [1 + 23 * i for i in range(num_seqs)] if num_seqs > 1 else [150]
+    batch = random_paged_batch(seq_lens, 2, 32, 16, torch.float32, device)
+    query = torch.randn(num_seqs, 4, 32, dtype=torch.float16, device=device)
+    run_fp8_decode(batch, query, max(seq_lens), None)
+
+
 def test_fp8_decode_words_and_bytes_agree_and_odd_strides_read_bytes(
     device: torch.device,
 ) -> None:
