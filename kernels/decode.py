@@ -436,7 +436,12 @@ def launch_decode(
         checks.check_out(out, query)
     if num_seqs == 0:
         return out
-    words = fp8 and (config is None or config.fp8_words) and head_dim >= 32  # dots' depth >= 16
+    # The words kernel's views: an FP8 cache, head_dim >= 32 (the dots' depth, D / 2, >= 16),
+    # and even strides; otherwise None and the cache is read as it is.
+    words = fp8 and (config is None or config.fp8_words) and head_dim >= 32
+    k_words = _as_words(k_cache) if words else None
+    v_words = _as_words(v_cache) if words else None
+    words = k_words is not None and v_words is not None
     if config is None:
         config = default_config(head_dim, block_size)
         if (
@@ -462,8 +467,6 @@ def launch_decode(
         part_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
         )
-    k_words = _as_words(k_cache) if words else None
-    v_words = _as_words(v_cache) if words else None
     if k_words is not None and v_words is not None:
         kernel, k_arg, v_arg = _decode_fp8_words_kernel, k_words, v_words
         dims = {"HALF_DIM": head_dim // 2, "HW_CVT": _has_fp8_convert(device)}
