@@ -207,12 +207,18 @@ def steady_decode(
     requests run until every one decodes, then ``steps`` steps are timed (wall, host CPU,
     KV tokens read), and the requests are aborted."""
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
+    # The prompts go in a capped number of tokens per step beside the decodes, so the first
+    # requests must outlive the steps that take the last prompt in, or the batch never fills.
+    per_step = engine.config.max_prefill_tokens_while_decoding or engine.config.max_num_batched_tokens
+    fill_steps = -(-concurrency * prompt_len // per_step)
+    params = SamplingParams(max_tokens=fill_steps + steps + 64, temperature=0.0, ignore_eos=True)
     ids = [f"steady-{concurrency}-{i}" for i in range(concurrency)]
     for rid in ids:
         engine.add_request(rid, [rng.randrange(vocab) for _ in range(prompt_len)], params)
     ready = 0  # consecutive steps in which every request decoded and got a token
     while ready < 2:
+        if not engine.has_unfinished():
+            raise RuntimeError(f"steady decode: the {concurrency} requests never all decoded")
         running = list(engine.scheduler.running)
         outputs = engine.step()
         full = len(running) == concurrency and len(outputs) == concurrency
