@@ -209,7 +209,9 @@ def steady_decode(
     vocab = engine.model_config.vocab_size
     # The prompts go in a capped number of tokens per step beside the decodes, so the first
     # requests must outlive the steps that take the last prompt in, or the batch never fills.
-    per_step = engine.config.max_prefill_tokens_while_decoding or engine.config.max_num_batched_tokens
+    per_step = (
+        engine.config.max_prefill_tokens_while_decoding or engine.config.max_num_batched_tokens
+    )
     fill_steps = -(-concurrency * prompt_len // per_step)
     params = SamplingParams(max_tokens=fill_steps + steps + 64, temperature=0.0, ignore_eos=True)
     ids = [f"steady-{concurrency}-{i}" for i in range(concurrency)]

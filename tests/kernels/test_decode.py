@@ -124,7 +124,19 @@ def test_split_plan_fills_the_gpu_only_when_the_batch_cannot() -> None:
     assert splits == 16 and tokens == 256
     splits, tokens = plan_splits(8, 8, 32768, 132, config)
     assert splits * tokens >= 32768 > (splits - 1) * tokens and tokens % 64 == 0
-    assert 8 * 8 * splits >= 8 * 132
+    assert 8 * 8 * splits <= 8 * 132
+
+
+def test_default_split_plan_is_one_round_of_resident_programs() -> None:
+    """About two programs per SM, rounded down: the shapes of the H100 sweep's best plans."""
+    config = DecodeConfig()
+    assert plan_splits(1, 8, 32768, 132, config) == (32, 1024)  # 256 programs
+    assert plan_splits(16, 8, 8192, 132, config) == (2, 4096)  # 256
+    assert plan_splits(8, 8, 32768, 132, config) == (4, 8192)  # 256
+    assert plan_splits(1, 8, 1000, 132, config) == (8, 128)  # min_split_tokens bounds it
+    for seqs in range(1, 50):
+        splits, _ = plan_splits(seqs, 8, 32768, 132, config)
+        assert seqs * 8 * splits <= 2 * 132 or splits == 1
 
 
 def _bad_inputs(device: torch.device) -> PagedBatch:
