@@ -36,11 +36,14 @@ class DecodeConfig:
 
     block_n: int = 128
     no_split_waves: float = 3.0  # a grid of this many programs per SM is left unsplit
-    # Otherwise split into at most this many programs per SM: about as many as run at once, so
-    # the grid is one round of resident programs and no short last round reads HBM half idle
-    # (H100 sweep, kernels-notes.md: 1 x 32k 55.6 -> 51.6 us at 256 programs; 8 x 32k at 320
+    # A batch of at most this many programs per SM is split into one round of them (rounded
+    # down): about as many as run at once, so no short last round reads HBM half idle (H100
+    # sweep, kernels-notes.md: 1 x 32k 55.6 -> 51.6 us at 256 programs; 8 x 32k at 320
     # programs, a round and a fifth, 427 us against 350).
     split_waves: float = 2.0
+    # A larger batch (still below no_split_waves) is split finely to this many per SM instead,
+    # so that its last round, whatever it holds, is short (the plan measured before, v2).
+    tail_split_waves: float = 8.0
     min_split_tokens: int = 128  # below this, the merge costs more than the split buys
     num_warps: int = 4
     num_stages: int = 3
@@ -377,14 +380,19 @@ def plan_splits(
     """(num_splits, tokens per split), a function of shapes only (graph-capturable).
 
     A batch that already gives every SM several programs is not split: the merge would only add
-    a launch. A smaller one is split into as many programs as fit ``split_waves`` per SM, never
-    more (rounded down), so that all run at once with the longest splits that fill the GPU.
+    a launch. A small one is split into as many programs as fit ``split_waves`` per SM, never
+    more (rounded down), so that all run at once with the longest splits that fill the GPU; one
+    between the two is split finely (``tail_split_waves``), which keeps its last round short.
     """
     max_seq_len = max(max_seq_len, 1)
     base = max(num_seqs * num_kv_heads, 1)
     splits = 1
     if base < config.no_split_waves * num_sms:
-        wanted = max(1, int(config.split_waves * num_sms) // base)
+        one_round = int(config.split_waves * num_sms)
+        if base <= one_round:
+            wanted = max(1, one_round // base)
+        else:
+            wanted = triton.cdiv(int(config.tail_split_waves * num_sms), base)
         splits = max(1, min(wanted, triton.cdiv(max_seq_len, config.min_split_tokens)))
     split_tokens = triton.cdiv(triton.cdiv(max_seq_len, splits), config.block_n) * config.block_n
     return triton.cdiv(max_seq_len, split_tokens), split_tokens

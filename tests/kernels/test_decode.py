@@ -134,9 +134,13 @@ def test_default_split_plan_is_one_round_of_resident_programs() -> None:
     assert plan_splits(16, 8, 8192, 132, config) == (2, 4096)  # 256
     assert plan_splits(8, 8, 32768, 132, config) == (4, 8192)  # 256
     assert plan_splits(1, 8, 1000, 132, config) == (8, 128)  # min_split_tokens bounds it
-    for seqs in range(1, 50):
+    for seqs in range(1, 34):  # up to one round: never more than 2 programs per SM
         splits, _ = plan_splits(seqs, 8, 32768, 132, config)
-        assert seqs * 8 * splits <= 2 * 132 or splits == 1
+        assert seqs * 8 * splits <= 2 * 132
+    # Past one round and below 3 per SM: split finely as before (8 per SM), not left with a
+    # short second round (40 x 8 = 320 programs unsplit would be 264 + 56).
+    assert plan_splits(40, 8, 4096, 132, config) == (4, 1024)
+    assert plan_splits(50, 8, 4096, 132, config) == (1, 4096)  # 400 programs: unsplit
 
 
 def _bad_inputs(device: torch.device) -> PagedBatch:
