@@ -151,18 +151,35 @@ def run_engine(
         )
     token_times: dict[str, list[float]] = {}
     decode_steps: list[tuple[float, float, int]] = []  # (wall, host, kv tokens read)
+    calls: list[dict[str, Any]] = []  # every step call: what it waited for, what it launched
     profiler = cProfile.Profile() if host_profile is not None else None
+    gc_clock = GcClock()
+    launched = (0, 0)
     start = time.perf_counter()
     while engine.has_unfinished():
         running = list(engine.scheduler.running)
         profiling = bool(decode_steps) and len(running) == concurrency
         if profiler is not None and profiling:
             profiler.enable()
+        gc_clock.seconds = 0.0
         t0 = time.perf_counter()
         outputs = engine.step()
         t1 = time.perf_counter()
         if profiler is not None and profiling:
             profiler.disable()
+        calls.append(
+            {
+                "gap_ms": 1e3 * (t1 - (calls[-1]["end"] if calls else start)),  # as ITL counts
+                "end": t1,
+                "wall_ms": 1e3 * (t1 - t0),
+                "host_ms": 1e3 * engine.last_step_host_seconds,
+                "gc_ms": 1e3 * gc_clock.seconds,
+                "waited_for": launched,  # the batch the previous call launched: (seqs, tokens)
+                "launched": engine.last_step_batch,
+                "outputs": len(outputs),
+            }
+        )
+        launched = engine.last_step_batch
         for out in outputs:
             token_times.setdefault(out.request_id, []).append(t1)
         decoding = (
@@ -174,13 +191,16 @@ def run_engine(
             kv_tokens = sum(s.num_computed_tokens for s in running)
             decode_steps.append((t1 - t0, engine.last_step_host_seconds, kv_tokens))
     total = time.perf_counter() - start
+    gc_clock.close()
     if profiler is not None and host_profile is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
         host_profile.write_text(text.getvalue())
     itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
     ttft = sorted(times[0] - start for times in token_times.values())
+    itl_p99 = sorted(itl)[int(0.99 * len(itl))]
     return {
+        "slow_calls": slow_calls(calls, 1e3 * itl_p99),
         "concurrency": concurrency,
         "total_s": total,
         "output_tokens": concurrency * output_len,
@@ -194,6 +214,48 @@ def run_engine(
         "itl_ms_p99": 1e3 * sorted(itl)[int(0.99 * len(itl))],
         "ttft_ms": 1e3 * statistics.median(ttft),
         "ttft_ms_p99": 1e3 * ttft[int(0.99 * len(ttft))],
+    }
+
+
+class GcClock:
+    """Seconds the garbage collector ran since ``seconds`` was last reset (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._tick)
+
+    def _tick(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._tick)
+
+
+def slow_calls(calls: list[dict[str, Any]], itl_p99_ms: float) -> dict[str, Any]:
+    """What the step calls at or above the ITL p99 were: an output's gap is the time from the
+    end of the call before to the end of its own, which is that call's host work plus its wait
+    for the batch the call before launched (a decode batch, or one carrying prompt tokens), so
+    this tells what makes the tail: a kind of batch, the host, or the garbage collector. Also
+    the 8 slowest calls as they were."""
+    calls = [{k: v for k, v in c.items() if k != "end"} for c in calls]
+    tail = [c for c in calls if c["gap_ms"] >= itl_p99_ms and c["outputs"]]
+    kinds: dict[str, int] = {}
+    for c in tail:
+        seqs, tokens = c["waited_for"]
+        kind = "decode" if tokens == seqs else "with prompt tokens"
+        kind += ", gc ran" if c["gc_ms"] >= 1.0 else ""
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {
+        "itl_p99_ms": itl_p99_ms,
+        "calls": len(calls),
+        "at_or_above_p99": len(tail),
+        "kinds": kinds,
+        "host_ms_median_in_tail": statistics.median(c["host_ms"] for c in tail) if tail else 0.0,
+        "slowest": sorted(calls, key=lambda c: -c["gap_ms"])[:8],
     }
 
 
@@ -539,6 +601,33 @@ def render(report: dict[str, Any]) -> str:
             "bytes at the measured read bandwidth: at high batch the matmuls are bound by "
             "FLOPs, not weight bytes, which the bytes-only roofline leaves out.",
         ]
+        lines.append("")
+    tails = [r for r in report["engine"] if "slow_calls" in r]
+    if tails:
+        lines += [
+            "The ITL tail: each output's gap is one step call, so the calls at or above the ITL "
+            "p99 are the tail. Kind: the batch the call waited for (decode only, or with prompt "
+            "tokens), and whether the garbage collector ran in the call.",
+            "",
+            "| concurrency | ITL p99 (ms) | calls | at or above p99 | by kind | host ms in them "
+            "(median) | slowest call (ms: gap, host, gc; waited-for seqs/tokens) |",
+            "| ---: | ---: | ---: | ---: | --- | ---: | --- |",
+        ]
+        for r in tails:
+            t = r["slow_calls"]
+            kinds = ", ".join(f"{k}: {n}" for k, n in sorted(t["kinds"].items())) or "-"
+            top = t["slowest"][0] if t["slowest"] else None
+            worst = (
+                f"{top['gap_ms']:.1f}, {top['host_ms']:.1f}, {top['gc_ms']:.1f}; "
+                f"{top['waited_for'][0]}/{top['waited_for'][1]}"
+                if top
+                else "-"
+            )
+            lines.append(
+                f"| {r['concurrency']} | {t['itl_p99_ms']:.1f} | {t['calls']} | "
+                f"{t['at_or_above_p99']} | {kinds} | {t['host_ms_median_in_tail']:.2f} | "
+                f"{worst} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -83,6 +83,9 @@ class Engine:
         # Host time of the last step that ran the model, excluding the wait for the device:
         # scheduling, input preparation, sampling and output processing (seconds).
         self.last_step_host_seconds = 0.0
+        # The batch the last step launched: (sequences, tokens); a decode step has as many
+        # tokens as sequences (what a benchmark needs to tell a slow step's kind).
+        self.last_step_batch = (0, 0)
         log.info(
             "engine ready: %s (%s, %s, %s kernels), %d KV blocks of %d tokens, max_model_len %d",
             self.model_name,
@@ -182,6 +185,7 @@ class Engine:
             collected, flight = self._collect(flight), None  # the sampler needs the logits
         self.scheduler.drop_finished()
         batch = self.scheduler.schedule()
+        self.last_step_batch = (len(batch.seqs), batch.num_tokens)
         outputs = [self._finished_output(seq) for seq in batch.aborted]
         if flight is not None and not batch.is_decode:
             collected, flight = self._collect(flight), None  # prefill inputs come from the host
