@@ -2,7 +2,8 @@
 
 (a) ``--mode a``: three models of different sizes (``--shapes``) on one GPU under a real
 ``berth node-agent``, first with fixed shares (request == limit, proportional to the weights,
-summing to the card minus ``--margin-gib``), then with request/limit pairs (each request
+or with ``--fixed-split equal`` the same for every model, as a user setting ``fraction: 0.33``
+would; summing to the card minus ``--margin-gib``), then with request/limit pairs (each request
 ``--request-fraction`` of its fixed share, each limit the card minus the other two requests, so
 a busy model may burst into whatever the others leave). The load takes turns: at each
 concurrency level each model in turn gets ``--concurrency`` closed-loop streams while the other
@@ -231,7 +232,8 @@ def _memory_line(log: Path) -> str:
 
 LAYOUTS = {"fixed": "fixed shares", "burst": "request/limit"}
 SETTINGS = ("shapes", "concurrency", "prompt_tokens", "output_tokens", "warmup", "duration",
-            "max_num_seqs", "margin_gib", "request_fraction", "request_floor_gib", "device")  # fmt: skip
+            "max_num_seqs", "margin_gib", "request_fraction", "request_floor_gib", "device",
+            "fixed_split")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -245,8 +247,12 @@ class Model:
 Budgets = dict[str, tuple[int, int]]  # shape -> (request, limit) bytes
 
 
-def fixed_shares(weights: dict[str, int], allocatable: int) -> Budgets:
-    """request == limit, proportional to each model's weights, summing to ``allocatable``."""
+def fixed_shares(weights: dict[str, int], allocatable: int, split: str = "weights") -> Budgets:
+    """request == limit, summing to ``allocatable``: proportional to each model's weights, or
+    (``split="equal"``) the same share for every model, which leaves the largest model the
+    least room for KV."""
+    if split == "equal":
+        return {shape: (allocatable // len(weights),) * 2 for shape in weights}
     total = sum(weights.values())
     return {shape: (allocatable * w // total,) * 2 for shape, w in weights.items()}
 
@@ -530,7 +536,7 @@ def three_models(args: argparse.Namespace, tmp: Path, json_out: Path) -> dict:
         print(f"[{_clock(ctx)}] models ready", flush=True)
         weights = {s: m.weights_bytes for s, m in models.items()}
         results["weights"] = weights
-        fixed = fixed_shares(weights, allocatable)
+        fixed = fixed_shares(weights, allocatable, args.fixed_split)
         pairs = burst_pairs(
             fixed, args.request_fraction, allocatable, weights, int(args.request_floor_gib * GIB)
         )
@@ -598,8 +604,9 @@ def report_three(results: dict, note: str = "") -> str:
         f"0.5 s). Card {results['capacity'] / u:.1f} {unit}, {results['used_before'] / u:.2f} "
         f"{unit} in use before, {results['allocatable'] / u:.1f} {unit} shared by the runtimes "
         f"({(results['capacity'] - results['used_before'] - results['allocatable']) / u:g} "
-        f"{unit} margin). Fixed shares: request = limit, proportional to the "
-        f"weights. Request/limit: each request {s['request_fraction']:g} of the fixed share "
+        f"{unit} margin). Fixed shares: request = limit, "
+        f"{'the same for every model' if s.get('fixed_split') == 'equal' else 'proportional to the weights'}"
+        f". Request/limit: each request {s['request_fraction']:g} of the fixed share "
         f"(at least the weights + {s.get('request_floor_gib', 0):g} GiB), "
         f"each limit the shared memory minus the other requests.",
         "",
@@ -804,6 +811,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--max-num-seqs", type=int, help="default: 64 (b), 128 (a)")
     parser.add_argument("--margin-gib", type=float, default=1.0, help="left free on the card")
+    parser.add_argument("--fixed-split", choices=["weights", "equal"], default="weights",
+                        help="(a) fixed shares proportional to the weights or equal")  # fmt: skip
     parser.add_argument("--request-fraction", type=float, default=0.5,
                         help="(a) each request as a fraction of the model's fixed share")  # fmt: skip
     parser.add_argument("--request-floor-gib", type=float, default=3.0,
