@@ -21,6 +21,7 @@ import re
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 from triton.runtime.errors import OutOfResources
 
 from berth.kernels import reference
-from berth.kernels.decode import DecodeConfig, launch_decode
+from berth.kernels.decode import DecodeConfig, default_config, launch_decode
 from berth.kernels.prefill import PrefillConfig, launch_prefill
 from berth.kernels.synthetic import PagedBatch, random_paged_batch
 
@@ -156,18 +157,23 @@ def decode_configs(sweep: bool) -> list[DecodeConfig | None]:
     return [*grid, *extra]
 
 
-def fp8_configs(sweep: bool) -> list[DecodeConfig]:
-    """The default (cache read as words), the cache read as bytes (the previous kernel), and
-    with --sweep a grid over the words kernel's tile, split plan and stages
+# The FP8 cache read as bytes (the previous kernel, now the fallback for odd strides), with the
+# split plan of the FP8 launch's default.
+FP8_BYTES = replace(default_config(HEAD_DIM, PAGE_SIZES[0], fp8=True), fp8_words=False)
+
+
+def fp8_configs(sweep: bool) -> list[DecodeConfig | None]:
+    """The launch's default (None: the cache read as words, as the engine runs it), the cache
+    read as bytes, and with --sweep a grid over the words kernel's tile, split plan and stages
     (``kernel_sass.py`` counts their instructions)."""
-    configs = [DecodeConfig(), DecodeConfig(fp8_words=False)]
+    configs: list[DecodeConfig | None] = [None, FP8_BYTES]
     if sweep:  # 8 warps and 256-token tiles lost everywhere on the H100 (kernels-notes.md)
         for block_n in (64, 128):
             for waves in (1.0, 2.0, 4.0, 8.0):
                 for stages in (2, 3):
-                    config = DecodeConfig(block_n=block_n, split_waves=waves, num_stages=stages)
-                    if config != configs[0]:
-                        configs.append(config)
+                    configs.append(
+                        DecodeConfig(block_n=block_n, split_waves=waves, num_stages=stages)
+                    )
     return configs
 
 
@@ -192,15 +198,16 @@ def fp8_decode(
     errors: dict[str, float] = {}
     batch = q0.shape[0]
     for config in fp8_configs(sweep):
+        name = "default" if config is None else str(config)
         try:
             out = launch_decode(q0, k0, v0, pb0.block_tables, pb0.seq_lens, SCALE, None,
                                 context, config, ks0, vs0)  # fmt: skip
         except OutOfResources as e:  # a grid point past shared memory
-            log.append(f"FAIL decode fp8 {batch}x{context} {config}: {e}")
+            log.append(f"FAIL decode fp8 {batch}x{context} {name}: {e}")
             continue
         err = rel_err(out, ref)
         if not err < 6e-2:
-            log.append(f"FAIL decode fp8 {batch}x{context} {config}: err {err}")
+            log.append(f"FAIL decode fp8 {batch}x{context} {name}: err {err}")
             continue
         t = time_per_call(
             [
@@ -209,10 +216,10 @@ def fp8_decode(
                 for pb, q, k, v, ks, vs in quantized
             ]
         )  # fmt: skip
-        times[str(config)], errors[str(config)] = t, err
-        log.append(f"decode fp8 {batch}x{context} {config}: {t * 1e6:.1f} us err {err:.1e} "
+        times[name], errors[name] = t, err
+        log.append(f"decode fp8 {batch}x{context} {name}: {t * 1e6:.1f} us err {err:.1e} "
                    f"({bf16_s / t:.2f}x the bf16 cache)")  # fmt: skip
-    words, by_bytes = str(DecodeConfig()), str(DecodeConfig(fp8_words=False))
+    words, by_bytes = "default", str(FP8_BYTES)
     if sweep and times:
         best = min(times, key=times.__getitem__)
         log.append(f"BEST decode fp8 {batch}x{context}: {times[best] * 1e6:.1f} us {best}")
@@ -496,8 +503,9 @@ def report(bw: dict[str, float], decode: list[dict], prefill: list[dict]) -> str
         "FP8 cache: the same caches quantized to e4m3 with a float32 scale per token and KV "
         "head (the engine's `kv_cache_dtype: fp8`); its error is against the unquantized "
         "float64 reference, so it includes the quantization. The FP8 kernel reads the cache "
-        "as 16-bit words (two values each); 'read as bytes' is the previous FP8 kernel, timed "
-        "on the same inputs.",
+        "as 16-bit words (two values each), launched as the engine launches it (its own split "
+        "plan, 8 programs per SM); 'read as bytes' is the previous FP8 kernel, timed on the "
+        "same inputs with the same plan.",
         "SDPA baselines: decode with `enable_gqa=True` over contiguous [B, Hkv, L, D]; prefill the "
         "faster of `enable_gqa=True` and K/V expanded to all heads, bottom-right causal.",
         "Prefill TFLOP/s: the chunks' own K/V passed as key/value, as the engine does (K packed, "

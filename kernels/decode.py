@@ -398,11 +398,15 @@ def plan_splits(
     return triton.cdiv(max_seq_len, split_tokens), split_tokens
 
 
-def default_config(head_dim: int, block_size: int) -> DecodeConfig:
+def default_config(head_dim: int, block_size: int, fp8: bool = False) -> DecodeConfig:
     """Tokens per step sized so one K and one V tile are 32 KB each in 16-bit types: enough bytes
     in flight per program to keep HBM busy (measured on H100: 64 -> 128 tokens took 8 x 32k
-    from 2.4 to 2.96 TB/s; benchmarks/results/kernels-*.md)."""
-    return DecodeConfig(block_n=max(block_size, 16384 // head_dim))
+    from 2.4 to 2.96 TB/s; benchmarks/results/kernels-*.md). An FP8 cache splits finer, to 8
+    programs per SM: its programs hold half the shared memory, so more run at once, and each is
+    slower per byte (H200 sweep: 8 x 32k 203.8 -> 166.6 us, 16 x 8k 104.3 -> 92.0 us against 2
+    per SM; kernels-h200.md)."""
+    config = DecodeConfig(block_n=max(block_size, 16384 // head_dim))
+    return replace(config, split_waves=config.tail_split_waves) if fp8 else config
 
 
 def launch_decode(
@@ -456,7 +460,7 @@ def launch_decode(
     v_words = _as_words(v_cache) if words else None
     words = k_words is not None and v_words is not None
     if config is None:
-        config = default_config(head_dim, block_size)
+        config = default_config(head_dim, block_size, fp8)
         if (
             words
             and plan_splits(num_seqs, num_kv_heads, max_seq_len, _num_sms(device), config)[0] == 1

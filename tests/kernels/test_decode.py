@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from paged_checks import CPU_DTYPES, GPU_DTYPES, assert_close, poisoned_like
 
 from berth.kernels import paged_decode_attention, reference
-from berth.kernels.decode import DecodeConfig, launch_decode, plan_splits
+from berth.kernels.decode import DecodeConfig, default_config, launch_decode, plan_splits
 from berth.kernels.synthetic import PagedBatch, random_paged_batch
 
 
@@ -141,6 +141,14 @@ def test_default_split_plan_is_one_round_of_resident_programs() -> None:
     # short second round (40 x 8 = 320 programs unsplit would be 264 + 56).
     assert plan_splits(40, 8, 4096, 132, config) == (4, 1024)
     assert plan_splits(50, 8, 4096, 132, config) == (1, 4096)  # 400 programs: unsplit
+
+
+def test_fp8_default_splits_finer() -> None:
+    """An FP8 cache keeps 8 programs per SM (its programs are smaller and more run at once)."""
+    config = default_config(128, 16, fp8=True)
+    assert config.split_waves == 8.0 and default_config(128, 16).split_waves == 2.0
+    assert plan_splits(8, 8, 32768, 132, config) == (16, 2048)  # 1,024 programs
+    assert plan_splits(16, 8, 8192, 132, config) == (8, 1024)
 
 
 def _bad_inputs(device: torch.device) -> PagedBatch:
