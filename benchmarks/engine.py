@@ -156,6 +156,7 @@ def run_engine(
     gc_clock = GcClock()
     launched = (0, 0)
     start = time.perf_counter()
+    last_end = start  # an output's gap, as ITL counts it, runs from the previous call's end
     while engine.has_unfinished():
         running = list(engine.scheduler.running)
         profiling = bool(decode_steps) and len(running) == concurrency
@@ -169,8 +170,7 @@ def run_engine(
             profiler.disable()
         calls.append(
             {
-                "gap_ms": 1e3 * (t1 - (calls[-1]["end"] if calls else start)),  # as ITL counts
-                "end": t1,
+                "gap_ms": 1e3 * (t1 - last_end),
                 "wall_ms": 1e3 * (t1 - t0),
                 "host_ms": 1e3 * engine.last_step_host_seconds,
                 "gc_ms": 1e3 * gc_clock.seconds,
@@ -179,7 +179,7 @@ def run_engine(
                 "outputs": len(outputs),
             }
         )
-        launched = engine.last_step_batch
+        launched, last_end = engine.last_step_batch, t1
         for out in outputs:
             token_times.setdefault(out.request_id, []).append(t1)
         decoding = (
@@ -211,7 +211,7 @@ def run_engine(
         "host_ms_p90": 1e3 * sorted(h for _, h, _ in decode_steps)[int(0.9 * len(decode_steps))],
         "kv_tokens_mean": statistics.mean(k for _, _, k in decode_steps),
         "itl_ms": 1e3 * statistics.median(itl),
-        "itl_ms_p99": 1e3 * sorted(itl)[int(0.99 * len(itl))],
+        "itl_ms_p99": 1e3 * itl_p99,
         "ttft_ms": 1e3 * statistics.median(ttft),
         "ttft_ms_p99": 1e3 * ttft[int(0.99 * len(ttft))],
     }
@@ -241,7 +241,6 @@ def slow_calls(calls: list[dict[str, Any]], itl_p99_ms: float) -> dict[str, Any]
     for the batch the call before launched (a decode batch, or one carrying prompt tokens), so
     this tells what makes the tail: a kind of batch, the host, or the garbage collector. Also
     the 8 slowest calls as they were."""
-    calls = [{k: v for k, v in c.items() if k != "end"} for c in calls]
     tail = [c for c in calls if c["gap_ms"] >= itl_p99_ms and c["outputs"]]
     kinds: dict[str, int] = {}
     for c in tail:
