@@ -29,7 +29,12 @@ The last replica is no exception: with nothing in flight over the panic window (
 rotation, rather than leaving it resident until its own ``standby.idleSeconds`` run out.
 KPA's default delay is 0, which lets the count step by one around a boundary as the average
 moves with noise (every few ticks under steady Poisson load, shown in the tests); a removed GPU
-replica costs a cold start to bring back, so Berth's default delay is 120 s.
+replica costs a cold start to bring back, so Berth's default delay is 120 s. The active count
+has a delay of its own, ``active_down_delay_s`` (10 s, or the panic window if longer): it is the
+most wanted over that time, so it rises at once but falls only once the lower count has held.
+Without it, a panic-window average near a boundary moved a pod out of the rotation and back
+within seconds (seen on the real node: 1 -> 2 -> 1 active in 4 s, the second drop taking the
+other pod), and each move is an endpoint update and, past the drain, a park and a wake.
 
 Missing or stale metrics never scale down: with no fresh sample, or a sample that could not read
 every ready replica, or a stable window not yet covered by samples (the operator just started),
@@ -79,6 +84,7 @@ class Policy:
     min_replicas: int = 1
     max_replicas: int | None = None
     scale_down_delay_s: float = 120.0  # KPA's default is 0
+    active_down_delay_s: float = 10.0  # a lower active count holds this long first
     standby: bool = True  # idle replicas park (hold no GPU memory) instead of staying active
     # Remove the last replica too. Only with an activator that holds requests while nothing runs
     # and reports them as demand (Knative's); Berth has none, so the operator never sets it.
@@ -129,6 +135,7 @@ class State:
     panic_since: float | None = None  # last time the panic window was over the threshold
     max_panic_replicas: int = 0
     wanted: tuple[tuple[float, int], ...] = ()  # (time, replicas) within the scale-down delay
+    resident: tuple[tuple[float, int], ...] = ()  # (time, active wanted) within its own delay
     last_seen: float | None = None  # time of the newest sample seen
 
 
@@ -192,14 +199,17 @@ def desired(samples: Sequence[Sample], policy: Policy, state: State, now: float)
     # Residency follows the panic window at the full target (a wake is cheap); the rest park.
     # Without standby, every replica stays active.
     now_count = min(math.ceil(panic / policy.target_concurrency), up_limit)
-    active = max(min(now_count, replicas), min(policy.min_active_replicas, replicas))
+    hold_s = max(policy.active_down_delay_s, policy.panic_window_s)
+    resident = (*(r for r in state.resident if r[0] > now - hold_s), (now, now_count))
+    most = max(n for _, n in resident)
+    active = max(min(most, replicas), min(policy.min_active_replicas, replicas))
     if not policy.standby:
         active = replicas
     demand = (
         f"{stable:.1f} in flight over {policy.stable_window_s:.0f}s, "
         f"{panic:.1f} over {policy.panic_window_s:.0f}s"
     )
-    after = State(replicas, active, panic_since, max_panic, wanted, newest)
+    after = State(replicas, active, panic_since, max_panic, wanted, resident, newest)
 
     covered = samples[0].time <= now - policy.stable_window_s + policy.stale_after_s
     was_active = state.replicas if state.active is None else state.active

@@ -9,7 +9,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import given, settings
@@ -259,6 +259,62 @@ def test_residency_packs_to_the_full_target_while_pods_keep_the_utilisation_head
     run = simulate(lambda t: 45.0, BERTH, duration_s=200, start=1)
     last = run.decisions[-1]
     assert last.replicas == needed(45) == 7 and last.active == resident(45) == 5
+
+
+def shortest_stay(run: Run) -> float:
+    """The shortest time from a rise of the active count to its next fall."""
+    stays, risen = [], None
+    for t, (a, b) in zip(run.times[1:], itertools.pairwise(run.decisions), strict=True):
+        if b.active > a.active:
+            risen = t
+        elif b.active < a.active and risen is not None:
+            stays.append(t - risen)
+            risen = None
+    return min(stays)
+
+
+def test_a_lower_active_count_must_hold_before_a_pod_leaves_the_rotation() -> None:
+    """The real node's case: one client near a target of one, over a 2 s panic window, with a
+    request now and then overlapping the next. Without the delay a pod left the rotation, came
+    back and left again within seconds (1 -> 2 -> 1 active in 4 s); with it, the count rises at
+    once and falls only after 10 s without a higher count, and changes less often."""
+    rng = random.Random(3)
+    noise = {2.0 * i: 1.0 + (rng.random() < 0.2) for i in range(200)}
+    policy = Policy(target_concurrency=1, target_utilization=1.0, stable_window_s=6,
+                    panic_window_s=2, scale_down_delay_s=20, max_replicas=2)  # fmt: skip
+    flapping = simulate(noise.__getitem__, replace(policy, active_down_delay_s=0), 390, start=2)
+    held = simulate(noise.__getitem__, policy, 390, start=2)
+    assert shortest_stay(flapping) == TICK and shortest_stay(held) >= 10
+    changes = [sum(a.active != b.active for a, b in itertools.pairwise(run.decisions))
+               for run in (flapping, held)]  # fmt: skip
+    assert changes[0] > 1.5 * changes[1] > 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    values=st.lists(st.floats(0, 60), min_size=1, max_size=80),
+    target=st.sampled_from([1.0, 4.0, 10.0]),
+    panic_window=st.sampled_from([2.0, 6.0, 20.0]),
+    delay=st.sampled_from([0.0, 4.0, 10.0, 30.0]),
+    min_active=st.integers(0, 2),
+)
+def test_an_active_count_once_reached_holds_for_the_delay(
+    values: list[float], target: float, panic_window: float, delay: float, min_active: int
+) -> None:
+    """Whatever the load: the active count that the panic window asks for at t is met at once
+    and kept (within the replicas running) until t + max(delay, panic window)."""
+    policy = Policy(target_concurrency=target, panic_window_s=panic_window, max_replicas=20,
+                    active_down_delay_s=delay, min_active_replicas=min_active)  # fmt: skip
+    run = simulate(lambda t: values[int(t / TICK) % len(values)], policy, 2 * TICK * len(values))
+    hold = max(delay, panic_window)
+    for t, d in zip(run.times, run.decisions, strict=True):
+        assert min(min_active, d.replicas) <= d.active <= d.replicas
+        if d.held:  # the old count, kept on trust
+            continue
+        asked = d.state.resident[-1][1]  # what the panic window asks for at t
+        for u, later in zip(run.times, run.decisions, strict=True):
+            if t <= u < t + hold:
+                assert later.active >= min(asked, later.replicas)
 
 
 def test_min_active_replicas_never_park() -> None:
