@@ -63,7 +63,9 @@ import serve  # noqa: E402  (benchmarks/serve.py: the server launcher and the lo
 
 from berth import wire  # noqa: E402
 from berth.agent_protocol import TenantView  # noqa: E402
+from berth.runtime.agent.mps import MpsDaemons, prepare  # noqa: E402
 from berth.runtime.engine import nvml  # noqa: E402
+from berth.runtime.engine.mps_client import PID_FILE  # noqa: E402
 from berth.runtime.server.agent_client import AgentClient, AgentError  # noqa: E402
 
 GIB = 1 << 30
@@ -164,27 +166,69 @@ def _serve_flags(args: argparse.Namespace, share: int | None) -> list[str]:
     return flags
 
 
+def gpu_uuid() -> str:
+    done = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return done.stdout.split()[0]
+
+
 @contextlib.contextmanager
-def mps_daemon(tmp: Path) -> Iterator[None]:
-    """NVIDIA's Multi-Process Service for the runtimes started inside: their kernels share the
-    GPU at once instead of in time slices, so one half's memory-bound decode can overlap the
-    other's compute-bound prefill. A private control daemon (its pipe and log directories in
-    ``tmp``, passed to the children through the environment), quit on the way out."""
-    dirs = {"CUDA_MPS_PIPE_DIRECTORY": tmp / "mps-pipe", "CUDA_MPS_LOG_DIRECTORY": tmp / "mps-log"}
-    for path in dirs.values():
-        path.mkdir()
-    saved = {name: os.environ.get(name) for name in dirs}
-    os.environ.update({name: str(path) for name, path in dirs.items()})
-    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
+def mps_daemons(root: Path, uuid: str) -> Iterator[MpsDaemons]:
+    """NVIDIA's Multi-Process Service as Berth's node agent runs it (``runtime/agent/mps.py``):
+    the GPU's control daemon, its pipes in ``root/<uuid>``; runtimes whose budget names the GPU
+    and whose environment has ``BERTH_MPS_DIR`` join it. Their kernels then share the GPU at once
+    instead of in time slices, so one half's memory-bound decode can overlap the other's
+    compute-bound prefill."""
+    prepare(root)
+    daemons = MpsDaemons(root, [uuid])
+    daemons.start()
+    pid_file = root / uuid / PID_FILE
+    deadline = time.monotonic() + 30
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, f"MPS control daemon not up: {daemons.state}"
+        time.sleep(0.2)
     try:
-        yield
+        yield daemons
     finally:
-        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", check=False)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        daemons.close()
+
+
+def mps_clients(daemons: MpsDaemons, uuid: str) -> dict[str, str]:
+    """What the control daemon says of its servers and their clients."""
+    servers = daemons.command(uuid, "get_server_list").split()
+    return {s: daemons.command(uuid, f"get_client_list {s}") for s in servers}
+
+
+def mps_cap_check(root: Path, uuid: str, cap_mib: int) -> dict[str, str]:
+    """A client capped at ``cap_mib`` (as a runtime's limit caps it) asks for twice that, with
+    torch's allocator and with CUDA's virtual memory API (the KV arena's): what each got."""
+    code = f"""
+import json
+import torch
+from berth.runtime.engine.cuda_vmm import VirtualRange
+out = {{}}
+try:
+    x = torch.empty({2 * cap_mib} << 20, dtype=torch.uint8, device="cuda")
+    out["torch"] = "allocated"
+except Exception as e:
+    out["torch"] = "refused: " + str(e).splitlines()[0][:160]
+try:
+    r = VirtualRange({2 * cap_mib} << 20, torch.device("cuda"))
+    r.map(0, r.size)
+    out["vmm"] = "mapped"
+except Exception as e:
+    out["vmm"] = "refused: " + str(e).splitlines()[0][:160]
+print(json.dumps(out))
+"""
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(root / uuid),
+           "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={cap_mib}M", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr or done.stdout)[-300:]}
+    result: dict[str, str] = json.loads(lines[-1])
+    return result
 
 
 def halves_vs_whole(args: argparse.Namespace, tmp: Path, vocab: int) -> tuple[list[dict], dict]:
@@ -196,16 +240,25 @@ def halves_vs_whole(args: argparse.Namespace, tmp: Path, vocab: int) -> tuple[li
     rows: list[dict] = []
     memory: dict = {"capacity": total, "used_before": used0, "share": share}
     with contextlib.ExitStack() as stack:
+        flags, env = _serve_flags(args, share), None
         if args.mps:
-            stack.enter_context(mps_daemon(tmp))
+            # As under the operator: the budget (with the GPU) from the pod's env, and the MPS
+            # folder the pod mounts; the runtime joins the server and caps itself at its limit.
+            uuid, root = gpu_uuid(), tmp / "mps"
+            daemons = stack.enter_context(mps_daemons(root, uuid))
+            flags = _serve_flags(args, None)
+            env = {"BERTH_GPU_MEMORY_REQUEST": str(share), "BERTH_GPU_MEMORY_LIMIT": str(share),
+                   "BERTH_GPU_UUID": uuid, "BERTH_MPS_DIR": str(root)}  # fmt: skip
         t0 = time.perf_counter()
         urls = [
-            stack.enter_context(
-                serve.berth_serve(args, tmp / f"half{i}.log", _serve_flags(args, share))
-            )
+            stack.enter_context(serve.berth_serve(args, tmp / f"half{i}.log", flags, env))
             for i in range(2)
         ]
         memory["start_s"] = time.perf_counter() - t0
+        if args.mps:
+            memory["mps_clients"] = mps_clients(daemons, uuid)
+            memory["mps_joined"] = [_mps_line(tmp / f"half{i}.log") for i in range(2)]
+            memory["mps_cap"] = mps_cap_check(root, uuid, 1024)
         with MemoryWatch() as watch:
             for users in levels:
                 print(f"halves: {users} streams each ...", flush=True)
@@ -220,6 +273,12 @@ def halves_vs_whole(args: argparse.Namespace, tmp: Path, vocab: int) -> tuple[li
             runs = _load_all(args, [url], 2 * users, vocab)
             rows.append({"mode": "1 x 1.0", "users": 2 * users, "runs": runs})
     return rows, memory
+
+
+def _mps_line(log: Path) -> str:
+    """What the runtime said of MPS at start (joined, or why not)."""
+    lines = [line for line in log.read_text().splitlines() if "NVIDIA MPS" in line]
+    return lines[-1].split("NVIDIA MPS ", 1)[1] if lines else "(not logged)"
 
 
 def _memory_line(log: Path) -> str:
@@ -733,8 +792,21 @@ def report_halves(args: argparse.Namespace, gpu: str, rows: list[dict], memory: 
         "",
         *(
             [
-                "The two halves ran under NVIDIA MPS (their kernels share the GPU at once); the "
-                "whole copy without.",
+                "The two halves ran under NVIDIA MPS as Berth runs it (the node agent's control "
+                "daemon for the GPU, `runtime/agent/mps.py`; each runtime's budget and "
+                "`BERTH_MPS_DIR` in its environment, as a pod gets them): their kernels share "
+                "the GPU at once. The whole copy without.",
+                "",
+                *(
+                    f"- runtime {i}: MPS {line}"
+                    for i, line in enumerate(memory.get("mps_joined", []))
+                ),
+                "- the control daemon's servers and their clients (pids): "
+                + "; ".join(
+                    f"server {s}: {c or '-'}" for s, c in memory.get("mps_clients", {}).items()
+                ),
+                "- a third client capped at 1,024 MiB asking for 2,048 MiB: "
+                + ", ".join(f"{k}: {v}" for k, v in memory.get("mps_cap", {}).items()),
                 "",
             ]
             if args.mps

@@ -155,6 +155,7 @@ def run_engine(
     profiler = cProfile.Profile() if host_profile is not None else None
     gc_clock = GcClock()
     launched = (0, 0)
+    retries = allocator_retries(engine)
     start = time.perf_counter()
     last_end = start  # an output's gap, as ITL counts it, runs from the previous call's end
     while engine.has_unfinished():
@@ -201,6 +202,8 @@ def run_engine(
     itl_p99 = sorted(itl)[int(0.99 * len(itl))]
     return {
         "slow_calls": slow_calls(calls, 1e3 * itl_p99),
+        # cudaMalloc failures that made torch empty its cache and synchronize the device
+        "allocator_retries": allocator_retries(engine) - retries,
         "concurrency": concurrency,
         "total_s": total,
         "output_tokens": concurrency * output_len,
@@ -215,6 +218,15 @@ def run_engine(
         "ttft_ms": 1e3 * statistics.median(ttft),
         "ttft_ms_p99": 1e3 * ttft[int(0.99 * len(ttft))],
     }
+
+
+def allocator_retries(engine: Engine) -> int:
+    """Times torch's CUDA allocator found no free memory, emptied its cache (which waits for
+    the device) and tried again; 0 on the CPU."""
+    device = engine.runner.device
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
 
 
 class GcClock:
@@ -606,11 +618,14 @@ def render(report: dict[str, Any]) -> str:
         lines += [
             "The ITL tail: each output's gap is one step call, so the calls at or above the ITL "
             "p99 are the tail. Kind: the batch the call waited for (decode only, or with prompt "
-            "tokens), and whether the garbage collector ran in the call.",
+            "tokens), and whether the garbage collector ran in the call. Allocator retries: "
+            "times torch's CUDA allocator found no free memory in the run, emptied its cache "
+            "and synchronized the device.",
             "",
             "| concurrency | ITL p99 (ms) | calls | at or above p99 | by kind | host ms in them "
-            "(median) | slowest call (ms: gap, host, gc; waited-for seqs/tokens) |",
-            "| ---: | ---: | ---: | ---: | --- | ---: | --- |",
+            "(median) | slowest call (ms: gap, host, gc; waited-for seqs/tokens) | allocator "
+            "retries |",
+            "| ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
         ]
         for r in tails:
             t = r["slow_calls"]
@@ -625,7 +640,7 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['concurrency']} | {t['itl_p99_ms']:.1f} | {t['calls']} | "
                 f"{t['at_or_above_p99']} | {kinds} | {t['host_ms_median_in_tail']:.2f} | "
-                f"{worst} |"
+                f"{worst} | {r.get('allocator_retries', '-')} |"
             )
         lines.append("")
     return "\n".join(lines)

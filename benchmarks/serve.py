@@ -208,10 +208,13 @@ def _child(mode: str, args: argparse.Namespace, extra: list[str], site: str | No
 
 @contextlib.contextmanager
 def berth_serve(
-    args: argparse.Namespace, log: Path, extra: list[str] | None = None
+    args: argparse.Namespace,
+    log: Path,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """``berth serve`` on the model, as a pod runs it (``extra`` flags added); yields its URL;
-    SIGTERM at the end."""
+    """``berth serve`` on the model, as a pod runs it (``extra`` flags and ``env`` added);
+    yields its URL; SIGTERM at the end."""
     port = _free_port()
     command = [sys.executable, "-c", "from berth.cli import main; main()", "serve",
                "--model", args.model_dir, "--served-model-name", "bench", "--host", "127.0.0.1",
@@ -219,9 +222,13 @@ def berth_serve(
                "--log-level", "warning", "--max-waiting-requests", "1024",
                *(extra or [])]  # fmt: skip
     paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    environment = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+    }
     with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environment)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 900

@@ -22,6 +22,9 @@ NODE_GPU_UUIDS: Final = f"{GROUP}/gpu-uuids"
 # Comma-separated bytes per GPU, in the same order: what the node agent lets tenants share
 # (the device's memory minus the agent's reserve). The scheduler packs requests against it.
 NODE_GPU_MEMORY_BYTES: Final = f"{GROUP}/gpu-memory-bytes"
+# The node agent's NVIDIA MPS daemons on this node (runtime/agent/mps.py): "running on N GPU(s)",
+# or why not ("unavailable: ..."); absent when the agent runs without --mps-dir.
+NODE_MPS: Final = f"{GROUP}/mps"
 
 # Pod annotations written by the GPU scheduler (the ledger lives in these).
 POD_GPU_UUID: Final = f"{GROUP}/gpu-uuid"
@@ -61,6 +64,11 @@ ENV_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"  # read by the NVIDIA cont
 # The node agent's unix socket (berth.agent_protocol); the pod mounts it from the host.
 ENV_AGENT_SOCKET: Final = "BERTH_AGENT_SOCKET"
 ENV_RUNTIME_IMAGE: Final = "BERTH_RUNTIME_IMAGE"  # operator setting: the image it renders
+# NVIDIA MPS (runtime/agent/mps.py): the node agent runs one control daemon per GPU with its pipes
+# in <dir>/<GPU UUID>; a runtime pod mounts <dir> here and joins its GPU's server when one runs.
+ENV_MPS_DIR: Final = "BERTH_MPS_DIR"
+MPS_DIR: Final = "/run/berth-mps"  # where a runtime container sees the node's MPS folder
+MPS_SHM: Final = "shm"  # under the node's MPS folder: the /dev/shm that servers and clients share
 # Warm standby (ARCHITECTURE section 5). Set: the runtime may park (release its GPU memory and
 # keep a host copy of its weights) and registers with the node agent as able to; the value is the
 # idle time in seconds after which it parks on its own (0: only when the agent or an admin asks).

@@ -197,6 +197,16 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
                         "hostPath": {"path": settings.agent_socket_dir, "type": "DirectoryOrCreate"}})  # fmt: skip
         mounts.append({"name": "node-agent", "mountPath": AGENT_DIR, "readOnly": True})
         env.append({"name": wire.ENV_AGENT_SOCKET, "value": f"{AGENT_DIR}/agent.sock"})
+    if settings.mps_host_dir and spec.sandbox is None:
+        # NVIDIA MPS (runtime/agent/mps.py): the node's pipes, and the /dev/shm its servers
+        # share with their clients. Type Directory: the node agent makes both (a pod waits for
+        # it, with an event saying why, rather than starting on a root-owned /dev/shm).
+        shm = posixpath.join(settings.mps_host_dir, wire.MPS_SHM)
+        volumes += [{"name": "mps", "hostPath": {"path": settings.mps_host_dir, "type": "Directory"}},
+                    {"name": "mps-shm", "hostPath": {"path": shm, "type": "Directory"}}]  # fmt: skip
+        mounts += [{"name": "mps", "mountPath": wire.MPS_DIR},
+                   {"name": "mps-shm", "mountPath": "/dev/shm"}]  # fmt: skip
+        env.append({"name": wire.ENV_MPS_DIR, "value": wire.MPS_DIR})
     env += standby_env(service)
     image = spec.runtime.image or settings.runtime_image
     container: dict[str, Any] = {

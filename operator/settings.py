@@ -30,6 +30,11 @@ class OperatorSettings:
     # runtime pod mounts it to lease its GPU memory. Empty: pods mount nothing and run within their
     # requests (no bursts, no standby arbitration).
     agent_socket_dir: str = "/run/berth/agent"
+    # The host folder of the node agents' NVIDIA MPS daemons (``node-agent --mps-dir``). Set:
+    # every runtime pod but sandboxed ones mounts it, and its ``shm`` as /dev/shm, and joins its
+    # GPU's MPS server where one runs (kernels of the tenants of a GPU run side by side instead of
+    # in time slices). Empty: time-sliced sharing, nothing mounted.
+    mps_host_dir: str = ""
     # Only these namespaces (empty: all).
     namespaces: tuple[str, ...] = ()
     # Pending pods gathered for this long are placed together, largest first.
@@ -76,6 +81,7 @@ class OperatorSettings:
             "gpu_reserve_mib": _env_int("BERTH_GPU_RESERVE_MIB", cls.gpu_reserve_mib),
             "standby_overcommit": _env_float("BERTH_STANDBY_OVERCOMMIT", cls.standby_overcommit),
             "agent_socket_dir": os.environ.get("BERTH_AGENT_SOCKET_DIR", cls.agent_socket_dir),
+            "mps_host_dir": os.environ.get("BERTH_MPS_HOST_DIR", cls.mps_host_dir),
             "namespaces": tuple(n for n in namespaces.split(",") if n),
             "batch_window_s": _env_float("BERTH_BATCH_WINDOW_S", cls.batch_window_s),
             "bind_workers": _env_int("BERTH_BIND_WORKERS", cls.bind_workers),

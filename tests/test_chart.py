@@ -237,6 +237,26 @@ def test_node_agent_without_egress_holds_no_bpf_privilege(helm: Path) -> None:
     assert "--no-egress" in container["args"]
 
 
+def test_with_mps_the_agent_runs_the_daemons_and_the_operator_mounts_them(helm: Path) -> None:
+    objects = render(helm, {"nodeAgent": {"mps": {"enabled": True, "hostDir": "/run/x/mps"}}})
+    pod = agent_pod(objects)
+    container = pod["containers"][0]
+    assert "--mps-dir=/run/x/mps" in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"  # the MPS binaries
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert (host_paths["mps"], host_paths["mps-shm"]) == ("/run/x/mps", "/run/x/mps/shm")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert (mounts["mps"], mounts["mps-shm"]) == ("/run/x/mps", "/dev/shm")
+    operator = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "BERTH_MPS_HOST_DIR", "value": "/run/x/mps"} in operator["env"]
+    # Off by default: nothing of it anywhere.
+    default = render(helm)
+    assert "mps" not in json.dumps(agent_pod(default))
+    plain = one(default, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert all(e["name"] != "BERTH_MPS_HOST_DIR" for e in plain["env"])
+
+
 def test_node_agent_image_follows_the_runtime_image(helm: Path) -> None:
     objects = render(helm, {"runtimeImage": "berth.local/runtime:abc"})
     agent = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]

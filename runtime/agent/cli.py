@@ -50,6 +50,7 @@ class AgentSettings(BaseModel):
     egress: bool = True
     cluster_dns: tuple[str, ...] = ()
     metrics_port: int = Field(0, ge=0, le=65535)  # 0: /metrics on the unix socket only
+    mps_dir: Path | None = None  # run an MPS control daemon per GPU, pipes under it
     log_level: str = "info"
 
 
@@ -166,6 +167,14 @@ def run(settings: AgentSettings) -> None:
         annotate=publisher.annotate if publisher else None,
         driver_free=driver_free,
     )
+    mps = None
+    if settings.mps_dir is not None:
+        from berth.runtime.agent.mps import MpsDaemons, prepare
+
+        prepare(settings.mps_dir)
+        mps = MpsDaemons(settings.mps_dir, [gpu.uuid for gpu in gpus],
+                         report=publisher.mps if publisher else None)  # fmt: skip
+        mps.start()
     if egress is not None:
         from berth.runtime.agent.pod_egress import EgressCollector
 
@@ -215,6 +224,8 @@ def run(settings: AgentSettings) -> None:
             publisher.close()
         if driver_free:
             driver_free.close()
+        if mps:
+            mps.close()
 
 
 @click.command("node-agent")
@@ -278,6 +289,11 @@ def run(settings: AgentSettings) -> None:
               type=click.IntRange(0, 65535),
               help="Also serve /metrics on this TCP port, all addresses, for Prometheus "
               "(0: only on the unix socket).")  # fmt: skip
+@click.option("--mps-dir", envvar="BERTH_MPS_HOST_DIR",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Run an NVIDIA MPS control daemon per GPU with its pipes under this host "
+              "folder, and make <dir>/shm the /dev/shm that servers and runtime pods share "
+              "(the operator's BERTH_MPS_HOST_DIR names the same folder).")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def node_agent(
@@ -296,6 +312,7 @@ def node_agent(
     egress: bool,
     cluster_dns: tuple[str, ...],
     metrics_port: int,
+    mps_dir: Path | None,
     log_level: str,
 ) -> None:
     """Arbitrate GPU memory between the runtimes on this node (protocol: berth.agent_protocol)."""
@@ -323,6 +340,7 @@ def node_agent(
         egress=egress,
         cluster_dns=cluster_dns,
         metrics_port=metrics_port,
+        mps_dir=mps_dir,
         log_level=log_level,
     )
     run(settings)

@@ -36,6 +36,11 @@ class _Standby:
     standby: bool
 
 
+@dataclass(frozen=True)
+class _Mps:
+    state: str
+
+
 def node_annotations(gpus: Sequence[GpuMemory]) -> dict[str, str]:
     """What the scheduler reads: the UUIDs in index order and what each lets tenants share."""
     ordered = sorted(gpus, key=lambda g: g.index)
@@ -55,7 +60,7 @@ class NodePublisher:
         self.client, self.node, self.gpus, self.retry_s = client, node, gpus, retry_s
         self.published = threading.Event()
         self.stopping = threading.Event()
-        self.events: queue.Queue[_Event | _Standby | None] = queue.Queue(maxsize=1000)
+        self.events: queue.Queue[_Event | _Standby | _Mps | None] = queue.Queue(maxsize=1000)
         self.thread = threading.Thread(target=self._run, name="kube", daemon=True)
         self.thread.start()
 
@@ -67,13 +72,17 @@ class NodePublisher:
         """Mark the tenant's pod parked ("true") or resident again ("false")."""
         self._put(_Standby(tenant, standby))
 
-    def _put(self, item: _Event | _Standby) -> None:
-        if "/" not in item.tenant:  # a local runtime, not a pod
+    def mps(self, state: str) -> None:
+        """The node's MPS state, as the Node's ``berth.dev/mps`` annotation."""
+        self._put(_Mps(state))
+
+    def _put(self, item: _Event | _Standby | _Mps) -> None:
+        if not isinstance(item, _Mps) and "/" not in item.tenant:  # a local runtime, not a pod
             return
         try:
             self.events.put_nowait(item)
         except queue.Full:
-            log.warning("event queue full; %s on %s not reported", item, item.tenant)
+            log.warning("event queue full; %s not reported", item)
 
     def close(self) -> None:
         self.stopping.set()
@@ -100,6 +109,9 @@ class NodePublisher:
                 return
             backoff = min(backoff * 2, self.retry_s)
         while (item := self.events.get()) is not None:
+            if isinstance(item, _Mps):
+                self._annotate_node(item.state)
+                continue
             namespace, name = item.tenant.split("/", 1)
             path = resource_path("v1", "Pod", namespace, name)
             if isinstance(item, _Standby):
@@ -114,6 +126,13 @@ class NodePublisher:
             pod.setdefault("apiVersion", "v1")
             pod.setdefault("kind", "Pod")
             record_event(self.client, pod, "Warning", item.reason, item.message)
+
+    def _annotate_node(self, state: str) -> None:
+        path = resource_path("v1", "Node", name=self.node)
+        try:
+            self.client.merge_patch(path, {"metadata": {"annotations": {wire.NODE_MPS: state}}})
+        except (KubeError, OSError) as error:
+            log.warning("could not publish MPS state %r on node %s: %s", state, self.node, error)
 
     def _annotate(self, path: str, item: _Standby) -> None:
         value = "true" if item.standby else "false"

@@ -169,8 +169,8 @@ class Engine:
         Pipelined by one batch: a call launches the next batch before it collects the tokens
         of the one the previous call launched, then detokenizes them and builds their outputs
         while the device computes. A token not yet back is a placeholder in its sequence; a
-        decode step takes it straight from the previous batch's sampled ids on the device (so
-        the device never waits for the host between decode steps). A request's tokens come
+        decode or mixed step takes it straight from the previous batch's sampled ids on the
+        device (so the device never waits for the host between greedy steps). A request's tokens come
         back in the call after the one that launched them; ``has_unfinished`` stays true until
         they have.
         """
@@ -187,8 +187,6 @@ class Engine:
         batch = self.scheduler.schedule()
         self.last_step_batch = (len(batch.seqs), batch.num_tokens)
         outputs = [self._finished_output(seq) for seq in batch.aborted]
-        if flight is not None and not batch.is_decode:
-            collected, flight = self._collect(flight), None  # prefill inputs come from the host
         if batch.seqs:
             copies = self.pool.take_pending_copies()
             if copies:

@@ -265,6 +265,7 @@ def serve(
 
     from berth.runtime.engine import EngineConfig
     from berth.runtime.engine.budget import BudgetError, budget_from_flags, read_budget
+    from berth.runtime.engine.mps_client import mps_client
     from berth.runtime.server.lifecycle import serve as run_server
     from berth.runtime.server.metrics import MemoryBudget
     from berth.runtime.server.settings import ServerSettings
@@ -274,6 +275,10 @@ def serve(
         budget = budget_from_flags(gpu_memory_request, gpu_memory_limit) or read_budget()
     except BudgetError as exc:
         raise click.UsageError(f"GPU memory budget: {exc}") from exc
+    # Before the engine process starts (and with it CUDA): join the GPU's MPS server, if any.
+    mps = mps_client(budget, os.environ.get(wire.ENV_MPS_DIR))
+    os.environ.update(mps.env)
+    click.echo(f"berth: NVIDIA MPS {mps.why}", err=True)
     engine = EngineConfig(
         model=model,
         dtype=dtype,

@@ -68,6 +68,25 @@ def test_the_runtime_reaches_the_node_agent_through_its_socket_folder_only() -> 
     assert all(e["name"] != wire.ENV_AGENT_SOCKET for e in pod["containers"][0]["env"])
 
 
+def test_with_mps_a_runtime_mounts_the_nodes_pipes_and_shared_shm_but_a_sandbox_does_not() -> None:
+    mps = OperatorSettings(runtime_image="x", mps_host_dir="/run/berth/mps")
+    pod = render.deployment(service(), mps)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
+    assert volumes["mps"] == {"path": "/run/berth/mps", "type": "Directory"}
+    assert volumes["mps-shm"] == {"path": "/run/berth/mps/shm", "type": "Directory"}
+    container = pod["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert (mounts["mps"], mounts["mps-shm"]) == (wire.MPS_DIR, "/dev/shm")
+    assert {"name": wire.ENV_MPS_DIR, "value": wire.MPS_DIR} in container["env"]
+    # A sandboxed agent workload shares no server and no /dev/shm with other tenants.
+    sealed = render.deployment(service(sandbox={}), mps)["spec"]["template"]["spec"]
+    assert not {"mps", "mps-shm"} & {v["name"] for v in sealed["volumes"]}
+    assert all(e["name"] != wire.ENV_MPS_DIR for e in sealed["containers"][0]["env"])
+    # Off by default: time-sliced, nothing of it mounted.
+    plain = render.deployment(service(), SETTINGS)["spec"]["template"]["spec"]
+    assert not {"mps", "mps-shm"} & {v["name"] for v in plain["volumes"]}
+
+
 def test_a_failed_start_leaves_its_reason_for_the_status() -> None:
     pod = render.deployment(service(), SETTINGS)["spec"]["template"]["spec"]
     assert pod["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"

@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from berth.runtime.engine import Engine, EngineConfig, SamplingParams
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams, model_runner
 from berth.runtime.engine.model import AttentionMetadata
-from berth.runtime.engine.model_runner import StepInputs, pad_step, prefill_graph_sizes, step_inputs
+from berth.runtime.engine.model_runner import (
+    PENDING,
+    StepInputs,
+    pad_step,
+    prefill_graph_sizes,
+    step_inputs,
+)
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
 
@@ -163,3 +169,53 @@ def test_graphed_prefill_and_mixed_steps_match_eager(tiny_model: Path) -> None:
     firsts = sum(graphed[r][0] == eager_out[r][0] for r in graphed)
     same = sum(x == y for r in graphed for x, y in zip(graphed[r], eager_out[r], strict=True))
     assert firsts >= len(prompts) - 1 and same >= 0.9 * 12 * len(prompts), (graphed, eager_out)
+
+
+def test_step_inputs_name_the_decode_inputs_still_on_the_device() -> None:
+    """A mixed step launched before the previous step's tokens are back: each decoding
+    sequence's input is a placeholder, found with its batch row."""
+    a = Sequence("a", [5, 6, 7, PENDING], 3, SamplingParams(), 10)
+    a.num_computed_tokens, a.block_table = 3, [0]
+    b = Sequence("b", [8, 9, 10, 11, 12], 5, SamplingParams(), 10)
+    b.num_computed_tokens, b.block_table = 0, [1, 2]
+    c = Sequence("c", [4, 4, PENDING], 2, SamplingParams(), 10)
+    c.num_computed_tokens, c.block_table = 2, [3]
+    host = np.array([[0, 0], [1, 2], [3, 0]], dtype=np.int32)
+    step = step_inputs(ScheduledBatch([a, b, c], [1, 5, 1]), host, 4)
+    assert step.tokens[0].tolist() == [PENDING, 8, 9, 10, 11, 12, PENDING]
+    assert (step.pending_at, step.pending_rows) == ([0, 6], [0, 2])
+    padded = pad_step(step, 16, 5)
+    assert (padded.pending_at, padded.pending_rows) == ([0, 6], [0, 2])
+
+
+def test_prompts_arriving_beside_decodes_give_what_each_gives_alone(tiny_model: Path) -> None:
+    """One arrival per step, so every step after the first is a mixed one launched before the
+    previous step's tokens are collected: its decodes read their inputs from the device. The
+    greedy outputs are those of each prompt run alone."""
+    prompts = [[(7 * i + j) % 400 + 1 for j in range(5 + 9 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(model=str(tiny_model), device="cpu", dtype="float32")
+    single = Engine(config)
+    alone = [single.generate([p], params)[0].new_token_ids for p in prompts]
+    engine = Engine(config)  # a prefix cache of its own
+    pending_steps = 0
+    real = step_inputs
+
+    def counting(batch: ScheduledBatch, tables: np.ndarray, block_size: int) -> StepInputs:
+        nonlocal pending_steps
+        step = real(batch, tables, block_size)
+        pending_steps += bool(step.pending_at)
+        return step
+
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_runner, "step_inputs", counting)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+    assert pending_steps >= len(prompts) - 2
+    assert [tokens[str(i)] for i in range(len(prompts))] == alone
