@@ -9,7 +9,6 @@ the memory cap enforced) is the device benchmark's (``benchmarks/mps_device.py``
 import contextlib
 import stat
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,7 @@ from berth.runtime.engine.budget import GpuBudget
 from berth.runtime.engine.mps_client import PID_FILE, mps_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
-from processes import serve_tiny
+from processes import serve_tiny, wait_ready
 
 GIB = 1 << 30
 
@@ -117,15 +116,7 @@ def test_an_agent_without_the_binary_serves_and_its_runtimes_serve_time_sliced(
         serve_log = tmp_path / "serve.log"
         url, _ = serve_tiny(stack, serve_log, "mps-off", (1 * GIB, 1 * GIB, "GPU-1"),
                             tmp_path / "agent.sock", env={wire.ENV_MPS_DIR: str(root)})  # fmt: skip
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, serve_log.read_text()
-            time.sleep(0.5)
+        wait_ready(url, serve_log)
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
         answer = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         assert answer.status_code == 200, answer.text

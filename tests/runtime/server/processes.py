@@ -8,9 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import httpx
 
 from berth import wire
 
@@ -75,3 +78,16 @@ def serve_tiny(
                "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *flags]  # fmt: skip
     process = stack.enter_context(child(command, log, environment))
     return f"http://127.0.0.1:{port}", process
+
+
+def wait_ready(url: str, log: Path, timeout_s: float = 240.0) -> None:
+    """Until the runtime at ``url`` answers /ready; its log's tail in the failure."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not ready: {log.read_text()[-3000:]}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import child, serve_tiny
+from processes import child, serve_tiny, wait_ready
 
 WEIGHTS = 886_016  # the tiny model's fp32 weights (checked against the ledger below)
 CHUNK = 65_536  # a KV chunk of the tiny model on the CPU: 8 blocks of 16 tokens
@@ -36,18 +36,6 @@ def _serve(stack: ExitStack, tmp: Path, name: str, sock: Path) -> str:
     url, _ = serve_tiny(stack, tmp / f"{name}.log", name, (REQUEST, LIMIT, GPU), sock,
                       flags=("--max-num-seqs", "16"))  # fmt: skip
     return url
-
-
-def _wait_ready(url: str, log: Path, timeout_s: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not ready: {log.read_text()[-3000:]}")
 
 
 def _tenants(agent: httpx.Client) -> dict[str, dict]:
@@ -84,8 +72,8 @@ def test_a_burst_is_granted_under_load_and_reclaimed_for_a_newcomer(tmp_path: Pa
         stack.enter_context(child(agent_cmd, tmp_path / "agent.log"))
         a = _serve(stack, tmp_path, "a", sock)
         b = _serve(stack, tmp_path, "b", sock)
-        _wait_ready(a, tmp_path / "a.log")
-        _wait_ready(b, tmp_path / "b.log")
+        wait_ready(a, tmp_path / "a.log")
+        wait_ready(b, tmp_path / "b.log")
         agent = stack.enter_context(
             httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://agent")
         )
@@ -122,7 +110,7 @@ def test_a_burst_is_granted_under_load_and_reclaimed_for_a_newcomer(tmp_path: Pa
         assert burst["test/a"]["granted_bytes"] <= LIMIT
 
         c = _serve(stack, tmp_path, "c", sock)  # the newcomer: its request needs A's burst
-        _wait_ready(c, tmp_path / "c.log")
+        wait_ready(c, tmp_path / "c.log")
         after = _tenants(agent)
         assert after["test/c"]["held_bytes"] >= WEIGHTS + 4 * CHUNK
         assert sum(t["granted_bytes"] for t in after.values()) <= CAPACITY
