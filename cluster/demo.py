@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from berth.cluster.cluster import LocalCluster, default_state_dir
-from berth.cluster.realnode import REAL_NODE_POD
+from berth.cluster.realnode import MPS_DIR, REAL_NODE_POD
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cpu-demo.yaml"
@@ -69,7 +69,9 @@ def install_berth(cluster: LocalCluster, say: Say) -> None:
     cluster.helm("upgrade", "--install", "berth", str(CHART), "--namespace", "berth-system",
                  "--create-namespace", "--wait", "--timeout", "180s", *real_node_values(cluster),
                  # The real node runs the node agent as a host process (realnode.py): no DaemonSet.
-                 "--set", "nodeAgent.enabled=false")  # fmt: skip
+                 # It runs with --mps-dir: the operator mounts that folder into runtime pods.
+                 "--set", "nodeAgent.enabled=false", "--set", "nodeAgent.mps.enabled=true",
+                 "--set", f"nodeAgent.mps.hostDir={MPS_DIR}")  # fmt: skip
 
 
 def wait_ready(cluster: LocalCluster, names: list[str], say: Say, timeout: float = 300) -> None:

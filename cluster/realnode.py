@@ -44,6 +44,10 @@ RUN_DIR = Path("/run/berth")
 # folder (the operator's ``BERTH_AGENT_SOCKET_DIR``) and nothing else of RUN_DIR.
 AGENT_DIR = RUN_DIR / "agent"
 AGENT_SOCKET = AGENT_DIR / "agent.sock"
+# The agent's NVIDIA MPS folder (``--mps-dir``; the operator's ``BERTH_MPS_HOST_DIR``): with no MPS
+# binary here the agent makes it and says MPS is unavailable, and the runtime pods mount it and
+# its shm as /dev/shm all the same, so the real node runs the pods as an MPS node would.
+MPS_DIR = RUN_DIR / "mps"
 # Only pods that tolerate this land on the real node: its GPUs are simulated and its pods run for
 # real on the CPU, so the kwok-scale tests and services without the toleration stay off it.
 TAINT_KEY = "berth.dev/simulated-gpu"
@@ -373,7 +377,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         installing sandboxed pods' seccomp profiles into the kubelet's seccomp folder."""
         return [sys.executable, "-m", "berth", "node-agent", f"--socket={AGENT_SOCKET}",
                 f"--simulate-gpus={self.simulated_gpus()}", f"--node-name={NODE_NAME}",
-                f"--kubeconfig={kubeconfig}", f"--seccomp-dir={self.kubelet_root / 'seccomp'}"]  # fmt: skip
+                f"--kubeconfig={kubeconfig}", f"--seccomp-dir={self.kubelet_root / 'seccomp'}",
+                f"--mps-dir={MPS_DIR}"]  # fmt: skip
 
     def simulated_gpus(self) -> str:
         """The node's GPUs as ``berth node-agent --simulate-gpus`` takes them: the UUIDs and
@@ -493,6 +498,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for stale in (self.sock, Path(f"{self.sock}.ttrpc")):
             stale.unlink(missing_ok=True)
         shutil.rmtree(AGENT_DIR, ignore_errors=True)  # the agent's socket and its tenants file
+        shutil.rmtree(MPS_DIR, ignore_errors=True)  # its MPS folder and the pods' shared shm
         # The agent's egress enforcer pins its maps and links in bpffs so that they outlive it;
         # unpinned, the kernel frees them (the pods' cgroups are gone already).
         shutil.rmtree(_egress_pins(), ignore_errors=True)
@@ -533,6 +539,7 @@ def leftovers(node: RealNode) -> list[str]:
     found += [f"process {pid}: {cmd}" for pid, cmd in _processes_using(str(node.sock))]
     found += [f"process {pid}: {cmd}" for pid, cmd in _processes_using(str(AGENT_SOCKET))]
     found += [f"path {AGENT_DIR}"] if AGENT_DIR.exists() else []
+    found += [f"path {MPS_DIR}"] if MPS_DIR.exists() else []
     found += [f"path {_egress_pins()}"] if _egress_pins().exists() else []
     found += (
         [f"netns {n.name}" for n in Path("/var/run/netns").glob("cni-*")]

@@ -15,6 +15,7 @@ import yaml
 
 from berth import wire
 from berth.cluster.cluster import ClusterError, LocalCluster, die_with_parent, free_port
+from berth.cluster.realnode import MPS_DIR
 from berth.operator.status import condition as condition  # the e2e modules' one import
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,7 @@ class OperatorProcess:
             "KUBECONFIG": str(self.kubeconfig),
             "BERTH_RUNTIME_IMAGE": runtime_image(self.cluster),
             "BERTH_HEALTH_PORT": str(self.health_port),
+            "BERTH_MPS_HOST_DIR": str(MPS_DIR),  # the real node's agent runs with --mps-dir
             "PYTHONUNBUFFERED": "1",
         }
         command = [

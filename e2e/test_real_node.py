@@ -145,6 +145,19 @@ def test_two_half_gpu_services_share_one_simulated_gpu_and_both_serve(
     for tenant in wait_for("both runtimes to hold leases from the node agent", leased, timeout=30):
         assert tenant.request_bytes == share and tenant.granted_bytes >= share, tenant
         assert tenant.held_bytes <= tenant.granted_bytes, tenant
+    # The node's agent runs with --mps-dir but finds no MPS binary here: the Node says so, and
+    # each pod runs as on an MPS node all the same (the node's MPS folder mounted, its shared
+    # /dev/shm the sticky world-writable one the agent made), its runtime time-sliced and saying why.
+    state = wait_for("the Node's MPS state",
+                     lambda: get_json(cluster, "node", NODE_NAME)["metadata"]["annotations"]
+                     .get(wire.NODE_MPS), timeout=30)  # fmt: skip
+    assert state.startswith("unavailable: nvidia-cuda-mps-control is not on PATH"), state
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        shm = cluster.kubectl("exec", "-n", namespace, name, "--", "stat", "-c", "%a", "/dev/shm")
+        assert shm.strip() == "1777", shm
+        logs = cluster.kubectl("logs", "-n", namespace, name)
+        assert f"NVIDIA MPS off: no MPS control daemon for {uuid}" in logs, logs[-2000:]
 
 
 def test_deleting_a_pod_mid_stream_drains_it_and_the_stream_ends_cleanly(

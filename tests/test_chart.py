@@ -250,6 +250,11 @@ def test_with_mps_the_agent_runs_the_daemons_and_the_operator_mounts_them(helm: 
     assert (mounts["mps"], mounts["mps-shm"]) == ("/run/x/mps", "/dev/shm")
     operator = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "BERTH_MPS_HOST_DIR", "value": "/run/x/mps"} in operator["env"]
+    # Where the nodes run the agent some other way (the local cluster's demo), the operator
+    # still mounts the folder their agents were told.
+    elsewhere = render(helm, {"nodeAgent": {"enabled": False, "mps": {"enabled": True}}})
+    operator = one(elsewhere, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "BERTH_MPS_HOST_DIR", "value": "/run/berth/mps"} in operator["env"]
     # Off by default: nothing of it anywhere.
     default = render(helm)
     assert "mps" not in json.dumps(agent_pod(default))
