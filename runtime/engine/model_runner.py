@@ -565,11 +565,11 @@ class ModelRunner:
         rows = torch.tensor(step.sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
         size = next((t for t in self.prefill_graph_sizes if t >= step.num_tokens), 0)
         if size and b + (step.num_tokens < size) <= self.graph_seqs:
-            # The sampled rows and their logits go to buffers allocated once: allocated per
-            # step, a row count larger than torch's cache holds takes a fresh cudaMalloc, and
-            # with the KV arena holding the rest of the share that fails, empties the cache and
-            # synchronizes the device (measured: 30 ms of host time on the steps whose batch
-            # had grown, the ITL p99 at 256 concurrent).
+            # The sampled rows and their logits go to buffers allocated once, not per step (a
+            # fresh cudaMalloc beside a KV arena that holds the rest of the share can fail,
+            # empty torch's cache and synchronize). The 30 ms stalls of these steps at 256
+            # concurrent were not that (no retry counted) but cuBLAS's lazy kernel loads,
+            # which ``_load_sampling_kernels`` moves to start-up.
             r = len(step.sample_rows)
             hidden = self._replay_prefill(step, size, width, owners, pending)
             picked = torch.index_select(hidden, 0, rows, out=self.d_sampled_hidden[:r])
@@ -714,7 +714,7 @@ class ModelRunner:
         a kernel lazily, on first use, synchronizing the device: on an H100 the LM head's first
         call at 17 rows took 14.8 ms of host time behind a running step, once per new kernel,
         and those first calls were the ITL p99 of a 256-stream arrival run. At start-up all of
-        them load at once (about 0.1 s for 256 row counts)."""
+        them load at once (0.3 s for 256 row counts on an H100, each call synchronized)."""
         hidden, logits = self.d_sampled_hidden, self.d_logits
         if self.d_hidden.shape[0]:
             first = torch.zeros(1, dtype=torch.int64, device=hidden.device)
