@@ -5,7 +5,8 @@ All run on one background thread, so the socket's request handlers never wait on
 server; a failed publication is retried with backoff until it lands (the scheduler cannot pack
 fractions onto a node whose GPU UUIDs it does not know), and events are best effort. The
 standby annotation (``berth.wire.POD_STANDBY``, "true" while parked) is what the operator
-counts standby replicas by: it is retried a few times, in order, so the latest state lands.
+counts standby replicas by: it is retried a few times, in order, so the latest state lands;
+so is the node's MPS state (``berth.wire.NODE_MPS``).
 """
 
 import logging
@@ -20,7 +21,7 @@ from berth.operator.kube import KubeClient, KubeError, resource_path
 from berth.runtime.agent.ledger import GpuMemory
 
 log = logging.getLogger(__name__)
-STANDBY_ATTEMPTS = 3
+ANNOTATE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,14 @@ class NodePublisher:
             backoff = min(backoff * 2, self.retry_s)
         while (item := self.events.get()) is not None:
             if isinstance(item, _Mps):
-                self._annotate_node(item.state)
+                node = resource_path("v1", "Node", name=self.node)
+                self._annotate(node, {wire.NODE_MPS: item.state}, f"node {self.node}")
                 continue
             namespace, name = item.tenant.split("/", 1)
             path = resource_path("v1", "Pod", namespace, name)
             if isinstance(item, _Standby):
-                self._annotate(path, item)
+                value = "true" if item.standby else "false"
+                self._annotate(path, {wire.POD_STANDBY: value}, f"pod {item.tenant}")
                 continue
             try:
                 pod = self.client.get(path)
@@ -127,26 +130,20 @@ class NodePublisher:
             pod.setdefault("kind", "Pod")
             record_event(self.client, pod, "Warning", item.reason, item.message)
 
-    def _annotate_node(self, state: str) -> None:
-        path = resource_path("v1", "Node", name=self.node)
-        try:
-            self.client.merge_patch(path, {"metadata": {"annotations": {wire.NODE_MPS: state}}})
-        except (KubeError, OSError) as error:
-            log.warning("could not publish MPS state %r on node %s: %s", state, self.node, error)
-
-    def _annotate(self, path: str, item: _Standby) -> None:
-        value = "true" if item.standby else "false"
-        patch = {"metadata": {"annotations": {wire.POD_STANDBY: value}}}
-        for attempt in range(STANDBY_ATTEMPTS):
+    def _annotate(self, path: str, annotations: dict[str, str], what: str) -> None:
+        """Set ``annotations`` on the object at ``path``, retried a few times (the latest
+        state must land: a standby mark, the node's MPS state)."""
+        patch = {"metadata": {"annotations": annotations}}
+        for attempt in range(ANNOTATE_ATTEMPTS):
             try:
                 self.client.merge_patch(path, patch)
                 return
             except KubeError as error:
-                if error.status == 404:  # the pod is gone: nothing to mark
+                if error.status == 404:  # the object is gone: nothing to mark
                     return
                 failure: Exception = error
             except OSError as error:
                 failure = error
             if self.stopping.wait(0.5 * 2**attempt):
                 break
-        log.warning("could not mark pod %s standby=%s: %s", item.tenant, value, failure)
+        log.warning("could not annotate %s with %s: %s", what, annotations, failure)

@@ -170,9 +170,9 @@ class Engine:
         of the one the previous call launched, then detokenizes them and builds their outputs
         while the device computes. A token not yet back is a placeholder in its sequence; a
         decode or mixed step takes it straight from the previous batch's sampled ids on the
-        device (so the device never waits for the host between greedy steps). A request's tokens come
-        back in the call after the one that launched them; ``has_unfinished`` stays true until
-        they have.
+        device (so the device never waits for the host between greedy steps). A request's
+        tokens come back in the call after the one that launched them; ``has_unfinished``
+        stays true until they have.
         """
         if self.parked:
             raise RuntimeError("the engine is parked: wake it before stepping")
