@@ -71,6 +71,19 @@ class Engine:
             self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.pool)
+        self.scheduler.max_pool_blocks = self.runner.max_kv_blocks
+        pool_tokens = self.runner.max_kv_blocks * config.block_size
+        if pool_tokens < self.max_model_len:
+            # A longer sequence could never be held: refuse its prompt or max_tokens up front
+            # (a 400 naming the context) rather than start it and abort it when it outgrows
+            # the pool.
+            log.warning(
+                "max_model_len %d lowered to %d: the KV pool holds no more tokens, even at %s",
+                self.max_model_len,
+                pool_tokens,
+                "its GPU memory limit" if self.runner.plan is not None else "its fixed size",
+            )
+            self.max_model_len = pool_tokens
         self.sampler = Sampler(self.runner.device, config.seed)
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
@@ -453,6 +466,7 @@ class Engine:
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
             kv_cache_bytes=pool.num_blocks * self.runner.block_bytes,
             held_bytes=self.held_bytes,
+            blocked_blocks=self.scheduler.blocked_blocks,
         )
 
     # ---- conveniences ---------------------------------------------------------------------

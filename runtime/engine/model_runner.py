@@ -402,6 +402,14 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return self.num_kv_blocks * self.block_bytes
 
+    @property
+    def max_kv_blocks(self) -> int:
+        """The most blocks the pool can ever hold: at the budget's limit for a pool sized from
+        a budget (it grows there as the node agent grants), else the fixed pool."""
+        if self.plan is None:
+            return self.num_kv_blocks
+        return min(self.plan.limit_chunks, self.arena.max_chunks) * self.layout.chunk_blocks
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers, K and V)."""
         self.forget_block_tables()

@@ -53,6 +53,12 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_prefill_tokens_while_decoding = config.max_prefill_tokens_while_decoding
         self.watermark = watermark
+        # The most blocks the pool can ever have (an elastic pool's limit); a request that
+        # cannot fit even then is refused, one that fits it waits for the pool to grow.
+        self.max_pool_blocks: int | None = None
+        # Blocks the head of the queue waited for at the last admission that the pool could
+        # not hold (0: none): what an elastic pool must grow by to admit it.
+        self.blocked_blocks = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -130,20 +136,30 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> ScheduledBatch:
         """Waiting sequences join in arrival order while the budget, the batch size limit
         and the pool (keeping a watermark of free blocks) allow."""
-        reserve = int(self.watermark * self.pool.num_blocks)
+        pool = self.pool
+        reserve = int(self.watermark * pool.num_blocks)
+        ceiling = max(pool.num_blocks, self.max_pool_blocks or 0)
+        self.blocked_blocks = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.pool.blocks_needed(seq.num_tokens + 1) > self.pool.num_blocks:
+            whole = pool.blocks_needed(seq.num_tokens + 1)
+            if whole > ceiling:
                 self.waiting.popleft()
                 self._finish(seq, "abort")
                 batch.aborted.append(seq)
                 continue
-            prefix = self.pool.match_prefix(seq)
-            n = min(seq.num_tokens - len(prefix) * self.pool.block_size, budget)
-            if not self.pool.allocate(seq, n, prefix, reserve if self.running else 0):
+            prefix = pool.match_prefix(seq)
+            n = min(seq.num_tokens - len(prefix) * pool.block_size, budget)
+            held = reserve if self.running else 0
+            # One that the pool cannot hold whole waits for it to grow (admitted, it would
+            # preempt itself for its later chunks, again and again).
+            if whole > pool.num_blocks or not pool.allocate(seq, n, prefix, held):
+                # Memory, not the token budget, holds it back: an elastic pool asks its node
+                # agent for this much more.
+                self.blocked_blocks = max(1, whole + held - pool.num_free_blocks)
                 break
             if seq.num_preemptions == 0:
-                seq.num_cached_tokens = len(prefix) * self.pool.block_size
+                seq.num_cached_tokens = len(prefix) * pool.block_size
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += seq.num_cached_tokens
             self.waiting.popleft()
@@ -152,7 +168,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
-        batch.grown += self.pool.take_grown()
+        batch.grown += pool.take_grown()
         return batch
 
     def _preempt(self, seq: Sequence) -> None:

@@ -173,6 +173,7 @@ def attach_memory_lease(lease: "MemoryLease", engine: ServableEngine, core: Engi
             stats.num_total_blocks - stats.num_free_blocks,
             stats.num_waiting,
             stats.num_running + stats.num_waiting,
+            blocked_blocks=stats.blocked_blocks,
             parked=core.parked,
             idle_s=0.0 if idle_since is None else time.monotonic() - idle_since,
         )

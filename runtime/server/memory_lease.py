@@ -66,6 +66,7 @@ class MemoryState:
     used_blocks: int  # held by live sequences
     num_waiting: int
     in_flight: int  # running + waiting sequences
+    blocked_blocks: int = 0  # more blocks the head of the queue waits for (0: none)
     parked: bool = False  # weights and KV given back (warm standby): it holds nothing
     idle_s: float = 0.0  # seconds since the last request ended; 0 while any is in flight
 
@@ -76,8 +77,9 @@ class MemoryState:
 
 def desired_bytes(state: MemoryState) -> int:
     """What the runtime would like to hold: nothing while parked; under memory pressure (usage at
-    ``GROW_AT`` or above) enough chunks to run at ``TARGET_USAGE``, at least one more, within its
-    limit; once usage falls to ``RELEASE_AT`` with nothing waiting, its burst back down to
+    ``GROW_AT`` or above, or a waiting request that the free blocks cannot hold) enough chunks to
+    run what it holds and that request at ``TARGET_USAGE``, at least one more, within its limit;
+    once usage falls to ``RELEASE_AT`` with nothing waiting, its burst back down to
     ``TARGET_USAGE`` (never below the request); else what it holds.
 
     Both resizes land at ``TARGET_USAGE``, between the two bands, so the next cycle at the same
@@ -90,8 +92,11 @@ def desired_bytes(state: MemoryState) -> int:
     total = state.num_chunks * state.chunk_blocks
     usage = state.used_blocks / total if total else 1.0
     at_target = math.ceil(state.used_blocks / (TARGET_USAGE * state.chunk_blocks))
-    if usage >= GROW_AT:
-        grown = max(at_target, state.num_chunks + 1)
+    if usage >= GROW_AT or state.blocked_blocks:
+        # A request larger than the free blocks waits at any usage (on a pool smaller than
+        # one prompt it would wait forever at 0 %): its blocks count as used.
+        demand = state.used_blocks + state.blocked_blocks
+        grown = max(math.ceil(demand / (TARGET_USAGE * state.chunk_blocks)), state.num_chunks + 1)
         return plan.held_bytes(min(grown, plan.limit_chunks))
     if usage <= RELEASE_AT and not state.num_waiting and state.num_chunks > plan.request_chunks:
         return plan.held_bytes(max(plan.request_chunks, min(at_target, state.num_chunks)))

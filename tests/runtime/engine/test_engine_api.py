@@ -33,6 +33,24 @@ def test_add_request_rejects_bad_input_with_named_reasons(tiny_engine: Engine) -
     assert not tiny_engine.has_unfinished()
 
 
+def test_a_pool_smaller_than_the_context_lowers_max_model_len_so_long_requests_get_a_400(
+    tiny_model: Path,
+) -> None:
+    """8 blocks of 16 tokens hold 128 of the model's 512: a longer prompt or max_tokens is
+    refused at once, naming the context, instead of starting and being aborted mid-way."""
+    engine = Engine(
+        EngineConfig(model=str(tiny_model), device="cpu", dtype="float32", num_kv_blocks=8)
+    )
+    assert engine.max_model_len == 128
+    with pytest.raises(ValueError, match="context holds 128"):
+        engine.add_request("long", [5] * 200, GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request("far", [5] * 8, SamplingParams(max_tokens=300))
+    engine.add_request("fits", [5] * 100, SamplingParams(max_tokens=27, ignore_eos=True))
+    out = _drain(engine)["fits"][-1]
+    assert out.finish_reason == "length" and out.num_output_tokens == 27
+
+
 def test_outputs_stream_tokens_and_text_and_end_with_length(tiny_engine: Engine) -> None:
     tiny_engine.add_request("r", "The harbour master", GREEDY)
     outs = _drain(tiny_engine)["r"]

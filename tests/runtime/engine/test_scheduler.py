@@ -106,6 +106,33 @@ def test_a_request_larger_than_the_pool_is_aborted() -> None:
     assert batch.aborted == [big] and big.finish_reason == "abort" and not s.has_unfinished()
 
 
+def test_an_elastic_pool_holds_a_request_larger_than_it_until_it_grows() -> None:
+    """Below its limit a request waits, naming the blocks it waits for; past it, refused."""
+    s = _scheduler(num_blocks=2)
+    s.max_pool_blocks = 4
+    big, small = _seq("big", 9), _seq("small", 3)  # 3 blocks (prompt + next token), then 1
+    s.add(big)
+    s.add(small)
+    batch = s.schedule()
+    assert batch.seqs == [] and not batch.aborted and s.blocked_blocks == 1
+    assert list(s.waiting) == [big, small]  # arrival order holds: small does not jump ahead
+    s.resize_pool(3)
+    batch = s.schedule()
+    assert batch.seqs == [big] and s.blocked_blocks == 1  # small now waits for its block
+    _run(s, batch)
+    s.pool.check_invariants(s.running)
+    too_big = _seq("too-big", 17)  # 5 blocks: more than the pool can ever hold
+    s.waiting.appendleft(too_big)
+    assert s.schedule().aborted == [too_big]
+
+
+def test_admission_held_back_by_the_token_budget_waits_for_no_memory() -> None:
+    s = _scheduler(num_blocks=64, max_num_batched_tokens=8)
+    s.add(_seq("a", 8))
+    s.add(_seq("b", 8))
+    assert s.schedule().num_new_tokens == [8] and s.blocked_blocks == 0
+
+
 def test_abort_frees_blocks_wherever_the_request_is() -> None:
     s = _scheduler(num_blocks=8, max_num_seqs=1)
     s.add(_seq("running", 10))

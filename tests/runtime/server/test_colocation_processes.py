@@ -130,3 +130,41 @@ def test_a_burst_is_granted_under_load_and_reclaimed_for_a_newcomer(tmp_path: Pa
             if line.startswith("berth_preemptions_total")
         ]
         assert preemptions and preemptions[0] > 0, "the shrink preempted nothing"
+
+
+def test_a_request_larger_than_the_guaranteed_pool_is_served_from_a_burst(tmp_path: Path) -> None:
+    """A runtime whose request holds one chunk of KV (128 tokens) gets a 300-token prompt: the
+    prompt waits, the runtime asks the agent for room for it (its pool's usage is 0 %, so usage
+    alone never would), grows and serves it. Before, the request waited forever (H100,
+    ``colocate.py --mode a``: llama-3-8b at half an equal share)."""
+    sock = tmp_path / "agent.sock"
+    small = WEIGHTS + CHUNK + 1_000
+    with ExitStack() as stack:
+        agent_cmd = [sys.executable, "-m", "berth", "node-agent", "--socket", str(sock),
+                     "--simulate-gpus", f"{GPU}:{CAPACITY}", "--heartbeat-interval", "0.3"]  # fmt: skip
+        stack.enter_context(child(agent_cmd, tmp_path / "agent.log"))
+        url, _ = serve_tiny(stack, tmp_path / "a.log", "a", (small, LIMIT, GPU), sock)
+        wait_ready(url, tmp_path / "a.log")
+        agent = stack.enter_context(
+            httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://agent")
+        )
+        peak, done = [0], threading.Event()
+
+        def watch() -> None:  # what A holds while the request runs (given back once idle)
+            while not done.is_set():
+                peak[0] = max(peak[0], _tenants(agent)["test/a"]["granted_bytes"])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            prompt = [(7 * j) % 500 + 3 for j in range(300)]
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "temperature": 0.0,
+                    "ignore_eos": True}  # fmt: skip
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        finally:
+            done.set()
+            watcher.join()
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 40
+        assert peak[0] >= WEIGHTS + 3 * CHUNK, peak  # 340 tokens: 22 blocks, 3 chunks at least
