@@ -477,6 +477,16 @@ def main() -> None:
     rng = random.Random(0)
     report["ttft_ms"] = time_to_first_token(engine, args.prompt_len, rng)
     print(f"TTFT {report['ttft_ms']:.1f} ms", flush=True)
+    chunk = engine.config.max_num_batched_tokens
+    if chunk <= args.prompt_len + args.output_len + 255:  # one prompt of a full step's tokens
+        # A prompt of one whole step on an idle engine: the step's FLOPs over its time (to
+        # the first token), against the matmul rate measured above.
+        ms = time_to_first_token(engine, chunk, rng)
+        flops = prefill_flops(engine.runner.model, mc, chunk)
+        report["prefill_chunk"] = {"tokens": chunk, "ms": ms, "flops_per_s": flops / ms * 1e3,
+                                   "of_matmul": flops / ms * 1e3 / rate}  # fmt: skip
+        print(f"prefill of {chunk} tokens: {ms:.1f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
+              f"{report['prefill_chunk']['of_matmul']:.0%} of the matmul rate", flush=True)  # fmt: skip
     report["engine"] = []
     host_profiled = {int(c) for c in args.host_profile.split(",") if c}
     for c in concurrencies:
@@ -544,6 +554,16 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Time to first token, 512-token prompt, idle engine: **{report['ttft_ms']:.1f} ms** (median of 5).",
         "",
+    ]
+    if "prefill_chunk" in report:
+        p = report["prefill_chunk"]
+        lines += [
+            f"Prefill of one {p['tokens']}-token prompt (a whole step), idle engine, to its first "
+            f"token: {p['ms']:.1f} ms, **{p['flops_per_s'] / 1e12:.0f} TFLOP/s, "
+            f"{p['of_matmul']:.0%} of the bf16 matmul rate** measured in this run (median of 5).",
+            "",
+        ]
+    lines += [
         "| concurrency | output tok/s | of the ideal | decode step (ms) | roofline (ms) | step / roofline | ITL median / p99 (ms) | TTFT median / p99 (ms) | host CPU per step median / p90 (ms) | HF generate step (ms) | HF tok/s (decode) | speed-up vs HF |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
