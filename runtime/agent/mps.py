@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 CONTROL = "nvidia-cuda-mps-control"
 MAX_BACKOFF_S = 60.0
 STOP_TIMEOUT_S = 10.0
+# The daemon makes unix sockets in its pipe folder; a socket's path must fit in 108 bytes, and a
+# longer folder makes the daemon exit at once with 1 (seen on an H100 from a pytest temp dir).
+# The default /run/berth/mps/<uuid> is 55.
+MAX_PIPE_DIR = 80
 
 
 def prepare(root: Path) -> None:
@@ -109,6 +113,13 @@ class MpsDaemons:
         if self.binary is None:
             self._set_state(f"unavailable: {CONTROL} is not on PATH (no NVIDIA driver, or the "
                             "agent's container lacks the driver's compute utilities)")  # fmt: skip
+            log.warning("MPS %s", self.state)
+            return
+        longest = max((str(pipe_dir(self.root, d.uuid)) for d in self.daemons), key=len)
+        if len(longest) > MAX_PIPE_DIR:
+            self._set_state(f"unavailable: the pipe folder {longest} is {len(longest)} "
+                            f"characters long, more than the {MAX_PIPE_DIR} its unix sockets "
+                            "allow; give the agent a shorter --mps-dir")  # fmt: skip
             log.warning("MPS %s", self.state)
             return
         for daemon in self.daemons:

@@ -52,6 +52,17 @@ def test_a_daemon_that_keeps_exiting_is_restarted_ever_later_up_to_a_minute() ->
     assert waits == sorted(waits) and waits[-1] == mps.MAX_BACKOFF_S
 
 
+def test_a_pipe_folder_too_long_for_unix_sockets_is_refused_and_said(tmp_path: Path) -> None:
+    """The daemon exits at once in such a folder: no restart loop, the reason on the Node."""
+    states: list[str] = []
+    root = tmp_path / ("x" * 60)
+    daemons = mps.MpsDaemons(root, ["GPU-" + "0" * 36], binary="/bin/true", report=states.append)
+    daemons.start()
+    assert states and states[-1].startswith("unavailable: the pipe folder")
+    assert "--mps-dir" in states[-1] and all(d.process is None for d in daemons.daemons)
+    daemons.close()
+
+
 def test_without_the_binary_the_node_stays_time_sliced_and_says_why(tmp_path: Path) -> None:
     states: list[str] = []
     daemons = mps.MpsDaemons(tmp_path, ["GPU-a"], binary=None, report=states.append)
