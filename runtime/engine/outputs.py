@@ -46,4 +46,4 @@ class EngineStats:
     prefix_cache_hits: int  # tokens found, cumulative
     kv_cache_bytes: int
     held_bytes: int = 0  # all device memory held: weights, workspace, backed KV chunks
-    blocked_blocks: int = 0  # more blocks the head of the queue waits for (0: it waits for none)
+    blocked_blocks: int = 0  # blocks a request held back for memory needs (0: none is)

@@ -56,8 +56,8 @@ class Scheduler:
         # The most blocks the pool can ever have (an elastic pool's limit); a request that
         # cannot fit even then is refused, one that fits it waits for the pool to grow.
         self.max_pool_blocks: int | None = None
-        # Blocks the head of the queue waited for at the last admission that the pool could
-        # not hold (0: none): what an elastic pool must grow by to admit it.
+        # Blocks a sequence held back at the last admission for lack of memory needs, all of
+        # its prompt and next token (0: none was): an elastic pool grows to hold them too.
         self.blocked_blocks = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -135,11 +135,16 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> ScheduledBatch:
         """Waiting sequences join in arrival order while the budget, the batch size limit
-        and the pool (keeping a watermark of free blocks) allow."""
+        and the pool (keeping a watermark of free blocks) allow.
+
+        One that an elastic pool can hold only once it has grown waits at the head without
+        holding back those behind it that fit now (the node agent may grant the growth late,
+        or not while the GPU is full); once the pool is large enough, arrival order holds."""
         pool = self.pool
         reserve = int(self.watermark * pool.num_blocks)
         ceiling = max(pool.num_blocks, self.max_pool_blocks or 0)
         self.blocked_blocks = 0
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             whole = pool.blocks_needed(seq.num_tokens + 1)
@@ -148,15 +153,17 @@ class Scheduler:
                 self._finish(seq, "abort")
                 batch.aborted.append(seq)
                 continue
+            held = reserve if self.running else 0
+            if whole > pool.num_blocks:  # admitted, it would preempt itself for later chunks
+                self.blocked_blocks = max(self.blocked_blocks, whole + held)
+                deferred.append(self.waiting.popleft())
+                continue
             prefix = pool.match_prefix(seq)
             n = min(seq.num_tokens - len(prefix) * pool.block_size, budget)
-            held = reserve if self.running else 0
-            # One that the pool cannot hold whole waits for it to grow (admitted, it would
-            # preempt itself for its later chunks, again and again).
-            if whole > pool.num_blocks or not pool.allocate(seq, n, prefix, held):
+            if not pool.allocate(seq, n, prefix, held):
                 # Memory, not the token budget, holds it back: an elastic pool asks its node
-                # agent for this much more.
-                self.blocked_blocks = max(1, whole + held - pool.num_free_blocks)
+                # agent for room for it.
+                self.blocked_blocks = max(self.blocked_blocks, whole + held)
                 break
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = len(prefix) * pool.block_size
@@ -168,6 +175,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         batch.grown += pool.take_grown()
         return batch
 

@@ -66,7 +66,7 @@ class MemoryState:
     used_blocks: int  # held by live sequences
     num_waiting: int
     in_flight: int  # running + waiting sequences
-    blocked_blocks: int = 0  # more blocks the head of the queue waits for (0: none)
+    blocked_blocks: int = 0  # blocks a request held back for memory needs (0: none is)
     parked: bool = False  # weights and KV given back (warm standby): it holds nothing
     idle_s: float = 0.0  # seconds since the last request ended; 0 while any is in flight
 

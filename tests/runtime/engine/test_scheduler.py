@@ -107,23 +107,39 @@ def test_a_request_larger_than_the_pool_is_aborted() -> None:
 
 
 def test_an_elastic_pool_holds_a_request_larger_than_it_until_it_grows() -> None:
-    """Below its limit a request waits, naming the blocks it waits for; past it, refused."""
+    """Below its limit a request waits at the head, naming the blocks it waits for, while
+    those behind it that fit now go ahead; past the limit it is refused."""
     s = _scheduler(num_blocks=2)
-    s.max_pool_blocks = 4
+    s.max_pool_blocks = 6
     big, small = _seq("big", 9), _seq("small", 3)  # 3 blocks (prompt + next token), then 1
     s.add(big)
     s.add(small)
     batch = s.schedule()
-    assert batch.seqs == [] and not batch.aborted and s.blocked_blocks == 1
-    assert list(s.waiting) == [big, small]  # arrival order holds: small does not jump ahead
-    s.resize_pool(3)
+    assert batch.seqs == [small] and not batch.aborted and s.blocked_blocks == 3
+    assert list(s.waiting) == [big]
+    _run(s, batch)
+    s.resize_pool(6)  # the grant
     batch = s.schedule()
-    assert batch.seqs == [big] and s.blocked_blocks == 1  # small now waits for its block
+    assert batch.seqs == [small, big] and s.blocked_blocks == 0
     _run(s, batch)
     s.pool.check_invariants(s.running)
-    too_big = _seq("too-big", 17)  # 5 blocks: more than the pool can ever hold
-    s.waiting.appendleft(too_big)
+    too_big = _seq("too-big", 25)  # 7 blocks: more than the pool can ever hold
+    s.add(too_big)
     assert s.schedule().aborted == [too_big]
+
+
+def test_once_the_pool_is_large_enough_arrival_order_holds() -> None:
+    s = _scheduler(num_blocks=4)
+    s.max_pool_blocks = 8
+    s.add(_seq("first", 8))  # 3 blocks
+    _run(s, s.schedule())
+    big = Sequence("big", list(range(101, 110)), 9, SamplingParams(), 25)  # no shared prefix
+    small = _seq("small", 3)  # big needs 3 blocks: the pool's 4 hold it, its free 1 do not
+    s.add(big)
+    s.add(small)
+    batch = s.schedule()
+    assert [q.request_id for q in batch.seqs] == ["first"] and list(s.waiting) == [big, small]
+    assert s.blocked_blocks == 3
 
 
 def test_admission_held_back_by_the_token_budget_waits_for_no_memory() -> None:
