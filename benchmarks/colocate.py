@@ -160,10 +160,21 @@ def _load_all(args: argparse.Namespace, urls: list[str], users: int, vocab: int)
 
 
 def _serve_flags(args: argparse.Namespace, share: int | None) -> list[str]:
-    flags = ["--max-num-seqs", str(args.max_num_seqs), "--log-level", "info"]
+    flags = ["--max-num-seqs", str(args.max_num_seqs), "--log-level", "info", *_cap_flags(args)]
     if share is not None:
         flags += ["--gpu-memory-request", str(share), "--gpu-memory-limit", str(share)]
     return flags
+
+
+def _cap_flags(args: argparse.Namespace) -> list[str]:
+    """The runtimes' cap on prompt tokens per step beside decodes, when the run sets one."""
+    if args.prefill_cap is None:
+        return []
+    return ["--max-prefill-tokens-while-decoding", str(args.prefill_cap)]
+
+
+def _cap_text(cap: int | None) -> str:
+    return "the runtime's default (512)" if cap is None else "no cap" if cap == 0 else str(cap)
 
 
 def gpu_uuid() -> str:
@@ -292,7 +303,7 @@ def _memory_line(log: Path) -> str:
 LAYOUTS = {"fixed": "fixed shares", "burst": "request/limit"}
 SETTINGS = ("shapes", "concurrency", "prompt_tokens", "output_tokens", "warmup", "duration",
             "max_num_seqs", "margin_gib", "request_fraction", "request_floor_gib", "device",
-            "fixed_split")  # fmt: skip
+            "fixed_split", "prefill_cap")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -443,7 +454,7 @@ def serving(
                        "--no-access-log", "--log-level", "info", "--shutdown-delay", "0",
                        "--max-waiting-requests", "1024",
                        "--max-num-seqs", str(args.max_num_seqs),
-                       "--max-model-len", str(max_len), *extra]  # fmt: skip
+                       "--max-model-len", str(max_len), *_cap_flags(args), *extra]  # fmt: skip
             with _log(ctx, layout, shape).open("w") as sink:
                 processes[shape] = subprocess.Popen(
                     command, stdout=sink, stderr=subprocess.STDOUT, env=env
@@ -667,7 +678,8 @@ def report_three(results: dict, note: str = "") -> str:
         f"{'the same for every model' if s.get('fixed_split') == 'equal' else 'proportional to the weights'}"
         f". Request/limit: each request {s['request_fraction']:g} of the fixed share "
         f"(at least the weights + {s.get('request_floor_gib', 0):g} GiB), "
-        f"each limit the shared memory minus the other requests.",
+        f"each limit the shared memory minus the other requests. Prompt tokens per step beside "
+        f"decodes: {_cap_text(s.get('prefill_cap'))}.",
         "",
         f"| model | weights ({unit}) | fixed share ({unit}) | request / limit ({unit}) |",
         "| --- | ---: | ---: | ---: |",
@@ -893,6 +905,9 @@ def main() -> None:
                         help="(a) on the CPU: the simulated GPU's memory")  # fmt: skip
     parser.add_argument("--mps", action="store_true",
                         help="(b) the two halves under NVIDIA MPS (the whole copy without)")  # fmt: skip
+    parser.add_argument("--prefill-cap", type=int,
+                        help="prompt tokens per step beside decodes (the runtime's "
+                             "--max-prefill-tokens-while-decoding; 0: no cap; default: its own)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--load-site", help="extra sys.path entry where locust is installed")
     parser.add_argument("--note", default="")
