@@ -74,15 +74,19 @@ class Engine:
         self.scheduler.max_pool_blocks = self.runner.max_kv_blocks
         pool_tokens = self.runner.max_kv_blocks * config.block_size
         if pool_tokens < self.max_model_len:
-            # A longer sequence could never be held: refuse its prompt or max_tokens up front
-            # (a 400 naming the context) rather than start it and abort it when it outgrows
-            # the pool.
-            log.warning(
-                "max_model_len %d lowered to %d: the KV pool holds no more tokens, even at %s",
-                self.max_model_len,
-                pool_tokens,
-                "its GPU memory limit" if self.runner.plan is not None else "its fixed size",
-            )
+            # A longer sequence could never be held. One asked for by name is refused at start
+            # (as vLLM does); the model's own context is lowered, with a warning, and shown in
+            # /v1/models: a longer request then gets a 400 naming the context, not a start and
+            # an abort once it outgrows the pool.
+            where = "its GPU memory limit" if self.runner.plan is not None else "its fixed size"
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len {config.max_model_len} does not fit the KV cache: its pool "
+                    f"holds at most {pool_tokens} tokens, even at {where}; lower max_model_len "
+                    "to that or give the service more GPU memory (gpu.memory.limit)"
+                )
+            log.warning("max_model_len %d lowered to %d: the KV pool holds no more tokens, even "
+                        "at %s", self.max_model_len, pool_tokens, where)  # fmt: skip
             self.max_model_len = pool_tokens
         self.sampler = Sampler(self.runner.device, config.seed)
         self.requests: dict[str, _Request] = {}

@@ -37,7 +37,18 @@ def test_a_pool_smaller_than_the_context_lowers_max_model_len_so_long_requests_g
     tiny_model: Path,
 ) -> None:
     """8 blocks of 16 tokens hold 128 of the model's 512: a longer prompt or max_tokens is
-    refused at once, naming the context, instead of starting and being aborted mid-way."""
+    refused at once, naming the context, instead of starting and being aborted mid-way. A
+    max_model_len asked for by name that the pool cannot hold stops the start instead."""
+    with pytest.raises(ValueError, match=r"max_model_len 256 does not fit .* at most 128 tokens"):
+        Engine(
+            EngineConfig(
+                model=str(tiny_model),
+                device="cpu",
+                dtype="float32",
+                num_kv_blocks=8,
+                max_model_len=256,
+            )
+        )
     engine = Engine(
         EngineConfig(model=str(tiny_model), device="cpu", dtype="float32", num_kv_blocks=8)
     )
