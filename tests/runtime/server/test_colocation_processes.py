@@ -135,8 +135,9 @@ def test_a_burst_is_granted_under_load_and_reclaimed_for_a_newcomer(tmp_path: Pa
 def test_a_request_larger_than_the_guaranteed_pool_is_served_from_a_burst(tmp_path: Path) -> None:
     """A runtime whose request holds one chunk of KV (128 tokens) gets a 300-token prompt: the
     prompt waits, the runtime asks the agent for room for it (its pool's usage is 0 %, so usage
-    alone never would), grows and serves it. Before, the request waited forever (H100,
-    ``colocate.py --mode a``: llama-3-8b at half an equal share)."""
+    alone never would), grows and serves it. Before, the prompt was refused as larger than the
+    pool, with a 200 and no output (on an H100, ``colocate.py --mode a``: llama-3-8b at half an
+    equal share served nothing)."""
     sock = tmp_path / "agent.sock"
     small = WEIGHTS + CHUNK + 1_000
     with ExitStack() as stack:
