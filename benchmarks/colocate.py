@@ -63,6 +63,7 @@ import serve  # noqa: E402  (benchmarks/serve.py: the server launcher and the lo
 
 from berth import wire  # noqa: E402
 from berth.agent_protocol import TenantView  # noqa: E402
+from berth.runtime.agent import gpus  # noqa: E402
 from berth.runtime.agent.mps import MpsDaemons, prepare  # noqa: E402
 from berth.runtime.engine import nvml  # noqa: E402
 from berth.runtime.engine.mps_client import PID_FILE  # noqa: E402
@@ -178,9 +179,8 @@ def _cap_text(cap: int | None) -> str:
 
 
 def gpu_uuid() -> str:
-    done = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    return done.stdout.split()[0]
+    """The first GPU's UUID, as the node agent discovers it (NVML)."""
+    return gpus.nvml()[0].uuid
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -78,6 +78,14 @@ def serve_tiny(
                "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *flags]  # fmt: skip
     process = stack.enter_context(child(command, log, environment))
     return f"http://127.0.0.1:{port}", process
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
+    """Until ``predicate()`` is true; the failure names ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        time.sleep(0.05)
 
 
 def wait_ready(url: str, log: Path, timeout_s: float = 240.0) -> None:

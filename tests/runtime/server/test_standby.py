@@ -11,13 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
-from processes import serve_tiny, stop
+from processes import serve_tiny, stop, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import RunningServer, running_server
 
@@ -59,13 +59,6 @@ def _metric(server: RunningServer, name: str) -> float:
             if sample.name == name:
                 return float(sample.value)
     raise AssertionError(f"no metric {name}")
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +140,7 @@ def test_requests_during_park_and_wake_all_succeed(
     preemptions = _metric(parkable, "berth_preemptions_total")
     with concurrent.futures.ThreadPoolExecutor(2 * len(PROMPTS) + 2) as pool:
         running = [pool.submit(_complete, url, k) for k in range(len(PROMPTS))]
-        _wait(lambda: parkable.model_server.loop.in_flight > 0, "requests running")
+        wait_until(lambda: parkable.model_server.loop.in_flight > 0, "requests running")
         park = pool.submit(httpx.post, f"{url}/admin/park", headers=AUTH, timeout=60)
         during_park = [pool.submit(_complete, url, k) for k in range(3)]
         assert park.result().status_code == 200
@@ -179,10 +172,10 @@ def test_the_idle_timeout_parks_and_the_next_request_wakes(
         r = httpx.post(f"{url}/admin/park", headers=AUTH, timeout=10)
         assert r.status_code == 403
         assert r.json()["error"]["code"] == "admin_disabled"
-        _wait(lambda: _state(url) == "standby", "the idle park")
+        wait_until(lambda: _state(url) == "standby", "the idle park")
         assert _complete(url, 0) == reference[0]
         assert _state(url) == "active"
-        _wait(lambda: _state(url) == "standby", "the second idle park")
+        wait_until(lambda: _state(url) == "standby", "the second idle park")
         assert server.model_server.loop.entered[StandbyState.STANDBY] == 2
 
 
@@ -199,7 +192,7 @@ def test_a_wake_that_gets_no_memory_answers_503_with_retry_after(tmp_path: Path)
             flags=("--max-num-seqs", "4", "--wake-timeout", "1", "--retry-after", "7",
                    "--log-level", "warning"),
         )  # fmt: skip
-        _wait(lambda: _ready(url), f"the server's start ({log})", timeout_s=240)
+        wait_until(lambda: _ready(url), f"the server's start ({log})", timeout_s=240)
         assert _complete(url, 0)
         assert httpx.post(f"{url}/admin/park", headers=AUTH, timeout=60).json() == {
             "state": "standby"
