@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import io
 import itertools
@@ -36,7 +37,8 @@ from typing import Any
 
 import torch
 
-from berth.runtime.engine import Engine, EngineConfig, SamplingParams
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams, model_runner
+from berth.runtime.engine.model import AttentionOps
 from berth.runtime.engine.model_config import ModelConfig
 from berth.runtime.engine.testmodels import make_model
 from berth.runtime.server.heap import freeze_startup_heap
@@ -409,6 +411,11 @@ def main() -> None:
         "--max-prefill-graph-tokens", type=int, default=2048, help="0: prefill steps run eagerly"
     )
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument(
+        "--unfused-rope",
+        action="store_true",
+        help="RoPE and the KV cache write as separate kernels (the engine before the fused one)",
+    )
     ap.add_argument("--profile", default="", help="concurrencies to profile, e.g. 1,64")
     ap.add_argument(
         "--host-profile",
@@ -447,6 +454,15 @@ def main() -> None:
     print(f"bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    report["fused_rope_kv_write"] = not args.unfused_rope
+    if args.unfused_rope:
+        unfused = model_runner.attention_ops
+
+        def attention_ops(device: torch.device) -> tuple[AttentionOps, str]:
+            ops, backend = unfused(device)
+            return dataclasses.replace(ops, rope_write_kv_cache=None), backend
+
+        model_runner.attention_ops = attention_ops
     t0 = time.perf_counter()
     engine = Engine(
         EngineConfig(

@@ -8,7 +8,8 @@
 #            the landed engine (prefill/mixed steps eager, no cap on prompt tokens beside
 #            decodes, 8,192-token steps) and the new defaults, with a bf16 and an FP8 KV cache
 # Usage: benchmarks/engine_device.sh [tests] [kernels] [bench]   (default: all three)
-# ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv ..." overrides the variants, ENGINE_ARGS adds
+# ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv[:flag] ..." overrides the variants (flag: one
+# more engine.py flag without its dashes, e.g. unfused-rope), ENGINE_ARGS adds
 # engine.py flags (e.g. "--profile 256 --host-profile 256"). Results in $OUT.
 # KERNELS_ARGS adds kernels.py flags (e.g. "--sweep --decode-shapes 1x32768,16x8192"), with
 # KERNELS_TIMEOUT seconds (default 200) for the longer run a sweep makes; TESTS_TIMEOUT and
@@ -23,7 +24,8 @@ for part in $parts; do
   case $part in
   tests)
     timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider tests/runtime/engine/test_prefill_graphs.py \
-      tests/runtime/engine/test_engine_gpu.py tests/kernels/test_fp8_kv.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+      tests/runtime/engine/test_engine_gpu.py tests/runtime/engine/test_fp8_kv_engine.py \
+      tests/kernels/test_fp8_kv.py tests/kernels/test_rope_kv.py tests/kernels/test_kv_cache.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
   kernels)
     timeout "${KERNELS_TIMEOUT:-200}" python3 benchmarks/kernels.py --out "$OUT" --skip-prefill ${KERNELS_ARGS:-} 2>&1 \
       | tee "$OUT/kernels.log" | grep -E "^\| [0-9]|BEST|FAIL|Error" | head -40 ;;
@@ -34,11 +36,11 @@ for part in $parts; do
   bench)
     common="--concurrency ${ENGINE_CONCURRENCY:-1,64,256} --skip-hf --out $OUT ${ENGINE_ARGS:-}"
     for v in ${ENGINE_VARIANTS:-landed:8192:0:0:auto new:2048:2048:512:auto new-fp8:2048:2048:512:fp8}; do
-      IFS=: read -r tag budget graphs cap kv <<<"$v"
+      IFS=: read -r tag budget graphs cap kv flag <<<"$v"
       echo "== $tag: step budget $budget, prefill graphs up to $graphs tokens, prompt cap $cap, KV $kv"
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/engine.py $common --tag="-$tag" --max-num-batched-tokens "$budget" \
         --max-prefill-graph-tokens "$graphs" --max-prefill-tokens-while-decoding "$cap" \
-        --kv-cache-dtype "$kv" 2>&1 | tee "$OUT/engine-$tag.log" \
+        --kv-cache-dtype "$kv" ${flag:+--$flag} 2>&1 | tee "$OUT/engine-$tag.log" \
         | grep -E "^\| [0-9]|TTFT|engine up|model ready|Error|error" | head -20
     done ;;
   esac

@@ -18,5 +18,11 @@ and only the cached prefix through the block table.
 from berth.kernels.decode import paged_decode_attention
 from berth.kernels.kv_cache import write_kv_cache
 from berth.kernels.prefill import paged_prefill_attention
+from berth.kernels.rope_kv import rope_write_kv_cache
 
-__all__ = ["paged_decode_attention", "paged_prefill_attention", "write_kv_cache"]
+__all__ = [
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "rope_write_kv_cache",
+    "write_kv_cache",
+]

@@ -92,6 +92,40 @@ def write_kv_cache(
         scales[slots // block_size, slots % block_size] = scale
 
 
+def rope_write_kv_cache(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
+    """Rotate query [T, Hq, D] and key [T, Hkv, D] in place by cos/sin [T, D], then
+    ``write_kv_cache``. The rotation runs in float32 (float64 stays float64) and rounds once
+    to the input's dtype, as the fused kernel and the compiled RoPE do (Hugging Face's eager
+    RoPE rounds after each operation). With ``q_norm``/``k_norm`` [D], each head is first RMS-normalized as Hugging
+    Face does (float32 statistics, the weight applied in the input's dtype): Qwen3."""
+    compute = _compute_dtype(query.dtype)
+    c, s = cos[:, None, :].to(compute), sin[:, None, :].to(compute)
+    half = query.shape[-1] // 2
+    for x, weight in ((query, q_norm), (key, k_norm)):
+        x32 = x.to(compute)
+        if weight is not None:
+            f32 = x.float()  # Hugging Face's statistics: float32 whatever the input
+            normed = f32 * torch.rsqrt(f32.pow(2).mean(-1, keepdim=True) + eps)
+            x32 = (weight * normed.to(x.dtype)).to(compute)
+        rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+        x.copy_((x32 * c + rotated * s).to(x.dtype))
+    write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,

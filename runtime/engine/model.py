@@ -24,11 +24,17 @@ from berth.runtime.engine.model_config import ModelConfig
 
 @dataclass
 class AttentionOps:
-    """The paged-attention kernels in use: ``berth.kernels`` or ``berth.kernels.reference``."""
+    """The paged-attention kernels in use: ``berth.kernels`` or ``berth.kernels.reference``.
+
+    ``rope_write_kv_cache`` (RoPE, Qwen3's q/k norm and the cache write in one kernel) replaces
+    ``Pointwise``'s RoPE and ``write_kv_cache`` where it is set: on the GPU. The CPU keeps them
+    apart, in Hugging Face's arithmetic, which the equality tests rely on.
+    """
 
     write_kv_cache: Callable[..., Any]
     paged_decode_attention: Callable[..., Any]
     paged_prefill_attention: Callable[..., Any]
+    rope_write_kv_cache: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -104,14 +110,23 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.pointwise.qk_norm_rope(
-                q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin
-            )
-        else:
-            q, k = self.pointwise.rope(q, k, cos, sin)
         scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
-        self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
+        fused = self.ops.rope_write_kv_cache
+        if fused is not None:  # q and k rotated in place, in the projection's output
+            norms: dict[str, Any] = {}
+            if self.q_norm is not None and self.k_norm is not None:
+                norms = {"q_norm": self.q_norm.weight, "k_norm": self.k_norm.weight}
+                norms["eps"] = self.q_norm.eps
+            fused(q, k, v, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping,
+                  **scales, **norms)  # fmt: skip
+        else:
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.pointwise.qk_norm_rope(
+                    q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin
+                )
+            else:
+                q, k = self.pointwise.rope(q, k, cos, sin)
+            self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
         if meta.query_start_loc is None:
             o = self.ops.paged_decode_attention(
                 q,

@@ -99,6 +99,7 @@ def attention_ops(device: torch.device) -> tuple[AttentionOps, str]:
                     kernels.write_kv_cache,
                     kernels.paged_decode_attention,
                     kernels.paged_prefill_attention,
+                    kernels.rope_write_kv_cache,
                 ),
                 "triton",
             )

@@ -1,7 +1,7 @@
 """Kernel tests run the real Triton kernels: on the GPU when there is one, else in Triton's CPU
-interpreter (CI). ``triton.jit`` chooses interpreted or compiled functions when it decorates them,
-so the variable is set here, and kernel modules that an earlier test module already imported
-(compiled flavour) are reloaded to pick it up."""
+interpreter (CI; tests/conftest.py sets it). ``triton.jit`` chooses interpreted or compiled
+functions when it decorates them, so kernel modules that something imported before the variable
+was set (compiled flavour) are reloaded to pick it up."""
 
 import importlib
 import os
@@ -12,6 +12,7 @@ import torch
 
 KERNEL_MODULES = (
     "berth.kernels.kv_cache",
+    "berth.kernels.rope_kv",  # imports kv_cache's jit functions
     "berth.kernels.decode",
     "berth.kernels.kv_tiles",  # before prefill, which imports its jit functions
     "berth.kernels.prefill",

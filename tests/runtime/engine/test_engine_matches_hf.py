@@ -4,11 +4,13 @@ chunked prefill and preemption."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams
 
@@ -86,3 +88,41 @@ def test_preemption_recomputes_and_matches_transformers(
     assert engine.stats().num_preemptions > 0
     assert got == hf_greedy(tiny_model, prompts, params.max_tokens)
     assert engine.stats().num_free_blocks == 12
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3"])
+def test_fused_rope_and_cache_write_matches_transformers(
+    name: str,
+    model_factory: Callable[[str], Path],
+    hf_greedy: HfGreedy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU's layer path, RoPE (after Qwen3's q/k norm) and the cache write in one Triton
+    kernel rotating q and k in place inside the QKV output, run here by Triton's interpreter
+    (tests/conftest.py) beside the reference attention: prompts, chunks and decodes still match
+    transformers. On a GPU every engine test runs this path."""
+    if torch.cuda.is_available():
+        pytest.skip("the kernel runs compiled here, on CUDA tensors only")
+    from berth.kernels import reference, rope_write_kv_cache
+    from berth.runtime.engine import model_runner
+    from berth.runtime.engine.model import AttentionOps
+
+    ops = AttentionOps(
+        reference.write_kv_cache,
+        reference.paged_decode_attention,
+        reference.paged_prefill_attention,
+        rope_write_kv_cache,
+    )
+    model = model_factory(name)
+    prompts = _prompts(256, [1, 5, 17, 33, 70])
+    params = dataclasses.replace(GREEDY, logprobs=0)
+    plain = _engine(model, max_num_batched_tokens=32).generate(list(prompts), params)
+    monkeypatch.setattr(model_runner, "attention_ops", lambda device: (ops, "reference"))
+    fused = _engine(model, max_num_batched_tokens=32).generate(list(prompts), params)  # chunks
+    assert [o.new_token_ids for o in fused] == hf_greedy(model, prompts, GREEDY.max_tokens)
+    # The random models' greedy tokens lean on the residual stream: the log-probabilities
+    # show what attention did (float32 rounding apart, the same as the unfused path).
+    for a, b in zip(fused, plain, strict=True):
+        assert a.logprobs is not None and b.logprobs is not None
+        got, want = [t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs]
+        assert got == pytest.approx(want, abs=1e-4)
