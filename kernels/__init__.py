@@ -12,7 +12,8 @@ Token-major pages keep one token's heads together, so ``write_kv_cache`` stores 
 as one contiguous run and the attention kernels read a head's page rows with unit stride.
 ``paged_prefill_attention`` also takes the step's new K/V as ``key``/``value`` [T, Hkv, D]
 (the tensors just written to the cache) and then reads the chunks' own keys from them, by TMA,
-and only the cached prefix through the block table.
+and only the cached prefix through the block table. ``rope_write_kv_cache`` is the engine's
+write on the GPU: RoPE (after Qwen3's q/k norm) and the cache write in one kernel.
 """
 
 from berth.kernels.decode import paged_decode_attention

@@ -3,7 +3,8 @@
 Eager, each is a handful of small kernels; a decode step at batch 1 runs about 35 of them per
 layer, and on the GPU their launch gaps cost more than the weights take to stream. So on the
 GPU ``Pointwise.compiled()`` hands them to ``torch.compile``, which fuses each function into
-one or two kernels that the decode CUDA graphs then capture. The CPU keeps the eager versions:
+one or two kernels that the decode CUDA graphs then capture (RoPE there goes further, into
+the cache write: ``berth.kernels.rope_write_kv_cache``). The CPU keeps the eager versions:
 their arithmetic is Hugging Face's, operation for operation, which the equality tests rely on.
 """
 
