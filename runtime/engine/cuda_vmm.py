@@ -131,7 +131,12 @@ class VirtualRange:
             self.close()
 
     def close(self) -> None:
-        """Unmap everything and free the reservation (no tensor over it may be used after)."""
+        """Unmap everything and free the reservation (no tensor over it may be used after).
+        Work still queued on the device may read the range (an engine dropped with a step in
+        flight): unmapping under it is an illegal address, which then aborts the process at
+        its next CUDA call, so the device finishes first."""
+        if self._handles:
+            torch.cuda.synchronize(self.device())
         for offset in list(self._handles):
             self.unmap(offset)
         if self.size:

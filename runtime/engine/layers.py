@@ -10,8 +10,9 @@ their arithmetic is Hugging Face's, operation for operation, which the equality 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,22 @@ class Pointwise:
     def use_eager(self) -> None:
         """Fall back to the eager functions (in place: every layer shares this object)."""
         eager = Pointwise()
-        for name in ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "silu_and_mul"):
+        for name in FUNCTIONS:
             setattr(self, name, getattr(eager, name))
         self.is_compiled = False
+
+    @contextlib.contextmanager
+    def eager_for_now(self) -> Iterator[None]:
+        """The eager functions inside the block, the current ones after it."""
+        saved = {name: getattr(self, name) for name in FUNCTIONS}
+        compiled = self.is_compiled
+        self.use_eager()
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(self, name, fn)
+            self.is_compiled = compiled
+
+
+FUNCTIONS = ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "silu_and_mul")

@@ -4,9 +4,15 @@
 over a full-size prefill, the sampler on the largest batch and the capture of every decode
 graph (activations, logits, graph pools, cuBLAS workspaces), plus what the allocator does not
 see (the CUDA context, kernel images), read from NVML for this process. As nano-vllm does,
-the peak is taken after a warm-up at the largest shapes, so serving never needs more (modulo
-fragmentation, which the caching allocator keeps small by reusing the segments it reserved
-during the profile; they stay reserved, and they are counted).
+the peak is taken after a warm-up at the largest shapes, so serving never needs more live
+memory. What it may hold is another matter: steps of varying shapes (a sampler's rows, a
+mixed step's tokens) fragment torch's caching allocator, which then reserves new segments while
+cached ones sit free. On a GPU of its own the KV arena leaves no room and the allocator frees
+its cache and retries; beside other tenants there is room, and measured on an H100 a 1B-shape
+runtime sampling 128 streams held 3-4 GiB past its grant, enough that a neighbour's granted
+burst failed in ``cuMemCreate``. So ``cap_allocator`` holds the allocator to the measured peak
+plus ``allocator_slack`` (counted in the workspace): past it, the allocator frees cached blocks
+and retries before it reserves more.
 
 On the CPU the logical GPU holds only weights and KV blocks (activations are host memory): the
 workspace is 0.
@@ -80,25 +86,51 @@ def whole_device_budget(device: torch.device) -> GpuBudget:
 
 @dataclass(frozen=True)
 class Footprint:
-    """Measured bytes: the weights, and the rest that is not KV cache (of which: the caching
-    allocator's peak beyond the weights, and what the allocator does not see)."""
+    """Measured bytes: the weights, and the rest that is not KV cache: what torch's caching
+    allocator may hold (its measured peak and the slack over it: ``allocator_limit_bytes``)
+    and what the allocator does not see (the CUDA context, kernel images; the weights, mapped
+    in their own range, are counted there and taken out of the workspace)."""
 
     weights_bytes: int
     workspace_bytes: int
     allocator_peak_bytes: int = 0
     outside_allocator_bytes: int = 0
+    allocator_limit_bytes: int = 0
+
+
+# Room for fragmentation over the allocator's measured peak: an eighth, at least 128 MiB.
+MIN_ALLOCATOR_SLACK = 128 << 20
+
+
+def allocator_slack(peak_bytes: int) -> int:
+    """What torch's caching allocator may reserve beyond its measured peak before it must free
+    cached blocks: enough that it rarely has to (each time costs a device sync)."""
+    return max(MIN_ALLOCATOR_SLACK, peak_bytes // 8)
 
 
 def measure_footprint(device: torch.device, weights_bytes: int, mapped_kv_bytes: int) -> Footprint:
-    """After the profile run and the graph capture: the peak the allocator reserved, plus what
-    it does not see, less the weights."""
+    """After the profile run and the graph capture: the allocator's peak and its slack, plus
+    what it does not see, less the weights."""
     if device.type != "cuda":
         return Footprint(weights_bytes, 0)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_reserved(device)
+    limit = peak + allocator_slack(peak)
     outside = _outside_allocator_bytes(device, mapped_kv_bytes)
-    workspace = max(0, peak + outside - weights_bytes)
-    return Footprint(weights_bytes, workspace, peak, outside)
+    workspace = max(0, limit + outside - weights_bytes)
+    return Footprint(weights_bytes, workspace, peak, outside, limit)
+
+
+def cap_allocator(device: torch.device, limit_bytes: int | None) -> None:
+    """Hold torch's caching allocator on ``device`` to ``limit_bytes`` reserved (None: the
+    whole device): past it, it frees its cached blocks and retries, and only live memory
+    beyond it raises ``OutOfMemoryError`` (which the profile's peak rules out). The limit is
+    the process's: one engine per process under a budget, as in a pod."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = 1.0 if limit_bytes is None else min(1.0, limit_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
 @torch.inference_mode()

@@ -44,6 +44,7 @@ from berth.runtime.engine.kv_arena import (
 )
 from berth.runtime.engine.layers import Pointwise
 from berth.runtime.engine.memory_profile import (
+    cap_allocator,
     device_uuid,
     measure_footprint,
     profile_largest_step,
@@ -345,8 +346,14 @@ class ModelRunner:
         self._table_rows: dict[int, int] = {}  # id(seq) -> row
         self._table_width = 1
         if self.device.type == "cuda":
+            cap_allocator(self.device, None)  # an engine before this one in the process capped it
             torch.cuda.reset_peak_memory_stats(self.device)
-            profile_largest_step(self.model, config, self.max_model_len, self.max_blocks_per_seq)
+            # Eager: the steps too large for a graph run so (the graphs' pools are measured
+            # after their capture), and the eager functions hold more intermediates.
+            with self.pointwise.eager_for_now():
+                profile_largest_step(
+                    self.model, config, self.max_model_len, self.max_blocks_per_seq
+                )
             _fresh_blas_workspaces(self.device, self.dtype)
             if sized_by_budget:
                 self._coarsen_arena(config)
@@ -372,6 +379,8 @@ class ModelRunner:
                 self.graph_capture_seconds,
             )
         self.footprint = measure_footprint(self.device, self.weights_bytes, self.arena.mapped_bytes)
+        if config.budget is not None:  # a share of a GPU that others use: hold to it
+            cap_allocator(self.device, self.footprint.allocator_limit_bytes)
         self.plan: KvPlan | None = None
         if self.budget is not None:
             self.plan = plan_kv_pool(
@@ -382,11 +391,13 @@ class ModelRunner:
             )
         self.num_kv_blocks = fit_kv_arena(self.arena, self.plan, self._fixed_blocks)
         log.info(
-            "memory: weights %.0f MiB, workspace %.0f MiB (allocator peak %.0f MiB incl. "
-            "weights, outside the allocator %.0f MiB), KV %d chunks of %.1f MiB (%s)",
+            "memory: weights %.0f MiB, workspace %.0f MiB (allocator peak %.0f MiB, held to "
+            "%.0f MiB; outside the allocator %.0f MiB incl. the weights), KV %d chunks of "
+            "%.1f MiB (%s)",
             self.footprint.weights_bytes / 2**20,
             self.footprint.workspace_bytes / 2**20,
             self.footprint.allocator_peak_bytes / 2**20,
+            self.footprint.allocator_limit_bytes / 2**20,
             self.footprint.outside_allocator_bytes / 2**20,
             self.arena.num_chunks,
             self.layout.chunk_bytes / 2**20,

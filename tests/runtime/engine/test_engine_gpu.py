@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,3 +64,26 @@ def test_gpu_greedy_agrees_with_cpu(tiny_model: Path, model_factory: Callable[[s
     same = sum(x == y for g, w in zip(got, want, strict=True) for x, y in zip(g, w, strict=True))
     # fp32 dots may run as tf32 on the GPU: allow a late divergence, not a wrong model.
     assert same >= 0.8 * 16 * len(prompts), (got, want)
+
+
+def test_an_engine_dropped_with_a_step_in_flight_leaves_the_device_usable(
+    tiny_model: Path,
+) -> None:
+    """Dropping an engine unmaps its KV and weight ranges; a step still queued behind other
+    work must run first, or it reads unmapped memory (an illegal address, after which every
+    CUDA call in the process fails: in-process users saw it abort at exit)."""
+    engine = Engine(
+        EngineConfig(
+            model=str(tiny_model), device="cuda", dtype="bfloat16", kv_cache_bytes=64 << 20
+        )
+    )
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request("a", list(range(1, 40)), params)
+    engine.step()  # the prompt
+    torch.cuda._sleep(500_000_000)  # about a quarter second of device time ahead of the next step
+    engine.step()  # collects the prompt, launches a decode step behind the sleep
+    assert engine._in_flight is not None
+    del engine
+    gc.collect()
+    torch.cuda.synchronize()  # raises if the decode step touched unmapped memory
+    assert torch.ones(4, device="cuda").sum().item() == 4
