@@ -391,6 +391,18 @@ def run_hf(
     return results
 
 
+def use_unfused_rope() -> None:
+    """RoPE and the KV cache write as separate kernels from now on in this process (the engine
+    before ``rope_write_kv_cache``): the other side of a side-by-side."""
+    fused = model_runner.attention_ops
+
+    def attention_ops(device: torch.device) -> tuple[AttentionOps, str]:
+        ops, backend = fused(device)
+        return dataclasses.replace(ops, rope_write_kv_cache=None), backend
+
+    model_runner.attention_ops = attention_ops
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3-8b", help="test-model shape to generate")
@@ -456,13 +468,7 @@ def main() -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     report["fused_rope_kv_write"] = not args.unfused_rope
     if args.unfused_rope:
-        unfused = model_runner.attention_ops
-
-        def attention_ops(device: torch.device) -> tuple[AttentionOps, str]:
-            ops, backend = unfused(device)
-            return dataclasses.replace(ops, rope_write_kv_cache=None), backend
-
-        model_runner.attention_ops = attention_ops
+        use_unfused_rope()
     t0 = time.perf_counter()
     engine = Engine(
         EngineConfig(

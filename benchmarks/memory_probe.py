@@ -15,7 +15,6 @@ the step that grew it. GPU only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import random
 import sys
@@ -25,23 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from berth.runtime.engine import Engine, EngineConfig, SamplingParams, model_runner, nvml
-from berth.runtime.engine.model import AttentionOps
+from engine import use_unfused_rope  # benchmarks/engine.py
+
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams, nvml
+from berth.runtime.engine.budget import GpuBudget
 from berth.runtime.engine.testmodels import make_model
 
 MIB = 1 << 20
-
-
-def unfused_rope() -> None:
-    """RoPE and the KV cache write as separate kernels (the engine before the fused one)."""
-    fused = model_runner.attention_ops
-
-    def attention_ops(device: torch.device) -> tuple[AttentionOps, str]:
-        ops, backend = fused(device)
-        return dataclasses.replace(ops, rope_write_kv_cache=None), backend
-
-    model_runner.attention_ops = attention_ops
 
 
 def main() -> None:
@@ -53,13 +44,21 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--cap", type=int, default=0, help="prompt tokens beside decodes; 0: none")
     ap.add_argument("--kv-gib", type=float, default=8.0)
+    ap.add_argument(
+        "--budget-gib",
+        type=float,
+        help="serve a GPU share of this size (request = limit) instead of a fixed --kv-gib pool:"
+        " the KV pool is what it leaves, and the allocator is held to the measured limit",
+    )
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--max-num-seqs", type=int)
     ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     ap.add_argument("--unfused-rope", action="store_true", help="RoPE and cache write apart")
     args = ap.parse_args()
     if args.unfused_rope:
-        unfused_rope()
+        use_unfused_rope()
+    gib = int((args.budget_gib or 0) * (1 << 30))
+    budget = GpuBudget(gib, gib) if gib else None
     model_dir = Path(args.model_cache) / args.shape
     if not (model_dir / "config.json").exists():
         make_model(args.shape, model_dir, seed=0, dtype="bfloat16", device="cuda")
@@ -71,7 +70,8 @@ def main() -> None:
             max_model_len=args.prompt_len + args.output_len + 16,
             max_num_seqs=args.max_num_seqs or args.concurrency,
             max_prefill_tokens_while_decoding=args.cap or None,
-            kv_cache_bytes=int(args.kv_gib * (1 << 30)),
+            kv_cache_bytes=None if budget else int(args.kv_gib * (1 << 30)),
+            budget=budget,
         )
     )
     runner = engine.runner
@@ -87,7 +87,8 @@ def main() -> None:
     print(
         f"start: weights {fp.weights_bytes / MIB:.0f} MiB, workspace {fp.workspace_bytes / MIB:.0f}"
         f" MiB (allocator peak {fp.allocator_peak_bytes / MIB:.0f}, outside "
-        f"{fp.outside_allocator_bytes / MIB:.0f}), KV {runner.kv_cache_bytes / MIB:.0f} MiB; "
+        f"{fp.outside_allocator_bytes / MIB:.0f}, allocator held to "
+        f"{fp.allocator_limit_bytes / MIB:.0f} under a budget), KV {runner.kv_cache_bytes / MIB:.0f} MiB; "
         f"measured total {(fp.weights_bytes + fp.workspace_bytes + runner.kv_cache_bytes) / MIB:.0f}"
         f" MiB; now reserved {reserved0 / MIB:.0f}, NVML {own0 / MIB:.0f} MiB",
         flush=True,
