@@ -95,6 +95,7 @@ class Engine:
         self._num_special = 0  # live requests that need the full sampler
         self._in_flight: _InFlight | None = None
         self.parked = False  # weights and KV off the device (``park``); no step until ``wake``
+        self._growth_stalled_at: int | None = None  # chunks held when growth last failed
         self._blocks_before_park = 0
         self._waited = 0.0  # seconds this step spent waiting for the device
         # Host time of the last step that ran the model, excluding the wait for the device:
@@ -391,7 +392,12 @@ class Engine:
         try:
             arena.resize(chunks)
         except RuntimeError as e:  # the driver's out-of-memory: keep what was mapped
-            log.warning("KV pool stopped growing at %d chunks: %s", arena.num_chunks, e)
+            # The lease asks again every cycle while its grant stands: say so once per stall.
+            if self._growth_stalled_at != arena.num_chunks:
+                log.warning("KV pool stopped growing at %d chunks: %s", arena.num_chunks, e)
+            self._growth_stalled_at = arena.num_chunks
+        else:
+            self._growth_stalled_at = None
         num_blocks = min(num_blocks, arena.num_blocks)
         if num_blocks > self.pool.num_blocks:
             self.scheduler.resize_pool(num_blocks)

@@ -9,6 +9,7 @@ back, and on the GPU the decode graphs captured at start-up keep being replayed 
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,3 +193,37 @@ def test_coarsening_keeps_fp8_scale_pieces_whole() -> None:
     assert layout.granularity > fp8.granularity
     for piece in (layout.slab_block_bytes, layout.scale_block_bytes):
         assert (layout.chunk_blocks * piece) % layout.granularity == 0
+
+
+def test_growth_the_device_refuses_keeps_the_pool_and_is_logged_once_per_stall(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The driver out of memory (a neighbour holding more than its grant): the pool keeps what
+    it has, and the lease's retry every cycle does not repeat the warning until it changes."""
+    engine = _elastic_engine(tiny_model, CPU_LOAD)
+    arena = engine.runner.arena
+    grow = arena.resize
+    refuse_past = [CPU_LOAD.request_chunks]
+
+    def resize(chunks: int) -> None:
+        if chunks > refuse_past[0]:
+            grow(refuse_past[0])
+            raise RuntimeError("cuMemCreate failed: CUDA_ERROR_OUT_OF_MEMORY")
+        grow(chunks)
+
+    monkeypatch.setattr(arena, "resize", resize)
+    limit_blocks = CPU_LOAD.limit_chunks * arena.layout.chunk_blocks
+    with caplog.at_level(logging.WARNING, logger="berth.runtime.engine.engine"):
+        for _ in range(3):
+            engine.resize_kv_pool(limit_blocks)
+        assert arena.num_chunks == CPU_LOAD.request_chunks
+        assert engine.pool.num_blocks == arena.num_blocks
+        refuse_past[0] += 1  # a little more room, then stuck again: a new stall
+        for _ in range(3):
+            engine.resize_kv_pool(limit_blocks)
+    stalls = [r.getMessage() for r in caplog.records if "stopped growing" in r.getMessage()]
+    assert stalls == [
+        f"KV pool stopped growing at {n} chunks: cuMemCreate failed: CUDA_ERROR_OUT_OF_MEMORY"
+        for n in (CPU_LOAD.request_chunks, CPU_LOAD.request_chunks + 1)
+    ]
+    assert engine.pool.num_blocks == (CPU_LOAD.request_chunks + 1) * arena.layout.chunk_blocks
