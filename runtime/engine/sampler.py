@@ -48,13 +48,15 @@ class Sampler:
         generators: list[torch.Generator | None],
         greedy: list[bool],
     ) -> torch.Tensor:
-        logits = logits.float()
+        # Every [rows, vocab] float32 tensor here is 66 MB at 128 rows of a 128k vocabulary,
+        # and each new row count reserves new blocks in torch's allocator: the work runs in
+        # place on one copy, so that at most three such tensors live at once.
         vocab = logits.shape[1]
         dev = logits.device
         temperature = torch.tensor(
             [p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev
         )
-        x = logits / temperature[:, None]
+        x = logits.to(torch.float32, copy=True).div_(temperature[:, None])
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
@@ -68,20 +70,24 @@ class Sampler:
             cut[:, 0] = False
             x = torch.empty_like(x).scatter_(-1, order, sorted_x.masked_fill(cut, -torch.inf))
         probs = x.softmax(dim=-1)
+        del x
         min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
             floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < floor, 0.0)
-        noise = torch.empty_like(probs)
+            probs.masked_fill_(probs < floor, 0.0)
         shared = [i for i, g in enumerate(generators) if g is None]
-        if shared:
-            noise[shared] = torch.empty(len(shared), vocab, device=dev).exponential_(
-                generator=self.generator
-            )
-        for i, g in enumerate(generators):
-            if g is not None:
-                noise[i].exponential_(generator=g)
-        sampled = (probs / noise).argmax(dim=-1)
+        if len(shared) == len(generators):  # no seeded row: one draw, as below, in place
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        else:
+            noise = torch.empty_like(probs)
+            if shared:
+                noise[shared] = torch.empty(len(shared), vocab, device=dev).exponential_(
+                    generator=self.generator
+                )
+            for i, g in enumerate(generators):
+                if g is not None:
+                    noise[i].exponential_(generator=g)
+        sampled = probs.div_(noise).argmax(dim=-1)
         if any(greedy):
             mask = torch.tensor(greedy, device=dev)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)

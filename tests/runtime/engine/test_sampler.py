@@ -63,3 +63,18 @@ def test_logprobs_match_log_softmax() -> None:
     assert lp.token_id == tokens[0] == 3
     assert abs(lp.logprob - float(ref[3])) < 1e-6
     assert [t for t, _ in lp.top] == [3, 1, 0]
+
+
+def test_sampling_in_place_leaves_the_callers_logits_alone() -> None:
+    """The random path works in place on one float32 copy; float32 logits (the CPU's) must not
+    be that copy, since greedy rows and log-probabilities read them afterwards."""
+    sampler = Sampler(torch.device("cpu"), 0)
+    logits = torch.randn(4, 50)
+    before = logits.clone()
+    params = [SamplingParams(temperature=0.5, min_p=0.1), SamplingParams(temperature=0, logprobs=2)]
+    params *= 2
+    tokens, logprobs = sampler(logits, params, [None] * 4)
+    assert torch.equal(logits, before)
+    assert tokens[1] == int(before[1].argmax()) and tokens[3] == int(before[3].argmax())
+    assert logprobs is not None and logprobs[1] is not None
+    assert abs(logprobs[1].logprob - float(before[1].log_softmax(-1).max())) < 1e-6
