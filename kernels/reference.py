@@ -110,8 +110,9 @@ def rope_write_kv_cache(
     """Rotate query [T, Hq, D] and key [T, Hkv, D] in place by cos/sin [T, D], then
     ``write_kv_cache``. The rotation runs in float32 (float64 stays float64) and rounds once
     to the input's dtype, as the fused kernel and the compiled RoPE do (Hugging Face's eager
-    RoPE rounds after each operation). With ``q_norm``/``k_norm`` [D], each head is first RMS-normalized as Hugging
-    Face does (float32 statistics, the weight applied in the input's dtype): Qwen3."""
+    RoPE rounds after each operation). With ``q_norm``/``k_norm`` [D], each head is first
+    RMS-normalized as Hugging Face does (float32 statistics, the weight applied in the input's
+    dtype): Qwen3."""
     compute = _compute_dtype(query.dtype)
     c, s = cos[:, None, :].to(compute), sin[:, None, :].to(compute)
     half = query.shape[-1] // 2

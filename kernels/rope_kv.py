@@ -26,8 +26,8 @@ def _norm_rotate(  # type: ignore[no-untyped-def]
     x_ptr, norm_ptr, eps, cos1, cos2, sin1, sin2, heads, half, mask,
     HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr,
 ):  # fmt: skip
-    """Load heads [H, D] of one token from ``x_ptr`` as two halves, normalize (Qwen3), rotate;
-    the rotated halves in the input's dtype, and where they came from."""
+    """Load heads [H, D] of one token from ``x_ptr`` as two halves, normalize (Qwen3), rotate,
+    store them back where they were; returns the rotated halves, in the input's dtype."""
     HALF: tl.constexpr = HEAD_DIM // 2
     first = x_ptr + heads + half
     x1 = tl.load(first, mask=mask, other=0.0)

@@ -391,13 +391,14 @@ class ModelRunner:
             )
         self.num_kv_blocks = fit_kv_arena(self.arena, self.plan, self._fixed_blocks)
         log.info(
-            "memory: weights %.0f MiB, workspace %.0f MiB (allocator peak %.0f MiB, held to "
-            "%.0f MiB; outside the allocator %.0f MiB incl. the weights), KV %d chunks of "
-            "%.1f MiB (%s)",
+            "memory: weights %.0f MiB, workspace %.0f MiB (allocator peak %.0f MiB and "
+            "%.0f MiB of slack%s; outside the allocator %.0f MiB incl. the weights), KV %d "
+            "chunks of %.1f MiB (%s)",
             self.footprint.weights_bytes / 2**20,
             self.footprint.workspace_bytes / 2**20,
             self.footprint.allocator_peak_bytes / 2**20,
-            self.footprint.allocator_limit_bytes / 2**20,
+            (self.footprint.allocator_limit_bytes - self.footprint.allocator_peak_bytes) / 2**20,
+            ", the allocator held to both" if config.budget is not None else "",
             self.footprint.outside_allocator_bytes / 2**20,
             self.arena.num_chunks,
             self.layout.chunk_bytes / 2**20,
