@@ -82,9 +82,21 @@ def _write_kv_cache_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: po
 @triton.jit
 def _quantize(x):  # type: ignore[no-untyped-def]
     """x [H, D] float32 -> (x / scale rounded to e4m3's values, scale [H]): amax maps to 448."""
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), FP8_TINY) / FP8_MAX
+    scale = fp8_scale(tl.max(tl.abs(x), axis=1))
+    return to_e4m3(x, scale), scale
+
+
+@triton.jit
+def fp8_scale(amax):  # type: ignore[no-untyped-def]
+    """Each head's scale [H] from its largest magnitude: it maps to 448, so nothing saturates."""
+    return tl.maximum(amax, FP8_TINY) / FP8_MAX
+
+
+@triton.jit
+def to_e4m3(x, scale):  # type: ignore[no-untyped-def]
+    """x [H, n] float32 over its heads' ``scale`` [H], rounded to e4m3's values (still float32)."""
     x = x / scale[:, None]
-    return _round_to_e4m3(tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)), scale
+    return _round_to_e4m3(tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX))
 
 
 @triton.jit

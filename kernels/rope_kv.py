@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from berth.kernels import checks
-from berth.kernels.kv_cache import FP8_MAX, FP8_TINY, _round_to_e4m3
+from berth.kernels.kv_cache import fp8_scale, to_e4m3
 
 
 @triton.jit
@@ -61,10 +61,9 @@ def _store_kv(  # type: ignore[no-untyped-def]
     a = x1.to(tl.float32)
     b = x2.to(tl.float32)
     if FP8:
-        amax = tl.maximum(tl.max(tl.abs(a), axis=1), tl.max(tl.abs(b), axis=1))
-        scale = tl.maximum(amax, FP8_TINY) / FP8_MAX
-        a = _round_to_e4m3(tl.minimum(tl.maximum(a / scale[:, None], -FP8_MAX), FP8_MAX))
-        b = _round_to_e4m3(tl.minimum(tl.maximum(b / scale[:, None], -FP8_MAX), FP8_MAX))
+        scale = fp8_scale(tl.maximum(tl.max(tl.abs(a), axis=1), tl.max(tl.abs(b), axis=1)))
+        a = to_e4m3(a, scale)
+        b = to_e4m3(b, scale)
         tl.store(scale_ptr + tl.arange(0, HEADS_PAD), scale, mask=head_ok)
     tl.store(cache_ptr + heads_row + half, a.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(cache_ptr + heads_row + HALF + half, b.to(cache_ptr.dtype.element_ty), mask=mask)
