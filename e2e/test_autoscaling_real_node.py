@@ -189,11 +189,13 @@ def test_real_pods_scale_up_under_load_down_while_serving_park_when_idle_and_wak
                      and v.state == TenantState.PARKED],
             timeout=90,
         )  # fmt: skip
-        assert 'POST /admin/park HTTP/1.1" 200' in cluster.kubectl("logs", "-n", namespace, surplus)
+        log = cluster.kubectl("logs", "-n", namespace, surplus)
+        assert 'POST /admin/rotation HTTP/1.1" 200' in log, "the loop did not tell it"
+        assert 'POST /admin/park HTTP/1.1" 200' in log
         assert deployment_replicas(cluster, namespace) == 2, "the delay still keeps it"
         ip = get_json(cluster, "pod", surplus, "-n", namespace)["status"]["podIP"]
         wait_for(  # so keep-alive clients pinned to it reconnect through the Service
-            "the surplus to close connections after each response (its labels file)",
+            "the surplus to close connections after each response (the loop told it)",
             lambda: closes_connections(f"http://{ip}:{render.PORT}/health"),
             timeout=90,
         )

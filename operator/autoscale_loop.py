@@ -223,8 +223,14 @@ class ServiceAutoscaler:
         calls = [c for c in wanted if self.called.get(c, -ADMIN_RETRY_S) + ADMIN_RETRY_S <= now]
         self.called = {c: self.called.get(c, now) for c in wanted}  # forget the rest
         self.called.update(dict.fromkeys(calls, now))
-        if calls and await self._admin_token() is not None:
-            await asyncio.gather(*(self._admin(targets[n], action) for n, action in calls))
+        # Tell the moved pods too: the kubelet shows them the label only on its next sync.
+        told = [(n, n in change.route) for n in sorted(change.route | change.unroute)]
+        told = [(n, routed) for n, routed in told if n in targets]
+        if (calls or told) and await self._admin_token() is not None:
+            await asyncio.gather(
+                *(self._admin(targets[n], action) for n, action in calls),
+                *(self._admin(targets[n], "rotation", {"routed": r}) for n, r in told),
+            )
 
     async def _admin_token(self) -> str | None:
         if self.token is None:
@@ -240,13 +246,14 @@ class ServiceAutoscaler:
                             *self.key, name, error)  # fmt: skip
         return self.token
 
-    async def _admin(self, pod: PodTarget, action: str) -> None:
-        """``POST /admin/park`` or ``/admin/wake``; the runtime acts on it at once and answers
-        when done, which need not be waited for: the next tick's metrics show the state."""
+    async def _admin(self, pod: PodTarget, action: str, body: Obj | None = None) -> None:
+        """``POST /admin/park``, ``/admin/wake`` or ``/admin/rotation``; the runtime acts on it
+        at once and answers when done, which need not be waited for: the next tick's metrics
+        show the state, and a lost rotation call is made good by the pod's labels file."""
         headers = {"Authorization": f"Bearer {self.token}"}
         try:
             answer = await self.http.post(
-                f"{pod.base}/admin/{action}", headers=headers, timeout=ADMIN_TIMEOUT_S
+                f"{pod.base}/admin/{action}", headers=headers, json=body, timeout=ADMIN_TIMEOUT_S
             )
         except httpx.TimeoutException:
             return

@@ -1,11 +1,13 @@
-"""``POST /admin/park`` and ``POST /admin/wake``: an operator parks or wakes the runtime by hand.
+"""``POST /admin/park`` and ``POST /admin/wake``: an operator parks or wakes the runtime by hand;
+``POST /admin/rotation``: the autoscaler says whether the Service routes to this pod now.
 
 Authenticated by a bearer token from the pod's Secret (env ``wire.ENV_ADMIN_TOKEN``, read once
 into the settings): no credentials is 401 (with ``WWW-Authenticate: Bearer``); a wrong token,
 or a server with no token configured, is 403. Each call waits, bounded by the standby policy's
 deadlines, until the engine has reached the state asked for, and answers with the state: a park
 returns once parked (or once the engine woke again for requests that came meanwhile); a wake
-returns once active, or 503 with Retry-After when the memory could not be had in time.
+returns once active, or 503 with Retry-After when the memory could not be had in time. A
+rotation call answers at once (``rotation.py``).
 """
 
 import asyncio
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from berth import wire
 from berth.runtime.server import errors
@@ -52,6 +54,14 @@ class StandbyStatus(BaseModel):
     state: str = Field(description="loading, active, parking, standby or waking")
 
 
+class RotationChange(BaseModel):
+    """Whether the pod's Service routes requests to it (its ``berth.dev/routed`` label)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    routed: bool = Field(description="false: every response closes its connection")
+
+
 def check_token(credentials: HTTPAuthorizationCredentials | None, token: SecretStr | None) -> None:
     """Raise the 401/403 that the credentials deserve; return when they carry the token."""
     if credentials is None or not credentials.credentials:
@@ -76,7 +86,7 @@ def check_token(credentials: HTTPAuthorizationCredentials | None, token: SecretS
 
 
 def install_admin_routes(app: FastAPI, server: "ModelServer") -> None:
-    """Add the authenticated park and wake routes for ``server`` to ``app``."""
+    """Add the authenticated park, wake and rotation routes for ``server`` to ``app``."""
 
     def authorized(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -147,3 +157,14 @@ def install_admin_routes(app: FastAPI, server: "ModelServer") -> None:
                 server.settings.retry_after_s,
             )
         return StandbyStatus(state=loop.state.value)
+
+    @app.post(
+        "/admin/rotation", dependencies=[Depends(authorized)], responses=ADMIN_ERRORS,
+        tags=["admin"],
+    )  # fmt: skip
+    async def rotation(change: RotationChange) -> RotationChange:
+        """In or out of the Service's rotation, at once: out of it, every response closes its
+        connection so that keep-alive clients reconnect to a routed replica (without this
+        call the runtime learns it from its labels file, when the kubelet next rewrites it)."""
+        server.rotation.tell(change.routed)
+        return RotationChange(routed=not server.rotation.out())

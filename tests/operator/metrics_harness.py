@@ -1,6 +1,7 @@
 """Runtimes' ``/metrics`` on loopback for the autoscaler's tests: the runtime's real collector over
 fixed engine numbers, served by a small HTTP server that also records admin calls."""
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,11 +29,13 @@ def runtime_registry(running: int, waiting: int, state: str = "active") -> Colle
 
 
 class RuntimeStub(ThreadingHTTPServer):
-    """``GET /metrics`` from a real collector; ``POST /admin/*`` recorded as (path, bearer)."""
+    """``GET /metrics`` from a real collector; ``POST /admin/park`` and ``/admin/wake`` recorded
+    as (path, bearer), ``POST /admin/rotation`` as (routed, bearer)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.admin_calls: list[tuple[str, str]] = []
+        self.rotation_calls: list[tuple[bool, str]] = []
         super().__init__(("127.0.0.1", 0), _Handler)
 
 
@@ -49,8 +52,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
-        self.server.admin_calls.append((self.path, bearer))
-        body = b'{"state": "standby"}'
+        sent = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.path == "/admin/rotation":
+            routed = json.loads(sent)["routed"]
+            self.server.rotation_calls.append((routed, bearer))
+            body = json.dumps({"routed": routed}).encode()
+        else:
+            self.server.admin_calls.append((self.path, bearer))
+            body = b'{"state": "standby"}'
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

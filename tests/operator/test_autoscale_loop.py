@@ -215,7 +215,7 @@ def test_surplus_leaves_the_rotation_parks_after_the_drain_and_wakes_when_demand
     """Three routed replicas, one request in flight: once the window is covered the two idle
     ones leave the Service's rotation (label and deletion cost) before the scale-down, are asked
     to park after the drain time with the Secret's token, and are routed and woken when demand
-    comes back."""
+    comes back; each move of the label is also told to the pod (``POST /admin/rotation``)."""
     with runtime_stubs((1, 0, "active"), (0, 0, "active"), (0, 0, "active")) as stubs:
         names = [f"llama-x-{i}" for i in range(3)]
         routed = {"labels": {wire.LABEL_ROUTED: "true"}}
@@ -263,6 +263,9 @@ def test_surplus_leaves_the_rotation_parks_after_the_drain_and_wakes_when_demand
         # The stubs do not change state when asked, so each ask is repeated once, 10 s later.
         expected = [("/admin/park", TOKEN)] * 2 + [("/admin/wake", TOKEN)] * 2
         assert parks[1] == parks[2] == expected
+        # Each move of the label is told to the pod at once, with the token.
+        told = [s.rotation_calls for s in stubs]
+        assert told[0] == [] and told[1] == told[2] == [(False, TOKEN), (True, TOKEN)]
         assert labels() == dict.fromkeys(names, "true")
         assert seen[-1].active >= 3
         unrouted = next(b for p, b in client.patches if p.endswith("llama-x-1"))

@@ -1,5 +1,6 @@
 """A pod out of its Service's rotation closes keep-alive connections after each response, so
-clients reconnect through the Service (runtime/server/rotation.py)."""
+clients reconnect through the Service (runtime/server/rotation.py): told by the operator
+(``POST /admin/rotation``) or read from its labels file, the newer word winning."""
 
 import time
 from pathlib import Path
@@ -32,6 +33,75 @@ def test_the_label_is_read_at_most_once_a_second(tmp_path: Path) -> None:
     (tmp_path / LABELS_FILE).write_text('other="x"\n')  # no label at all: routed
     clock[0] += READ_EVERY_S
     assert not rotation.out()
+
+
+def test_the_operator_s_word_holds_until_the_labels_file_changes_after_it(tmp_path: Path) -> None:
+    clock = [100.0]
+    rotation = Rotation(tmp_path, clock=lambda: clock[0])
+    write_labels(tmp_path, "true")
+    assert not rotation.out()
+    rotation.tell(routed=False)  # the label moved; the kubelet has not rewritten the file yet
+    assert rotation.out()
+    clock[0] += 10 * READ_EVERY_S
+    assert rotation.out(), "the stale file, unchanged, overrode a newer word"
+    write_labels(tmp_path, "false")  # the kubelet catches up
+    clock[0] += READ_EVERY_S
+    assert rotation.out()
+    rotation.tell(routed=True)  # routed again before the file shows it
+    assert not rotation.out()
+    clock[0] += READ_EVERY_S
+    assert not rotation.out()
+    write_labels(tmp_path, "true")
+    clock[0] += READ_EVERY_S
+    assert not rotation.out()
+    rotation.tell(routed=False)  # a word lost (the runtime restarted): the file's change rules
+    write_labels(tmp_path, "false")
+    clock[0] += READ_EVERY_S
+    assert rotation.out()
+    write_labels(tmp_path, "true")
+    clock[0] += READ_EVERY_S
+    assert not rotation.out()
+
+
+def test_without_a_file_the_operator_s_word_is_all(tmp_path: Path) -> None:
+    rotation = Rotation(tmp_path / "absent", clock=lambda: 100.0)
+    assert not rotation.out()
+    rotation.tell(routed=False)
+    assert rotation.out()
+    rotation.tell(routed=True)
+    assert not rotation.out()
+
+
+def test_told_out_of_the_rotation_responses_close_their_connections_at_once(
+    engine_config: EngineConfig, tmp_path: Path
+) -> None:
+    write_labels(tmp_path, "true")  # and the file never changes: the kubelet is slow
+    token = "s3cret-admin-token"
+    auth = {"Authorization": f"Bearer {token}"}
+    with (
+        running_server(engine_config, pod_info_dir=str(tmp_path), admin_token=token) as server,
+        httpx.Client(base_url=server.base_url, timeout=60) as client,
+    ):
+        assert client.post("/admin/rotation", json={"routed": False}).status_code == 401
+        wrong = client.post(
+            "/admin/rotation", json={"routed": False}, headers={"Authorization": "Bearer nope"}
+        )
+        assert wrong.status_code == 403
+        bad = client.post("/admin/rotation", json={"routed": "maybe"}, headers=auth)
+        assert bad.status_code == 400 and "routed" in bad.text, bad.text
+        extra = client.post("/admin/rotation", json={"routed": False, "x": 1}, headers=auth)
+        assert extra.status_code == 400, extra.text
+        assert client.get("/health").headers.get("connection") != "close"  # nothing changed
+        told = client.post("/admin/rotation", json={"routed": False}, headers=auth)
+        assert told.status_code == 200 and told.json() == {"routed": False}
+        assert told.headers.get("connection") == "close"  # from this very response on
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+        served = client.post("/v1/completions", json=body)
+        assert served.status_code == 200 and served.headers.get("connection") == "close"
+        time.sleep(2 * READ_EVERY_S)  # the file, read again, has not changed: still out
+        assert client.get("/health").headers.get("connection") == "close"
+        back = client.post("/admin/rotation", json={"routed": True}, headers=auth)
+        assert back.json() == {"routed": True} and back.headers.get("connection") != "close"
 
 
 def test_out_of_the_rotation_every_response_closes_its_connection(
