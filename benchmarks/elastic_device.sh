@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the elastic KV pool and co-location (issue 17): the GPU tests (CUDA virtual
-# memory pool under the grow/shrink schedule, graphs replayed after shrinks), VMM timings, then
+# memory pool under the grow/shrink schedule, graphs replayed after shrinks, park and wake, the
+# allocator held to its measured limit), VMM timings, then
 # benchmarks/colocate.py. Results under $OUT.
 # Usage: benchmarks/elastic_device.sh [tests|colocate|colocate-a|all]
 #   colocate: (b) two halves vs one whole; colocate-a: (a) three models under the node agent,
@@ -16,7 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 python3 -c "import torch, triton; from cuda import bindings; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda-bindings', bindings.__version__)"
 if [[ $part == tests || $part == all ]]; then
   timeout 300 python3 -m pytest -q -x -s -p no:cacheprovider tests/runtime/engine/test_elastic_pool.py \
-    tests/runtime/engine/test_budget.py tests/runtime/engine/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -25
+    tests/runtime/engine/test_budget.py tests/runtime/engine/test_engine_gpu.py \
+    tests/runtime/engine/test_park_wake.py tests/runtime/engine/test_memory_profile.py 2>&1 | tee "$OUT/tests.log" | tail -25
   timeout 120 python3 benchmarks/vmm_timing.py 2>&1 | tee "$OUT/vmm.txt"
 fi
 if [[ $part == colocate || $part == all ]]; then
