@@ -45,6 +45,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -108,13 +109,23 @@ def engine_baseline(args: argparse.Namespace) -> dict[str, float]:
 # ---- the load generator (its own process: locust monkey-patches with gevent) -------------------
 
 
+@dataclass
+class StreamRecord:
+    """One streamed request: when it was sent, when each chunk came, the tokens in all."""
+
+    sent: float
+    arrivals: list[float] = field(default_factory=list)
+    tokens: int = 0  # from the final usage chunk
+    done: bool = False  # still streaming when the load stopped
+
+
 def locust_load(args: argparse.Namespace) -> dict[str, object]:
     """``--users`` locust users streaming completions from ``--url`` for warm-up + duration."""
     import gevent
     from locust import FastHttpUser, constant, task
     from locust.env import Environment
 
-    records: list[tuple[float, list[float], int]] = []  # send time, chunk arrivals, tokens
+    records: list[StreamRecord] = []  # appended at the send: unfinished streams count too
     failures: list[str] = []
     counter = iter(range(10**9))
 
@@ -130,9 +141,8 @@ def locust_load(args: argparse.Namespace) -> dict[str, object]:
             body = {"model": args.model_name, "prompt": ids, "max_tokens": args.output_tokens,
                     "ignore_eos": True, "stream": True, "temperature": 1.0,
                     "stream_options": {"include_usage": True}}  # fmt: skip
-            sent = time.perf_counter()
-            arrivals: list[float] = []
-            tokens = 0
+            record = StreamRecord(time.perf_counter())
+            records.append(record)
             with self.client.post(
                 "/v1/completions", json=body, stream=True, catch_response=True, name="stream"
             ) as response:
@@ -146,11 +156,11 @@ def locust_load(args: argparse.Namespace) -> dict[str, object]:
                         continue
                     chunk = json.loads(line[6:])
                     if chunk.get("choices"):
-                        arrivals.append(time.perf_counter())
+                        record.arrivals.append(time.perf_counter())
                     if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
+                        record.tokens = chunk["usage"]["completion_tokens"]
                 response.success()
-            records.append((sent, arrivals, tokens))
+            record.done = True
 
     env = Environment(user_classes=[Stream])
     runner = env.create_local_runner()
@@ -162,12 +172,15 @@ def locust_load(args: argparse.Namespace) -> dict[str, object]:
     window_end = window_start + args.duration
     in_window = 0.0
     ttft, itl, e2e = [], [], []
-    for sent, arrivals, tokens in records:
+    for record in records:
+        sent, arrivals = record.sent, record.arrivals
+        # A stream cut off at the end counts a token a chunk (a chunk holds at least one).
+        tokens = record.tokens if record.done else len(arrivals)
         if not arrivals or tokens == 0:
             continue
         share = sum(window_start <= t < window_end for t in arrivals) / len(arrivals)
         in_window += tokens * share
-        if sent >= window_start and arrivals[-1] < window_end:
+        if record.done and sent >= window_start and arrivals[-1] < window_end:
             ttft.append(arrivals[0] - sent)
             e2e.append(arrivals[-1] - sent)
             if tokens > 1:
