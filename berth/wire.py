@@ -74,8 +74,8 @@ MPS_SHM: Final = "shm"  # under the node's MPS folder: the /dev/shm that servers
 # idle time in seconds after which it parks on its own (0: only when the agent or an admin asks).
 # Absent: standby is off and the runtime never parks.
 ENV_STANDBY_IDLE_SECONDS: Final = "BERTH_STANDBY_IDLE_SECONDS"
-# The bearer token of the runtime's admin endpoints (POST /admin/park, /admin/wake), from the
-# pod's Secret. Absent: the admin endpoints are disabled (403).
+# The bearer token of the runtime's admin endpoints (POST /admin/park, /admin/wake,
+# /admin/rotation), from the pod's Secret. Absent: the admin endpoints are disabled (403).
 ENV_ADMIN_TOKEN: Final = "BERTH_ADMIN_TOKEN"
 # Where the downward-API volume puts the pod's annotations (updated live, unlike env vars).
 POD_INFO_DIR: Final = "/etc/berth/pod"

@@ -161,7 +161,7 @@ class ServiceAutoscaler:
         # Route first: a scale-down then removes pods already out of the rotation.
         change = routing.plan(replicas, decision.active, standby=policy.standby,
                               hold=decision.held, now=now, drain_s=DRAIN_S)  # fmt: skip
-        await self._route(change, {t.name: t for t in targets}, now)
+        await self._route(change, {t.name: t for t in targets}, now, tell=policy.standby)
         scaled = decision.replicas != current
         if scaled:
             await self._scale(decision.replicas)
@@ -206,8 +206,11 @@ class ServiceAutoscaler:
         taken = sample([t.name for t in targets], readings, now)
         return taken, targets, replicas_of(targets, readings)
 
-    async def _route(self, change: routing.Plan, targets: dict[str, PodTarget], now: float) -> None:
-        """Move the routing label, then ask the runtimes to park and wake."""
+    async def _route(
+        self, change: routing.Plan, targets: dict[str, PodTarget], now: float, tell: bool
+    ) -> None:
+        """Move the routing label, then ask the runtimes to park and wake and (``tell``: with
+        standby on, their admin endpoints are open) tell them that they moved."""
         for name in sorted(change.route | change.unroute):
             body = routing.pod_patch(name in change.route, now)
             path = resource_path("v1", "Pod", self.namespace, name)
@@ -224,8 +227,8 @@ class ServiceAutoscaler:
         self.called = {c: self.called.get(c, now) for c in wanted}  # forget the rest
         self.called.update(dict.fromkeys(calls, now))
         # Tell the moved pods too: the kubelet shows them the label only on its next sync.
-        told = [(n, n in change.route) for n in sorted(change.route | change.unroute)]
-        told = [(n, routed) for n, routed in told if n in targets]
+        moved = sorted(change.route | change.unroute) if tell else []
+        told = [(n, n in change.route) for n in moved if n in targets]
         if (calls or told) and await self._admin_token() is not None:
             await asyncio.gather(
                 *(self._admin(targets[n], action) for n, action in calls),

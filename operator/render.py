@@ -307,7 +307,8 @@ def standby_enabled(service: InferenceService) -> bool:
 def standby_env(service: InferenceService) -> list[dict[str, Any]]:
     """Warm standby (ARCHITECTURE section 5): the runtime parks after ``idleSeconds`` without
     requests, registers with the node agent as able to park, and opens its admin endpoints
-    (``POST /admin/park``, ``/admin/wake``) to the bearer token in the service's admin Secret."""
+    (``POST /admin/park``, ``/admin/wake``, ``/admin/rotation``) to the bearer token in the
+    service's admin Secret."""
     standby = service.spec.standby
     if standby is None or not standby.enabled:
         return []

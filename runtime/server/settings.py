@@ -46,7 +46,7 @@ class ServerSettings(BaseModel):
     memory: MemoryBudget = MemoryBudget()
     pod_info_dir: str = wire.POD_INFO_DIR  # the downward API's files (labels: rotation.py)
     # Warm standby (standby.py): off unless idle_s is set; admin_token (wire.ENV_ADMIN_TOKEN)
-    # authenticates POST /admin/park and /admin/wake (none: they answer 403).
+    # authenticates POST /admin/park, /admin/wake and /admin/rotation (none: they answer 403).
     standby: StandbyPolicy = StandbyPolicy()
     admin_token: SecretStr | None = None
     log_level: str = "info"

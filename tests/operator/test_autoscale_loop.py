@@ -319,3 +319,18 @@ def test_leaving_berth_mode_routes_every_pod_again() -> None:
     ]
     assert all(p["metadata"]["labels"][wire.LABEL_ROUTED] == "true" for p in client.pods)
     assert all(wire.POD_UNROUTED_AT not in p["metadata"]["annotations"] for p in client.pods[1:])
+
+
+def test_without_standby_pods_are_routed_back_but_not_told() -> None:
+    """Without standby a pod's admin endpoints are closed (no token in its environment): a pod
+    found out of the rotation is routed again by its label alone, and nothing is posted."""
+    with runtime_stubs((1, 0, "active"), (0, 0, "active")) as stubs:
+        labels = [{wire.LABEL_ROUTED: "true"}, {wire.LABEL_ROUTED: "false"}]
+        client = FakeClient(
+            [pod(f"llama-x-{i}", s.server_port, labels=labels[i]) for i, s in enumerate(stubs)]
+        )
+        plain = spec(2).model_copy(update={"standby": None})
+        run_ticks(client, [(plain, 1000.0), (plain, 1002.0)])
+        assert [p["metadata"]["labels"][wire.LABEL_ROUTED] for p in client.pods] == ["true"] * 2
+        assert [s.rotation_calls for s in stubs] == [[], []]
+        assert [s.admin_calls for s in stubs] == [[], []]
