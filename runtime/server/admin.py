@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from berth import wire
 from berth.runtime.server import errors
 from berth.runtime.server.errors import APIError
-from berth.runtime.server.openapi import Responses
+from berth.runtime.server.openapi import GENERATION_ERRORS, Responses
 from berth.runtime.server.protocol import ErrorResponse
 from berth.runtime.server.standby import ACTIVE, LOADING, PARKING, STANDBY
 
@@ -159,7 +159,8 @@ def install_admin_routes(app: FastAPI, server: "ModelServer") -> None:
         return StandbyStatus(state=loop.state.value)
 
     @app.post(
-        "/admin/rotation", dependencies=[Depends(authorized)], responses=ADMIN_ERRORS,
+        "/admin/rotation", dependencies=[Depends(authorized)],
+        responses={400: GENERATION_ERRORS[400], 401: ADMIN_ERRORS[401], 403: ADMIN_ERRORS[403]},
         tags=["admin"],
     )  # fmt: skip
     async def rotation(change: RotationChange) -> RotationChange:
