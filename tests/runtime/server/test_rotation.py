@@ -2,10 +2,15 @@
 clients reconnect through the Service (runtime/server/rotation.py): told by the operator
 (``POST /admin/rotation``) or read from its labels file, the newer word winning."""
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from server_harness import running_server
 
 from berth import wire
@@ -61,6 +66,57 @@ def test_the_operator_s_word_holds_until_the_labels_file_changes_after_it(tmp_pa
     write_labels(tmp_path, "true")
     clock[0] += READ_EVERY_S
     assert not rotation.out()
+
+
+class NewerWordWins(RuleBasedStateMachine):
+    """Any order of the operator's words, the kubelet's rewrites and the clock: once the file has
+    been read again, the pod is out exactly when the newest word says so, a word being a tell or
+    a change of the file's label (a rewrite with the same label says nothing new)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp())
+        self.clock = 100.0
+        self.rotation = Rotation(self.dir, clock=lambda: self.clock)
+        self.file: str | None = None  # the label in the file; None: no file
+        self.seen: str | None = None  # the label when the runtime last read the file
+        self.newest_out = False  # the newest word
+        self.rotation.out()  # the first read (no file): routed
+        self.read_at = self.clock
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.dir)
+
+    @rule(routed=st.booleans())
+    def tell(self, routed: bool) -> None:
+        self.rotation.tell(routed)
+        self.seen, self.read_at = self.file, self.clock  # a tell reads the file first: older
+        self.newest_out = not routed
+
+    @rule(label=st.sampled_from(["true", "false", None]))
+    def kubelet_writes(self, label: str | None) -> None:
+        if label is None:
+            (self.dir / LABELS_FILE).unlink(missing_ok=True)
+        else:
+            write_labels(self.dir, label)
+        self.file = label
+
+    @rule(seconds=st.sampled_from([0.2, READ_EVERY_S, 5.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.clock += seconds
+
+    @invariant()
+    def out_follows_the_newest_word_once_read(self) -> None:
+        out = self.rotation.out()
+        if self.clock - self.read_at >= READ_EVERY_S:  # it read the file again
+            if (self.file == "false") != (self.seen == "false"):  # the file changed its word
+                self.newest_out = self.file == "false"
+            self.seen, self.read_at = self.file, self.clock
+        assert out == self.newest_out
+
+
+TestNewerWordWins = NewerWordWins.TestCase
+TestNewerWordWins.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
 
 
 def test_without_a_file_the_operator_s_word_is_all(tmp_path: Path) -> None:
