@@ -259,8 +259,9 @@ def serve(
 ) -> None:
     """Serve a model with an OpenAI-compatible API, Prometheus metrics and graceful drain.
 
-    The bearer token of POST /admin/park, /admin/wake and /admin/rotation comes from the environment only
-    (BERTH_ADMIN_TOKEN, from the pod's Secret), never from a flag that ``ps`` would show."""
+    The bearer token of POST /admin/park, /admin/wake and /admin/rotation comes from the
+    environment only (BERTH_ADMIN_TOKEN, from the pod's Secret), never from a flag that ``ps``
+    would show."""
     from pydantic import SecretStr
 
     from berth.runtime.engine import EngineConfig
