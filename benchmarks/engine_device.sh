@@ -2,21 +2,24 @@
 # One device call for the engine's speed (issue 23). Parts, in the order given:
 #   tests    the GPU tests of the graphed prefill/mixed steps and the FP8 KV cache
 #   kernels  benchmarks/kernels.py, decode only: bf16 and FP8 caches, SDPA, split-plan sweep
+#   prefill  benchmarks/kernels.py, prefill only: 4 x 2,048-token chunks with and without a
+#            2,048-token prefix against SDPA (median of 5 interleaved rounds)
 #   burst    benchmarks/itl_burst.py: decoders' ITL under a burst of prompts vs the burst's TTFT,
 #            per cap on prompt tokens while decoding (the scheduling trade-off)
 #   bench    benchmarks/engine.py on the llama-3-8b shape, variants side by side on one card:
 #            the landed engine (prefill/mixed steps eager, no cap on prompt tokens beside
 #            decodes, 8,192-token steps) and the new defaults, with a bf16 and an FP8 KV cache
-# Usage: benchmarks/engine_device.sh [tests] [kernels] [bench]   (default: all three)
+# Usage: benchmarks/engine_device.sh [tests] [kernels] [prefill] [burst] [bench]
+#   (default: tests kernels prefill bench, issue 23's targets in one call)
 # ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv[:flag] ..." overrides the variants (flag: one
 # more engine.py flag without its dashes, e.g. unfused-rope), ENGINE_ARGS adds
 # engine.py flags (e.g. "--profile 256 --host-profile 256"). Results in $OUT.
 # KERNELS_ARGS adds kernels.py flags (e.g. "--sweep --decode-shapes 1x32768,16x8192"), with
-# KERNELS_TIMEOUT seconds (default 200) for the longer run a sweep makes; TESTS_TIMEOUT and
-# BENCH_TIMEOUT (per variant) default to 240.
+# KERNELS_TIMEOUT seconds (default 200) for the longer run a sweep makes; PREFILL_ARGS likewise
+# (e.g. "--sweep"). TESTS_TIMEOUT and BENCH_TIMEOUT (per variant) default to 240.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-parts="${*:-tests kernels bench}"
+parts="${*:-tests kernels prefill bench}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -29,6 +32,10 @@ for part in $parts; do
   kernels)
     timeout "${KERNELS_TIMEOUT:-200}" python3 benchmarks/kernels.py --out "$OUT" --skip-prefill ${KERNELS_ARGS:-} 2>&1 \
       | tee "$OUT/kernels.log" | grep -E "^\| [0-9]|BEST|FAIL|Error" | head -40 ;;
+  prefill)
+    mkdir -p "$OUT/prefill"
+    timeout "${KERNELS_TIMEOUT:-200}" python3 benchmarks/kernels.py --out "$OUT/prefill" --skip-decode ${PREFILL_ARGS:-} 2>&1 \
+      | tee "$OUT/prefill.log" | grep -E "^\| [0-9]|BEST|FAIL|Error" | head -20 ;;
   burst)
     timeout 240 python3 benchmarks/itl_burst.py --device cuda --shape llama-3-8b --model-cache /tmp/berth-models \
       --decoders 128 --burst 32 --prompt-len 2048 --caps 0,1024,512,256 --out "$OUT/itl-burst.md" 2>&1 \
