@@ -20,6 +20,7 @@ import dataclasses
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -194,3 +195,22 @@ def skinny_linear(
         num_warps=config.num_warps,
     )
     return out
+
+
+def launch_for(rows: int, n: int, k: int) -> SkinnyConfig | None:
+    """The launch for a ``rows`` x ``k`` by ``n`` x ``k`` product where this kernel beats cuBLAS,
+    else None (cuBLAS keeps it)."""
+    if rows > MAX_ROWS:
+        return None
+    return SkinnyConfig()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except that a few-row product on the GPU goes to the skinny kernel where
+    ``launch_for`` says it is faster. Decided when a CUDA graph captures the call: its rows are
+    the graph's batch size."""
+    if bias is None and x.is_cuda and supports(x, weight):
+        config = launch_for(x.shape[0], weight.shape[0], weight.shape[1])
+        if config is not None:
+            return skinny_linear(x, weight, config=config)
+    return F.linear(x, weight, bias)
