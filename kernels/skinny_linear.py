@@ -68,7 +68,7 @@ def _skinny_linear_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
+            for s in range(SPLIT_K):  # a loop, not unrolled: one partial tile live at a time
                 total += tl.load(
                     part_ptr + s * BLOCK_M * N + p_off, mask=mask, other=0.0, cache_modifier=".cg"
                 )
