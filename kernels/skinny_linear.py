@@ -30,12 +30,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 def _skinny_linear_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     w_desc,  # TMA descriptor of weight [N, K], box [BLOCK_N, BLOCK_K]
     x_desc,  # TMA descriptor of x [M, K], box [BLOCK_M, BLOCK_K]
-    y_ptr,  # [M, N], the output
-    part_ptr,  # [SPLIT_K, BLOCK_M, N] float32 partial sums (SPLIT_K > 1)
-    count_ptr,  # [ceil(N / BLOCK_N)] int32, zero before and after the launch (SPLIT_K > 1)
-    M,
-    N,
-    stride_ym,
+    y_desc,  # TMA descriptor of the output y [M, N], box [BLOCK_M, BLOCK_N]
+    part_ptr,  # [SPLIT_K, N tiles, BLOCK_N, BLOCK_M] float32 partial sums (SPLIT_K > 1)
+    count_ptr,  # [N tiles] int32, zero before and after the launch (SPLIT_K > 1)
     k_per_split,  # a multiple of BLOCK_K
     num_k_steps,  # k_per_split // BLOCK_K
     BLOCK_M: tl.constexpr,
@@ -54,25 +51,23 @@ def _skinny_linear_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
         w = w_desc.load([n0, k])  # [BLOCK_N, BLOCK_K]
         x = x_desc.load([0, k])  # [BLOCK_M, BLOCK_K]
         acc = tl.dot(w, x.T, acc)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    y_off = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
     if SPLIT_K == 1:
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        y_desc.store([0, n0], tl.trans(acc).to(y_desc.dtype))  # rows past M are not written
     else:
-        p_off = offs_m[None, :] * N + offs_n[:, None]
-        tl.store(part_ptr + pid_k * BLOCK_M * N + p_off, acc, mask=mask)
+        # This split's [BLOCK_N, BLOCK_M] sums, whole (past M and N they are zeros), at
+        # offsets the compiler knows: no per-element addresses or masks.
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
+        part = part_ptr + pid_n * BLOCK_N * BLOCK_M + tile
+        tl.store(part + pid_k * split_stride, acc)
         # Release: this split's sums are visible before the count says so; the last to arrive
         # acquires them all.
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(SPLIT_K):  # a loop, not unrolled: one partial tile live at a time
-                total += tl.load(
-                    part_ptr + s * BLOCK_M * N + p_off, mask=mask, other=0.0, cache_modifier=".cg"
-                )
-            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=mask)
+                total += tl.load(part + s * split_stride, cache_modifier=".cg")
+            y_desc.store([0, n0], tl.trans(total).to(y_desc.dtype))
             tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
@@ -97,15 +92,19 @@ def block_m(rows: int) -> int:
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel can take this product: at most ``MAX_ROWS`` rows, 16-bit floats,
-    and rows TMA can address (unit stride, 16-byte aligned)."""
+    and rows TMA can address (unit stride, 16-byte aligned), the output's too."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[0] == 0:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return False
-    for t in (x, weight):
-        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-    return True
+    return _tma_rows(x) and _tma_rows(weight) and (weight.shape[0] * x.element_size()) % 16 == 0
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """Rows TMA can address: unit stride, a 16-byte aligned start and row pitch."""
+    return (
+        t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    )
 
 
 def split_for(n: int, k: int, config: SkinnyConfig, num_sms: int) -> int:
@@ -165,6 +164,8 @@ def skinny_linear(
         raise ValueError(f"x has {k} columns, weight {weight.shape[1]}")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or not _tma_rows(out):
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} with unit-stride, 16-byte aligned rows")
     bm = block_m(m)
     split = split_for(n, k, config, _num_sms(x.device))
     steps = triton.cdiv(triton.cdiv(k, config.block_k), split)
@@ -172,19 +173,16 @@ def skinny_linear(
     split = triton.cdiv(k, k_per_split)  # no empty splits
     tiles = triton.cdiv(n, config.block_n)
     if split > 1:
-        part = torch.empty(split, bm, n, dtype=torch.float32, device=x.device)
+        part = torch.empty(split, tiles, config.block_n, bm, dtype=torch.float32, device=x.device)
         counters = tile_counters(x.device, tiles)
     else:
         part = counters = out  # unused
     _skinny_linear_kernel[(tiles, split)](
         _descriptor(weight, [config.block_n, config.block_k]),
         _descriptor(x, [bm, config.block_k]),
-        out,
+        _descriptor(out, [bm, config.block_n]),
         part,
         counters,
-        m,
-        n,
-        out.stride(0),
         k_per_split,
         steps,
         BLOCK_M=bm,

@@ -32,7 +32,7 @@ def check(m: int, n: int, k: int, config: sl.SkinnyConfig, dtype: torch.dtype) -
         (1, 200, 256, 64, 64, None),  # one row; N off the tile; split picked for the SMs
         (5, 128, 320, 64, 64, 3),  # an uneven split: the last split shorter
         (16, 96, 104, 64, 64, 2),  # K off the tile (TMA reads zeros past it)
-        (33, 130, 128, 64, 32, 1),  # rows padded to 64; no split
+        (33, 136, 128, 64, 32, 1),  # rows padded to 64; no split
         (64, 64, 192, 64, 64, 4),  # more splits than steps per split: no empty split left
     ],
 )
@@ -80,12 +80,27 @@ def test_split_for_gives_every_sm_a_program_within_the_k_steps() -> None:
             torch.zeros(64, 63, dtype=torch.float16),
         ),
         (torch.zeros(0, 64, dtype=torch.float16), torch.zeros(64, 64, dtype=torch.float16)),
+        # an output row of 130 x 2 bytes: TMA stores 16-byte multiples
+        (torch.zeros(4, 64, dtype=torch.float16), torch.zeros(130, 64, dtype=torch.float16)),
     ],
 )
 def test_refuses_what_tma_or_the_tile_cannot_take(x: torch.Tensor, w: torch.Tensor) -> None:
     assert not sl.supports(x, w)
     with pytest.raises(ValueError, match="skinny_linear takes"):
         sl.skinny_linear(x, w)
+
+
+def test_refuses_an_output_it_cannot_store_into() -> None:
+    x = torch.zeros(4, 64, dtype=torch.float16, device=DEVICE)
+    w = torch.zeros(64, 64, dtype=torch.float16, device=DEVICE)
+    wide = torch.zeros(4, 72, dtype=torch.float16, device=DEVICE)
+    for out in (
+        torch.zeros(4, 64, device=DEVICE),
+        wide[:, 1:65],
+        torch.zeros(5, 64, device=DEVICE),
+    ):
+        with pytest.raises(ValueError, match="out must be"):
+            sl.skinny_linear(x, w, out=out)
 
 
 def test_refuses_mismatched_inner_dimensions() -> None:
