@@ -428,11 +428,6 @@ def main() -> None:
         action="store_true",
         help="RoPE and the KV cache write as separate kernels (the engine before the fused one)",
     )
-    ap.add_argument(
-        "--cublas-linears",
-        action="store_true",
-        help="every linear through cuBLAS (the engine before the skinny kernel for decode batches)",
-    )
     ap.add_argument("--profile", default="", help="concurrencies to profile, e.g. 1,64")
     ap.add_argument(
         "--host-profile",
@@ -472,7 +467,6 @@ def main() -> None:
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     report["fused_rope_kv_write"] = not args.unfused_rope
-    report["skinny_linears"] = not args.cublas_linears
     if args.unfused_rope:
         use_unfused_rope()
     t0 = time.perf_counter()
@@ -489,7 +483,6 @@ def main() -> None:
             max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None,
             kv_cache_dtype=args.kv_cache_dtype,
             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
-            skinny_linears=not args.cublas_linears,
         )
     )
     report["engine_start_s"] = time.perf_counter() - t0

@@ -36,9 +36,6 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # Prefill/mixed steps of up to this many tokens replay CUDA graphs (0: they run eagerly).
     max_prefill_graph_tokens: int = 2048
-    # Decode batches' linears through ``berth.kernels.skinny_linear`` where it beats cuBLAS
-    # (GPU with graphs only); False keeps cuBLAS for every product.
-    skinny_linears: bool = True
     seed: int = 0
     budget: GpuBudget | None = None  # the pod's GPU memory share (``budget.read_budget``)
     standby: bool = False  # keep a host copy of the weights so the engine can park and wake

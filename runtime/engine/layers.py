@@ -70,29 +70,19 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Pointwise:
-    """The pointwise functions a model calls; eager by default, fused by ``compiled()``.
-
-    ``linear`` rides along, though not pointwise: ``F.linear``, or with ``compiled(skinny=True)``
-    ``berth.kernels.skinny_linear.linear``, which streams a decode batch's weights faster than
-    cuBLAS where measured (``benchmarks/linears.py``). ``use_eager`` leaves it as it is.
-    """
+    """The pointwise functions a model calls; eager by default, fused by ``compiled()``."""
 
     rms_norm: Callable[..., Any] = rms_norm
     add_rms_norm: Callable[..., Any] = add_rms_norm
     rope: Callable[..., Any] = rope
     qk_norm_rope: Callable[..., Any] = qk_norm_rope
     silu_and_mul: Callable[..., Any] = silu_and_mul
-    linear: Callable[..., Any] = F.linear
     is_compiled: bool = False
 
     @staticmethod
-    def compiled(skinny: bool = False) -> Pointwise:
+    def compiled() -> Pointwise:
         def fuse(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, dynamic=True, fullgraph=True)
-
-        linear: Callable[..., Any] = F.linear
-        if skinny:
-            from berth.kernels.skinny_linear import linear
 
         return Pointwise(
             fuse(rms_norm),
@@ -100,7 +90,6 @@ class Pointwise:
             fuse(rope),
             fuse(qk_norm_rope),
             fuse(silu_and_mul),
-            linear,
             is_compiled=True,
         )
 

@@ -288,7 +288,7 @@ class ModelRunner:
             and not config.enforce_eager
             and self.kernel_backend == "triton"
         )
-        self.pointwise = Pointwise.compiled(config.skinny_linears) if use_graphs else Pointwise()
+        self.pointwise = Pointwise.compiled() if use_graphs else Pointwise()
         with torch.device("meta"), _default_dtype(self.dtype):
             model = CausalLM(model_config, self.ops, self.pointwise, max_model_len)
         self.weight_arena = WeightArena(model, self.device)  # the weights' own range

@@ -16,7 +16,6 @@ KERNEL_MODULES = (
     "berth.kernels.decode",
     "berth.kernels.kv_tiles",  # before prefill, which imports its jit functions
     "berth.kernels.prefill",
-    "berth.kernels.skinny_linear",
 )
 
 if not torch.cuda.is_available():
