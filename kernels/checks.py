@@ -23,6 +23,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether to launch the decode-path kernels with programmatic dependent launch (Hopper and
+    later, ``BERTH_PDL=1``; an experiment, off by default): a kernel's programs start while the
+    one before it drains and wait at ``gdc_wait`` for its results."""
+    if os.environ.get("BERTH_PDL", "0") != "1" or interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def check_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors on one device, and that device a GPU unless the interpreter is on."""
     devices = {name: t.device for name, t in tensors.items()}

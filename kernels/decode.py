@@ -24,6 +24,7 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from berth.kernels import checks
 
@@ -125,7 +126,11 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # the query is the kernel before's output
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -249,9 +254,13 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     HW_CVT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """``_decode_kernel`` over an FP8 cache read as words: word j of a row holds dimensions 2j
     (low byte) and 2j + 1, so every dot runs twice, over the even and the odd dimensions."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -328,7 +337,10 @@ def _merge_splits_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poin
     num_splits,
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -484,6 +496,7 @@ def launch_decode(
         part_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
         )
+    pdl = {"PDL": True, "launch_pdl": True} if checks.programmatic_launch(device) else {}
     if k_words is not None and v_words is not None:
         kernel, k_arg, v_arg = _decode_fp8_words_kernel, k_words, v_words
         dims = {"HALF_DIM": head_dim // 2, "HW_CVT": _has_fp8_convert(device)}
@@ -520,6 +533,7 @@ def launch_decode(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **dims,
+        **pdl,
     )
     if not single:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -532,6 +546,7 @@ def launch_decode(
             HEAD_DIM=head_dim,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **pdl,
         )
     return out
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from berth.kernels import checks
 from berth.kernels.kv_cache import fp8_scale, to_e4m3
@@ -111,7 +112,11 @@ def _rope_write_kv_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
     HALF_PAD: tl.constexpr,
     FP8: tl.constexpr,
     QK_NORM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # q, k, v are the projection's output, the kernel before's
+        gdc_wait()
+        gdc_launch_dependents()  # the attention kernel may start loading its programs
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0).to(tl.int64)
     half = tl.arange(0, HALF_PAD)[None, :]
@@ -249,4 +254,5 @@ def rope_write_kv_cache(
         FP8=fp8,
         QK_NORM=q_norm is not None,
         num_warps=4,
+        **({"PDL": True, "launch_pdl": True} if checks.programmatic_launch(query.device) else {}),
     )
