@@ -289,6 +289,13 @@ class ModelRunner:
             and self.kernel_backend == "triton"
         )
         self.pointwise = Pointwise.compiled() if use_graphs else Pointwise()
+        if use_graphs:
+            import torch._inductor.config as inductor_config
+
+            from berth.kernels.checks import programmatic_launch
+
+            if programmatic_launch(self.device):  # BERTH_PDL=1: the compiled pointwise too
+                inductor_config.triton.enable_pdl = True
         with torch.device("meta"), _default_dtype(self.dtype):
             model = CausalLM(model_config, self.ops, self.pointwise, max_model_len)
         self.weight_arena = WeightArena(model, self.device)  # the weights' own range
