@@ -27,6 +27,7 @@ import gc
 import io
 import itertools
 import json
+import os
 import pstats
 import random
 import statistics
@@ -428,6 +429,11 @@ def main() -> None:
         action="store_true",
         help="RoPE and the KV cache write as separate kernels (the engine before the fused one)",
     )
+    ap.add_argument(
+        "--pdl",
+        action="store_true",
+        help="programmatic dependent launch on the decode path (BERTH_PDL=1; Hopper or later)",
+    )
     ap.add_argument("--profile", default="", help="concurrencies to profile, e.g. 1,64")
     ap.add_argument(
         "--host-profile",
@@ -467,6 +473,9 @@ def main() -> None:
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     report["fused_rope_kv_write"] = not args.unfused_rope
+    if args.pdl:
+        os.environ["BERTH_PDL"] = "1"  # read by the kernel launchers and the runner
+    report["programmatic_launch"] = os.environ.get("BERTH_PDL") == "1"
     if args.unfused_rope:
         use_unfused_rope()
     t0 = time.perf_counter()
