@@ -35,6 +35,12 @@ def programmatic_launch(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """Extra launch arguments of a decode-path kernel with a ``PDL`` constexpr: the constexpr
+    and Triton's ``launch_pdl`` when ``programmatic_launch``, else none."""
+    return {"PDL": True, "launch_pdl": True} if programmatic_launch(device) else {}
+
+
 def check_device(**tensors: torch.Tensor) -> torch.device:
     """All tensors on one device, and that device a GPU unless the interpreter is on."""
     devices = {name: t.device for name, t in tensors.items()}

@@ -496,7 +496,7 @@ def launch_decode(
         part_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
         )
-    pdl = {"PDL": True, "launch_pdl": True} if checks.programmatic_launch(device) else {}
+    pdl = checks.launch_options(device)
     if k_words is not None and v_words is not None:
         kernel, k_arg, v_arg = _decode_fp8_words_kernel, k_words, v_words
         dims = {"HALF_DIM": head_dim // 2, "HW_CVT": _has_fp8_convert(device)}

@@ -254,5 +254,5 @@ def rope_write_kv_cache(
         FP8=fp8,
         QK_NORM=q_norm is not None,
         num_warps=4,
-        **({"PDL": True, "launch_pdl": True} if checks.programmatic_launch(query.device) else {}),
+        **checks.launch_options(query.device),
     )

@@ -26,6 +26,7 @@ def test_asked_for_it_takes_hopper_or_later(
     compiled_kernels.setenv("BERTH_PDL", "1")
     compiled_kernels.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert checks.programmatic_launch(CUDA) is expected
+    assert checks.launch_options(CUDA) == ({"PDL": True, "launch_pdl": True} if expected else {})
 
 
 @pytest.mark.parametrize("value", [None, "0", "", "yes"])
