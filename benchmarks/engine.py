@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from berth.kernels.checks import programmatic_launch
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, model_runner
 from berth.runtime.engine.model import AttentionOps
 from berth.runtime.engine.model_config import ModelConfig
@@ -430,9 +431,17 @@ def main() -> None:
         help="RoPE and the KV cache write as separate kernels (the engine before the fused one)",
     )
     ap.add_argument(
-        "--pdl",
+        "--no-pdl",
         action="store_true",
-        help="programmatic dependent launch on the decode path (BERTH_PDL=1; Hopper or later)",
+        help="no programmatic dependent launch on the decode path (BERTH_PDL=0; it is on by "
+        "default on Hopper or later)",
+    )
+    ap.add_argument(
+        "--blas",
+        choices=["measured", "cublas", "cublaslt"],
+        default="measured",
+        help="the decode graphs' BLAS library (EngineConfig.decode_blas): measured per batch "
+        "size at start-up (the default), or one for all",
     )
     ap.add_argument("--profile", default="", help="concurrencies to profile, e.g. 1,64")
     ap.add_argument(
@@ -473,9 +482,9 @@ def main() -> None:
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     report["fused_rope_kv_write"] = not args.unfused_rope
-    if args.pdl:
-        os.environ["BERTH_PDL"] = "1"  # read by the kernel launchers and the runner
-    report["programmatic_launch"] = os.environ.get("BERTH_PDL") == "1"
+    if args.no_pdl:
+        os.environ["BERTH_PDL"] = "0"  # read by the kernel launchers and the runner
+    report["programmatic_launch"] = programmatic_launch(torch.device("cuda"))
     if args.unfused_rope:
         use_unfused_rope()
     t0 = time.perf_counter()
@@ -492,9 +501,11 @@ def main() -> None:
             max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None,
             kv_cache_dtype=args.kv_cache_dtype,
             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+            decode_blas=args.blas,
         )
     )
     report["engine_start_s"] = time.perf_counter() - t0
+    report["decode_blas"] = {str(k): v for k, v in engine.runner.blas_for_size.items()}
     freeze_startup_heap("benchmark")  # as the engine process does: no long full collections
     report["kernels"] = engine.runner.kernel_backend
     report["cuda_graphs"] = bool(engine.runner.graphs)

@@ -12,8 +12,8 @@
 # Usage: benchmarks/engine_device.sh [tests] [kernels] [prefill] [burst] [bench]
 #   (default: tests kernels prefill bench, issue 23's targets in one call)
 # ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv[:flag] ..." overrides the variants (flag: one
-# more engine.py flag without its dashes, e.g. unfused-rope, or pdl: programmatic dependent
-# launch, as in "base:2048:2048:512:auto pdl:2048:2048:512:auto:pdl"), ENGINE_ARGS adds
+# more engine.py flag without its dashes, e.g. unfused-rope, or no-pdl: no programmatic
+# dependent launch, as in "base:2048:2048:512:auto nopdl:2048:2048:512:auto:no-pdl"), ENGINE_ARGS adds
 # engine.py flags (e.g. "--profile 256 --host-profile 256"). Results in $OUT.
 # KERNELS_ARGS adds kernels.py flags (e.g. "--sweep --decode-shapes 1x32768,16x8192"), with
 # KERNELS_TIMEOUT seconds (default 200) for the longer run a sweep makes; PREFILL_ARGS likewise

@@ -36,6 +36,9 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # Prefill/mixed steps of up to this many tokens replay CUDA graphs (0: they run eagerly).
     max_prefill_graph_tokens: int = 2048
+    # The BLAS library of the decode graphs' matmuls: "measured" (per batch size, whichever of
+    # cuBLAS and cuBLASLt ran the model's matmuls faster at start-up), "cublas" or "cublaslt".
+    decode_blas: str = "measured"
     seed: int = 0
     budget: GpuBudget | None = None  # the pod's GPU memory share (``budget.read_budget``)
     standby: bool = False  # keep a host copy of the weights so the engine can park and wake
@@ -66,6 +69,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.decode_blas not in ("measured", "cublas", "cublaslt"):
+            raise ValueError(
+                f"decode_blas must be measured, cublas or cublaslt, got {self.decode_blas!r}"
+            )
         if self.dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"):
             raise ValueError(
                 f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"

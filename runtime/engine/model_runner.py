@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
+from berth.runtime.engine import blas_choice
 from berth.runtime.engine.budget import KvPlan, plan_kv_pool
 from berth.runtime.engine.config import EngineConfig
 from berth.runtime.engine.kv_arena import (
@@ -294,7 +295,7 @@ class ModelRunner:
 
             from berth.kernels.checks import programmatic_launch
 
-            if programmatic_launch(self.device):  # BERTH_PDL=1: the compiled pointwise too
+            if programmatic_launch(self.device):  # the compiled pointwise kernels too
                 inductor_config.triton.enable_pdl = True
         with torch.device("meta"), _default_dtype(self.dtype):
             model = CausalLM(model_config, self.ops, self.pointwise, max_model_len)
@@ -342,6 +343,7 @@ class ModelRunner:
         self._host_flip = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
+        self.blas_for_size: dict[int, str] = {}  # the BLAS library each decode graph uses
         self.num_graph_replays = 0
         # Prefill/mixed graphs by token count; each has room for ``graph_seqs`` sequences.
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -719,6 +721,10 @@ class ModelRunner:
             self.prefill_graph_sizes = []
             torch.cuda.synchronize(dev)
         decode_sizes = graph_batch_sizes(n)
+        if config.decode_blas == "measured":
+            self.blas_for_size = blas_choice.choose(self._matmul_weights(), decode_sizes)
+        else:
+            self.blas_for_size = dict.fromkeys(decode_sizes, config.decode_blas)
         for size in reversed(decode_sizes):
             meta = AttentionMetadata(
                 slot_mapping=self.d_tokens[2, :size],
@@ -728,13 +734,21 @@ class ModelRunner:
                 max_seq_len=self.max_model_len,
             )
             step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta, size)
-            graph = self._capture(step, pool)
+            with blas_choice.preferred(self.blas_for_size[size]):
+                graph = self._capture(step, pool)
             pool = graph.pool()
             self.graphs[size] = graph
         self._load_sampling_kernels()
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()  # the same for what is allocated after: fresh segments
         self.graph_sizes = decode_sizes
+
+    def _matmul_weights(self) -> list[torch.Tensor]:
+        """The weights a decode step multiplies by, in order: every linear, then the LM head."""
+        weights = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
+        if self.model.lm_head is None:  # tied: the LM head is the embedding
+            weights.append(self.model.model.embed_tokens.weight)
+        return weights
 
     def _load_sampling_kernels(self) -> None:
         """Run a mixed step's eager tail (the sampled rows, the LM head, the argmax) once at

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from berth.runtime.engine import Engine, EngineConfig, SamplingParams
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,6 +50,40 @@ def test_cuda_graph_decode_matches_eager(batch: int, tiny_model: Path) -> None:
     eager = Engine(EngineConfig(**kw, enforce_eager=True))  # type: ignore[arg-type]
     a, b = _decode_logits(graphed, prompts), _decode_logits(eager, prompts)
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+@pytest.mark.parametrize("decode_blas", ["cublas", "cublaslt"])
+def test_decode_graphs_captured_under_either_blas_library_match_eager(
+    decode_blas: str, tiny_model: Path
+) -> None:
+    prompts = [[(5 * i + j) % 500 + 1 for j in range(6 + 7 * i)] for i in range(20)]
+    kw = {"model": str(tiny_model), "device": "cuda", "dtype": "bfloat16", "max_num_seqs": 32,
+          "kv_cache_bytes": 64 << 20}  # fmt: skip
+    before = torch.backends.cuda.preferred_blas_library()
+    graphed = Engine(EngineConfig(**kw, decode_blas=decode_blas))  # type: ignore[arg-type]
+    assert torch.backends.cuda.preferred_blas_library() == before  # only while capturing
+    assert set(graphed.runner.blas_for_size) == set(graphed.runner.graphs)
+    assert set(graphed.runner.blas_for_size.values()) == {decode_blas}
+    eager = Engine(EngineConfig(**kw, enforce_eager=True))  # type: ignore[arg-type]
+    a, b = _decode_logits(graphed, prompts), _decode_logits(eager, prompts)
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_measured_blas_gives_every_decode_graph_a_library(tiny_model: Path) -> None:
+    engine = Engine(
+        EngineConfig(
+            model=str(tiny_model),
+            device="cuda",
+            dtype="bfloat16",
+            max_num_seqs=64,
+            kv_cache_bytes=64 << 20,
+        )
+    )
+    assert set(engine.runner.blas_for_size) == set(engine.runner.graphs)
+    assert set(engine.runner.blas_for_size.values()) <= set(blas_choice.LIBRARIES)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outs = engine.generate([[3, 5, 7, 9]] * 40, params)
+    assert len({tuple(o.new_token_ids) for o in outs}) == 1  # one prompt, one greedy answer
 
 
 def test_gpu_greedy_agrees_with_cpu(tiny_model: Path, model_factory: Callable[[str], Path]) -> None:

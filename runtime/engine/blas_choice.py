@@ -1,0 +1,101 @@
+"""Which BLAS library each decode graph's matmuls are captured with, measured at start-up.
+
+cuBLAS and cuBLASLt pick different kernels for the same skinny product, and neither wins at
+every row count: with Llama-3-8B's linears on an H200, cuBLASLt's ran a decode step's matmuls
+5 % faster at 32-96 rows and 2-6 % slower at 8-16 and 192-256 rows
+(``benchmarks/results/blas-tuning-h200.md``). PyTorch reads its preferred library when a matmul
+is issued, so a CUDA graph keeps the kernels of the library preferred while it was captured.
+The runner times the model's own linears under each library at every decode batch size and
+captures each decode graph under the faster one; eager steps keep PyTorch's default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT = "cublas"
+LIBRARIES = (DEFAULT, "cublaslt")
+# Another library must beat the default by this factor to be picked: the replays of one graph
+# differ by about 1 %, and a pick within the noise would only make start-up less repeatable.
+MIN_GAIN = 1.02
+
+
+def pick(times_ms: Mapping[str, float], default: str = DEFAULT, min_gain: float = MIN_GAIN) -> str:
+    """The library to capture with: the fastest, unless the default is within ``min_gain``."""
+    if default not in times_ms:
+        raise ValueError(f"no time for the default library {default!r}: {dict(times_ms)}")
+    best = min(times_ms, key=lambda name: (times_ms[name], name != default))
+    return best if times_ms[default] > times_ms[best] * min_gain else default
+
+
+@contextlib.contextmanager
+def preferred(library: str) -> Iterator[None]:
+    """PyTorch's preferred BLAS library is ``library`` inside the block."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
+def time_matmuls(weights: Sequence[torch.Tensor], rows: int, replays: int = 5) -> float:
+    """Median ms of one CUDA-graph replay of ``rows`` rows times each weight (``x @ w.T``,
+    as ``nn.Linear``), in order: the matmuls of a decode step, under the preferred library.
+    Each weight is read once per replay, so the model's weights (larger than L2) stream from
+    memory as they do in a step."""
+    device, dtype = weights[0].device, weights[0].dtype
+    inputs = {k: torch.randn(rows, k, dtype=dtype, device=device)
+              for k in {w.shape[1] for w in weights}}  # fmt: skip
+
+    def run() -> None:
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        run()  # outside the capture: the library's handles, workspaces and kernels load
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        graph.replay()
+        times = []
+        for _ in range(replays):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+    del graph
+    return statistics.median(times)
+
+
+def choose(
+    weights: Sequence[torch.Tensor], sizes: Iterable[int], libraries: Sequence[str] = LIBRARIES
+) -> dict[int, str]:
+    """Per decode batch size, the library whose matmuls ran faster (``pick``), logged."""
+    choice: dict[int, str] = {}
+    gains: dict[int, float] = {}
+    for rows in sizes:
+        times = {}
+        for library in libraries:
+            with preferred(library):
+                times[library] = time_matmuls(weights, rows)
+        choice[rows] = pick(times)
+        gains[rows] = times[DEFAULT] / times[choice[rows]]
+    torch.cuda.empty_cache()  # the timing graphs' pools
+    picked = {rows: lib for rows, lib in choice.items() if lib != DEFAULT}
+    log.info(
+        "decode graphs' matmuls: %s",
+        ", ".join(f"{lib} at {rows} rows ({gains[rows]:.3f}x)" for rows, lib in picked.items())
+        or f"{DEFAULT} at every batch size",
+    )
+    return choice

@@ -1,0 +1,62 @@
+"""Which BLAS library a decode graph is captured with: the pure pick over measured times, and
+the engine setting that names it (the GPU side is in ``test_engine_gpu.py``)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from berth.runtime.engine import EngineConfig, blas_choice
+from berth.runtime.engine.blas_choice import DEFAULT, MIN_GAIN, pick
+
+times_ms = st.dictionaries(
+    st.sampled_from(["cublaslt", "other"]),
+    st.floats(min_value=0.01, max_value=100.0, allow_nan=False),
+    max_size=2,
+).flatmap(lambda rest: st.floats(0.01, 100.0).map(lambda t: {DEFAULT: t, **rest}))
+
+
+@given(times_ms)
+def test_another_library_only_when_it_beats_the_default_by_the_margin(
+    times: dict[str, float],
+) -> None:
+    chosen = pick(times)
+    assert chosen in times
+    fastest = min(times.values())
+    if chosen == DEFAULT:
+        assert times[DEFAULT] <= fastest * MIN_GAIN
+    else:
+        assert times[chosen] == fastest
+        assert times[DEFAULT] > times[chosen] * MIN_GAIN
+
+
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [
+        ({"cublas": 4.273, "cublaslt": 4.043}, "cublaslt"),  # H200, 64 rows: 1.057x
+        ({"cublas": 4.653, "cublaslt": 4.677}, "cublas"),  # 128 rows: slower
+        ({"cublas": 4.00, "cublaslt": 3.95}, "cublas"),  # 1.013x: within the noise
+        ({"cublas": 4.00, "cublaslt": 4.00}, "cublas"),  # a tie keeps the default
+        ({"cublas": 4.00}, "cublas"),
+    ],
+)
+def test_measured_picks(times: dict[str, float], expected: str) -> None:
+    assert pick(times) == expected
+
+
+def test_a_time_for_the_default_is_required() -> None:
+    with pytest.raises(ValueError, match="default library 'cublas'"):
+        pick({"cublaslt": 1.0})
+
+
+@pytest.mark.parametrize("value", ["measured", "cublas", "cublaslt"])
+def test_the_engine_setting_takes_the_libraries(value: str) -> None:
+    EngineConfig(model="m", decode_blas=value).validate()
+    assert value == "measured" or value in blas_choice.LIBRARIES
+
+
+@pytest.mark.parametrize("value", ["cuBLAS", "auto", ""])
+def test_the_engine_setting_names_itself_when_wrong(value: str) -> None:
+    with pytest.raises(ValueError, match="decode_blas must be measured, cublas or cublaslt"):
+        EngineConfig(model="m", decode_blas=value).validate()
