@@ -174,6 +174,11 @@ def fp8_configs(sweep: bool) -> list[DecodeConfig | None]:
                     configs.append(
                         DecodeConfig(block_n=block_n, split_waves=waves, num_stages=stages)
                     )
+        # 8 warps issue 17 instructions per KV KB against 4 warps' 24 (decode-sass-sm90-*.md):
+        # slower on the H100, not yet timed on the H200, whose bandwidth asks more per SM.
+        for waves in (4.0, 8.0, 16.0):
+            for stages in (2, 3):
+                configs.append(DecodeConfig(num_warps=8, split_waves=waves, num_stages=stages))
     return configs
 
 
