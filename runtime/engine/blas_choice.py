@@ -87,8 +87,13 @@ def choose(
     for rows in sizes:
         times = {}
         for library in libraries:
-            with preferred(library):
-                times[library] = time_matmuls(weights, rows)
+            try:
+                with preferred(library):
+                    times[library] = time_matmuls(weights, rows)
+            except RuntimeError as e:  # a library without kernels for these operands
+                if library == DEFAULT:
+                    raise
+                log.warning("%s at %d rows failed (%s): not a choice there", library, rows, e)
         choice[rows] = pick(times)
         gains[rows] = times[DEFAULT] / times[choice[rows]]
     torch.cuda.empty_cache()  # the timing graphs' pools
