@@ -182,6 +182,14 @@ def _env(name: str) -> str:
     type=click.IntRange(0),
     help="Prefill/mixed steps up to this many tokens replay CUDA graphs (0: eager).",
 )
+@click.option(
+    "--decode-blas",
+    default="measured",
+    show_default=True,
+    type=click.Choice(["measured", "cublas", "cublaslt"]),
+    help="BLAS library of the decode graphs' matmuls: measured per batch size at start-up "
+    "(whichever of cuBLAS and cuBLASLt is faster there), or one for all.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--log-level",
@@ -250,6 +258,7 @@ def serve(
     enable_prefix_caching: bool,
     enforce_eager: bool,
     max_prefill_graph_tokens: int,
+    decode_blas: str,
     seed: int,
     log_level: str,
     access_log: bool,
@@ -295,6 +304,7 @@ def serve(
         enable_prefix_caching=enable_prefix_caching,
         enforce_eager=enforce_eager,
         max_prefill_graph_tokens=max_prefill_graph_tokens,
+        decode_blas=decode_blas,
         seed=seed,
         budget=budget,
     )

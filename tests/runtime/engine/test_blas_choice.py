@@ -60,3 +60,12 @@ def test_the_engine_setting_takes_the_libraries(value: str) -> None:
 def test_the_engine_setting_names_itself_when_wrong(value: str) -> None:
     with pytest.raises(ValueError, match="decode_blas must be measured, cublas or cublaslt"):
         EngineConfig(model="m", decode_blas=value).validate()
+
+
+def test_berth_serve_refuses_an_unknown_library_naming_the_flag() -> None:
+    from click.testing import CliRunner
+
+    from berth.runtime.server.cli import serve
+
+    result = CliRunner().invoke(serve, ["--model", "tiny", "--decode-blas", "mkl"])
+    assert result.exit_code == 2 and "--decode-blas" in result.output, result.output
