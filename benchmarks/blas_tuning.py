@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import measure_bandwidth  # benchmarks/engine.py
 
+from berth.runtime.engine.blas_choice import preferred, replay_ms
 from berth.runtime.engine.testmodels import SHAPES
 
 
@@ -54,12 +54,9 @@ def linear_shapes(shape: str) -> dict[str, tuple[int, int, int]]:
 def blas_variant(name: str, algo_count: int, picks: list[Any]) -> Iterator[None]:
     """cuBLAS (the default), cuBLASLt preferred, or TunableOp timing cuBLASLt's candidates
     (its picks appended to ``picks``: operator, shape, chosen kernel, ms)."""
-    before = torch.backends.cuda.preferred_blas_library()
-    tunable = torch.cuda.tunable
-    try:
-        if name in ("cublaslt", "tuned-lt"):
-            torch.backends.cuda.preferred_blas_library("cublaslt")
-        if name.startswith("tuned"):
+    tunable, tuned = torch.cuda.tunable, name.startswith("tuned")
+    with preferred("cublaslt" if name in ("cublaslt", "tuned-lt") else "cublas"):
+        if tuned:
             tunable.enable(True)
             tunable.tuning_enable(True)
             if hasattr(tunable, "set_cublaslt_requested_algo_count"):  # PyTorch 2.11+
@@ -69,38 +66,14 @@ def blas_variant(name: str, algo_count: int, picks: list[Any]) -> Iterator[None]
             tunable.set_max_tuning_iterations(100)
             if hasattr(tunable, "_clear_all"):
                 tunable._clear_all()  # each tuned variant tunes from scratch
-        yield
-    finally:
-        if name.startswith("tuned"):
-            results: Any = tunable.get_results()  # typed as one tuple; a list of them
-            picks.extend([str(f) for f in r] for r in results)
-            tunable.tuning_enable(False)
-            tunable.enable(False)
-        torch.backends.cuda.preferred_blas_library(before)
-
-
-def graph_time(fn: Callable[[], None], repeats: int = 15) -> float:
-    """Median ms of one CUDA-graph replay of ``fn`` (warmed outside the capture first, which is
-    also when TunableOp tunes each new shape)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        try:
+            yield
+        finally:
+            if tuned:
+                results: Any = tunable.get_results()  # typed as one tuple; a list of them
+                picks.extend([str(f) for f in r] for r in results)
+                tunable.tuning_enable(False)
+                tunable.enable(False)
 
 
 def main() -> None:
@@ -146,7 +119,7 @@ def main() -> None:
                         for w in ws:
                             torch.nn.functional.linear(x, w)
 
-                    per_kind[kind] = graph_time(one_kind)
+                    per_kind[kind] = replay_ms(one_kind, replays=15)
 
                 def step(xs: dict[int, torch.Tensor] = xs) -> None:
                     for layer in range(kinds["qkv"][2]):
@@ -156,7 +129,7 @@ def main() -> None:
                     w = weights["lm_head"][0]
                     torch.nn.functional.linear(xs[w.shape[1]], w)
 
-                ms = graph_time(step)
+                ms = replay_ms(step, replays=15)
                 nbytes = sum(w.numel() * 2 for ws in weights.values() for w in ws)
                 run = {
                     "variant": variant,

@@ -40,6 +40,7 @@ import torch
 
 from berth.kernels.checks import programmatic_launch
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, model_runner
+from berth.runtime.engine.blas_choice import replay_ms
 from berth.runtime.engine.model import AttentionOps
 from berth.runtime.engine.model_config import ModelConfig
 from berth.runtime.engine.testmodels import make_model
@@ -117,23 +118,7 @@ def time_linears(model: torch.nn.Module, batch: int, repeats: int = 11) -> dict[
         for m in linears:
             torch.nn.functional.linear(inputs[m.in_features], m.weight)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        step()  # warm cuBLAS's handles and workspaces outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        step()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    ms = statistics.median(times)
+    ms = replay_ms(step, replays=repeats)
     return {"linears_ms": ms, "linears_tflops": flops / (ms * 1e-3) / 1e12}
 
 
