@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import measure_bandwidth  # benchmarks/engine.py
 
-from berth.runtime.engine.blas_choice import preferred, replay_ms
+from berth.runtime.engine.blas_choice import preferred, time_matmuls
 from berth.runtime.engine.testmodels import SHAPES
 
 
@@ -109,27 +109,12 @@ def main() -> None:
         picks: list[Any] = []
         with blas_variant(variant, args.algo_count, picks):
             for rows in rows_list:
-                xs = {k: torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-                      for _, k, _ in kinds.values()}  # fmt: skip
-                per_kind: dict[str, float] = {}
-                for kind, ws in weights.items():
-                    x = xs[ws[0].shape[1]]
-
-                    def one_kind(x: torch.Tensor = x, ws: list[torch.Tensor] = ws) -> None:
-                        for w in ws:
-                            torch.nn.functional.linear(x, w)
-
-                    per_kind[kind] = replay_ms(one_kind, replays=15)
-
-                def step(xs: dict[int, torch.Tensor] = xs) -> None:
-                    for layer in range(kinds["qkv"][2]):
-                        for kind in ("qkv", "o", "gate_up", "down"):
-                            w = weights[kind][layer]
-                            torch.nn.functional.linear(xs[w.shape[1]], w)
-                    w = weights["lm_head"][0]
-                    torch.nn.functional.linear(xs[w.shape[1]], w)
-
-                ms = replay_ms(step, replays=15)
+                per_kind = {
+                    kind: time_matmuls(ws, rows, replays=15) for kind, ws in weights.items()
+                }
+                in_order = [weights[kind][layer] for layer in range(kinds["qkv"][2])
+                            for kind in ("qkv", "o", "gate_up", "down")]  # fmt: skip
+                ms = time_matmuls([*in_order, weights["lm_head"][0]], rows, replays=15)
                 nbytes = sum(w.numel() * 2 for ws in weights.values() for w in ws)
                 run = {
                     "variant": variant,

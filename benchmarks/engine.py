@@ -40,7 +40,8 @@ import torch
 
 from berth.kernels.checks import programmatic_launch
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, model_runner
-from berth.runtime.engine.blas_choice import replay_ms
+from berth.runtime.engine.blas_choice import time_matmuls
+from berth.runtime.engine.config import DECODE_BLAS
 from berth.runtime.engine.model import AttentionOps
 from berth.runtime.engine.model_config import ModelConfig
 from berth.runtime.engine.testmodels import make_model
@@ -109,16 +110,8 @@ def time_linears(model: torch.nn.Module, batch: int, repeats: int = 11) -> dict[
     it reaches (TFLOP/s). At batch 256 the weights' bytes no longer bound these matmuls; their
     FLOPs do, so a bytes-only roofline understates the step, and this is the floor beside it."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    dtype, device = linears[0].weight.dtype, linears[0].weight.device
-    inputs = {n: torch.randn(batch, n, dtype=dtype, device=device)
-              for n in {m.in_features for m in linears}}  # fmt: skip
     flops = sum(2 * batch * m.in_features * m.out_features for m in linears)
-
-    def step() -> None:
-        for m in linears:
-            torch.nn.functional.linear(inputs[m.in_features], m.weight)
-
-    ms = replay_ms(step, replays=repeats)
+    ms = time_matmuls([m.weight for m in linears], batch, replays=repeats)
     return {"linears_ms": ms, "linears_tflops": flops / (ms * 1e-3) / 1e12}
 
 
@@ -423,7 +416,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--blas",
-        choices=["measured", "cublas", "cublaslt"],
+        choices=DECODE_BLAS,
         default="measured",
         help="the decode graphs' BLAS library (EngineConfig.decode_blas): measured per batch "
         "size at start-up (the default), or one for all",

@@ -68,7 +68,7 @@ def replay_ms(run: Callable[[], None], replays: int = 5) -> float:
     return statistics.median(times)
 
 
-def time_matmuls(weights: Sequence[torch.Tensor], rows: int) -> float:
+def time_matmuls(weights: Sequence[torch.Tensor], rows: int, replays: int = 5) -> float:
     """``replay_ms`` of ``rows`` rows times each weight (``x @ w.T``, as ``nn.Linear``), in
     order: the matmuls of a decode step, under the preferred library. Each weight is read once
     per replay, so the model's weights (larger than L2) stream from memory as in a step."""
@@ -80,7 +80,7 @@ def time_matmuls(weights: Sequence[torch.Tensor], rows: int) -> float:
         for w in weights:
             torch.nn.functional.linear(inputs[w.shape[1]], w)
 
-    return replay_ms(run)
+    return replay_ms(run, replays)
 
 
 def choose(

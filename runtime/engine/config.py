@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from berth.runtime.engine.budget import GpuBudget
 
+# ``EngineConfig.decode_blas``: measured per batch size, or one library for every decode graph.
+DECODE_BLAS = ("measured", "cublas", "cublaslt")
+
 
 @dataclass
 class EngineConfig:
@@ -69,7 +72,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
-        if self.decode_blas not in ("measured", "cublas", "cublaslt"):
+        if self.decode_blas not in DECODE_BLAS:
             raise ValueError(
                 f"decode_blas must be measured, cublas or cublaslt, got {self.decode_blas!r}"
             )

@@ -13,6 +13,7 @@ import sys
 import click
 
 from berth import wire
+from berth.runtime.engine.config import DECODE_BLAS
 
 
 def _env(name: str) -> str:
@@ -186,7 +187,7 @@ def _env(name: str) -> str:
     "--decode-blas",
     default="measured",
     show_default=True,
-    type=click.Choice(["measured", "cublas", "cublaslt"]),
+    type=click.Choice(DECODE_BLAS),
     help="BLAS library of the decode graphs' matmuls: measured per batch size at start-up "
     "(whichever of cuBLAS and cuBLASLt is faster there), or one for all.",
 )
