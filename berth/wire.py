@@ -61,6 +61,9 @@ ENV_GPU_MEMORY_REQUEST: Final = "BERTH_GPU_MEMORY_REQUEST"
 ENV_GPU_MEMORY_LIMIT: Final = "BERTH_GPU_MEMORY_LIMIT"
 ENV_GPU_UUID: Final = "BERTH_GPU_UUID"
 ENV_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"  # read by the NVIDIA container runtime
+# The pod's own name and namespace (downward API): the tenant name the runtime registers under.
+ENV_POD_NAME: Final = "POD_NAME"
+ENV_POD_NAMESPACE: Final = "POD_NAMESPACE"
 # The node agent's unix socket (berth.agent_protocol); the pod mounts it from the host.
 ENV_AGENT_SOCKET: Final = "BERTH_AGENT_SOCKET"
 ENV_RUNTIME_IMAGE: Final = "BERTH_RUNTIME_IMAGE"  # operator setting: the image it renders

@@ -505,15 +505,28 @@ NOT_ACTED_ON: tuple[str, ...] = ()
 # The sandbox's allowlists and denials act only under ``sandbox.enabled: true``; set without it,
 # they are reported as not acted on too.
 SEALED_ONLY: tuple[str, ...] = ("sandbox.egress", "sandbox.ingress", "sandbox.deniedSyscalls")
+# Read by Berth's autoscaler alone, so acted on only under ``autoscaling.mode: berth``: without
+# it each replica parks on its own idle timer, and an external HPA or KEDA reads none of them.
+AUTOSCALER_ONLY: tuple[str, ...] = (
+    "standby.minActiveReplicas",
+    *(
+        f"autoscaling.{field.alias or name}"
+        for name, field in AutoscalingSpec.model_fields.items()
+        if name != "mode"
+    ),
+)
 
 
 def fields_not_acted_on(spec: InferenceServiceSpec) -> tuple[str, ...]:
-    """The ``NOT_ACTED_ON`` paths (and ``SEALED_ONLY`` ones without an enabled sandbox) that
-    ``spec`` sets to something other than their default (the API server fills defaults in, so
-    "present" alone would flag every default)."""
+    """The ``NOT_ACTED_ON`` paths (and ``SEALED_ONLY`` ones without an enabled sandbox,
+    ``AUTOSCALER_ONLY`` ones without Berth's autoscaler) that ``spec`` sets to something other
+    than their default (the API server fills defaults in, so "present" alone would flag every
+    default)."""
     sealed = spec.sandbox is not None and spec.sandbox.enabled
+    autoscaled = spec.autoscaling is not None and spec.autoscaling.mode == "berth"
     found = []
-    for path in NOT_ACTED_ON + (() if sealed else SEALED_ONLY):
+    paths = NOT_ACTED_ON + (() if sealed else SEALED_ONLY) + (() if autoscaled else AUTOSCALER_ONLY)
+    for path in paths:
         node: Any = spec
         for depth, part in enumerate(parts := path.split(".")):
             model = type(node)

@@ -22,10 +22,24 @@ from berth.operator.api_types import (
     validations,
 )
 
-# Env vars Berth sets itself (the GPU the scheduler assigned, its budget, the node agent's socket);
-# a tenant may not override them.
-RESERVED_ENV = (wire.ENV_VISIBLE_DEVICES, wire.ENV_AGENT_SOCKET)
+# Env vars Berth sets itself (the GPU the scheduler assigned and its budget, the pod's identity
+# with the node agent and its socket, MPS, standby and the admin token); a tenant may not
+# override them: a user value would come after Berth's and win. A test renders every kind of
+# pod and checks that each variable Berth sets is here.
+RESERVED_ENV = (
+    wire.ENV_VISIBLE_DEVICES,
+    wire.ENV_POD_NAME,
+    wire.ENV_POD_NAMESPACE,
+    wire.ENV_AGENT_SOCKET,
+    wire.ENV_MPS_DIR,
+    wire.ENV_STANDBY_IDLE_SECONDS,
+    wire.ENV_ADMIN_TOKEN,
+)
 RESERVED_ENV_PREFIX = "BERTH_GPU_"
+# Label and annotation keys under Berth's domain are Berth's: the scheduler's GPU ledger, the
+# standby mark, the sandbox's policies, routing. A tenant's would be overwritten, or worse, read
+# (a pod marked as parked books no GPU memory).
+RESERVED_KEY_PREFIX = f"{wire.GROUP}/"
 
 
 class Toleration(ApiModel):
@@ -74,16 +88,26 @@ class Toleration(ApiModel):
 
 def _not_reserved(name: str) -> str:
     if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
-        raise ValueError(
-            f"{name} is reserved for Berth (the GPU it assigned) and cannot be overridden"
-        )
+        raise ValueError(f"{name} is reserved for Berth, which sets it, and cannot be overridden")
     return name
 
 
 _RESERVED_ENV_RULE = {
     "rule": f"!(self in {list(RESERVED_ENV)!r}) && !self.startsWith({RESERVED_ENV_PREFIX!r})",
-    "message": f"is reserved for Berth, which sets it from the GPU it assigned "
+    "message": f"is reserved for Berth, which sets it "
     f"({', '.join(RESERVED_ENV)}, {RESERVED_ENV_PREFIX}*), and cannot be overridden",
+}
+
+
+def _no_berth_keys(keys: dict[str, str]) -> dict[str, str]:
+    if taken := sorted(k for k in keys if k.startswith(RESERVED_KEY_PREFIX)):
+        raise ValueError(f"keys under {RESERVED_KEY_PREFIX} are reserved for Berth: {taken}")
+    return keys
+
+
+_NO_BERTH_KEYS_RULE = {
+    "rule": f"self.all(k, !k.startsWith({RESERVED_KEY_PREFIX!r}))",
+    "message": f"keys under {RESERVED_KEY_PREFIX} are reserved for Berth",
 }
 
 
@@ -105,7 +129,7 @@ class EnvVar(ApiModel):
             min_length=1,
             max_length=256,
             pattern="^[ -<>-~]+$",
-            description="Variable name (Berth's own BERTH_* and GPU variables are reserved).",
+            description="Variable name (those Berth sets, BERTH_GPU_* among them, are reserved).",
             json_schema_extra=validations(_RESERVED_ENV_RULE),
         ),
         AfterValidator(_not_reserved),
@@ -188,9 +212,21 @@ class PodOverrides(ApiModel):
     service_account_name: DnsSubdomain | None = Field(
         default=None, description="ServiceAccount of the pods (e.g. for a hub token's Secret)."
     )
-    labels: Labels = Field(
-        default_factory=dict, max_length=64, description="Extra labels on the pods."
-    )
-    annotations: dict[LabelKey, str] = Field(
-        default_factory=dict, max_length=64, description="Extra annotations on the pods."
-    )
+    labels: Annotated[
+        Labels,
+        Field(
+            max_length=64,
+            description=f"Extra labels on the pods (not under {RESERVED_KEY_PREFIX}).",
+            json_schema_extra=validations(_NO_BERTH_KEYS_RULE),
+        ),
+        AfterValidator(_no_berth_keys),
+    ] = Field(default_factory=dict)
+    annotations: Annotated[
+        dict[LabelKey, str],
+        Field(
+            max_length=64,
+            description=f"Extra annotations on the pods (not under {RESERVED_KEY_PREFIX}).",
+            json_schema_extra=validations(_NO_BERTH_KEYS_RULE),
+        ),
+        AfterValidator(_no_berth_keys),
+    ] = Field(default_factory=dict)

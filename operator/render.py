@@ -14,7 +14,7 @@ import posixpath
 from typing import Any
 
 from berth import wire
-from berth.operator.api import InferenceService, InferenceServiceSpec, quantity_bytes
+from berth.operator.api import InferenceService, InferenceServiceSpec, SandboxSpec, quantity_bytes
 from berth.operator.sandbox import NO_ENGINES, PolicyEngines, hardening, policies
 from berth.operator.settings import OperatorSettings
 
@@ -126,6 +126,12 @@ def fetch_container(service: InferenceService, image: str) -> dict[str, Any] | N
     return container
 
 
+def _isolated(sandbox: SandboxSpec | None) -> bool:
+    """A pod that shares no MPS server and no /dev/shm with other tenants: a sealed one, or one
+    in its own runtime class (a gVisor or Kata sandbox cannot reach the node's MPS pipes)."""
+    return sandbox is not None and (sandbox.enabled or sandbox.runtime_class_name is not None)
+
+
 def _downward_env() -> list[dict[str, Any]]:
     def annotation(name: str, key: str) -> dict[str, Any]:
         path = f"metadata.annotations['{key}']"
@@ -136,8 +142,9 @@ def _downward_env() -> list[dict[str, Any]]:
         annotation(wire.ENV_GPU_UUID, wire.POD_GPU_UUID),
         annotation(wire.ENV_GPU_MEMORY_REQUEST, wire.POD_GPU_MEMORY_REQUEST),
         annotation(wire.ENV_GPU_MEMORY_LIMIT, wire.POD_GPU_MEMORY_LIMIT),
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": wire.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": wire.ENV_POD_NAMESPACE,
+         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},  # fmt: skip
     ]
 
 
@@ -197,7 +204,7 @@ def deployment(service: InferenceService, settings: OperatorSettings) -> dict[st
                         "hostPath": {"path": settings.agent_socket_dir, "type": "DirectoryOrCreate"}})  # fmt: skip
         mounts.append({"name": "node-agent", "mountPath": AGENT_DIR, "readOnly": True})
         env.append({"name": wire.ENV_AGENT_SOCKET, "value": f"{AGENT_DIR}/agent.sock"})
-    if settings.mps_host_dir and spec.sandbox is None:
+    if settings.mps_host_dir and not _isolated(spec.sandbox):
         # NVIDIA MPS (runtime/agent/mps.py): the node's pipes, and the /dev/shm its servers
         # share with their clients. Type Directory: the node agent makes both (a pod waits for
         # it, with an event saying why, rather than starting on a root-owned /dev/shm).

@@ -116,7 +116,7 @@ class LeaseSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> LeaseSettings:
         env = os.environ if env is None else env
         path = env.get(proto.ENV_SOCKET) or proto.DEFAULT_SOCKET
-        namespace, name = env.get("POD_NAMESPACE"), env.get("POD_NAME")
+        namespace, name = env.get(wire.ENV_POD_NAMESPACE), env.get(wire.ENV_POD_NAME)
         if namespace and name:
             tenant = f"{namespace}/{name}"
         else:  # local berth serve: any unique id

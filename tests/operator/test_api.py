@@ -69,6 +69,16 @@ def test_field_errors_spell_paths_as_the_api_server_does() -> None:
             },
             ("spec.sandbox.ingress", "spec.sandbox.deniedSyscalls"),
         ),
+        # Standby replicas that never park need Berth's autoscaler to keep them active.
+        ({"standby": {"minActiveReplicas": 1}}, ("spec.standby.minActiveReplicas",)),
+        ({"standby": {"minActiveReplicas": 1}, "autoscaling": {}}, ()),
+        # An external HPA or KEDA reads none of Berth's autoscaling knobs.
+        (
+            {"autoscaling": {"mode": "external", "targetConcurrency": 4, "panicThreshold": 3}},
+            ("spec.autoscaling.targetConcurrency", "spec.autoscaling.panicThreshold"),
+        ),
+        ({"autoscaling": {"mode": "external"}}, ()),
+        ({"autoscaling": {"targetConcurrency": 4, "panicThreshold": 3}}, ()),
     ],
 )
 def test_fields_not_acted_on_names_what_a_spec_sets_beyond_the_defaults(
@@ -84,7 +94,7 @@ def test_defaults_the_api_server_fills_in_are_not_reported_as_set() -> None:
 
 
 def test_every_field_listed_as_not_acted_on_exists_in_the_spec() -> None:
-    for path in api.NOT_ACTED_ON + api.SEALED_ONLY:
+    for path in api.NOT_ACTED_ON + api.SEALED_ONLY + api.AUTOSCALER_ONLY:
         model: Any = api.InferenceServiceSpec
         for part in path.split("."):
             field = next(f for n, f in model.model_fields.items() if (f.alias or n) == part)

@@ -3,9 +3,11 @@
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from berth import wire
 from berth.operator import api, gpus, render
+from berth.operator.pod_overrides import EnvVar
 from berth.operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(runtime_image="registry.local/berth-runtime:test")
@@ -78,10 +80,16 @@ def test_with_mps_a_runtime_mounts_the_nodes_pipes_and_shared_shm_but_a_sandbox_
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert (mounts["mps"], mounts["mps-shm"]) == (wire.MPS_DIR, "/dev/shm")
     assert {"name": wire.ENV_MPS_DIR, "value": wire.MPS_DIR} in container["env"]
-    # A sandboxed agent workload shares no server and no /dev/shm with other tenants.
-    sealed = render.deployment(service(sandbox={}), mps)["spec"]["template"]["spec"]
-    assert not {"mps", "mps-shm"} & {v["name"] for v in sealed["volumes"]}
-    assert all(e["name"] != wire.ENV_MPS_DIR for e in sealed["containers"][0]["env"])
+    # A sealed agent workload, or one in its own runtime class, shares no server and no
+    # /dev/shm with other tenants.
+    for sandbox in ({"enabled": True}, {"runtimeClassName": "gvisor"}):
+        sealed = render.deployment(service(sandbox=sandbox), mps)["spec"]["template"]["spec"]
+        assert not {"mps", "mps-shm"} & {v["name"] for v in sealed["volumes"]}, sandbox
+        assert all(e["name"] != wire.ENV_MPS_DIR for e in sealed["containers"][0]["env"])
+    # A sandbox that only limits request time seals nothing: the pod joins MPS as any other.
+    timed = service(sandbox={"maxRequestSeconds": 30})
+    timed_pod = render.deployment(timed, mps)["spec"]["template"]["spec"]
+    assert {"mps", "mps-shm"} <= {v["name"] for v in timed_pod["volumes"]}
     # Off by default: time-sliced, nothing of it mounted.
     plain = render.deployment(service(), SETTINGS)["spec"]["template"]["spec"]
     assert not {"mps", "mps-shm"} & {v["name"] for v in plain["volumes"]}
@@ -282,3 +290,18 @@ def test_the_runtime_settings_reach_berth_serve(kv: str) -> None:
     params = serve_params(container["containers"][0]["args"])
     assert (params["dtype"], params["kv_cache_dtype"]) == ("bfloat16", kv)
     assert (params["max_num_seqs"], params["block_size"]) == (32, 32)
+
+
+def test_every_variable_berth_sets_is_refused_in_spec_pod_env() -> None:
+    """A tenant's env comes after Berth's and would win: each name Berth renders, with every
+    setting that adds one (the agent's socket, MPS, standby and its admin token), is reserved."""
+    everything = OperatorSettings(
+        runtime_image="x", agent_socket_dir="/run/berth/agent", mps_host_dir="/run/berth/mps"
+    )
+    svc = service(standby={"enabled": True, "idleSeconds": 60})
+    container = render.deployment(svc, everything)["spec"]["template"]["spec"]["containers"][0]
+    names = {e["name"] for e in container["env"]}
+    assert {wire.ENV_AGENT_SOCKET, wire.ENV_MPS_DIR, wire.ENV_ADMIN_TOKEN} <= names
+    for name in names:
+        with pytest.raises(ValidationError, match="cannot be overridden"):
+            EnvVar(name=name, value="x")
