@@ -143,8 +143,10 @@ def _downward_env() -> list[dict[str, Any]]:
         annotation(wire.ENV_GPU_MEMORY_REQUEST, wire.POD_GPU_MEMORY_REQUEST),
         annotation(wire.ENV_GPU_MEMORY_LIMIT, wire.POD_GPU_MEMORY_LIMIT),
         {"name": wire.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": wire.ENV_POD_NAMESPACE,
-         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},  # fmt: skip
+        {
+            "name": wire.ENV_POD_NAMESPACE,
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        },
     ]
 
 
