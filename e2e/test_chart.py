@@ -380,6 +380,8 @@ def test_upgrade_rolls_the_operator_without_double_booking(
     pods = wait_for("the operator rolled", rolled, timeout=120)
     env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
     assert env["BERTH_GPU_RESERVE_MIB"] == "512"
+    # The runtime pods it renders mount the folder the chart's node agents serve on.
+    assert env["BERTH_AGENT_SOCKET_DIR"] == str(AGENT_DIR)
     deadline = time.monotonic() + 30  # the new leader rebuilds its ledger from the annotations
     while time.monotonic() < deadline:
         assert not double_booked(cluster)

@@ -49,12 +49,14 @@ def node_from_object(node: Obj) -> Node:
     memory_mib = labels.get(wire.NODE_GPU_MEMORY_MIB)
     gpus: tuple[Gpu, ...] = ()
     if count and memory_mib:
-        uuids = [u for u in _meta(node, "annotations").get(wire.NODE_GPU_UUIDS, "").split(",") if u]
+        annotations = _meta(node, "annotations")
+        uuids = [u for u in annotations.get(wire.NODE_GPU_UUIDS, "").split(",") if u]
+        memory = _agent_memory(annotations, count) or [int(memory_mib) * MIB] * count
         gpus = tuple(
             Gpu(
                 node=name,
                 index=i,
-                memory=int(memory_mib) * MIB,
+                memory=memory[i],
                 product=labels.get(wire.NODE_GPU_PRODUCT, ""),
                 uuid=uuids[i] if len(uuids) == count else None,
             )
@@ -74,6 +76,17 @@ def node_from_object(node: Obj) -> Node:
         schedulable=ready and not spec.get("unschedulable", False),
         memory=quantity_bytes(memory) if memory else None,
     )
+
+
+def _agent_memory(annotations: Mapping[str, str], count: int) -> list[int] | None:
+    """The bytes per GPU that Berth's node agent lets tenants share (NVML's total less its
+    reserve), where it published them for every GPU: the agent admits tenants against these,
+    so the scheduler packs against the same numbers rather than feature discovery's label."""
+    try:
+        memory = [int(b) for b in annotations.get(wire.NODE_GPU_MEMORY_BYTES, "").split(",") if b]
+    except ValueError:
+        return None  # not the agent's writing: the label it is
+    return memory if len(memory) == count and all(b > 0 for b in memory) else None
 
 
 def pod_host_memory(pod: Obj) -> int:

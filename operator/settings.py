@@ -22,7 +22,8 @@ def _env_float(name: str, default: float) -> float:
 class OperatorSettings:
     # The runtime image rendered into every Deployment (kwok never pulls it).
     runtime_image: str = f"ghcr.io/berth-dev/berth-runtime:{berth.__version__}"
-    # GPU memory kept free on every GPU for CUDA contexts and the node agent.
+    # GPU memory kept free on every GPU for CUDA contexts and the node agent; on top of the
+    # agent's own reserve where the agent publishes its GPUs' memory (gpus.node_from_object).
     gpu_reserve_mib: int = 0
     # Standby tenants may overcommit a GPU's memory up to this factor (they hold none of it).
     standby_overcommit: float = 2.0

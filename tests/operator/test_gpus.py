@@ -34,6 +34,18 @@ def test_a_kwok_node_reads_as_its_inventory_entry() -> None:
     )
 
 
+def test_the_node_agents_published_memory_is_what_the_scheduler_packs_against() -> None:
+    """The agent admits tenants against NVML's total less its reserve: the scheduler uses the
+    same bytes, not feature discovery's label; anything it did not write whole is ignored."""
+    node = ready(node_manifest(GROUP, "g"))
+    annotations = node["metadata"].setdefault("annotations", {})
+    annotations[wire.NODE_GPU_MEMORY_BYTES] = f"{22 * 2**30},{21 * 2**30}"
+    assert [g.memory for g in gpus.node_from_object(node).gpus] == [22 * 2**30, 21 * 2**30]
+    for unusable in (f"{22 * 2**30}", "22Gi,21Gi", "0,1", ""):  # one GPU short, not bytes, ...
+        annotations[wire.NODE_GPU_MEMORY_BYTES] = unusable
+        assert [g.memory for g in gpus.node_from_object(node).gpus] == [23034 * 2**20] * 2
+
+
 def test_not_ready_or_cordoned_nodes_are_unschedulable() -> None:
     assert not gpus.node_from_object(node_manifest(GROUP, "g")).schedulable
     cordoned = ready(node_manifest(GROUP, "g"))
