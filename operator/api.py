@@ -468,7 +468,12 @@ class InferenceServiceSpec(ApiModel):
         ge=0,
         description="Desired replicas (the scale subresource); unset means minReplicas.",
     )
-    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (active or standby).")
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        description="Fewest replicas (active or standby). 0 runs none; Berth's autoscaler keeps "
+        "at least one (it scales to standby, not to zero: a request is what wakes a parked one).",
+    )
     max_replicas: int | None = Field(default=None, ge=1, description="Most replicas.")
     autoscaling: AutoscalingSpec | None = None
     standby: StandbySpec | None = None
