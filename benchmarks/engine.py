@@ -121,10 +121,8 @@ def run_engine(
     prompt_len: int,
     output_len: int,
     rng: random.Random,
-    host_profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Submit ``concurrency`` requests at once and record every step until all finish; with
-    ``host_profile``, cProfile the full-batch decode steps (host side) into that file."""
+    """Submit ``concurrency`` requests at once and record every step until all finish."""
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for i in range(concurrency):
@@ -134,7 +132,6 @@ def run_engine(
     token_times: dict[str, list[float]] = {}
     decode_steps: list[tuple[float, float, int]] = []  # (wall, host, kv tokens read)
     calls: list[dict[str, Any]] = []  # every step call: what it waited for, what it launched
-    profiler = cProfile.Profile() if host_profile is not None else None
     gc_clock = GcClock()
     launched = (0, 0)
     retries = allocator_retries(engine)
@@ -142,15 +139,10 @@ def run_engine(
     last_end = start  # an output's gap, as ITL counts it, runs from the previous call's end
     while engine.has_unfinished():
         running = list(engine.scheduler.running)
-        profiling = bool(decode_steps) and len(running) == concurrency
-        if profiler is not None and profiling:
-            profiler.enable()
         gc_clock.seconds = 0.0
         t0 = time.perf_counter()
         outputs = engine.step()
         t1 = time.perf_counter()
-        if profiler is not None and profiling:
-            profiler.disable()
         calls.append(
             {
                 "gap_ms": 1e3 * (t1 - last_end),
@@ -175,10 +167,6 @@ def run_engine(
             decode_steps.append((t1 - t0, engine.last_step_host_seconds, kv_tokens))
     total = time.perf_counter() - start
     gc_clock.close()
-    if profiler is not None and host_profile is not None:
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-        host_profile.write_text(text.getvalue())
     itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
     ttft = sorted(times[0] - start for times in token_times.values())
     itl_p99 = sorted(itl)[int(0.99 * len(itl))]
@@ -253,14 +241,21 @@ def slow_calls(calls: list[dict[str, Any]], itl_p99_ms: float) -> dict[str, Any]
 
 
 def steady_decode(
-    engine: Engine, concurrency: int, prompt_len: int, rng: random.Random, steps: int = 32
+    engine: Engine,
+    concurrency: int,
+    prompt_len: int,
+    rng: random.Random,
+    steps: int = 32,
+    host_profile: Path | None = None,
 ) -> dict[str, Any]:
     """Decode steps with all ``concurrency`` sequences decoding and nothing else in the step.
 
     ``run_engine`` submits everything at once, so at 256 the first requests finish before the
     last prompts are in: its full-batch decode steps are a handful, at the tail. Here the
     requests run until every one decodes, then ``steps`` steps are timed (wall, host CPU,
-    KV tokens read), and the requests are aborted."""
+    KV tokens read), and the requests are aborted. With ``host_profile`` those steps are
+    cProfiled (host side, sorted by own time) into that file; their times then include
+    cProfile's overhead."""
     vocab = engine.model_config.vocab_size
     # The prompts go in a capped number of tokens per step beside the decodes, so the first
     # requests must outlive the steps that take the last prompt in, or the batch never fills.
@@ -282,11 +277,20 @@ def steady_decode(
         ready = ready + 1 if full and all(s.num_computed_tokens >= s.num_prompt_tokens
                                           for s in running) else 0  # fmt: skip
     rows: list[tuple[float, float, int]] = []
+    profiler = cProfile.Profile() if host_profile is not None else None
     for _ in range(steps):
         kv_tokens = sum(s.num_computed_tokens for s in engine.scheduler.running)
         t0 = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         engine.step()
+        if profiler is not None:
+            profiler.disable()
         rows.append((time.perf_counter() - t0, engine.last_step_host_seconds, kv_tokens))
+    if profiler is not None and host_profile is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+        host_profile.write_text(text.getvalue())
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished():
@@ -425,7 +429,8 @@ def main() -> None:
     ap.add_argument(
         "--host-profile",
         default="",
-        help="concurrencies whose decode steps cProfile (host side; slows them), e.g. 256",
+        help="concurrencies whose steady decode steps are cProfiled (host side) in a second "
+        "run, not the reported one, e.g. 256",
     )
     args = ap.parse_args()
     out = Path(args.out)
@@ -512,15 +517,6 @@ def main() -> None:
     host_profiled = {int(c) for c in args.host_profile.split(",") if c}
     for c in concurrencies:
         r = run_engine(engine, c, args.prompt_len, args.output_len, rng)
-        if c in host_profiled:  # a second, profiled run: its timings are not reported
-            run_engine(
-                engine,
-                c,
-                args.prompt_len,
-                args.output_len,
-                rng,
-                out / f"host-profile-{c}{args.tag}.txt",
-            )
         kv_bytes = r["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         r["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
@@ -533,6 +529,9 @@ def main() -> None:
         r["ideal_tokens_per_s"] = c * args.output_len / ideal_s
         r["of_ideal"] = r["tokens_per_s"] / r["ideal_tokens_per_s"]
         steady = steady_decode(engine, c, args.prompt_len, rng)
+        if c in host_profiled:  # a second, profiled run: its timings are not reported
+            path = out / f"host-profile-{c}{args.tag}.txt"
+            steady_decode(engine, c, args.prompt_len, rng, host_profile=path)
         kv_bytes = steady["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         steady["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
         steady["vs_roofline"] = steady["step_ms"] / steady["roofline_ms"]
