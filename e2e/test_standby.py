@@ -100,4 +100,5 @@ def test_a_node_whose_memory_cannot_hold_the_standby_copies_is_refused_with_the_
         return found if found.get("reason") == "NoGpuFits" else None
 
     scheduled = wait_for("the Scheduled condition to refuse it", unschedulable, timeout=60)
-    assert "have the host memory: needs 4096.0 GiB" in scheduled["message"], scheduled
+    assert "Insufficient memory on" in scheduled["message"], scheduled
+    assert "(needs 4096.0 GiB" in scheduled["message"], scheduled

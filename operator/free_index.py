@@ -27,7 +27,7 @@ from berth.operator.placement import (
     PodRequest,
     best_gpu,
     eligible,
-    host_memory_fits,
+    short_of,
 )
 
 Rank = tuple[int, int, int, str, int]
@@ -80,11 +80,11 @@ class FreeIndex:
         """The GPU ``best_gpu`` would choose."""
         if request.standby:
             return best_gpu(self.nodes, self.ledger, request, self.policy)
-        allowed = self._eligible_nodes(request)
-        if request.host_memory:
-            allowed = {
-                n for n in allowed if host_memory_fits(self.by_name[n], self.ledger, request)
-            }
+        allowed = {
+            n
+            for n in self._eligible_nodes(request)
+            if not short_of(self.by_name[n], self.ledger, request)
+        }
         ledger, service = self.ledger, request.service
         usable_total = self.policy.standby_overcommit
         best: tuple[Rank, Gpu, int] | None = None
@@ -135,5 +135,5 @@ class FreeIndex:
             gpu_index=gpu.index,
             request=need,
             limit=request.demand.limit_on(self.policy.usable(gpu.memory)),
-            host_memory=request.host_memory,
+            host=request.host,
         )

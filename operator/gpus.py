@@ -6,11 +6,13 @@ NVIDIA's feature discovery, and the UUIDs that Berth's node agent annotates. Pod
 the scheduler wrote through the Binding): so the ledger is always rebuilt from the API server.
 """
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from berth import wire
 from berth.operator.api import quantity_bytes
+from berth.operator.api_types import quantity_value
 from berth.operator.inventory import Inventory
 from berth.operator.placement import (
     Allocation,
@@ -19,6 +21,7 @@ from berth.operator.placement import (
     GpuLedger,
     Node,
     PodRequest,
+    Resources,
     Taint,
     Toleration,
 )
@@ -67,15 +70,23 @@ def node_from_object(node: Obj) -> Node:
         Taint(t["key"], t.get("value", ""), t["effect"]) for t in spec.get("taints") or []
     )
     ready = condition(node, "Ready").get("status") == "True"
-    memory = (status.get("allocatable") or {}).get("memory")
+    allocatable = status.get("allocatable") or {}
+    host_memory, cpu, pods = (allocatable.get(k) for k in ("memory", "cpu", "pods"))
     return Node(
         name=name,
         gpus=gpus,
         labels=labels,
         taints=taints,
         schedulable=ready and not spec.get("unschedulable", False),
-        memory=quantity_bytes(memory) if memory else None,
+        memory=quantity_bytes(str(host_memory)) if host_memory is not None else None,
+        cpu=_millis(cpu) if cpu is not None else None,
+        pods=int(quantity_value(str(pods))) if pods is not None else None,
     )
+
+
+def _millis(value: object) -> int:
+    """A CPU quantity in millicores, rounded up as Kubernetes' MilliValue does ("1.5" -> 1500)."""
+    return math.ceil(quantity_value(str(value)) * 1000)
 
 
 def _agent_memory(annotations: Mapping[str, str], count: int) -> list[int] | None:
@@ -89,17 +100,56 @@ def _agent_memory(annotations: Mapping[str, str], count: int) -> list[int] | Non
     return memory if len(memory) == count and all(b > 0 for b in memory) else None
 
 
-def pod_host_memory(pod: Obj) -> int:
-    """The memory a pod requests of its node, as the kubelet counts it: its containers' requests
-    summed, or its largest init container's when that is more."""
+def pod_resources(pod: Obj) -> Resources:
+    """What a pod takes of its node as the kubelet counts it (Kubernetes' ``PodRequests``): its
+    containers and sidecars summed, or an init container with the sidecars started before it
+    when that is more; pod-level requests replace the sum where set; overhead on top."""
     spec = pod.get("spec", {})
 
-    def requested(container: Obj) -> int:
-        value = ((container.get("resources") or {}).get("requests") or {}).get("memory")
-        return quantity_bytes(str(value)) if value else 0
+    def requested(values: Mapping[str, Any] | None) -> Resources:
+        values = values or {}
+        cpu, memory = values.get("cpu"), values.get("memory")
+        return Resources(
+            _millis(cpu) if cpu is not None else 0,
+            quantity_bytes(str(memory)) if memory is not None else 0,
+            pods=0,
+        )
 
-    running = sum(requested(c) for c in spec.get("containers") or [])
-    return max([running, *(requested(c) for c in spec.get("initContainers") or [])])
+    def of(container: Obj) -> Resources:
+        return requested((container.get("resources") or {}).get("requests"))
+
+    def most(a: Resources, b: Resources) -> Resources:
+        return Resources(max(a.cpu, b.cpu), max(a.memory, b.memory), pods=0)
+
+    running = sidecars = init = Resources(pods=0)
+    for container in spec.get("containers") or []:
+        running += of(container)
+    for container in spec.get("initContainers") or []:
+        if container.get("restartPolicy") == "Always":  # a sidecar: runs beside the containers
+            running += of(container)
+            sidecars += of(container)
+            init = most(init, sidecars)
+        else:
+            init = most(init, sidecars + of(container))
+    total = most(running, init)
+    pod_level = (spec.get("resources") or {}).get("requests") or {}
+    if pod_level:
+        given = requested(pod_level)
+        total = Resources(
+            given.cpu if "cpu" in pod_level else total.cpu,
+            given.memory if "memory" in pod_level else total.memory,
+            pods=0,
+        )
+    overhead = requested(spec.get("overhead"))
+    return Resources(total.cpu + overhead.cpu, total.memory + overhead.memory, pods=1)
+
+
+def pod_occupancy(pod: Obj) -> tuple[str, Resources] | None:
+    """The node a pod occupies and what it takes there; None while unbound or once finished."""
+    node = pod.get("spec", {}).get("nodeName")
+    if not node or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+        return None
+    return node, pod_resources(pod)
 
 
 def nodes_from_inventory(inventory: Inventory) -> list[Node]:
@@ -112,8 +162,17 @@ def nodes_from_inventory(inventory: Inventory) -> list[Node]:
                 Gpu(name, i, (group.gpu_memory_mib or 0) * MIB, group.gpu_product or "")
                 for i in range(group.gpus)
             )
-            memory = quantity_bytes(group.memory) if group.memory else None
-            nodes.append(Node(name, gpus, group.node_labels(), taints, memory=memory))
+            nodes.append(
+                Node(
+                    name,
+                    gpus,
+                    group.node_labels(),
+                    taints,
+                    memory=quantity_bytes(group.memory),
+                    cpu=_millis(group.cpu),
+                    pods=group.pods,
+                )
+            )
     return nodes
 
 
@@ -157,7 +216,7 @@ def pod_request(pod: Obj) -> PodRequest:
         node_selector=spec.get("nodeSelector") or {},
         tolerations=tolerations,
         standby=_meta(pod, "annotations").get(wire.POD_STANDBY) == "true",
-        host_memory=pod_host_memory(pod),
+        host=pod_resources(pod),
     )
 
 
@@ -179,7 +238,7 @@ def pod_allocation(pod: Obj) -> Allocation | None:
         request=request,
         limit=_count(annotations, wire.POD_GPU_MEMORY_LIMIT, request),
         standby=annotations.get(wire.POD_STANDBY) == "true",
-        host_memory=pod_host_memory(pod),
+        host=pod_resources(pod),
     )
 
 

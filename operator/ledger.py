@@ -25,15 +25,38 @@ A pod's life in the ledger follows kube-scheduler's cache
   processed after it: dropping the booking there booked one GPU twice), and is dropped when the
   list shows the pod bound without an allocation or does not show it at all (deleted).
 
-Invariant: the counters (``resident``, ``total``, ``tenants``, services per GPU and node, host
-memory per node) are always the sums over ``by_pod``, Assumed and Added alike.
+Invariant: the GPU counters (``resident``, ``total``, ``tenants``, services per GPU and node) are
+always the sums over ``by_pod``, Assumed and Added alike. ``node_used`` sums the node resources of
+every pod on each node, once per pod: ``by_pod``'s (so an Assumed pod counts before it is bound)
+and ``on_nodes``' (every bound pod the cluster shows, any scheduler's). Berth binds its pods
+itself, so kube-scheduler never checks their CPU, memory and pod count: this tally is what does.
 """
 
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 GpuKey = tuple[str, int]  # (node name, device index)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What pods take of a node as the kubelet admits them (its OutOfcpu, OutOfmemory and
+    OutOfpods checks): one pod's requests, or the sum over a node's pods."""
+
+    cpu: int = 0  # millicores
+    memory: int = 0  # bytes
+    pods: int = 1
+
+    def __add__(self, other: "Resources") -> "Resources":
+        return Resources(self.cpu + other.cpu, self.memory + other.memory, self.pods + other.pods)
+
+    def __sub__(self, other: "Resources") -> "Resources":
+        return Resources(self.cpu - other.cpu, self.memory - other.memory, self.pods - other.pods)
+
+
+NOTHING = Resources(pods=0)
+Occupant = tuple[str, Resources]  # (node name, what the pod takes of it)
 
 
 @dataclass(frozen=True)
@@ -45,7 +68,7 @@ class Allocation:
     request: int  # bytes
     limit: int  # bytes
     standby: bool = False
-    host_memory: int = 0  # bytes of the node's memory the pod requests (a parked weights copy)
+    host: Resources = Resources()  # what the pod takes of its node (memory: parked weights too)
 
     @property
     def gpu(self) -> GpuKey:
@@ -56,19 +79,26 @@ class GpuLedger:
     """Allocations by GPU, rebuilt from bound pods' annotations plus the scheduler's own
     unconfirmed bookings (module docstring); the scheduler's only state."""
 
-    def __init__(self, allocations: Iterable[Allocation] = ()) -> None:
+    def __init__(
+        self, allocations: Iterable[Allocation] = (), on_nodes: Mapping[str, Occupant] = {}
+    ) -> None:
+        # pod -> (node, requests): every bound, unfinished pod the cluster shows, Berth's or not
+        self.on_nodes: dict[str, Occupant] = dict(on_nodes)
         self._clear()
         for allocation in allocations:
             self.add(allocation)
 
     def _clear(self) -> None:
+        """Drop every booking; ``on_nodes`` stays (another watch keeps it)."""
         self.by_pod: dict[str, Allocation] = {}
         self.resident: Counter[GpuKey] = Counter()  # bytes requested by resident tenants
         self.total: Counter[GpuKey] = Counter()  # bytes requested by all tenants
         self.tenants: Counter[GpuKey] = Counter()
         self.services_on_gpu: dict[GpuKey, Counter[str]] = {}
         self.services_on_node: dict[str, Counter[str]] = {}
-        self.host_memory: Counter[str] = Counter()  # node -> bytes of memory its pods request
+        self.node_used: dict[str, Resources] = {}  # node -> all its pods take (docstring)
+        for node, requests in self.on_nodes.values():
+            self.node_used[node] = self.node_used.get(node, NOTHING) + requests
         # pod -> deadline (monotonic seconds) of an Assumed booking; None while its bind is in flight
         self.assumed: dict[str, float | None] = {}
 
@@ -78,14 +108,15 @@ class GpuLedger:
         """Book ``a`` as Added, replacing whatever the pod held before."""
         if a.pod in self.by_pod:
             self.remove(a.pod)
+        before = self._occupant(a.pod)
         self.by_pod[a.pod] = a
+        self._moved(before, (a.node, a.host))
         if not a.standby:
             self.resident[a.gpu] += a.request
         self.total[a.gpu] += a.request
         self.tenants[a.gpu] += 1
         self.services_on_gpu.setdefault(a.gpu, Counter())[a.service] += 1
         self.services_on_node.setdefault(a.node, Counter())[a.service] += 1
-        self.host_memory[a.node] += a.host_memory
 
     def remove(self, pod: str) -> Allocation | None:
         """Free the pod's share, Assumed or Added (Deleted); None if it held none."""
@@ -99,8 +130,43 @@ class GpuLedger:
         self.tenants[a.gpu] -= 1
         self.services_on_gpu[a.gpu][a.service] -= 1
         self.services_on_node[a.node][a.service] -= 1
-        self.host_memory[a.node] -= a.host_memory
+        self._moved((a.node, a.host), self._occupant(pod))
         return a
+
+    # ---- every pod on the nodes (another watch's feed) -----------------------------------
+
+    def _occupant(self, pod: str) -> Occupant | None:
+        """Where the pod counts: its booking if it has one, else what the cluster shows."""
+        a = self.by_pod.get(pod)
+        return (a.node, a.host) if a is not None else self.on_nodes.get(pod)
+
+    def _moved(self, before: Occupant | None, after: Occupant | None) -> None:
+        if before == after:
+            return
+        if before is not None:
+            self.node_used[before[0]] -= before[1]
+        if after is not None:
+            self.node_used[after[0]] = self.node_used.get(after[0], NOTHING) + after[1]
+
+    def on_node(self, pod: str, node: str, requests: Resources) -> None:
+        """The cluster shows ``pod`` bound to ``node`` and not finished."""
+        before = self._occupant(pod)
+        self.on_nodes[pod] = (node, requests)
+        self._moved(before, self._occupant(pod))
+
+    def off_node(self, pod: str) -> Occupant | None:
+        """The pod is gone or finished: what the cluster showed of it, None if nothing."""
+        before = self._occupant(pod)
+        gone = self.on_nodes.pop(pod, None)
+        self._moved(before, self._occupant(pod))
+        return gone
+
+    def relist_nodes(self, on_nodes: Mapping[str, Occupant]) -> None:
+        """A (re)list of every pod on a node replaces ``on_nodes``."""
+        self.on_nodes = dict(on_nodes)
+        self.node_used = {}
+        for pod in self.on_nodes.keys() | self.by_pod.keys():
+            self._moved(None, self._occupant(pod))
 
     # ---- the assumed-pod protocol --------------------------------------------------------
 
@@ -162,7 +228,9 @@ class GpuLedger:
 
     def copy(self) -> "GpuLedger":
         """The same bookings, all as Added (a working copy for one placement pass)."""
-        return GpuLedger(self.by_pod.values())
+        ledger = GpuLedger(self.by_pod.values())
+        ledger.on_nodes, ledger.node_used = dict(self.on_nodes), dict(self.node_used)
+        return ledger
 
     def used_gpus(self) -> set[GpuKey]:
         return {key for key, n in self.tenants.items() if n > 0}

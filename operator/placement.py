@@ -18,9 +18,11 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from berth.operator.ledger import NOTHING
 from berth.operator.ledger import Allocation as Allocation  # re-exported for callers
 from berth.operator.ledger import GpuKey as GpuKey
 from berth.operator.ledger import GpuLedger as GpuLedger
+from berth.operator.ledger import Resources as Resources
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,10 @@ class Node:
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
     schedulable: bool = True  # False when cordoned or not Ready
-    memory: int | None = None  # allocatable host memory, bytes (None: unknown, not checked)
+    # allocatable host resources (None: not reported, not checked, as on some kwok nodes)
+    memory: int | None = None  # bytes
+    cpu: int | None = None  # millicores
+    pods: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,8 @@ class PodRequest:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = ()
     standby: bool = False
-    host_memory: int = 0  # bytes of host memory the pod requests (its weights' parked copy)
+    # what it takes of its node (memory: its parked weights too)
+    host: Resources = field(default_factory=Resources)
 
 
 @dataclass(frozen=True)
@@ -138,13 +144,20 @@ def eligible(node: Node, request: PodRequest) -> bool:
     )
 
 
-def host_memory_fits(node: Node, ledger: GpuLedger, request: PodRequest) -> bool:
-    """The node's allocatable memory holds what Berth's pods there request, this one's too (a
-    standby tenant's pinned copy of its weights lives in host memory). Berth binds its pods
-    itself, so without this check the kubelet would refuse them (OutOfmemory) instead."""
-    if node.memory is None or not request.host_memory:
-        return True
-    return ledger.host_memory[node.name] + request.host_memory <= node.memory
+def short_of(node: Node, ledger: GpuLedger, request: PodRequest) -> list[str]:
+    """The node resources (cpu, memory, pods) that cannot take this pod beside every pod on the
+    node, Berth's or not, bound or assumed; checked as kube-scheduler's NodeResourcesFit does
+    (a zero request always fits). Berth binds its pods itself, so nothing else checks this: the
+    kubelet would refuse the pod instead (OutOfcpu, OutOfmemory, OutOfpods)."""
+    used, need = ledger.node_used.get(node.name, NOTHING), request.host
+    short = []
+    if node.cpu is not None and need.cpu and used.cpu + need.cpu > node.cpu:
+        short.append("cpu")
+    if node.memory is not None and need.memory and used.memory + need.memory > node.memory:
+        short.append("memory")
+    if node.pods is not None and used.pods + need.pods > node.pods:
+        short.append("pods")
+    return short
 
 
 def best_gpu(
@@ -159,7 +172,7 @@ def best_gpu(
     chosen: Allocation | None = None
     service = request.service
     for node in nodes:
-        if not eligible(node, request) or not host_memory_fits(node, ledger, request):
+        if not eligible(node, request) or short_of(node, ledger, request):
             continue
         on_node = ledger.services_on_node.get(node.name)
         same_on_node = on_node[service] if on_node else 0
@@ -193,7 +206,7 @@ def best_gpu(
                     request=need,
                     limit=request.demand.limit_on(usable),
                     standby=request.standby,
-                    host_memory=request.host_memory,
+                    host=request.host,
                 )
     return chosen
 
@@ -249,12 +262,10 @@ def unplaceable_reason(
             f"0/{len(gpu_nodes)} GPU nodes match: node selector {dict(request.node_selector)}, "
             "untolerated taints, or cordoned"
         )
-    roomy = [n for n in candidates if host_memory_fits(n, ledger, request)]
+    roomy = [n for n in candidates if not short_of(n, ledger, request)]
     if not roomy:
-        most = max((n.memory or 0) - ledger.host_memory[n.name] for n in candidates)
-        return (
-            f"0/{len(candidates)} matching nodes have the host memory: needs "
-            f"{request.host_memory / 2**30:.1f} GiB, the most free is {most / 2**30:.1f} GiB"
+        return f"0/{len(candidates)} matching nodes have room for the pod: " + "; ".join(
+            _insufficient(candidates, ledger, request)
         )
     candidates = roomy
     gpus = [g for n in candidates for g in n.gpus]
@@ -286,6 +297,34 @@ def unplaceable_reason(
     if overcommitted:
         parts.append(f"{overcommitted} at the standby overcommit limit")
     return f"0/{len(gpus)} GPUs fit: " + "; ".join(parts)
+
+
+def _insufficient(nodes: list[Node], ledger: GpuLedger, request: PodRequest) -> list[str]:
+    """Per short resource, how many nodes lack it, with the pod's need and the most any has."""
+    parts = []
+    for resource in ("cpu", "memory", "pods"):
+        short = [n for n in nodes if resource in short_of(n, ledger, request)]
+        if not short:
+            continue
+        plural = "s" if len(short) > 1 else ""
+        if resource == "pods":
+            parts.append(f"Insufficient pods on {len(short)} node{plural} (no pod slot left)")
+            continue
+        free = max(
+            max(
+                0,
+                (getattr(n, resource) or 0)
+                - getattr(ledger.node_used.get(n.name, NOTHING), resource),
+            )
+            for n in short
+        )
+        need = getattr(request.host, resource)
+        if resource == "cpu":
+            numbers = f"needs {need / 1000:g} CPU, the most free is {free / 1000:g} CPU"
+        else:
+            numbers = f"needs {need / 2**30:.1f} GiB, the most free is {free / 2**30:.1f} GiB"
+        parts.append(f"Insufficient {resource} on {len(short)} node{plural} ({numbers})")
+    return parts
 
 
 def lower_bound_gpus(demands: Iterable[GpuDemand], capacity: int) -> int:

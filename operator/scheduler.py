@@ -1,12 +1,14 @@
 """Berth's GPU scheduler: binds pods with ``schedulerName: berth`` to a node and a GPU share.
 
-The thin shell around ``placement.place``. Reflectors keep Nodes, berth pods and the GPU
-reservation pods in memory; the ledger is rebuilt from bound pods' annotations on every (re)list,
-so after a restart the scheduler knows every allocation before it places anything. Pending pods
-are gathered for a short window and placed together (best-fit decreasing); each decision is
-*assumed* in the ledger at once (``ledger.py`` draws the states) and bound by a worker pool:
-the worker checks that an InferenceService owns the pod, makes sure the GPU has its reservation
-pod, and POSTs the Binding, whose annotations land on the pod in the same write as its node. An
+The thin shell around ``placement.place``. Reflectors keep Nodes, berth pods, the GPU reservation
+pods and what every bound pod takes of its node in memory (CPU, memory, a pod slot, whoever
+scheduled it: kube-scheduler never checks the pods Berth binds, so Berth must); the ledger is
+rebuilt from bound pods' annotations on every (re)list, so after a restart the scheduler knows
+every allocation before it places anything. Pending pods are gathered for a short window and
+placed together (best-fit decreasing); each decision is *assumed* in the ledger at once
+(``ledger.py`` draws the states) and bound by a worker pool: the worker checks that an
+InferenceService owns the pod, makes sure the GPU has its reservation pod, and POSTs the
+Binding, whose annotations land on the pod in the same write as its node. An
 assumed share stays booked until the API server shows the pod bound (a watch event or a list),
 so neither a list taken before the bind nor a bind that timed out but landed books a GPU twice.
 A pod that fits nowhere gets ``PodScheduled=False/Unschedulable`` and a ``FailedScheduling``
@@ -66,6 +68,7 @@ class GpuScheduler:
         self.last_retry = 0.0
         self.bound_total = 0
         self.pods_synced = threading.Event()
+        self.node_pods_synced = threading.Event()
         self.nodes_synced = threading.Event()
         self.reservations_synced = threading.Event()
         self.owners = OwnerCheck(client)
@@ -101,6 +104,8 @@ class GpuScheduler:
             ("nodes", resource_path("v1", "Node"), self._nodes_listed, self._node_event, {}),
             ("pods", pods, self._pods_listed, self._pod_event,
              {"fieldSelector": f"spec.schedulerName={wire.SCHEDULER_NAME}"}),
+            ("node-pods", pods, self._node_pods_listed, self._node_pod_event,
+             {"fieldSelector": "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"}),
         ]  # fmt: skip
         if self.settings.gpu_reservations:
             watches.append(("reservations", self.reservations.path, self._reservations_listed,
@@ -228,6 +233,37 @@ class GpuScheduler:
         if is_new:
             self.wake.notify_all()
 
+    def _node_pods_listed(self, items: list[Obj]) -> None:
+        """Every bound pod, any scheduler's: what it takes of its node replaces the tally."""
+        on_nodes = {}
+        for pod in items:
+            try:
+                occupant = gpus.pod_occupancy(pod)
+                if occupant is not None:
+                    on_nodes[gpus.pod_key(pod)] = occupant
+            except Exception as error:
+                report_bad_object(
+                    pod, error, "pod list", self.health.loop("watch-node-pods"), self._report_bad
+                )
+        with self.wake:
+            self.ledger.relist_nodes(on_nodes)
+            self.node_pods_synced.set()
+            self.unschedulable.clear()
+            self.wake.notify_all()
+
+    def _node_pod_event(self, kind: str, pod: Obj) -> None:
+        key = gpus.pod_key(pod)
+        occupant = None if kind == "DELETED" else gpus.pod_occupancy(pod)
+        with self.wake:
+            if occupant is not None:
+                self.ledger.on_node(key, *occupant)
+                return
+            gone = self.ledger.off_node(key)
+            node = self.nodes.get(gone[0]) if gone is not None else None
+            if node is not None and node.gpus:  # room freed where Berth places: retry everyone
+                self.unschedulable.clear()
+                self.wake.notify_all()
+
     def _reservations_listed(self, items: list[Obj]) -> None:
         self.reservations.listed(items)
         self.reservations_synced.set()
@@ -256,7 +292,8 @@ class GpuScheduler:
 
     def _loop(self) -> None:
         loop = self.health.loop("schedule")
-        for synced in (self.pods_synced, self.nodes_synced, self.reservations_synced):
+        events = (self.pods_synced, self.node_pods_synced, self.nodes_synced)
+        for synced in (*events, self.reservations_synced):
             while not synced.wait(timeout=5.0) and not self.stop.is_set():
                 loop.beat()
         loop.mark_synced()

@@ -7,15 +7,17 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from berth.operator.ledger import Allocation, GpuLedger
+from berth.operator.ledger import NOTHING, Allocation, GpuLedger, Resources
 
 GIB = 2**30
 PODS = [f"ns/p{i}" for i in range(5)]
 GPUS = [("n0", 0), ("n0", 1), ("n1", 0)]
+NODES = ["n0", "n1", "n2"]
 
 
 def allocation(pod: str, gpu: tuple[str, int], gib: int, standby: bool = False) -> Allocation:
-    return Allocation(pod, f"ns/s-{pod}", gpu[0], gpu[1], gib * GIB, gib * GIB, standby)
+    host = Resources(cpu=100 * gib, memory=gib)
+    return Allocation(pod, f"ns/s-{pod}", gpu[0], gpu[1], gib * GIB, gib * GIB, standby, host)
 
 
 def test_a_list_taken_before_a_bind_keeps_the_assumed_share() -> None:
@@ -66,6 +68,25 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model: dict[
             str, tuple[Allocation, str, float | None]
         ] = {}  # pod -> (a, state, deadline)
+        self.on_nodes: dict[str, tuple[str, Resources]] = {}  # what the all-pods watch shows
+
+    @rule(pod=st.sampled_from(PODS), node=st.sampled_from(NODES), cpu=st.integers(0, 4000))
+    def on_node(self, pod: str, node: str, cpu: int) -> None:
+        self.ledger.on_node(pod, node, Resources(cpu=cpu))
+        self.on_nodes[pod] = (node, Resources(cpu=cpu))
+
+    @rule(pod=st.sampled_from(PODS))
+    def off_node(self, pod: str) -> None:
+        assert self.ledger.off_node(pod) == self.on_nodes.pop(pod, None)
+
+    @rule(
+        shown=st.dictionaries(
+            st.sampled_from(PODS), st.tuples(st.sampled_from(NODES), st.integers(0, 4000))
+        )
+    )
+    def relist_nodes(self, shown: dict[str, tuple[str, int]]) -> None:
+        self.on_nodes = {p: (n, Resources(cpu=c)) for p, (n, c) in shown.items()}
+        self.ledger.relist_nodes(self.on_nodes)
 
     @rule(
         pod=st.sampled_from(PODS),
@@ -145,6 +166,18 @@ class LedgerMachine(RuleBasedStateMachine):
                 resident[a.gpu] += a.request
         assert +self.ledger.resident == +resident and +self.ledger.total == +total
         assert self.ledger.used_gpus() == {a.gpu for a, _, _ in self.model.values()}
+
+    @invariant()
+    def every_pod_on_a_node_counts_once_booked_or_shown(self) -> None:
+        used: dict[str, Resources] = {}
+        for pod in self.model.keys() | self.on_nodes.keys():
+            a = self.model[pod][0] if pod in self.model else None
+            node, host = (a.node, a.host) if a is not None else self.on_nodes[pod]
+            used[node] = used.get(node, NOTHING) + host
+        for ledger in (self.ledger, self.ledger.copy()):
+            assert {n: r for n, r in ledger.node_used.items() if r != NOTHING} == {
+                n: r for n, r in used.items() if r != NOTHING
+            }
 
 
 LedgerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)

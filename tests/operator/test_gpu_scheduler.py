@@ -98,14 +98,22 @@ class FakeApi:
         return out
 
 
-def node(name: str, gpus: int = 1) -> Obj:
+def node(name: str, gpus: int = 1, **allocatable: str) -> Obj:
     return {
         "metadata": {"name": name, "labels": {wire.NODE_GPU_MEMORY_MIB: str(CAP_MIB)}},
         "status": {
-            "allocatable": {wire.GPU_RESOURCE: str(gpus)},
+            "allocatable": {wire.GPU_RESOURCE: str(gpus), **allocatable},
             "conditions": [{"type": "Ready", "status": "True"}],
         },
     }
+
+
+def requesting(pod: Obj, cpu: str, node: str | None = None) -> Obj:
+    """``pod`` with one container asking ``cpu``, bound to ``node`` if given."""
+    pod["spec"]["containers"] = [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]
+    if node:
+        pod["spec"]["nodeName"] = node
+    return pod
 
 
 def owned_pod(api: FakeApi, name: str, fraction: float, namespace: str = "team") -> Obj:
@@ -162,6 +170,7 @@ def scheduler(api: FakeApi) -> Iterator[GpuScheduler]:
     s._nodes_listed([node("n0")])
     s._reservations_listed([])
     s._pods_listed([])
+    s._node_pods_listed([])
     yield s
     s.shutdown()
 
@@ -405,6 +414,82 @@ def test_malformed_quantities_are_named(api: FakeApi, scheduler: GpuScheduler) -
     assert "team/m-0" in scheduler.unschedulable and not api.bindings
 
 
+def foreign_pod(name: str, cpu: str, node: str, phase: str = "Running") -> Obj:
+    """A pod kube-scheduler (or anyone) placed: Berth's scheduler sees it only in the watch of
+    every pod on a node."""
+    return {
+        "metadata": {"name": name, "namespace": "web", "uid": f"uid-{name}"},
+        "spec": {"nodeName": node, "containers": [{"resources": {"requests": {"cpu": cpu}}}]},
+        "status": {"phase": phase},
+    }
+
+
+def test_another_schedulers_pod_holds_cpu_until_it_finishes(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    scheduler._nodes_listed([node("n0", cpu="4", pods="110")])
+    scheduler._node_pods_listed([foreign_pod("nginx", "3", "n0"),
+                                 foreign_pod("done", "4", "n0", phase="Succeeded")])  # fmt: skip
+    scheduler._pod_event("ADDED", requesting(owned_pod(api, "a-0", 0.5), "2"))
+    scheduler.schedule_once()
+    assert api.bindings == []
+    assert scheduler.unschedulable["team/a-0"] == (
+        "0/1 matching nodes have room for the pod: Insufficient cpu on 1 node "
+        "(needs 2 CPU, the most free is 1 CPU)"
+    )
+    scheduler._node_pod_event("MODIFIED", foreign_pod("nginx", "3", "n0", phase="Succeeded"))
+    assert not scheduler.unschedulable  # room freed on a GPU node: everyone is tried again
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert [b["metadata"]["name"] for b in api.bindings] == ["a-0"]
+
+
+def test_berths_own_bound_pod_counts_once_though_both_watches_show_it(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    scheduler._nodes_listed([node("n0", gpus=2, cpu="4")])
+    a = requesting(owned_pod(api, "a-0", 0.5), "2")
+    scheduler._pod_event("ADDED", a)
+    scheduler.schedule_once()
+    drain(scheduler)
+    shown = bound(a, api.bindings[0])
+    scheduler._node_pod_event("ADDED", shown)  # the all-pods watch is first ...
+    scheduler._pod_event("MODIFIED", shown)  # ... then Berth's own confirms it
+    scheduler._pod_event("ADDED", requesting(owned_pod(api, "b-0", 0.5), "2"))
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert [b["metadata"]["name"] for b in api.bindings] == ["a-0", "b-0"]  # 2 + 2 of 4 CPU
+    assert scheduler.ledger.node_used["n0"].cpu == 4000
+
+
+def test_an_assumed_pod_holds_its_cpu_so_two_of_one_batch_do_not_overcommit(
+    api: FakeApi, scheduler: GpuScheduler
+) -> None:
+    scheduler._nodes_listed([node("n0", gpus=4, cpu="4")])
+    for name in ("a-0", "b-0"):
+        scheduler._pod_event("ADDED", requesting(owned_pod(api, name, 0.25), "3"))
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert len(api.bindings) == 1 and scheduler.ledger.assumed  # bound, not yet confirmed
+    (parked,) = scheduler.unschedulable.values()
+    assert "Insufficient cpu on 1 node" in parked
+    scheduler._pod_event("ADDED", requesting(owned_pod(api, "c-0", 0.25), "2"))
+    scheduler.schedule_once()  # a later pass: the assumed pod still holds its 3 CPU
+    drain(scheduler)
+    assert len(api.bindings) == 1 and "team/c-0" in scheduler.unschedulable
+
+
+def test_a_full_node_takes_no_more_pods(api: FakeApi, scheduler: GpuScheduler) -> None:
+    scheduler._nodes_listed([node("n0", gpus=2, pods="2")])
+    scheduler._node_pods_listed([foreign_pod("proxy", "0", "n0")])
+    for name in ("a-0", "b-0"):
+        scheduler._pod_event("ADDED", owned_pod(api, name, 0.5))
+    scheduler.schedule_once()
+    drain(scheduler)
+    assert len(api.bindings) == 1
+    assert "Insufficient pods on 1 node" in next(iter(scheduler.unschedulable.values()))
+
+
 class RacingApi(FakeApi):
     """The fake API server with an event log, so that a test can deliver watch events late and
     hand the scheduler lists taken at any earlier point (``states[k]``: the pods after k events)."""
@@ -437,6 +522,8 @@ class SchedulerRaces(RuleBasedStateMachine):
     landing or fail, watch events delivered late, lists taken at any earlier moment, and
     deadline checks: no GPU ever holds more than its capacity in the API server."""
 
+    GPUS, NODE_CPU, POD_CPU = 1, "1", "0"
+
     def __init__(self) -> None:
         super().__init__()
         self.api = RacingApi()
@@ -446,9 +533,11 @@ class SchedulerRaces(RuleBasedStateMachine):
         self.s = GpuScheduler(self.api, settings)  # type: ignore[arg-type]
         self.s.reporter.shutdown()
         self.s.reporter = ThreadPoolExecutor(1)
-        self.s._nodes_listed([node("n0", gpus=1)])
+        self.s._nodes_listed([node("n0", gpus=self.GPUS, cpu=self.NODE_CPU)])
         self.s._pods_listed([])
+        self.s._node_pods_listed([])
         self.consumed = 0  # events of the log the scheduler's watch has delivered
+        self.node_consumed = 0  # ... and its watch of every pod on a node
         self.names = 0
 
     def teardown(self) -> None:
@@ -461,8 +550,8 @@ class SchedulerRaces(RuleBasedStateMachine):
     @rule(fraction=st.sampled_from([0.5, 0.55, 1.0]))
     def create(self, fraction: float) -> None:
         self.names += 1
-        pod = stored(self.api, owned_pod(self.api, f"s{self.names}-0", fraction))
-        self.api.record("ADDED", pod)
+        pod = owned_pod(self.api, f"s{self.names}-0", fraction)
+        self.api.record("ADDED", stored(self.api, requesting(pod, self.POD_CPU)))
 
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
@@ -500,6 +589,18 @@ class SchedulerRaces(RuleBasedStateMachine):
         self.s._pods_listed(list(self.api.states[k].values()))
         self.consumed = k
 
+    @rule(n=st.integers(1, 4))
+    def deliver_node_pods(self, n: int) -> None:
+        for kind, obj in self.api.log[self.node_consumed : self.node_consumed + n]:
+            self.s._node_pod_event(kind, obj)
+        self.node_consumed = min(len(self.api.log), self.node_consumed + n)
+
+    @rule(data=st.data())
+    def relist_node_pods(self, data: st.DataObject) -> None:
+        k = data.draw(st.integers(self.node_consumed, len(self.api.log)))
+        self.s._node_pods_listed(list(self.api.states[k].values()))
+        self.node_consumed = k
+
     @rule()
     def relist_taken_just_before_the_last_bind(self) -> None:
         """The race of issue 19: the list left the API server just before a bind landed."""
@@ -525,9 +626,27 @@ class SchedulerRaces(RuleBasedStateMachine):
                 booked[key] = booked.get(key, 0) + int(a[wire.POD_GPU_MEMORY_REQUEST])
         assert all(v <= CAP_MIB * MIB for v in booked.values()), booked
 
+    @invariant()
+    def no_node_over_its_cpu_in_the_api_server(self) -> None:
+        bound_pods = [p for p in self.api.pods().values() if p["spec"].get("nodeName")]
+        cpu = sum(float(p["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+                  for p in bound_pods)  # fmt: skip
+        assert cpu <= float(self.NODE_CPU), [p["metadata"]["name"] for p in bound_pods]
+
 
 SchedulerRaces.TestCase.settings = settings(max_examples=300, stateful_step_count=15, deadline=None)
 test_no_interleaving_of_binds_relists_and_late_events_books_a_gpu_twice = SchedulerRaces.TestCase
+
+
+class CpuRaces(SchedulerRaces):
+    """The same interleavings on a node whose GPUs would take four halves but whose CPU takes
+    two pods: CPU, not GPU memory, is what runs out."""
+
+    GPUS, NODE_CPU, POD_CPU = 2, "2", "1"
+
+
+CpuRaces.TestCase.settings = settings(max_examples=200, stateful_step_count=25, deadline=None)
+test_no_interleaving_of_binds_relists_and_late_events_overcommits_a_nodes_cpu = CpuRaces.TestCase
 
 
 def test_the_issue_19_interleaving_through_the_event_log_books_nothing_twice() -> None:
@@ -562,3 +681,30 @@ def test_without_the_owner_requirement_a_bare_pod_is_bound(api: FakeApi) -> None
         assert [b["metadata"]["name"] for b in api.bindings] == ["bare-0"]
     finally:
         s.shutdown()
+
+
+def test_cpu_races_pinned_stale_lists_of_both_watches_do_not_free_a_bound_pods_cpu() -> None:
+    """The CPU machine's rules in one order: two pods bind and take the node's CPU, then both
+    watches relist from before those binds; a third pod that the GPUs would take still waits,
+    and binds once a bound pod is deleted."""
+    m = CpuRaces()
+    try:
+        for _ in range(3):
+            m.create(0.5)
+        m.deliver(3)
+        m.schedule()
+        assert len(m.api.bindings) == 2
+        m.relist_taken_just_before_the_last_bind()
+        m.s._node_pods_listed(list(m.api.states[3].values()))  # nothing bound yet
+        m.schedule()
+        m.no_node_over_its_cpu_in_the_api_server()
+        assert len(m.api.bindings) == 2
+        first = m.api.bindings[0]["metadata"]["name"]
+        m.api.record("DELETED", m.api.objects.pop(f"/api/v1/namespaces/team/pods/{first}"))
+        m.deliver(4)
+        m.deliver_node_pods(len(m.api.log))
+        m.schedule()
+        m.no_node_over_its_cpu_in_the_api_server()
+        assert len(m.api.bindings) == 3
+    finally:
+        m.teardown()

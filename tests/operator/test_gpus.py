@@ -6,7 +6,7 @@ from berth import wire
 from berth.cluster.nodes import node_manifest
 from berth.operator import gpus
 from berth.operator.inventory import Inventory, NodeGroup
-from berth.operator.placement import Allocation, Gpu
+from berth.operator.placement import Allocation, Gpu, Resources
 
 GROUP = NodeGroup.model_validate(
     {"name": "g", "gpus": 2, "gpuProduct": "NVIDIA-L4", "gpuMemoryMiB": 23034,
@@ -106,8 +106,60 @@ def test_host_memory_comes_from_the_node_allocatable_and_the_pod_requests() -> N
     # The kubelet's count: containers summed, or the largest init container when that is more.
     bound["spec"]["containers"] = [requests("6Gi"), requests("512Mi"), {}]
     bound["spec"]["initContainers"] = [requests("1Gi")]
-    assert gpus.pod_host_memory(bound) == 6 * 2**30 + 2**29
+    assert gpus.pod_resources(bound).memory == 6 * 2**30 + 2**29
     allocation = gpus.pod_allocation(bound)
-    assert allocation is not None and allocation.host_memory == 6 * 2**30 + 2**29
+    assert allocation is not None and allocation.host.memory == 6 * 2**30 + 2**29
     bound["spec"]["initContainers"] = [requests("8Gi")]
-    assert gpus.pod_request(bound).host_memory == 8 * 2**30
+    assert gpus.pod_request(bound).host.memory == 8 * 2**30
+
+
+def test_a_nodes_allocatable_cpu_and_pod_count_are_read_and_absent_ones_not_checked() -> None:
+    node = ready(node_manifest(GROUP, "g"))
+    assert (gpus.node_from_object(node).cpu, gpus.node_from_object(node).pods) == (32000, 110)
+    for cpu, millis in (("500m", 500), ("1.5", 1500), ("2", 2000), ("0.0001", 1)):
+        node["status"]["allocatable"]["cpu"] = cpu
+        assert gpus.node_from_object(node).cpu == millis  # rounded up, as MilliValue does
+    del node["status"]["allocatable"]["cpu"], node["status"]["allocatable"]["pods"]
+    assert (gpus.node_from_object(node).cpu, gpus.node_from_object(node).pods) == (None, None)
+    (planned,) = gpus.nodes_from_inventory(Inventory(nodes=[GROUP]))
+    assert (planned.cpu, planned.memory, planned.pods) == (32000, 256 * 2**30, 110)
+
+
+def requesting(cpu: str | None = None, memory: str | None = None, **extra: Any) -> dict[str, Any]:
+    requests = {k: v for k, v in (("cpu", cpu), ("memory", memory)) if v is not None}
+    return {"resources": {"requests": requests}, **extra}
+
+
+def test_a_pods_node_resources_are_counted_as_the_kubelet_counts_them() -> None:
+    """Containers summed; an init container counts alone when larger; a sidecar (an init
+    container with restartPolicy Always) runs beside both; pod-level requests win; overhead adds."""
+    spec: dict[str, Any] = {
+        "containers": [requesting("500m", "1Gi"), requesting("1", None), {}],
+        "initContainers": [requesting("2", "512Mi")],
+    }
+    p = {"metadata": {"name": "p", "namespace": "ns"}, "spec": spec, "status": {}}
+    assert gpus.pod_resources(p) == Resources(cpu=2000, memory=2**30, pods=1)
+    spec["initContainers"] = [
+        requesting("100m", "256Mi", restartPolicy="Always"),
+        requesting("2", "512Mi"),
+    ]
+    # running: 1.5 CPU + the sidecar's 0.1, 1Gi + 256Mi; the init step: 2 + 0.1 CPU, 768Mi
+    assert gpus.pod_resources(p) == Resources(cpu=2100, memory=2**30 + 2**28)
+    spec["overhead"] = {"cpu": "250m", "memory": "64Mi"}
+    spec["resources"] = {"requests": {"cpu": "4"}}
+    assert gpus.pod_resources(p) == Resources(cpu=4250, memory=2**30 + 2**28 + 2**26)
+    assert gpus.pod_resources({"spec": {}}) == Resources(cpu=0, memory=0, pods=1)
+
+
+def test_only_a_bound_unfinished_pod_occupies_a_node() -> None:
+    p: dict[str, Any] = {
+        "metadata": {"name": "p", "namespace": "ns"},
+        "spec": {"containers": [requesting("1", "1Gi")]},
+        "status": {"phase": "Pending"},
+    }
+    assert gpus.pod_occupancy(p) is None  # not bound: takes nothing yet
+    p["spec"]["nodeName"] = "g"
+    assert gpus.pod_occupancy(p) == ("g", Resources(cpu=1000, memory=2**30))
+    for phase in ("Succeeded", "Failed"):
+        p["status"]["phase"] = phase
+        assert gpus.pod_occupancy(p) is None

@@ -16,6 +16,7 @@ from berth.operator.placement import (
     Node,
     PlacementPolicy,
     PodRequest,
+    Resources,
     Taint,
     Toleration,
     best_gpu,
@@ -363,17 +364,24 @@ def test_host_memory_bounds_the_pods_a_node_takes_and_the_reason_says_so() -> No
         Node("n1", tuple(Gpu("n1", g, CAP) for g in range(4)), memory=16 * GIB),
     ]
     batch = [
-        PodRequest(f"ns/s{i}", f"ns/s{i}", GpuDemand(fraction=0.25), host_memory=16 * GIB)
+        PodRequest(
+            f"ns/s{i}", f"ns/s{i}", GpuDemand(fraction=0.25), host=Resources(memory=16 * GIB)
+        )
         for i in range(4)
     ]
     decisions = {d.request.pod: d for d in place(nodes, GpuLedger(), batch)}
     by_node = [d.allocation.node for d in decisions.values() if d.allocation]
     assert sorted(by_node) == ["n0", "n0", "n1"]
     (refused,) = [d for d in decisions.values() if d.allocation is None]
-    assert "have the host memory: needs 16.0 GiB" in refused.reason
-    assert "the most free is 8.0 GiB" in refused.reason
+    assert refused.reason == (
+        "0/2 matching nodes have room for the pod: Insufficient memory on 2 nodes "
+        "(needs 16.0 GiB, the most free is 8.0 GiB)"
+    )
     placed_ledger = placed(list(decisions.values()))
-    assert placed_ledger.host_memory == {"n0": 32 * GIB, "n1": 16 * GIB}
+    assert placed_ledger.node_used == {
+        "n0": Resources(memory=32 * GIB, pods=2),
+        "n1": Resources(memory=16 * GIB, pods=1),
+    }
     # Nodes that do not say their memory, and pods that request none, are not held back.
     unknown = [Node("n9", (Gpu("n9", 0, CAP),))]
     assert all(d.allocation for d in place(unknown, GpuLedger(), batch[:1]))
@@ -392,7 +400,7 @@ def test_the_free_memory_index_honours_host_memory_as_the_full_scan_does(
         for i in range(3)
     ]
     batch = [
-        PodRequest(r.pod, r.service, r.demand, host_memory=host_gib[i] * GIB)
+        PodRequest(r.pod, r.service, r.demand, host=Resources(memory=host_gib[i] * GIB))
         for i, r in enumerate(requests(fractions))
     ]
     fast = {d.request.pod: d.allocation for d in place(nodes, GpuLedger(), batch)}
@@ -403,4 +411,119 @@ def test_the_free_memory_index_honours_host_memory_as_the_full_scan_does(
         if naive:
             ledger.add(naive)
     for node in nodes:
-        assert node.memory is not None and ledger.host_memory[node.name] <= node.memory
+        used = ledger.node_used.get(node.name, Resources())
+        assert node.memory is not None and used.memory <= node.memory
+
+
+# ---- the node's CPU, memory and pod count: every pod there counts, Berth's or not ----------
+
+
+def cpu_node(name: str, cpu: int | None, pods: int | None = None, gpus: int = 2) -> Node:
+    return Node(name, tuple(Gpu(name, g, CAP) for g in range(gpus)), cpu=cpu, pods=pods)
+
+
+def cpu_request(pod: str, millis: int, fraction: float = 0.25) -> PodRequest:
+    return PodRequest(pod, pod, GpuDemand(fraction=fraction), host=Resources(cpu=millis))
+
+
+def test_a_node_short_of_cpu_is_skipped_and_the_reason_names_cpu() -> None:
+    """Another scheduler's pod holds most of n0's CPU: Berth's pod goes to n1, and once n1 is
+    full too, the reason says CPU was short, with the numbers."""
+    nodes = [cpu_node("n0", cpu=4000), cpu_node("n1", cpu=8000)]
+    ledger = GpuLedger(on_nodes={"web/nginx": ("n0", Resources(cpu=3500))})
+    (first,) = place(nodes, ledger, [cpu_request("ns/a", 2000)])
+    assert first.allocation is not None and first.allocation.node == "n1"
+    ledger.add(first.allocation)
+    (refused,) = place(nodes, ledger, [cpu_request("ns/b", 7000)])
+    assert refused.allocation is None
+    assert refused.reason == (
+        "0/2 matching nodes have room for the pod: Insufficient cpu on 2 nodes "
+        "(needs 7 CPU, the most free is 6 CPU)"
+    )
+
+
+def test_a_finished_or_deleted_pod_no_longer_holds_its_cpu() -> None:
+    nodes = [cpu_node("n0", cpu=4000)]
+    ledger = GpuLedger(on_nodes={"web/job": ("n0", Resources(cpu=4000))})
+    assert place(nodes, ledger, [cpu_request("ns/a", 1000)])[0].allocation is None
+    assert ledger.off_node("web/job") == ("n0", Resources(cpu=4000))
+    assert place(nodes, ledger, [cpu_request("ns/a", 1000)])[0].allocation is not None
+
+
+def test_two_pods_of_one_batch_do_not_both_take_the_last_cpu() -> None:
+    nodes = [cpu_node("n0", cpu=4000)]
+    decisions = place(nodes, GpuLedger(), [cpu_request("ns/a", 3000), cpu_request("ns/b", 3000)])
+    assert [d.allocation is not None for d in decisions] == [True, False]
+    assert "Insufficient cpu on 1 node (needs 3 CPU, the most free is 1 CPU)" in (
+        decisions[1].reason
+    )
+
+
+def test_a_full_node_takes_no_more_pods_and_a_node_that_says_nothing_is_not_limited() -> None:
+    nodes = [cpu_node("n0", cpu=None, pods=3, gpus=4)]
+    ledger = GpuLedger(on_nodes={"kube-system/proxy": ("n0", Resources())})
+    decisions = place(nodes, ledger, [cpu_request(f"ns/s{i}", 0) for i in range(3)])
+    assert sum(d.allocation is not None for d in decisions) == 2
+    (refused,) = [d for d in decisions if d.allocation is None]
+    assert refused.reason.endswith("Insufficient pods on 1 node (no pod slot left)")
+    unlimited = [cpu_node("n0", cpu=None, pods=None, gpus=4)]
+    batch = [cpu_request(f"ns/s{i}", 64000) for i in range(4)]
+    assert all(d.allocation for d in place(unlimited, ledger, batch))
+
+
+def test_a_pod_counts_once_though_it_is_booked_and_the_cluster_shows_it_too() -> None:
+    """Berth's own bound pods are in its ledger and in the watch of every pod on a node."""
+    ledger = GpuLedger([Allocation("ns/a", "ns/a", "n0", 0, GIB, GIB, host=Resources(cpu=3000))])
+    ledger.on_node("ns/a", "n0", Resources(cpu=3000))
+    assert ledger.node_used["n0"] == Resources(cpu=3000, pods=1)
+    ledger.remove("ns/a")  # the ledger lets go first: the cluster still shows it
+    assert ledger.node_used["n0"] == Resources(cpu=3000, pods=1)
+    ledger.off_node("ns/a")
+    assert ledger.node_used["n0"] == Resources(cpu=0, pods=0)
+    assert ledger.copy().node_used == ledger.node_used
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cpus=st.lists(st.sampled_from([None, 2000, 4000, 8000]), min_size=3, max_size=3),
+    pods=st.lists(st.sampled_from([None, 2, 3, 5]), min_size=3, max_size=3),
+    others=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4000)), max_size=6),
+    batch=st.lists(
+        st.tuples(st.sampled_from(EIGHTHS[:4]), st.integers(1, 3000), st.integers(0, 16)),
+        min_size=1,
+        max_size=16,
+    ),
+)
+def test_no_node_is_placed_past_its_allocatable_and_the_index_agrees_with_the_scan(
+    cpus: list[int | None],
+    pods: list[int | None],
+    others: list[tuple[int, int]],
+    batch: list[tuple[float, int, int]],
+) -> None:
+    nodes = [
+        Node(f"n{i}", tuple(Gpu(f"n{i}", g, CAP) for g in range(3)), memory=16 * GIB,
+             cpu=cpus[i], pods=pods[i])
+        for i in range(3)
+    ]  # fmt: skip
+    on_nodes = {f"other/p{k}": (f"n{n}", Resources(cpu=c)) for k, (n, c) in enumerate(others)}
+    requests = [
+        PodRequest(f"ns/s{i}", f"ns/s{i}", GpuDemand(fraction=f), host=Resources(c, m * GIB))
+        for i, (f, c, m) in enumerate(batch)
+    ]
+    fast = {d.request.pod: d for d in place(nodes, GpuLedger(on_nodes=on_nodes), requests)}
+    ledger = GpuLedger(on_nodes=on_nodes)
+    before = dict(ledger.node_used)
+    for request in decreasing(requests, CAP):
+        naive = best_gpu(nodes, ledger, request, PlacementPolicy())
+        assert naive == fast[request.pod].allocation, request
+        if naive:
+            ledger.add(naive)
+        else:
+            assert fast[request.pod].reason
+    for node in nodes:
+        if ledger.node_used.get(node.name) == before.get(node.name):
+            continue  # nothing placed here (others alone may be past it)
+        used = ledger.node_used[node.name]
+        assert node.cpu is None or used.cpu <= node.cpu
+        assert node.memory is None or used.memory <= node.memory
+        assert node.pods is None or used.pods <= node.pods
