@@ -177,7 +177,9 @@ def _condition(kind: str, ok: bool, reason: str, message: str, generation: int) 
 def _scheduled(view: ServiceView, live: list[PodSummary], generation: int) -> Obj:
     stuck = [p for p in live if p.unschedulable]
     if stuck:
-        message = f"{len(stuck)} pod(s) fit on no GPU: {stuck[0].unschedulable}"
+        # The reason keeps its name (clients match on it); the message says what was short:
+        # a GPU's memory, or the node's CPU, memory or pod slots (placement.py).
+        message = f"{len(stuck)} pod(s) could not be placed: {stuck[0].unschedulable}"
         return _condition("Scheduled", False, "NoGpuFits", message, generation)
     waiting = [p for p in live if not p.bound]
     if waiting:
