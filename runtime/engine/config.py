@@ -99,10 +99,21 @@ class SamplingParams:
     # tokens (the sampler masks the stop ids until then).
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's plus the top N
+    # OpenAI's: each token id's logit is lowered by frequency_penalty times the times the
+    # output holds it, and by presence_penalty once if it holds it at all; logit_bias adds to
+    # the logits of the ids it names. The choice sees them; log-probabilities do not.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """A penalty or a bias changes the logits the choice is made from."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def validate(self, max_model_len: int) -> None:
         """Raise ``ValueError`` with a message that names the offending parameter."""
@@ -136,3 +147,13 @@ class SamplingParams:
             )
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and -2.0 <= value <= 2.0):
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+            if not (isinstance(bias, int | float) and -100.0 <= bias <= 100.0):
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} "
+                                 f"for token {token}")  # fmt: skip

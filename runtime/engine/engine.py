@@ -146,6 +146,8 @@ class Engine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if outside := sorted(t for t in params.logit_bias if t >= vocab):
+            raise ValueError(f"logit_bias names token ids outside [0, {vocab}): {outside[:5]}")
         max_num_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
         seq = Sequence(request_id, token_ids, len(token_ids), params, max_num_tokens)
         if params.logprobs is not None:
@@ -154,7 +156,12 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self._eos
         )
-        plain = params.greedy and params.logprobs is None and not params.min_tokens
+        plain = (
+            params.greedy
+            and params.logprobs is None
+            and not params.min_tokens
+            and not params.adjusts_logits
+        )
         self.requests[request_id] = _Request(
             seq, Detokenizer(self.tokenizer, params.stop, params.min_tokens), generator, stop_ids,
             plain,
@@ -281,6 +288,7 @@ class Engine:
                 [s.params for s in flight.sampling],
                 [r.generator if r is not None else None for r in requests],
                 _banned(flight.sampling, flight.slots, requests),
+                _outputs(flight.sampling, flight.slots),
             )
         live = self.requests
         outputs: list[RequestOutput] = []
@@ -532,6 +540,19 @@ def _merge(into: RequestOutput, out: RequestOutput) -> None:
     into.num_output_tokens = out.num_output_tokens
     if into.logprobs is not None and out.logprobs is not None:
         into.logprobs += out.logprobs
+
+
+def _outputs(sampling: list[Sequence], slots: list[int]) -> list[list[int]] | None:
+    """Per row, the output tokens before ``slot`` of a request with penalties (the sampler
+    counts them); None when no row has any."""
+    if not any(s.params.presence_penalty or s.params.frequency_penalty for s in sampling):
+        return None
+    return [
+        seq.token_ids[seq.num_prompt_tokens : slot]
+        if seq.params.presence_penalty or seq.params.frequency_penalty
+        else []
+        for seq, slot in zip(sampling, slots, strict=True)
+    ]
 
 
 def _banned(

@@ -4,7 +4,8 @@ Greedy rows take the argmax. Random rows apply temperature, then top-k and top-p
 distribution, then min-p, and draw with the exponential-race trick (argmax of p / E with
 E ~ Exp(1)), which needs one noise vector per row: a request with a seed draws its noise from
 its own generator, so its tokens do not depend on what else is in the batch. Log-probabilities
-come from the model's raw distribution (before temperature and truncation).
+come from the model's raw distribution (before temperature and truncation). OpenAI's presence
+and frequency penalties and logit bias adjust the logits first, for the choice only.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
         banned: list[frozenset[int]] | None = None,  # per row: ids it may not choose now
+        outputs: list[list[int]] | None = None,  # per row: its output so far (for penalties)
     ) -> tuple[list[int], list[TokenLogprob | None] | None]:
         greedy = [p.greedy for p in params]
-        choose_from = logits if banned is None else _mask(logits, banned)
+        choose_from = _adjusted(logits, params, outputs)
+        if banned is not None:
+            choose_from = _mask(choose_from, banned)
         if all(greedy):
             chosen = choose_from.argmax(dim=-1)
         else:
@@ -113,6 +117,43 @@ class Sampler:
                 top = list(zip(top_l[i][:k], vals_l[i][:k], strict=True))
                 out.append(TokenLogprob(ids[i], picked_l[i], top))
         return ids, out
+
+
+def _adjusted(
+    logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]] | None
+) -> torch.Tensor:
+    """``logits`` with OpenAI's penalties and logit bias applied, in float32, or ``logits``
+    itself where no row asks for them. A row's penalties count its output tokens (each id's
+    logit less ``frequency_penalty`` x its count, less ``presence_penalty`` if it occurs)."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return logits
+    dev = logits.device
+    x = logits.to(torch.float32, copy=True)
+    penalized = [i for i in rows if params[i].presence_penalty or params[i].frequency_penalty]
+    if penalized and outputs is not None:
+        flat = [t for i in penalized for t in outputs[i]]
+        counts = torch.zeros(len(penalized), x.shape[1], device=dev)
+        if flat:
+            at = [row for row, i in enumerate(penalized) for _ in outputs[i]]
+            counts.index_put_(
+                (torch.tensor(at, device=dev), torch.tensor(flat, device=dev)),
+                torch.ones(len(flat), device=dev),
+                accumulate=True,
+            )
+        frequency = torch.tensor([params[i].frequency_penalty for i in penalized], device=dev)
+        presence = torch.tensor([params[i].presence_penalty for i in penalized], device=dev)
+        penalty = counts * frequency[:, None] + (counts > 0) * presence[:, None]
+        x[torch.tensor(penalized, device=dev)] -= penalty
+    biased = [(i, t, float(b)) for i in rows for t, b in params[i].logit_bias.items()]
+    if biased:
+        at_row, at_id, bias = zip(*biased, strict=True)
+        x.index_put_(
+            (torch.tensor(at_row, device=dev), torch.tensor(at_id, device=dev)),
+            torch.tensor(bias, device=dev),
+            accumulate=True,
+        )
+    return x
 
 
 def _mask(logits: torch.Tensor, banned: list[frozenset[int]]) -> torch.Tensor:

@@ -22,12 +22,7 @@ def _unsupported(param: str, what: str) -> APIError:
 
 def check_supported(request: SamplingRequest) -> None:
     """Refuse fields that parse but that the engine cannot honour, unless neutral."""
-    if request.presence_penalty:
-        raise _unsupported("presence_penalty", "a non-zero presence penalty")
-    if request.frequency_penalty:
-        raise _unsupported("frequency_penalty", "a non-zero frequency penalty")
-    if request.logit_bias:
-        raise _unsupported("logit_bias", "logit bias")
+    logit_bias(request)  # its keys must be token ids
     if not request.stream and request.stream_options is not None:
         raise invalid_request(
             "stream_options: only allowed when stream is true.", param="stream_options"
@@ -90,6 +85,25 @@ def resolve_max_tokens(
     return requested
 
 
+def logit_bias(request: SamplingRequest) -> dict[int, float]:
+    """OpenAI's ``logit_bias``, whose keys are token ids written as strings, keyed by id; ids
+    past the vocabulary are refused by ``Engine.add_request``, which knows it."""
+    bias = {}
+    for key, value in (request.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()):  # "²".isdigit() too, but not int("²")
+            raise invalid_request(
+                f"logit_bias: keys must be token ids (non-negative integers), got {key!r}.",
+                param="logit_bias",
+            )
+        if not -100.0 <= value <= 100.0:
+            raise invalid_request(
+                f"logit_bias: values must be in [-100, 100], got {value} for token {key}.",
+                param=f"logit_bias.{key}",
+            )
+        bias[int(key)] = value
+    return bias
+
+
 def sampling_params(
     request: SamplingRequest, max_tokens: int, logprobs: int | None, choice: int
 ) -> SamplingParams:
@@ -111,6 +125,9 @@ def sampling_params(
         ignore_eos=bool(request.ignore_eos),
         min_tokens=request.min_tokens or 0,
         logprobs=logprobs,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=logit_bias(request),
     )
     return params
 

@@ -37,13 +37,19 @@ def tiny_engine(tiny_model: Path) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def hf_greedy() -> Callable[[Path, list[list[int]], int], list[list[int]]]:
-    """Greedy continuations from transformers' own implementation of the same checkpoint."""
+def hf_greedy() -> Callable[..., list[list[int]]]:
+    """Greedy continuations from transformers' own implementation of the same checkpoint;
+    ``adjust(logits, output so far)``, if given, changes each step's logits before the argmax."""
     from transformers import AutoModelForCausalLM
 
     models: dict[Path, Any] = {}
 
-    def run(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    def run(
+        model_dir: Path,
+        prompts: list[list[int]],
+        max_tokens: int,
+        adjust: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+    ) -> list[list[int]]:
         if model_dir not in models:
             models[model_dir] = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=torch.float32
@@ -56,7 +62,10 @@ def hf_greedy() -> Callable[[Path, list[list[int]], int], list[list[int]]]:
                 for _ in range(max_tokens):
                     r = model(input_ids=x, past_key_values=past, use_cache=True)
                     past = r.past_key_values
-                    token = int(r.logits[0, -1].argmax())
+                    logits = r.logits[0, -1]
+                    if adjust is not None:
+                        logits = adjust(logits, out)
+                    token = int(logits.argmax())
                     out.append(token)
                     x = torch.tensor([[token]])
                 outputs.append(out)

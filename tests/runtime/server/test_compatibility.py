@@ -126,6 +126,25 @@ def test_min_tokens_keeps_stop_tokens_from_ending_the_output_early(client: httpx
     assert too_many.status_code == 400 and "min_tokens" in too_many.json()["error"]["message"]
 
 
+def test_logit_bias_and_penalties_reach_the_sampler(client: httpx.Client) -> None:
+    """OpenAI's sampling adjustments take effect: +100 on one id and -100 on another makes the
+    greedy output that id alone; +100 on both with a frequency penalty spreads it over both."""
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 6, "temperature": 0,
+            "logprobs": 0}  # fmt: skip
+
+    def tokens(**fields: Any) -> list[str]:
+        response = client.post("/v1/completions", json={**body, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["logprobs"]["tokens"]
+
+    only_300 = tokens(logit_bias={"300": 100, "301": -100})
+    only_301 = tokens(logit_bias={"300": -100, "301": 100})
+    assert len(set(only_300)) == len(set(only_301)) == 1 and only_300 != only_301
+    spread = tokens(logit_bias={"300": 100, "301": 100}, frequency_penalty=2, presence_penalty=1)
+    assert set(spread) == {only_300[0], only_301[0]}
+    assert spread != tokens()  # the plain greedy output is something else
+
+
 def test_openapi_describes_the_request_bodies_and_the_error_responses(
     client: httpx.Client,
 ) -> None:
