@@ -109,6 +109,11 @@ _NO_BERTH_KEYS_RULE = {
     "rule": f"self.all(k, !k.startsWith({RESERVED_KEY_PREFIX!r}))",
     "message": f"keys under {RESERVED_KEY_PREFIX} are reserved for Berth",
 }
+# A map of pod labels or annotations without Berth's keys, checked by pydantic and by the CRD.
+_NO_BERTH_KEYS = (
+    Field(json_schema_extra=validations(_NO_BERTH_KEYS_RULE)),
+    AfterValidator(_no_berth_keys),
+)
 
 
 class EnvVar(ApiModel):
@@ -212,21 +217,13 @@ class PodOverrides(ApiModel):
     service_account_name: DnsSubdomain | None = Field(
         default=None, description="ServiceAccount of the pods (e.g. for a hub token's Secret)."
     )
-    labels: Annotated[
-        Labels,
-        Field(
-            max_length=64,
-            description=f"Extra labels on the pods (not under {RESERVED_KEY_PREFIX}).",
-            json_schema_extra=validations(_NO_BERTH_KEYS_RULE),
-        ),
-        AfterValidator(_no_berth_keys),
-    ] = Field(default_factory=dict)
-    annotations: Annotated[
-        dict[LabelKey, str],
-        Field(
-            max_length=64,
-            description=f"Extra annotations on the pods (not under {RESERVED_KEY_PREFIX}).",
-            json_schema_extra=validations(_NO_BERTH_KEYS_RULE),
-        ),
-        AfterValidator(_no_berth_keys),
-    ] = Field(default_factory=dict)
+    labels: Annotated[Labels, *_NO_BERTH_KEYS] = Field(
+        default_factory=dict,
+        max_length=64,
+        description=f"Extra labels on the pods (not under {RESERVED_KEY_PREFIX}).",
+    )
+    annotations: Annotated[dict[LabelKey, str], *_NO_BERTH_KEYS] = Field(
+        default_factory=dict,
+        max_length=64,
+        description=f"Extra annotations on the pods (not under {RESERVED_KEY_PREFIX}).",
+    )
