@@ -167,6 +167,12 @@ def run_engine(
             decode_steps.append((t1 - t0, engine.last_step_host_seconds, kv_tokens))
     total = time.perf_counter() - start
     gc_clock.close()
+    if not decode_steps:
+        raise SystemExit(
+            f"concurrency {concurrency}: no step decoded all {concurrency} requests at once (the "
+            f"first ones finish before the last prompt is in): the roofline and the ideal need "
+            f"such steps; raise --output-len above {output_len}"
+        )
     itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
     ttft = sorted(times[0] - start for times in token_times.values())
     itl_p99 = sorted(itl)[int(0.99 * len(itl))]
