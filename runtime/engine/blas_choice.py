@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -46,13 +46,22 @@ def preferred(library: str) -> Iterator[None]:
         torch.backends.cuda.preferred_blas_library(before)
 
 
-def replay_ms(run: Callable[[], None], replays: int = 5) -> float:
-    """Median ms of one replay of a CUDA graph of ``run``, which runs once outside the capture
-    first (the library's handles, workspaces and lazily loaded kernels) and once more before
-    the timed replays."""
+def time_matmuls(weights: Sequence[torch.Tensor], rows: int, replays: int = 5) -> float:
+    """Median ms of one CUDA-graph replay of ``rows`` rows times each weight (``x @ w.T``,
+    as ``nn.Linear``), in order: the matmuls of a decode step, under the preferred library.
+    Each weight is read once per replay, so the model's weights (larger than L2) stream from
+    memory as they do in a step."""
+    device, dtype = weights[0].device, weights[0].dtype
+    inputs = {k: torch.randn(rows, k, dtype=dtype, device=device)
+              for k in {w.shape[1] for w in weights}}  # fmt: skip
+
+    def run() -> None:
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
     with torch.inference_mode():
-        run()
-        torch.cuda.synchronize()
+        run()  # outside the capture: the library's handles, workspaces and kernels load
+        torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             run()
@@ -66,21 +75,6 @@ def replay_ms(run: Callable[[], None], replays: int = 5) -> float:
             stop.synchronize()
             times.append(start.elapsed_time(stop))
     return statistics.median(times)
-
-
-def time_matmuls(weights: Sequence[torch.Tensor], rows: int, replays: int = 5) -> float:
-    """``replay_ms`` of ``rows`` rows times each weight (``x @ w.T``, as ``nn.Linear``), in
-    order: the matmuls of a decode step, under the preferred library. Each weight is read once
-    per replay, so the model's weights (larger than L2) stream from memory as in a step."""
-    device, dtype = weights[0].device, weights[0].dtype
-    inputs = {k: torch.randn(rows, k, dtype=dtype, device=device)
-              for k in {w.shape[1] for w in weights}}  # fmt: skip
-
-    def run() -> None:
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
-
-    return replay_ms(run, replays)
 
 
 def choose(
