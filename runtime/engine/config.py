@@ -111,9 +111,14 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
+    def penalized(self) -> bool:
+        """A presence or frequency penalty counts the output's tokens."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
     def adjusts_logits(self) -> bool:
         """A penalty or a bias changes the logits the choice is made from."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return self.penalized or bool(self.logit_bias)
 
     def validate(self, max_model_len: int) -> None:
         """Raise ``ValueError`` with a message that names the offending parameter."""

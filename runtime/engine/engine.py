@@ -545,12 +545,10 @@ def _merge(into: RequestOutput, out: RequestOutput) -> None:
 def _outputs(sampling: list[Sequence], slots: list[int]) -> list[list[int]] | None:
     """Per row, the output tokens before ``slot`` of a request with penalties (the sampler
     counts them); None when no row has any."""
-    if not any(s.params.presence_penalty or s.params.frequency_penalty for s in sampling):
+    if not any(s.params.penalized for s in sampling):
         return None
     return [
-        seq.token_ids[seq.num_prompt_tokens : slot]
-        if seq.params.presence_penalty or seq.params.frequency_penalty
-        else []
+        seq.token_ids[seq.num_prompt_tokens : slot] if seq.params.penalized else []
         for seq, slot in zip(sampling, slots, strict=True)
     ]
 

@@ -130,7 +130,7 @@ def _adjusted(
         return logits
     dev = logits.device
     x = logits.to(torch.float32, copy=True)
-    penalized = [i for i in rows if params[i].presence_penalty or params[i].frequency_penalty]
+    penalized = [i for i in rows if params[i].penalized]
     if penalized and outputs is not None:
         flat = [t for i in penalized for t in outputs[i]]
         counts = torch.zeros(len(penalized), x.shape[1], device=dev)
