@@ -24,7 +24,7 @@ from berth.runtime.engine.detokenizer import Detokenizer
 from berth.runtime.engine.model_config import ModelConfig
 from berth.runtime.engine.model_runner import PENDING, ModelRunner
 from berth.runtime.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob
-from berth.runtime.engine.sampler import Sampler
+from berth.runtime.engine.sampler import Draw, Sampler
 from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
 from berth.runtime.engine.tokenizer import Tokenizer
@@ -38,7 +38,8 @@ class _Request:
     detokenizer: Detokenizer
     generator: torch.Generator | None
     stop_ids: frozenset[int]
-    plain: bool  # greedy without log-probs: sampled by one batched argmax
+    plain: bool  # greedy without log-probs or bans: one batched argmax chooses its tokens
+    penalized: bool  # its choice counts its output so far: the host must know every token
 
 
 @dataclass(eq=False)
@@ -50,8 +51,9 @@ class _InFlight:
     filled: list[Sequence]  # sequences whose computed tokens completed a KV block
     ended: list[Sequence]  # sequences whose coming token is their last (length)
     logits: torch.Tensor
-    sampled: torch.Tensor | None = None  # greedy token ids on the device
+    sampled: torch.Tensor | None = None  # the chosen token ids on the device
     host_tokens: torch.Tensor | None = None  # their copy on the host, valid once ``done``
+    draw: Draw | None = None  # log-probabilities on the host, valid once ``done``
     done: torch.cuda.Event | None = None
 
 
@@ -93,6 +95,7 @@ class Engine:
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
         self._num_special = 0  # live requests that need the full sampler
+        self._num_penalized = 0  # live requests whose choice needs their output on the host
         self._in_flight: _InFlight | None = None
         self.parked = False  # weights and KV off the device (``park``); no step until ``wake``
         self._growth_stalled_at: int | None = None  # chunks held when growth last failed
@@ -164,9 +167,10 @@ class Engine:
         )
         self.requests[request_id] = _Request(
             seq, Detokenizer(self.tokenizer, params.stop, params.min_tokens), generator, stop_ids,
-            plain,
+            plain, params.penalized,
         )  # fmt: skip
         self._num_special += not plain
+        self._num_penalized += params.penalized
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -194,10 +198,11 @@ class Engine:
         Pipelined by one batch: a call launches the next batch before it collects the tokens
         of the one the previous call launched, then detokenizes them and builds their outputs
         while the device computes. A token not yet back is a placeholder in its sequence; a
-        decode or mixed step takes it straight from the previous batch's sampled ids on the
-        device (so the device never waits for the host between greedy steps). A request's
-        tokens come back in the call after the one that launched them; ``has_unfinished``
-        stays true until they have.
+        decode or mixed step takes it straight from the previous batch's chosen ids on the
+        device (so the device never waits for the host between steps, greedy or sampled). A
+        request's tokens come back in the call after the one that launched them;
+        ``has_unfinished`` stays true until they have. While a request with penalties is live,
+        a step collects first: its choice counts the tokens of the batch before.
         """
         if self.parked:
             raise RuntimeError("the engine is parked: wake it before stepping")
@@ -207,7 +212,7 @@ class Engine:
         collected: list[RequestOutput] | None = None
         self._in_flight = None
         if flight is not None and flight.host_tokens is None:
-            collected, flight = self._collect(flight), None  # the sampler needs the logits
+            collected, flight = self._collect(flight), None  # penalties count its tokens
         self.scheduler.drop_finished()
         batch = self.scheduler.schedule()
         self.last_step_batch = (len(batch.seqs), batch.num_tokens)
@@ -232,7 +237,10 @@ class Engine:
 
     def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> _InFlight:
         """Count the launched tokens as computed, give each sampling sequence a placeholder
-        for its coming token, and start the greedy argmax and its copy to the host."""
+        for its coming token, and start choosing the tokens and copying them to the host: one
+        argmax when every live request is plain, else the sampler's draw, queued on the device
+        the same way. Only a request with penalties (its choice counts the tokens of the step
+        still in flight) makes the step collect before it launches (``host_tokens`` None)."""
         sampling: list[Sequence] = []
         slots: list[int] = []
         filled: list[Sequence] = []  # completed a KV block: name it once its tokens are known
@@ -262,9 +270,20 @@ class Engine:
                     if slot + 1 >= seq.max_num_tokens:
                         ended.append(seq)
         flight = _InFlight(sampling, slots, filled, ended, logits)
-        if self._num_special == 0 and sampling:
+        if not sampling or self._num_penalized:
+            return flight
+        if self._num_special == 0:
             flight.sampled = logits.argmax(dim=-1)
-            flight.host_tokens, flight.done = self.runner.copy_to_host(flight.sampled)
+        else:
+            requests = [self.requests.get(s.request_id) for s in sampling]
+            draw = self.sampler.draw(
+                logits,
+                [s.params for s in sampling],
+                [r.generator if r is not None else None for r in requests],
+                _banned(sampling, slots, requests),
+            )
+            flight.sampled, flight.draw = draw.chosen, draw.to_host()
+        flight.host_tokens, flight.done = self.runner.copy_to_host(flight.sampled)
         return flight
 
     def _collect(self, flight: _InFlight) -> list[RequestOutput]:
@@ -281,6 +300,8 @@ class Engine:
         logprobs: list[TokenLogprob | None] | None = None
         if flight.host_tokens is not None:
             token_ids: list[int] = flight.host_tokens[: len(flight.sampling)].tolist()
+            if flight.draw is not None:
+                logprobs = flight.draw.read(token_ids)
         else:
             requests = [self.requests.get(s.request_id) for s in flight.sampling]
             token_ids, logprobs = self.sampler(
@@ -375,6 +396,7 @@ class Engine:
     def _forget(self, request_id: str) -> _Request:
         req = self.requests.pop(request_id)
         self._num_special -= not req.plain
+        self._num_penalized -= req.penalized
         return req
 
     # ---- capacity and gauges -------------------------------------------------------------------

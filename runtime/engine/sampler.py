@@ -6,14 +6,68 @@ E ~ Exp(1)), which needs one noise vector per row: a request with a seed draws i
 its own generator, so its tokens do not depend on what else is in the batch. Log-probabilities
 come from the model's raw distribution (before temperature and truncation). OpenAI's presence
 and frequency penalties and logit bias adjust the logits first, for the choice only.
+
+``Sampler.draw`` does all of it on the device without waiting for it: the per-row settings go
+up through pinned memory, and nothing is read back. So the engine draws a batch's tokens right
+after launching it, as it takes a greedy batch's argmax, and reads them a step later
+(``Draw.to_host``, ``Draw.read``): sampled requests are pipelined like greedy ones.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.outputs import TokenLogprob
+
+
+def _on(
+    device: torch.device, values: list[int] | list[float] | list[bool], dtype: torch.dtype
+) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, copied without blocking the host: a plain
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory and waits for the
+    stream, that is for the step still running on the device."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+@dataclass(eq=False)
+class Draw:
+    """A batch's chosen ids and, when a row asked for them, log-probabilities: on the device
+    as ``Sampler.draw`` leaves them, on the host after ``to_host`` (valid once the stream has
+    passed the copies)."""
+
+    chosen: torch.Tensor  # [S] int64
+    want: list[int | None]  # per row: how many alternatives it asked for, None: no log-probs
+    picked: torch.Tensor | None = None  # [S] float32: the chosen ids' log-probabilities
+    top_vals: torch.Tensor | None = None  # [S, N] the best N log-probabilities, N the most asked
+    top_ids: torch.Tensor | None = None  # [S, N]
+
+    def to_host(self) -> Draw:
+        """Start copying the log-probabilities to pinned host memory (the ids have their own
+        buffers in the runner); read them once the stream passes an event recorded after."""
+        if self.picked is None or self.top_vals is None or self.top_ids is None:
+            return self
+        copy = [t.to("cpu", non_blocking=True) for t in (self.picked, self.top_vals, self.top_ids)]
+        return Draw(self.chosen, self.want, *copy)
+
+    def read(self, ids: list[int]) -> list[TokenLogprob | None] | None:
+        """Each row's ``TokenLogprob`` (None where it asked for none), given the chosen ``ids``."""
+        if self.picked is None or self.top_vals is None or self.top_ids is None:
+            return None
+        picked, vals, top = self.picked.tolist(), self.top_vals.tolist(), self.top_ids.tolist()
+        out: list[TokenLogprob | None] = []
+        for i, k in enumerate(self.want):
+            if k is None:
+                out.append(None)
+            else:
+                out.append(
+                    TokenLogprob(ids[i], picked[i], list(zip(top[i][:k], vals[i][:k], strict=True)))
+                )
+        return out
 
 
 class Sampler:
@@ -32,6 +86,20 @@ class Sampler:
         banned: list[frozenset[int]] | None = None,  # per row: ids it may not choose now
         outputs: list[list[int]] | None = None,  # per row: its output so far (for penalties)
     ) -> tuple[list[int], list[TokenLogprob | None] | None]:
+        """The chosen ids and log-probabilities, read back now (waits for the device)."""
+        draw = self.draw(logits, params, generators, banned, outputs)
+        ids: list[int] = draw.chosen.tolist()
+        return ids, draw.read(ids)
+
+    def draw(
+        self,
+        logits: torch.Tensor,  # [S, V], the model's dtype
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        banned: list[frozenset[int]] | None = None,
+        outputs: list[list[int]] | None = None,
+    ) -> Draw:
+        """Choose each row's token on the device; nothing here waits for the device."""
         greedy = [p.greedy for p in params]
         choose_from = _adjusted(logits, params, outputs)
         if banned is not None:
@@ -42,8 +110,15 @@ class Sampler:
             chosen = self._sample(choose_from, params, generators, greedy)
         want = [p.logprobs for p in params]
         if all(n is None for n in want):
-            return chosen.tolist(), None
-        return self._with_logprobs(logits, chosen, want)
+            return Draw(chosen, want)
+        logprobs = logits.float().log_softmax(dim=-1)
+        picked = logprobs.gather(-1, chosen[:, None])[:, 0]
+        n = max((k for k in want if k is not None), default=0)
+        if n:
+            top_vals, top_ids = logprobs.topk(n, dim=-1)
+        else:
+            top_vals, top_ids = logprobs[:, :0], chosen[:, None][:, :0]
+        return Draw(chosen, want, picked, top_vals, top_ids)
 
     def _sample(
         self,
@@ -57,8 +132,8 @@ class Sampler:
         # place on one copy, so that at most three such tensors live at once.
         vocab = logits.shape[1]
         dev = logits.device
-        temperature = torch.tensor(
-            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev
+        temperature = _on(
+            dev, [p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32
         )
         x = logits.to(torch.float32, copy=True).div_(temperature[:, None])
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -66,18 +141,18 @@ class Sampler:
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
             sorted_x, order = x.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=dev)[None, :]
-            cut = ranks >= torch.tensor(top_k, device=dev)[:, None]
+            cut = ranks >= _on(dev, top_k, torch.int64)[:, None]
             if any(p < 1.0 for p in top_p):  # over what top-k kept, renormalised
                 probs = sorted_x.masked_fill(cut, -torch.inf).softmax(dim=-1)
                 before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
-                cut |= before > torch.tensor(top_p, device=dev)[:, None]
+                cut |= before > _on(dev, top_p, torch.float32)[:, None]
             cut[:, 0] = False
             x = torch.empty_like(x).scatter_(-1, order, sorted_x.masked_fill(cut, -torch.inf))
         probs = x.softmax(dim=-1)
         del x
         min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
-            floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
+            floor = _on(dev, min_p, torch.float32)[:, None] * probs.amax(dim=-1, keepdim=True)
             probs.masked_fill_(probs < floor, 0.0)
         shared = [i for i, g in enumerate(generators) if g is None]
         if len(shared) == len(generators):  # no seeded row: one draw, as below, in place
@@ -85,38 +160,17 @@ class Sampler:
         else:
             noise = torch.empty_like(probs)
             if shared:
-                noise[shared] = torch.empty(len(shared), vocab, device=dev).exponential_(
-                    generator=self.generator
-                )
+                noise[_on(dev, shared, torch.int64)] = torch.empty(
+                    len(shared), vocab, device=dev
+                ).exponential_(generator=self.generator)
             for i, g in enumerate(generators):
                 if g is not None:
                     noise[i].exponential_(generator=g)
         sampled = probs.div_(noise).argmax(dim=-1)
         if any(greedy):
-            mask = torch.tensor(greedy, device=dev)
+            mask = _on(dev, greedy, torch.bool)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
-
-    @staticmethod
-    def _with_logprobs(
-        logits: torch.Tensor, chosen: torch.Tensor, want: list[int | None]
-    ) -> tuple[list[int], list[TokenLogprob | None]]:
-        logprobs = logits.float().log_softmax(dim=-1)
-        picked = logprobs.gather(-1, chosen[:, None])[:, 0]
-        n = max((k for k in want if k is not None), default=0)
-        top_vals, top_ids = (
-            logprobs.topk(n, dim=-1) if n else (logprobs[:, :0], chosen[:, None][:, :0])
-        )
-        ids = chosen.tolist()
-        picked_l, vals_l, top_l = picked.tolist(), top_vals.tolist(), top_ids.tolist()
-        out: list[TokenLogprob | None] = []
-        for i, k in enumerate(want):
-            if k is None:
-                out.append(None)
-            else:
-                top = list(zip(top_l[i][:k], vals_l[i][:k], strict=True))
-                out.append(TokenLogprob(ids[i], picked_l[i], top))
-        return ids, out
 
 
 def _adjusted(
@@ -137,20 +191,20 @@ def _adjusted(
         if flat:
             at = [row for row, i in enumerate(penalized) for _ in outputs[i]]
             counts.index_put_(
-                (torch.tensor(at, device=dev), torch.tensor(flat, device=dev)),
+                (_on(dev, at, torch.int64), _on(dev, flat, torch.int64)),
                 torch.ones(len(flat), device=dev),
                 accumulate=True,
             )
-        frequency = torch.tensor([params[i].frequency_penalty for i in penalized], device=dev)
-        presence = torch.tensor([params[i].presence_penalty for i in penalized], device=dev)
+        frequency = _on(dev, [params[i].frequency_penalty for i in penalized], torch.float32)
+        presence = _on(dev, [params[i].presence_penalty for i in penalized], torch.float32)
         penalty = counts * frequency[:, None] + (counts > 0) * presence[:, None]
-        x[torch.tensor(penalized, device=dev)] -= penalty
+        x[_on(dev, penalized, torch.int64)] -= penalty
     biased = [(i, t, float(b)) for i in rows for t, b in params[i].logit_bias.items()]
     if biased:
         at_row, at_id, bias = zip(*biased, strict=True)
         x.index_put_(
-            (torch.tensor(at_row, device=dev), torch.tensor(at_id, device=dev)),
-            torch.tensor(bias, device=dev),
+            (_on(dev, list(at_row), torch.int64), _on(dev, list(at_id), torch.int64)),
+            _on(dev, list(bias), torch.float32),
             accumulate=True,
         )
     return x
@@ -162,7 +216,6 @@ def _mask(logits: torch.Tensor, banned: list[frozenset[int]]) -> torch.Tensor:
     rows = [i for i, ids in enumerate(banned) for _ in ids]
     cols = [t for ids in banned for t in ids]
     masked = logits.clone()
-    masked[
-        torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)
-    ] = -torch.inf
+    dev = logits.device
+    masked[_on(dev, rows, torch.int64), _on(dev, cols, torch.int64)] = -torch.inf
     return masked

@@ -202,3 +202,40 @@ def test_tokens_in_flight_never_leak_and_counts_are_exact(tiny_engine: Engine) -
     assert tokens == alone.new_token_ids and all(t >= 0 for t in tokens)
     assert [o.num_output_tokens for o in outs] == list(range(1, 9))
     assert tiny_engine.stats().num_free_blocks == tiny_engine.stats().num_total_blocks
+
+
+def test_sampled_requests_are_pipelined_and_draw_what_the_synchronous_path_draws(
+    tiny_engine: Engine,
+) -> None:
+    """A sampled request's tokens are drawn on the device right after its batch launches, so
+    a step launches the next batch before it collects (no ``host_tokens``-less flight). A live
+    request with penalties brings the synchronous path back, and a seeded request draws the
+    same tokens, log-probabilities and min_tokens ban either way."""
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, logprobs=2,
+                            min_tokens=4)  # fmt: skip
+    runs = {}
+    for name, companion in [
+        ("pipelined", SamplingParams(max_tokens=12, temperature=0.7, ignore_eos=True)),
+        ("synchronous", SamplingParams(max_tokens=12, presence_penalty=0.5, ignore_eos=True)),
+    ]:
+        tiny_engine.add_request("x", "A container ship", seeded)
+        tiny_engine.add_request("y", "Something else entirely", companion)
+        outs: dict[str, list[RequestOutput]] = {}
+        waits = []  # per step: was the batch launched before it collected its tokens?
+        while tiny_engine.has_unfinished():
+            for out in tiny_engine.step():
+                outs.setdefault(out.request_id, []).append(out)
+            flight = tiny_engine._in_flight
+            if flight is not None and flight.sampling:
+                waits.append(flight.host_tokens is None)
+        tokens = [t for o in outs["x"] for t in o.new_token_ids]
+        logprobs = [lp for o in outs["x"] for lp in o.logprobs or []]
+        ids = [[lp.token_id] + [t for t, _ in lp.top] for lp in logprobs]
+        values = [v for lp in logprobs for v in [lp.logprob] + [v for _, v in lp.top]]
+        runs[name] = (tokens, ids, values, waits)
+    (tokens, ids, values, waits), (sync_tokens, sync_ids, sync_values, sync_waits) = runs.values()
+    assert waits and not any(waits)
+    assert sync_waits and all(sync_waits)
+    assert tokens == sync_tokens and len(tokens) >= 4
+    assert ids == sync_ids and [i[0] for i in ids] == tokens
+    assert values == pytest.approx(sync_values, abs=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice
+from berth.runtime.engine.sampler import Sampler
 
 pytestmark = [
     pytest.mark.gpu,
@@ -121,3 +122,40 @@ def test_an_engine_dropped_with_a_step_in_flight_leaves_the_device_usable(
     gc.collect()
     torch.cuda.synchronize()  # raises if the decode step touched unmapped memory
     assert torch.ones(4, device="cuda").sum().item() == 4
+
+
+def test_the_sampler_draws_behind_a_running_step_without_waiting_for_it() -> None:
+    """The engine draws a sampled batch's tokens right after launching it, while the device
+    still runs the step: nothing in a draw may wait for the stream (a pageable host-to-device
+    copy of the per-row settings would, and the sampled path would lose its pipelining). Torch's
+    sync debug mode raises on any synchronizing call; the draw equals a synchronous one."""
+    logits = torch.randn(6, 1000, device="cuda").to(torch.bfloat16)
+    params = [
+        SamplingParams(
+            temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, logprobs=3, logit_bias={5: 2.0}
+        ),
+        SamplingParams(temperature=0.0, logprobs=1),
+        SamplingParams(seed=3),
+        SamplingParams(),
+        SamplingParams(top_p=0.5),
+        SamplingParams(temperature=0.0),
+    ]
+    banned = [frozenset({1, 2})] + [frozenset()] * 5
+    runs = []
+    for _ in range(2):
+        sampler = Sampler(torch.device("cuda"), 0)
+        runs.append((sampler, [None, None, sampler.request_generator(3), None, None, None]))
+    (sync_sampler, sync_gens), (sampler, gens) = runs
+    want_ids, want_logprobs = sync_sampler(logits, params, sync_gens, banned)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # about half a second of device time
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        draw = sampler.draw(logits, params, gens, banned).to_host()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not torch.cuda.current_stream().query()  # the sleep still runs: nothing waited
+    torch.cuda.synchronize()
+    ids = draw.chosen.tolist()
+    assert ids == want_ids and ids[1] == ids[5] == int(logits[1].argmax())
+    assert draw.read(ids) == want_logprobs
