@@ -17,6 +17,7 @@ rare: they take ``best_gpu``'s scan.
 from bisect import bisect_left, insort
 from collections.abc import Iterable
 
+from berth.operator.ledger import RESERVATION
 from berth.operator.placement import (
     Allocation,
     Gpu,
@@ -27,6 +28,7 @@ from berth.operator.placement import (
     PodRequest,
     best_gpu,
     eligible,
+    first_tenant_host,
     short_of,
 )
 
@@ -110,6 +112,7 @@ class FreeIndex:
                     best = (rank, self.gpus[key], need)
                 if rank[0] == 0:
                     break  # later entries have more free memory: worse fits
+        reservation_fits: dict[str, bool] = {}  # an empty GPU's first tenant brings one along
         for capacity, empty in self.empty.items():
             if best is not None and best[0][:2] == (0, 0):
                 break  # a used GPU on a node without the service beats every empty GPU
@@ -119,6 +122,12 @@ class FreeIndex:
                 continue
             for node, index in empty:
                 if node not in allowed:
+                    continue
+                if node not in reservation_fits:
+                    reservation_fits[node] = not short_of(
+                        self.by_name[node], ledger, request, RESERVATION
+                    )
+                if not reservation_fits[node]:
                     continue
                 rank = (same_on(node), 1, usable - need, node, index)
                 if best is None or rank < best[0]:
@@ -135,5 +144,5 @@ class FreeIndex:
             gpu_index=gpu.index,
             request=need,
             limit=request.demand.limit_on(self.policy.usable(gpu.memory)),
-            host=request.host,
+            host=first_tenant_host(request, ledger.tenants[gpu.key] == 0),
         )

@@ -56,6 +56,9 @@ class Resources:
 
 
 NOTHING = Resources(pods=0)
+# What a GPU's reservation pod (``reservations.reservation_manifest``) takes of its node: the
+# first tenant of a GPU brings one along, so placing it needs this beside its own requests.
+RESERVATION = Resources(cpu=1, memory=8 << 20, pods=1)
 Occupant = tuple[str, Resources]  # (node name, what the pod takes of it)
 
 
@@ -206,22 +209,32 @@ class GpuLedger:
     def next_deadline(self) -> float | None:
         return min((d for d in self.assumed.values() if d is not None), default=None)
 
-    def relist(self, allocations: Iterable[Allocation], unbound: Collection[str]) -> list[str]:
+    def relist(
+        self,
+        allocations: Iterable[Allocation],
+        unbound: Collection[str],
+        keep: Collection[str] = (),
+    ) -> list[str]:
         """Replace every Added booking by ``allocations`` (the bound pods of a fresh list);
-        keep an Assumed booking only while its pod is in ``unbound``. The Assumed pods dropped."""
+        keep an Assumed booking only while its pod is in ``unbound``, and the Added booking of
+        each pod in ``keep`` (seen bound before, shown unbound by a list older than its bind).
+        The Assumed pods dropped."""
         kept = [
             (self.by_pod[pod], deadline)
             for pod, deadline in self.assumed.items()
             if pod in unbound and pod in self.by_pod
         ]
+        kept += [(self.by_pod[p], None) for p in keep if p in self.by_pod and p not in self.assumed]
         dropped = [pod for pod in self.assumed if pod not in unbound]
+        stays_added = {p for p in keep if p not in self.assumed}
         self._clear()
         for allocation in allocations:
             self.add(allocation)
         for allocation, deadline in kept:
             if allocation.pod not in self.by_pod:
                 self.add(allocation)
-                self.assumed[allocation.pod] = deadline
+                if allocation.pod not in stays_added:
+                    self.assumed[allocation.pod] = deadline
         return dropped
 
     # ---- views ---------------------------------------------------------------------------

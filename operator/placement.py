@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from berth.operator.ledger import NOTHING
+from berth.operator.ledger import NOTHING, RESERVATION
 from berth.operator.ledger import Allocation as Allocation  # re-exported for callers
 from berth.operator.ledger import GpuKey as GpuKey
 from berth.operator.ledger import GpuLedger as GpuLedger
@@ -144,12 +144,15 @@ def eligible(node: Node, request: PodRequest) -> bool:
     )
 
 
-def short_of(node: Node, ledger: GpuLedger, request: PodRequest) -> list[str]:
-    """The node resources (cpu, memory, pods) that cannot take this pod beside every pod on the
-    node, Berth's or not, bound or assumed; checked as kube-scheduler's NodeResourcesFit does
-    (a zero request always fits). Berth binds its pods itself, so nothing else checks this: the
-    kubelet would refuse the pod instead (OutOfcpu, OutOfmemory, OutOfpods)."""
-    used, need = ledger.node_used.get(node.name, NOTHING), request.host
+def short_of(
+    node: Node, ledger: GpuLedger, request: PodRequest, extra: Resources = NOTHING
+) -> list[str]:
+    """The node resources (cpu, memory, pods) that cannot take this pod, and ``extra`` beside
+    it, next to every pod on the node, Berth's or not, bound or assumed; checked as
+    kube-scheduler's NodeResourcesFit does (a zero request always fits). Berth binds its pods
+    itself, so nothing else checks this: the kubelet would refuse the pod instead (OutOfcpu,
+    OutOfmemory, OutOfpods). ``extra`` is ``RESERVATION`` for a GPU's first tenant."""
+    used, need = ledger.node_used.get(node.name, NOTHING), request.host + extra
     short = []
     if node.cpu is not None and need.cpu and used.cpu + need.cpu > node.cpu:
         short.append("cpu")
@@ -176,11 +179,14 @@ def best_gpu(
             continue
         on_node = ledger.services_on_node.get(node.name)
         same_on_node = on_node[service] if on_node else 0
+        reservation_fits = not short_of(node, ledger, request, RESERVATION)
         for gpu in node.gpus:
             key = gpu.key
             on_gpu = ledger.services_on_gpu.get(key)
             if on_gpu and on_gpu[service]:
                 continue
+            if not ledger.tenants[key] and not reservation_fits:
+                continue  # its first tenant brings the GPU's reservation pod along
             usable = policy.usable(gpu.memory)
             need = request.demand.request_on(usable)
             total_after = ledger.total[key] + need
@@ -206,9 +212,17 @@ def best_gpu(
                     request=need,
                     limit=request.demand.limit_on(usable),
                     standby=request.standby,
-                    host=request.host,
+                    host=first_tenant_host(request, ledger.tenants[key] == 0),
                 )
     return chosen
+
+
+def first_tenant_host(request: PodRequest, first: bool) -> Resources:
+    """What an allocation books on its node: the pod's requests, and for a GPU's first tenant
+    its reservation pod too, until the ledger sees the bound pod and the reservation pod (which
+    the binder makes before it binds) on their own. So two first tenants placed in one pass
+    count two reservations."""
+    return request.host + RESERVATION if first else request.host
 
 
 def decreasing(requests: Iterable[PodRequest], reference_capacity: int) -> list[PodRequest]:
@@ -268,8 +282,9 @@ def unplaceable_reason(
             _insufficient(candidates, ledger, request)
         )
     candidates = roomy
+    no_reservation = {n.name for n in roomy if short_of(n, ledger, request, RESERVATION)}
     gpus = [g for n in candidates for g in n.gpus]
-    same_service = too_small = overcommitted = 0
+    same_service = too_small = overcommitted = unreserved = 0
     short: tuple[int, int, int] | None = None  # (free, need, usable) of the GPU closest to fitting
     for gpu in gpus:
         usable = policy.usable(gpu.memory)
@@ -277,6 +292,8 @@ def unplaceable_reason(
         on_gpu = ledger.services_on_gpu.get(gpu.key)
         if on_gpu and on_gpu[request.service]:
             same_service += 1
+        elif not ledger.tenants[gpu.key] and gpu.node in no_reservation:
+            unreserved += 1
         elif ledger.total[gpu.key] + need > usable * policy.standby_overcommit:
             overcommitted += 1
         else:
@@ -296,6 +313,11 @@ def unplaceable_reason(
         parts.append(f"{same_service} already hold a replica of {request.service}")
     if overcommitted:
         parts.append(f"{overcommitted} at the standby overcommit limit")
+    if unreserved:
+        parts.append(
+            f"{unreserved} empty on nodes without room for the GPU's reservation pod beside the "
+            f"pod ({RESERVATION.cpu}m CPU, {RESERVATION.memory >> 20} MiB, a pod slot)"
+        )
     return f"0/{len(gpus)} GPUs fit: " + "; ".join(parts)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from berth import wire
 from berth.operator.kube import KubeClient, KubeError, Obj, resource_path
-from berth.operator.ledger import GpuKey
+from berth.operator.ledger import RESERVATION, GpuKey
 
 log = logging.getLogger(__name__)
 REPAIR_INTERVAL_S = 15.0  # a GPU whose reservation keeps failing is tried again this often
@@ -35,8 +35,10 @@ ANNOTATION_GPU_INDEX = f"{wire.GROUP}/reserved-gpu-index"  # the device index it
 def reservation_manifest(
     gpu: GpuKey, namespace: str, image: str, priority_class: str
 ) -> dict[str, Any]:
-    """The reservation pod of one GPU (pure)."""
+    """The reservation pod of one GPU (pure); it takes ``RESERVATION`` of its node, which
+    placement plans for."""
     node, index = gpu
+    cpu, memory = f"{RESERVATION.cpu}m", f"{RESERVATION.memory >> 20}Mi"
     spec: dict[str, Any] = {
         "nodeName": node,
         "containers": [
@@ -44,8 +46,8 @@ def reservation_manifest(
                 "name": "reserve",
                 "image": image,
                 "resources": {
-                    "requests": {wire.GPU_RESOURCE: "1", "cpu": "1m", "memory": "8Mi"},
-                    "limits": {wire.GPU_RESOURCE: "1", "memory": "8Mi"},
+                    "requests": {wire.GPU_RESOURCE: "1", "cpu": cpu, "memory": memory},
+                    "limits": {wire.GPU_RESOURCE: "1", "memory": memory},
                 },
             }
         ],

@@ -61,6 +61,9 @@ class GpuScheduler:
         self.ledger = GpuLedger()
         self.pending: dict[str, Obj] = {}  # pod key -> pod, unbound and not assumed
         self.assumed: dict[str, Obj] = {}  # pod key -> its latest unbound object, while assumed
+        # pod key -> uid, for every pod seen bound: a bind is final (nodeName is never unset),
+        # so a list or event showing that pod unbound predates its bind and is not acted on
+        self.bound: dict[str, str] = {}
         self.unschedulable: dict[str, str] = {}  # pod key -> why it fit nowhere (parked)
         self.refused: dict[str, str] = {}  # pod key -> why it may not have a share at all
         self.reported: dict[str, str] = {}  # pod key -> the reason last sent as an event
@@ -165,7 +168,8 @@ class GpuScheduler:
 
     def _pods_listed(self, items: list[Obj]) -> None:
         """A (re)list replaces the ledger's Added bookings; an assumed share survives it while
-        the list still shows its pod unbound (the list may predate the bind)."""
+        the list still shows its pod unbound, and so does the booking of a pod already seen
+        bound (the list may predate the bind: a bind is final)."""
         allocations, unbound, good = [], set(), []
         for pod in items:
             try:
@@ -182,7 +186,10 @@ class GpuScheduler:
                     pod, error, "pod list", self.health.loop("watch-pods"), self._report_bad
                 )
         with self.wake:
-            for key in self.ledger.relist(allocations, unbound):
+            listed = {gpus.pod_key(pod) for pod in good}
+            self.bound = {k: uid for k, uid in self.bound.items() if k in listed}
+            stale = {gpus.pod_key(pod) for pod in good if self._seen_bound(pod)}
+            for key in self.ledger.relist(allocations, unbound - stale, keep=stale):
                 self.assumed.pop(key, None)
             self.pending = {}
             for pod in good:
@@ -201,6 +208,7 @@ class GpuScheduler:
                 self.refused.pop(key, None)
                 self.reported.pop(key, None)
                 self.bad.pop(pod["metadata"].get("uid", ""), None)
+                self.bound.pop(key, None)
                 self.owners.forget(pod)
                 if self.ledger.remove(key) is not None:
                     self.unschedulable.clear()  # capacity freed: retry everyone
@@ -213,6 +221,7 @@ class GpuScheduler:
         key = gpus.pod_key(pod)
         if pod.get("spec", {}).get("nodeName"):
             allocation = gpus.pod_allocation(pod)  # may raise: then nothing changes
+            self.bound[key] = pod["metadata"].get("uid", "")
             self.pending.pop(key, None)
             self.assumed.pop(key, None)
             self.unschedulable.pop(key, None)
@@ -226,12 +235,19 @@ class GpuScheduler:
         if self.ledger.is_assumed(key):  # an event from before the bind landed
             self.assumed[key] = pod
             return
+        if self._seen_bound(pod):  # likewise, after the bind was seen
+            return
         if pod["metadata"].get("deletionTimestamp"):
             return
         is_new = key not in self.pending
         self.pending[key] = pod
         if is_new:
             self.wake.notify_all()
+
+    def _seen_bound(self, pod: Obj) -> bool:
+        """This very pod (not one made again under its name) was seen bound (lock held)."""
+        uid = self.bound.get(gpus.pod_key(pod))
+        return uid is not None and uid == pod["metadata"].get("uid", "")
 
     def _node_pods_listed(self, items: list[Obj]) -> None:
         """Every bound pod, any scheduler's: what it takes of its node replaces the tally."""

@@ -480,7 +480,8 @@ def test_an_assumed_pod_holds_its_cpu_so_two_of_one_batch_do_not_overcommit(
 
 
 def test_a_full_node_takes_no_more_pods(api: FakeApi, scheduler: GpuScheduler) -> None:
-    scheduler._nodes_listed([node("n0", gpus=2, pods="2")])
+    # the proxy, a-0 and its GPU's reservation pod fill the node
+    scheduler._nodes_listed([node("n0", gpus=2, pods="3")])
     scheduler._node_pods_listed([foreign_pod("proxy", "0", "n0")])
     for name in ("a-0", "b-0"):
         scheduler._pod_event("ADDED", owned_pod(api, name, 0.5))
@@ -640,9 +641,9 @@ test_no_interleaving_of_binds_relists_and_late_events_books_a_gpu_twice = Schedu
 
 class CpuRaces(SchedulerRaces):
     """The same interleavings on a node whose GPUs would take four halves but whose CPU takes
-    two pods: CPU, not GPU memory, is what runs out."""
+    two pods (and the GPUs' reservation pods, 1m each): CPU, not GPU memory, is what runs out."""
 
-    GPUS, NODE_CPU, POD_CPU = 2, "2", "1"
+    GPUS, NODE_CPU, POD_CPU = 2, "2.01", "1"
 
 
 CpuRaces.TestCase.settings = settings(max_examples=200, stateful_step_count=25, deadline=None)
@@ -663,6 +664,33 @@ def test_the_issue_19_interleaving_through_the_event_log_books_nothing_twice() -
         m.schedule()
         m.no_gpu_over_capacity_in_the_api_server()
         assert [b["metadata"]["name"] for b in m.api.bindings] == ["s1-0"]
+    finally:
+        m.teardown()
+
+
+def test_a_list_older_than_a_confirmed_bind_neither_frees_the_share_nor_places_the_pod_again() -> (
+    None
+):
+    """Found by the CPU race machine: A is bound and its deadline's fresh read confirms it; a
+    list from before that bind then shows A unbound. A bind is final, so the list is stale on A:
+    before, the relist dropped A's confirmed share and queued A again, and B was bound onto A's
+    GPU beside it (over capacity in the API server)."""
+    m = SchedulerRaces()
+    try:
+        m.create(0.5)
+        m.create(0.55)
+        m.deliver(1)
+        m.schedule()
+        m.deadlines()  # the fresh read confirms A's bind
+        m.relist_taken_just_before_the_last_bind()
+        m.schedule()
+        m.no_gpu_over_capacity_in_the_api_server()
+        assert [b["metadata"]["name"] for b in m.api.bindings] == ["s1-0"]
+        assert m.s.ledger.tenants[("n0", 0)] == 1 and "team/s1-0" not in m.s.pending
+        m.deliver(len(m.api.log))  # the watch catches up: A bound, B still waits
+        m.schedule()
+        m.no_gpu_over_capacity_in_the_api_server()
+        assert len(m.api.bindings) == 1
     finally:
         m.teardown()
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from berth.operator.ledger import RESERVATION
 from berth.operator.placement import (
     Allocation,
     Gpu,
@@ -26,6 +27,7 @@ from berth.operator.placement import (
 )
 
 GIB = 2**30
+MIB_8 = RESERVATION.memory
 CAP = 80 * GIB
 EIGHTHS = [k / 8 for k in range(1, 9)]
 
@@ -361,7 +363,7 @@ def test_host_memory_bounds_the_pods_a_node_takes_and_the_reason_says_so() -> No
     cannot hold one more is skipped, and when none can, the reason gives the numbers."""
     nodes = [
         Node("n0", tuple(Gpu("n0", g, CAP) for g in range(4)), memory=40 * GIB),
-        Node("n1", tuple(Gpu("n1", g, CAP) for g in range(4)), memory=16 * GIB),
+        Node("n1", tuple(Gpu("n1", g, CAP) for g in range(4)), memory=16 * GIB + MIB_8),
     ]
     batch = [
         PodRequest(
@@ -378,9 +380,10 @@ def test_host_memory_bounds_the_pods_a_node_takes_and_the_reason_says_so() -> No
         "(needs 16.0 GiB, the most free is 8.0 GiB)"
     )
     placed_ledger = placed(list(decisions.values()))
+    # each node's first tenant books its GPU's reservation pod beside itself
     assert placed_ledger.node_used == {
-        "n0": Resources(memory=32 * GIB, pods=2),
-        "n1": Resources(memory=16 * GIB, pods=1),
+        "n0": Resources(memory=32 * GIB, pods=2) + RESERVATION,
+        "n1": Resources(memory=16 * GIB, pods=1) + RESERVATION,
     }
     # Nodes that do not say their memory, and pods that request none, are not held back.
     unknown = [Node("n9", (Gpu("n9", 0, CAP),))]
@@ -438,7 +441,7 @@ def test_a_node_short_of_cpu_is_skipped_and_the_reason_names_cpu() -> None:
     assert refused.allocation is None
     assert refused.reason == (
         "0/2 matching nodes have room for the pod: Insufficient cpu on 2 nodes "
-        "(needs 7 CPU, the most free is 6 CPU)"
+        "(needs 7 CPU, the most free is 5.999 CPU)"  # 1m: n1's GPU reservation pod
     )
 
 
@@ -454,13 +457,13 @@ def test_two_pods_of_one_batch_do_not_both_take_the_last_cpu() -> None:
     nodes = [cpu_node("n0", cpu=4000)]
     decisions = place(nodes, GpuLedger(), [cpu_request("ns/a", 3000), cpu_request("ns/b", 3000)])
     assert [d.allocation is not None for d in decisions] == [True, False]
-    assert "Insufficient cpu on 1 node (needs 3 CPU, the most free is 1 CPU)" in (
+    assert "Insufficient cpu on 1 node (needs 3 CPU, the most free is 0.999 CPU)" in (
         decisions[1].reason
     )
 
 
 def test_a_full_node_takes_no_more_pods_and_a_node_that_says_nothing_is_not_limited() -> None:
-    nodes = [cpu_node("n0", cpu=None, pods=3, gpus=4)]
+    nodes = [cpu_node("n0", cpu=None, pods=4, gpus=4)]  # the proxy, a GPU's reservation, 2 pods
     ledger = GpuLedger(on_nodes={"kube-system/proxy": ("n0", Resources())})
     decisions = place(nodes, ledger, [cpu_request(f"ns/s{i}", 0) for i in range(3)])
     assert sum(d.allocation is not None for d in decisions) == 2
@@ -527,3 +530,32 @@ def test_no_node_is_placed_past_its_allocatable_and_the_index_agrees_with_the_sc
         assert node.cpu is None or used.cpu <= node.cpu
         assert node.memory is None or used.memory <= node.memory
         assert node.pods is None or used.pods <= node.pods
+
+
+def test_a_gpus_first_tenant_needs_room_for_its_reservation_pod_too() -> None:
+    """The first tenant of a GPU brings the GPU's reservation pod (a pod slot, 1m CPU, 8 MiB):
+    on a node with one slot left an empty GPU cannot be opened, and the reason says why, but a
+    GPU that already has a tenant (and its reservation) takes the pod. Two first tenants placed
+    in one pass book two reservations."""
+    nodes = [cpu_node("n0", cpu=None, pods=3, gpus=2)]
+    others = {"kube-system/proxy": ("n0", Resources()), "web/a": ("n0", Resources())}
+    (refused,) = place(nodes, GpuLedger(on_nodes=others), [cpu_request("ns/a", 0)])
+    assert refused.allocation is None
+    assert refused.reason == (
+        "0/2 GPUs fit: 2 empty on nodes without room for the GPU's reservation pod beside the "
+        "pod (1m CPU, 8 MiB, a pod slot)"
+    )
+    tenant = Allocation("ns/t", "ns/t", "n0", 1, GIB, GIB)  # GPU 1's tenant and its reservation
+    ledger = GpuLedger([tenant], on_nodes={"kube-system/proxy": ("n0", Resources())})
+    ledger.on_node("berth-system/gpu-n0-1-x", "n0", RESERVATION)
+    one_left = [cpu_node("n0", cpu=None, pods=4, gpus=2)]
+    (placed_one,) = place(one_left, ledger, [cpu_request("ns/a", 0)])
+    assert placed_one.allocation is not None and placed_one.allocation.gpu == ("n0", 1)
+    assert placed_one.allocation.host == Resources()  # not a first tenant: no reservation
+    roomy = [cpu_node("n0", cpu=None, pods=4, gpus=2)]  # 2 first tenants + 2 reservations
+    half = [cpu_request(f"ns/h{i}", 0, fraction=0.75) for i in range(2)]
+    decisions = place(roomy, GpuLedger(), half)
+    assert [d.allocation is not None for d in decisions] == [True, True]
+    assert placed(decisions).node_used["n0"] == Resources(cpu=2, memory=16 << 20, pods=4)
+    tight = [cpu_node("n0", cpu=None, pods=3, gpus=2)]
+    assert [d.allocation is not None for d in place(tight, GpuLedger(), half)] == [True, False]
