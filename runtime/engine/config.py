@@ -105,6 +105,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # An llguidance grammar (``LLMatcher.grammar_from_json_schema`` and the like): every token
+    # chosen keeps the output a prefix of a valid one (OpenAI's response_format).
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +117,12 @@ class SamplingParams:
     def penalized(self) -> bool:
         """A presence or frequency penalty counts the output's tokens."""
         return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def host_bound(self) -> bool:
+        """Each choice needs every token before it on the host: penalties count them, a
+        grammar's mask follows them."""
+        return self.penalized or self.grammar is not None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -162,3 +171,8 @@ class SamplingParams:
             if not (isinstance(bias, int | float) and -100.0 <= bias <= 100.0):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} "
                                  f"for token {token}")  # fmt: skip
+        if self.grammar is not None and self.min_tokens:
+            raise ValueError(
+                "min_tokens cannot be combined with response_format: the end-of-sequence token "
+                "that a complete structured output needs would be held back"
+            )

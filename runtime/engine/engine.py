@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from llguidance import LLMatcher
 
 from berth.runtime.engine.block_manager import KvBlockPool
 from berth.runtime.engine.config import EngineConfig, SamplingParams
@@ -27,6 +28,7 @@ from berth.runtime.engine.outputs import EngineStats, FinishReason, RequestOutpu
 from berth.runtime.engine.sampler import Draw, Sampler
 from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
+from berth.runtime.engine.structured import Grammars
 from berth.runtime.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ class _Request:
     generator: torch.Generator | None
     stop_ids: frozenset[int]
     plain: bool  # greedy without log-probs or bans: one batched argmax chooses its tokens
-    penalized: bool  # its choice counts its output so far: the host must know every token
+    host_bound: bool  # each choice needs its output so far on the host (penalties, a grammar)
+    matcher: LLMatcher | None  # its grammar's state (structured output)
 
 
 @dataclass(eq=False)
@@ -93,9 +96,10 @@ class Engine:
         self.sampler = Sampler(self.runner.device, config.seed)
         self.requests: dict[str, _Request] = {}
         self._eos = frozenset(self.tokenizer.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, sorted(self._eos))
         self._ids = itertools.count()
         self._num_special = 0  # live requests that need the full sampler
-        self._num_penalized = 0  # live requests whose choice needs their output on the host
+        self._num_host_bound = 0  # live requests whose choice needs their output on the host
         self._in_flight: _InFlight | None = None
         self.parked = False  # weights and KV off the device (``park``); no step until ``wake``
         self._growth_stalled_at: int | None = None  # chunks held when growth last failed
@@ -151,6 +155,7 @@ class Engine:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if outside := sorted(t for t in params.logit_bias if t >= vocab):
             raise ValueError(f"logit_bias names token ids outside [0, {vocab}): {outside[:5]}")
+        matcher = None if params.grammar is None else self.grammars.matcher(params.grammar)
         max_num_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len)
         seq = Sequence(request_id, token_ids, len(token_ids), params, max_num_tokens)
         if params.logprobs is not None:
@@ -164,13 +169,14 @@ class Engine:
             and params.logprobs is None
             and not params.min_tokens
             and not params.adjusts_logits
+            and params.grammar is None
         )
         self.requests[request_id] = _Request(
             seq, Detokenizer(self.tokenizer, params.stop, params.min_tokens), generator, stop_ids,
-            plain, params.penalized,
+            plain, params.host_bound, matcher,
         )  # fmt: skip
         self._num_special += not plain
-        self._num_penalized += params.penalized
+        self._num_host_bound += params.host_bound
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -201,8 +207,9 @@ class Engine:
         decode or mixed step takes it straight from the previous batch's chosen ids on the
         device (so the device never waits for the host between steps, greedy or sampled). A
         request's tokens come back in the call after the one that launched them;
-        ``has_unfinished`` stays true until they have. While a request with penalties is live,
-        a step collects first: its choice counts the tokens of the batch before.
+        ``has_unfinished`` stays true until they have. While a request with penalties or a
+        grammar is live, a step collects first: its choice follows the tokens of the batch
+        before.
         """
         if self.parked:
             raise RuntimeError("the engine is parked: wake it before stepping")
@@ -212,7 +219,7 @@ class Engine:
         collected: list[RequestOutput] | None = None
         self._in_flight = None
         if flight is not None and flight.host_tokens is None:
-            collected, flight = self._collect(flight), None  # penalties count its tokens
+            collected, flight = self._collect(flight), None  # its choice follows its tokens
         self.scheduler.drop_finished()
         batch = self.scheduler.schedule()
         self.last_step_batch = (len(batch.seqs), batch.num_tokens)
@@ -240,7 +247,8 @@ class Engine:
         for its coming token, and start choosing the tokens and copying them to the host: one
         argmax when every live request is plain, else the sampler's draw, queued on the device
         the same way. Only a request with penalties (its choice counts the tokens of the step
-        still in flight) makes the step collect before it launches (``host_tokens`` None)."""
+        still in flight) or a grammar (its mask follows them) makes the step collect before it
+        launches (``host_tokens`` None)."""
         sampling: list[Sequence] = []
         slots: list[int] = []
         filled: list[Sequence] = []  # completed a KV block: name it once its tokens are known
@@ -270,7 +278,7 @@ class Engine:
                     if slot + 1 >= seq.max_num_tokens:
                         ended.append(seq)
         flight = _InFlight(sampling, slots, filled, ended, logits)
-        if not sampling or self._num_penalized:
+        if not sampling or self._num_host_bound:
             return flight
         if self._num_special == 0:
             flight.sampled = logits.argmax(dim=-1)
@@ -304,12 +312,14 @@ class Engine:
                 logprobs = flight.draw.read(token_ids)
         else:
             requests = [self.requests.get(s.request_id) for s in flight.sampling]
+            matchers = [r.matcher if r is not None else None for r in requests]
             token_ids, logprobs = self.sampler(
                 flight.logits,
                 [s.params for s in flight.sampling],
                 [r.generator if r is not None else None for r in requests],
                 _banned(flight.sampling, flight.slots, requests),
                 _outputs(flight.sampling, flight.slots),
+                self.grammars.masks(matchers) if any(matchers) else None,
             )
         live = self.requests
         outputs: list[RequestOutput] = []
@@ -321,7 +331,11 @@ class Engine:
                 continue
             seq.token_ids[slot] = token
             reason: FinishReason | None = None
-            if token in req.stop_ids:
+            if req.matcher is not None and _completes(req.matcher, token):
+                reason = "stop"  # the grammar allows nothing after it (or it is the EOS)
+                text = "" if token in req.stop_ids else req.detokenizer.push(token)
+                text += req.detokenizer.flush()
+            elif token in req.stop_ids:
                 reason = "stop"
                 text = req.detokenizer.flush()
             else:
@@ -396,7 +410,7 @@ class Engine:
     def _forget(self, request_id: str) -> _Request:
         req = self.requests.pop(request_id)
         self._num_special -= not req.plain
-        self._num_penalized -= req.penalized
+        self._num_host_bound -= req.host_bound
         return req
 
     # ---- capacity and gauges -------------------------------------------------------------------
@@ -553,6 +567,16 @@ class Engine:
                 f"Engine.{what} drives the engine itself; it cannot run beside other requests "
                 "(use add_request/step instead)"
             )
+
+
+def _completes(matcher: LLMatcher, token: int) -> bool:
+    """Advance a grammar by the chosen token; True once the output is complete. The mask let
+    only valid tokens through, so a refusal means a defect: logged, and the output ends."""
+    if not matcher.consume_token(token):
+        log.error("structured output: token %d refused by its grammar: %s", token,
+                  matcher.get_error())  # fmt: skip
+        return True
+    return matcher.is_stopped()
 
 
 def _merge(into: RequestOutput, out: RequestOutput) -> None:

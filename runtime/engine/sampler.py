@@ -5,7 +5,8 @@ distribution, then min-p, and draw with the exponential-race trick (argmax of p 
 E ~ Exp(1)), which needs one noise vector per row: a request with a seed draws its noise from
 its own generator, so its tokens do not depend on what else is in the batch. Log-probabilities
 come from the model's raw distribution (before temperature and truncation). OpenAI's presence
-and frequency penalties and logit bias adjust the logits first, for the choice only.
+and frequency penalties and logit bias adjust the logits first, and a grammar's mask
+(``structured``) rules out the ids that would break it, for the choice only.
 
 ``Sampler.draw`` does all of it on the device without waiting for it: the per-row settings go
 up through pinned memory, and nothing is read back. So the engine draws a batch's tokens right
@@ -21,6 +22,7 @@ import torch
 
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.outputs import TokenLogprob
+from berth.runtime.engine.structured import allowed_only
 
 
 def _on(
@@ -85,9 +87,10 @@ class Sampler:
         generators: list[torch.Generator | None],
         banned: list[frozenset[int]] | None = None,  # per row: ids it may not choose now
         outputs: list[list[int]] | None = None,  # per row: its output so far (for penalties)
+        allowed: torch.Tensor | None = None,  # per row: a grammar's bitmask (``structured``)
     ) -> tuple[list[int], list[TokenLogprob | None] | None]:
         """The chosen ids and log-probabilities, read back now (waits for the device)."""
-        draw = self.draw(logits, params, generators, banned, outputs)
+        draw = self.draw(logits, params, generators, banned, outputs, allowed)
         ids: list[int] = draw.chosen.tolist()
         return ids, draw.read(ids)
 
@@ -98,12 +101,15 @@ class Sampler:
         generators: list[torch.Generator | None],
         banned: list[frozenset[int]] | None = None,
         outputs: list[list[int]] | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> Draw:
         """Choose each row's token on the device; nothing here waits for the device."""
         greedy = [p.greedy for p in params]
         choose_from = _adjusted(logits, params, outputs)
         if banned is not None:
             choose_from = _mask(choose_from, banned)
+        if allowed is not None:
+            choose_from = allowed_only(choose_from, allowed)
         if all(greedy):
             chosen = choose_from.argmax(dim=-1)
         else:

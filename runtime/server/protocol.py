@@ -3,7 +3,7 @@
 Requests are strict (``extra="forbid"``, no type coercion), because OpenAI rejects unknown
 arguments and wrong types with a 400; a client that misspells ``max_tokens`` should learn so
 instead of silently getting the default. Fields OpenAI accepts but this server cannot honour
-(tools, structured output, a suffix, ...) are declared, so that they parse, and refused by
+(tools, a suffix, ...) are declared, so that they parse, and refused by
 :mod:`berth.runtime.server.sampling` with a 400 when set to anything but their neutral value.
 vLLM's extra sampling fields (``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``,
 ``stop_token_ids``, ``stream_options.continuous_usage_stats``) are accepted too, since clients

@@ -3,6 +3,8 @@ engine cannot do with a 400 that says so (rather than silently ignoring a penalt
 
 from typing import Any
 
+from llguidance import LLMatcher
+
 from berth.runtime.engine import SamplingParams
 from berth.runtime.server.errors import APIError, invalid_request
 from berth.runtime.server.protocol import (
@@ -45,8 +47,7 @@ def check_supported(request: SamplingRequest) -> None:
             raise _unsupported("tools", "tool calling")
         if request.tool_choice not in (None, "none", "auto"):
             raise _unsupported("tool_choice", "forcing a tool")
-        if request.response_format and request.response_format.get("type") not in (None, "text"):
-            raise _unsupported("response_format", "structured output")
+        response_format_grammar(request)  # a bad schema is refused before any work
         if request.top_logprobs is not None and not request.logprobs:
             raise invalid_request(
                 "top_logprobs: only allowed when logprobs is true.", param="top_logprobs"
@@ -128,8 +129,55 @@ def sampling_params(
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=logit_bias(request),
+        grammar=response_format_grammar(request),
     )
     return params
+
+
+# Whitespace between JSON tokens: any of JSON's four, at most this many in a row. Pretty
+# printing fits; a model cannot stall in whitespace forever, a known failure of unbounded
+# JSON grammars.
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,16}"
+
+
+def response_format_grammar(request: SamplingRequest) -> str | None:
+    """OpenAI's ``response_format`` as an llguidance grammar (None: free text). ``json_object``
+    is any JSON object; ``json_schema`` follows ``json_schema.schema`` (any object without one).
+    A malformed format or a schema llguidance cannot compile is a 400 naming the field."""
+    if not isinstance(request, ChatCompletionRequest) or not request.response_format:
+        return None
+    fmt = request.response_format
+    kind = fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+        param = "response_format"
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise invalid_request(
+                "response_format.json_schema: an object with a name (and a schema) is required.",
+                param="response_format.json_schema",
+            )
+        schema = spec.get("schema", {"type": "object"})
+        param = "response_format.json_schema.schema"
+        if not isinstance(schema, dict):
+            raise invalid_request(f"{param}: must be a JSON Schema object.", param=param)
+    else:
+        raise invalid_request(
+            f"response_format.type: one of text, json_object, json_schema; got {kind!r}.",
+            param="response_format.type",
+        )
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_pattern": JSON_WHITESPACE}
+        )
+    except ValueError as error:
+        raise invalid_request(f"{param}: {error}", param=param) from error
+    if problem := LLMatcher.validate_grammar(grammar):
+        raise invalid_request(f"{param}: {problem}", param=param)
+    return grammar
 
 
 def validate_params(params: SamplingParams, max_model_len: int) -> None:

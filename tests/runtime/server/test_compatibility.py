@@ -145,6 +145,38 @@ def test_logit_bias_and_penalties_reach_the_sampler(client: httpx.Client) -> Non
     assert spread != tokens()  # the plain greedy output is something else
 
 
+def test_response_format_json_schema_and_json_object_give_json_streamed_or_not(
+    client: httpx.Client,
+) -> None:
+    """OpenAI's structured output: the content parses and follows the schema, in one body and
+    streamed chunk by chunk, and finishes with "stop" once the JSON is complete."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "tag"],
+              "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["quay", "berth"]}}}  # fmt: skip
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Answer in JSON."}],
+            "max_tokens": 120, "temperature": 1.0, "seed": 3, "n": 2,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "answer", "schema": schema}}}  # fmt: skip
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    for choice in response.json()["choices"]:
+        assert choice["finish_reason"] == "stop"
+        answer = json.loads(choice["message"]["content"])
+        assert set(answer) == {"ok", "tag"} and answer["tag"] in ("quay", "berth")
+    text = ""
+    with client.stream("POST", "/v1/chat/completions", json={**body, "n": 1, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    assert set(json.loads(text)) == {"ok", "tag"}
+    as_object = {**body, "n": 1, "response_format": {"type": "json_object"},
+                 "messages": [{"role": "user", "content": "{}"}], "max_tokens": 400}  # fmt: skip
+    obj = client.post("/v1/chat/completions", json=as_object).json()["choices"][0]
+    if obj["finish_reason"] == "stop":  # a random model may fill a free-form object to length
+        assert isinstance(json.loads(obj["message"]["content"]), dict)
+    else:
+        assert obj["message"]["content"].lstrip().startswith("{")
+
+
 def test_openapi_describes_the_request_bodies_and_the_error_responses(
     client: httpx.Client,
 ) -> None:
