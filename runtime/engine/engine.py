@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from llguidance import LLMatcher
 
 from berth.runtime.engine.block_manager import KvBlockPool
 from berth.runtime.engine.config import EngineConfig, SamplingParams
@@ -30,6 +30,9 @@ from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
 from berth.runtime.engine.structured import Grammars
 from berth.runtime.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 log = logging.getLogger(__name__)
 

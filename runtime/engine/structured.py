@@ -10,12 +10,15 @@ produced so far: such a request makes each step take the synchronous path (``Eng
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from llguidance import LLMatcher, LLTokenizer
-from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from berth.runtime.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # imported at the first structured request: an engine without one needs none
+    from llguidance import LLMatcher, LLTokenizer
 
 
 class Grammars:
@@ -27,6 +30,8 @@ class Grammars:
 
     def matcher(self, grammar: str) -> LLMatcher:
         """A fresh matcher, or ``ValueError`` naming ``response_format`` with the grammar's error."""
+        from llguidance import LLMatcher, LLTokenizer
+
         if self._index is None:  # about 0.25 s for a 49k vocabulary, once per engine
             self._index = LLTokenizer(
                 self.tokenizer.hf.to_str(), n_vocab=self.vocab_size, eos_token=self.eos_ids
@@ -39,6 +44,8 @@ class Grammars:
     def masks(self, matchers: list[LLMatcher | None]) -> torch.Tensor:
         """One row of 32-bit words per matcher, bit ``i`` set where token ``i`` may come next;
         every bit set for a row without a grammar."""
+        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
         words = allocate_token_bitmask(len(matchers), self.vocab_size)
         for row, matcher in enumerate(matchers):
             if matcher is not None:
