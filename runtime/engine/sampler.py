@@ -87,7 +87,7 @@ class Sampler:
         generators: list[torch.Generator | None],
         banned: list[frozenset[int]] | None = None,  # per row: ids it may not choose now
         outputs: list[list[int]] | None = None,  # per row: its output so far (for penalties)
-        allowed: torch.Tensor | None = None,  # per row: a grammar's bitmask (``structured``)
+        allowed: tuple[list[int], torch.Tensor] | None = None,  # grammars' rows and bitmasks
     ) -> tuple[list[int], list[TokenLogprob | None] | None]:
         """The chosen ids and log-probabilities, read back now (waits for the device)."""
         draw = self.draw(logits, params, generators, banned, outputs, allowed)
@@ -101,7 +101,7 @@ class Sampler:
         generators: list[torch.Generator | None],
         banned: list[frozenset[int]] | None = None,
         outputs: list[list[int]] | None = None,
-        allowed: torch.Tensor | None = None,
+        allowed: tuple[list[int], torch.Tensor] | None = None,
     ) -> Draw:
         """Choose each row's token on the device; nothing here waits for the device."""
         greedy = [p.greedy for p in params]
@@ -109,7 +109,7 @@ class Sampler:
         if banned is not None:
             choose_from = _mask(choose_from, banned)
         if allowed is not None:
-            choose_from = allowed_only(choose_from, allowed)
+            choose_from = allowed_only(choose_from, *allowed)
         if all(greedy):
             chosen = choose_from.argmax(dim=-1)
         else:

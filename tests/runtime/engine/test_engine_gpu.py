@@ -11,6 +11,7 @@ import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice
 from berth.runtime.engine.sampler import Sampler
+from berth.runtime.engine.structured import allowed_only
 
 pytestmark = [
     pytest.mark.gpu,
@@ -159,3 +160,13 @@ def test_the_sampler_draws_behind_a_running_step_without_waiting_for_it() -> Non
     ids = draw.chosen.tolist()
     assert ids == want_ids and ids[1] == ids[5] == int(logits[1].argmax())
     assert draw.read(ids) == want_logprobs
+
+
+def test_a_grammar_mask_on_the_device_equals_the_host_one() -> None:
+    """``allowed_only`` unpacks the bitmask with shifts on the GPU and numpy on the CPU."""
+    generator = torch.Generator().manual_seed(0)
+    words = torch.randint(-(2**31), 2**31 - 1, (2, 40), dtype=torch.int32, generator=generator)
+    logits = torch.randn(5, 1270, generator=generator)
+    host = allowed_only(logits, [1, 3], words)
+    device = allowed_only(logits.cuda(), [1, 3], words)
+    assert torch.equal(device.cpu(), host)

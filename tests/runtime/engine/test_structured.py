@@ -92,13 +92,17 @@ def test_a_grammar_the_tokenizer_cannot_serve_and_min_tokens_are_refused(
 @given(
     words=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=6, max_size=6),
     vocab=st.integers(130, 192),
+    row=st.integers(0, 2),
 )
-def test_a_bitmask_keeps_exactly_the_ids_whose_bit_is_set(words: list[int], vocab: int) -> None:
-    rows = torch.tensor(words, dtype=torch.int32).view(1, 6).expand(2, 6).contiguous()
-    logits = torch.randn(2, vocab)
-    kept = allowed_only(logits, rows)
+def test_a_bitmask_keeps_exactly_the_ids_whose_bit_is_set_in_its_row_alone(
+    words: list[int], vocab: int, row: int
+) -> None:
+    logits = torch.randn(3, vocab)
+    kept = allowed_only(logits, [row], torch.tensor([words], dtype=torch.int32))
     for i in range(vocab):
         bit = (words[i // 32] >> (i % 32)) & 1
-        assert bool(torch.isfinite(kept[0, i])) == bool(bit)
+        assert bool(torch.isfinite(kept[row, i])) == bool(bit)
         if bit:
-            assert kept[1, i] == logits[1, i]
+            assert kept[row, i] == logits[row, i]
+    others = [r for r in range(3) if r != row]
+    assert torch.equal(kept[others], logits[others])
