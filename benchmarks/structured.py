@@ -30,9 +30,9 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, gguf_import
+from berth.runtime.engine.grammar import json_schema_grammar
 from berth.runtime.engine.structured import allowed_only
 from berth.runtime.engine.tokenizer import Tokenizer
-from berth.runtime.server.sampling import JSON_WHITESPACE
 
 SCHEMA = {
     "type": "object",
@@ -67,9 +67,7 @@ def main() -> None:
     model = gguf_import.import_model("smollm2", say=lambda _: None)
     tokenizer = Tokenizer(model)
     vocab = tokenizer.vocab_size
-    grammar = LLMatcher.grammar_from_json_schema(
-        SCHEMA, defaults={"whitespace_pattern": JSON_WHITESPACE}
-    )
+    grammar = json_schema_grammar(SCHEMA)
     rows: list[tuple[str, str, str]] = []
 
     t0 = time.perf_counter()

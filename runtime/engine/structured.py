@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from berth.runtime.engine.grammar import refused_as_value_error
 from berth.runtime.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # imported at the first structured request: an engine without one needs none
@@ -36,7 +37,8 @@ class Grammars:
             self._index = LLTokenizer(
                 self.tokenizer.hf.to_str(), n_vocab=self.vocab_size, eos_token=self.eos_ids
             )
-        matcher = LLMatcher(self._index, grammar, log_level=0)
+        with refused_as_value_error():
+            matcher = LLMatcher(self._index, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"response_format: {matcher.get_error()}")
         return matcher

@@ -3,9 +3,8 @@ engine cannot do with a 400 that says so (rather than silently ignoring a penalt
 
 from typing import Any
 
-from llguidance import LLMatcher
-
 from berth.runtime.engine import SamplingParams
+from berth.runtime.engine.grammar import json_schema_grammar
 from berth.runtime.server.errors import APIError, invalid_request
 from berth.runtime.server.protocol import (
     NON_TEXT_INPUTS,
@@ -134,12 +133,6 @@ def sampling_params(
     return params
 
 
-# Whitespace between JSON tokens: any of JSON's four, at most this many in a row. Pretty
-# printing fits; a model cannot stall in whitespace forever, a known failure of unbounded
-# JSON grammars.
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,16}"
-
-
 def response_format_grammar(request: SamplingRequest) -> str | None:
     """OpenAI's ``response_format`` as an llguidance grammar (None: free text). ``json_object``
     is any JSON object; ``json_schema`` follows ``json_schema.schema`` (any object without one).
@@ -170,14 +163,9 @@ def response_format_grammar(request: SamplingRequest) -> str | None:
             param="response_format.type",
         )
     try:
-        grammar = LLMatcher.grammar_from_json_schema(
-            schema, defaults={"whitespace_pattern": JSON_WHITESPACE}
-        )
+        return json_schema_grammar(schema)
     except ValueError as error:
         raise invalid_request(f"{param}: {error}", param=param) from error
-    if problem := LLMatcher.validate_grammar(grammar):
-        raise invalid_request(f"{param}: {problem}", param=param)
-    return grammar
 
 
 def validate_params(params: SamplingParams, max_model_len: int) -> None:

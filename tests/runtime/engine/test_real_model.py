@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from llguidance import LLMatcher
 
 from berth.cli import main
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, gguf_import
@@ -26,8 +25,8 @@ from berth.runtime.engine.gguf_import import (
     gguf_path,
     import_model,
 )
+from berth.runtime.engine.grammar import json_schema_grammar
 from berth.runtime.engine.model_config import ModelConfig
-from berth.runtime.server.sampling import JSON_WHITESPACE
 
 HfGreedy = Callable[[Path, list[list[int]], int], list[list[int]]]
 QUESTIONS = [
@@ -165,9 +164,7 @@ def test_a_json_schema_gets_a_valid_and_sensible_answer_from_the_real_model(
         "required": ["country", "capital"],
         "additionalProperties": False,
     }  # fmt: skip
-    grammar = LLMatcher.grammar_from_json_schema(
-        schema, defaults={"whitespace_pattern": JSON_WHITESPACE}
-    )
+    grammar = json_schema_grammar(schema)
     question = "What is the capital of France? Answer in JSON with keys country and capital."
     params = SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar)
     (out,) = engine.generate([_chat(engine, question)], params)

@@ -10,11 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llguidance import LLMatcher
 
 from berth.runtime.engine import Engine, SamplingParams
+from berth.runtime.engine.grammar import json_schema_grammar
 from berth.runtime.engine.structured import allowed_only
-from berth.runtime.server.sampling import JSON_WHITESPACE
 
 SCHEMA = {
     "type": "object",
@@ -30,9 +29,7 @@ SCHEMA = {
 
 
 def grammar(schema: dict[str, object]) -> str:
-    return LLMatcher.grammar_from_json_schema(
-        schema, defaults={"whitespace_pattern": JSON_WHITESPACE}
-    )
+    return json_schema_grammar(schema)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -106,3 +103,12 @@ def test_a_bitmask_keeps_exactly_the_ids_whose_bit_is_set_in_its_row_alone(
             assert kept[row, i] == logits[row, i]
     others = [r for r in range(3) if r != row]
     assert torch.equal(kept[others], logits[others])
+
+
+def test_a_schema_that_makes_llguidance_panic_is_a_value_error_not_a_crash() -> None:
+    """Found by fuzzing schemas: llguidance 1.9 cuts its message about a malformed "required"
+    at byte 100, inside a multi-byte character, and panics (pyo3's PanicException, a
+    BaseException). The server and the engine get the ValueError that bad input gets."""
+    schema = {"required": {"k": "a" * 83 + "\U0007b574" * 3}}
+    with pytest.raises(ValueError, match="could not be compiled"):
+        json_schema_grammar(schema)

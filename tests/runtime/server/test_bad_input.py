@@ -136,6 +136,10 @@ CASES = [
          chat(response_format={"type": "json_schema",
                                "json_schema": {"name": "x", "schema": {"type": "objectx"}}}),
          400, "response_format.json_schema.schema", message="objectx"),
+    Case("response_format with a schema that makes llguidance panic", CHAT,
+         chat(response_format={"type": "json_schema", "json_schema": {
+             "name": "x", "schema": {"required": {"k": "a" * 83 + "\U0007b574" * 3}}}}),
+         400, "response_format.json_schema.schema", message="could not be compiled"),
     Case("response_format with a dangling reference", CHAT,
          chat(response_format={"type": "json_schema", "json_schema": {
              "name": "x", "schema": {"properties": {"a": {"$ref": "#/$defs/none"}}}}}),

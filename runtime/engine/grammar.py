@@ -1,0 +1,46 @@
+"""JSON schemas as llguidance grammars, for the server (which checks them before the engine sees
+a request) and the engine (``structured``); no torch here, so the server process can import it.
+
+llguidance is Rust: a fault inside it surfaces as pyo3's ``PanicException``, which derives from
+``BaseException``, not ``Exception`` (fuzzing schemas found one: an error message cut inside a
+multi-byte character). Both callers turn it into the ``ValueError`` that bad input gets, so a
+schema can never take a request handler or the engine loop down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# Whitespace between JSON tokens: any of JSON's four, at most this many in a row. Pretty
+# printing fits; a model cannot stall in whitespace forever, a known failure of unbounded
+# JSON grammars.
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,16}"
+MAX_MESSAGE = 300  # characters of llguidance's message kept (it may quote the whole schema)
+
+
+@contextmanager
+def refused_as_value_error() -> Iterator[None]:
+    """Run llguidance; its panics become ``ValueError`` with the first line of the message."""
+    try:
+        yield
+    except BaseException as error:
+        if type(error).__name__ != "PanicException":
+            raise
+        first = str(error).splitlines()[0] if str(error) else "no message"
+        raise ValueError(f"the grammar could not be compiled: {first[:MAX_MESSAGE]}") from None
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """The grammar of the JSON values ``schema`` accepts; ``ValueError`` saying what is wrong."""
+    from llguidance import LLMatcher
+
+    with refused_as_value_error():
+        grammar = LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_pattern": JSON_WHITESPACE}
+        )
+        problem = LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(problem[:MAX_MESSAGE])
+    return grammar
