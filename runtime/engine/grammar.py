@@ -9,6 +9,8 @@ schema can never take a request handler or the engine loop down.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +35,14 @@ def refused_as_value_error() -> Iterator[None]:
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """The grammar of the JSON values ``schema`` accepts; ``ValueError`` saying what is wrong."""
+    """The grammar of the JSON values ``schema`` accepts; ``ValueError`` saying what is wrong.
+    Cached by the schema's text: an application tends to send one schema with every request,
+    and the server asks once per choice."""
+    return _grammar(json.dumps(schema, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar(schema: str) -> str:
     from llguidance import LLMatcher
 
     with refused_as_value_error():
