@@ -17,7 +17,6 @@ rare: they take ``best_gpu``'s scan.
 from bisect import bisect_left, insort
 from collections.abc import Iterable
 
-from berth.operator.ledger import RESERVATION
 from berth.operator.placement import (
     Allocation,
     Gpu,
@@ -125,7 +124,7 @@ class FreeIndex:
                     continue
                 if node not in reservation_fits:
                     reservation_fits[node] = not short_of(
-                        self.by_name[node], ledger, request, RESERVATION
+                        self.by_name[node], ledger, request, self.policy.reservation
                     )
                 if not reservation_fits[node]:
                     continue
@@ -144,5 +143,5 @@ class FreeIndex:
             gpu_index=gpu.index,
             request=need,
             limit=request.demand.limit_on(self.policy.usable(gpu.memory)),
-            host=first_tenant_host(request, ledger.tenants[gpu.key] == 0),
+            host=first_tenant_host(request, ledger.tenants[gpu.key] == 0, self.policy),
         )

@@ -119,6 +119,8 @@ class PodRequest:
 class PlacementPolicy:
     reserve: int = 0  # bytes kept free on every GPU (CUDA contexts, the node agent)
     standby_overcommit: float = 2.0  # all tenants' requests may reach this x schedulable memory
+    # what a GPU's first tenant brings along on its node (NOTHING with reservations off)
+    reservation: Resources = RESERVATION
 
     def usable(self, capacity: int) -> int:
         """The bytes of a GPU of ``capacity`` that tenants may book; fractions are of this."""
@@ -179,7 +181,7 @@ def best_gpu(
             continue
         on_node = ledger.services_on_node.get(node.name)
         same_on_node = on_node[service] if on_node else 0
-        reservation_fits = not short_of(node, ledger, request, RESERVATION)
+        reservation_fits = not short_of(node, ledger, request, policy.reservation)
         for gpu in node.gpus:
             key = gpu.key
             on_gpu = ledger.services_on_gpu.get(key)
@@ -212,17 +214,17 @@ def best_gpu(
                     request=need,
                     limit=request.demand.limit_on(usable),
                     standby=request.standby,
-                    host=first_tenant_host(request, ledger.tenants[key] == 0),
+                    host=first_tenant_host(request, ledger.tenants[key] == 0, policy),
                 )
     return chosen
 
 
-def first_tenant_host(request: PodRequest, first: bool) -> Resources:
+def first_tenant_host(request: PodRequest, first: bool, policy: PlacementPolicy) -> Resources:
     """What an allocation books on its node: the pod's requests, and for a GPU's first tenant
     its reservation pod too, until the ledger sees the bound pod and the reservation pod (which
     the binder makes before it binds) on their own. So two first tenants placed in one pass
     count two reservations."""
-    return request.host + RESERVATION if first else request.host
+    return request.host + policy.reservation if first else request.host
 
 
 def decreasing(requests: Iterable[PodRequest], reference_capacity: int) -> list[PodRequest]:
@@ -282,7 +284,7 @@ def unplaceable_reason(
             _insufficient(candidates, ledger, request)
         )
     candidates = roomy
-    no_reservation = {n.name for n in roomy if short_of(n, ledger, request, RESERVATION)}
+    no_reservation = {n.name for n in roomy if short_of(n, ledger, request, policy.reservation)}
     gpus = [g for n in candidates for g in n.gpus]
     same_service = too_small = overcommitted = unreserved = 0
     short: tuple[int, int, int] | None = None  # (free, need, usable) of the GPU closest to fitting
@@ -316,7 +318,8 @@ def unplaceable_reason(
     if unreserved:
         parts.append(
             f"{unreserved} empty on nodes without room for the GPU's reservation pod beside the "
-            f"pod ({RESERVATION.cpu}m CPU, {RESERVATION.memory >> 20} MiB, a pod slot)"
+            f"pod ({policy.reservation.cpu}m CPU, {policy.reservation.memory >> 20} MiB, a pod "
+            "slot)"
         )
     return f"0/{len(gpus)} GPUs fit: " + "; ".join(parts)
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import berth
 from berth import wire
+from berth.operator.ledger import NOTHING, RESERVATION
 from berth.operator.placement import PlacementPolicy
 
 MIB = 2**20
@@ -124,5 +125,7 @@ class OperatorSettings:
     @property
     def placement_policy(self) -> PlacementPolicy:
         return PlacementPolicy(
-            reserve=self.gpu_reserve_mib * MIB, standby_overcommit=self.standby_overcommit
+            reserve=self.gpu_reserve_mib * MIB,
+            standby_overcommit=self.standby_overcommit,
+            reservation=RESERVATION if self.gpu_reservations else NOTHING,
         )

@@ -559,3 +559,7 @@ def test_a_gpus_first_tenant_needs_room_for_its_reservation_pod_too() -> None:
     assert placed(decisions).node_used["n0"] == Resources(cpu=2, memory=16 << 20, pods=4)
     tight = [cpu_node("n0", cpu=None, pods=3, gpus=2)]
     assert [d.allocation is not None for d in place(tight, GpuLedger(), half)] == [True, False]
+    # With reservations off (BERTH_GPU_RESERVATIONS=false) there is none to plan for.
+    off = PlacementPolicy(reservation=Resources(pods=0))
+    (alone,) = place(nodes, GpuLedger(on_nodes=others), [cpu_request("ns/a", 0)], off)
+    assert alone.allocation is not None and alone.allocation.host == Resources()
