@@ -5,7 +5,7 @@ On the real SmolLM2-135M-Instruct's tokenizer (49,152 ids; imported from its PyP
 by ``berth import-model smollm2``), one JSON schema: the index is built once per engine, a
 matcher once per request, and a mask per generated token of a request (it follows the tokens:
 masks are measured along a whole valid answer, token by token). Then the masking of [rows,
-vocab] float32 logits (``structured.allowed_only``) and, end to end on the CPU engine, the
+vocab] float32 logits (``sampler.allowed_only``) and, end to end on the CPU engine, the
 output tokens per second of a batch of structured requests against the same batch unconstrained.
 Prints a table; ``--out`` writes it as Markdown.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, gguf_import
 from berth.runtime.engine.grammar import json_schema_grammar
-from berth.runtime.engine.structured import allowed_only
+from berth.runtime.engine.sampler import allowed_only
 from berth.runtime.engine.tokenizer import Tokenizer
 
 SCHEMA = {

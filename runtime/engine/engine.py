@@ -44,7 +44,6 @@ class _Request:
     generator: torch.Generator | None
     stop_ids: frozenset[int]
     plain: bool  # greedy without log-probs or bans: one batched argmax chooses its tokens
-    host_bound: bool  # each choice needs its output so far on the host (penalties, a grammar)
     matcher: LLMatcher | None  # its grammar's state (structured output)
 
 
@@ -176,7 +175,7 @@ class Engine:
         )
         self.requests[request_id] = _Request(
             seq, Detokenizer(self.tokenizer, params.stop, params.min_tokens), generator, stop_ids,
-            plain, params.host_bound, matcher,
+            plain, matcher,
         )  # fmt: skip
         self._num_special += not plain
         self._num_host_bound += params.host_bound
@@ -413,7 +412,7 @@ class Engine:
     def _forget(self, request_id: str) -> _Request:
         req = self.requests.pop(request_id)
         self._num_special -= not req.plain
-        self._num_host_bound -= req.host_bound
+        self._num_host_bound -= req.seq.params.host_bound
         return req
 
     # ---- capacity and gauges -------------------------------------------------------------------

@@ -18,22 +18,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.outputs import TokenLogprob
-from berth.runtime.engine.structured import allowed_only
 
 
 def _on(
     device: torch.device, values: list[int] | list[float] | list[bool], dtype: torch.dtype
 ) -> torch.Tensor:
-    """``values`` as a tensor on ``device``, copied without blocking the host: a plain
-    ``torch.tensor(values, device=cuda)`` copies from pageable memory and waits for the
-    stream, that is for the step still running on the device."""
+    """``values`` as a tensor on ``device`` (``_upload``)."""
+    return _upload(torch.tensor(values, dtype=dtype), device)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` copied to ``device`` without blocking the host: a plain copy from pageable
+    memory (as ``torch.tensor(values, device=cuda)`` makes) waits for the stream, that is for
+    the step still running on the device."""
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(eq=False)
@@ -225,3 +230,22 @@ def _mask(logits: torch.Tensor, banned: list[frozenset[int]]) -> torch.Tensor:
     dev = logits.device
     masked[_on(dev, rows, torch.int64), _on(dev, cols, torch.int64)] = -torch.inf
     return masked
+
+
+def allowed_only(logits: torch.Tensor, rows: list[int], words: torch.Tensor) -> torch.Tensor:
+    """A copy of ``logits`` [S, V] where, in each of ``rows``, every id whose bit is clear in
+    that row's ``words`` [len(rows), ceil(V/32)] (host int32, ``structured.Grammars.masks``)
+    is -inf."""
+    dev, vocab = logits.device, logits.shape[1]
+    if dev.type == "cuda":
+        words = _upload(words, dev)
+        shifts = torch.arange(32, device=dev, dtype=torch.int32)
+        bits = (words.unsqueeze(-1) >> shifts) & 1  # bit k of a word, LSB first, also for < 0
+        keep = bits.view(len(rows), -1)[:, :vocab].bool()
+    else:  # numpy's unpackbits is many times faster than the shifts on the CPU
+        unpacked = np.unpackbits(words.numpy().view(np.uint8), axis=1, bitorder="little")
+        keep = torch.from_numpy(unpacked[:, :vocab]).bool()
+    out = logits.clone()
+    index = _on(dev, rows, torch.int64)
+    out[index] = out[index].masked_fill(~keep, -torch.inf)
+    return out

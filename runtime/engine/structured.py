@@ -6,13 +6,13 @@ llguidance (the Rust library behind guidance and one of vLLM's backends) reads t
 token's mask lazily in well under a millisecond and needs no ahead-of-time compilation, so a
 new schema costs no stall. The mask is built on the host from the tokens the request has
 produced so far: such a request makes each step take the synchronous path (``Engine.step``).
+The sampler applies the masks (``sampler.allowed_only``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from berth.runtime.engine.grammar import refused_as_value_error
@@ -53,23 +53,3 @@ class Grammars:
         for k, row in enumerate(rows):
             fill_next_token_bitmask(matchers[row], words, k)  # type: ignore[arg-type]
         return rows, torch.from_numpy(words)
-
-
-def allowed_only(logits: torch.Tensor, rows: list[int], words: torch.Tensor) -> torch.Tensor:
-    """A copy of ``logits`` [S, V] where, in each of ``rows``, every id whose bit is clear in
-    that row's ``words`` [len(rows), ceil(V/32)] (host int32, ``Grammars.masks``) is -inf."""
-    dev, vocab = logits.device, logits.shape[1]
-    if dev.type == "cuda":
-        words = words.pin_memory().to(dev, non_blocking=True)
-        shifts = torch.arange(32, device=dev, dtype=torch.int32)
-        bits = (words.unsqueeze(-1) >> shifts) & 1  # bit k of a word, LSB first, also for < 0
-        keep = bits.view(len(rows), -1)[:, :vocab].bool()
-    else:  # numpy's unpackbits is many times faster than the shifts on the CPU
-        unpacked = np.unpackbits(words.numpy().view(np.uint8), axis=1, bitorder="little")
-        keep = torch.from_numpy(unpacked[:, :vocab]).bool()
-    out = logits.clone()
-    index = torch.tensor(rows, dtype=torch.int64)
-    if dev.type == "cuda":
-        index = index.pin_memory().to(dev, non_blocking=True)
-    out[index] = out[index].masked_fill(~keep, -torch.inf)
-    return out

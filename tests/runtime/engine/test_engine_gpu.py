@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice
-from berth.runtime.engine.sampler import Sampler
-from berth.runtime.engine.structured import allowed_only
+from berth.runtime.engine.sampler import Sampler, allowed_only
 
 pytestmark = [
     pytest.mark.gpu,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from berth.runtime.engine import Engine, SamplingParams
 from berth.runtime.engine.grammar import json_schema_grammar
-from berth.runtime.engine.structured import allowed_only
+from berth.runtime.engine.sampler import allowed_only
 
 SCHEMA = {
     "type": "object",
