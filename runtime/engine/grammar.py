@@ -37,8 +37,10 @@ def refused_as_value_error() -> Iterator[None]:
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """The grammar of the JSON values ``schema`` accepts; ``ValueError`` saying what is wrong.
     Cached by the schema's text: an application tends to send one schema with every request,
-    and the server asks once per choice."""
-    return _grammar(json.dumps(schema, sort_keys=True))
+    and the server asks once per choice. The keys keep their order: llguidance writes an
+    object's properties in the order the schema lists them (as OpenAI's structured output
+    does), so sorting them would reorder the output."""
+    return _grammar(json.dumps(schema))
 
 
 @functools.lru_cache(maxsize=256)

@@ -47,6 +47,14 @@ def test_every_output_is_valid_under_its_schema_and_ends_when_complete(
         assert len(out.new_token_ids) == out.num_output_tokens
 
 
+def test_properties_come_out_in_the_order_the_schema_lists_them(tiny_engine: Engine) -> None:
+    schema = {"type": "object", "additionalProperties": False, "required": ["zeta", "alpha"],
+              "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}}}  # fmt: skip
+    params = SamplingParams(max_tokens=60, temperature=0.0, grammar=grammar(schema))
+    (out,) = tiny_engine.generate(["A container ship"], params)
+    assert list(json.loads(out.new_text)) == ["zeta", "alpha"], out.new_text
+
+
 def test_a_grammar_ends_the_output_even_when_eos_is_ignored(tiny_engine: Engine) -> None:
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True,
                             grammar=grammar({"enum": ["quay", "berth"]}))  # fmt: skip
