@@ -47,6 +47,8 @@ from berth.runtime.engine.model_config import ModelConfig
 from berth.runtime.engine.testmodels import make_model
 from berth.runtime.server.heap import freeze_startup_heap
 
+GREEDY = SamplingParams(temperature=0.0)
+
 
 def measure_bandwidth(gib: int = 4) -> dict[str, float]:
     """HBM read bandwidth (a reduction over a large tensor) and copy bandwidth (read+write)."""
@@ -121,11 +123,11 @@ def run_engine(
     prompt_len: int,
     output_len: int,
     rng: random.Random,
-    temperature: float = 0.0,
+    sampling: SamplingParams = GREEDY,
 ) -> dict[str, Any]:
     """Submit ``concurrency`` requests at once and record every step until all finish."""
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True)
+    params = dataclasses.replace(sampling, max_tokens=output_len, ignore_eos=True)
     for i in range(concurrency):
         engine.add_request(
             f"c{concurrency}-{i}", [rng.randrange(vocab) for _ in range(prompt_len)], params
@@ -254,7 +256,7 @@ def steady_decode(
     rng: random.Random,
     steps: int = 32,
     host_profile: Path | None = None,
-    temperature: float = 0.0,
+    sampling: SamplingParams = GREEDY,
 ) -> dict[str, Any]:
     """Decode steps with all ``concurrency`` sequences decoding and nothing else in the step.
 
@@ -271,9 +273,7 @@ def steady_decode(
         engine.config.max_prefill_tokens_while_decoding or engine.config.max_num_batched_tokens
     )
     fill_steps = -(-concurrency * prompt_len // per_step)
-    params = SamplingParams(
-        max_tokens=fill_steps + steps + 64, temperature=temperature, ignore_eos=True
-    )
+    params = dataclasses.replace(sampling, max_tokens=fill_steps + steps + 64, ignore_eos=True)
     ids = [f"steady-{concurrency}-{i}" for i in range(concurrency)]
     for rid in ids:
         engine.add_request(rid, [rng.randrange(vocab) for _ in range(prompt_len)], params)
@@ -424,6 +424,13 @@ def main() -> None:
         help="of the measured requests (0: greedy); above 0 they take the sampler's path",
     )
     ap.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="of the measured requests: each choice then counts the tokens before it (the "
+        "sampler's draw waits for the collection of the step before)",
+    )
+    ap.add_argument(
         "--unfused-rope",
         action="store_true",
         help="RoPE and the KV cache write as separate kernels (the engine before the fused one)",
@@ -463,7 +470,9 @@ def main() -> None:
         "max_prefill_tokens_while_decoding": args.max_prefill_tokens_while_decoding,
         "kv_cache_dtype": args.kv_cache_dtype,
         "temperature": args.temperature,
+        "presence_penalty": args.presence_penalty,
     }
+    sampling = SamplingParams(temperature=args.temperature, presence_penalty=args.presence_penalty)
 
     def save() -> None:
         (out / f"engine-{gpu}.json").write_text(json.dumps(report, indent=2))
@@ -533,7 +542,7 @@ def main() -> None:
     report["engine"] = []
     host_profiled = {int(c) for c in args.host_profile.split(",") if c}
     for c in concurrencies:
-        r = run_engine(engine, c, args.prompt_len, args.output_len, rng, args.temperature)
+        r = run_engine(engine, c, args.prompt_len, args.output_len, rng, sampling)
         kv_bytes = r["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         r["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
@@ -545,12 +554,10 @@ def main() -> None:
         )
         r["ideal_tokens_per_s"] = c * args.output_len / ideal_s
         r["of_ideal"] = r["tokens_per_s"] / r["ideal_tokens_per_s"]
-        steady = steady_decode(engine, c, args.prompt_len, rng, temperature=args.temperature)
+        steady = steady_decode(engine, c, args.prompt_len, rng, sampling=sampling)
         if c in host_profiled:  # a second, profiled run: its timings are not reported
             path = out / f"host-profile-{c}{args.tag}.txt"
-            steady_decode(
-                engine, c, args.prompt_len, rng, host_profile=path, temperature=args.temperature
-            )
+            steady_decode(engine, c, args.prompt_len, rng, host_profile=path, sampling=sampling)
         kv_bytes = steady["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         steady["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
         steady["vs_roofline"] = steady["step_ms"] / steady["roofline_ms"]
@@ -582,6 +589,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"{report['prompt_len']}-token prompts, {report['output_len']} output tokens, "
         f"{'temperature ' + str(report['temperature']) if report.get('temperature') else 'greedy'}, "
+        f"{'presence penalty ' + str(report['presence_penalty']) + ', ' if report.get('presence_penalty') else ''}"
         f"ignore_eos; {report['kernels']} kernels, CUDA graphs {'on' if report['cuda_graphs'] else 'off'} "
         f"(prefill/mixed steps of up to {report['max_prefill_graph_tokens']} tokens as graphs; "
         f"capture {report['graph_capture_s']:.1f} s); step budget {report['max_num_batched_tokens']} tokens, "

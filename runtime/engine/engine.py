@@ -207,21 +207,17 @@ class Engine:
         of the one the previous call launched, then detokenizes them and builds their outputs
         while the device computes. A token not yet back is a placeholder in its sequence; a
         decode or mixed step takes it straight from the previous batch's chosen ids on the
-        device (so the device never waits for the host between steps, greedy or sampled). A
-        request's tokens come back in the call after the one that launched them;
-        ``has_unfinished`` stays true until they have. While a request with penalties or a
-        grammar is live, a step collects first: its choice follows the tokens of the batch
-        before.
+        device (so the device never waits for the host between steps). A request's tokens
+        come back in the call after the one that launched them; ``has_unfinished`` stays true
+        until they have. The new batch's tokens are chosen right after its launch, or, while
+        a request with penalties or a grammar is live, right after the collection: their
+        choice follows the tokens just collected, and the device runs the batch meanwhile.
         """
         if self.parked:
             raise RuntimeError("the engine is parked: wake it before stepping")
         start = time.perf_counter()
         self._waited = 0.0
-        flight = self._in_flight
-        collected: list[RequestOutput] | None = None
-        self._in_flight = None
-        if flight is not None and flight.host_tokens is None:
-            collected, flight = self._collect(flight), None  # its choice follows its tokens
+        flight, self._in_flight = self._in_flight, None
         self.scheduler.drop_finished()
         batch = self.scheduler.schedule()
         self.last_step_batch = (len(batch.seqs), batch.num_tokens)
@@ -235,22 +231,21 @@ class Engine:
                 pending = (flight.sampled, flight.sampling)
             self._in_flight = self._launch(batch, self.runner.execute(batch, pending))
         if flight is not None:
-            collected = self._collect(flight)
-        if self._in_flight is not None:
-            self._settle(self._in_flight)
-        if collected is not None:
-            outputs += collected
+            outputs += self._collect(flight)
+        launched = self._in_flight
+        if launched is not None:
+            if launched.sampling and launched.sampled is None:
+                self._draw(launched)
+            self._settle(launched)
         self.scheduler.drop_finished()
         self.last_step_host_seconds = time.perf_counter() - start - self._waited
         return outputs
 
     def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> _InFlight:
         """Count the launched tokens as computed, give each sampling sequence a placeholder
-        for its coming token, and start choosing the tokens and copying them to the host: one
-        argmax when every live request is plain, else the sampler's draw, queued on the device
-        the same way. Only a request with penalties (its choice counts the tokens of the step
-        still in flight) or a grammar (its mask follows them) makes the step collect before it
-        launches (``host_tokens`` None)."""
+        for its coming token, and start choosing the tokens (``_draw``). While a request with
+        penalties (its choice counts the tokens of the step still in flight) or a grammar (its
+        mask follows them) is live, the choice waits until ``step`` has collected those."""
         sampling: list[Sequence] = []
         slots: list[int] = []
         filled: list[Sequence] = []  # completed a KV block: name it once its tokens are known
@@ -280,21 +275,31 @@ class Engine:
                     if slot + 1 >= seq.max_num_tokens:
                         ended.append(seq)
         flight = _InFlight(sampling, slots, filled, ended, logits)
-        if not sampling or self._num_host_bound:
-            return flight
+        if sampling and not self._num_host_bound:
+            self._draw(flight)
+        return flight
+
+    def _draw(self, flight: _InFlight) -> None:
+        """Queue the choice of ``flight``'s tokens on the device and their copy to the host:
+        one argmax when every live request is plain, else the sampler's draw, with the
+        penalties counted over each output so far and each grammar's mask for its next token.
+        Nothing here waits for the device."""
+        sampling, slots = flight.sampling, flight.slots
         if self._num_special == 0:
-            flight.sampled = logits.argmax(dim=-1)
+            flight.sampled = flight.logits.argmax(dim=-1)
         else:
             requests = [self.requests.get(s.request_id) for s in sampling]
+            matchers = [r.matcher if r is not None else None for r in requests]
             draw = self.sampler.draw(
-                logits,
+                flight.logits,
                 [s.params for s in sampling],
                 [r.generator if r is not None else None for r in requests],
                 _banned(sampling, slots, requests),
+                _outputs(sampling, slots),
+                self.grammars.masks(matchers) if any(matchers) else None,
             )
             flight.sampled, flight.draw = draw.chosen, draw.to_host()
         flight.host_tokens, flight.done = self.runner.copy_to_host(flight.sampled)
-        return flight
 
     def _collect(self, flight: _InFlight) -> list[RequestOutput]:
         """Wait for a launched batch and turn its tokens into outputs: fill in the placeholders,
@@ -308,21 +313,11 @@ class Engine:
             self.runner.synchronize()
         self._waited += time.perf_counter() - t
         logprobs: list[TokenLogprob | None] | None = None
+        token_ids: list[int] = []
         if flight.host_tokens is not None:
-            token_ids: list[int] = flight.host_tokens[: len(flight.sampling)].tolist()
+            token_ids = flight.host_tokens[: len(flight.sampling)].tolist()
             if flight.draw is not None:
                 logprobs = flight.draw.read(token_ids)
-        else:
-            requests = [self.requests.get(s.request_id) for s in flight.sampling]
-            matchers = [r.matcher if r is not None else None for r in requests]
-            token_ids, logprobs = self.sampler(
-                flight.logits,
-                [s.params for s in flight.sampling],
-                [r.generator if r is not None else None for r in requests],
-                _banned(flight.sampling, flight.slots, requests),
-                _outputs(flight.sampling, flight.slots),
-                self.grammars.masks(matchers) if any(matchers) else None,
-            )
         live = self.requests
         outputs: list[RequestOutput] = []
         for i, (seq, slot, token) in enumerate(

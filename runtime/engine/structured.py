@@ -5,8 +5,8 @@ llguidance (the Rust library behind guidance and one of vLLM's backends) reads t
 ``tokenizer.json`` through the ``tokenizers`` library the engine already uses, computes a
 token's mask lazily in well under a millisecond and needs no ahead-of-time compilation, so a
 new schema costs no stall. The mask is built on the host from the tokens the request has
-produced so far: such a request makes each step take the synchronous path (``Engine.step``).
-The sampler applies the masks (``sampler.allowed_only``).
+produced so far, while the device runs the step whose token it constrains (``Engine.step``);
+the sampler applies it (``sampler.allowed_only``).
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from berth.runtime.engine import Engine, EngineConfig, RequestOutput, SamplingParams
+from berth.runtime.engine.grammar import json_schema_grammar
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -204,38 +206,57 @@ def test_tokens_in_flight_never_leak_and_counts_are_exact(tiny_engine: Engine) -
     assert tiny_engine.stats().num_free_blocks == tiny_engine.stats().num_total_blocks
 
 
-def test_sampled_requests_are_pipelined_and_draw_what_the_synchronous_path_draws(
-    tiny_engine: Engine,
+def test_every_step_launches_before_it_collects_and_a_penalty_or_grammar_only_moves_the_draw(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sampled request's tokens are drawn on the device right after its batch launches, so
-    a step launches the next batch before it collects (no ``host_tokens``-less flight). A live
-    request with penalties brings the synchronous path back, and a seeded request draws the
-    same tokens, log-probabilities and min_tokens ban either way."""
+    """Each step launches its batch before it collects the previous one's tokens, whatever
+    the requests ask for: a sampled request's tokens are drawn right after the launch; while
+    a request with penalties or a grammar is live, right after the collection (its choice
+    follows the tokens just collected), with the batch already running. A seeded request
+    beside either kind of companion draws the same tokens, log-probabilities and min_tokens
+    ban."""
     seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, logprobs=2,
                             min_tokens=4)  # fmt: skip
+    events: list[str] = []
+    for name in ("_launch", "_collect", "_draw"):
+        method = getattr(tiny_engine, name)
+
+        def recorded(*args: object, _name: str = name, _method: Any = method) -> Any:
+            events.append(_name)
+            return _method(*args)
+
+        monkeypatch.setattr(tiny_engine, name, recorded)
     runs = {}
     for name, companion in [
-        ("pipelined", SamplingParams(max_tokens=12, temperature=0.7, ignore_eos=True)),
-        ("synchronous", SamplingParams(max_tokens=12, presence_penalty=0.5, ignore_eos=True)),
+        ("sampled", SamplingParams(max_tokens=12, temperature=0.7, ignore_eos=True)),
+        ("penalized", SamplingParams(max_tokens=12, presence_penalty=0.5, ignore_eos=True)),
+        ("grammar", SamplingParams(max_tokens=12, grammar=json_schema_grammar({"type": "object"}))),
     ]:
         tiny_engine.add_request("x", "A container ship", seeded)
         tiny_engine.add_request("y", "Something else entirely", companion)
         outs: dict[str, list[RequestOutput]] = {}
-        waits = []  # per step: was the batch launched before it collected its tokens?
+        steps = []  # per step: the order of its launch, collection and draw
         while tiny_engine.has_unfinished():
+            events.clear()
             for out in tiny_engine.step():
                 outs.setdefault(out.request_id, []).append(out)
-            flight = tiny_engine._in_flight
-            if flight is not None and flight.sampling:
-                waits.append(flight.host_tokens is None)
+            steps.append(tuple(events))
         tokens = [t for o in outs["x"] for t in o.new_token_ids]
         logprobs = [lp for o in outs["x"] for lp in o.logprobs or []]
         ids = [[lp.token_id] + [t for t, _ in lp.top] for lp in logprobs]
         values = [v for lp in logprobs for v in [lp.logprob] + [v for _, v in lp.top]]
-        runs[name] = (tokens, ids, values, waits)
-    (tokens, ids, values, waits), (sync_tokens, sync_ids, sync_values, sync_waits) = runs.values()
-    assert waits and not any(waits)
-    assert sync_waits and all(sync_waits)
-    assert tokens == sync_tokens and len(tokens) >= 4
-    assert ids == sync_ids and [i[0] for i in ids] == tokens
-    assert values == pytest.approx(sync_values, abs=1e-5)
+        runs[name] = (tokens, ids, values, steps)
+    tokens, ids, values, steps = runs["sampled"]
+    assert len(tokens) >= 4 and [i[0] for i in ids] == tokens
+    assert ("_launch", "_draw", "_collect") in steps
+    assert all(
+        s.index("_launch") < s.index("_collect")
+        for s in steps
+        if "_collect" in s and "_launch" in s
+    )
+    for name in ("penalized", "grammar"):
+        other_tokens, other_ids, other_values, other_steps = runs[name]
+        assert other_tokens == tokens and other_ids == ids, name
+        assert other_values == pytest.approx(values, abs=1e-5), name
+        assert ("_launch", "_collect", "_draw") in other_steps, name
+        assert ("_launch", "_draw", "_collect") not in other_steps, name
