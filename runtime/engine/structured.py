@@ -19,7 +19,7 @@ from berth.runtime.engine.grammar import refused_as_value_error
 from berth.runtime.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # imported at the first structured request: an engine without one needs none
-    from llguidance import LLMatcher, LLTokenizer
+    from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
 
 class Grammars:
@@ -28,6 +28,7 @@ class Grammars:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]) -> None:
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
         self._index: LLTokenizer | None = None
+        self._executor: LLExecutor | None = None  # threads for many masks at once
 
     def matcher(self, grammar: str) -> LLMatcher:
         """A fresh matcher, or ``ValueError`` naming ``response_format`` with the grammar's error."""
@@ -45,11 +46,22 @@ class Grammars:
 
     def masks(self, matchers: list[LLMatcher | None]) -> tuple[list[int], torch.Tensor]:
         """The rows with a grammar, and for each a row of 32-bit words, bit ``i`` set where
-        token ``i`` may come next."""
-        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+        token ``i`` may come next. Several are computed at once on llguidance's threads (the
+        GIL released): the device waits for them before the step's draw."""
+        from llguidance import LLExecutor
+        from llguidance.numpy import (
+            allocate_token_bitmask,
+            fill_next_token_bitmask,
+            fill_next_token_bitmask_par,
+        )
 
         rows = [i for i, matcher in enumerate(matchers) if matcher is not None]
         words = allocate_token_bitmask(len(rows), self.vocab_size)
-        for k, row in enumerate(rows):
-            fill_next_token_bitmask(matchers[row], words, k)  # type: ignore[arg-type]
+        if len(rows) == 1:
+            fill_next_token_bitmask(matchers[rows[0]], words, 0)  # type: ignore[arg-type]
+        else:
+            if self._executor is None:
+                self._executor = LLExecutor()
+            pairs = [(matchers[row], k) for k, row in enumerate(rows)]
+            fill_next_token_bitmask_par(self._executor, pairs, words)  # type: ignore[arg-type]
         return rows, torch.from_numpy(words)
