@@ -1,7 +1,8 @@
-"""``POST /v1/chat/completions``: the conversation through the model's chat template."""
+"""``POST /v1/chat/completions``: the conversation through the model's chat template, and
+the answer's tool calls read out of each choice's text (:mod:`.tools`, :mod:`.tool_calls`)."""
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -24,6 +25,8 @@ from berth.runtime.server.protocol import (
     ChatDelta,
     ChatLogprobs,
     ChatTokenLogprob,
+    FunctionCall,
+    ToolCall,
     TopLogprob,
 )
 from berth.runtime.server.renderer import ChoiceProgress, Renderer
@@ -34,6 +37,14 @@ from berth.runtime.server.sampling import (
     resolve_max_tokens,
     sampling_params,
     validate_params,
+)
+from berth.runtime.server.tool_calls import CallDelta, CallReader, merged
+from berth.runtime.server.tools import (
+    call_format,
+    described_in_system,
+    prompt_bytes,
+    renders_tools,
+    tool_plan,
 )
 
 if TYPE_CHECKING:
@@ -56,8 +67,25 @@ def chat_logprobs(entries: "list[TokenLogprob]", tokenizer: "Tokenizer") -> Chat
     return ChatLogprobs(content=content)
 
 
+def tool_calls(fragments: list[CallDelta]) -> list[ToolCall]:
+    """A message's calls, put together from a reader's fragments (a call's first fragment has
+    its id and name)."""
+    calls = []
+    for call in merged(fragments):
+        function = FunctionCall(name=call.name or "", arguments=call.arguments)
+        calls.append(ToolCall(id=call.id or "", function=function))
+    return calls
+
+
+def finish_reason_of(reader: CallReader, reason: str | None) -> str | None:
+    """OpenAI's ``tool_calls`` for an output that ended by itself with whole calls; a cut one
+    (``length``, ``abort``) keeps its reason, and its calls may lack part of their arguments."""
+    return "tool_calls" if reason == "stop" and reader.calls and reader.complete else reason
+
+
 class ChatRenderer(Renderer):
-    """Chat completion bodies and ``chat.completion.chunk`` events for one request."""
+    """Chat completion bodies and ``chat.completion.chunk`` events for one request; with
+    ``reader``, each choice's text is read for tool calls by a reader of its own."""
 
     ID_PREFIX = "chatcmpl"
     CHUNK_OBJECT = "chat.completion.chunk"
@@ -71,26 +99,48 @@ class ChatRenderer(Renderer):
         tokenizer: "Tokenizer",
         prompt_tokens: int,
         choices: int,
+        reader: Callable[[], CallReader] | None = None,
     ) -> None:
         logprobs = bool(request.logprobs)
         super().__init__(model, tokenizer, prompt_tokens, request.stream_options, logprobs, choices)
         self.choices = choices
+        self.reader = reader
+        self._readers = [reader() for _ in range(choices)] if reader is not None else []
 
     def final_choice(self, choice: ChoiceProgress) -> ChatChoice:
         logprobs = chat_logprobs(choice.logprobs, self.tokenizer) if self.with_logprobs else None
-        message = AssistantMessage(content="".join(choice.text))
+        text = "".join(choice.text)
+        finish_reason = choice.finish_reason
+        if self.reader is None:
+            message = AssistantMessage(content=text)
+        else:
+            reader = self.reader()
+            piece = reader.feed(text) + reader.finish()
+            calls = tool_calls(piece.calls)
+            content = piece.content or (None if calls else "")
+            message = AssistantMessage(content=content, tool_calls=calls or None)
+            finish_reason = finish_reason_of(reader, finish_reason)
         return ChatChoice(
             index=choice.index,
             message=message,
             logprobs=logprobs,
-            finish_reason=choice.finish_reason,
+            finish_reason=finish_reason,
         )
 
     def stream_choice(
         self, index: int, text: str, logprobs: "list[TokenLogprob]", finish_reason: str | None
-    ) -> str:
+    ) -> str | None:
         entries = chat_logprobs(logprobs, self.tokenizer).model_dump_json() if logprobs else "null"
-        return chat_choice(index, text, entries, finish_reason)
+        if not self._readers:
+            return chat_choice(index, text, entries, finish_reason)
+        reader = self._readers[index]
+        piece = reader.feed(text)
+        if finish_reason is not None:
+            piece += reader.finish()
+            finish_reason = finish_reason_of(reader, finish_reason)
+        if not piece and finish_reason is None and not logprobs:
+            return None  # held back: it may still become a call
+        return chat_choice(index, piece.content, entries, finish_reason, merged(piece.calls))
 
     def opening_chunks(self) -> Iterator[str]:
         for index in range(self.choices):
@@ -118,17 +168,24 @@ async def create_chat_completion(raw: Request) -> Response:
     messages = chat_messages(request)
     n = request.n or 1
     check_sequence_count(1, n, loop.capacity)
-    size = sum(len(m["content"].encode()) for m in messages)
-    check_prompt_bytes(size, model.max_prompt_bytes, "messages")
+    tools, reader = None, None
+    if (plan := tool_plan(request)) is not None:
+        renders = renders_tools(tokenizer)
+        if renders:
+            tools = plan.template_tools()
+        else:
+            messages = described_in_system(messages, plan)
+        reader = plan.reader(call_format(tokenizer.chat_template, renders))
+    check_prompt_bytes(prompt_bytes(messages, tools), model.max_prompt_bytes, "messages")
     try:
-        ids = await model.encoder.encode_chat(messages)
+        ids = await model.encoder.encode_chat(messages, tools)
     except (ValueError, TemplateError) as exc:
         raise invalid_request(f"messages: {exc}", param="messages") from exc
     check_prompt(ids, max_len, "messages")
     requested, param = _max_tokens(request)
     max_tokens = resolve_max_tokens(requested, param, len(ids), max_len)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    renderer = ChatRenderer(request, server.model_name, tokenizer, len(ids), n)
+    renderer = ChatRenderer(request, server.model_name, tokenizer, len(ids), n, reader)
     engine_requests = []
     for choice in range(n):
         params = sampling_params(request, max_tokens, logprobs, choice)

@@ -10,6 +10,8 @@ models in :mod:`.protocol` produce (tests hold the two to it).
 
 import json
 
+from berth.runtime.server.tool_calls import CallDelta
+
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -43,9 +45,34 @@ def completion_choice(index: int, text: str, logprobs: str, finish_reason: str |
     )
 
 
-def chat_choice(index: int, content: str, logprobs: str, finish_reason: str | None) -> str:
-    """A ``chat.completion.chunk``'s choice; empty ``content`` leaves the delta empty."""
-    delta = f'{{"content":{_encode(content)}}}' if content else "{}"
+def tool_call_deltas(calls: list[CallDelta]) -> list[dict[str, object]]:
+    """OpenAI's ``delta.tool_calls``: a call's first fragment with its id, type and name."""
+    out: list[dict[str, object]] = []
+    for call in calls:
+        if call.id is None:
+            out.append({"index": call.index, "function": {"arguments": call.arguments}})
+        else:
+            function = {"name": call.name, "arguments": call.arguments}
+            out.append({"index": call.index, "id": call.id, "type": "function",
+                        "function": function})  # fmt: skip
+    return out
+
+
+def chat_choice(
+    index: int,
+    content: str,
+    logprobs: str,
+    finish_reason: str | None,
+    tool_calls: list[CallDelta] | None = None,
+) -> str:
+    """A ``chat.completion.chunk``'s choice; empty ``content`` and no ``tool_calls`` leave the
+    delta empty."""
+    fields = []
+    if content:
+        fields.append(f'"content":{_encode(content)}')
+    if tool_calls:
+        fields.append(f'"tool_calls":{_encode(tool_call_deltas(tool_calls))}')
+    delta = "{" + ",".join(fields) + "}"
     return (
         f'{{"index":{index},"delta":{delta},"logprobs":{logprobs},'
         f'"finish_reason":{_encode(finish_reason)}}}'

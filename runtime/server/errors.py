@@ -12,10 +12,11 @@ from collections.abc import Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from berth.runtime.server import protocol
 from berth.runtime.server.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,21 @@ def unavailable(message: str, code: str, retry_after_s: int) -> APIError:
     )
 
 
+# The protocol's model names: a union of models (``tool_choice``) puts the branch's name in loc.
+_MODEL_NAMES = frozenset(
+    name
+    for name, value in vars(protocol).items()
+    if isinstance(value, type) and issubclass(value, BaseModel)
+)
+
+
 def _param(error: ErrorDetails) -> str | None:
     """The dotted path of the offending field (``messages.0.role``), or None for the body."""
     loc = [str(part) for part in error["loc"] if part != "body"]
-    # pydantic puts the union branch's type name into loc (``str``, ``list[int]``); drop it.
-    loc = [part for part in loc if "[" not in part and part not in {"str", "int", "float"}]
+    # pydantic puts the union branch's type name into loc (``str``, ``list[int]``,
+    # ``NamedToolChoice``); drop it.
+    branches = {"str", "int", "float"} | _MODEL_NAMES
+    loc = [part for part in loc if "[" not in part and part not in branches]
     return ".".join(loc) or None
 
 

@@ -13,6 +13,7 @@ So, in this order, and before any tokenizing:
 """
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -79,12 +80,15 @@ class PromptEncoder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.tokenizer.encode_batch, texts)
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The chat template rendered, then tokenized (the template errors pass through)."""
+    async def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The chat template rendered (with ``tools`` when given), then tokenized (the
+        template errors pass through)."""
         loop = asyncio.get_running_loop()
-        prompt = await loop.run_in_executor(
-            self._pool, self.tokenizer.apply_chat_template, messages
-        )
+        extra: dict[str, Any] = {} if tools is None else {"tools": tools}
+        render = functools.partial(self.tokenizer.apply_chat_template, messages, **extra)
+        prompt = await loop.run_in_executor(self._pool, render)
         return (await self.encode([prompt]))[0]
 
     def close(self) -> None:

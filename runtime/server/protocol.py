@@ -3,8 +3,14 @@
 Requests are strict (``extra="forbid"``, no type coercion), because OpenAI rejects unknown
 arguments and wrong types with a 400; a client that misspells ``max_tokens`` should learn so
 instead of silently getting the default. Fields OpenAI accepts but this server cannot honour
-(tools, a suffix, ...) are declared, so that they parse, and refused by
+(a suffix, best_of other than n, ...) are declared, so that they parse, and refused by
 :mod:`berth.runtime.server.sampling` with a 400 when set to anything but their neutral value.
+
+Tool calling (function calling) is served: ``tools``, ``tool_choice`` (``none``, ``auto``,
+``required`` or a named function) and ``parallel_tool_calls`` on the request, assistant
+messages with ``tool_calls`` and ``tool`` messages in the conversation, ``message.tool_calls``
+and ``delta.tool_calls`` in the answer (:mod:`.tools` on the way in, :mod:`.tool_calls` on the
+way out). Until then tools were refused with a 400.
 vLLM's extra sampling fields (``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``,
 ``stop_token_ids``, ``stream_options.continuous_usage_stats``) are accepted too, since clients
 pass them through ``extra_body``.
@@ -134,12 +140,64 @@ ContentPart = Annotated[
 NON_TEXT_INPUTS = {"image_url": "image", "input_audio": "audio", "file": "file"}
 
 
+# A function's name as OpenAI allows it: it is written into prompts and grammars verbatim.
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(_Request):
+    """A function the model may call. ``parameters`` is the JSON Schema of its arguments (an
+    object); left out, the function takes none. ``strict`` is accepted: calls that
+    ``tool_choice`` forces always follow the schema, calls the model chooses to make are
+    parsed from its text and are not constrained."""
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    """A tool the model may call; OpenAI's only kind is a function."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """``tool_choice`` forcing a call of one function, named among ``tools``."""
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class CalledFunction(_Request):
+    """A call the assistant made: ``arguments`` is the JSON text of its arguments object."""
+
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Request):
+    """One entry of an assistant message's ``tool_calls``, sent back in a later request."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Request):
-    """One message of a conversation; content parts other than text are refused."""
+    """One message of a conversation; content parts other than text are refused. An assistant
+    message may carry the ``tool_calls`` it made (its content then may be null); a ``tool``
+    message answers one of them, named by ``tool_call_id``."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
 
     def text(self) -> str:
@@ -160,9 +218,21 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[ChatTool] | None = Field(
+        default=None,
+        description="Functions the model may call; they reach the model through its chat "
+        "template (or, when the template ignores tools, a system message describing them).",
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="none: no call; auto (the default with tools): the model may call, and "
+        "its calls are parsed from its text; required or a named function: the output is "
+        "constrained to a call, valid under the function's parameters schema.",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None,
+        description="false: at most one call per choice (default true).",
+    )
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -221,9 +291,27 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    id: str  # call_<hex>: a tool message answers the call by this id
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
+    """The answer: text, or calls (``content`` null when the model wrote nothing else)."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChoice(BaseModel):
@@ -242,8 +330,19 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-def _is_none(value: object) -> bool:
-    return value is None
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_is_none)
+    arguments: str | None = Field(default=None, exclude_if=_is_none)
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of call ``index``: its first carries the id, type and name, later ones more
+    of the arguments' text (concatenated, they are the call's ``arguments``)."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_is_none)
+    function: FunctionCallDelta
 
 
 class ChatDelta(BaseModel):
@@ -251,6 +350,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
     content: str | None = Field(default=None, exclude_if=_is_none)
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):

@@ -122,6 +122,8 @@ class Renderer(ABC):
             return
         logprobs = output.logprobs if output is not None and self.with_logprobs else None
         choice_json = self.stream_choice(choice.index, text, logprobs or [], choice.finish_reason)
+        if choice_json is None:
+            return
         if self.continuous_usage:
             yield self.frame.chunk(choice_json, self.usage(choices).model_dump_json())
         else:
@@ -134,8 +136,9 @@ class Renderer(ABC):
     @abstractmethod
     def stream_choice(
         self, index: int, text: str, logprobs: "list[TokenLogprob]", finish_reason: str | None
-    ) -> str:
-        """One streamed choice as JSON text (see :mod:`.chunks`)."""
+    ) -> str | None:
+        """One streamed choice as JSON text (see :mod:`.chunks`); None when the update
+        changes nothing the client sees yet (text held back while it may be a tool call)."""
 
     @abstractmethod
     def opening_chunks(self) -> Iterator[str]: ...

@@ -11,6 +11,7 @@ from berth.runtime.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from berth.runtime.server.tools import parameters_schema, template_tool_calls, tool_plan
 
 SamplingRequest = CompletionRequest | ChatCompletionRequest
 
@@ -42,11 +43,18 @@ def check_supported(request: SamplingRequest) -> None:
         if request.echo and request.logprobs is not None:
             raise _unsupported("logprobs", "logprobs together with echo (prompt logprobs)")
     else:
-        if request.tools:
-            raise _unsupported("tools", "tool calling")
-        if request.tool_choice not in (None, "none", "auto"):
-            raise _unsupported("tool_choice", "forcing a tool")
-        response_format_grammar(request)  # a bad schema is refused before any work
+        # Bad schemas are refused before any work.
+        constrained = response_format_grammar(request) is not None
+        plan = tool_plan(request)
+        if plan is not None:
+            for i, tool in enumerate(plan.tools):
+                schema_grammar(parameters_schema(tool), f"tools.{i}.function.parameters")
+            if plan.forced and constrained:
+                raise invalid_request(
+                    "response_format: cannot be combined with a tool_choice that forces a call "
+                    "(the call's arguments follow the function's parameters schema).",
+                    param="response_format",
+                )
         if request.top_logprobs is not None and not request.logprobs:
             raise invalid_request(
                 "top_logprobs: only allowed when logprobs is true.", param="top_logprobs"
@@ -128,9 +136,27 @@ def sampling_params(
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=logit_bias(request),
-        grammar=response_format_grammar(request),
+        grammar=request_grammar(request),
     )
     return params
+
+
+def schema_grammar(schema: dict[str, Any], param: str) -> str:
+    """``schema`` as an llguidance grammar, or a 400 naming ``param`` with what is wrong."""
+    try:
+        return json_schema_grammar(schema)
+    except ValueError as error:
+        raise invalid_request(f"{param}: {error}", param=param) from error
+
+
+def request_grammar(request: SamplingRequest) -> str | None:
+    """The grammar the output follows: a forced tool call's, else ``response_format``'s."""
+    if isinstance(request, ChatCompletionRequest):
+        plan = tool_plan(request)
+        schema = None if plan is None else plan.forced_schema()
+        if schema is not None:
+            return schema_grammar(schema, "tools")
+    return response_format_grammar(request)
 
 
 def response_format_grammar(request: SamplingRequest) -> str | None:
@@ -162,10 +188,7 @@ def response_format_grammar(request: SamplingRequest) -> str | None:
             f"response_format.type: one of text, json_object, json_schema; got {kind!r}.",
             param="response_format.type",
         )
-    try:
-        return json_schema_grammar(schema)
-    except ValueError as error:
-        raise invalid_request(f"{param}: {error}", param=param) from error
+    return schema_grammar(schema, param)
 
 
 def validate_params(params: SamplingParams, max_model_len: int) -> None:
@@ -177,7 +200,8 @@ def validate_params(params: SamplingParams, max_model_len: int) -> None:
 
 
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """The conversation as the chat template expects it: role and plain-text content."""
+    """The conversation as the chat template expects it: role and plain-text content, an
+    assistant's calls and the call a tool message answers (see :mod:`.tools`)."""
     if not request.messages:
         raise invalid_request(
             "messages: at least one message is required.", param="messages", code="empty_messages"
@@ -197,5 +221,21 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls:
+            if message.role != "assistant":
+                param = f"messages.{i}.tool_calls"
+                raise invalid_request(
+                    f"{param}: only assistant messages carry tool calls.", param=param
+                )
+            entry["tool_calls"] = template_tool_calls(message.tool_calls)
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                param = f"messages.{i}.tool_call_id"
+                raise invalid_request(
+                    f"{param}: a tool message must name the call it answers (the id of an "
+                    "assistant message's tool call).",
+                    param=param,
+                )
+            entry["tool_call_id"] = message.tool_call_id
         rendered.append(entry)
     return rendered

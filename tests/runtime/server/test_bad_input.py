@@ -36,6 +36,13 @@ def chat(**fields: Any) -> dict[str, Any]:
     return {"model": "tiny", "messages": USER, "max_tokens": 2, **fields}
 
 
+def tool(name: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    function = {"name": name} if parameters is None else {"name": name, "parameters": parameters}
+    return {"type": "function", "function": function}
+
+
+TOOL = tool("f")
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 LONG_TEXT = "ships and berths " * 400  # far more than the tiny model's 512-token context
 
 CASES = [
@@ -125,8 +132,37 @@ CASES = [
          "logit_bias.5", message="[-100, 100]"),
     Case("logit bias past the vocabulary", COMPLETIONS, completion(logit_bias={"99999": 1}),
          400, message="outside [0, "),
-    Case("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
-         "tools", "unsupported"),
+    Case("tool of a type other than function", CHAT,
+         chat(tools=[{"type": "retrieval", "function": {"name": "f"}}]), 400, "tools.0.type"),
+    Case("tool name with a space", CHAT, chat(tools=[TOOL, tool("get weather")]), 400,
+         "tools.1.function.name"),
+    Case("two tools of one name", CHAT, chat(tools=[TOOL, TOOL]), 400, "tools.1.function.name",
+         message="unique"),
+    Case("tool parameters llguidance refuses", CHAT,
+         chat(tools=[TOOL, tool("g", {"type": "objectx"})]), 400, "tools.1.function.parameters",
+         message="objectx"),
+    Case("tool parameters with a dangling reference", CHAT,
+         chat(tools=[tool("g", {"properties": {"a": {"$ref": "#/$defs/none"}}})]), 400,
+         "tools.0.function.parameters"),
+    Case("tool_choice naming a function not among the tools", CHAT,
+         chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}), 400,
+         "tool_choice.function.name", message="not among the tools"),
+    Case("tool_choice without tools", CHAT, chat(tool_choice="auto"), 400, "tool_choice"),
+    Case("tool_choice of an unknown mode", CHAT, chat(tools=[TOOL], tool_choice="always"), 400,
+         "tool_choice"),
+    Case("tool_choice without its function", CHAT,
+         chat(tools=[TOOL], tool_choice={"type": "function"}), 400, "tool_choice.function"),
+    Case("a forced call together with response_format", CHAT,
+         chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}),
+         400, "response_format"),
+    Case("tool message without tool_call_id", CHAT,
+         chat(messages=[*USER, {"role": "tool", "content": "12 C"}]), 400,
+         "messages.1.tool_call_id"),
+    Case("tool calls on a user message", CHAT, chat(messages=[{"role": "user", "content": "x",
+         "tool_calls": [CALL]}]), 400, "messages.0.tool_calls"),
+    Case("tool call without arguments", CHAT, chat(messages=[*USER, {"role": "assistant",
+         "tool_calls": [{**CALL, "function": {"name": "f"}}]}]), 400,
+         "messages.1.tool_calls.0.function.arguments"),
     Case("response_format of an unknown type", CHAT, chat(response_format={"type": "xml"}), 400,
          "response_format.type"),
     Case("response_format json_schema without a name", CHAT,

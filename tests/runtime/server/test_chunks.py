@@ -13,7 +13,10 @@ from berth.runtime.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCallDelta,
+    ToolCallDelta,
 )
+from berth.runtime.server.tool_calls import CallDelta
 
 FINISH = st.sampled_from([None, "stop", "length", "abort"])
 NAMES = st.text(min_size=1, max_size=20)
@@ -65,3 +68,35 @@ def test_chat_chunk_matches_the_pydantic_model(
     logprobs_json = logprobs.model_dump_json() if logprobs else "null"
     written = frame.chunk(chat_choice(index, text, logprobs_json, finish))
     assert written == expected.model_dump_json(exclude=None if include_usage else {"usage"})
+
+
+CALL_DELTAS = st.lists(
+    st.builds(
+        CallDelta,
+        index=st.integers(0, 8),
+        id=st.none() | st.just("call_0123456789abcdef01234567"),
+        name=st.text(min_size=1, max_size=10),
+        arguments=st.text(max_size=30),
+    ),
+    max_size=3,
+)
+
+
+@given(text=st.text(max_size=20), index=st.integers(0, 1000), finish=FINISH, calls=CALL_DELTAS)
+def test_chat_chunk_with_tool_call_deltas_matches_the_pydantic_model(
+    text: str, index: int, finish: str | None, calls: list[CallDelta]
+) -> None:
+    """A call's first fragment carries its id, type and name; later ones only arguments."""
+    deltas = [
+        ToolCallDelta(index=c.index, function=FunctionCallDelta(arguments=c.arguments))
+        if c.id is None
+        else ToolCallDelta(index=c.index, id=c.id, type="function",
+                           function=FunctionCallDelta(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]  # fmt: skip
+    delta = ChatDelta(content=text or None, tool_calls=deltas or None)
+    choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
+    expected = ChatCompletionChunk(id="chatcmpl-1", created=17, model="m", choices=[choice])
+    frame = ChunkFrame("chatcmpl-1", "chat.completion.chunk", 17, "m", False)
+    written = frame.chunk(chat_choice(index, text, "null", finish, calls))
+    assert written == expected.model_dump_json(exclude={"usage"})

@@ -1,7 +1,11 @@
 """The official ``openai`` client, streaming and not, against a real server and engine."""
 
+import json
+from typing import Any
+
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from server_harness import RunningServer
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
@@ -127,3 +131,46 @@ def test_streamed_chat_with_n_choices_streams_each_to_its_finish(client: openai.
                 finish[choice.index] = choice.finish_reason
     assert set(finish) == {0, 1}
     assert all(text.values())
+
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                       "properties": {"city": {"type": "string", "maxLength": 8}}},
+    },
+}  # fmt: skip
+
+
+def test_a_forced_tool_call_parses_into_typed_tool_calls(client: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Weather in Oslo?"}]
+    result = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0.0,
+    )  # fmt: skip
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    # The client's stream helper puts the chunks together into the same call.
+    with client.chat.completions.stream(
+        model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0.0,
+    ) as stream:  # fmt: skip
+        final = stream.get_final_completion()
+    (streamed,) = final.choices[0].message.tool_calls or []
+    assert isinstance(streamed, ChatCompletionMessageFunctionToolCall)
+    assert (streamed.function.name, streamed.function.arguments) == (
+        call.function.name,
+        call.function.arguments,
+    )
+    # The answer goes back as it came, followed by the tool's result.
+    messages += [choice.message, {"role": "tool", "tool_call_id": call.id, "content": "12 C"}]
+    answer = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=2, temperature=0.0
+    )
+    assert answer.choices[0].message.role == "assistant"
