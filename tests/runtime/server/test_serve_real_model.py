@@ -1,7 +1,9 @@
 """``berth serve --model smollm2`` serves the real model by name: imported on demand (from the
-cache after the first time), listed under its name, answering a chat question correctly."""
+cache after the first time), listed under its name, answering a chat question correctly; and
+it calls a function it is told to call with the arguments the question gives."""
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -10,7 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema_rs
+from server_harness import running_server
 
+from berth.runtime.engine import EngineConfig
 from berth.runtime.engine.gguf_import import import_model
 
 
@@ -57,3 +62,30 @@ def test_serve_by_name_imports_smollm2_and_answers_paris(tmp_path: Path) -> None
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_smollm2_calls_the_function_it_is_told_to_with_the_city_asked_about() -> None:
+    """SmolLM2's template ignores tools, so they reach it in the system message; the forced
+    call's grammar keeps the arguments valid, and the model fills in what the question says."""
+    model = import_model("smollm2", say=lambda _: None)
+    parameters = {"type": "object", "additionalProperties": False, "required": ["city"],
+                  "properties": {"city": {"type": "string", "description": "The city's name"}}}  # fmt: skip
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": parameters,
+                                             "description": "Get the current weather in a city."}}  # fmt: skip
+    engine = EngineConfig(model=str(model), device="cpu", dtype="float32", max_num_seqs=2,
+                          max_model_len=1024, num_kv_blocks=64)  # fmt: skip
+    question = [{"role": "user", "content": "What's the weather in Paris?"}]
+    with running_server(engine, served_model_name="smollm2") as server:
+        body = {"model": "smollm2", "messages": question, "tools": [tool], "max_tokens": 60,
+                "temperature": 0.0}  # fmt: skip
+        named = {**body, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+        for forced in (named, {**body, "tool_choice": "required"}):
+            reply = httpx.post(f"{server.base_url}/v1/chat/completions", json=forced, timeout=120)
+            assert reply.status_code == 200, reply.text
+            choice = reply.json()["choices"][0]
+            assert choice["finish_reason"] == "tool_calls", choice
+            for call in choice["message"]["tool_calls"]:
+                assert call["function"]["name"] == "get_weather"
+                arguments = json.loads(call["function"]["arguments"])
+                assert jsonschema_rs.validator_for(parameters).is_valid(arguments)
+                assert arguments["city"] == "Paris"  # what SmolLM2 writes greedily
