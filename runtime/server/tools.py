@@ -130,14 +130,16 @@ def _relocated(schema: Any, base: str) -> Any:
 
 def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
     """What the request asks of its tools (None: no tools), or a 400 naming the field: a
-    ``tool_choice`` without tools, two tools of one name, a named function not among them."""
+    call forced without tools, two tools of one name, a named function not among them.
+    ``"none"`` or ``"auto"`` without tools asks nothing and is accepted, as vLLM does (clients
+    such as agent frameworks send it with every request)."""
     tools = request.tools or []
     choice = request.tool_choice
     if not tools:
-        if choice is not None:
+        if choice is not None and choice not in ("none", "auto"):
             raise invalid_request(
-                "tool_choice: only allowed when tools are given; send tools or leave "
-                "tool_choice out.",
+                "tool_choice: a call can only be forced when tools are given; send tools or "
+                "leave tool_choice out.",
                 param="tool_choice",
             )
         return None
