@@ -8,6 +8,9 @@ from berth.runtime.engine.budget import GpuBudget
 
 # ``EngineConfig.decode_blas``: measured per batch size, or one library for every decode graph.
 DECODE_BLAS = ("measured", "cublas", "cublaslt")
+# The most alternatives ``logprobs`` and ``prompt_logprobs`` may ask for (OpenAI's and vLLM's
+# default bound): each costs a top-k over the vocabulary and a host entry per token.
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -99,6 +102,10 @@ class SamplingParams:
     # tokens (the sampler masks the stop ids until then).
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's plus the top N
+    # vLLM's: None: none; N >= 0: every prompt token's log-probability (the first has none)
+    # and the top N alternatives at its position. Such a request skips the prefix cache (a
+    # cached position has no logits).
+    prompt_logprobs: int | None = None
     # OpenAI's: each token id's logit is lowered by frequency_penalty times the times the
     # output holds it, and by presence_penalty once if it holds it at all; logit_bias adds to
     # the logits of the ids it names. The choice sees them; log-probabilities do not.
@@ -159,8 +166,13 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
             )
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if value is not None and not (whole and 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(
+                    f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}"
+                )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and -2.0 <= value <= 2.0):

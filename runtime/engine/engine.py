@@ -25,6 +25,7 @@ from berth.runtime.engine.detokenizer import Detokenizer
 from berth.runtime.engine.model_config import ModelConfig
 from berth.runtime.engine.model_runner import PENDING, ModelRunner
 from berth.runtime.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob
+from berth.runtime.engine.prompt_logprobs import PromptLogprobs, prompt_rows
 from berth.runtime.engine.sampler import Draw, Sampler
 from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
@@ -56,6 +57,8 @@ class _InFlight:
     filled: list[Sequence]  # sequences whose computed tokens completed a KV block
     ended: list[Sequence]  # sequences whose coming token is their last (length)
     logits: torch.Tensor
+    prompt: PromptLogprobs | None = None  # scored prompt tokens, on the host once ``done``
+    delivers_prompt: bool = False  # a request scoring its prompt was live at the launch
     sampled: torch.Tensor | None = None  # the chosen token ids on the device
     host_tokens: torch.Tensor | None = None  # their copy on the host, valid once ``done``
     draw: Draw | None = None  # log-probabilities on the host, valid once ``done``
@@ -102,6 +105,7 @@ class Engine:
         self._ids = itertools.count()
         self._num_special = 0  # live requests that need the full sampler
         self._num_host_bound = 0  # live requests whose choice needs their output on the host
+        self._num_scoring_prompt = 0  # live requests asking for prompt log-probabilities
         self._in_flight: _InFlight | None = None
         self.parked = False  # weights and KV off the device (``park``); no step until ``wake``
         self._growth_stalled_at: int | None = None  # chunks held when growth last failed
@@ -162,6 +166,8 @@ class Engine:
         seq = Sequence(request_id, token_ids, len(token_ids), params, max_num_tokens)
         if params.logprobs is not None:
             seq.logprobs = []
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # the first token has no context to be scored in
         generator = None if params.seed is None else self.sampler.request_generator(params.seed)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self._eos
@@ -179,6 +185,7 @@ class Engine:
         )  # fmt: skip
         self._num_special += not plain
         self._num_host_bound += params.host_bound
+        self._num_scoring_prompt += params.prompt_logprobs is not None
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -229,7 +236,13 @@ class Engine:
             pending = None
             if flight is not None and flight.sampled is not None:
                 pending = (flight.sampled, flight.sampling)
-            self._in_flight = self._launch(batch, self.runner.execute(batch, pending))
+            scored = None
+            if self._num_scoring_prompt and not batch.is_decode:
+                scored = prompt_rows(batch)
+            logits, prompt = self.runner.execute(batch, pending, scored)
+            self._in_flight = self._launch(batch, logits)
+            self._in_flight.prompt = prompt
+            self._in_flight.delivers_prompt = self._num_scoring_prompt > 0
         if flight is not None:
             outputs += self._collect(flight)
         launched = self._in_flight
@@ -313,6 +326,9 @@ class Engine:
             self.runner.synchronize()
         self._waited += time.perf_counter() - t
         logprobs: list[TokenLogprob | None] | None = None
+        if flight.prompt is not None:
+            flight.prompt.record()
+        delivers_prompt = flight.delivers_prompt
         token_ids: list[int] = []
         if flight.host_tokens is not None:
             token_ids = flight.host_tokens[: len(flight.sampling)].tolist()
@@ -362,6 +378,9 @@ class Engine:
                     slot + 1 - seq.num_prompt_tokens,
                     seq.num_cached_tokens,
                     None if logprob is None else [logprob],
+                    seq.prompt_logprobs
+                    if delivers_prompt and slot == seq.num_prompt_tokens
+                    else None,
                 )
             )
         return outputs
@@ -408,6 +427,7 @@ class Engine:
         req = self.requests.pop(request_id)
         self._num_special -= not req.plain
         self._num_host_bound -= req.seq.params.host_bound
+        self._num_scoring_prompt -= req.seq.params.prompt_logprobs is not None
         return req
 
     # ---- capacity and gauges -------------------------------------------------------------------
@@ -583,6 +603,8 @@ def _merge(into: RequestOutput, out: RequestOutput) -> None:
     into.num_output_tokens = out.num_output_tokens
     if into.logprobs is not None and out.logprobs is not None:
         into.logprobs += out.logprobs
+    if into.prompt_logprobs is None:
+        into.prompt_logprobs = out.prompt_logprobs
 
 
 def _outputs(sampling: list[Sequence], slots: list[int]) -> list[list[int]] | None:

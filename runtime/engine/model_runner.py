@@ -55,6 +55,7 @@ from berth.runtime.engine.memory_profile import (
 )
 from berth.runtime.engine.model import AttentionMetadata, AttentionOps, CausalLM, DecoderLayer
 from berth.runtime.engine.model_config import DTYPES, ModelConfig
+from berth.runtime.engine.prompt_logprobs import PromptLogprobs, PromptRows, score
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
 from berth.runtime.engine.weight_arena import WeightArena
@@ -487,12 +488,20 @@ class ModelRunner:
         return host, done
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, pending: PendingTokens | None) -> torch.Tensor:
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        pending: PendingTokens | None,
+        scored: PromptRows | None = None,
+    ) -> tuple[torch.Tensor, PromptLogprobs | None]:
         """Run the batch; return logits [S, vocab] (model dtype) for the sequences that sample, i.e.
-        those whose new tokens reach their last token, in batch order."""
+        those whose new tokens reach their last token, in batch order, and, for a prefill or
+        mixed step given ``scored``, those rows' prompt log-probabilities (queued on the device,
+        their copy to the host started). A decode step scores nothing: a prompt's last token
+        alone is never scored (its row is the sampled one)."""
         if batch.is_decode:
-            return self._decode(batch, pending)
-        return self._prefill(batch, pending)
+            return self._decode(batch, pending), None
+        return self._prefill(batch, pending, scored)
 
     def _fill_block_tables(self, seqs: list[Sequence], rows: int, grown: list[Sequence]) -> int:
         """Write the sequences' block tables into the pinned host rows; return the widest.
@@ -583,10 +592,17 @@ class ModelRunner:
         missing: list[int] = np.flatnonzero(self.np_tokens[0, :b] == PENDING).tolist()
         _copy_pending(input_ids, missing, [seqs[i] for i in missing], pending)
 
-    def _prefill(self, batch: ScheduledBatch, pending: PendingTokens | None) -> torch.Tensor:
+    def _prefill(
+        self, batch: ScheduledBatch, pending: PendingTokens | None, scored: PromptRows | None
+    ) -> tuple[torch.Tensor, PromptLogprobs | None]:
         """A prefill or mixed step. Launched before the previous step's tokens are back on
         the host: a decoding sequence's input is taken from that step's sampled ids on the
-        device, as in a decode step, so the device does not idle while the host collects."""
+        device, as in a decode step, so the device does not idle while the host collects.
+
+        Prompt log-probabilities (``scored``) come from the step's hidden states of every
+        token, which both paths have: a replayed graph leaves them in ``d_hidden``, and they
+        are scored on the same stream before any later replay overwrites them, as the sampled
+        rows are picked from there."""
         b = len(batch.seqs)
         width = self._fill_block_tables(batch.seqs, b, batch.grown)
         step = step_inputs(batch, self.np_block_tables, self.block_size)
@@ -603,7 +619,8 @@ class ModelRunner:
             r = len(step.sample_rows)
             hidden = self._replay_prefill(step, size, width, owners, pending)
             picked = torch.index_select(hidden, 0, rows, out=self.d_sampled_hidden[:r])
-            return self.model.logits(picked, out=self.d_logits[:r])
+            logits = self.model.logits(picked, out=self.d_logits[:r])
+            return logits, self._score(hidden, scored)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(step.tokens[2]).to(dev),
             block_tables=self.h_block_tables[:b, :width].to(dev),
@@ -614,7 +631,12 @@ class ModelRunner:
         tokens = torch.from_numpy(step.tokens).to(dev, copy=True)
         _copy_pending(tokens[0], step.pending_at, owners, pending)
         hidden = self.model(tokens[0], tokens[1], meta)
-        return self.model.logits(hidden[rows])
+        return self.model.logits(hidden[rows]), self._score(hidden, scored)
+
+    def _score(self, hidden: torch.Tensor, scored: PromptRows | None) -> PromptLogprobs | None:
+        if scored is None:
+            return None
+        return score(hidden, self.model.logits, scored).to_host()
 
     def _reserve_arena(self, config: EngineConfig) -> None:
         """Reserve the KV arena for ``self.layout`` and point every layer's caches at it."""

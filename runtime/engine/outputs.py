@@ -10,11 +10,13 @@ FinishReason = Literal["stop", "length", "abort"]
 
 @dataclass(slots=True)
 class TokenLogprob:
-    """The chosen token's log-probability and the ``top`` N alternatives, best first."""
+    """The chosen token's log-probability and the ``top`` N alternatives, best first; a
+    prompt token's also has its ``rank`` among the vocabulary (1: the most likely)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None
 
 
 @dataclass(slots=True)
@@ -30,6 +32,9 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprob] | None = None
+    # Every prompt token's (``SamplingParams.prompt_logprobs``), the first None; only on a
+    # request's first output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

@@ -158,7 +158,10 @@ class Scheduler:
                 self.blocked_blocks = max(self.blocked_blocks, whole + held)
                 deferred.append(self.waiting.popleft())
                 continue
-            prefix = pool.match_prefix(seq)
+            # A request scoring its prompt computes every position: a cached one has no
+            # logits (vLLM does the same; recomputing only the cached positions' hidden states
+            # would cost as much as this and need a second kind of step).
+            prefix = pool.match_prefix(seq) if seq.params.prompt_logprobs is None else []
             n = min(seq.num_tokens - len(prefix) * pool.block_size, budget)
             if not pool.allocate(seq, n, prefix, held):
                 # Memory, not the token budget, holds it back: an elastic pool asks its node

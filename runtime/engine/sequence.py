@@ -48,6 +48,8 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    # The prompt tokens scored so far, in order, the first None (``prompt_logprobs``).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def num_tokens(self) -> int:
