@@ -3,7 +3,7 @@ the answer's tool calls read out of each choice's text (:mod:`.tools`, :mod:`.to
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -29,7 +29,7 @@ from berth.runtime.server.protocol import (
     ToolCall,
     TopLogprob,
 )
-from berth.runtime.server.renderer import ChoiceProgress, Renderer
+from berth.runtime.server.renderer import ChoiceProgress, Renderer, vllm_prompt_logprobs
 from berth.runtime.server.sampling import (
     chat_messages,
     check_prompt,
@@ -104,8 +104,20 @@ class ChatRenderer(Renderer):
         logprobs = bool(request.logprobs)
         super().__init__(model, tokenizer, prompt_tokens, request.stream_options, logprobs, choices)
         self.choices = choices
+        self.prompt_top = request.prompt_logprobs  # vLLM's field: choice 0 scores the prompt
         self.reader = reader
         self._readers = [reader() for _ in range(choices)] if reader is not None else []
+
+    def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
+        """The body; with ``prompt_logprobs``, vLLM's list beside the choices (one prompt)."""
+        body = super().response(choices)
+        entries = choices[0].prompt_logprobs if choices else None
+        if self.prompt_top is not None and entries is not None:
+            scored = vllm_prompt_logprobs(entries, self.prompt_top, self.tokenizer)
+            body["prompt_logprobs"] = [
+                None if p is None else {t: e.model_dump() for t, e in p.items()} for p in scored
+            ]
+        return body
 
     def final_choice(self, choice: ChoiceProgress) -> ChatChoice:
         logprobs = chat_logprobs(choice.logprobs, self.tokenizer) if self.with_logprobs else None
@@ -188,7 +200,8 @@ async def create_chat_completion(raw: Request) -> Response:
     renderer = ChatRenderer(request, server.model_name, tokenizer, len(ids), n, reader)
     engine_requests = []
     for choice in range(n):
-        params = sampling_params(request, max_tokens, logprobs, choice)
+        prompt_logprobs = request.prompt_logprobs if choice == 0 else None  # one prompt
+        params = sampling_params(request, max_tokens, logprobs, choice, prompt_logprobs)
         validate_params(params, max_len)
         engine_requests.append(EngineRequest(f"{renderer.id}-{choice}", ids, params))
     stream = loop.submit(engine_requests, arrival, server.settings.request_timeout_s)

@@ -12,8 +12,12 @@ messages with ``tool_calls`` and ``tool`` messages in the conversation, ``messag
 and ``delta.tool_calls`` in the answer (:mod:`.tools` on the way in, :mod:`.tool_calls` on the
 way out). Until then tools were refused with a 400.
 vLLM's extra sampling fields (``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``, ``stream_options.continuous_usage_stats``) are accepted too, since clients
-pass them through ``extra_body``.
+``stop_token_ids``, ``stream_options.continuous_usage_stats``, ``prompt_logprobs``) are accepted
+too, since clients pass them through ``extra_body``.
+
+Prompt log-probabilities: a completion with ``echo`` and ``logprobs`` covers the prompt's tokens
+too, as OpenAI's legacy API did (what lm-evaluation-harness scores with, ``max_tokens`` 0 or
+1); vLLM's ``prompt_logprobs`` answers in its own shape.
 
 JSON has one number type, and many clients write ``16.0`` for 16: integer fields accept a float
 with no fractional part (as JSON Schema's ``integer`` does) and refuse ``16.5`` naming the field.
@@ -49,7 +53,7 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[WholeNumber, Field(ge=1)]
 MinTokens = Annotated[WholeNumber, Field(ge=0)]
 Choices = Annotated[WholeNumber, Field(ge=1, le=64)]
-TopLogprobs = Annotated[WholeNumber, Field(ge=0, le=20)]
+TopLogprobs = Annotated[WholeNumber, Field(ge=0, le=20)]  # the engine's MAX_LOGPROBS
 TokenId = Annotated[int, Field(ge=0)]
 Seed = Annotated[WholeNumber, Field(ge=-(2**63), lt=2**63)]  # a 64-bit generator seed
 Stop = str | list[str]
@@ -88,14 +92,28 @@ class _SamplingRequest(_Request):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    prompt_logprobs: TopLogprobs | None = Field(
+        default=None,
+        description="vLLM's: the log-probability of every prompt token (the first has none) "
+        "and of the N most likely tokens at its position, as a prompt_logprobs list (on each "
+        "choice of a completion, on a chat completion itself). Not with stream.",
+    )
 
 
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``."""
 
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: MaxTokens | None = 16
-    logprobs: TopLogprobs | None = None
+    max_tokens: Annotated[WholeNumber, Field(ge=0)] | None = Field(
+        default=16,
+        description="New tokens at most; 0 only with echo: the answer is the prompt alone "
+        "(with its log-probabilities when logprobs is set), finish_reason length.",
+    )
+    logprobs: TopLogprobs | None = Field(
+        default=None,
+        description="The log-probability of each token and of the N most likely at its "
+        "position; with echo, of the prompt's tokens too (the first prompt token has none).",
+    )
     echo: bool | None = None
     best_of: Choices | None = None
     suffix: str | None = None
@@ -253,12 +271,31 @@ class UsageInfo(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """Legacy completions' logprobs: parallel lists, one entry per generated token."""
+    """Legacy completions' logprobs: parallel lists, one entry per token of the returned text
+    (with echo the prompt's first, whose first token has null log-probabilities);
+    ``text_offset`` is each token's character offset in it."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's entry for one token id at one prompt position."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token at the position
+    decoded_token: str | None = None
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+# vLLM's prompt_logprobs: per prompt position, None for the first, else the prompt token's and
+# the N most likely tokens' entries, keyed by token id.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -266,6 +303,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)
 
 
 class CompletionResponse(BaseModel):
@@ -289,10 +327,6 @@ class ChatTokenLogprob(TopLogprob):
 
 class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
-
-
-def _is_none(value: object) -> bool:
-    return value is None
 
 
 class FunctionCall(BaseModel):
@@ -328,6 +362,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none)
 
 
 class FunctionCallDelta(BaseModel):

@@ -17,7 +17,13 @@ from pydantic import BaseModel
 
 from berth.runtime.server.chunks import ChunkFrame
 from berth.runtime.server.engine_loop import Update
-from berth.runtime.server.protocol import PromptTokensDetails, StreamOptions, UsageInfo
+from berth.runtime.server.protocol import (
+    PromptLogprob,
+    PromptLogprobs,
+    PromptTokensDetails,
+    StreamOptions,
+    UsageInfo,
+)
 
 if TYPE_CHECKING:
     from berth.runtime.engine import TokenLogprob
@@ -32,6 +38,7 @@ class ChoiceProgress:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: "list[TokenLogprob]" = field(default_factory=list)
+    prompt_logprobs: "list[TokenLogprob | None] | None" = None  # with the first output
     finish_reason: str | None = None
     output_tokens: int = 0
     cached_tokens: int = 0
@@ -45,10 +52,40 @@ class ChoiceProgress:
         self.token_ids += output.new_token_ids
         if output.logprobs:
             self.logprobs += output.logprobs
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         self.output_tokens = output.num_output_tokens
         self.cached_tokens = output.num_cached_tokens
         if output.finished:
             self.finish_reason = output.finish_reason or "stop"
+
+
+def vllm_prompt_logprobs(
+    entries: "list[TokenLogprob | None]", top: int, tokenizer: "Tokenizer"
+) -> PromptLogprobs:
+    """vLLM's ``prompt_logprobs``: per position None (the first) or the prompt token's entry
+    with its rank, then the ``top`` most likely tokens' (ranks 1..top) where they differ."""
+    decoded: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        if token_id not in decoded:
+            decoded[token_id] = tokenizer.decode([token_id])
+        return decoded[token_id]
+
+    out: PromptLogprobs = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        position = {entry.token_id: PromptLogprob(
+            logprob=entry.logprob, rank=entry.rank, decoded_token=text(entry.token_id))}  # fmt: skip
+        for rank, (token_id, logprob) in enumerate(entry.top[:top], start=1):
+            if token_id not in position:
+                position[token_id] = PromptLogprob(
+                    logprob=logprob, rank=rank, decoded_token=text(token_id)
+                )
+        out.append(position)
+    return out
 
 
 class Renderer(ABC):

@@ -35,13 +35,22 @@ def check_supported(request: SamplingRequest) -> None:
             "stream_options.continuous_usage_stats: only allowed together with include_usage.",
             param="stream_options.continuous_usage_stats",
         )
+    if request.prompt_logprobs is not None and request.stream:
+        raise invalid_request(
+            "prompt_logprobs: not available with stream (as in vLLM); ask without streaming.",
+            param="prompt_logprobs",
+        )
     if isinstance(request, CompletionRequest):
         if request.suffix:
             raise _unsupported("suffix", "a suffix (insertion)")
         if request.best_of is not None and request.best_of != (request.n or 1):
             raise _unsupported("best_of", "best_of other than n")
-        if request.echo and request.logprobs is not None:
-            raise _unsupported("logprobs", "logprobs together with echo (prompt logprobs)")
+        if request.max_tokens == 0 and not request.echo:
+            raise invalid_request(
+                "max_tokens: must be at least 1; 0 is only allowed with echo (the answer is "
+                "then the prompt alone).",
+                param="max_tokens",
+            )
     else:
         # Bad schemas are refused before any work.
         constrained = response_format_grammar(request) is not None
@@ -113,7 +122,11 @@ def logit_bias(request: SamplingRequest) -> dict[int, float]:
 
 
 def sampling_params(
-    request: SamplingRequest, max_tokens: int, logprobs: int | None, choice: int
+    request: SamplingRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    choice: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine's parameters for choice number ``choice`` of ``request``.
 
@@ -133,6 +146,7 @@ def sampling_params(
         ignore_eos=bool(request.ignore_eos),
         min_tokens=request.min_tokens or 0,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=logit_bias(request),
