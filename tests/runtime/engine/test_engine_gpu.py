@@ -169,3 +169,50 @@ def test_a_grammar_mask_on_the_device_equals_the_host_one() -> None:
     host = allowed_only(logits, [1, 3], words)
     device = allowed_only(logits.cuda(), [1, 3], words)
     assert torch.equal(device.cpu(), host)
+
+
+def test_prompt_logprobs_read_from_prefill_graphs_match_eager(tiny_model: Path) -> None:
+    """A scored prompt cut into 64-token chunks that replay prefill graphs beside decoding
+    requests (its hidden states read from the graph's buffer before the next replay) gets the
+    eager engine's log-probabilities, ranks and top ids."""
+    plain = [[(7 * i + j) % 400 + 1 for j in range(5 + 9 * i)] for i in range(3)]
+    scored = [(11 * j) % 450 + 3 for j in range(300)]
+    kw = {
+        "model": str(tiny_model),
+        "device": "cuda",
+        "dtype": "float32",
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 64,
+        "kv_cache_bytes": 64 << 20,
+    }
+    torch.backends.cuda.matmul.allow_tf32 = False
+    got = {}
+    for eager in (False, True):
+        engine = Engine(EngineConfig(**kw, enforce_eager=eager))  # type: ignore[arg-type]
+        decode = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        for i, prompt in enumerate(plain):
+            engine.add_request(f"plain-{i}", prompt, decode)
+            engine.step()
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=4)
+        engine.add_request("scored", scored, params)
+        entries = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.request_id == "scored" and out.prompt_logprobs is not None:
+                    entries = out.prompt_logprobs
+        if not eager:
+            assert engine.runner.num_prefill_graph_replays >= len(scored) // 64
+        got[eager] = entries
+    graphed, eager_entries = got[False], got[True]
+    assert graphed is not None and eager_entries is not None
+    assert len(graphed) == len(eager_entries) == len(scored)
+    assert graphed[0] is None and eager_entries[0] is None
+    ranks_same = 0
+    for a, b in zip(graphed[1:], eager_entries[1:], strict=True):
+        assert a is not None and b is not None
+        assert a.token_id == b.token_id
+        # The graphs run the fused pointwise ops, eager steps torch's: fp32 rounding only.
+        assert a.logprob == pytest.approx(b.logprob, abs=2e-3)
+        assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=2e-3)
+        ranks_same += a.rank == b.rank
+    assert ranks_same >= 0.95 * (len(scored) - 1)
