@@ -11,6 +11,7 @@ the sampler applies it (``sampler.allowed_only``).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,8 +61,10 @@ class Grammars:
         if len(rows) == 1:
             fill_next_token_bitmask(matchers[rows[0]], words, 0)  # type: ignore[arg-type]
         else:
-            if self._executor is None:
-                self._executor = LLExecutor()
+            if self._executor is None:  # a few threads: 64 masks take about 0.5 ms on one,
+                # and llguidance's default (80 % of the host's CPUs, up to 32) ignores the
+                # pod's CPU limit and would contend with the engine's own threads
+                self._executor = LLExecutor(num_threads=min(4, len(os.sched_getaffinity(0))))
             pairs = [(matchers[row], k) for k, row in enumerate(rows)]
             fill_next_token_bitmask_par(self._executor, pairs, words)  # type: ignore[arg-type]
         return rows, torch.from_numpy(words)
