@@ -141,7 +141,24 @@ def _trailing_space(text: str) -> int:
     return len(text) - len(text.rstrip(WHITESPACE))
 
 
-class HermesReader:
+class _TextReader:
+    """A reader of calls written in the text: what is fed waits in ``_pending`` until
+    ``_advance`` can say whether it is content or a call."""
+
+    _pending: str
+
+    def feed(self, text: str) -> Piece:
+        self._pending += text
+        return self._advance(final=False)
+
+    def finish(self) -> Piece:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> Piece:
+        raise NotImplementedError
+
+
+class HermesReader(_TextReader):
     """Calls written ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` anywhere in
     the text; the last may lack its closing tag when the output ends right after the JSON."""
 
@@ -152,13 +169,6 @@ class HermesReader:
         self.calls, self.complete = 0, True
         self._pending = ""  # text not decided yet
         self._trim = False  # drop the whitespace that follows a call
-
-    def feed(self, text: str) -> Piece:
-        self._pending += text
-        return self._advance(final=False)
-
-    def finish(self) -> Piece:
-        return self._advance(final=True)
 
     def _advance(self, final: bool) -> Piece:
         piece = Piece()
@@ -249,7 +259,7 @@ class JsonEnd:
         return len(text)
 
 
-class LlamaReader:
+class LlamaReader(_TextReader):
     """Llama 3.1/3.2's calls: the message opens with ``{"name": ..., "parameters": {...}}``
     (after an optional ``<|python_tag|>``; several separated by ``;``). Once the message opens
     with anything else, or a JSON object that is no call, the rest is plain content."""
@@ -263,13 +273,6 @@ class LlamaReader:
         self._prose = False
         self._scan: JsonEnd | None = None  # the object being read, from ``_start``
         self._start = self._scanned = 0
-
-    def feed(self, text: str) -> Piece:
-        self._pending += text
-        return self._advance(final=False)
-
-    def finish(self) -> Piece:
-        return self._advance(final=True)
 
     def _advance(self, final: bool) -> Piece:
         piece = Piece()
