@@ -123,3 +123,15 @@ def test_zero_alternatives_and_one_token_prompt(tiny_model: Path, hf_log_softmax
 def test_bad_prompt_logprobs_refused(value: object) -> None:
     with pytest.raises(ValueError, match="prompt_logprobs must be None or an integer in"):
         SamplingParams(prompt_logprobs=value).validate(100)  # type: ignore[arg-type]
+
+
+def test_preempted_prompts_score_each_position_once(tiny_model: Path, hf_log_softmax) -> None:  # type: ignore[no-untyped-def]
+    """Too few blocks for three scored prompts in 16-token chunks: sequences are preempted
+    and compute their prompts again; each position is still delivered once, as transformers
+    gives it."""
+    engine = _engine(tiny_model, num_kv_blocks=9, max_num_batched_tokens=16)
+    prompts = _prompts(engine.model_config.vocab_size, [60, 50, 40], seed=9)
+    outs = engine.generate(list(prompts), _params(max_tokens=20))
+    assert engine.stats().num_preemptions > 0
+    for prompt, out in zip(prompts, outs, strict=True):
+        _check(prompt, out.prompt_logprobs, hf_log_softmax(prompt))
