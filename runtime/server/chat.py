@@ -34,6 +34,7 @@ from berth.runtime.server.sampling import (
     chat_messages,
     check_prompt,
     check_supported,
+    request_grammar,
     resolve_max_tokens,
     sampling_params,
     validate_params,
@@ -44,7 +45,6 @@ from berth.runtime.server.tools import (
     described_in_system,
     prompt_bytes,
     renders_tools,
-    tool_plan,
 )
 
 if TYPE_CHECKING:
@@ -175,13 +175,13 @@ async def create_chat_completion(raw: Request) -> Response:
     server = get_server(raw)
     request = await parse_body(raw, ChatCompletionRequest, server.settings)
     loop, model = server.serving_loop(request.model)
-    check_supported(request)
+    plan = check_supported(request)
     tokenizer, max_len = model.tokenizer, model.max_model_len
     messages = chat_messages(request)
     n = request.n or 1
     check_sequence_count(1, n, loop.capacity)
     tools, reader = None, None
-    if (plan := tool_plan(request)) is not None:
+    if plan is not None:
         renders = renders_tools(tokenizer)
         if renders:
             tools = plan.template_tools()
@@ -198,10 +198,11 @@ async def create_chat_completion(raw: Request) -> Response:
     max_tokens = resolve_max_tokens(requested, param, len(ids), max_len)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     renderer = ChatRenderer(request, server.model_name, tokenizer, len(ids), n, reader)
+    grammar = request_grammar(request, plan)
     engine_requests = []
     for choice in range(n):
         prompt_logprobs = request.prompt_logprobs if choice == 0 else None  # one prompt
-        params = sampling_params(request, max_tokens, logprobs, choice, prompt_logprobs)
+        params = sampling_params(request, max_tokens, logprobs, choice, grammar, prompt_logprobs)
         validate_params(params, max_len)
         engine_requests.append(EngineRequest(f"{renderer.id}-{choice}", ids, params))
     stream = loop.submit(engine_requests, arrival, server.settings.request_timeout_s)

@@ -32,6 +32,7 @@ from berth.runtime.server.renderer import ChoiceProgress, Renderer, vllm_prompt_
 from berth.runtime.server.sampling import (
     check_prompt,
     check_supported,
+    request_grammar,
     resolve_max_tokens,
     sampling_params,
     validate_params,
@@ -239,7 +240,8 @@ async def create_completion(raw: Request) -> Response:
     budgets = []
     for ids in prompts:
         check_prompt(ids, max_len, "prompt")
-        budgets.append(resolve_max_tokens(request.max_tokens, "max_tokens", len(ids), max_len))
+        budget = resolve_max_tokens(request.max_tokens, "max_tokens", len(ids), max_len)
+        budgets.append(budget or 1)  # 0 (echo only): one token, dropped (see above)
     echo_texts = _echo_texts(request, prompts, tokenizer) if request.echo else []
     renderer = CompletionRenderer(
         request, server.model_name, tokenizer, prompts, echo_texts, sum(map(len, prompts)), n
@@ -247,11 +249,13 @@ async def create_completion(raw: Request) -> Response:
     # The prompt's entries: for the legacy logprobs with echo, for vLLM's field, or both.
     wanted = [request.prompt_logprobs, request.logprobs if request.echo else None]
     prompt_logprobs = max((k for k in wanted if k is not None), default=None)
+    grammar = request_grammar(request, None)
     engine_requests: list[EngineRequest] = []
     for ids, max_tokens in zip(prompts, budgets, strict=True):
         for choice in range(n):
-            max_tokens = max_tokens or 1  # 0 (echo only): one token, dropped (see above)
-            params = sampling_params(request, max_tokens, request.logprobs, choice, prompt_logprobs)
+            params = sampling_params(
+                request, max_tokens, request.logprobs, choice, grammar, prompt_logprobs
+            )
             validate_params(params, max_len)
             request_id = f"{renderer.id}-{len(engine_requests)}"
             engine_requests.append(EngineRequest(request_id, ids, params))

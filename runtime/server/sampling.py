@@ -11,7 +11,12 @@ from berth.runtime.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from berth.runtime.server.tools import parameters_schema, template_tool_calls, tool_plan
+from berth.runtime.server.tools import (
+    ToolPlan,
+    parameters_schema,
+    template_tool_calls,
+    tool_plan,
+)
 
 SamplingRequest = CompletionRequest | ChatCompletionRequest
 
@@ -22,8 +27,9 @@ def _unsupported(param: str, what: str) -> APIError:
     )
 
 
-def check_supported(request: SamplingRequest) -> None:
-    """Refuse fields that parse but that the engine cannot honour, unless neutral."""
+def check_supported(request: SamplingRequest) -> ToolPlan | None:
+    """Refuse fields that parse but that the engine cannot honour, unless neutral. Returns a
+    chat request's tool plan (None: no tools, or a completion), worked out once here."""
     logit_bias(request)  # its keys must be token ids
     if not request.stream and request.stream_options is not None:
         raise invalid_request(
@@ -40,6 +46,7 @@ def check_supported(request: SamplingRequest) -> None:
             "prompt_logprobs: not available with stream (as in vLLM); ask without streaming.",
             param="prompt_logprobs",
         )
+    plan = None
     if isinstance(request, CompletionRequest):
         if request.suffix:
             raise _unsupported("suffix", "a suffix (insertion)")
@@ -68,6 +75,7 @@ def check_supported(request: SamplingRequest) -> None:
             raise invalid_request(
                 "top_logprobs: only allowed when logprobs is true.", param="top_logprobs"
             )
+    return plan
 
 
 def check_prompt(token_ids: list[int], max_model_len: int, param: str) -> None:
@@ -126,9 +134,11 @@ def sampling_params(
     max_tokens: int,
     logprobs: int | None,
     choice: int,
+    grammar: str | None,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """The engine's parameters for choice number ``choice`` of ``request``.
+    """The engine's parameters for choice number ``choice`` of ``request``; ``grammar`` is
+    ``request_grammar``'s, worked out once for all choices.
 
     With a seed and n > 1, choice i uses seed + i: n identical samples would be useless.
     """
@@ -150,7 +160,7 @@ def sampling_params(
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=logit_bias(request),
-        grammar=request_grammar(request),
+        grammar=grammar,
     )
     return params
 
@@ -163,13 +173,12 @@ def schema_grammar(schema: dict[str, Any], param: str) -> str:
         raise invalid_request(f"{param}: {error}", param=param) from error
 
 
-def request_grammar(request: SamplingRequest) -> str | None:
-    """The grammar the output follows: a forced tool call's, else ``response_format``'s."""
-    if isinstance(request, ChatCompletionRequest):
-        plan = tool_plan(request)
-        schema = None if plan is None else plan.forced_schema()
-        if schema is not None:
-            return schema_grammar(schema, "tools")
+def request_grammar(request: SamplingRequest, plan: ToolPlan | None) -> str | None:
+    """The grammar the output follows: a forced tool call's (``plan``, from
+    ``check_supported``), else ``response_format``'s."""
+    schema = None if plan is None else plan.forced_schema()
+    if schema is not None:
+        return schema_grammar(schema, "tools")
     return response_format_grammar(request)
 
 
