@@ -55,3 +55,21 @@ def _grammar(schema: str) -> str:
     if problem:
         raise ValueError(problem[:MAX_MESSAGE])
     return grammar
+
+
+def lark_grammar(text: str) -> str:
+    """The grammar of an llguidance Lark text (``%json`` schemas inline); ``ValueError`` saying
+    what is wrong. Cached by the text, like :func:`json_schema_grammar`."""
+    return _lark(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _lark(text: str) -> str:
+    from llguidance import LLMatcher
+
+    with refused_as_value_error():
+        grammar = LLMatcher.grammar_from_lark(text)
+        problem = LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(problem[:MAX_MESSAGE])
+    return grammar

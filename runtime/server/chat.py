@@ -180,14 +180,15 @@ async def create_chat_completion(raw: Request) -> Response:
     messages = chat_messages(request)
     n = request.n or 1
     check_sequence_count(1, n, loop.capacity)
-    tools, reader = None, None
+    tools, reader, style = None, None, None
     if plan is not None:
         renders = renders_tools(tokenizer)
         if renders:
             tools = plan.template_tools()
         else:
             messages = described_in_system(messages, plan)
-        reader = plan.reader(call_format(tokenizer.chat_template, renders))
+        style = call_format(tokenizer.chat_template, renders)
+        reader = plan.reader(style)
     check_prompt_bytes(prompt_bytes(messages, tools), model.max_prompt_bytes, "messages")
     try:
         ids = await model.encoder.encode_chat(messages, tools)
@@ -198,7 +199,7 @@ async def create_chat_completion(raw: Request) -> Response:
     max_tokens = resolve_max_tokens(requested, param, len(ids), max_len)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     renderer = ChatRenderer(request, server.model_name, tokenizer, len(ids), n, reader)
-    grammar = request_grammar(request, plan)
+    grammar = request_grammar(request, plan, style)
     engine_requests = []
     for choice in range(n):
         prompt_logprobs = request.prompt_logprobs if choice == 0 else None  # one prompt

@@ -164,9 +164,9 @@ FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 class FunctionDefinition(_Request):
     """A function the model may call. ``parameters`` is the JSON Schema of its arguments (an
-    object); left out, the function takes none. ``strict`` is accepted: calls that
-    ``tool_choice`` forces always follow the schema, calls the model chooses to make are
-    parsed from its text and are not constrained."""
+    object); left out, the function takes none. Calls that ``tool_choice`` forces always
+    follow the schema; with ``strict``, so do the calls the model chooses to make under
+    ``auto`` (constrained from the moment one begins; ``ToolPlan.auto_grammar``)."""
 
     name: FunctionName
     description: str | None = None

@@ -4,13 +4,14 @@ engine cannot do with a 400 that says so (rather than silently ignoring a penalt
 from typing import Any
 
 from berth.runtime.engine import SamplingParams
-from berth.runtime.engine.grammar import json_schema_grammar
+from berth.runtime.engine.grammar import json_schema_grammar, lark_grammar
 from berth.runtime.server.errors import APIError, invalid_request
 from berth.runtime.server.protocol import (
     NON_TEXT_INPUTS,
     ChatCompletionRequest,
     CompletionRequest,
 )
+from berth.runtime.server.tool_calls import CallFormat
 from berth.runtime.server.tools import (
     ToolPlan,
     parameters_schema,
@@ -173,19 +174,37 @@ def schema_grammar(schema: dict[str, Any], param: str) -> str:
         raise invalid_request(f"{param}: {error}", param=param) from error
 
 
-def request_grammar(request: SamplingRequest, plan: ToolPlan | None) -> str | None:
-    """The grammar the output follows: a forced tool call's (``plan``, from
-    ``check_supported``), else ``response_format``'s."""
-    schema = None if plan is None else plan.forced_schema()
-    if schema is not None:
-        return schema_grammar(schema, "tools")
-    return response_format_grammar(request)
+def request_grammar(
+    request: SamplingRequest, plan: ToolPlan | None, style: CallFormat | None = None
+) -> str | None:
+    """The grammar the output follows: a forced tool call's; else, for ``auto`` tools that are
+    strict or beside a ``response_format``, calls (in ``style``) constrained as
+    ``ToolPlan.auto_grammar`` says; else ``response_format``'s. ``plan`` is
+    ``check_supported``'s."""
+    answer = response_format_schema(request)
+    if plan is not None:
+        schema = plan.forced_schema()
+        if schema is not None:
+            return schema_grammar(schema, "tools")
+        lark = plan.auto_grammar(style or "hermes", None if answer is None else answer[0])
+        if lark is not None:
+            try:
+                return lark_grammar(lark)
+            except ValueError as error:
+                raise invalid_request(f"tools: {error}", param="tools") from error
+    return None if answer is None else schema_grammar(*answer)
 
 
 def response_format_grammar(request: SamplingRequest) -> str | None:
-    """OpenAI's ``response_format`` as an llguidance grammar (None: free text). ``json_object``
-    is any JSON object; ``json_schema`` follows ``json_schema.schema`` (any object without one).
-    A malformed format or a schema llguidance cannot compile is a 400 naming the field."""
+    """OpenAI's ``response_format`` as an llguidance grammar (None: free text)."""
+    answer = response_format_schema(request)
+    return None if answer is None else schema_grammar(*answer)
+
+
+def response_format_schema(request: SamplingRequest) -> tuple[dict[str, Any], str] | None:
+    """OpenAI's ``response_format`` as (JSON schema, the field it came from); None: free text.
+    ``json_object`` is any JSON object; ``json_schema`` follows ``json_schema.schema`` (any
+    object without one). A malformed format is a 400 naming the field."""
     if not isinstance(request, ChatCompletionRequest) or not request.response_format:
         return None
     fmt = request.response_format
@@ -193,9 +212,8 @@ def response_format_grammar(request: SamplingRequest) -> str | None:
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        schema: Any = {"type": "object"}
-        param = "response_format"
-    elif kind == "json_schema":
+        return {"type": "object"}, "response_format"
+    if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise invalid_request(
@@ -206,12 +224,11 @@ def response_format_grammar(request: SamplingRequest) -> str | None:
         param = "response_format.json_schema.schema"
         if not isinstance(schema, dict):
             raise invalid_request(f"{param}: must be a JSON Schema object.", param=param)
-    else:
-        raise invalid_request(
-            f"response_format.type: one of text, json_object, json_schema; got {kind!r}.",
-            param="response_format.type",
-        )
-    return schema_grammar(schema, param)
+        return schema, param
+    raise invalid_request(
+        f"response_format.type: one of text, json_object, json_schema; got {kind!r}.",
+        param="response_format.type",
+    )
 
 
 def validate_params(params: SamplingParams, max_model_len: int) -> None:

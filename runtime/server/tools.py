@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from berth.runtime.engine.grammar import JSON_WHITESPACE
 from berth.runtime.server.errors import invalid_request
 from berth.runtime.server.protocol import ChatCompletionRequest, ChatTool, MessageToolCall
 from berth.runtime.server.tool_calls import (
@@ -44,7 +45,8 @@ _DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
 class ToolPlan:
     """A request's tools and what it asks of them: ``none`` (no call), ``auto`` (the model
     decides; calls are parsed from its text), ``required`` (at least one call) or ``named``
-    (a call of ``name``). Forced calls (the last two) are constrained by a grammar."""
+    (a call of ``name``). Forced calls (the last two) are constrained by a grammar, and so are
+    ``auto`` calls of ``strict`` tools or beside a ``response_format`` (:meth:`auto_grammar`)."""
 
     tools: list[ChatTool]
     mode: Mode
@@ -69,6 +71,12 @@ class ToolPlan:
             tools.append({"type": "function", "function": function})
         return tools
 
+    @property
+    def strict(self) -> bool:
+        """Some tool asks, with ``strict``, that calls the model chooses to make follow its
+        schema too."""
+        return any(tool.function.strict for tool in self.tools)
+
     def forced_schema(self) -> dict[str, Any] | None:
         """The JSON schema a forced call's output follows: a named function's arguments, or
         ``{"name", "arguments"}`` objects of any tool (``anyOf``), in an array of at least one
@@ -78,20 +86,69 @@ class ToolPlan:
             return parameters_schema(tool)
         if self.mode != "required":
             return None
+        calls = self._calls_schema("arguments", strict_only=False)
+        if self.parallel:
+            defs = calls.pop("$defs")
+            return {"$defs": defs, "type": "array", "minItems": 1, "items": calls}
+        return calls
+
+    def auto_grammar(self, style: CallFormat, answer: dict[str, Any] | None) -> str | None:
+        """The llguidance (Lark) grammar of an ``auto`` message, or None where it is free text:
+
+        - with ``answer`` (``response_format``'s schema), the message is that JSON value or
+          calls alone, so the format holds and the tools stay callable;
+        - else, when some tool is ``strict``, text goes free and calls are constrained once
+          begun (a ``<tool_call>`` tag; Llama's JSON object opening the message).
+
+        A call names one of the tools, and a strict tool's arguments follow its schema (the
+        others' are any object), in the key the reader and the template family expect."""
+        if self.mode != "auto" or (answer is None and not self.strict):
+            return None
+        key = "parameters" if style == "llama" else "arguments"
+        call = _inline(self._calls_schema(key, strict_only=True))
+        rules = [
+            "%llguidance {}",
+            f"WS: /{JSON_WHITESPACE}/",
+            f"call_body: {call}",
+        ]
+        if style == "llama":
+            more = '(WS ";" WS call_body)*' if self.parallel else ""
+            rules.append(f"calls: WS call_body {more}")
+            if answer is None:  # prose may not open with "{": that begins a call
+                rules += ["start: (TEXT | calls)?", r"TEXT: /\s*[^{\s](?s:.*)/"]
+        else:
+            if answer is None:  # prose, then a call whenever the tag is written
+                rules += [
+                    "start: call* TAIL" if self.parallel else "start: call? TAIL",
+                    "TAIL: /(?s:.*)/",
+                    'call_head[lazy]: /(?s:.*)/ "<tool_call>"',
+                    'call: call_head WS call_body WS "</tool_call>"',
+                ]
+            else:
+                rules.append('call: "<tool_call>" WS call_body WS "</tool_call>" WS')
+                rules.append(f"calls: {'call+' if self.parallel else 'call'}")
+        if answer is not None:
+            rules += ["start: answer | calls", f"answer: {_inline(answer)}"]
+        return "\n".join(rules) + "\n"
+
+    def _calls_schema(self, key: str, strict_only: bool) -> dict[str, Any]:
+        """``{"name": <a tool>, key: <its arguments>}`` objects as one schema (``anyOf``), each
+        tool's schema under ``$defs`` with its references moved there; with ``strict_only``,
+        a tool that is not strict takes any object."""
         defs = {}
         calls = []
         for i, tool in enumerate(self.tools):
-            key = f"berth_tool_{i}"
-            defs[key] = _relocated(parameters_schema(tool), f"/$defs/{key}")
+            ref = f"berth_tool_{i}"
+            strict = tool.function.strict or not strict_only
+            schema = parameters_schema(tool) if strict else {"type": "object"}
+            defs[ref] = _relocated(schema, f"/$defs/{ref}")
             calls.append({
                 "type": "object",
                 "properties": {"name": {"const": tool.function.name},
-                               "arguments": {"$ref": f"#/$defs/{key}"}},
-                "required": ["name", "arguments"],
+                               key: {"$ref": f"#/$defs/{ref}"}},
+                "required": ["name", key],
                 "additionalProperties": False,
             })  # fmt: skip
-        if self.parallel:
-            return {"$defs": defs, "type": "array", "minItems": 1, "items": {"anyOf": calls}}
         return {"$defs": defs, "anyOf": calls}
 
     def reader(self, style: CallFormat) -> Callable[[], CallReader] | None:
@@ -108,6 +165,13 @@ def parameters_schema(tool: ChatTool) -> dict[str, Any]:
     """The schema of a function's arguments; a function without ``parameters`` takes none."""
     parameters = tool.function.parameters
     return dict(NO_PARAMETERS) if parameters is None else parameters
+
+
+def _inline(schema: dict[str, Any]) -> str:
+    """``schema`` as a Lark ``%json`` value, with the whitespace bound every JSON grammar of the
+    server has (``grammar.JSON_WHITESPACE``)."""
+    options = {"x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+    return "%json " + json.dumps({**schema, **options}, ensure_ascii=False)
 
 
 def _relocated(schema: Any, base: str) -> Any:

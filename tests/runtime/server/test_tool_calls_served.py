@@ -53,7 +53,10 @@ HERMES_TEMPLATE = (
 
 
 class ScriptedEngine:
-    """The real engine; a request whose prompt holds ``SAY:TEXT::END`` must write TEXT."""
+    """The real engine; a request whose prompt holds ``SAY:TEXT::END`` must write TEXT. A
+    request that comes with a grammar (the server's constraint) is refused with a
+    ``ValueError``, a 400, where that grammar does not accept TEXT, so a test sees over HTTP
+    what the server lets a model write."""
 
     def __init__(self, engine: ServableEngine) -> None:
         self._engine = engine
@@ -61,15 +64,27 @@ class ScriptedEngine:
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         from llguidance import LLMatcher
 
-        prompt_text = self._engine.tokenizer.decode(prompt)  # type: ignore[attr-defined]
-        script = re.search(r"SAY:(.*?)::END", prompt_text, re.S)
-        if script is not None and params.grammar is None:
+        tokenizer = self._engine.tokenizer  # type: ignore[attr-defined]
+        script = re.search(r"SAY:(.*?)::END", tokenizer.decode(prompt), re.S)
+        if script is not None and params.grammar is not None:
+            matcher = LLMatcher(grammar_index(tokenizer), params.grammar, log_level=0)
+            ids = tokenizer.hf.encode(script.group(1), add_special_tokens=False).ids
+            if not (matcher.consume_tokens(ids) and matcher.is_accepting()):
+                raise ValueError("SCRIPT REFUSED by the request's grammar")
+        if script is not None:
             lark = "start: " + json.dumps(script.group(1), ensure_ascii=False)
             params = dataclasses.replace(params, grammar=LLMatcher.grammar_from_lark(lark))
         self._engine.add_request(request_id, prompt, params)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
+
+
+@functools.cache
+def grammar_index(tokenizer: Any) -> Any:
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(tokenizer.hf.to_str())
 
 
 def scripted_engine(config: EngineConfig) -> ServableEngine:
@@ -251,6 +266,58 @@ def test_without_parallel_calls_a_second_call_stays_text(plain: httpx.Client) ->
         assert choices[0]["message"]["content"] == second
 
 
+def strict(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**t, "function": {**t["function"], "strict": True}} for t in tools]
+
+
+def said(client: httpx.Client, text: str, **fields: Any) -> httpx.Response:
+    script = [{"role": "user", "content": f"SAY:{text}::END"}]
+    return client.post("/v1/chat/completions", json=body(messages=script, **fields))
+
+
+@pytest.mark.parametrize("server", ["plain", "hermes"])
+def test_strict_tools_keep_calls_the_model_chooses_to_make_valid_and_leave_prose_free(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """``strict``: a call the model begins must name a tool and follow its schema; the text
+    around calls stays free. Without ``strict`` the same text is served as written."""
+    client: httpx.Client = request.getfixturevalue(server)
+    far = OSLO.replace("Oslo", "Oslo and far beyond")  # past the schema's maxLength 10
+    tide = OSLO.replace("get_weather", "get_tide")
+    for text in ("It is sunny.", f"Let me look.\n{OSLO}", f"{OSLO}\nDone."):
+        choice = said(client, text, tools=strict(TOOLS)).json()["choices"][0]
+        assert [c[0] for c in calls_of(choice)] == (["get_weather"] if OSLO in text else [])
+    for text in (far, tide, f"{OSLO}\n{far}"):
+        refused = said(client, text, tools=strict(TOOLS))
+        assert refused.status_code == 400 and "SCRIPT REFUSED" in refused.text, refused.text
+        served = said(client, text, tools=TOOLS)
+        assert served.status_code == 200, served.text
+    # One strict tool is enough to constrain calls; the others' arguments are any object.
+    mixed = [*strict(TOOLS[:1]), {"type": "function", "function": {"name": "pick"}}]
+    pick = OSLO.replace("get_weather", "pick")
+    assert calls_of(said(client, pick, tools=mixed).json()["choices"][0]) == [
+        ("pick", {"city": "Oslo"})
+    ]
+    assert said(client, far, tools=mixed).status_code == 400
+
+
+def test_tools_beside_a_response_format_answer_in_the_format_or_call(
+    plain: httpx.Client,
+) -> None:
+    """``response_format`` with ``auto`` tools: the message is the format's JSON or calls,
+    never prose, so neither is dropped (before, the format's grammar left no way to call)."""
+    answer = {"type": "json_schema", "json_schema": {"name": "a", "schema": DIGIT}}
+    fields = {"tools": TOOLS, "response_format": answer}
+    content = said(plain, '{"n": 3}', **fields).json()["choices"][0]
+    assert content["message"]["content"] == '{"n": 3}' and content["finish_reason"] == "stop"
+    call = said(plain, OSLO, **fields).json()["choices"][0]
+    assert calls_of(call) == [("get_weather", {"city": "Oslo"})]
+    for text in ("It is sunny.", '{"n": 12}', f"Let me look.\n{OSLO}"):
+        assert "SCRIPT REFUSED" in said(plain, text, **fields).text
+    # tool_choice "none": the format alone.
+    assert "SCRIPT REFUSED" in said(plain, OSLO, tool_choice="none", **fields).text
+
+
 @pytest.mark.parametrize("server", ["plain", "hermes"])
 def test_a_conversation_with_calls_and_their_results_renders_and_is_answered(
     server: str, request: pytest.FixtureRequest
@@ -293,11 +360,13 @@ JSON_VALUES = st.recursive(
 @given(
     parameters=st.dictionaries(st.sampled_from(SCHEMA_KEYS), JSON_VALUES, max_size=4),
     choice=st.sampled_from(["auto", "required", "none", WEATHER]),
+    is_strict=st.booleans(),
 )
 def test_any_parameters_schema_is_served_or_refused_naming_it_never_a_5xx(
-    plain: httpx.Client, parameters: dict[str, Any], choice: Any
+    plain: httpx.Client, parameters: dict[str, Any], choice: Any, is_strict: bool
 ) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
+    tools = strict(tools) if is_strict else tools
     response = plain.post("/v1/chat/completions", json=body(tools=tools, tool_choice=choice,
                                                             max_tokens=8))  # fmt: skip
     assert response.status_code in (200, 400), response.text
