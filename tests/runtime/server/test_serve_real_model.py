@@ -1,6 +1,7 @@
 """``berth serve --model smollm2`` serves the real model by name: imported on demand (from the
 cache after the first time), listed under its name, answering a chat question correctly; and
-it calls a function it is told to call with the arguments the question gives."""
+it calls a function it is told to call with the arguments the question gives, and one it
+chooses to call beside a JSON response format."""
 
 import contextlib
 import json
@@ -89,3 +90,13 @@ def test_smollm2_calls_the_function_it_is_told_to_with_the_city_asked_about() ->
                 arguments = json.loads(call["function"]["arguments"])
                 assert jsonschema_rs.validator_for(parameters).is_valid(arguments)
                 assert arguments["city"] == "Paris"  # what SmolLM2 writes greedily
+        # Unforced (auto), a strict tool beside a JSON response format: SmolLM2 chooses to
+        # call, and the call is valid (the grammar offers the format's JSON or calls).
+        strict = {**tool, "function": {**tool["function"], "strict": True}}
+        chosen = {**body, "tools": [strict], "response_format": {"type": "json_object"},
+                  "parallel_tool_calls": False}  # fmt: skip
+        reply = httpx.post(f"{server.base_url}/v1/chat/completions", json=chosen, timeout=120)
+        choice = reply.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        (call,) = choice["message"]["tool_calls"]
+        assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
