@@ -19,23 +19,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
-import jsonschema_rs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_harness import running_server
+from tool_schemas import DIGIT, TOOLS, VALID
 
 from berth.runtime.engine import EngineConfig, SamplingParams
 from berth.runtime.server.engine_process import ServableEngine, load_engine
 
-CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
-        "required": ["city"], "additionalProperties": False}  # fmt: skip
-DIGIT = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-         "required": ["n"], "additionalProperties": False}  # fmt: skip
-SCHEMAS = {"get_weather": CITY, "pick": DIGIT}
-VALID = {name: jsonschema_rs.validator_for(schema) for name, schema in SCHEMAS.items()}
-TOOLS = [{"type": "function", "function": {"name": name, "parameters": schema}}
-         for name, schema in SCHEMAS.items()]  # fmt: skip
 WEATHER = {"type": "function", "function": {"name": "get_weather"}}
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 CALL_ID = re.compile(r"call_[0-9a-f]{24}")

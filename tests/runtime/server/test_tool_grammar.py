@@ -9,10 +9,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-import jsonschema_rs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tool_schemas import DIGIT, SCHEMAS, VALID
 
 from berth.runtime.engine.grammar import lark_grammar
 from berth.runtime.engine.tokenizer import Tokenizer
@@ -20,12 +20,6 @@ from berth.runtime.server.protocol import ChatTool
 from berth.runtime.server.tool_calls import CallFormat, HermesReader, LlamaReader
 from berth.runtime.server.tools import ToolPlan
 
-CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
-        "required": ["city"], "additionalProperties": False}  # fmt: skip
-DIGIT = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-         "required": ["n"], "additionalProperties": False}  # fmt: skip
-SCHEMAS = {"get_weather": CITY, "pick": DIGIT}
-VALID = {name: jsonschema_rs.validator_for(schema) for name, schema in SCHEMAS.items()}
 MAX_STEPS = 400
 
 
