@@ -52,6 +52,10 @@ class DecodeConfig:
     # fallback for odd strides and small heads (H100: 1.43x -> 1.71x the bf16 cache at 8 x 32k
     # for words; kernels.py times both).
     fp8_words: bool = True
+    # A split grid's last program of each (sequence, KV head) merges the splits itself (an
+    # atomic ticket per pair), instead of a second kernel: one launch less per layer where a
+    # batch is split (decode at small batches). Not the default until the H200 measures it.
+    fused_merge: bool = False
 
 
 @triton.jit
@@ -90,6 +94,45 @@ def _log_sum_exp(m, l):  # type: ignore[no-untyped-def]  # noqa: E741
 
 
 @triton.jit
+def _merge_if_last(  # type: ignore[no-untyped-def]
+    part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, heads, row_ok, dims,
+    stride_out_b, stride_out_h, num_splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Called by every split program once its partial output and log-sum-exp are stored: the
+    last of a (sequence, KV head)'s splits to arrive merges them all into ``out`` and resets
+    the pair's ticket to 0 for the next launch (graph replays included).
+
+    The barrier orders this program's stores before its ticket; the ticket's acquire-release
+    at GPU scope publishes them to, and makes the others' visible to, the last program, which
+    reads them past L1 (``.cg``)."""
+    tl.debug_barrier()
+    ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kv_head
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+        row = (seq * tl.num_programs(1) * GROUP + heads) * num_splits  # [G] first split's row
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for split in range(num_splits):
+            lse = tl.load(part_lse_ptr + row + split, mask=row_ok, other=float("-inf"),
+                          cache_modifier=".cg")  # fmt: skip
+            part = tl.load(part_out_ptr + (row + split)[:, None] * HEAD_DIM + dims[None, :],
+                           mask=row_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+            # Split i's softmax mass is 2^lse_i: a running max keeps the weights finite.
+            m_new = tl.maximum(m, lse)
+            base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.math.exp2(m - base)
+            weight = tl.math.exp2(lse - base)
+            total = total * rescale + weight
+            acc = acc * rescale[:, None] + part * weight[:, None]
+            m = m_new
+        merged = acc / tl.where(total > 0, total, 1.0)[:, None]
+        dst = out_ptr + seq * stride_out_b + heads[:, None] * stride_out_h + dims[None, :]
+        tl.store(dst, merged.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -99,6 +142,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     out_ptr,  # [B, Hq, D]; written when SINGLE_SPLIT
     part_out_ptr,  # [B, Hq, num_splits, D] float32; written otherwise
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
+    tickets_ptr,  # [>= B * Hkv] int32, zeros between launches (FUSED_MERGE)
     k_scale_ptr,  # [num_blocks, block_size, Hkv] float32 (FP8 only)
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
@@ -126,6 +170,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP8: tl.constexpr,
+    FUSED_MERGE: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     if PDL:  # the query is the kernel before's output
@@ -198,6 +243,11 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
         dst = part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :]
         tl.store(dst, partial, mask=row_ok[:, None])
         tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
+        if FUSED_MERGE:
+            _merge_if_last(
+                part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, heads, row_ok,
+                dims, stride_out_b, stride_out_h, num_splits, GROUP, GROUP_PAD, HEAD_DIM,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -227,6 +277,7 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
     out_ptr,  # [B, Hq, D]; written when SINGLE_SPLIT
     part_out_ptr,  # [B, Hq, num_splits, D] float32; written otherwise
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
+    tickets_ptr,  # [>= B * Hkv] int32, zeros between launches (FUSED_MERGE)
     k_scale_ptr,  # [num_blocks, block_size, Hkv] float32
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
@@ -254,6 +305,7 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     HW_CVT: tl.constexpr,
+    FUSED_MERGE: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     """``_decode_kernel`` over an FP8 cache read as words: word j of a row holds dimensions 2j
@@ -325,6 +377,12 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
         tl.store(dst, acc_even * norm[:, None], mask=row_ok[:, None])
         tl.store(dst + 1, acc_odd * norm[:, None], mask=row_ok[:, None])
         tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
+        if FUSED_MERGE:
+            _merge_if_last(
+                part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, heads, row_ok,
+                tl.arange(0, 2 * HALF_DIM), stride_out_b, stride_out_h, num_splits, GROUP,
+                GROUP_PAD, 2 * HALF_DIM,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -377,6 +435,27 @@ def _as_words(cache: torch.Tensor) -> torch.Tensor | None:
     if any(stride % 2 for stride in cache.stride()[:-1]) or cache.storage_offset() % 2:
         return None
     return cache.view(torch.int16)
+
+
+TICKETS = 4096  # (sequence, KV head) pairs of a split grid: fewer than no_split_waves per SM
+
+
+_TICKET_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, pairs: int) -> torch.Tensor | None:
+    """The fused merge's tickets on ``device``, all zeros between launches (each pair's last
+    program resets its own), allocated at the first split launch; None (merge in a second
+    kernel) for a grid too large for it, or when that first launch is inside a graph capture,
+    whose memory pool must not own a buffer that outlives the graph."""
+    if pairs > TICKETS:
+        return None
+    buffer = _TICKET_BUFFERS.get(device)
+    if buffer is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buffer = _TICKET_BUFFERS[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    return buffer
 
 
 @cache
@@ -497,6 +576,9 @@ def launch_decode(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
         )
     pdl = checks.launch_options(device)
+    tickets = (
+        _tickets(device, num_seqs * num_kv_heads) if not single and config.fused_merge else None
+    )
     if k_words is not None and v_words is not None:
         kernel, k_arg, v_arg = _decode_fp8_words_kernel, k_words, v_words
         dims = {"HALF_DIM": head_dim // 2, "HW_CVT": _has_fp8_convert(device)}
@@ -512,6 +594,7 @@ def launch_decode(
         out,
         part_out,
         part_lse,
+        seq_lens if tickets is None else tickets,  # unused unless FUSED_MERGE
         k_scale if fp8 else seq_lens,  # unused without FP8
         v_scale if fp8 else seq_lens,
         scale * LOG2E,
@@ -530,12 +613,13 @@ def launch_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         SINGLE_SPLIT=single,
+        FUSED_MERGE=tickets is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **dims,
         **pdl,
     )
-    if not single:
+    if not single and tickets is None:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,
