@@ -301,6 +301,7 @@ def steady_decode(
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
         host_profile.write_text(text.getvalue())
+    launch = graph_launch_cost(engine, concurrency)
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished():
@@ -312,6 +313,34 @@ def steady_decode(
         "host_ms": 1e3 * statistics.median(hosts),
         "host_ms_p90": 1e3 * hosts[int(0.9 * len(hosts))],
         "kv_tokens_mean": statistics.mean(k for _, _, k in rows),
+        **launch,
+    }
+
+
+def graph_launch_cost(engine: Engine, concurrency: int, repeats: int = 20) -> dict[str, float]:
+    """Host microseconds of one decode graph's ``replay`` (one ``cudaGraphLaunch``) at this
+    batch: on an idle GPU, and right behind a replay still running, as the engine launches a
+    step while the one before runs. Tells the launch's own CPU cost from back-pressure. The
+    replays rewrite the last step's KV slots, so the requests must be aborted after."""
+    runner = engine.runner
+    size = next((g for g in runner.graph_sizes if g >= concurrency), 0)
+    if not size or runner.device.type != "cuda":
+        return {}
+    graph = runner.graphs[size]
+    idle, queued = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize(runner.device)
+        t0 = time.perf_counter()
+        graph.replay()
+        t1 = time.perf_counter()
+        graph.replay()
+        t2 = time.perf_counter()
+        idle.append(t1 - t0)
+        queued.append(t2 - t1)
+    torch.cuda.synchronize(runner.device)
+    return {
+        "graph_launch_idle_us": 1e6 * statistics.median(idle),
+        "graph_launch_queued_us": 1e6 * statistics.median(queued),
     }
 
 
