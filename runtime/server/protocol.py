@@ -244,8 +244,10 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         default=None,
         description="none: no call; auto (the default with tools): the model may call, and "
-        "its calls are parsed from its text; required or a named function: the output is "
-        "constrained to a call, valid under the function's parameters schema.",
+        "its calls are parsed from its text (valid under the schema once begun, for strict "
+        "tools; beside a response_format, the message is the format's JSON or calls); "
+        "required or a named function: the output is constrained to a call, valid under the "
+        "function's parameters schema.",
     )
     parallel_tool_calls: bool | None = Field(
         default=None,
