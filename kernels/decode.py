@@ -95,13 +95,14 @@ def _log_sum_exp(m, l):  # type: ignore[no-untyped-def]  # noqa: E741
 
 @triton.jit
 def _merge_if_last(  # type: ignore[no-untyped-def]
-    part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, heads, row_ok, dims,
-    stride_out_b, stride_out_h, num_splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, dims, stride_out_b,
+    stride_out_h, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):  # fmt: skip
     """Called by every split program once its partial output and log-sum-exp are stored: the
-    last of a (sequence, KV head)'s splits to arrive merges them all into ``out`` and resets
-    the pair's ticket to 0 for the next launch (graph replays included).
+    last of a (sequence, KV head)'s splits to arrive merges them into ``out``, each query head
+    of the group from one [splits, D] load (as ``_merge_splits_kernel`` does), and resets the
+    pair's ticket to 0 for the next launch (graph replays included).
 
     The barrier orders this program's stores before its ticket; the ticket's acquire-release
     at GPU scope publishes them to, and makes the others' visible to, the last program, which
@@ -109,26 +110,22 @@ def _merge_if_last(  # type: ignore[no-untyped-def]
     tl.debug_barrier()
     ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kv_head
     if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-        row = (seq * tl.num_programs(1) * GROUP + heads) * num_splits  # [G] first split's row
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        total = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for split in range(num_splits):
-            lse = tl.load(part_lse_ptr + row + split, mask=row_ok, other=float("-inf"),
+        splits = tl.arange(0, SPLITS_PAD)
+        split_ok = splits < num_splits
+        for g in tl.static_range(GROUP):
+            head = kv_head * GROUP + g
+            row = (seq * tl.num_programs(1) * GROUP + head) * num_splits  # its first split
+            lse = tl.load(part_lse_ptr + row + splits, mask=split_ok, other=float("-inf"),
                           cache_modifier=".cg")  # fmt: skip
-            part = tl.load(part_out_ptr + (row + split)[:, None] * HEAD_DIM + dims[None, :],
-                           mask=row_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-            # Split i's softmax mass is 2^lse_i: a running max keeps the weights finite.
-            m_new = tl.maximum(m, lse)
-            base = tl.where(m_new == float("-inf"), 0.0, m_new)
-            rescale = tl.math.exp2(m - base)
-            weight = tl.math.exp2(lse - base)
-            total = total * rescale + weight
-            acc = acc * rescale[:, None] + part * weight[:, None]
-            m = m_new
-        merged = acc / tl.where(total > 0, total, 1.0)[:, None]
-        dst = out_ptr + seq * stride_out_b + heads[:, None] * stride_out_h + dims[None, :]
-        tl.store(dst, merged.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            part = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
+                           mask=split_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+            # Split i's softmax mass is 2^lse_i; weights relative to the largest stay finite.
+            top = tl.max(lse, axis=0)
+            weight = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
+            total = tl.sum(weight, axis=0)
+            merged = tl.sum(part * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+            dst = out_ptr + seq * stride_out_b + head * stride_out_h + dims
+            tl.store(dst, merged.to(out_ptr.dtype.element_ty))
         tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -171,6 +168,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     SINGLE_SPLIT: tl.constexpr,
     FP8: tl.constexpr,
     FUSED_MERGE: tl.constexpr = False,
+    SPLITS_PAD: tl.constexpr = 1,  # FUSED_MERGE: num_splits rounded up to a power of two
     PDL: tl.constexpr = False,
 ):
     if PDL:  # the query is the kernel before's output
@@ -245,8 +243,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
         tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
         if FUSED_MERGE:
             _merge_if_last(
-                part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, heads, row_ok,
-                dims, stride_out_b, stride_out_h, num_splits, GROUP, GROUP_PAD, HEAD_DIM,
+                part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, dims,
+                stride_out_b, stride_out_h, num_splits, GROUP, HEAD_DIM, SPLITS_PAD,
             )  # fmt: skip
 
 
@@ -306,6 +304,7 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
     SINGLE_SPLIT: tl.constexpr,
     HW_CVT: tl.constexpr,
     FUSED_MERGE: tl.constexpr = False,
+    SPLITS_PAD: tl.constexpr = 1,  # FUSED_MERGE: num_splits rounded up to a power of two
     PDL: tl.constexpr = False,
 ):
     """``_decode_kernel`` over an FP8 cache read as words: word j of a row holds dimensions 2j
@@ -379,9 +378,9 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
         tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
         if FUSED_MERGE:
             _merge_if_last(
-                part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, heads, row_ok,
+                part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head,
                 tl.arange(0, 2 * HALF_DIM), stride_out_b, stride_out_h, num_splits, GROUP,
-                GROUP_PAD, 2 * HALF_DIM,
+                2 * HALF_DIM, SPLITS_PAD,
             )  # fmt: skip
 
 
@@ -438,6 +437,9 @@ def _as_words(cache: torch.Tensor) -> torch.Tensor | None:
 
 
 TICKETS = 4096  # (sequence, KV head) pairs of a split grid: fewer than no_split_waves per SM
+# Splits one fused merge takes in a single [splits, head_dim] load per head; a finer split
+# merges in the second kernel (the H100 timed a merge looping over 132 splits at 2.2x the time).
+MAX_FUSED_SPLITS = 32
 
 
 _TICKET_BUFFERS: dict[torch.device, torch.Tensor] = {}
@@ -576,9 +578,8 @@ def launch_decode(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
         )
     pdl = checks.launch_options(device)
-    tickets = (
-        _tickets(device, num_seqs * num_kv_heads) if not single and config.fused_merge else None
-    )
+    fused = config.fused_merge and 1 < num_splits <= MAX_FUSED_SPLITS
+    tickets = _tickets(device, num_seqs * num_kv_heads) if fused else None
     if k_words is not None and v_words is not None:
         kernel, k_arg, v_arg = _decode_fp8_words_kernel, k_words, v_words
         dims = {"HALF_DIM": head_dim // 2, "HW_CVT": _has_fp8_convert(device)}
@@ -614,6 +615,7 @@ def launch_decode(
         BLOCK_N=config.block_n,
         SINGLE_SPLIT=single,
         FUSED_MERGE=tickets is not None,
+        SPLITS_PAD=triton.next_power_of_2(num_splits) if tickets is not None else 1,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **dims,

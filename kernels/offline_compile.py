@@ -46,9 +46,13 @@ def compile_for(
 ) -> Compiled:
     """``kernel`` compiled for ``sm_<capability>``. ``pointer_types`` names the element type
     of each ``*_ptr`` argument (Triton's spelling: "bf16", "fp8e4nv", "i16", ...); other
-    arguments are i32, except ``qk_scale`` (fp32); upper-case ones are ``constexprs``."""
+    arguments are i32, except ``qk_scale`` (fp32); upper-case ones are ``constexprs`` (their
+    defaults where left out)."""
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    # Constexprs left out take their defaults, as a launch that leaves them out does.
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    constexprs = {**defaults, **constexprs}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"

@@ -233,7 +233,10 @@ def _mask(logits: torch.Tensor, banned: list[frozenset[int]]) -> torch.Tensor:
     cols = [t for ids in banned for t in ids]
     masked = logits.clone()
     dev = logits.device
-    masked[_on(dev, rows, torch.int64), _on(dev, cols, torch.int64)] = -torch.inf
+    # The -inf made on the device: a Python scalar would be copied there from pageable memory,
+    # which waits for the stream (the GPU test in sync-debug mode caught it).
+    at = (_on(dev, rows, torch.int64), _on(dev, cols, torch.int64))
+    masked.index_put_(at, masked.new_full((), -torch.inf))
     return masked
 
 

@@ -60,7 +60,7 @@ def test_fp8_words_kernel_builds_for_sm90_without_byte_loads_or_spills(
         "_decode_fp8_words_kernel",
         {**COMMON, "k_words_ptr": "i16", "v_words_ptr": "i16"},
         {**SHAPE, "HALF_DIM": 64, "SINGLE_SPLIT": single_split, "HW_CVT": True,
-         "FUSED_MERGE": fused},
+         "FUSED_MERGE": fused, "SPLITS_PAD": 32},
     )  # fmt: skip
     assert (atomics(built) > 0) == fused
     assert built["ops"].get("F2FP.F16.E4M3.UNPACK_B", 0) > 0, "no pair conversion in the loop"
@@ -75,7 +75,14 @@ def test_decode_kernel_builds_for_sm90(fp8: bool, fused: bool) -> None:
     built = compile_sm90(
         "_decode_kernel",
         {**COMMON, "k_cache_ptr": cache, "v_cache_ptr": cache},
-        {**SHAPE, "HEAD_DIM": 128, "SINGLE_SPLIT": False, "FP8": fp8, "FUSED_MERGE": fused},
+        {
+            **SHAPE,
+            "HEAD_DIM": 128,
+            "SINGLE_SPLIT": False,
+            "FP8": fp8,
+            "FUSED_MERGE": fused,
+            "SPLITS_PAD": 32,
+        },
     )
     assert any(op.startswith("HMMA") for op in built["ops"])
     assert (atomics(built) > 0) == fused
