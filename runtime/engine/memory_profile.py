@@ -139,7 +139,8 @@ def profile_largest_step(
 ) -> None:
     """Run the largest step the scheduler can form (``max_num_batched_tokens`` prompt tokens in
     sequences of at most ``max_model_len``) and sample ``max_num_seqs`` rows with the full
-    sampler (top-k, top-p, log-probs), so that the allocator's peak covers every step. Writes
+    sampler (penalties, bias, a ban, a grammar mask, top-k, top-p, log-probs), so that the
+    allocator's peak covers every step. Writes
     no KV (slots -1) and reads block 0 only, the one chunk backed during the profile."""
     dev = next(model.parameters()).device
     total = config.max_num_batched_tokens
@@ -156,8 +157,15 @@ def profile_largest_step(
     hidden = model(torch.zeros(total, dtype=torch.int64, device=dev), positions, meta)
     rows = min(config.max_num_seqs, total)
     logits = model.logits(hidden[:rows])
-    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)
-    Sampler(dev, 0)(logits, [params] * rows, [None] * rows)
+    # Every path a draw can take, each holding its own [rows, vocab] copy: penalties and a
+    # logit bias, a min_tokens ban, a grammar's mask, then top-k, top-p and log-probs.
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5,
+                            presence_penalty=0.5, frequency_penalty=0.5, logit_bias={0: 1.0})  # fmt: skip
+    words = torch.full((rows, -(-logits.shape[1] // 32)), -1, dtype=torch.int32)
+    Sampler(dev, 0)(
+        logits, [params] * rows, [None] * rows, [frozenset({0})] * rows, [[0]] * rows,
+        (list(range(rows)), words),
+    )  # fmt: skip
     del hidden, logits
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

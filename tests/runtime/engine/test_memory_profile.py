@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from berth.runtime.engine import Engine, EngineConfig
+from berth.runtime.engine import Engine, EngineConfig, sampler
 from berth.runtime.engine.budget import GpuBudget
 from berth.runtime.engine.layers import Pointwise, rms_norm
 from berth.runtime.engine.memory_profile import (
@@ -18,6 +18,7 @@ from berth.runtime.engine.memory_profile import (
     allocator_slack,
     cap_allocator,
     measure_footprint,
+    profile_largest_step,
 )
 
 MIB = 1 << 20
@@ -33,6 +34,28 @@ def test_a_cpu_footprint_is_the_weights_alone() -> None:
     fp = measure_footprint(torch.device("cpu"), 123, 456)
     assert (fp.weights_bytes, fp.workspace_bytes, fp.allocator_limit_bytes) == (123, 0, 0)
     cap_allocator(torch.device("cpu"), 1)  # nothing to hold on the CPU
+
+
+def test_the_profiled_draw_takes_every_path_that_holds_a_copy_of_the_logits(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Penalties and bias, a min_tokens ban and a grammar's mask each hold a [rows, vocab]
+    copy: the profile's draw goes through all of them, at the largest batch, so the measured
+    peak (and the allocator's limit under a budget) covers a step that needs them."""
+    seen: dict[str, int] = {}
+    for name in ("_adjusted", "_mask", "allowed_only"):
+        real = getattr(sampler, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            seen[_name] = args[0].shape[0]
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(sampler, name, spy)
+    engine = Engine(EngineConfig(model=str(tiny_model), device="cpu", max_num_seqs=8))
+    runner = engine.runner
+    profile_largest_step(runner.model, engine.config, engine.max_model_len,
+                         runner.max_blocks_per_seq)  # fmt: skip
+    assert seen == {"_adjusted": 8, "_mask": 8, "allowed_only": 8}
 
 
 def test_eager_for_now_swaps_the_functions_back() -> None:
