@@ -30,8 +30,8 @@ from berth.kernels.offline_compile import compile_for, main_loop_opcodes
 
 GROUP, HEAD_DIM, BLOCK_SIZE = 4, 128, 16  # Llama-3-8B: 32 query heads over 8 KV heads
 COMMON = {"q_ptr": "bf16", "block_tables_ptr": "i32", "seq_lens_ptr": "i32", "out_ptr": "bf16",
-          "part_out_ptr": "fp32", "part_lse_ptr": "fp32", "tickets_ptr": "i32",
-          "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}  # fmt: skip
+          "part_out_ptr": "fp32", "part_lse_ptr": "fp32", "k_scale_ptr": "fp32",
+          "v_scale_ptr": "fp32"}  # fmt: skip
 CLASSES = {
     "byte loads from shared (LDS.U8)": lambda op: op == "LDS.U8",
     "other shared loads (LDS, LDSM)": lambda op: op.startswith("LDS") and op != "LDS.U8",

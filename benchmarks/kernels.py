@@ -154,10 +154,6 @@ def decode_configs(sweep: bool) -> list[DecodeConfig | None]:
                     DecodeConfig(split_waves=waves, min_split_tokens=min_tokens, num_stages=stages)
                 )
     extra = [DecodeConfig(block_n=64), DecodeConfig(num_warps=8), DecodeConfig(num_stages=4)]
-    # The splits merged by each pair's last program instead of a second kernel; and smaller
-    # tiles in a deeper pipeline, more loads in flight for the H200's bandwidth per SM.
-    extra += [DecodeConfig(fused_merge=True), DecodeConfig(fused_merge=True, num_stages=2)]
-    extra += [DecodeConfig(block_n=64, num_stages=stages) for stages in (4, 6)]
     return [*grid, *extra]
 
 
@@ -183,8 +179,6 @@ def fp8_configs(sweep: bool) -> list[DecodeConfig | None]:
         for waves in (4.0, 8.0, 16.0):
             for stages in (2, 3):
                 configs.append(DecodeConfig(num_warps=8, split_waves=waves, num_stages=stages))
-        fp8_default = default_config(HEAD_DIM, PAGE_SIZES[0], fp8=True)
-        configs.append(replace(fp8_default, fused_merge=True))
     return configs
 
 

@@ -52,10 +52,6 @@ class DecodeConfig:
     # fallback for odd strides and small heads (H100: 1.43x -> 1.71x the bf16 cache at 8 x 32k
     # for words; kernels.py times both).
     fp8_words: bool = True
-    # A split grid's last program of each (sequence, KV head) merges the splits itself (an
-    # atomic ticket per pair), instead of a second kernel: one launch less per layer where a
-    # batch is split (decode at small batches). Not the default until the H200 measures it.
-    fused_merge: bool = False
 
 
 @triton.jit
@@ -94,42 +90,6 @@ def _log_sum_exp(m, l):  # type: ignore[no-untyped-def]  # noqa: E741
 
 
 @triton.jit
-def _merge_if_last(  # type: ignore[no-untyped-def]
-    part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, dims, stride_out_b,
-    stride_out_h, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-):  # fmt: skip
-    """Called by every split program once its partial output and log-sum-exp are stored: the
-    last of a (sequence, KV head)'s splits to arrive merges them into ``out``, each query head
-    of the group from one [splits, D] load (as ``_merge_splits_kernel`` does), and resets the
-    pair's ticket to 0 for the next launch (graph replays included).
-
-    The barrier orders this program's stores before its ticket; the ticket's acquire-release
-    at GPU scope publishes them to, and makes the others' visible to, the last program, which
-    reads them past L1 (``.cg``)."""
-    tl.debug_barrier()
-    ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kv_head
-    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-        splits = tl.arange(0, SPLITS_PAD)
-        split_ok = splits < num_splits
-        for g in tl.static_range(GROUP):
-            head = kv_head * GROUP + g
-            row = (seq * tl.num_programs(1) * GROUP + head) * num_splits  # its first split
-            lse = tl.load(part_lse_ptr + row + splits, mask=split_ok, other=float("-inf"),
-                          cache_modifier=".cg")  # fmt: skip
-            part = tl.load(part_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
-                           mask=split_ok[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-            # Split i's softmax mass is 2^lse_i; weights relative to the largest stay finite.
-            top = tl.max(lse, axis=0)
-            weight = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
-            total = tl.sum(weight, axis=0)
-            merged = tl.sum(part * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-            dst = out_ptr + seq * stride_out_b + head * stride_out_h + dims
-            tl.store(dst, merged.to(out_ptr.dtype.element_ty))
-        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -139,7 +99,6 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     out_ptr,  # [B, Hq, D]; written when SINGLE_SPLIT
     part_out_ptr,  # [B, Hq, num_splits, D] float32; written otherwise
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
-    tickets_ptr,  # [>= B * Hkv] int32, zeros between launches (FUSED_MERGE)
     k_scale_ptr,  # [num_blocks, block_size, Hkv] float32 (FP8 only)
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
@@ -167,8 +126,6 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP8: tl.constexpr,
-    FUSED_MERGE: tl.constexpr = False,
-    SPLITS_PAD: tl.constexpr = 1,  # FUSED_MERGE: num_splits rounded up to a power of two
     PDL: tl.constexpr = False,
 ):
     if PDL:  # the query is the kernel before's output
@@ -241,11 +198,6 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
         dst = part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :]
         tl.store(dst, partial, mask=row_ok[:, None])
         tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
-        if FUSED_MERGE:
-            _merge_if_last(
-                part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head, dims,
-                stride_out_b, stride_out_h, num_splits, GROUP, HEAD_DIM, SPLITS_PAD,
-            )  # fmt: skip
 
 
 @triton.jit
@@ -275,7 +227,6 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
     out_ptr,  # [B, Hq, D]; written when SINGLE_SPLIT
     part_out_ptr,  # [B, Hq, num_splits, D] float32; written otherwise
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
-    tickets_ptr,  # [>= B * Hkv] int32, zeros between launches (FUSED_MERGE)
     k_scale_ptr,  # [num_blocks, block_size, Hkv] float32
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
@@ -303,8 +254,6 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     HW_CVT: tl.constexpr,
-    FUSED_MERGE: tl.constexpr = False,
-    SPLITS_PAD: tl.constexpr = 1,  # FUSED_MERGE: num_splits rounded up to a power of two
     PDL: tl.constexpr = False,
 ):
     """``_decode_kernel`` over an FP8 cache read as words: word j of a row holds dimensions 2j
@@ -376,12 +325,6 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
         tl.store(dst, acc_even * norm[:, None], mask=row_ok[:, None])
         tl.store(dst + 1, acc_odd * norm[:, None], mask=row_ok[:, None])
         tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
-        if FUSED_MERGE:
-            _merge_if_last(
-                part_out_ptr, part_lse_ptr, out_ptr, tickets_ptr, seq, kv_head,
-                tl.arange(0, 2 * HALF_DIM), stride_out_b, stride_out_h, num_splits, GROUP,
-                2 * HALF_DIM, SPLITS_PAD,
-            )  # fmt: skip
 
 
 @triton.jit
@@ -434,30 +377,6 @@ def _as_words(cache: torch.Tensor) -> torch.Tensor | None:
     if any(stride % 2 for stride in cache.stride()[:-1]) or cache.storage_offset() % 2:
         return None
     return cache.view(torch.int16)
-
-
-TICKETS = 4096  # (sequence, KV head) pairs of a split grid: fewer than no_split_waves per SM
-# Splits one fused merge takes in a single [splits, head_dim] load per head; a finer split
-# merges in the second kernel (the H100 timed a merge looping over 132 splits at 2.2x the time).
-MAX_FUSED_SPLITS = 32
-
-
-_TICKET_BUFFERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(device: torch.device, pairs: int) -> torch.Tensor | None:
-    """The fused merge's tickets on ``device``, all zeros between launches (each pair's last
-    program resets its own), allocated at the first split launch; None (merge in a second
-    kernel) for a grid too large for it, or when that first launch is inside a graph capture,
-    whose memory pool must not own a buffer that outlives the graph."""
-    if pairs > TICKETS:
-        return None
-    buffer = _TICKET_BUFFERS.get(device)
-    if buffer is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buffer = _TICKET_BUFFERS[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
-    return buffer
 
 
 @cache
@@ -578,8 +497,6 @@ def launch_decode(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=device
         )
     pdl = checks.launch_options(device)
-    fused = config.fused_merge and 1 < num_splits <= MAX_FUSED_SPLITS
-    tickets = _tickets(device, num_seqs * num_kv_heads) if fused else None
     if k_words is not None and v_words is not None:
         kernel, k_arg, v_arg = _decode_fp8_words_kernel, k_words, v_words
         dims = {"HALF_DIM": head_dim // 2, "HW_CVT": _has_fp8_convert(device)}
@@ -595,7 +512,6 @@ def launch_decode(
         out,
         part_out,
         part_lse,
-        seq_lens if tickets is None else tickets,  # unused unless FUSED_MERGE
         k_scale if fp8 else seq_lens,  # unused without FP8
         v_scale if fp8 else seq_lens,
         scale * LOG2E,
@@ -614,14 +530,12 @@ def launch_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         SINGLE_SPLIT=single,
-        FUSED_MERGE=tickets is not None,
-        SPLITS_PAD=triton.next_power_of_2(num_splits) if tickets is not None else 1,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **dims,
         **pdl,
     )
-    if not single and tickets is None:
+    if not single:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,

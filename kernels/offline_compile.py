@@ -114,15 +114,6 @@ def main_loop_opcodes(cubin: bytes) -> Counter[str]:
     return Counter(_opcode(text) for text in best)
 
 
-def sass_opcodes(cubin: bytes) -> Counter[str]:
-    """Opcodes of the whole kernel, one count per instruction in its machine code."""
-    return Counter(
-        _opcode(m.group(1))
-        for line in _dump(cubin, "-sass").splitlines()
-        if (m := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line))
-    )
-
-
 def _opcode(text: str) -> str:
     words = text.split()
     return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]

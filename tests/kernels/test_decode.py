@@ -46,12 +46,11 @@ def run_decode(
 # Small steps and splits so the interpreter walks several pages, splits and a merge.
 SPLIT = DecodeConfig(block_n=16, split_waves=4, min_split_tokens=16)
 SINGLE = DecodeConfig(block_n=16, min_split_tokens=10**6)
-FUSED = replace(SPLIT, fused_merge=True)  # the last split of each pair merges, no 2nd kernel
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 8])
-@pytest.mark.parametrize("config", [SPLIT, SINGLE, FUSED], ids=["split", "single", "fused"])
+@pytest.mark.parametrize("config", [SPLIT, SINGLE], ids=["split", "single"])
 def test_decode_matches_reference_across_gqa_ratios(
     device: torch.device, dtype: torch.dtype, group: int, config: DecodeConfig
 ) -> None:
@@ -93,18 +92,14 @@ def test_decode_largest_block_table(device: torch.device) -> None:
     block_size=st.sampled_from([8, 16, 32]),
     block_n=st.sampled_from([16, 32]),
     min_split=st.sampled_from([16, 48]),
-    fused=st.booleans(),
 )
 def test_decode_any_small_batch_matches_reference(
-    lens: list[int], group: int, block_size: int, block_n: int, min_split: int, fused: bool
+    lens: list[int], group: int, block_size: int, block_n: int, min_split: int
 ) -> None:
-    """Any lengths, GQA ratio, page size and split plan (merged by a second kernel or by each
-    pair's last split): same function as the reference."""
+    """Any lengths, GQA ratio, page size and split plan: same function as the reference."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     block_n = max(block_n, block_size)
-    config = DecodeConfig(
-        block_n=block_n, split_waves=4, min_split_tokens=min_split, fused_merge=fused
-    )
+    config = DecodeConfig(block_n=block_n, split_waves=4, min_split_tokens=min_split)
     run_decode(lens, group, 1, 16, block_size, torch.float16, device, config)
 
 
@@ -243,41 +238,3 @@ def test_decode_replays_from_a_cuda_graph(device: torch.device) -> None:
         batch.seq_lens, 0.08,
     )  # fmt: skip
     assert_close(out, expected, torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_fused_merge_agrees_with_the_merge_kernel_over_many_graph_replays(
-    device: torch.device, fp8: bool
-) -> None:
-    """Each (sequence, KV head)'s last split merges, racing the others on the real GPU: 200
-    replays of one captured launch (the tickets reset themselves) give the second kernel's
-    output every time, over long and short sequences in one grid."""
-    batch = random_paged_batch([32768, 7000, 1, 129], 8, 128, 16, torch.bfloat16, device)
-    query = torch.randn(4, 32, 128, dtype=torch.bfloat16, device=device)
-    caches: tuple[torch.Tensor, ...] = (batch.k_cache, batch.v_cache)
-    if fp8:
-        (k, ks), (v, vs) = (
-            reference.quantize_fp8(batch.k_cache),
-            reference.quantize_fp8(batch.v_cache),
-        )
-        caches = (k, v)
-        scales = {"k_scale": ks, "v_scale": vs}
-    else:
-        scales = {}
-    config = default_config(128, 16, fp8)
-    args = (query, *caches, batch.block_tables, batch.seq_lens, 0.08)
-    expected = launch_decode(*args, None, 32768, config, **scales)
-    fused_config = replace(config, fused_merge=True)
-    assert plan_splits(4, 8, 32768, torch.cuda.get_device_properties(device).multi_processor_count,
-                       fused_config)[0] > 1  # fmt: skip
-    out = torch.empty_like(query)
-    launch_decode(*args, out, 32768, fused_config, **scales)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch_decode(*args, out, 32768, fused_config, **scales)
-    for _ in range(200):
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
