@@ -58,7 +58,6 @@ class _InFlight:
     ended: list[Sequence]  # sequences whose coming token is their last (length)
     logits: torch.Tensor
     prompt: PromptLogprobs | None = None  # scored prompt tokens, on the host once ``done``
-    delivers_prompt: bool = False  # a request scoring its prompt was live at the launch
     sampled: torch.Tensor | None = None  # the chosen token ids on the device
     host_tokens: torch.Tensor | None = None  # their copy on the host, valid once ``done``
     draw: Draw | None = None  # log-probabilities on the host, valid once ``done``
@@ -242,7 +241,6 @@ class Engine:
             logits, prompt = self.runner.execute(batch, pending, scored)
             self._in_flight = self._launch(batch, logits)
             self._in_flight.prompt = prompt
-            self._in_flight.delivers_prompt = self._num_scoring_prompt > 0
         if flight is not None:
             outputs += self._collect(flight)
         launched = self._in_flight
@@ -328,7 +326,6 @@ class Engine:
         logprobs: list[TokenLogprob | None] | None = None
         if flight.prompt is not None:
             flight.prompt.record()
-        delivers_prompt = flight.delivers_prompt
         token_ids: list[int] = []
         if flight.host_tokens is not None:
             token_ids = flight.host_tokens[: len(flight.sampling)].tolist()
@@ -378,9 +375,8 @@ class Engine:
                     slot + 1 - seq.num_prompt_tokens,
                     seq.num_cached_tokens,
                     None if logprob is None else [logprob],
-                    seq.prompt_logprobs
-                    if delivers_prompt and slot == seq.num_prompt_tokens
-                    else None,
+                    # the scored prompt (None unless asked for) goes with the first output
+                    seq.prompt_logprobs if slot == seq.num_prompt_tokens else None,
                 )
             )
         return outputs

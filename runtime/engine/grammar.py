@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,14 +47,11 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
 def _grammar(schema: str) -> str:
     from llguidance import LLMatcher
 
-    with refused_as_value_error():
-        grammar = LLMatcher.grammar_from_json_schema(
+    return _validated(
+        lambda: LLMatcher.grammar_from_json_schema(
             schema, defaults={"whitespace_pattern": JSON_WHITESPACE}
         )
-        problem = LLMatcher.validate_grammar(grammar)
-    if problem:
-        raise ValueError(problem[:MAX_MESSAGE])
-    return grammar
+    )
 
 
 def lark_grammar(text: str) -> str:
@@ -67,8 +64,15 @@ def lark_grammar(text: str) -> str:
 def _lark(text: str) -> str:
     from llguidance import LLMatcher
 
+    return _validated(lambda: LLMatcher.grammar_from_lark(text))
+
+
+def _validated(build: Callable[[], str]) -> str:
+    """The grammar ``build`` makes, checked by llguidance; its refusal as ``ValueError``."""
+    from llguidance import LLMatcher
+
     with refused_as_value_error():
-        grammar = LLMatcher.grammar_from_lark(text)
+        grammar = build()
         problem = LLMatcher.validate_grammar(grammar)
     if problem:
         raise ValueError(problem[:MAX_MESSAGE])
