@@ -111,6 +111,9 @@ class SamplingParams:
     # the logits of the ids it names. The choice sees them; log-probabilities do not.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's and transformers': the logit of every id the prompt or the output holds is
+    # divided by it where positive, multiplied where negative (> 1 discourages repeats).
+    repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     # An llguidance grammar (``LLMatcher.grammar_from_json_schema`` and the like): every token
     # chosen keeps the output a prefix of a valid one (OpenAI's response_format).
@@ -122,14 +125,16 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """A presence or frequency penalty counts the output's tokens."""
-        return bool(self.presence_penalty or self.frequency_penalty)
+        """A presence, frequency or repetition penalty counts the tokens so far."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
     @property
     def host_bound(self) -> bool:
-        """Each choice needs every token before it on the host: penalties count them, a
-        grammar's mask follows them."""
-        return self.penalized or self.grammar is not None
+        """Each choice needs every token before it on the host: a grammar's mask follows
+        them (penalties count them on the device, ``token_counts``)."""
+        return self.grammar is not None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -177,6 +182,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and -2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        rep = self.repetition_penalty
+        if not (isinstance(rep, int | float) and 0.0 < rep < float("inf")):
+            raise ValueError(f"repetition_penalty must be a number > 0 (1: off), got {rep!r}")
         for token, bias in self.logit_bias.items():
             if not isinstance(token, int) or isinstance(token, bool) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")

@@ -215,9 +215,10 @@ class Engine:
         decode or mixed step takes it straight from the previous batch's chosen ids on the
         device (so the device never waits for the host between steps). A request's tokens
         come back in the call after the one that launched them; ``has_unfinished`` stays true
-        until they have. The new batch's tokens are chosen right after its launch, or, while
-        a request with penalties or a grammar is live, right after the collection: their
-        choice follows the tokens just collected, and the device runs the batch meanwhile.
+        until they have. The new batch's tokens are chosen right after its launch (penalties
+        count the tokens on the device), or, while a request with a grammar is live, right
+        after the collection: its mask follows the tokens just collected, and the device
+        runs the batch meanwhile.
         """
         if self.parked:
             raise RuntimeError("the engine is parked: wake it before stepping")
@@ -255,8 +256,8 @@ class Engine:
     def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> _InFlight:
         """Count the launched tokens as computed, give each sampling sequence a placeholder
         for its coming token, and start choosing the tokens (``_draw``). While a request with
-        penalties (its choice counts the tokens of the step still in flight) or a grammar (its
-        mask follows them) is live, the choice waits until ``step`` has collected those."""
+        a grammar is live (its mask follows the tokens of the step still in flight), the
+        choice waits until ``step`` has collected those."""
         sampling: list[Sequence] = []
         slots: list[int] = []
         filled: list[Sequence] = []  # completed a KV block: name it once its tokens are known
@@ -293,7 +294,7 @@ class Engine:
     def _draw(self, flight: _InFlight) -> None:
         """Queue the choice of ``flight``'s tokens on the device and their copy to the host:
         one argmax when every live request is plain, else the sampler's draw, with the
-        penalties counted over each output so far and each grammar's mask for its next token.
+        penalized requests' token counts and each grammar's mask for its next token.
         Nothing here waits for the device."""
         sampling, slots = flight.sampling, flight.slots
         if self._num_special == 0:
@@ -306,7 +307,7 @@ class Engine:
                 [s.params for s in sampling],
                 [r.generator if r is not None else None for r in requests],
                 _banned(sampling, slots, requests),
-                _outputs(sampling, slots),
+                self.runner.token_counts.select(sampling, slots),
                 self.grammars.masks(matchers) if any(matchers) else None,
             )
             flight.sampled, flight.draw = draw.chosen, draw.to_host()
@@ -421,6 +422,7 @@ class Engine:
 
     def _forget(self, request_id: str) -> _Request:
         req = self.requests.pop(request_id)
+        self.runner.token_counts.release(req.seq)
         self._num_special -= not req.plain
         self._num_host_bound -= req.seq.params.host_bound
         self._num_scoring_prompt -= req.seq.params.prompt_logprobs is not None
@@ -601,17 +603,6 @@ def _merge(into: RequestOutput, out: RequestOutput) -> None:
         into.logprobs += out.logprobs
     if into.prompt_logprobs is None:
         into.prompt_logprobs = out.prompt_logprobs
-
-
-def _outputs(sampling: list[Sequence], slots: list[int]) -> list[list[int]] | None:
-    """Per row, the output tokens before ``slot`` of a request with penalties (the sampler
-    counts them); None when no row has any."""
-    if not any(s.params.penalized for s in sampling):
-        return None
-    return [
-        seq.token_ids[seq.num_prompt_tokens : slot] if seq.params.penalized else []
-        for seq, slot in zip(sampling, slots, strict=True)
-    ]
 
 
 def _banned(

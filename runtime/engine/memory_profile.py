@@ -31,6 +31,7 @@ from berth.runtime.engine.budget import GpuBudget
 from berth.runtime.engine.config import EngineConfig, SamplingParams
 from berth.runtime.engine.model import AttentionMetadata, CausalLM
 from berth.runtime.engine.sampler import Sampler
+from berth.runtime.engine.token_counts import TokenCounts
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +136,16 @@ def cap_allocator(device: torch.device, limit_bytes: int | None) -> None:
 
 @torch.inference_mode()
 def profile_largest_step(
-    model: CausalLM, config: EngineConfig, max_model_len: int, max_blocks_per_seq: int
+    model: CausalLM,
+    config: EngineConfig,
+    max_model_len: int,
+    max_blocks_per_seq: int,
+    counts: TokenCounts,
 ) -> None:
     """Run the largest step the scheduler can form (``max_num_batched_tokens`` prompt tokens in
     sequences of at most ``max_model_len``) and sample ``max_num_seqs`` rows with the full
-    sampler (penalties, bias, a ban, a grammar mask, top-k, top-p, log-probs), so that the
+    sampler (penalties over ``counts``' rows, bias, a ban, a grammar mask, top-k, top-p,
+    log-probs), so that the
     allocator's peak covers every step. Writes
     no KV (slots -1) and reads block 0 only, the one chunk backed during the profile."""
     dev = next(model.parameters()).device
@@ -160,12 +166,15 @@ def profile_largest_step(
     # Every path a draw can take, each holding its own [rows, vocab] copy: penalties and a
     # logit bias, a min_tokens ban, a grammar's mask, then top-k, top-p and log-probs.
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5,
-                            presence_penalty=0.5, frequency_penalty=0.5, logit_bias={0: 1.0})  # fmt: skip
+                            presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1,
+                            logit_bias={0: 1.0})  # fmt: skip
     words = torch.full((rows, -(-logits.shape[1] // 32)), -1, dtype=torch.int32)
+    every = list(range(rows))
     Sampler(dev, 0)(
-        logits, [params] * rows, [None] * rows, [frozenset({0})] * rows, [[0]] * rows,
-        (list(range(rows)), words),
+        logits, [params] * rows, [None] * rows, [frozenset({0})] * rows,
+        counts.rows(every, every), (every, words),
     )  # fmt: skip
     del hidden, logits
+    counts.table.zero_()  # the draw counted its ids
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -58,6 +58,7 @@ from berth.runtime.engine.model_config import DTYPES, ModelConfig
 from berth.runtime.engine.prompt_logprobs import PromptLogprobs, PromptRows, score
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
+from berth.runtime.engine.token_counts import TokenCounts
 from berth.runtime.engine.weight_arena import WeightArena
 from berth.runtime.engine.weights import load_weights
 
@@ -327,6 +328,9 @@ class ModelRunner:
             # the profile run below, so its layout is chosen after it.
             self.layout = coarsened(self.layout, self._expected_kv_bytes(config))
         self._reserve_arena(config)
+        # Penalized requests' token counts (``token_counts``): allocated before the profile,
+        # so the measured workspace includes it (128 MiB at 256 rows of a 128k vocabulary).
+        self.token_counts = TokenCounts(self.max_num_seqs, model_config.vocab_size, self.device)
         pin = self.device.type == "cuda"
         # Host staging for decode steps: [3, max_num_seqs] (ids, positions, slots), seq lens,
         # block tables. Pinned, so the copies to the device are asynchronous.
@@ -362,8 +366,9 @@ class ModelRunner:
             # after their capture), and the eager functions hold more intermediates.
             with self.pointwise.eager_for_now():
                 profile_largest_step(
-                    self.model, config, self.max_model_len, self.max_blocks_per_seq
-                )
+                    self.model, config, self.max_model_len, self.max_blocks_per_seq,
+                    self.token_counts,
+                )  # fmt: skip
             _fresh_blas_workspaces(self.device, self.dtype)
             if sized_by_budget:
                 self._coarsen_arena(config)

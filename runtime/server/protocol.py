@@ -50,6 +50,7 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Annotated[WholeNumber, Field(ge=-1)]  # -1 and 0 both mean "off"
 MinP = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0)]
 MaxTokens = Annotated[WholeNumber, Field(ge=1)]
 MinTokens = Annotated[WholeNumber, Field(ge=0)]
 Choices = Annotated[WholeNumber, Field(ge=1, le=64)]
@@ -90,6 +91,12 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = Field(
+        default=None,
+        description="vLLM's and transformers': each token id the prompt or the output holds "
+        "has its logit divided by this where positive and multiplied where negative (1: off; "
+        "above 1 discourages repeats).",
+    )
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     prompt_logprobs: TopLogprobs | None = Field(

@@ -160,6 +160,9 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=1.0
+        if request.repetition_penalty is None
+        else request.repetition_penalty,
         logit_bias=logit_bias(request),
         grammar=grammar,
     )

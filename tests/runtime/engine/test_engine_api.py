@@ -206,15 +206,15 @@ def test_tokens_in_flight_never_leak_and_counts_are_exact(tiny_engine: Engine) -
     assert tiny_engine.stats().num_free_blocks == tiny_engine.stats().num_total_blocks
 
 
-def test_every_step_launches_before_it_collects_and_a_penalty_or_grammar_only_moves_the_draw(
+def test_every_step_launches_before_it_collects_and_a_grammar_only_moves_the_draw(
     tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each step launches its batch before it collects the previous one's tokens, whatever
-    the requests ask for: a sampled request's tokens are drawn right after the launch; while
-    a request with penalties or a grammar is live, right after the collection (its choice
-    follows the tokens just collected), with the batch already running. A seeded request
-    beside either kind of companion draws the same tokens, log-probabilities and min_tokens
-    ban."""
+    the requests ask for: a sampled or penalized request's tokens are drawn right after the
+    launch (penalties count on the device); while a request with a grammar is live, right
+    after the collection (its mask follows the tokens just collected), with the batch already
+    running. A seeded request beside any kind of companion draws the same tokens,
+    log-probabilities and min_tokens ban."""
     seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, logprobs=2,
                             min_tokens=4)  # fmt: skip
     events: list[str] = []
@@ -229,7 +229,12 @@ def test_every_step_launches_before_it_collects_and_a_penalty_or_grammar_only_mo
     runs = {}
     for name, companion in [
         ("sampled", SamplingParams(max_tokens=12, temperature=0.7, ignore_eos=True)),
-        ("penalized", SamplingParams(max_tokens=12, presence_penalty=0.5, ignore_eos=True)),
+        (
+            "penalized",
+            SamplingParams(
+                max_tokens=12, presence_penalty=0.5, repetition_penalty=1.2, ignore_eos=True
+            ),
+        ),
         ("grammar", SamplingParams(max_tokens=12, grammar=json_schema_grammar({"type": "object"}))),
     ]:
         tiny_engine.add_request("x", "A container ship", seeded)
@@ -255,8 +260,12 @@ def test_every_step_launches_before_it_collects_and_a_penalty_or_grammar_only_mo
         if "_collect" in s and "_launch" in s
     )
     for name in ("penalized", "grammar"):
-        other_tokens, other_ids, other_values, other_steps = runs[name]
+        other_tokens, other_ids, other_values, _ = runs[name]
         assert other_tokens == tokens and other_ids == ids, name
         assert other_values == pytest.approx(values, abs=1e-5), name
-        assert ("_launch", "_collect", "_draw") in other_steps, name
-        assert ("_launch", "_draw", "_collect") not in other_steps, name
+    grammar_steps = runs["grammar"][3]
+    assert ("_launch", "_collect", "_draw") in grammar_steps
+    assert ("_launch", "_draw", "_collect") not in grammar_steps
+    penalized_steps = runs["penalized"][3]
+    assert ("_launch", "_draw", "_collect") in penalized_steps
+    assert ("_launch", "_collect", "_draw") not in penalized_steps

@@ -11,6 +11,8 @@ import torch
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice
 from berth.runtime.engine.sampler import Sampler, allowed_only
+from berth.runtime.engine.sequence import Sequence, SequenceStatus
+from berth.runtime.engine.token_counts import TokenCounts
 
 pytestmark = [
     pytest.mark.gpu,
@@ -128,7 +130,8 @@ def test_the_sampler_draws_behind_a_running_step_without_waiting_for_it() -> Non
     """The engine draws a sampled batch's tokens right after launching it, while the device
     still runs the step: nothing in a draw may wait for the stream (a pageable host-to-device
     copy of the per-row settings would, and the sampled path would lose its pipelining). Torch's
-    sync debug mode raises on any synchronizing call; the draw equals a synchronous one."""
+    sync debug mode raises on any synchronizing call; the draw equals a synchronous one. A
+    penalized row's counts are filled, read and counted on the device too."""
     logits = torch.randn(6, 1000, device="cuda").to(torch.bfloat16)
     params = [
         SamplingParams(
@@ -138,7 +141,7 @@ def test_the_sampler_draws_behind_a_running_step_without_waiting_for_it() -> Non
         SamplingParams(seed=3),
         SamplingParams(),
         SamplingParams(top_p=0.5),
-        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, presence_penalty=1.0, repetition_penalty=1.3),
     ]
     banned = [frozenset({1, 2})] + [frozenset()] * 5
     runs = []
@@ -146,20 +149,33 @@ def test_the_sampler_draws_behind_a_running_step_without_waiting_for_it() -> Non
         sampler = Sampler(torch.device("cuda"), 0)
         runs.append((sampler, [None, None, sampler.request_generator(3), None, None, None]))
     (sync_sampler, sync_gens), (sampler, gens) = runs
-    want_ids, want_logprobs = sync_sampler(logits, params, sync_gens, banned)
+    penalized = Sequence("p", [int(logits[5].argmax()), 7, 8, 7], 2, params[5], 64)
+    penalized.status = SequenceStatus.RUNNING
+    seqs = [Sequence(str(i), [1], 1, p, 64) for i, p in enumerate(params[:5])] + [penalized]
+    slots = [len(s.token_ids) for s in seqs]
+    tables = [TokenCounts(4, 1000, torch.device("cuda")) for _ in range(2)]
+    want_ids, want_logprobs = sync_sampler(logits, params, sync_gens, banned,
+                                           tables[0].select(seqs, slots))  # fmt: skip
     torch.cuda.synchronize()
     torch.cuda._sleep(1_000_000_000)  # about half a second of device time
     torch.cuda.set_sync_debug_mode("error")
     try:
-        draw = sampler.draw(logits, params, gens, banned).to_host()
+        draw = sampler.draw(logits, params, gens, banned, tables[1].select(seqs, slots)).to_host()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert not torch.cuda.current_stream().query()  # the sleep still runs: nothing waited
     torch.cuda.synchronize()
     ids = draw.chosen.tolist()
     assert ids == want_ids  # and the greedy rows took their own row's argmax:
-    assert (ids[1], ids[5]) == (int(logits[1].argmax()), int(logits[5].argmax()))
+    assert ids[1] == int(logits[1].argmax())
+    ref = logits[5].float().cpu()
+    for t in {int(logits[5].argmax()), 7, 8}:  # the prompt's and the output's ids
+        ref[t] = ref[t] / 1.3 if ref[t] > 0 else ref[t] * 1.3
+    ref[[7, 8]] -= 1.0  # the output's
+    assert ids[5] == int(ref.argmax())
     assert draw.read(ids) == want_logprobs
+    assert torch.equal(tables[0].table, tables[1].table)
+    assert int(tables[1].table[0, ids[5]] & 0xFFFFFF) == 1 + (ids[5] in (7, 8))
 
 
 def test_a_grammar_mask_on_the_device_equals_the_host_one() -> None:

@@ -131,18 +131,20 @@ def test_fused_rope_and_cache_write_matches_transformers(
 def test_penalties_and_logit_bias_match_transformers_with_openais_rule(
     tiny_model: Path, hf_greedy: HfGreedy
 ) -> None:
-    """Greedy requests with presence and frequency penalties and a logit bias, batched with a
-    plain one, through chunked prefill: each equals transformers' greedy continuation with
-    OpenAI's rule applied to its logits (logit - frequency x count - presence x (count > 0) +
-    bias over the output so far)."""
+    """Greedy requests with presence, frequency and repetition penalties and a logit bias,
+    batched with a plain one, through chunked prefill: each equals transformers' greedy
+    continuation with, in vLLM's order, the bias added, transformers' repetition penalty (its
+    own logits processor, over prompt and output), then OpenAI's rule (logit - frequency x
+    count - presence x (count > 0) over the output so far)."""
     engine = _engine(tiny_model, max_num_batched_tokens=32)
     vocab = engine.model_config.vocab_size
     prompts = _prompts(vocab, [20, 45, 9], seed=5)
     favoured = {5: 4.0, 6: 4.0, 7: 4.0}  # three ids the output keeps coming back to
     adjusted = [
         dataclasses.replace(GREEDY, max_tokens=16, frequency_penalty=1.5, logit_bias=favoured),
-        dataclasses.replace(GREEDY, max_tokens=16, presence_penalty=2.0, logit_bias={9: -100.0}),
-    ]
+        dataclasses.replace(GREEDY, max_tokens=16, presence_penalty=2.0, logit_bias={9: -100.0},
+                            repetition_penalty=1.5),
+    ]  # fmt: skip
     tokens: dict[str, list[int]] = {}
     for i, (prompt, params) in enumerate(zip(prompts, [*adjusted, GREEDY], strict=True)):
         engine.add_request(str(i), prompt, params)
@@ -151,21 +153,30 @@ def test_penalties_and_logit_bias_match_transformers_with_openais_rule(
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     got = [tokens[str(i)] for i in range(3)]
 
-    def rule(params: SamplingParams) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    def rule(
+        params: SamplingParams, prompt: list[int]
+    ) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        repetition = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+
         def apply(logits: torch.Tensor, output: list[int]) -> torch.Tensor:
-            x = logits.clone()
+            x = logits.clone().float()
+            for token, bias in params.logit_bias.items():
+                x[token] += bias
+            x = repetition(torch.tensor([[*prompt, *output]]), x[None])[0]
             for token in set(output):
                 count = output.count(token)
                 x[token] -= count * params.frequency_penalty + params.presence_penalty
-            for token, bias in params.logit_bias.items():
-                x[token] += bias
             return x
 
         return apply
 
     for i, params in enumerate(adjusted):
-        (want,) = hf_greedy(tiny_model, [prompts[i]], 16, rule(params))
+        (want,) = hf_greedy(tiny_model, [prompts[i]], 16, rule(params, prompts[i]))
         assert got[i] == want, i
     assert got[2] == hf_greedy(tiny_model, [prompts[2]], GREEDY.max_tokens)[0]
     assert 9 not in got[1]
+    without = dataclasses.replace(adjusted[1], repetition_penalty=1.0)
+    assert got[1] != engine.generate([prompts[1]], without)[0].new_token_ids  # it told
     assert sum(t in favoured for t in got[0]) >= 3  # the bias shows, the penalty spreads it

@@ -41,7 +41,8 @@ def test_the_profiled_draw_takes_every_path_that_holds_a_copy_of_the_logits(
 ) -> None:
     """Penalties and bias, a min_tokens ban and a grammar's mask each hold a [rows, vocab]
     copy: the profile's draw goes through all of them, at the largest batch, so the measured
-    peak (and the allocator's limit under a budget) covers a step that needs them."""
+    peak (and the allocator's limit under a budget) covers a step that needs them. The token
+    counts' table is the runner's own (allocated before, so measured too), left zeroed."""
     seen: dict[str, int] = {}
     for name in ("_adjusted", "_mask", "allowed_only"):
         real = getattr(sampler, name)
@@ -53,9 +54,11 @@ def test_the_profiled_draw_takes_every_path_that_holds_a_copy_of_the_logits(
         monkeypatch.setattr(sampler, name, spy)
     engine = Engine(EngineConfig(model=str(tiny_model), device="cpu", max_num_seqs=8))
     runner = engine.runner
+    runner.token_counts.table.fill_(7)
     profile_largest_step(runner.model, engine.config, engine.max_model_len,
-                         runner.max_blocks_per_seq)  # fmt: skip
+                         runner.max_blocks_per_seq, runner.token_counts)  # fmt: skip
     assert seen == {"_adjusted": 8, "_mask": 8, "allowed_only": 8}
+    assert not runner.token_counts.table.any()  # the profile's counts do not stay behind
 
 
 def test_eager_for_now_swaps_the_functions_back() -> None:

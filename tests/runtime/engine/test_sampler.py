@@ -1,5 +1,5 @@
 """Sampling rules on hand-made logits: greedy, temperature, top-k, top-p, min-p, seeds,
-OpenAI's penalties and logit bias."""
+OpenAI's penalties, the repetition penalty and logit bias."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.sampler import Sampler
+from berth.runtime.engine.sequence import Sequence
+from berth.runtime.engine.token_counts import TokenCounts
 
 # Probabilities 0.5, 0.25, 0.15, 0.1 over tokens 3, 1, 0, 2.
 LOGITS = torch.log(torch.tensor([[0.15, 0.25, 0.10, 0.50]]))
@@ -84,17 +86,21 @@ def test_sampling_in_place_leaves_the_callers_logits_alone() -> None:
     assert abs(logprobs[1].logprob - float(before[1].log_softmax(-1).max())) < 1e-6
 
 
-def _openai_adjusted(
-    logits: torch.Tensor, params: SamplingParams, output: list[int]
+def _reference_adjusted(
+    logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]
 ) -> torch.Tensor:
-    """OpenAI's definition, one token id at a time: logit - frequency x count - presence x
-    (count > 0) + bias."""
+    """The definitions, one token id at a time, in vLLM's order: + bias, then transformers'
+    repetition penalty over the prompt and output (a positive logit divided, a negative one
+    multiplied), then OpenAI's logit - frequency x count - presence x (count > 0)."""
     x = logits.double().clone()
+    for token, bias in params.logit_bias.items():
+        x[token] += bias
+    for token in set(prompt) | set(output):
+        r = params.repetition_penalty
+        x[token] = x[token] / r if x[token] > 0 else x[token] * r
     for token in set(output):
         count = output.count(token)
         x[token] -= count * params.frequency_penalty + (count > 0) * params.presence_penalty
-    for token, bias in params.logit_bias.items():
-        x[token] += bias
     return x
 
 
@@ -105,34 +111,49 @@ def _openai_adjusted(
         st.tuples(
             st.floats(-2, 2),
             st.floats(-2, 2),
+            st.sampled_from([1.0, 0.5, 1.3, 3.0]),
             st.dictionaries(st.integers(0, 31), st.floats(-100, 100), max_size=4),
+            st.lists(st.integers(0, 31), min_size=1, max_size=6),
             st.lists(st.integers(0, 31), max_size=12),
         ),
         min_size=1,
         max_size=5,
     ),
 )
-def test_penalties_and_logit_bias_choose_as_openai_defines_them(
-    seed: int, rows: list[tuple[float, float, dict[int, float], list[int]]]
+def test_penalties_and_logit_bias_choose_as_defined(
+    seed: int, rows: list[tuple[float, float, float, dict[int, float], list[int], list[int]]]
 ) -> None:
-    """Greedy rows, some with penalties or a bias and some without, in one batch: each takes
-    the argmax of its own adjusted logits; the log-probabilities stay the model's."""
+    """Greedy rows, some with penalties or a bias and some without, in one batch, the counts
+    in the device table's rows (a row each, filled from the sequence): each takes the argmax
+    of its own adjusted logits; the log-probabilities stay the model's; the chosen ids are
+    counted in the rows."""
     logits = torch.randn(len(rows), 32, generator=torch.Generator().manual_seed(seed)) * 3
     params = [
-        SamplingParams(temperature=0.0, presence_penalty=p, frequency_penalty=f, logit_bias=b,
-                       logprobs=0)
-        for p, f, b, _ in rows
+        SamplingParams(temperature=0.0, presence_penalty=p, frequency_penalty=f,
+                       repetition_penalty=r, logit_bias=b, logprobs=0)
+        for p, f, r, b, *_ in rows
     ]  # fmt: skip
-    outputs = [out for *_, out in rows]
+    seqs = [
+        Sequence(str(i), [*prompt, *output], len(prompt), row_params, 64)
+        for i, (row_params, (*_, prompt, output)) in enumerate(zip(params, rows, strict=True))
+    ]
+    counts = TokenCounts(8, 32, torch.device("cpu"))
+    penalties = counts.select(seqs, [len(s.token_ids) for s in seqs])
     tokens, logprobs = Sampler(torch.device("cpu"), 0)(logits, params, [None] * len(rows),
-                                                        outputs=outputs)  # fmt: skip
+                                                        penalties=penalties)  # fmt: skip
     assert logprobs is not None
-    for i, (row_params, output) in enumerate(zip(params, outputs, strict=True)):
-        want = _openai_adjusted(logits[i], row_params, output)
+    for i, (row_params, seq) in enumerate(zip(params, seqs, strict=True)):
+        prompt, output = seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids
+        want = _reference_adjusted(logits[i], row_params, prompt, output)
         assert want[tokens[i]] >= want.max() - 1e-4, (i, tokens[i], int(want.argmax()))
         row_logprob = logprobs[i]
         assert row_logprob is not None
         assert abs(row_logprob.logprob - float(logits[i].log_softmax(-1)[tokens[i]])) < 1e-5
+        if row_params.penalized:  # the draw counted its id: the row now holds output + it
+            seq.token_ids.append(tokens[i])
+            fresh = TokenCounts(1, 32, torch.device("cpu"))
+            fresh.select([seq], [len(seq.token_ids)])
+            assert torch.equal(counts.table[counts.row_of(seq)], fresh.table[0])
 
 
 def test_a_bias_of_minus_100_bans_a_token_and_plus_100_forces_one() -> None:
@@ -149,6 +170,8 @@ def test_penalties_and_bias_are_validated_naming_the_field() -> None:
     for bad, field in (
         (SamplingParams(presence_penalty=2.5), "presence_penalty"),
         (SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
+        (SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+        (SamplingParams(repetition_penalty=float("inf")), "repetition_penalty"),
         (SamplingParams(logit_bias={-1: 1.0}), "logit_bias keys"),
         (SamplingParams(logit_bias={5: 100.5}), "logit_bias values"),
     ):

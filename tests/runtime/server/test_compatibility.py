@@ -143,6 +143,12 @@ def test_logit_bias_and_penalties_reach_the_sampler(client: httpx.Client) -> Non
     spread = tokens(logit_bias={"300": 100, "301": 100}, frequency_penalty=2, presence_penalty=1)
     assert set(spread) == {only_300[0], only_301[0]}
     assert spread != tokens()  # the plain greedy output is something else
+    # vLLM's repetition penalty, after the bias (vLLM's order): +100 on both gives the better
+    # one alone; the penalty divides its logit once it is output, so the other comes next
+    both = tokens(logit_bias={"300": 100, "301": 100})
+    assert len(set(both)) == 1
+    repeated = tokens(logit_bias={"300": 100, "301": 100}, repetition_penalty=1.5)
+    assert repeated[0] == both[0] and repeated[1] != both[0] and set(repeated) == set(spread)
 
 
 def test_response_format_json_schema_and_json_object_give_json_streamed_or_not(

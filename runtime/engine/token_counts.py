@@ -1,0 +1,130 @@
+"""Each penalized request's token counts, kept on the device.
+
+Presence, frequency and repetition penalties need, for every id, how often the output holds it
+(and, for the repetition penalty, whether the prompt does). Built on the host each step, that
+took milliseconds per step at batch 256 and held the draw back until the previous tokens were
+collected. Here a request gets a row of one ``[rows, vocab]`` int32 table while it runs: its
+output ids are counted in the low 24 bits and its prompt's ids marked by ``PROMPT_BIT``. The
+draw that chooses a token counts it in the same stream, so the next draw sees it whether or not
+the host has read it: a penalized request pipelines like a sampled one. The table is allocated
+with the runner, before the start-up profile, so a GPU share's plan includes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from berth.runtime.engine.sequence import Sequence, SequenceStatus
+
+PROMPT_BIT = 1 << 24  # an output count stays below it: no context holds 16M tokens
+OUTPUT_COUNT = PROMPT_BIT - 1
+
+
+def _upload(values: np.ndarray | list[int], device: torch.device) -> torch.Tensor:
+    """``values`` (int64 unless an array says otherwise) on ``device`` without waiting for
+    the stream: pinned, asynchronous (a pageable copy would wait for the step running)."""
+    host = torch.from_numpy(np.asarray(values, dtype=getattr(values, "dtype", np.int64)))
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class PenaltyRows:
+    """One draw's penalized logits rows and their table rows, both on the device."""
+
+    table: torch.Tensor  # [rows, vocab] int32
+    batch_rows: list[int]  # which rows of the logits have penalties
+    at_batch: torch.Tensor  # [P] int64: those rows
+    at_table: torch.Tensor  # [P] int64: each one's table row
+
+    def count(self, chosen: torch.Tensor) -> None:
+        """Add the ids just chosen (``chosen`` [S], one per logits row) to the rows' counts."""
+        ids = chosen.index_select(0, self.at_batch)
+        self.table.index_put_((self.at_table, ids), self.table.new_ones(()), accumulate=True)
+
+
+class TokenCounts:
+    """The table, and which running sequence holds which row (a row per sequence)."""
+
+    def __init__(self, num_rows: int, vocab: int, device: torch.device) -> None:
+        self.table = torch.zeros((num_rows, vocab), dtype=torch.int32, device=device)
+        self.device = device
+        self._owner: list[Sequence | None] = [None] * num_rows
+        self._row: dict[int, int] = {}  # id(sequence) -> row
+
+    @property
+    def num_held(self) -> int:
+        return len(self._row)
+
+    def row_of(self, seq: Sequence) -> int | None:
+        return self._row.get(id(seq))
+
+    def rows(self, batch_rows: list[int], table_rows: list[int]) -> PenaltyRows:
+        return PenaltyRows(
+            self.table,
+            batch_rows,
+            _upload(batch_rows, self.device),
+            _upload(table_rows, self.device),
+        )
+
+    def select(self, sampling: list[Sequence], slots: list[int]) -> PenaltyRows | None:
+        """The rows of ``sampling``'s penalized sequences, whose coming tokens sit at ``slots``.
+        A sequence without a row gets one, filled from the tokens before its slot (all known
+        on the host then: it is new, or was preempted and computed again)."""
+        batch_rows, table_rows = [], []
+        for i, (seq, slot) in enumerate(zip(sampling, slots, strict=True)):
+            if not seq.params.penalized:
+                continue
+            row = self._row.get(id(seq))
+            if row is None:
+                row = self._take(seq)
+                self.fill(row, seq, slot)
+            batch_rows.append(i)
+            table_rows.append(row)
+        return self.rows(batch_rows, table_rows) if batch_rows else None
+
+    def fill(self, row: int, seq: Sequence, slot: int) -> None:
+        """Set ``row`` to ``seq``'s counts: the outputs before ``slot`` and, when its repetition
+        penalty is on, the prompt's ids."""
+        outputs = seq.token_ids[seq.num_prompt_tokens : slot]
+        if any(t < 0 for t in outputs):
+            raise RuntimeError(f"{seq.request_id}: a token before slot {slot} is not known yet")
+        self.table[row].zero_()
+        prompt = np.empty(0, dtype=np.int64)
+        if seq.params.repetition_penalty != 1:
+            prompt = np.unique(np.asarray(seq.token_ids[: seq.num_prompt_tokens], dtype=np.int64))
+        ids = np.concatenate([prompt, np.asarray(outputs, dtype=np.int64)])
+        if len(ids):
+            add = np.ones(len(ids), dtype=np.int32)
+            add[: len(prompt)] = PROMPT_BIT
+            at, values = _upload(ids, self.device), _upload(add, self.device)
+            self.table[row].index_put_((at,), values, accumulate=True)
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` ended: its row is free (a count still in flight lands before a reuse's
+        zeroing, both in stream order)."""
+        row = self._row.pop(id(seq), None)
+        if row is not None:
+            self._owner[row] = None
+
+    def _take(self, seq: Sequence) -> int:
+        """A free row, else one whose sequence is not running (preempted: it refills on return)."""
+        free = next((r for r, s in enumerate(self._owner) if s is None), None)
+        if free is None:
+            free = next(
+                (r for r, s in enumerate(self._owner)
+                 if s is not None and s.status is not SequenceStatus.RUNNING),
+                None,
+            )  # fmt: skip
+            if free is None:
+                raise RuntimeError("more penalized sequences run than the table has rows")
+            evicted = self._owner[free]
+            assert evicted is not None
+            del self._row[id(evicted)]
+        self._owner[free] = seq
+        self._row[id(seq)] = free
+        return free
