@@ -104,6 +104,7 @@ class Engine:
         self._ids = itertools.count()
         self._num_special = 0  # live requests that need the full sampler
         self._num_host_bound = 0  # live requests whose choice needs their output on the host
+        self._num_penalized = 0  # live requests whose choice counts their tokens
         self._num_scoring_prompt = 0  # live requests asking for prompt log-probabilities
         self._in_flight: _InFlight | None = None
         self.parked = False  # weights and KV off the device (``park``); no step until ``wake``
@@ -184,6 +185,7 @@ class Engine:
         )  # fmt: skip
         self._num_special += not plain
         self._num_host_bound += params.host_bound
+        self._num_penalized += params.penalized
         self._num_scoring_prompt += params.prompt_logprobs is not None
         self.scheduler.add(seq)
 
@@ -307,7 +309,7 @@ class Engine:
                 [s.params for s in sampling],
                 [r.generator if r is not None else None for r in requests],
                 _banned(sampling, slots, requests),
-                self.runner.token_counts.select(sampling, slots),
+                self.runner.token_counts.select(sampling, slots) if self._num_penalized else None,
                 self.grammars.masks(matchers) if any(matchers) else None,
             )
             flight.sampled, flight.draw = draw.chosen, draw.to_host()
@@ -425,6 +427,7 @@ class Engine:
         self.runner.token_counts.release(req.seq)
         self._num_special -= not req.plain
         self._num_host_bound -= req.seq.params.host_bound
+        self._num_penalized -= req.seq.params.penalized
         self._num_scoring_prompt -= req.seq.params.prompt_logprobs is not None
         return req
 

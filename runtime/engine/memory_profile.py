@@ -172,7 +172,7 @@ def profile_largest_step(
     every = list(range(rows))
     Sampler(dev, 0)(
         logits, [params] * rows, [None] * rows, [frozenset({0})] * rows,
-        counts.rows(every, every), (every, words),
+        counts.rows(every, every, params), (every, words),
     )  # fmt: skip
     del hidden, logits
     counts.table.zero_()  # the draw counted its ids

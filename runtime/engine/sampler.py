@@ -212,18 +212,14 @@ def _adjusted(
             accumulate=True,
         )
     if penalties is not None:
-        chosen = [params[i] for i in penalties.batch_rows]
         counts = penalties.table.index_select(0, penalties.at_table)
         sel = x.index_select(0, penalties.at_batch)
-        repetition = [p.repetition_penalty for p in chosen]
-        if any(r != 1.0 for r in repetition):
-            factor = _on(dev, repetition, torch.float32)[:, None]
-            scaled = torch.where(sel > 0, sel / factor, sel * factor)
+        frequency, presence, repetition = penalties.settings[:, :, None].unbind(1)
+        if any(params[i].repetition_penalty != 1.0 for i in penalties.batch_rows):
+            scaled = torch.where(sel > 0, sel / repetition, sel * repetition)
             sel = torch.where(counts != 0, scaled, sel)
         output = (counts & OUTPUT_COUNT).float()
-        frequency = _on(dev, [p.frequency_penalty for p in chosen], torch.float32)
-        presence = _on(dev, [p.presence_penalty for p in chosen], torch.float32)
-        sel -= output * frequency[:, None] + (output > 0) * presence[:, None]
+        sel -= output * frequency + (output > 0) * presence
         x.index_copy_(0, penalties.at_batch, sel)
     return x
 

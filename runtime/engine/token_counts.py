@@ -17,13 +17,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
 
 PROMPT_BIT = 1 << 24  # an output count stays below it: no context holds 16M tokens
 OUTPUT_COUNT = PROMPT_BIT - 1
 
 
-def _upload(values: np.ndarray | list[int], device: torch.device) -> torch.Tensor:
+def _settings(params: SamplingParams) -> np.ndarray:
+    return np.array(
+        [params.frequency_penalty, params.presence_penalty, params.repetition_penalty],
+        dtype=np.float32,
+    )
+
+
+def _upload(values: np.ndarray | list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
     """``values`` (int64 unless an array says otherwise) on ``device`` without waiting for
     the stream: pinned, asynchronous (a pageable copy would wait for the step running)."""
     host = torch.from_numpy(np.asarray(values, dtype=getattr(values, "dtype", np.int64)))
@@ -40,11 +48,16 @@ class PenaltyRows:
     batch_rows: list[int]  # which rows of the logits have penalties
     at_batch: torch.Tensor  # [P] int64: those rows
     at_table: torch.Tensor  # [P] int64: each one's table row
+    settings: torch.Tensor  # [P, 3] float32: each one's frequency, presence, repetition
+    row_starts: torch.Tensor  # [P] int64: each one's table row's first element, flattened
+    ones: torch.Tensor  # [P] int32
 
     def count(self, chosen: torch.Tensor) -> None:
-        """Add the ids just chosen (``chosen`` [S], one per logits row) to the rows' counts."""
-        ids = chosen.index_select(0, self.at_batch)
-        self.table.index_put_((self.at_table, ids), self.table.new_ones(()), accumulate=True)
+        """Add the ids just chosen (``chosen`` [S], one per logits row) to the rows' counts.
+        An ``index_add_`` into the flat table: ``index_put_`` with ``accumulate`` took 0.3 ms
+        of host time per call on an H100 host (it sorts the indices first)."""
+        at = chosen.index_select(0, self.at_batch).add_(self.row_starts)
+        self.table.view(-1).index_add_(0, at, self.ones)
 
 
 class TokenCounts:
@@ -52,9 +65,15 @@ class TokenCounts:
 
     def __init__(self, num_rows: int, vocab: int, device: torch.device) -> None:
         self.table = torch.zeros((num_rows, vocab), dtype=torch.int32, device=device)
+        # Each row's penalties, written when it is filled: a step uploads only the indices.
+        self.settings = torch.ones((num_rows, 3), dtype=torch.float32, device=device)
         self.device = device
+        self._ones = torch.ones(num_rows, dtype=torch.int32, device=device)
         self._owner: list[Sequence | None] = [None] * num_rows
         self._row: dict[int, int] = {}  # id(sequence) -> row
+        # The last draw's rows, reused while a step's batch holds the same rows in the same
+        # places (a steady decode): no upload then. Any fill drops it (a row's settings moved).
+        self._last: tuple[list[int | None], PenaltyRows] | None = None
 
     @property
     def num_held(self) -> int:
@@ -63,29 +82,42 @@ class TokenCounts:
     def row_of(self, seq: Sequence) -> int | None:
         return self._row.get(id(seq))
 
-    def rows(self, batch_rows: list[int], table_rows: list[int]) -> PenaltyRows:
+    def rows(
+        self, batch_rows: list[int], table_rows: list[int], params: SamplingParams | None = None
+    ) -> PenaltyRows:
+        """The draw's view of ``table_rows`` (for logits rows ``batch_rows``), their settings
+        set to ``params``' first where given. One upload: the two index lists."""
+        at = _upload([batch_rows, table_rows], self.device)
+        if params is not None:
+            values = _upload(_settings(params), self.device).expand(len(table_rows), 3)
+            self.settings.index_copy_(0, at[1], values)
         return PenaltyRows(
             self.table,
             batch_rows,
-            _upload(batch_rows, self.device),
-            _upload(table_rows, self.device),
+            at[0],
+            at[1],
+            self.settings.index_select(0, at[1]),
+            at[1] * self.table.shape[1],
+            self._ones[: len(table_rows)],
         )
 
     def select(self, sampling: list[Sequence], slots: list[int]) -> PenaltyRows | None:
         """The rows of ``sampling``'s penalized sequences, whose coming tokens sit at ``slots``.
         A sequence without a row gets one, filled from the tokens before its slot (all known
         on the host then: it is new, or was preempted and computed again)."""
-        batch_rows, table_rows = [], []
-        for i, (seq, slot) in enumerate(zip(sampling, slots, strict=True)):
-            if not seq.params.penalized:
-                continue
-            row = self._row.get(id(seq))
-            if row is None:
-                row = self._take(seq)
-                self.fill(row, seq, slot)
-            batch_rows.append(i)
-            table_rows.append(row)
-        return self.rows(batch_rows, table_rows) if batch_rows else None
+        rows = [self._row.get(id(seq)) for seq in sampling]
+        missing = [i for i, row in enumerate(rows) if row is None and sampling[i].params.penalized]
+        for i in missing:
+            row = rows[i] = self._take(sampling[i])
+            self.fill(row, sampling[i], slots[i])
+        if self._last is not None and self._last[0] == rows:
+            return self._last[1]
+        batch_rows = [i for i, row in enumerate(rows) if row is not None]
+        if not batch_rows:
+            return None
+        penalties = self.rows(batch_rows, [row for row in rows if row is not None])
+        self._last = (rows, penalties)
+        return penalties
 
     def fill(self, row: int, seq: Sequence, slot: int) -> None:
         """Set ``row`` to ``seq``'s counts: the outputs before ``slot`` and, when its repetition
@@ -93,6 +125,8 @@ class TokenCounts:
         outputs = seq.token_ids[seq.num_prompt_tokens : slot]
         if any(t < 0 for t in outputs):
             raise RuntimeError(f"{seq.request_id}: a token before slot {slot} is not known yet")
+        self._last = None
+        self.settings[row] = _upload(_settings(seq.params), self.device)
         self.table[row].zero_()
         prompt = np.empty(0, dtype=np.int64)
         if seq.params.repetition_penalty != 1:
@@ -101,8 +135,7 @@ class TokenCounts:
         if len(ids):
             add = np.ones(len(ids), dtype=np.int32)
             add[: len(prompt)] = PROMPT_BIT
-            at, values = _upload(ids, self.device), _upload(add, self.device)
-            self.table[row].index_put_((at,), values, accumulate=True)
+            self.table[row].index_add_(0, _upload(ids, self.device), _upload(add, self.device))
 
     def release(self, seq: Sequence) -> None:
         """``seq`` ended: its row is free (a count still in flight lands before a reuse's

@@ -50,7 +50,8 @@ class Rows(RuleBasedStateMachine):
         presence=st.sampled_from([0.0, 0.5]),
     )
     def arrive(self, prompt: list[int], repetition: float, presence: float) -> None:
-        params = SamplingParams(presence_penalty=presence, repetition_penalty=repetition)
+        params = SamplingParams(presence_penalty=presence, repetition_penalty=repetition,
+                                frequency_penalty=0.25 * (self.n % 3))  # fmt: skip
         seq = Sequence(f"r{self.n}", list(prompt), len(prompt), params, 64)
         seq.status = SequenceStatus.RUNNING
         self.n += 1
@@ -65,6 +66,11 @@ class Rows(RuleBasedStateMachine):
                                     max_size=len(batch)))  # fmt: skip
         penalties = self.counts.select(batch, slots)
         if penalties is not None:
+            # the draw's view: each penalized row's own settings, in batch order
+            for i, settings in zip(penalties.batch_rows, penalties.settings.tolist(), strict=True):
+                p = batch[i].params
+                want = [p.frequency_penalty, p.presence_penalty, p.repetition_penalty]
+                assert settings == pytest.approx(want)
             penalties.count(torch.tensor(chosen))
         for seq, token in zip(batch, chosen, strict=True):
             seq.token_ids.append(token)
@@ -97,6 +103,9 @@ class Rows(RuleBasedStateMachine):
             assert row not in held, "one row, two sequences"
             held[row] = seq
             assert torch.equal(self.counts.table[row], _expected(seq)), seq.request_id
+            p = seq.params
+            want = [p.frequency_penalty, p.presence_penalty, p.repetition_penalty]
+            assert self.counts.settings[row].tolist() == pytest.approx(want)
         assert self.counts.num_held == len(held)
 
 
