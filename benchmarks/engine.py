@@ -456,8 +456,14 @@ def main() -> None:
         "--presence-penalty",
         type=float,
         default=0.0,
-        help="of the measured requests: each choice then counts the tokens before it (the "
-        "sampler's draw waits for the collection of the step before)",
+        help="of the measured requests: each choice then reads its token counts (kept on "
+        "the device, counted by each draw)",
+    )
+    ap.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="of the measured requests (1: off); it covers the prompt's ids too",
     )
     ap.add_argument(
         "--unfused-rope",
@@ -500,8 +506,13 @@ def main() -> None:
         "kv_cache_dtype": args.kv_cache_dtype,
         "temperature": args.temperature,
         "presence_penalty": args.presence_penalty,
+        "repetition_penalty": args.repetition_penalty,
     }
-    sampling = SamplingParams(temperature=args.temperature, presence_penalty=args.presence_penalty)
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        presence_penalty=args.presence_penalty,
+        repetition_penalty=args.repetition_penalty,
+    )
 
     def save() -> None:
         (out / f"engine-{gpu}.json").write_text(json.dumps(report, indent=2))
@@ -619,6 +630,7 @@ def render(report: dict[str, Any]) -> str:
         f"{report['prompt_len']}-token prompts, {report['output_len']} output tokens, "
         f"{'temperature ' + str(report['temperature']) if report.get('temperature') else 'greedy'}, "
         f"{'presence penalty ' + str(report['presence_penalty']) + ', ' if report.get('presence_penalty') else ''}"
+        f"{'repetition penalty ' + str(report['repetition_penalty']) + ', ' if report.get('repetition_penalty', 1.0) != 1.0 else ''}"
         f"ignore_eos; {report['kernels']} kernels, CUDA graphs {'on' if report['cuda_graphs'] else 'off'} "
         f"(prefill/mixed steps of up to {report['max_prefill_graph_tokens']} tokens as graphs; "
         f"capture {report['graph_capture_s']:.1f} s); step budget {report['max_num_batched_tokens']} tokens, "

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from berth.kernels.penalties import penalize_
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.outputs import TokenLogprob
 from berth.runtime.engine.token_counts import OUTPUT_COUNT, PenaltyRows
@@ -203,25 +204,35 @@ def _adjusted(
         return logits
     dev = logits.device
     x = logits.to(torch.float32, copy=True)
-    biased = [(i, t, float(b)) for i in rows for t, b in params[i].logit_bias.items()]
-    if biased:
-        at_row, at_id, bias = zip(*biased, strict=True)
-        x.index_put_(
-            (_on(dev, list(at_row), torch.int64), _on(dev, list(at_id), torch.int64)),
-            _on(dev, list(bias), torch.float32),
-            accumulate=True,
+    vocab = x.shape[1]
+    biased = [(i * vocab + t, float(b)) for i in rows for t, b in params[i].logit_bias.items()]
+    if biased:  # into the flat copy: index_put_ with accumulate costs 0.3 ms of host time
+        at, bias = zip(*biased, strict=True)
+        x.view(-1).index_add_(
+            0, _on(dev, list(at), torch.int64), _on(dev, list(bias), torch.float32)
         )
     if penalties is not None:
-        counts = penalties.table.index_select(0, penalties.at_table)
-        sel = x.index_select(0, penalties.at_batch)
-        frequency, presence, repetition = penalties.settings[:, :, None].unbind(1)
-        if any(params[i].repetition_penalty != 1.0 for i in penalties.batch_rows):
-            scaled = torch.where(sel > 0, sel / repetition, sel * repetition)
-            sel = torch.where(counts != 0, scaled, sel)
-        output = (counts & OUTPUT_COUNT).float()
-        sel -= output * frequency + (output > 0) * presence
-        x.index_copy_(0, penalties.at_batch, sel)
+        repetition = any(params[i].repetition_penalty != 1.0 for i in penalties.batch_rows)
+        if x.is_cuda:  # one pass (``kernels.penalties``); the same rule as ``penalize``
+            penalize_(x, penalties.table, penalties.settings, penalties.at_batch,
+                      penalties.at_table, OUTPUT_COUNT, repetition)  # fmt: skip
+        else:
+            penalize(x, penalties, repetition)
     return x
+
+
+def penalize(x: torch.Tensor, penalties: PenaltyRows, repetition: bool) -> None:
+    """The penalties on ``x`` [S, V] float32, in place: the rule ``kernels.penalties`` runs on
+    the GPU, in torch's operators (the CPU's path and the kernel's reference)."""
+    counts = penalties.table.index_select(0, penalties.at_table)
+    sel = x.index_select(0, penalties.at_batch)
+    frequency, presence, factor = penalties.settings[:, :, None].unbind(1)
+    if repetition:
+        scaled = torch.where(sel > 0, sel / factor, sel * factor)
+        sel = torch.where(counts != 0, scaled, sel)
+    output = (counts & OUTPUT_COUNT).float()
+    sel -= output * frequency + (output > 0) * presence
+    x.index_copy_(0, penalties.at_batch, sel)
 
 
 def _mask(logits: torch.Tensor, banned: list[frozenset[int]]) -> torch.Tensor:

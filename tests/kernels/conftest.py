@@ -16,6 +16,7 @@ KERNEL_MODULES = (
     "berth.kernels.decode",
     "berth.kernels.kv_tiles",  # before prefill, which imports its jit functions
     "berth.kernels.prefill",
+    "berth.kernels.penalties",
 )
 
 if not torch.cuda.is_available():
