@@ -21,7 +21,7 @@ BLOCK = 4096
 @triton.jit
 def _penalize(  # type: ignore[no-untyped-def]
     x_ptr, counts_ptr, settings_ptr, at_batch_ptr, at_table_ptr, vocab, x_stride, counts_stride,
-    OUTPUT_COUNT: tl.constexpr, REPETITION: tl.constexpr, BLOCK: tl.constexpr,
+    OUTPUT_COUNT: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
     ids = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -30,12 +30,11 @@ def _penalize(  # type: ignore[no-untyped-def]
     table_row = tl.load(at_table_ptr + p).to(tl.int64)
     frequency = tl.load(settings_ptr + p * 3)
     presence = tl.load(settings_ptr + p * 3 + 1)
+    repetition = tl.load(settings_ptr + p * 3 + 2)  # 1 leaves x as it is, exactly
     x = tl.load(x_ptr + row * x_stride + ids, mask=inside, other=0.0)
     counts = tl.load(counts_ptr + table_row * counts_stride + ids, mask=inside, other=0)
-    if REPETITION:
-        repetition = tl.load(settings_ptr + p * 3 + 2)
-        scaled = tl.where(x > 0, x / repetition, x * repetition)
-        x = tl.where(counts != 0, scaled, x)
+    scaled = tl.where(x > 0, x / repetition, x * repetition)
+    x = tl.where(counts != 0, scaled, x)
     output = (counts & OUTPUT_COUNT).to(tl.float32)
     x = x - output * frequency - tl.where(output > 0, presence, 0.0)
     tl.store(x_ptr + row * x_stride + ids, x, mask=inside)
@@ -48,8 +47,9 @@ def penalize_(
     at_batch: torch.Tensor,  # [P] int64: rows of x
     at_table: torch.Tensor,  # [P] int64: their rows of table
     output_count: int,  # the mask of an output count's bits
-    repetition: bool,  # some row's repetition penalty is not 1
 ) -> None:
+    """One variant for every mix of penalties (a repetition penalty of 1 divides by 1): the
+    start-up profile compiles it, so no request waits for a compilation."""
     if x.dtype != torch.float32 or table.dtype != torch.int32:
         raise TypeError(
             f"penalize_ takes float32 logits and int32 counts, got {x.dtype}, {table.dtype}"
@@ -60,5 +60,5 @@ def penalize_(
     grid = (rows, triton.cdiv(vocab, BLOCK))
     _penalize[grid](
         x, table, settings.contiguous(), at_batch, at_table, vocab, x.stride(0), table.stride(0),
-        OUTPUT_COUNT=output_count, REPETITION=repetition, BLOCK=BLOCK, num_warps=4,
+        OUTPUT_COUNT=output_count, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip

@@ -215,7 +215,7 @@ def _adjusted(
         repetition = any(params[i].repetition_penalty != 1.0 for i in penalties.batch_rows)
         if x.is_cuda:  # one pass (``kernels.penalties``); the same rule as ``penalize``
             penalize_(x, penalties.table, penalties.settings, penalties.at_batch,
-                      penalties.at_table, OUTPUT_COUNT, repetition)  # fmt: skip
+                      penalties.at_table, OUTPUT_COUNT)  # fmt: skip
         else:
             penalize(x, penalties, repetition)
     return x

@@ -86,8 +86,14 @@ class TokenCounts:
         self, batch_rows: list[int], table_rows: list[int], params: SamplingParams | None = None
     ) -> PenaltyRows:
         """The draw's view of ``table_rows`` (for logits rows ``batch_rows``), their settings
-        set to ``params``' first where given. One upload: the two index lists."""
-        at = _upload([batch_rows, table_rows], self.device)
+        set to ``params``' first where given. One upload for both index lists, padded to an
+        even length so that the second starts 16-byte aligned as the first does: Triton
+        specializes a kernel on its pointers' alignment and would compile a second variant,
+        in some request's latency, for an odd count."""
+        n = len(batch_rows)
+        pad = [0] * (n % 2)
+        both = _upload([batch_rows + pad, table_rows + pad], self.device)
+        at = both[:, :n]
         if params is not None:
             values = _upload(_settings(params), self.device).expand(len(table_rows), 3)
             self.settings.index_copy_(0, at[1], values)

@@ -45,11 +45,13 @@ def test_the_kernel_applies_the_samplers_rule(
     device: torch.device, repetition: bool, batch: int, rows: int, vocab: int
 ) -> None:
     x, penalties = _case(batch, rows, vocab, device, seed=batch * 100 + vocab)
+    if not repetition:
+        penalties.settings[:, 2] = 1.0
     want = x.clone()
     penalize(want, penalties, repetition)
     got = x.clone()
     penalize_(got, penalties.table, penalties.settings, penalties.at_batch, penalties.at_table,
-              OUTPUT_COUNT, repetition)  # fmt: skip
+              OUTPUT_COUNT)  # fmt: skip
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-5)
     untouched = [i for i in range(batch) if i not in penalties.batch_rows]
     assert torch.equal(got[untouched], x[untouched])
@@ -62,7 +64,7 @@ def test_the_kernel_at_a_full_vocabulary_and_batch(device: torch.device) -> None
     want = x.clone()
     penalize(want, penalties, True)
     penalize_(x, penalties.table, penalties.settings, penalties.at_batch, penalties.at_table,
-              OUTPUT_COUNT, True)  # fmt: skip
+              OUTPUT_COUNT)  # fmt: skip
     assert torch.allclose(x, want, rtol=1e-6, atol=1e-5)
 
 
@@ -70,4 +72,4 @@ def test_the_kernel_refuses_other_dtypes(device: torch.device) -> None:
     x, penalties = _case(2, 2, 64, device, seed=0)
     with pytest.raises(TypeError, match="float32 logits and int32 counts"):
         penalize_(x.half(), penalties.table, penalties.settings, penalties.at_batch,
-                  penalties.at_table, OUTPUT_COUNT, True)  # fmt: skip
+                  penalties.at_table, OUTPUT_COUNT)  # fmt: skip

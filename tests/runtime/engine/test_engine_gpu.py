@@ -233,3 +233,22 @@ def test_prompt_logprobs_read_from_prefill_graphs_match_eager(tiny_model: Path) 
         assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=2e-3)
         ranks_same += a.rank == b.rank
     assert ranks_same >= 0.95 * (len(scored) - 1)
+
+
+def test_penalized_requests_compile_no_kernel_after_start(tiny_model: Path) -> None:
+    """The start-up profile compiles the penalties kernel; batches of any size and mix of
+    penalties then reuse it (an odd row count once compiled another variant: its index list
+    started 8-byte aligned), so no request waits for Triton."""
+    from berth.kernels import penalties
+
+    engine = Engine(EngineConfig(model=str(tiny_model), device="cuda"))
+    caches = penalties._penalize.device_caches
+    compiled = {device: len(cache[0]) for device, cache in caches.items()}
+    assert sum(compiled.values()) == 1
+    for n in (1, 2, 3):
+        for params in (
+            SamplingParams(max_tokens=4, presence_penalty=0.5),
+            SamplingParams(max_tokens=4, repetition_penalty=1.2, temperature=1.0),
+        ):
+            engine.generate(["Keys and values are cached"] * n, params)
+    assert {device: len(cache[0]) for device, cache in caches.items()} == compiled
