@@ -269,3 +269,27 @@ def test_every_step_launches_before_it_collects_and_a_grammar_only_moves_the_dra
     penalized_steps = runs["penalized"][3]
     assert ("_launch", "_draw", "_collect") in penalized_steps
     assert ("_launch", "_collect", "_draw") not in penalized_steps
+
+
+def test_penalized_requests_keep_their_counts_through_preemption(tiny_model: Path) -> None:
+    """Six greedy requests with presence, frequency and repetition penalties on a pool too
+    small for the four that run at once: they are preempted and computed again, their count
+    rows kept meanwhile (``test_token_counts`` covers a row taken from a waiting sequence and
+    refilled). Each output equals the same request's alone on a roomy engine, and every row
+    is free at the end."""
+    params = [
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, presence_penalty=0.8,
+                       frequency_penalty=0.3 * (i % 2), repetition_penalty=1.0 + 0.2 * (i % 3))
+        for i in range(6)
+    ]  # fmt: skip
+    prompts = [[(7 * i + j) % 97 + 3 for j in range(20 + i)] for i in range(6)]
+    tight = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32",
+                                num_kv_blocks=12, max_num_seqs=4))  # fmt: skip
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        tight.add_request(str(i), prompt, p)
+    got = {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in _drain(tight).items()}
+    assert tight.stats().num_preemptions > 0
+    assert tight.runner.token_counts.num_held == 0
+    roomy = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32"))
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        assert got[str(i)] == roomy.generate([prompt], p)[0].new_token_ids, i
