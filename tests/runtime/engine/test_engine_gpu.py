@@ -241,14 +241,19 @@ def test_penalized_requests_compile_no_kernel_after_start(tiny_model: Path) -> N
     started 8-byte aligned), so no request waits for Triton."""
     from berth.kernels import penalties
 
-    engine = Engine(EngineConfig(model=str(tiny_model), device="cuda"))
     caches = penalties._penalize.device_caches
-    compiled = {device: len(cache[0]) for device, cache in caches.items()}
-    assert sum(compiled.values()) == 1
+
+    def compiled() -> int:  # variants in this process, other tests' vocabularies included
+        return sum(len(cache[0]) for cache in caches.values())
+
+    before = compiled()
+    engine = Engine(EngineConfig(model=str(tiny_model), device="cuda"))
+    at_start = compiled()
+    assert at_start >= 1 and at_start - before <= 1
     for n in (1, 2, 3):
         for params in (
             SamplingParams(max_tokens=4, presence_penalty=0.5),
             SamplingParams(max_tokens=4, repetition_penalty=1.2, temperature=1.0),
         ):
             engine.generate(["Keys and values are cached"] * n, params)
-    assert {device: len(cache[0]) for device, cache in caches.items()} == compiled
+    assert compiled() == at_start
