@@ -4,7 +4,7 @@ Written with torch's operators, the penalties took about a dozen passes over [ro
 float32 tensors (the counts' gather and mask, the conditions, the products, the writes back),
 1.8 ms per step at 256 rows of a 128k vocabulary on an H100. One program per (row, block of
 ids) reads the row's logits and counts once and writes the logits once, in place. The rule is
-the sampler's (``sampler._penalize``, the reference): where the prompt or output holds an id,
+the sampler's (``sampler.penalize``, the reference): where the prompt or output holds an id,
 a positive logit is divided by the repetition penalty and a negative one multiplied; then
 frequency x the output count and presence x (count > 0) are subtracted.
 """

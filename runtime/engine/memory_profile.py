@@ -145,9 +145,8 @@ def profile_largest_step(
     """Run the largest step the scheduler can form (``max_num_batched_tokens`` prompt tokens in
     sequences of at most ``max_model_len``) and sample ``max_num_seqs`` rows with the full
     sampler (penalties over ``counts``' rows, bias, a ban, a grammar mask, top-k, top-p,
-    log-probs), so that the
-    allocator's peak covers every step. Writes
-    no KV (slots -1) and reads block 0 only, the one chunk backed during the profile."""
+    log-probs), so that the allocator's peak covers every step. Writes no KV (slots -1) and
+    reads block 0 only, the one chunk backed during the profile."""
     dev = next(model.parameters()).device
     total = config.max_num_batched_tokens
     lens = [min(max_model_len, total - i) for i in range(0, total, max_model_len)]
