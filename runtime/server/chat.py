@@ -14,7 +14,11 @@ from berth.runtime.server.chunks import chat_choice
 from berth.runtime.server.engine_messages import EngineRequest
 from berth.runtime.server.errors import invalid_request
 from berth.runtime.server.generation import respond
-from berth.runtime.server.prompts import check_prompt_bytes, check_sequence_count
+from berth.runtime.server.prompts import (
+    NothingToContinue,
+    check_prompt_bytes,
+    check_sequence_count,
+)
 from berth.runtime.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -37,6 +41,7 @@ from berth.runtime.server.sampling import (
     request_grammar,
     resolve_max_tokens,
     sampling_params,
+    template_options,
     validate_params,
 )
 from berth.runtime.server.tool_calls import CallDelta, CallReader, merged
@@ -178,6 +183,7 @@ async def create_chat_completion(raw: Request) -> Response:
     plan = check_supported(request)
     tokenizer, max_len = model.tokenizer, model.max_model_len
     messages = chat_messages(request)
+    options = template_options(request, messages)
     n = request.n or 1
     check_sequence_count(1, n, loop.capacity)
     tools, reader, style = None, None, None
@@ -191,8 +197,11 @@ async def create_chat_completion(raw: Request) -> Response:
         reader = plan.reader(style)
     check_prompt_bytes(prompt_bytes(messages, tools), model.max_prompt_bytes, "messages")
     try:
-        ids = await model.encoder.encode_chat(messages, tools)
-    except (ValueError, TemplateError) as exc:
+        ids = await model.encoder.encode_chat(messages, tools, options)
+    except NothingToContinue as exc:
+        param = "continue_final_message"
+        raise invalid_request(f"{param}: {exc}.", param=param) from exc
+    except (ValueError, TypeError, TemplateError) as exc:  # TypeError: a variable's type
         raise invalid_request(f"messages: {exc}", param="messages") from exc
     check_prompt(ids, max_len, "messages")
     requested, param = _max_tokens(request)

@@ -15,6 +15,7 @@ So, in this order, and before any tokenizing:
 import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from berth.runtime.server.errors import APIError, invalid_request
@@ -69,6 +70,41 @@ def check_sequence_count(prompts: int, n: int, capacity: int) -> None:
     )
 
 
+# The variables the server sets itself when it renders a chat template, and Hugging Face's
+# helper functions that templates call.
+TEMPLATE_OWN = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
+     "strftime_now"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """How a chat is rendered beyond its messages and tools (vLLM's chat request fields)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more template variables
+
+
+class NothingToContinue(ValueError):
+    """The rendered prompt does not show the final message's text (``continued``)."""
+
+
+def continued(prompt: str, final: str) -> str:
+    """``prompt`` cut right after the final message's text, so that the model goes on with it
+    rather than after the template has closed it (vLLM's rule: the text's last occurrence,
+    or its stripped form's, for templates that trim)."""
+    for text in (final, final.strip()):
+        at = prompt.rfind(text) if text else -1
+        if at >= 0:
+            return prompt[: at + len(text)]
+    raise NothingToContinue(
+        "the final message's text does not appear in the prompt the chat template renders, "
+        "so it cannot be continued"
+    )
+
+
 class PromptEncoder:
     """Tokenizes (and renders chats) in its own threads, never on the event loop."""
 
@@ -81,14 +117,23 @@ class PromptEncoder:
         return await loop.run_in_executor(self._pool, self.tokenizer.encode_batch, texts)
 
     async def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        options: TemplateOptions | None = None,
     ) -> list[int]:
-        """The chat template rendered (with ``tools`` when given), then tokenized (the
-        template errors pass through)."""
+        """The chat template rendered (with ``tools`` when given, and ``options``), then
+        tokenized (the template's errors pass through; ``NothingToContinue`` for a final
+        message the rendered prompt does not show)."""
         loop = asyncio.get_running_loop()
-        extra: dict[str, Any] = {} if tools is None else {"tools": tools}
-        render = functools.partial(self.tokenizer.apply_chat_template, messages, **extra)
+        options = options or TemplateOptions()
+        extra: dict[str, Any] = {**options.kwargs, **({} if tools is None else {"tools": tools})}
+        render = functools.partial(
+            self.tokenizer.apply_chat_template, messages, options.add_generation_prompt, **extra
+        )
         prompt = await loop.run_in_executor(self._pool, render)
+        if options.continue_final_message:
+            prompt = continued(prompt, messages[-1]["content"])
         return (await self.encode([prompt]))[0]
 
     def close(self) -> None:

@@ -260,6 +260,24 @@ class ChatCompletionRequest(_SamplingRequest):
         default=None,
         description="false: at most one call per choice (default true).",
     )
+    add_generation_prompt: bool | None = Field(
+        default=None,
+        description="vLLM's: open the assistant's turn after the messages (the default, unless "
+        "continue_final_message); false renders the messages alone.",
+    )
+    continue_final_message: bool | None = Field(
+        default=None,
+        description="vLLM's: the output continues the last message (an assistant's reply "
+        "begun by the caller) instead of starting a new turn: the prompt ends with that "
+        "message's text, before the template closes it.",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="vLLM's: more variables for the chat template, e.g. "
+        '{"enable_thinking": false} for Qwen3; the names the server sets itself (messages, '
+        "tools, add_generation_prompt, bos_token, eos_token, raise_exception, strftime_now) "
+        "are refused.",
+    )
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None

@@ -6,6 +6,7 @@ from typing import Any
 from berth.runtime.engine import SamplingParams
 from berth.runtime.engine.grammar import json_schema_grammar, lark_grammar
 from berth.runtime.server.errors import APIError, invalid_request
+from berth.runtime.server.prompts import TEMPLATE_OWN, TemplateOptions
 from berth.runtime.server.protocol import (
     NON_TEXT_INPUTS,
     ChatCompletionRequest,
@@ -240,6 +241,40 @@ def validate_params(params: SamplingParams, max_model_len: int) -> None:
         params.validate(max_model_len)
     except ValueError as exc:
         raise invalid_request(str(exc)) from exc
+
+
+def template_options(
+    request: ChatCompletionRequest, messages: list[dict[str, Any]]
+) -> TemplateOptions:
+    """vLLM's rendering fields, checked: a variable the server sets itself, both ways of
+    ending the prompt at once, or nothing to continue are 400s naming the field."""
+    kwargs = dict(request.chat_template_kwargs or {})
+    for name in sorted(TEMPLATE_OWN & kwargs.keys()):
+        param = f"chat_template_kwargs.{name}"
+        raise invalid_request(
+            f"{param}: the server sets this template variable itself (from the request's "
+            "messages, tools and add_generation_prompt, the model's tokenizer, and Hugging "
+            "Face's template helpers).",
+            param=param,
+        )
+    continue_final = bool(request.continue_final_message)
+    if continue_final and request.add_generation_prompt:
+        raise invalid_request(
+            "continue_final_message: cannot be combined with add_generation_prompt true (one "
+            "continues the last message, the other opens a new turn after it).",
+            param="continue_final_message",
+        )
+    if continue_final and not (messages[-1].get("content") or "").strip():
+        raise invalid_request(
+            "continue_final_message: the last message has no text to continue.",
+            param="continue_final_message",
+        )
+    add = (
+        not continue_final
+        if request.add_generation_prompt is None
+        else request.add_generation_prompt
+    )
+    return TemplateOptions(add, continue_final, kwargs)
 
 
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:

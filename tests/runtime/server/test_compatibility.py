@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,8 +15,10 @@ import pytest
 from server_harness import RunningServer
 
 from berth.runtime.engine import EngineConfig
+from berth.runtime.engine.tokenizer import Tokenizer
 from berth.runtime.server.app import create_app
 from berth.runtime.server.engine_process import load_engine
+from berth.runtime.server.prompts import NothingToContinue, continued
 from berth.runtime.server.settings import ServerSettings
 
 
@@ -149,6 +152,48 @@ def test_logit_bias_and_penalties_reach_the_sampler(client: httpx.Client) -> Non
     assert len(set(both)) == 1
     repeated = tokens(logit_bias={"300": 100, "301": 100}, repetition_penalty=1.5)
     assert repeated[0] == both[0] and repeated[1] != both[0] and set(repeated) == set(spread)
+
+
+def test_vllms_chat_rendering_fields_shape_the_prompt(
+    client: httpx.Client, tiny_model: Path
+) -> None:
+    """vLLM's chat fields: chat_template_kwargs reach the template (the test model's
+    Qwen3-style enable_thinking switch opens the reply with an empty thought),
+    add_generation_prompt false leaves the assistant's turn unopened, and
+    continue_final_message ends the prompt inside the last message, without the template's
+    end of turn. Each prompt has the tokenizer's count for the text vLLM would render."""
+    tokenizer = Tokenizer(str(tiny_model))
+    render, user = tokenizer.apply_chat_template, [{"role": "user", "content": "Name a port."}]
+    begun = [*user, {"role": "assistant", "content": "The harbour of"}]
+
+    def prompt_tokens(messages: list[dict[str, str]], **fields: Any) -> int:
+        body = {"model": "tiny", "messages": messages, "max_tokens": 1, **fields}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return int(response.json()["usage"]["prompt_tokens"])
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    assert prompt_tokens(user) == count(render(user))
+    thinking_off = render(user, enable_thinking=False)
+    assert thinking_off.endswith("<think>\n\n</think>\n\n")
+    assert prompt_tokens(user, chat_template_kwargs={"enable_thinking": False}) == count(
+        thinking_off
+    )
+    unopened = render(user, add_generation_prompt=False)
+    assert prompt_tokens(user, add_generation_prompt=False) == count(unopened) < count(render(user))
+    closed = render(begun, add_generation_prompt=False)
+    left_open = closed[: closed.rindex("The harbour of") + len("The harbour of")]
+    assert prompt_tokens(begun, continue_final_message=True) == count(left_open) < count(closed)
+
+
+def test_continued_cuts_after_the_final_messages_last_occurrence() -> None:
+    prompt = "<u>go on</u><a>go on</a>"
+    assert continued(prompt, "go on") == "<u>go on</u><a>go on"
+    assert continued("<a>trimmed</a>", "  trimmed ") == "<a>trimmed"  # templates that trim
+    with pytest.raises(NothingToContinue):
+        continued("<a>rewritten</a>", "written by hand")
 
 
 def test_response_format_json_schema_and_json_object_give_json_streamed_or_not(
