@@ -33,6 +33,7 @@ from berth.runtime.server.protocol import (
     ToolCall,
     TopLogprob,
 )
+from berth.runtime.server.reasoning import ReasoningParser, ThoughtSplitter
 from berth.runtime.server.renderer import ChoiceProgress, Renderer, vllm_prompt_logprobs
 from berth.runtime.server.sampling import (
     chat_messages,
@@ -105,6 +106,7 @@ class ChatRenderer(Renderer):
         prompt_tokens: int,
         choices: int,
         reader: Callable[[], CallReader] | None = None,
+        reasoning: ReasoningParser | None = None,
     ) -> None:
         logprobs = bool(request.logprobs)
         super().__init__(model, tokenizer, prompt_tokens, request.stream_options, logprobs, choices)
@@ -112,6 +114,8 @@ class ChatRenderer(Renderer):
         self.prompt_top = request.prompt_logprobs  # vLLM's field: choice 0 scores the prompt
         self.reader = reader
         self._readers = [reader() for _ in range(choices)] if reader is not None else []
+        self.reasoning = reasoning
+        self._thoughts = [ThoughtSplitter(reasoning) for _ in range(choices)] if reasoning else []
 
     def response(self, choices: list[ChoiceProgress]) -> dict[str, Any]:
         """The body; with ``prompt_logprobs``, vLLM's list beside the choices (one prompt)."""
@@ -128,14 +132,22 @@ class ChatRenderer(Renderer):
         logprobs = chat_logprobs(choice.logprobs, self.tokenizer) if self.with_logprobs else None
         text = "".join(choice.text)
         finish_reason = choice.finish_reason
+        thought = None
+        if self.reasoning is not None:
+            splitter = ThoughtSplitter(self.reasoning)
+            (began, answer), (ended, rest) = splitter.feed(text), splitter.finish()
+            thought, text = (began + ended) or None, answer + rest
         if self.reader is None:
-            message = AssistantMessage(content=text)
+            content: str | None = text or (None if thought else "")
+            message = AssistantMessage(reasoning_content=thought, content=content)
         else:
             reader = self.reader()
             piece = reader.feed(text) + reader.finish()
             calls = tool_calls(piece.calls)
-            content = piece.content or (None if calls else "")
-            message = AssistantMessage(content=content, tool_calls=calls or None)
+            content = piece.content or (None if calls or thought else "")
+            message = AssistantMessage(
+                reasoning_content=thought, content=content, tool_calls=calls or None
+            )
             finish_reason = finish_reason_of(reader, finish_reason)
         return ChatChoice(
             index=choice.index,
@@ -148,16 +160,24 @@ class ChatRenderer(Renderer):
         self, index: int, text: str, logprobs: "list[TokenLogprob]", finish_reason: str | None
     ) -> str | None:
         entries = chat_logprobs(logprobs, self.tokenizer).model_dump_json() if logprobs else "null"
+        thought = ""
+        if self._thoughts:
+            splitter = self._thoughts[index]
+            thought, text = splitter.feed(text)
+            if finish_reason is not None:
+                ended, rest = splitter.finish()
+                thought, text = thought + ended, text + rest
         if not self._readers:
-            return chat_choice(index, text, entries, finish_reason)
+            return chat_choice(index, text, entries, finish_reason, reasoning=thought)
         reader = self._readers[index]
         piece = reader.feed(text)
         if finish_reason is not None:
             piece += reader.finish()
             finish_reason = finish_reason_of(reader, finish_reason)
-        if not piece and finish_reason is None and not logprobs:
+        if not piece and not thought and finish_reason is None and not logprobs:
             return None  # held back: it may still become a call
-        return chat_choice(index, piece.content, entries, finish_reason, merged(piece.calls))
+        calls = merged(piece.calls)
+        return chat_choice(index, piece.content, entries, finish_reason, calls, reasoning=thought)
 
     def opening_chunks(self) -> Iterator[str]:
         for index in range(self.choices):
@@ -207,7 +227,9 @@ async def create_chat_completion(raw: Request) -> Response:
     requested, param = _max_tokens(request)
     max_tokens = resolve_max_tokens(requested, param, len(ids), max_len)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    renderer = ChatRenderer(request, server.model_name, tokenizer, len(ids), n, reader)
+    renderer = ChatRenderer(
+        request, server.model_name, tokenizer, len(ids), n, reader, server.settings.reasoning_parser
+    )
     grammar = request_grammar(request, plan, style)
     engine_requests = []
     for choice in range(n):

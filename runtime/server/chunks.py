@@ -64,10 +64,13 @@ def chat_choice(
     logprobs: str,
     finish_reason: str | None,
     tool_calls: list[CallDelta] | None = None,
+    reasoning: str = "",
 ) -> str:
-    """A ``chat.completion.chunk``'s choice; empty ``content`` and no ``tool_calls`` leave the
-    delta empty."""
+    """A ``chat.completion.chunk``'s choice; empty ``content`` and ``reasoning`` and no
+    ``tool_calls`` leave the delta empty."""
     fields = []
+    if reasoning:
+        fields.append(f'"reasoning_content":{_encode(reasoning)}')
     if content:
         fields.append(f'"content":{_encode(content)}')
     if tool_calls:

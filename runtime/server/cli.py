@@ -14,6 +14,7 @@ import click
 
 from berth import wire
 from berth.runtime.engine.config import DECODE_BLAS
+from berth.runtime.server.reasoning import REASONING_PARSERS, ReasoningParser
 
 
 def _env(name: str) -> str:
@@ -80,6 +81,14 @@ def _env(name: str) -> str:
     type=click.FloatRange(min=0),
     envvar=_env("DRAIN_TIMEOUT"),
     help="After the shutdown delay, seconds in-flight requests may take before they are aborted.",
+)
+@click.option(
+    "--reasoning-parser",
+    type=click.Choice(REASONING_PARSERS),
+    envvar=_env("REASONING_PARSER"),
+    help="vLLM's: a thinking model's <think> ... </think> goes to a chat answer's "
+    "reasoning_content, the rest to its content (qwen3: where the output opens a thought; "
+    "deepseek_r1: the template opened it). Default: all is content.",
 )
 @click.option("--max-body-bytes", default=8 << 20, show_default=True, type=click.IntRange(1024))
 @click.option(
@@ -238,6 +247,7 @@ def serve(
     request_timeout_s: float,
     shutdown_delay_s: float,
     drain_grace_s: float,
+    reasoning_parser: ReasoningParser | None,
     max_body_bytes: int,
     max_prompt_bytes: int | None,
     header_timeout_s: float,
@@ -323,6 +333,7 @@ def serve(
         request_timeout_s=request_timeout_s,
         shutdown_delay_s=shutdown_delay_s,
         drain_grace_s=drain_grace_s,
+        reasoning_parser=reasoning_parser,
         max_body_bytes=max_body_bytes,
         max_prompt_bytes=max_prompt_bytes,
         header_timeout_s=header_timeout_s,

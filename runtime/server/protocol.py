@@ -371,6 +371,8 @@ class AssistantMessage(BaseModel):
     """The answer: text, or calls (``content`` null when the model wrote nothing else)."""
 
     role: Literal["assistant"] = "assistant"
+    # vLLM's, with --reasoning-parser: the model's thought (its <think> ... </think>)
+    reasoning_content: str | None = Field(default=None, exclude_if=_is_none)
     content: str | None
     tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
 
@@ -411,6 +413,7 @@ class ChatDelta(BaseModel):
     """A chunk's increment; absent fields are left out (the final delta is ``{}``)."""
 
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
+    reasoning_content: str | None = Field(default=None, exclude_if=_is_none)
     content: str | None = Field(default=None, exclude_if=_is_none)
     tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=_is_none)
 

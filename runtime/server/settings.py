@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from berth import wire
 from berth.runtime.engine import EngineConfig
 from berth.runtime.server.metrics import MemoryBudget
+from berth.runtime.server.reasoning import ReasoningParser
 from berth.runtime.server.standby import StandbyPolicy
 
 TINY = "tiny"  # --model tiny: make the random-weight test model on the fly
@@ -33,6 +34,8 @@ class ServerSettings(BaseModel):
     # get drain_grace_s (lifecycle.ShutdownBudget adds the bounded steps after it).
     shutdown_delay_s: float = Field(wire.RUNTIME_SHUTDOWN_DELAY_S, ge=0)
     drain_grace_s: float = Field(wire.RUNTIME_DRAIN_TIMEOUT_S, ge=0)
+    # vLLM's --reasoning-parser: <think> ... </think> to a chat answer's reasoning_content
+    reasoning_parser: ReasoningParser | None = None
     max_body_bytes: int = Field(8 << 20, ge=1024)
     max_prompt_bytes: int | None = Field(None, ge=1)  # None: prompts.prompt_byte_limit
     # Slow and idle clients (connections.py): a request's headers must arrive within

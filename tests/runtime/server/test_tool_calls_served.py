@@ -85,10 +85,14 @@ def scripted_engine(config: EngineConfig) -> ServableEngine:
 
 
 def served_copy(
-    engine_config: EngineConfig, tiny_model: Path, out: Path, template: str | None
+    engine_config: EngineConfig,
+    tiny_model: Path,
+    out: Path,
+    template: str | None,
+    **settings: Any,
 ) -> Iterator[httpx.Client]:
     """A server of the tiny model saying 2,048 positions, with ``template`` as its chat
-    template (None: the tiny model's own, which ignores tools)."""
+    template (None: the tiny model's own, which ignores tools) and server ``settings``."""
     shutil.copytree(tiny_model, out)
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
@@ -98,7 +102,7 @@ def served_copy(
                                                                "chat_template": template}))  # fmt: skip
     engine = dataclasses.replace(engine_config, model=str(out), num_kv_blocks=512)
     with (
-        running_server(engine, functools.partial(scripted_engine, engine)) as server,
+        running_server(engine, functools.partial(scripted_engine, engine), **settings) as server,
         httpx.Client(base_url=server.base_url, timeout=120) as client,
     ):
         yield client
@@ -118,6 +122,16 @@ def hermes(
 ) -> Iterator[httpx.Client]:
     out = tmp_path_factory.mktemp("h") / "m"
     yield from served_copy(engine_config, tiny_model, out, HERMES_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def thinking(
+    engine_config: EngineConfig, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
+    """A Hermes template and vLLM's qwen3 reasoning parser (``--reasoning-parser qwen3``)."""
+    out = tmp_path_factory.mktemp("t") / "m"
+    yield from served_copy(engine_config, tiny_model, out, HERMES_TEMPLATE,
+                           reasoning_parser="qwen3")  # fmt: skip
 
 
 def body(**fields: Any) -> dict[str, Any]:
@@ -140,8 +154,12 @@ def streamed(client: httpx.Client, **fields: Any) -> list[dict[str, Any]]:
     for event in events:
         for choice in event["choices"]:
             into = choices.setdefault(choice["index"], {"index": choice["index"], "content": "",
-                                                        "calls": {}, "finish_reason": None})  # fmt: skip
+                                                        "reasoning": "", "calls": {},
+                                                        "finish_reason": None})  # fmt: skip
             delta = choice["delta"]
+            if delta.get("reasoning_content"):
+                assert not into["content"] and not into["calls"], "a thought after the answer"
+                into["reasoning"] += delta["reasoning_content"]
             into["content"] += delta.get("content") or ""
             for call in delta.get("tool_calls", []):
                 if call["index"] not in into["calls"]:
@@ -162,7 +180,10 @@ def streamed(client: httpx.Client, **fields: Any) -> list[dict[str, Any]]:
         choice = choices[index]
         calls = [choice["calls"][i] for i in sorted(choice["calls"])]
         assert [i for i in sorted(choice["calls"])] == list(range(len(calls)))
-        message = {"role": "assistant", "content": choice["content"] or (None if calls else "")}
+        message: dict[str, Any] = {"role": "assistant"}
+        if choice["reasoning"]:
+            message["reasoning_content"] = choice["reasoning"]
+        message["content"] = choice["content"] or (None if calls or choice["reasoning"] else "")
         if calls:
             message["tool_calls"] = calls
         out.append({"index": index, "message": message, "finish_reason": choice["finish_reason"]})
@@ -364,3 +385,34 @@ def test_any_parameters_schema_is_served_or_refused_naming_it_never_a_5xx(
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
         assert response.json()["error"]["param"] == "tools.0.function.parameters"
+
+
+def test_a_thought_goes_to_reasoning_content_and_calls_are_read_after_it(
+    thinking: httpx.Client,
+) -> None:
+    """With the qwen3 parser, what a thinking model writes between <think> and </think> is the
+    answer's reasoning_content (streamed as delta.reasoning_content, before the rest), and the
+    calls are read from the rest, streamed or not."""
+    thought = "\nThe user wants Oslo's weather: call the tool.\n"
+    script = [{"role": "user", "content": f"SAY:<think>{thought}</think>\n\n{OSLO}::END"}]
+    for parts in (collected, streamed):
+        (choice,) = parts(thinking, messages=script)
+        assert choice["message"]["reasoning_content"] == thought, parts
+        assert calls_of(choice) == [("get_weather", {"city": "Oslo"})]
+        assert choice["finish_reason"] == "tool_calls"
+    answer = [{"role": "user", "content": "SAY:<think>Rain, as ever.</think>It rains.::END"}]
+    for parts in (collected, streamed):
+        (choice,) = parts(thinking, messages=answer, tools=None)
+        message = choice["message"]
+        assert (message["reasoning_content"], message["content"]) == ("Rain, as ever.", "It rains.")
+    # No thought opened at the start (Qwen3 with enable_thinking off): all of it is the answer
+    plain_answer = [{"role": "user", "content": "SAY:It rains. <think> is a tag.::END"}]
+    (choice,) = collected(thinking, messages=plain_answer, tools=None)
+    assert choice["message"] == {"role": "assistant", "content": "It rains. <think> is a tag."}
+    # A thought cut by max_tokens is all reasoning: the content is null
+    cut = [{"role": "user", "content": "SAY:<think>" + "Rain and more rain. " * 20 + "::END"}]
+    for parts in (collected, streamed):
+        (choice,) = parts(thinking, messages=cut, tools=None, max_tokens=12)
+        assert choice["finish_reason"] == "length"
+        message = choice["message"]
+        assert message["content"] is None and message["reasoning_content"].startswith("Rain")
