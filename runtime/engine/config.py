@@ -193,6 +193,7 @@ class SamplingParams:
                                  f"for token {token}")  # fmt: skip
         if self.grammar is not None and self.min_tokens:
             raise ValueError(
-                "min_tokens cannot be combined with response_format: the end-of-sequence token "
-                "that a complete structured output needs would be held back"
+                "min_tokens cannot be combined with a structured output (response_format, "
+                "structured_outputs or a constrained tool call): the end-of-sequence token that "
+                "a complete one needs would be held back"
             )

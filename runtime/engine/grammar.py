@@ -1,4 +1,4 @@
-"""JSON schemas as llguidance grammars, for the server (which checks them before the engine sees
+"""JSON schemas, regular expressions, choices and Lark texts as llguidance grammars, for the server (which checks them before the engine sees
 a request) and the engine (``structured``); no torch here, so the server process can import it.
 
 llguidance is Rust: a fault inside it surfaces as pyo3's ``PanicException``, which derives from
@@ -65,6 +65,24 @@ def _lark(text: str) -> str:
     from llguidance import LLMatcher
 
     return _validated(lambda: LLMatcher.grammar_from_lark(text))
+
+
+def regex_grammar(pattern: str) -> str:
+    """The grammar of the texts a whole match of ``pattern`` (Rust regex syntax, as vLLM's
+    guidance backend takes it) can be; ``ValueError`` saying what is wrong."""
+    return _regex(pattern)
+
+
+@functools.lru_cache(maxsize=256)
+def _regex(pattern: str) -> str:
+    from llguidance import LLMatcher
+
+    return _validated(lambda: LLMatcher.grammar_from_regex(pattern))
+
+
+def choice_grammar(choices: tuple[str, ...]) -> str:
+    """The grammar of exactly one of ``choices`` (vLLM's guided_choice)."""
+    return _lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
 
 
 def _validated(build: Callable[[], str]) -> str:

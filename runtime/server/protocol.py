@@ -73,6 +73,20 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool | None = None
 
 
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: one constraint on the output, given by one field."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    json_schema: dict[str, Any] | str | None = Field(
+        default=None, alias="json", description="A JSON Schema (object or its JSON text)."
+    )
+    regex: str | None = Field(default=None, description="A regular expression (Rust syntax).")
+    choice: list[str] | None = Field(default=None, description="Exactly one of these strings.")
+    grammar: str | None = Field(default=None, description="A Lark grammar (llguidance's).")
+    json_object: bool | None = Field(default=None, description="true: any JSON object.")
+
+
 class _SamplingRequest(_Request):
     """Fields that map onto the engine's sampling parameters, common to both routes."""
 
@@ -98,6 +112,16 @@ class _SamplingRequest(_Request):
         "above 1 discourages repeats).",
     )
     logit_bias: dict[str, float] | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None,
+        description="vLLM's: the output follows a JSON Schema, a regular expression, one of a "
+        "list of strings, a Lark grammar or any JSON object (one of them).",
+    )
+    # vLLM's older names of structured_outputs' fields
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None
     prompt_logprobs: TopLogprobs | None = Field(
         default=None,

@@ -1,10 +1,16 @@
 """From an OpenAI request to the engine's prompts and sampling parameters, refusing what the
 engine cannot do with a 400 that says so (rather than silently ignoring a penalty)."""
 
+import json
 from typing import Any
 
 from berth.runtime.engine import SamplingParams
-from berth.runtime.engine.grammar import json_schema_grammar, lark_grammar
+from berth.runtime.engine.grammar import (
+    choice_grammar,
+    json_schema_grammar,
+    lark_grammar,
+    regex_grammar,
+)
 from berth.runtime.server.errors import APIError, invalid_request
 from berth.runtime.server.prompts import TEMPLATE_OWN, TemplateOptions
 from berth.runtime.server.protocol import (
@@ -186,6 +192,16 @@ def request_grammar(
     ``ToolPlan.auto_grammar`` says; else ``response_format``'s. ``plan`` is
     ``check_supported``'s."""
     answer = response_format_schema(request)
+    structured = structured_grammar(request)
+    if structured is not None:
+        grammar, param = structured
+        other = "response_format" if answer is not None else "tools" if plan is not None else None
+        if other is not None:
+            raise invalid_request(
+                f"{param}: cannot be combined with {other} (each constrains the whole output).",
+                param=param,
+            )
+        return grammar
     if plan is not None:
         schema = plan.forced_schema()
         if schema is not None:
@@ -197,6 +213,55 @@ def request_grammar(
             except ValueError as error:
                 raise invalid_request(f"tools: {error}", param="tools") from error
     return None if answer is None else schema_grammar(*answer)
+
+
+def structured_grammar(request: SamplingRequest) -> tuple[str, str] | None:
+    """vLLM's ``structured_outputs`` (or its older ``guided_*`` fields) as an llguidance
+    grammar and the field it came from; None: none given. More than one constraint, or one
+    that does not compile, is a 400 naming the field."""
+    given: list[tuple[str, str, Any]] = []  # (kind, param, value)
+    spec = request.structured_outputs
+    if spec is not None:
+        for kind, name, value in (
+            ("json", "json", spec.json_schema), ("regex", "regex", spec.regex),
+            ("choice", "choice", spec.choice), ("grammar", "grammar", spec.grammar),
+            ("json_object", "json_object", spec.json_object or None),
+        ):  # fmt: skip
+            if value is not None:
+                given.append((kind, f"structured_outputs.{name}", value))
+    for kind, name, value in (
+        ("json", "guided_json", request.guided_json), ("regex", "guided_regex", request.guided_regex),
+        ("choice", "guided_choice", request.guided_choice),
+        ("grammar", "guided_grammar", request.guided_grammar),
+    ):  # fmt: skip
+        if value is not None:
+            given.append((kind, name, value))
+    if not given:
+        return None
+    if len(given) > 1:
+        names = ", ".join(param for _, param, _ in given)
+        raise invalid_request(
+            f"{given[1][1]}: one structured output constraint per request; got {names}.",
+            param=given[1][1],
+        )
+    ((kind, param, value),) = given
+    try:
+        if kind == "json":
+            schema = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(schema, dict):
+                raise ValueError("must be a JSON Schema object (or its JSON text)")
+            return json_schema_grammar(schema), param
+        if kind == "json_object":
+            return json_schema_grammar({"type": "object"}), param
+        if kind == "regex":
+            return regex_grammar(value), param
+        if kind == "choice":
+            if not value or not all(value):
+                raise ValueError("must list at least one choice, none of them empty")
+            return choice_grammar(tuple(value)), param
+        return lark_grammar(value), param
+    except ValueError as error:  # json.JSONDecodeError is one
+        raise invalid_request(f"{param}: {error}", param=param) from error
 
 
 def response_format_grammar(request: SamplingRequest) -> str | None:

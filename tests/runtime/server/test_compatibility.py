@@ -5,6 +5,7 @@ only once loaded, cached prompt tokens, vLLM's per-chunk usage, whole-number flo
 import asyncio
 import functools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,45 @@ def test_response_format_json_schema_and_json_object_give_json_streamed_or_not(
         assert isinstance(json.loads(obj["message"]["content"]), dict)
     else:
         assert obj["message"]["content"].lstrip().startswith("{")
+
+
+def test_vllms_structured_outputs_constrain_completions_and_chats(client: httpx.Client) -> None:
+    """vLLM's structured_outputs, and its older guided_* names: a choice, a regular
+    expression, a Lark grammar and a JSON schema, on both routes, sampled, streamed or not:
+    every output is one the constraint accepts, and ends with "stop"."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["tag"],
+              "properties": {"tag": {"enum": ["quay", "berth"]}}}  # fmt: skip
+    constraints: list[tuple[dict[str, Any], Any]] = [
+        ({"structured_outputs": {"choice": ["quay", "berth", "dry dock"]}},
+         lambda t: t in ("quay", "berth", "dry dock")),
+        ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+        ({"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}},
+         lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t)),
+        ({"guided_regex": "(port|quay) [A-Z]{2}"}, lambda t: re.fullmatch("(port|quay) [A-Z]{2}", t)),
+        ({"structured_outputs": {"grammar": 'start: "berth " NUM\nNUM: /[1-9][0-9]?/'}},
+         lambda t: re.fullmatch("berth [1-9][0-9]?", t)),
+        ({"structured_outputs": {"json": schema}}, lambda t: json.loads(t)["tag"] in ("quay", "berth")),
+        ({"guided_json": json.dumps(schema)}, lambda t: json.loads(t)["tag"] in ("quay", "berth")),
+    ]  # fmt: skip
+    for fields, accepts in constraints:
+        for path, base in (
+            ("/v1/completions", {"prompt": "Where?"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Where?"}]}),
+        ):
+            body = {"model": "tiny", "max_tokens": 60, "temperature": 1.0, "seed": 5, "n": 2,
+                    **base, **fields}  # fmt: skip
+            response = client.post(path, json=body)
+            assert response.status_code == 200, (fields, response.text)
+            for choice in response.json()["choices"]:
+                text = choice.get("text", choice.get("message", {}).get("content"))
+                assert choice["finish_reason"] == "stop" and accepts(text), (fields, path, text)
+            text = ""
+            with client.stream("POST", path, json={**body, "n": 1, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and (choices := json.loads(line[6:])["choices"]):
+                        piece = choices[0].get("text", choices[0].get("delta", {}).get("content"))
+                        text += piece or ""
+            assert accepts(text), (fields, path, "streamed", text)
 
 
 def test_openapi_describes_the_request_bodies_and_the_error_responses(
