@@ -96,6 +96,7 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None  # per-request generator; None: the engine's
     stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # vLLM's: the text ends after the stop string
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     # vLLM's: no end-of-sequence, stop token id or stop string ends the output before this many

@@ -28,10 +28,15 @@ REPLACEMENT = "\ufffd"
 class Detokenizer:
     """Turns one request's output tokens into text, and finds its stop strings."""
 
-    __slots__ = ("_next_piece", "_rest", "hold", "push", "stop", "stopped", "unchecked", "unsent")
+    __slots__ = ("_next_piece", "_rest", "hold", "keep_stop", "push", "stop", "stopped",
+                 "unchecked", "unsent")  # fmt: skip
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], min_tokens: int = 0) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, stop: list[str], min_tokens: int = 0, keep_stop: bool = False
+    ) -> None:
         self.stop = stop
+        # vLLM's include_stop_str_in_output: the text ends after the stop string, not before
+        self.keep_stop = keep_stop
         # min_tokens: the first tokens' text is not searched for stop strings (vLLM's rule).
         self.unchecked = min_tokens
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -72,15 +77,15 @@ class Detokenizer:
         start = len(self.unsent)
         text = self.unsent + piece
         window = max(0, start - self.hold)
-        cut = -1
+        cut, end = -1, -1
         for s in self.stop:
             i = text.find(s, window)
             if i >= 0 and (cut < 0 or i < cut):
-                cut = i
+                cut, end = i, i + len(s)
         if cut >= 0:
             self.stopped = True
             self.unsent = ""
-            return text[:cut]
+            return text[: end if self.keep_stop else cut]
         return self._hold_back(text)
 
     def _hold_back(self, text: str) -> str:

@@ -180,7 +180,10 @@ class Engine:
             and params.grammar is None
         )
         self.requests[request_id] = _Request(
-            seq, Detokenizer(self.tokenizer, params.stop, params.min_tokens), generator, stop_ids,
+            seq,
+            Detokenizer(self.tokenizer, params.stop, params.min_tokens,
+                        params.include_stop_str_in_output),
+            generator, stop_ids,
             plain, matcher,
         )  # fmt: skip
         self._num_special += not plain

@@ -98,6 +98,11 @@ class _SamplingRequest(_Request):
     n: Choices | None = None
     seed: Seed | None = None
     stop: Stop | None = None
+    include_stop_str_in_output: bool | None = Field(
+        default=None,
+        description="vLLM's: the text ends after the stop string that ended it (default: "
+        "before it).",
+    )
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool | None = None
     min_tokens: MinTokens | None = None

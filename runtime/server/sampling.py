@@ -160,6 +160,7 @@ def sampling_params(
         min_p=request.min_p or 0.0,
         seed=seed,
         stop=[stop] if isinstance(stop, str) else list(stop or []),
+        include_stop_str_in_output=bool(request.include_stop_str_in_output),
         stop_token_ids=list(request.stop_token_ids or []),
         ignore_eos=bool(request.ignore_eos),
         min_tokens=request.min_tokens or 0,

@@ -55,6 +55,21 @@ def test_stop_string_cuts_the_text_and_a_possible_prefix_is_held_back(tok: Token
     assert all("fox" not in p for p in pieces)
 
 
+def test_the_stop_string_is_kept_when_asked_and_the_earliest_one_ends_the_text(
+    tok: Tokenizer,
+) -> None:
+    """vLLM's include_stop_str_in_output: the text ends after the stop string that matched
+    first in the text (not the first listed), and nothing past it is sent."""
+    ids = tok.encode("The quick brown fox jumps over the dog", add_special_tokens=False)
+    d = Detokenizer(tok, ["over", "brown f"], keep_stop=True)
+    pieces = []
+    for t in ids:
+        pieces.append(d.push(t))
+        if d.stopped:
+            break
+    assert d.stopped and "".join(pieces) == "The quick brown f"
+
+
 def test_stop_strings_count_only_after_min_tokens(tok: Tokenizer) -> None:
     ids = tok.encode("fox one fox two", add_special_tokens=False)
     early = len(tok.encode("fox", add_special_tokens=False))

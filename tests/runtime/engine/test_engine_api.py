@@ -109,6 +109,9 @@ def test_stop_string_is_removed_and_ends_the_request(tiny_engine: Engine) -> Non
     text = "".join(o.new_text for o in streamed)
     assert text == full.new_text[: full.new_text.index(stop)]
     assert streamed[-1].finish_reason == "stop"
+    kept = SamplingParams(**{**GREEDY.__dict__, "stop": [stop], "include_stop_str_in_output": True})
+    text = "".join(o.new_text for o in tiny_engine.stream("It was the best", kept))
+    assert text == full.new_text[: full.new_text.index(stop) + len(stop)]
 
 
 def test_abort_frees_blocks_and_unknown_ids_are_ignored(tiny_engine: Engine) -> None:

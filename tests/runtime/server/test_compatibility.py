@@ -155,6 +155,27 @@ def test_logit_bias_and_penalties_reach_the_sampler(client: httpx.Client) -> Non
     assert repeated[0] == both[0] and repeated[1] != both[0] and set(repeated) == set(spread)
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string(client: httpx.Client) -> None:
+    """vLLM's include_stop_str_in_output, streamed or not: the text ends after the stop
+    string instead of before it."""
+    body = {"model": "tiny", "prompt": "The harbour master", "max_tokens": 12, "temperature": 0}
+    full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = full[3:5]
+    want = full[: full.index(stop) + len(stop)]
+    for stream in (False, True):
+        fields = {**body, "stop": [stop], "include_stop_str_in_output": True, "stream": stream}
+        if not stream:
+            choice = client.post("/v1/completions", json=fields).json()["choices"][0]
+            text = choice["text"]
+        else:
+            text = ""
+            with client.stream("POST", "/v1/completions", json=fields) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and (choices := json.loads(line[6:])["choices"]):
+                        text += choices[0]["text"]
+        assert text == want, stream
+
+
 def test_vllms_chat_rendering_fields_shape_the_prompt(
     client: httpx.Client, tiny_model: Path
 ) -> None:
