@@ -109,10 +109,16 @@ class TokenCounts:
 
     def select(self, sampling: list[Sequence], slots: list[int]) -> PenaltyRows | None:
         """The rows of ``sampling``'s penalized sequences, whose coming tokens sit at ``slots``.
-        A sequence without a row gets one, filled from the tokens before its slot (all known
+        A running sequence without a row gets one, filled from the tokens before its slot (all known
         on the host then: it is new, or was preempted and computed again)."""
         rows = [self._row.get(id(seq)) for seq in sampling]
-        missing = [i for i, row in enumerate(rows) if row is None and sampling[i].params.penalized]
+        # a sequence that ended meanwhile (a stop collected before this draw) gets no row:
+        # its token is dropped
+        missing = [
+            i
+            for i, row in enumerate(rows)
+            if row is None and sampling[i].params.penalized and not sampling[i].is_finished
+        ]
         for i in missing:
             row = rows[i] = self._take(sampling[i])
             self.fill(row, sampling[i], slots[i])

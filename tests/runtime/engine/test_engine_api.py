@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from berth.runtime.engine import Engine, EngineConfig, RequestOutput, SamplingParams
-from berth.runtime.engine.grammar import json_schema_grammar
+from berth.runtime.engine.grammar import json_schema_grammar, regex_grammar
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -296,3 +297,24 @@ def test_penalized_requests_keep_their_counts_through_preemption(tiny_model: Pat
     roomy = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32"))
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
         assert got[str(i)] == roomy.generate([prompt], p)[0].new_token_ids, i
+
+
+def test_a_penalized_request_stopped_before_a_grammars_draw_leaves_no_row(
+    tiny_engine: Engine,
+) -> None:
+    """While a grammar is live the draw follows the collection, so a penalized request that
+    the collection just stopped is still in the launched batch beside another penalized one:
+    it gets no count row (its token is dropped), and every row is free once the engine
+    drains."""
+    penalized = SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=0.5)
+    free = tiny_engine.generate(["The harbour master"], penalized)[0].new_token_ids
+    stop = dataclasses.replace(penalized, stop_token_ids=[free[2]])
+    tiny_engine.add_request("p", "The harbour master", stop)
+    going_on = dataclasses.replace(penalized, max_tokens=30, ignore_eos=True)
+    tiny_engine.add_request("q", "Pilots board", going_on)  # keeps the selection running
+    long_lived = SamplingParams(max_tokens=40, grammar=regex_grammar("[a-z ]{400,500}"))
+    tiny_engine.add_request("g", "Letters:", long_lived)
+    outs = _drain(tiny_engine)
+    assert outs["p"][-1].finish_reason == "stop" and outs["g"][-1].finish_reason == "length"
+    assert len(outs["p"]) < len(outs["g"])  # the grammar was live when p stopped
+    assert tiny_engine.runner.token_counts.num_held == 0
