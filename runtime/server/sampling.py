@@ -188,8 +188,9 @@ def schema_grammar(schema: dict[str, Any], param: str) -> str:
 def request_grammar(
     request: SamplingRequest, plan: ToolPlan | None, style: CallFormat | None = None
 ) -> str | None:
-    """The grammar the output follows: a forced tool call's; else, for ``auto`` tools that are
-    strict or beside a ``response_format``, calls (in ``style``) constrained as
+    """The grammar the output follows: vLLM's ``structured_outputs`` (alone: beside
+    ``response_format`` or tools it is a 400); else a forced tool call's; else, for ``auto``
+    tools that are strict or beside a ``response_format``, calls (in ``style``) constrained as
     ``ToolPlan.auto_grammar`` says; else ``response_format``'s. ``plan`` is
     ``check_supported``'s."""
     answer = response_format_schema(request)
@@ -223,20 +224,18 @@ def structured_grammar(request: SamplingRequest) -> tuple[str, str] | None:
     given: list[tuple[str, str, Any]] = []  # (kind, param, value)
     spec = request.structured_outputs
     if spec is not None:
-        for kind, name, value in (
-            ("json", "json", spec.json_schema), ("regex", "regex", spec.regex),
-            ("choice", "choice", spec.choice), ("grammar", "grammar", spec.grammar),
-            ("json_object", "json_object", spec.json_object or None),
+        for kind, value in (
+            ("json", spec.json_schema), ("regex", spec.regex), ("choice", spec.choice),
+            ("grammar", spec.grammar), ("json_object", spec.json_object or None),
         ):  # fmt: skip
             if value is not None:
-                given.append((kind, f"structured_outputs.{name}", value))
-    for kind, name, value in (
-        ("json", "guided_json", request.guided_json), ("regex", "guided_regex", request.guided_regex),
-        ("choice", "guided_choice", request.guided_choice),
-        ("grammar", "guided_grammar", request.guided_grammar),
+                given.append((kind, f"structured_outputs.{kind}", value))
+    for kind, value in (
+        ("json", request.guided_json), ("regex", request.guided_regex),
+        ("choice", request.guided_choice), ("grammar", request.guided_grammar),
     ):  # fmt: skip
         if value is not None:
-            given.append((kind, name, value))
+            given.append((kind, f"guided_{kind}", value))
     if not given:
         return None
     if len(given) > 1:
