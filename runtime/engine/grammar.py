@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -82,7 +83,62 @@ def _regex(pattern: str) -> str:
 
 def choice_grammar(choices: tuple[str, ...]) -> str:
     """The grammar of exactly one of ``choices`` (vLLM's guided_choice)."""
-    return _lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+    return _lark(choice_lark(choices))
+
+
+# Lark texts of the constraints, whose rule ``start`` is the whole output: what a thought
+# (``after_thought``) can be put in front of.
+
+
+def json_value(schema: dict[str, Any]) -> str:
+    """``schema`` as a Lark ``%json`` value, with the whitespace bound every JSON grammar of
+    the server has (``JSON_WHITESPACE``)."""
+    options = {"x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+    return "%json " + json.dumps({**schema, **options}, ensure_ascii=False)
+
+
+def json_lark(schema: dict[str, Any]) -> str:
+    return f"start: {json_value(schema)}\n"
+
+
+def regex_lark(pattern: str) -> str:
+    """``pattern`` as a Lark regex literal: an unescaped ``/`` would end it."""
+    out, escaped = [], False
+    for char in pattern:
+        out.append("\\/" if char == "/" and not escaped else char)
+        escaped = char == "\\" and not escaped
+    return "start: /" + "".join(out) + "/\n"
+
+
+def choice_lark(choices: tuple[str, ...]) -> str:
+    return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices) + "\n"
+
+
+def after_thought(answer: str, opens_inside: bool) -> str:
+    """The grammar of a thinking model's output: a thought between ``<think>`` and the first
+    ``</think>`` (free text), then the answer Lark text ``answer`` describes (its ``start``
+    rule, which nothing else in it may name). ``opens_inside``: the chat template opened the
+    thought, so the output starts inside it (DeepSeek-R1); else the thought is optional and
+    opens only at the start (Qwen3, which writes none with ``enable_thinking`` off). Compiled,
+    cached; ``ValueError`` saying what is wrong."""
+    return _after_thought(answer, opens_inside)
+
+
+@functools.lru_cache(maxsize=256)
+def _after_thought(answer: str, opens_inside: bool) -> str:
+    renamed = re.sub(r"(?m)^start\s*:", "berth_answer:", answer)
+    head = (
+        'start: "<think>"? berth_thought berth_gap berth_answer'
+        if opens_inside
+        else 'start: berth_open? berth_answer\nberth_open: "<think>" berth_thought berth_gap'
+    )
+    rules = [
+        renamed.rstrip("\n"),
+        'berth_thought[lazy]: /(?s:.*)/ "</think>"',
+        "berth_gap: /[ \\t\\r\\n]{0,8}/",
+        head,
+    ]
+    return _lark("\n".join(rules) + "\n")
 
 
 def _validated(build: Callable[[], str]) -> str:

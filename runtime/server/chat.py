@@ -230,7 +230,7 @@ async def create_chat_completion(raw: Request) -> Response:
     renderer = ChatRenderer(
         request, server.model_name, tokenizer, len(ids), n, reader, server.settings.reasoning_parser
     )
-    grammar = request_grammar(request, plan, style)
+    grammar = request_grammar(request, plan, style, server.settings.reasoning_parser)
     engine_requests = []
     for choice in range(n):
         prompt_logprobs = request.prompt_logprobs if choice == 0 else None  # one prompt

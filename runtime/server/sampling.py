@@ -2,14 +2,20 @@
 engine cannot do with a 400 that says so (rather than silently ignoring a penalty)."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from berth.runtime.engine import SamplingParams
 from berth.runtime.engine.grammar import (
+    after_thought,
     choice_grammar,
+    choice_lark,
+    json_lark,
     json_schema_grammar,
     lark_grammar,
     regex_grammar,
+    regex_lark,
 )
 from berth.runtime.server.errors import APIError, invalid_request
 from berth.runtime.server.prompts import TEMPLATE_OWN, TemplateOptions
@@ -18,6 +24,7 @@ from berth.runtime.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from berth.runtime.server.reasoning import ReasoningParser
 from berth.runtime.server.tool_calls import CallFormat
 from berth.runtime.server.tools import (
     ToolPlan,
@@ -186,41 +193,69 @@ def schema_grammar(schema: dict[str, Any], param: str) -> str:
 
 
 def request_grammar(
-    request: SamplingRequest, plan: ToolPlan | None, style: CallFormat | None = None
+    request: SamplingRequest,
+    plan: ToolPlan | None,
+    style: CallFormat | None = None,
+    thinking: ReasoningParser | None = None,
 ) -> str | None:
     """The grammar the output follows: vLLM's ``structured_outputs`` (alone: beside
     ``response_format`` or tools it is a 400); else a forced tool call's; else, for ``auto``
     tools that are strict or beside a ``response_format``, calls (in ``style``) constrained as
     ``ToolPlan.auto_grammar`` says; else ``response_format``'s. ``plan`` is
-    ``check_supported``'s."""
+    ``check_supported``'s. With a reasoning parser (``thinking``), the constraint holds after
+    the model's thought, which stays free (vLLM's structured outputs with reasoning); a
+    grammar the request gives in Lark is taken as it is, and must allow the thought itself."""
     answer = response_format_schema(request)
-    structured = structured_grammar(request)
+    structured = structured_constraint(request)
     if structured is not None:
-        grammar, param = structured
+        kind, param, value = structured
         other = "response_format" if answer is not None else "tools" if plan is not None else None
         if other is not None:
             raise invalid_request(
                 f"{param}: cannot be combined with {other} (each constrains the whole output).",
                 param=param,
             )
-        return grammar
+        with _named(param):
+            if thinking is None or kind == "grammar":
+                return _compiled(kind, value)
+            return _thought_first(_lark_of(kind, value), thinking)
+    lark: str | None = None
+    param = "tools"
     if plan is not None:
         schema = plan.forced_schema()
         if schema is not None:
-            return schema_grammar(schema, "tools")
-        lark = plan.auto_grammar(style or "hermes", None if answer is None else answer[0])
-        if lark is not None:
-            try:
-                return lark_grammar(lark)
-            except ValueError as error:
-                raise invalid_request(f"tools: {error}", param="tools") from error
-    return None if answer is None else schema_grammar(*answer)
+            if thinking is None:
+                return schema_grammar(schema, param)
+            lark = json_lark(schema)
+        else:
+            lark = plan.auto_grammar(style or "hermes", None if answer is None else answer[0])
+    if lark is None and answer is not None:
+        if thinking is None:
+            return schema_grammar(*answer)
+        (schema, param), lark = answer, json_lark(answer[0])
+    if lark is None:
+        return None
+    with _named(param):
+        return lark_grammar(lark) if thinking is None else _thought_first(lark, thinking)
 
 
-def structured_grammar(request: SamplingRequest) -> tuple[str, str] | None:
-    """vLLM's ``structured_outputs`` (or its older ``guided_*`` fields) as an llguidance
-    grammar and the field it came from; None: none given. More than one constraint, or one
-    that does not compile, is a 400 naming the field."""
+def _thought_first(answer: str, thinking: ReasoningParser) -> str:
+    return after_thought(answer, opens_inside=thinking == "deepseek_r1")
+
+
+@contextmanager
+def _named(param: str) -> Iterator[None]:
+    """A grammar that does not compile is a 400 naming ``param``."""
+    try:
+        yield
+    except ValueError as error:  # json.JSONDecodeError is one
+        raise invalid_request(f"{param}: {error}", param=param) from error
+
+
+def structured_constraint(request: SamplingRequest) -> tuple[str, str, Any] | None:
+    """vLLM's ``structured_outputs`` (or its older ``guided_*`` fields): the one constraint
+    given, as (kind, the field it came from, its value); None: none. More than one is a 400
+    naming the second."""
     given: list[tuple[str, str, Any]] = []  # (kind, param, value)
     spec = request.structured_outputs
     if spec is not None:
@@ -236,32 +271,50 @@ def structured_grammar(request: SamplingRequest) -> tuple[str, str] | None:
     ):  # fmt: skip
         if value is not None:
             given.append((kind, f"guided_{kind}", value))
-    if not given:
-        return None
     if len(given) > 1:
         names = ", ".join(param for _, param, _ in given)
         raise invalid_request(
             f"{given[1][1]}: one structured output constraint per request; got {names}.",
             param=given[1][1],
         )
-    ((kind, param, value),) = given
-    try:
-        if kind == "json":
-            schema = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(schema, dict):
-                raise ValueError("must be a JSON Schema object (or its JSON text)")
-            return json_schema_grammar(schema), param
-        if kind == "json_object":
-            return json_schema_grammar({"type": "object"}), param
-        if kind == "regex":
-            return regex_grammar(value), param
-        if kind == "choice":
-            if not value or not all(value):
-                raise ValueError("must list at least one choice, none of them empty")
-            return choice_grammar(tuple(value)), param
-        return lark_grammar(value), param
-    except ValueError as error:  # json.JSONDecodeError is one
-        raise invalid_request(f"{param}: {error}", param=param) from error
+    return given[0] if given else None
+
+
+def _schema_of(kind: str, value: Any) -> dict[str, Any]:
+    if kind == "json_object":
+        return {"type": "object"}
+    schema = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(schema, dict):
+        raise ValueError("must be a JSON Schema object (or its JSON text)")
+    return schema
+
+
+def _choices(value: list[str]) -> tuple[str, ...]:
+    if not value or not all(value):
+        raise ValueError("must list at least one choice, none of them empty")
+    return tuple(value)
+
+
+def _compiled(kind: str, value: Any) -> str:
+    """A structured output constraint as an llguidance grammar (``ValueError``: it does not
+    compile)."""
+    if kind in ("json", "json_object"):
+        return json_schema_grammar(_schema_of(kind, value))
+    if kind == "regex":
+        return regex_grammar(value)
+    if kind == "choice":
+        return choice_grammar(_choices(value))
+    return lark_grammar(value)
+
+
+def _lark_of(kind: str, value: Any) -> str:
+    """The same constraint as a Lark text whose ``start`` is the whole answer (not for a Lark
+    grammar the request gives: its rules may name ``start``)."""
+    if kind in ("json", "json_object"):
+        return json_lark(_schema_of(kind, value))
+    if kind == "regex":
+        return regex_lark(value)
+    return choice_lark(_choices(value))
 
 
 def response_format_grammar(request: SamplingRequest) -> str | None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from berth.runtime.engine.grammar import JSON_WHITESPACE
+from berth.runtime.engine.grammar import JSON_WHITESPACE, json_value
 from berth.runtime.server.errors import invalid_request
 from berth.runtime.server.protocol import ChatCompletionRequest, ChatTool, MessageToolCall
 from berth.runtime.server.tool_calls import (
@@ -105,7 +105,7 @@ class ToolPlan:
         if self.mode != "auto" or (answer is None and not self.strict):
             return None
         key = "parameters" if style == "llama" else "arguments"
-        call = _inline(self._calls_schema(key, strict_only=True))
+        call = json_value(self._calls_schema(key, strict_only=True))
         rules = [
             "%llguidance {}",
             f"WS: /{JSON_WHITESPACE}/",
@@ -128,7 +128,7 @@ class ToolPlan:
                 rules.append('call: "<tool_call>" WS call_body WS "</tool_call>" WS')
                 rules.append(f"calls: {'call+' if self.parallel else 'call'}")
         if answer is not None:
-            rules += ["start: answer | calls", f"answer: {_inline(answer)}"]
+            rules += ["start: answer | calls", f"answer: {json_value(answer)}"]
         return "\n".join(rules) + "\n"
 
     def _calls_schema(self, key: str, strict_only: bool) -> dict[str, Any]:
@@ -165,13 +165,6 @@ def parameters_schema(tool: ChatTool) -> dict[str, Any]:
     """The schema of a function's arguments; a function without ``parameters`` takes none."""
     parameters = tool.function.parameters
     return dict(NO_PARAMETERS) if parameters is None else parameters
-
-
-def _inline(schema: dict[str, Any]) -> str:
-    """``schema`` as a Lark ``%json`` value, with the whitespace bound every JSON grammar of the
-    server has (``grammar.JSON_WHITESPACE``)."""
-    options = {"x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
-    return "%json " + json.dumps({**schema, **options}, ensure_ascii=False)
 
 
 def _relocated(schema: Any, base: str) -> Any:

@@ -1,10 +1,17 @@
-"""The thought splitter against the rule it implements, one piece at a time or all at once."""
+"""The thought splitter against the rule it implements, one piece at a time or all at once;
+the grammars that let a thought come before a constrained answer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from berth.runtime.engine.grammar import after_thought, choice_lark, json_lark, regex_lark
+from berth.runtime.engine.tokenizer import Tokenizer
 from berth.runtime.server.reasoning import END, START, ReasoningParser, ThoughtSplitter
 
 
@@ -64,3 +71,49 @@ def test_the_usual_shapes() -> None:
     assert splitter.feed("<th") == ("", "")
     assert splitter.feed("ink>plan</th") == ("plan", "")
     assert splitter.feed("ink>go") == ("", "go")
+
+
+@pytest.fixture(scope="module")
+def accepts(tiny_model: Path) -> Callable[[str, str], bool]:
+    """Whether a compiled grammar accepts a whole text, through the tiny model's tokenizer."""
+    from llguidance import LLMatcher, LLTokenizer
+
+    tokenizer = Tokenizer(tiny_model)
+    index = LLTokenizer(tokenizer.hf.to_str())
+
+    def check(grammar: str, text: str) -> bool:
+        matcher = LLMatcher(index, grammar, log_level=0)
+        ids = tokenizer.hf.encode(text, add_special_tokens=False).ids
+        return bool(matcher.consume_tokens(ids) and matcher.is_accepting())
+
+    return check
+
+
+SCHEMA = {"type": "object", "properties": {"tag": {"enum": ["quay", "berth"]}},
+          "required": ["tag"], "additionalProperties": False}  # fmt: skip
+
+
+def test_a_thought_comes_before_the_constrained_answer(accepts: Callable[[str, str], bool]) -> None:
+    """With a reasoning parser the answer's constraint holds after the thought, which is free
+    up to the first </think>: qwen3's thought is optional and opens only at the start,
+    deepseek_r1's output starts inside it."""
+    for answer, good, bad in (
+        (json_lark(SCHEMA), '{"tag": "quay"}', '{"tag": "dock"}'),
+        (regex_lark("[0-9]{3}/[a-z]{2}"), "123/ab", "12/ab"),
+        (choice_lark(("yes", "no")), "no", "maybe"),
+    ):
+        qwen3 = after_thought(answer, opens_inside=False)
+        assert accepts(qwen3, good) and accepts(qwen3, f"<think>\nPlan: {bad}?\n</think>\n\n{good}")
+        assert not accepts(qwen3, f"<think>plan</think>{bad}") and not accepts(qwen3, bad)
+        assert not accepts(qwen3, f"plan</think>{good}")  # no thought without its opening
+        assert not accepts(qwen3, f"<think>a</think>b</think>{good}")  # the first one ends it
+        r1 = after_thought(answer, opens_inside=True)
+        assert accepts(r1, f"plan</think>\n{good}") and accepts(r1, f"<think>plan</think>{good}")
+        assert not accepts(r1, good) and not accepts(r1, f"plan</think>{bad}")
+
+
+def test_a_regex_keeps_its_slashes_in_lark(accepts: Callable[[str, str], bool]) -> None:
+    for pattern in ("a/b", "a\\/b", "(x|y)//z"):
+        grammar = after_thought(regex_lark(pattern), opens_inside=False)
+        text = "a/b" if pattern.startswith("a") else "y//z"
+        assert accepts(grammar, text) and accepts(grammar, f"<think>t</think>{text}"), pattern

@@ -416,3 +416,39 @@ def test_a_thought_goes_to_reasoning_content_and_calls_are_read_after_it(
         assert choice["finish_reason"] == "length"
         message = choice["message"]
         assert message["content"] is None and message["reasoning_content"].startswith("Rain")
+
+
+def test_a_thought_comes_before_a_structured_answer(thinking: httpx.Client) -> None:
+    """With the reasoning parser, response_format and structured_outputs constrain what
+    follows the thought (which stays free): a thought then valid JSON, or valid JSON alone,
+    is written and read back split; an answer that breaks the schema after the thought is
+    refused by the grammar (the scripted engine's 400)."""
+    schema = {"type": "object", "properties": {"tag": {"enum": ["quay", "berth"]}},
+              "required": ["tag"], "additionalProperties": False}  # fmt: skip
+    formats: list[dict[str, Any]] = [
+        {"response_format": {"type": "json_schema",
+                             "json_schema": {"name": "t", "schema": schema}}},
+        {"structured_outputs": {"json": schema}},
+    ]  # fmt: skip
+    for fields in formats:
+        for script, thought in (
+            ('<think>\nQuay or berth?\n</think>\n\n{"tag": "quay"}', "\nQuay or berth?\n"),
+            ('{"tag": "berth"}', None),
+        ):
+            said = [{"role": "user", "content": f"SAY:{script}::END"}]
+            for parts in (collected, streamed):
+                (choice,) = parts(thinking, messages=said, tools=None, **fields)
+                message = choice["message"]
+                assert message.get("reasoning_content") == thought, (fields, script)
+                assert json.loads(message["content"])["tag"] in ("quay", "berth")
+        broken = [{"role": "user", "content": 'SAY:<think>hm</think>{"tag": "dock"}::END'}]
+        response = thinking.post("/v1/chat/completions",
+                                 json=body(messages=broken, tools=None, **fields))  # fmt: skip
+        assert response.status_code == 400 and "SCRIPT REFUSED" in response.text
+    choice_fields = {"structured_outputs": {"choice": ["yes", "no"]}}
+    said = [{"role": "user", "content": "SAY:<think>Is it?</think>no::END"}]
+    (choice,) = collected(thinking, messages=said, tools=None, **choice_fields)
+    assert (choice["message"]["reasoning_content"], choice["message"]["content"]) == (
+        "Is it?",
+        "no",
+    )
