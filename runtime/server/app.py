@@ -30,7 +30,13 @@ from berth.runtime.server.metrics import (
     RuntimeCollector,
     RuntimeGauges,
 )
-from berth.runtime.server.openapi import ERRORS, PROBE, generation_responses, install_openapi
+from berth.runtime.server.openapi import (
+    ERRORS,
+    PROBE,
+    TOKENIZER_ERRORS,
+    generation_responses,
+    install_openapi,
+)
 from berth.runtime.server.prompts import PromptEncoder, prompt_byte_limit
 from berth.runtime.server.protocol import ModelCard, ModelList
 from berth.runtime.server.rotation import Rotation
@@ -199,7 +205,12 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastA
         ChatCompletionResponse,
         CompletionRequest,
         CompletionResponse,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        TokenizeRequest,
+        TokenizeResponse,
     )
+    from berth.runtime.server.token_routes import detokenize, tokenize
 
     server = ModelServer(settings, engine_factory)
 
@@ -259,8 +270,22 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory) -> FastA
         "/v1/chat/completions", create_chat_completion, methods=["POST"],
         responses=generation_responses(ChatCompletionResponse),
     )  # fmt: skip
+    app.add_api_route(
+        "/tokenize", tokenize, methods=["POST"], response_model=TokenizeResponse,
+        responses=TOKENIZER_ERRORS,
+    )  # fmt: skip
+    app.add_api_route(
+        "/detokenize", detokenize, methods=["POST"], response_model=DetokenizeResponse,
+        responses=TOKENIZER_ERRORS,
+    )  # fmt: skip
     install_admin_routes(app, server)
     install_openapi(
-        app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+        app,
+        {
+            "/v1/completions": CompletionRequest,
+            "/v1/chat/completions": ChatCompletionRequest,
+            "/tokenize": TokenizeRequest,
+            "/detokenize": DetokenizeRequest,
+        },
     )
     return app

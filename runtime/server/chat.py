@@ -45,7 +45,7 @@ from berth.runtime.server.sampling import (
     template_options,
     validate_params,
 )
-from berth.runtime.server.tool_calls import CallDelta, CallReader, merged
+from berth.runtime.server.tool_calls import CallDelta, CallFormat, CallReader, merged
 from berth.runtime.server.tools import (
     call_format,
     described_in_system,
@@ -56,6 +56,8 @@ from berth.runtime.server.tools import (
 if TYPE_CHECKING:
     from berth.runtime.engine import TokenLogprob
     from berth.runtime.engine.tokenizer import Tokenizer
+    from berth.runtime.server.app import ServedModel
+    from berth.runtime.server.tools import ToolPlan
 
 
 def chat_logprobs(entries: "list[TokenLogprob]", tokenizer: "Tokenizer") -> ChatLogprobs:
@@ -192,20 +194,15 @@ def _max_tokens(request: ChatCompletionRequest) -> tuple[int | None, str]:
     return request.max_tokens, "max_tokens"
 
 
-async def create_chat_completion(raw: Request) -> Response:
-    """Render the messages with the chat template, admit n samples and answer."""
-    from berth.runtime.server.app import get_server
-
-    arrival = time.monotonic()
-    server = get_server(raw)
-    request = await parse_body(raw, ChatCompletionRequest, server.settings)
-    loop, model = server.serving_loop(request.model)
-    plan = check_supported(request)
-    tokenizer, max_len = model.tokenizer, model.max_model_len
+async def render_chat(
+    request: ChatCompletionRequest, plan: "ToolPlan | None", model: "ServedModel"
+) -> tuple[list[int], CallFormat | None, Callable[[], CallReader] | None]:
+    """The prompt's token ids as the chat template renders the messages (with the tools, in
+    the template or described in a system message), the call format and the reader of the
+    calls the answer may hold; a rendering that fails is a 400."""
+    tokenizer = model.tokenizer
     messages = chat_messages(request)
     options = template_options(request, messages)
-    n = request.n or 1
-    check_sequence_count(1, n, loop.capacity)
     tools, reader, style = None, None, None
     if plan is not None:
         renders = renders_tools(tokenizer)
@@ -223,6 +220,22 @@ async def create_chat_completion(raw: Request) -> Response:
         raise invalid_request(f"{param}: {exc}.", param=param) from exc
     except (ValueError, TypeError, TemplateError) as exc:  # TypeError: a variable's type
         raise invalid_request(f"messages: {exc}", param="messages") from exc
+    return ids, style, reader
+
+
+async def create_chat_completion(raw: Request) -> Response:
+    """Render the messages with the chat template, admit n samples and answer."""
+    from berth.runtime.server.app import get_server
+
+    arrival = time.monotonic()
+    server = get_server(raw)
+    request = await parse_body(raw, ChatCompletionRequest, server.settings)
+    loop, model = server.serving_loop(request.model)
+    plan = check_supported(request)
+    tokenizer, max_len = model.tokenizer, model.max_model_len
+    n = request.n or 1
+    check_sequence_count(1, n, loop.capacity)
+    ids, style, reader = await render_chat(request, plan, model)
     check_prompt(ids, max_len, "messages")
     requested, param = _max_tokens(request)
     max_tokens = resolve_max_tokens(requested, param, len(ids), max_len)

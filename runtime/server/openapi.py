@@ -27,11 +27,15 @@ ERRORS: Responses = {
     404: _error("The model is not served here."),
     503: _error("The model is loading, failed to load, or the server is draining."),
 }
-GENERATION_ERRORS: Responses = {
+TOKENIZER_ERRORS: Responses = {  # a route that reads a body and the model's tokenizer
     400: _error("The request is invalid; `param` names the field."),
     **ERRORS,
-    408: _error("The request or its body did not finish within the server's timeout."),
+    408: _error("The body did not arrive within the server's timeout."),
     413: _error("The body or the prompt is larger than the server's limit."),
+}
+GENERATION_ERRORS: Responses = {
+    **TOKENIZER_ERRORS,
+    408: _error("The request or its body did not finish within the server's timeout."),
     429: _error("The waiting queue is full; retry after Retry-After seconds."),
     500: _error("The engine failed."),
 }

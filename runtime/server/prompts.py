@@ -112,9 +112,10 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="berth-tokenize")
 
-    async def encode(self, texts: list[str]) -> list[list[int]]:
+    async def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.tokenizer.encode_batch, texts)
+        encode = functools.partial(self.tokenizer.encode_batch, texts, add_special_tokens)
+        return await loop.run_in_executor(self._pool, encode)
 
     async def encode_chat(
         self,

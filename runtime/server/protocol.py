@@ -312,6 +312,32 @@ class ChatCompletionRequest(_SamplingRequest):
     service_tier: str | None = None
 
 
+class TokenizeRequest(_Request):
+    """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` as the chat route renders
+    them (with its rendering fields)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool | None = Field(
+        default=None, description="With prompt: the tokenizer's BOS and the like (default true)."
+    )
+    messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = Field(
+        default=None, description="Also each token as the tokenizer's vocabulary spells it."
+    )
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[TokenId]
+
+
 # Responses. Plain models: the server builds them, so no strictness is needed.
 
 
@@ -347,6 +373,17 @@ class PromptLogprob(BaseModel):
 
 def _is_none(value: object) -> bool:
     return value is None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = Field(default=None, exclude_if=_is_none)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # vLLM's prompt_logprobs: per prompt position, None for the first, else the prompt token's and

@@ -11,6 +11,7 @@ from server_harness import RunningServer
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
+TOKENIZE, DETOKENIZE = "/tokenize", "/detokenize"
 USER = [{"role": "user", "content": "hello"}]
 
 
@@ -135,6 +136,19 @@ CASES = [
     Case("prompt_logprobs with stream, chat", CHAT, chat(prompt_logprobs=0, stream=True), 400,
          "prompt_logprobs"),
     Case("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
+    Case("tokenize both prompt and messages", TOKENIZE,
+         {"model": "tiny", "prompt": "a", "messages": USER}, 400, "prompt", message="one of them"),
+    Case("tokenize neither", TOKENIZE, {"model": "tiny"}, 400, "prompt"),
+    Case("tokenize tools without messages", TOKENIZE,
+         {"model": "tiny", "prompt": "a", "tools": [tool("f")]}, 400, "tools"),
+    Case("tokenize special tokens of a chat", TOKENIZE,
+         {"model": "tiny", "messages": USER, "add_special_tokens": True}, 400,
+         "add_special_tokens"),
+    Case("tokenize an unknown model", TOKENIZE, {"model": "gpt-4", "prompt": "a"}, 404, "model"),
+    Case("detokenize past the vocabulary", DETOKENIZE, {"model": "tiny", "tokens": [1, 99999]},
+         400, "tokens.1", message="vocabulary"),
+    Case("detokenize a negative id", DETOKENIZE, {"model": "tiny", "tokens": [-1]}, 400,
+         "tokens.0"),
     Case("two structured outputs", COMPLETIONS,
          completion(structured_outputs={"regex": "a+"}, guided_choice=["a"]), 400,
          "guided_choice", message="one structured output constraint"),

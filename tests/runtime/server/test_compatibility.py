@@ -176,6 +176,40 @@ def test_include_stop_str_in_output_keeps_the_stop_string(client: httpx.Client) 
         assert text == want, stream
 
 
+def test_tokenize_and_detokenize_as_vllm_serves_them(
+    client: httpx.Client, tiny_model: Path
+) -> None:
+    """vLLM's /tokenize: a prompt's ids (with or without the BOS), its tokens' spellings, and a
+    chat's ids as the chat route renders them (the same count as its usage, template fields
+    included); /detokenize reads ids back as the text."""
+    tokenizer = Tokenizer(str(tiny_model))
+    prompt = "Pilots board at the fairway buoy."
+
+    def tokenize(**fields: Any) -> dict[str, Any]:
+        response = client.post("/tokenize", json={"model": "tiny", **fields})
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    whole = tokenize(prompt=prompt, return_token_strs=True)
+    assert whole["tokens"] == tokenizer.encode(prompt) and whole["count"] == len(whole["tokens"])
+    assert whole["max_model_len"] == 512
+    assert whole["token_strs"] == [tokenizer.hf.id_to_token(i) for i in whole["tokens"]]
+    bare = tokenize(prompt=prompt, add_special_tokens=False)
+    assert bare["tokens"] == tokenizer.encode(prompt, add_special_tokens=False) != whole["tokens"]
+    assert "token_strs" not in bare
+    text = client.post("/detokenize", json={"model": "tiny", "tokens": bare["tokens"]}).json()
+    assert text == {"prompt": prompt}
+    messages = [{"role": "user", "content": prompt}]
+    for fields in ({}, {"chat_template_kwargs": {"enable_thinking": False}}):
+        chat = tokenize(messages=messages, **fields)
+        body = {"model": "tiny", "messages": messages, "max_tokens": 1, **fields}
+        usage = client.post("/v1/chat/completions", json=body).json()["usage"]
+        assert chat["count"] == usage["prompt_tokens"], fields
+    assert tokenize(messages=messages)["tokens"] == tokenizer.encode(
+        tokenizer.apply_chat_template(messages)
+    )
+
+
 def test_vllms_chat_rendering_fields_shape_the_prompt(
     client: httpx.Client, tiny_model: Path
 ) -> None:
