@@ -43,6 +43,7 @@ from berth.runtime.server.sampling import (
     resolve_max_tokens,
     sampling_params,
     template_options,
+    truncated,
     validate_params,
 )
 from berth.runtime.server.tool_calls import CallDelta, CallFormat, CallReader, merged
@@ -236,6 +237,7 @@ async def create_chat_completion(raw: Request) -> Response:
     n = request.n or 1
     check_sequence_count(1, n, loop.capacity)
     ids, style, reader = await render_chat(request, plan, model)
+    ids = truncated(ids, request)
     check_prompt(ids, max_len, "messages")
     requested, param = _max_tokens(request)
     max_tokens = resolve_max_tokens(requested, param, len(ids), max_len)

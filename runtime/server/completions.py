@@ -35,6 +35,7 @@ from berth.runtime.server.sampling import (
     request_grammar,
     resolve_max_tokens,
     sampling_params,
+    truncated,
     validate_params,
 )
 
@@ -215,14 +216,22 @@ class CompletionRenderer(Renderer):
 
 
 def _echo_texts(
-    request: CompletionRequest, prompts: list[list[int]], tokenizer: "Tokenizer"
+    request: CompletionRequest,
+    full: list[list[int]],
+    prompts: list[list[int]],
+    tokenizer: "Tokenizer",
 ) -> list[str]:
-    """Each prompt as text, for ``echo``: as sent, or decoded when sent as token ids."""
+    """Each prompt as text, for ``echo``: as sent, or decoded when sent as token ids or cut by
+    ``truncate_prompt_tokens`` (``full`` before the cut, ``prompts`` after)."""
+    sent: list[str | None] = [None] * len(prompts)
     if isinstance(request.prompt, str):
-        return [request.prompt]
-    if request.prompt and isinstance(request.prompt[0], str):
-        return [str(p) for p in request.prompt]
-    return [tokenizer.decode(ids) for ids in prompts]
+        sent = [request.prompt]
+    elif request.prompt and isinstance(request.prompt[0], str):
+        sent = [str(p) for p in request.prompt]
+    return [
+        text if text is not None and len(ids) == len(whole) else tokenizer.decode(ids)
+        for text, whole, ids in zip(sent, full, prompts, strict=True)
+    ]
 
 
 async def create_completion(raw: Request) -> Response:
@@ -236,13 +245,14 @@ async def create_completion(raw: Request) -> Response:
     check_supported(request)
     tokenizer, max_len = model.tokenizer, model.max_model_len
     n = request.n or 1
-    prompts = await _prompts(request, model, loop.capacity)
+    full = await _prompts(request, model, loop.capacity)
+    prompts = [truncated(ids, request) for ids in full]
     budgets = []
     for ids in prompts:
         check_prompt(ids, max_len, "prompt")
         budget = resolve_max_tokens(request.max_tokens, "max_tokens", len(ids), max_len)
         budgets.append(budget or 1)  # 0 (echo only): one token, dropped (see above)
-    echo_texts = _echo_texts(request, prompts, tokenizer) if request.echo else []
+    echo_texts = _echo_texts(request, full, prompts, tokenizer) if request.echo else []
     renderer = CompletionRenderer(
         request, server.model_name, tokenizer, prompts, echo_texts, sum(map(len, prompts)), n
     )

@@ -98,6 +98,11 @@ class _SamplingRequest(_Request):
     n: Choices | None = None
     seed: Seed | None = None
     stop: Stop | None = None
+    truncate_prompt_tokens: Annotated[WholeNumber, Field(ge=1)] | None = Field(
+        default=None,
+        description="vLLM's: only the last N tokens of the prompt (a chat's, as rendered) are "
+        "used; the usage counts those.",
+    )
     include_stop_str_in_output: bool | None = Field(
         default=None,
         description="vLLM's: the text ends after the stop string that ended it (default: "

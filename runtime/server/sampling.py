@@ -93,6 +93,12 @@ def check_supported(request: SamplingRequest) -> ToolPlan | None:
     return plan
 
 
+def truncated(token_ids: list[int], request: SamplingRequest) -> list[int]:
+    """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM's left truncation)."""
+    keep = request.truncate_prompt_tokens
+    return token_ids if keep is None or len(token_ids) <= keep else token_ids[-keep:]
+
+
 def check_prompt(token_ids: list[int], max_model_len: int, param: str) -> None:
     """The prompt must be non-empty and leave room for one new token (token ids outside the
     model's vocabulary are refused by ``Engine.add_request``, which knows the vocabulary)."""

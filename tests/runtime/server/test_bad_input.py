@@ -136,6 +136,8 @@ CASES = [
     Case("prompt_logprobs with stream, chat", CHAT, chat(prompt_logprobs=0, stream=True), 400,
          "prompt_logprobs"),
     Case("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
+    Case("truncate to no tokens", COMPLETIONS, completion(truncate_prompt_tokens=0), 400,
+         "truncate_prompt_tokens"),
     Case("tokenize both prompt and messages", TOKENIZE,
          {"model": "tiny", "prompt": "a", "messages": USER}, 400, "prompt", message="one of them"),
     Case("tokenize neither", TOKENIZE, {"model": "tiny"}, 400, "prompt"),

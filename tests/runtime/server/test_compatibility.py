@@ -210,6 +210,31 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(
     )
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(
+    client: httpx.Client, tiny_model: Path
+) -> None:
+    """vLLM's truncate_prompt_tokens: a completion's prompt and a chat's rendered prompt keep
+    their last N tokens (usage counts those; echo shows them); greedy, the answer is the one
+    the shortened prompt gets on its own."""
+    tokenizer = Tokenizer(str(tiny_model))
+    prompt = "Pilots board at the fairway buoy; tugs push the hull against the fenders."
+    ids = tokenizer.encode(prompt)
+    body = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    cut = client.post("/v1/completions", json={**body, "prompt": prompt,
+                                                "truncate_prompt_tokens": 6, "echo": True}).json()  # fmt: skip
+    alone = client.post("/v1/completions", json={**body, "prompt": ids[-6:]}).json()
+    assert cut["usage"]["prompt_tokens"] == 6
+    echoed = tokenizer.decode(ids[-6:])
+    assert cut["choices"][0]["text"] == echoed + alone["choices"][0]["text"]
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.post("/v1/chat/completions", json={**body, "messages": messages,
+                                                      "truncate_prompt_tokens": 9}).json()  # fmt: skip
+    assert chat["usage"]["prompt_tokens"] == 9
+    short = client.post("/v1/completions", json={**body, "prompt": prompt,
+                                                  "truncate_prompt_tokens": 500}).json()  # fmt: skip
+    assert short["usage"]["prompt_tokens"] == len(ids)  # shorter than N: as it is
+
+
 def test_vllms_chat_rendering_fields_shape_the_prompt(
     client: httpx.Client, tiny_model: Path
 ) -> None:
