@@ -117,3 +117,22 @@ def test_a_regex_keeps_its_slashes_in_lark(accepts: Callable[[str, str], bool]) 
         grammar = after_thought(regex_lark(pattern), opens_inside=False)
         text = "a/b" if pattern.startswith("a") else "y//z"
         assert accepts(grammar, text) and accepts(grammar, f"<think>t</think>{text}"), pattern
+
+
+def test_berth_serve_takes_the_parser_by_flag_or_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--reasoning-parser`` (or BERTH_REASONING_PARSER, what a pod's env can set) reaches the
+    server's settings; an unknown parser stops the start naming the choices."""
+    from click.testing import CliRunner
+
+    from berth.runtime.server import lifecycle
+    from berth.runtime.server.cli import serve
+
+    seen: list[object] = []
+    monkeypatch.setattr(lifecycle, "serve", lambda settings: seen.append(settings) or 0)
+    for args, env in ((["--reasoning-parser", "qwen3"], {}),
+                      ([], {"BERTH_REASONING_PARSER": "deepseek_r1"}), ([], {})):  # fmt: skip
+        result = CliRunner().invoke(serve, ["--model", "tiny", "--device", "cpu", *args], env=env)
+        assert result.exit_code == 0, result.output
+    assert [getattr(s, "reasoning_parser", "?") for s in seen] == ["qwen3", "deepseek_r1", None]
+    bad = CliRunner().invoke(serve, ["--model", "tiny", "--reasoning-parser", "o1"])
+    assert bad.exit_code == 2 and "qwen3" in bad.output and "deepseek_r1" in bad.output
