@@ -4,6 +4,7 @@ byte-table path agreeing with the tokenizer's own full decode."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -27,8 +28,10 @@ def tok(request: pytest.FixtureRequest, tiny_model: Path) -> Tokenizer:
     return tokenizer
 
 
-def _feed(tok: Tokenizer, ids: list[int], stop: list[str]) -> tuple[list[str], bool]:
-    d = Detokenizer(tok, stop)
+def _feed(
+    tok: Tokenizer, ids: list[int], stop: list[str], **options: Any
+) -> tuple[list[str], bool]:
+    d = Detokenizer(tok, stop, **options)
     pieces = []
     for t in ids:
         pieces.append(d.push(t))
@@ -61,25 +64,15 @@ def test_the_stop_string_is_kept_when_asked_and_the_earliest_one_ends_the_text(
     """vLLM's include_stop_str_in_output: the text ends after the stop string that matched
     first in the text (not the first listed), and nothing past it is sent."""
     ids = tok.encode("The quick brown fox jumps over the dog", add_special_tokens=False)
-    d = Detokenizer(tok, ["over", "brown f"], keep_stop=True)
-    pieces = []
-    for t in ids:
-        pieces.append(d.push(t))
-        if d.stopped:
-            break
-    assert d.stopped and "".join(pieces) == "The quick brown f"
+    pieces, stopped = _feed(tok, ids, ["over", "brown f"], keep_stop=True)
+    assert stopped and "".join(pieces) == "The quick brown f"
 
 
 def test_stop_strings_count_only_after_min_tokens(tok: Tokenizer) -> None:
     ids = tok.encode("fox one fox two", add_special_tokens=False)
     early = len(tok.encode("fox", add_special_tokens=False))
-    d = Detokenizer(tok, ["fox"], min_tokens=early)
-    pieces = []
-    for t in ids:
-        pieces.append(d.push(t))
-        if d.stopped:
-            break
-    assert d.stopped and "".join(pieces) == "fox one "
+    pieces, stopped = _feed(tok, ids, ["fox"], min_tokens=early)
+    assert stopped and "".join(pieces) == "fox one "
 
 
 def test_held_back_text_is_sent_when_no_stop_string_follows(tok: Tokenizer) -> None:
