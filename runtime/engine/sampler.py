@@ -26,22 +26,14 @@ from berth.kernels.penalties import penalize_
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.outputs import TokenLogprob
 from berth.runtime.engine.token_counts import OUTPUT_COUNT, PenaltyRows
+from berth.runtime.engine.uploads import upload
 
 
 def _on(
     device: torch.device, values: list[int] | list[float] | list[bool], dtype: torch.dtype
 ) -> torch.Tensor:
-    """``values`` as a tensor on ``device`` (``_upload``)."""
-    return _upload(torch.tensor(values, dtype=dtype), device)
-
-
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` copied to ``device`` without blocking the host: a plain copy from pageable
-    memory (as ``torch.tensor(values, device=cuda)`` makes) waits for the stream, that is for
-    the step still running on the device."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    """``values`` as a tensor on ``device``, without waiting for it (``uploads``)."""
+    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 @dataclass(eq=False)
@@ -212,11 +204,11 @@ def _adjusted(
             0, _on(dev, list(at), torch.int64), _on(dev, list(bias), torch.float32)
         )
     if penalties is not None:
-        repetition = any(params[i].repetition_penalty != 1.0 for i in penalties.batch_rows)
         if x.is_cuda:  # one pass (``kernels.penalties``); the same rule as ``penalize``
             penalize_(x, penalties.table, penalties.settings, penalties.at_batch,
                       penalties.at_table, OUTPUT_COUNT)  # fmt: skip
         else:
+            repetition = any(params[i].repetition_penalty != 1.0 for i in penalties.batch_rows)
             penalize(x, penalties, repetition)
     return x
 
@@ -255,7 +247,7 @@ def allowed_only(logits: torch.Tensor, rows: list[int], words: torch.Tensor) -> 
     is -inf."""
     dev, vocab = logits.device, logits.shape[1]
     if dev.type == "cuda":
-        words = _upload(words, dev)
+        words = upload(words, dev)
         shifts = torch.arange(32, device=dev, dtype=torch.int32)
         bits = (words.unsqueeze(-1) >> shifts) & 1  # bit k of a word, LSB first, also for < 0
         keep = bits.view(len(rows), -1)[:, :vocab].bool()

@@ -19,6 +19,7 @@ import torch
 
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
+from berth.runtime.engine.uploads import upload
 
 PROMPT_BIT = 1 << 24  # an output count stays below it: no context holds 16M tokens
 OUTPUT_COUNT = PROMPT_BIT - 1
@@ -32,12 +33,11 @@ def _settings(params: SamplingParams) -> np.ndarray:
 
 
 def _upload(values: np.ndarray | list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
-    """``values`` (int64 unless an array says otherwise) on ``device`` without waiting for
-    the stream: pinned, asynchronous (a pageable copy would wait for the step running)."""
-    host = torch.from_numpy(np.asarray(values, dtype=getattr(values, "dtype", np.int64)))
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    """``values`` (int64 unless an array says otherwise) on ``device``, without waiting for
+    it (``uploads``)."""
+    return upload(
+        torch.from_numpy(np.asarray(values, dtype=getattr(values, "dtype", np.int64))), device
+    )
 
 
 @dataclass(frozen=True)

@@ -192,10 +192,8 @@ def sampling_params(
 
 def schema_grammar(schema: dict[str, Any], param: str) -> str:
     """``schema`` as an llguidance grammar, or a 400 naming ``param`` with what is wrong."""
-    try:
+    with _named(param):
         return json_schema_grammar(schema)
-    except ValueError as error:
-        raise invalid_request(f"{param}: {error}", param=param) from error
 
 
 def request_grammar(
