@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -60,20 +60,28 @@ def time_matmuls(weights: Sequence[torch.Tensor], rows: int, replays: int = 5) -
             torch.nn.functional.linear(inputs[w.shape[1]], w)
 
     with torch.inference_mode():
-        run()  # outside the capture: the library's handles, workspaces and kernels load
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
+        return replay_ms(run, replays, device)
+
+
+def replay_ms(
+    run: Callable[[], None], replays: int = 5, device: torch.device | None = None
+) -> float:
+    """Median ms of one replay of a CUDA graph of ``run`` on ``device`` (default: the current
+    one), run once first outside the capture (libraries load handles, workspaces, kernels)."""
+    run()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         graph.replay()
-        times = []
-        for _ in range(replays):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
     return statistics.median(times)
 
 

@@ -131,6 +131,14 @@ def test_fused_merge_falls_back_when_the_pairs_outnumber_the_counters(
     assert merges == [(2, 4)]
 
 
+def _expected(query: torch.Tensor, batch: PagedBatch, scale: float) -> torch.Tensor:
+    """The float64 reference of a decode over ``batch``."""
+    return reference.paged_decode_attention(
+        query.double(), batch.k_cache.double(), batch.v_cache.double(), batch.block_tables,
+        batch.seq_lens, scale,
+    )  # fmt: skip
+
+
 def _indexed(device: torch.device) -> torch.device:
     """The device as a tensor on it names it (``cuda:0``, not ``cuda``): the counters' key."""
     return torch.empty(0, device=device).device
@@ -280,11 +288,7 @@ def test_fused_merge_survives_many_replays_on_gpu(device: torch.device) -> None:
         out.fill_(float("nan"))
         for _ in range(10):
             graph.replay()
-        expected = reference.paged_decode_attention(
-            query.double(), batch.k_cache.double(), batch.v_cache.double(), batch.block_tables,
-            batch.seq_lens, 0.08,
-        )  # fmt: skip
-        assert_close(out, expected, torch.bfloat16)
+        assert_close(out, _expected(query, batch, 0.08), torch.bfloat16)
     assert decode._counters[_indexed(device)].count_nonzero().item() == 0
 
 
@@ -305,11 +309,7 @@ def test_decode_first_launched_inside_a_capture_merges_by_kernel(device: torch.d
             paged_decode_attention(*args, out, max_seq_len=3000)
         assert _indexed(device) not in decode._counters
         graph.replay()
-        expected = reference.paged_decode_attention(
-            query.double(), batch.k_cache.double(), batch.v_cache.double(), batch.block_tables,
-            batch.seq_lens, 0.08,
-        )  # fmt: skip
-        assert_close(out, expected, torch.bfloat16)
+        assert_close(out, _expected(query, batch, 0.08), torch.bfloat16)
     finally:
         if saved is not None:
             decode._counters[_indexed(device)] = saved
