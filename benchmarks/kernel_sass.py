@@ -31,7 +31,7 @@ from berth.kernels.offline_compile import compile_for, main_loop_opcodes
 GROUP, HEAD_DIM, BLOCK_SIZE = 4, 128, 16  # Llama-3-8B: 32 query heads over 8 KV heads
 COMMON = {"q_ptr": "bf16", "block_tables_ptr": "i32", "seq_lens_ptr": "i32", "out_ptr": "bf16",
           "part_out_ptr": "fp32", "part_lse_ptr": "fp32", "k_scale_ptr": "fp32",
-          "v_scale_ptr": "fp32", "counters_ptr": "i32"}  # fmt: skip
+          "v_scale_ptr": "fp32"}  # fmt: skip
 CLASSES = {
     "byte loads from shared (LDS.U8)": lambda op: op == "LDS.U8",
     "other shared loads (LDS, LDSM)": lambda op: op.startswith("LDS") and op != "LDS.U8",
@@ -45,8 +45,7 @@ CLASSES = {
 def variants(block_n: int, num_warps: int) -> list[tuple[str, object, dict[str, str], dict, int]]:
     """(name, kernel, pointer types, constexprs, KV bytes per iteration)."""
     base = {"GROUP": GROUP, "GROUP_PAD": 16, "BLOCK_SIZE": BLOCK_SIZE, "BLOCK_N": block_n,
-            "SINGLE_SPLIT": False, "MERGE": True, "MERGE_GROUP": GROUP,
-            "MERGE_CHUNK": decode.merge_chunk(GROUP, HEAD_DIM)}  # fmt: skip
+            "SINGLE_SPLIT": False}  # fmt: skip
     tokens = 2 * block_n * HEAD_DIM  # K and V elements per iteration
     return [
         ("bf16 cache", decode._decode_kernel,

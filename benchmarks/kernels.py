@@ -140,17 +140,13 @@ def decode_batches(
     return paged, dense
 
 
-# The default launch with its splits merged by a second kernel, the plan before the fused merge.
-MERGE_KERNEL = replace(default_config(HEAD_DIM, PAGE_SIZES[0]), merge_in_kernel=False)
-
-
 def decode_configs(sweep: bool) -> list[DecodeConfig | None]:
-    """The default and the default with the merge kernel, plus (with --sweep) a grid over the
-    split plan (how many programs per SM a split batch aims at, the fewest tokens per split)
-    and the tile; kernels-notes.md has past grids."""
+    """The default, plus (with --sweep) a grid over the split plan (how many programs per SM
+    a split batch aims at, the fewest tokens per split) and the tile; kernels-notes.md has
+    past grids."""
     if not sweep:
-        return [None, MERGE_KERNEL]
-    grid: list[DecodeConfig | None] = [None, MERGE_KERNEL]
+        return [None]
+    grid: list[DecodeConfig | None] = [None]
     for waves in (1.0, 2.0, 3.0, 4.0, 8.0, 16.0):  # 8: the plan before split_waves 2
         for min_tokens in (128, 1024):
             for stages in (2, 3):
@@ -164,14 +160,13 @@ def decode_configs(sweep: bool) -> list[DecodeConfig | None]:
 # The FP8 cache read as bytes (the previous kernel, now the fallback for odd strides), with the
 # split plan of the FP8 launch's default.
 FP8_BYTES = replace(default_config(HEAD_DIM, PAGE_SIZES[0], fp8=True), fp8_words=False)
-FP8_MERGE_KERNEL = replace(default_config(HEAD_DIM, PAGE_SIZES[0], fp8=True), merge_in_kernel=False)
 
 
 def fp8_configs(sweep: bool) -> list[DecodeConfig | None]:
     """The launch's default (None: the cache read as words, as the engine runs it), the cache
     read as bytes, and with --sweep a grid over the words kernel's tile, split plan and stages
     (``kernel_sass.py`` counts their instructions)."""
-    configs: list[DecodeConfig | None] = [None, FP8_BYTES, FP8_MERGE_KERNEL]
+    configs: list[DecodeConfig | None] = [None, FP8_BYTES]
     if sweep:  # 8 warps and 256-token tiles lost everywhere on the H100 (kernels-notes.md)
         for block_n in (64, 128):
             for waves in (1.0, 2.0, 4.0, 8.0):
@@ -240,7 +235,6 @@ def fp8_decode(
         "fp8_err": errors.get(words, nan),
         "fp8_bytes_us": times.get(by_bytes, nan) * 1e6,
         "fp8_bytes_speedup": bf16_s / times.get(by_bytes, nan),
-        "fp8_merge_kernel_us": times.get(str(FP8_MERGE_KERNEL), nan) * 1e6,
     }
 
 
@@ -249,7 +243,6 @@ def bench_decode(
 ) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     sdpa_time: dict[tuple[int, int], float] = {}
-    merge_kernel_us: dict[tuple[int, int, int], float] = {}
     for page in PAGE_SIZES:
         for batch, context in shapes:
             paged, dense = decode_batches(batch, context, page)
@@ -303,8 +296,6 @@ def bench_decode(
                             **fp8_decode(paged, ref, context, t, log, grid),
                         }
                     )  # fmt: skip
-                if config is MERGE_KERNEL:
-                    merge_kernel_us[(batch, context, page)] = t * 1e6
                 if best is None or t < best[0]:
                     best = (t, name)
             if grid and best:
@@ -314,8 +305,6 @@ def bench_decode(
             print(log[-1], flush=True)
             del paged
             torch.cuda.empty_cache()
-    for r in rows:
-        r["merge_kernel_us"] = merge_kernel_us.get((r["batch"], r["context"], r["page"]), math.nan)
     return rows
 
 
@@ -490,16 +479,15 @@ def report(bw: dict[str, float], decode: list[dict], prefill: list[dict]) -> str
         "",
         "| batch x context | page | time (us) | KV TB/s | of measured read | SDPA contiguous (us) | vs SDPA | rel err "
         "| FP8 cache (us) | FP8 vs bf16 cache | FP8 rel err | FP8 read as bytes (us) "
-        "| bytes vs bf16 cache | merge kernel (us) | FP8, merge kernel (us) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| bytes vs bf16 cache |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in decode:
         lines.append(
             f"| {r['batch']} x {r['context']} | {r['page']} | {r['us']:.1f} | {r['tbps']:.2f} | "
             f"{r['frac']:.0%} | {r['sdpa_us']:.1f} | {r['vs_sdpa']:.2f}x | {r['err']:.1e} | "
             f"{r['fp8_us']:.1f} | {r['fp8_speedup']:.2f}x | {r['fp8_err']:.1e} | "
-            f"{r['fp8_bytes_us']:.1f} | {r['fp8_bytes_speedup']:.2f}x | "
-            f"{r['merge_kernel_us']:.1f} | {r['fp8_merge_kernel_us']:.1f} |"
+            f"{r['fp8_bytes_us']:.1f} | {r['fp8_bytes_speedup']:.2f}x |"
         )
     lines += [
         "",
@@ -523,10 +511,6 @@ def report(bw: dict[str, float], decode: list[dict], prefill: list[dict]) -> str
         "as 16-bit words (two values each), launched as the engine launches it (its own split "
         "plan, 8 programs per SM); 'read as bytes' is the previous FP8 kernel, timed on the "
         "same inputs with the same plan.",
-        "Merge kernel: the same launch with a split batch's splits merged by a second kernel "
-        "(the plan before the fused merge, in which each pair's last split merges); an unsplit "
-        "batch runs the same kernel either way (its two times show the noise). The FP8 merge-kernel "
-        "column is the split plan's tile, so only its split shapes compare.",
         "SDPA baselines: decode with `enable_gqa=True` over contiguous [B, Hkv, L, D]; prefill the "
         "faster of `enable_gqa=True` and K/V expanded to all heads, bottom-right causal.",
         "Prefill TFLOP/s: the chunks' own K/V passed as key/value, as the engine does (K packed, "

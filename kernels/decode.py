@@ -5,10 +5,8 @@ stream the pages at HBM speed. One program owns (sequence, KV head, split): it l
 row of that KV head once and applies it to all ``Hq / Hkv`` query heads of the group with one
 tensor-core dot (the group padded to 16 rows). A batch too small to fill the GPU has its KV
 sequence split into ``num_splits`` pieces; each writes its partial output, normalised, and its
-log-sum-exp; the last split of a (sequence, KV head) to finish merges them (a counter per
-pair, taken atomically, says which is last), so a split launch is one kernel, not a kernel and a
-merge kernel after it. The split count depends only on shapes and the caller's ``max_seq_len``
-so the launch can be captured in a CUDA graph.
+log-sum-exp, and a second kernel merges them. The split count depends only on shapes and the
+caller's ``max_seq_len`` so the launch can be captured in a CUDA graph.
 
 An FP8 cache is read as it is stored (half the bytes of bf16) and dequantized in registers: a
 key's per-head scale multiplies its column of scores, a value's scales its column of
@@ -54,9 +52,6 @@ class DecodeConfig:
     # fallback for odd strides and small heads (H100: 1.43x -> 1.71x the bf16 cache at 8 x 32k
     # for words; kernels.py times both).
     fp8_words: bool = True
-    # The last split of each (sequence, KV head) merges the splits (one kernel); False launches
-    # the separate merge kernel after the splits (the plan before; kernels.py times both).
-    merge_in_kernel: bool = True
 
 
 @triton.jit
@@ -95,79 +90,6 @@ def _log_sum_exp(m, l):  # type: ignore[no-untyped-def]  # noqa: E741
 
 
 @triton.jit
-def _finish_split(  # type: ignore[no-untyped-def]
-    m, l, part_lse_ptr, part_out_ptr, out_ptr, counters_ptr,  # noqa: E741
-    seq, kv_head, part, num_splits, stride_out_b, stride_out_h,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MERGE: tl.constexpr, MERGE_GROUP: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-):  # fmt: skip
-    """After a split has stored its normalised output at rows ``part``: store its log-sum-exp,
-    and with ``MERGE`` count its arrival; the pair's last split to arrive merges them all.
-
-    The count is taken after a barrier by one release-acquire atomic, so every split's stores
-    come before its arrival is counted and the last to arrive reads them all (through L2,
-    ``.cg``). That program sets the counter back to zero for the next launch."""
-    tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=tl.arange(0, GROUP_PAD) < GROUP)
-    if MERGE:
-        tl.debug_barrier()  # every thread's stores issued before the arrival counts
-        counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.store(counter, 0)
-            _merge_group(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits,
-                         stride_out_b, stride_out_h,
-                         GROUP, HEAD_DIM, MERGE_GROUP, MERGE_CHUNK)  # fmt: skip
-
-
-@triton.jit
-def _merge_group(  # type: ignore[no-untyped-def]
-    part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, num_splits, stride_out_b, stride_out_h,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MERGE_GROUP: tl.constexpr,  # GROUP rounded up to a power of two
-    MERGE_CHUNK: tl.constexpr,  # splits read at once (a power of two)
-):  # fmt: skip
-    """One group's merged output from its splits, as ``_merge_splits_kernel`` does per head,
-    the splits read ``MERGE_CHUNK`` at a time (``merge_chunk``: bounded registers)."""
-    heads = tl.arange(0, MERGE_GROUP)
-    head_ok = heads < GROUP
-    rows = (seq * tl.num_programs(1) + kv_head) * GROUP + heads  # [G] query heads
-    splits = tl.arange(0, MERGE_CHUNK)
-    lse_max = tl.full([MERGE_GROUP], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, MERGE_CHUNK):
-        chunk = s0 + splits
-        lse = tl.load(
-            part_lse_ptr + rows[None, :] * num_splits + chunk[:, None],
-            mask=(chunk < num_splits)[:, None] & head_ok[None, :],
-            other=float("-inf"),
-            cache_modifier=".cg",
-        )  # [C, G]
-        lse_max = tl.maximum(lse_max, tl.max(lse, axis=0))
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # [G]
-    # Split i covers a softmax mass of 2^lse_i; the merged output is the mass-weighted mean.
-    dims = tl.arange(0, HEAD_DIM)
-    total = tl.zeros([MERGE_GROUP], tl.float32)
-    acc = tl.zeros([MERGE_GROUP, HEAD_DIM], tl.float32)
-    for s0 in range(0, num_splits, MERGE_CHUNK):
-        chunk = s0 + splits
-        ok = (chunk < num_splits)[:, None] & head_ok[None, :]  # [C, G]
-        index = rows[None, :] * num_splits + chunk[:, None]  # [C, G]
-        weight = tl.math.exp2(
-            tl.load(part_lse_ptr + index, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            - lse_max[None, :]
-        )  # [C, G]
-        total += tl.sum(weight, axis=0)
-        outs = tl.load(
-            part_out_ptr + index[:, :, None] * HEAD_DIM + dims[None, None, :],
-            mask=ok[:, :, None],
-            other=0.0,
-            cache_modifier=".cg",
-        )  # [C, G, D]
-        acc += tl.sum(outs * weight[:, :, None], axis=0)
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    dst = out_ptr + seq * stride_out_b + (kv_head * GROUP + heads)[:, None] * stride_out_h
-    tl.store(dst + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
-
-
-@triton.jit
 def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -179,7 +101,6 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
     k_scale_ptr,  # [num_blocks, block_size, Hkv] float32 (FP8 only)
     v_scale_ptr,
-    counters_ptr,  # [B, Hkv] int32, zero between launches (MERGE only)
     qk_scale,  # softmax scale * log2(e)
     stride_q_b,
     stride_q_h,
@@ -205,9 +126,6 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP8: tl.constexpr,
-    MERGE: tl.constexpr,  # the last split merges (``_finish_split``)
-    MERGE_GROUP: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     if PDL:  # the query is the kernel before's output
@@ -279,9 +197,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer ar
         partial = acc / tl.where(l > 0, l, 1.0)[:, None]  # normalised within the split
         dst = part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :]
         tl.store(dst, partial, mask=row_ok[:, None])
-        _finish_split(m, l, part_lse_ptr, part_out_ptr, out_ptr, counters_ptr,
-                      seq, kv_head, part, num_splits, stride_out_b, stride_out_h,
-                      GROUP, GROUP_PAD, HEAD_DIM, MERGE, MERGE_GROUP, MERGE_CHUNK)  # fmt: skip
+        tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
 
 
 @triton.jit
@@ -313,7 +229,6 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
     part_lse_ptr,  # [B, Hq, num_splits] float32 (log2 domain)
     k_scale_ptr,  # [num_blocks, block_size, Hkv] float32
     v_scale_ptr,
-    counters_ptr,  # [B, Hkv] int32, zero between launches (MERGE only)
     qk_scale,  # softmax scale * log2(e)
     stride_q_b,
     stride_q_h,
@@ -339,9 +254,6 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     HW_CVT: tl.constexpr,
-    MERGE: tl.constexpr,
-    MERGE_GROUP: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """``_decode_kernel`` over an FP8 cache read as words: word j of a row holds dimensions 2j
@@ -412,9 +324,7 @@ def _decode_fp8_words_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: 
         dst = part_out_ptr + part[:, None] * (2 * HALF_DIM) + 2 * words[None, :]
         tl.store(dst, acc_even * norm[:, None], mask=row_ok[:, None])
         tl.store(dst + 1, acc_odd * norm[:, None], mask=row_ok[:, None])
-        _finish_split(m, l, part_lse_ptr, part_out_ptr, out_ptr, counters_ptr,
-                      seq, kv_head, part, num_splits, stride_out_b, stride_out_h,
-                      GROUP, GROUP_PAD, 2 * HALF_DIM, MERGE, MERGE_GROUP, MERGE_CHUNK)  # fmt: skip
+        tl.store(part_lse_ptr + part, _log_sum_exp(m, l), mask=row_ok)
 
 
 @triton.jit
@@ -469,30 +379,6 @@ def _as_words(cache: torch.Tensor) -> torch.Tensor | None:
     return cache.view(torch.int16)
 
 
-# Arrival counters of the fused merge, one buffer per device for the process's life: a graph
-# captured over a launch keeps its address, so it is never freed or replaced. Each launch
-# leaves its counters at zero, so launches on one device must be ordered (one stream, or
-# graphs replayed on it, as the engine runs them).
-_COUNTERS_PER_DEVICE = 1 << 16
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, rows: int) -> torch.Tensor | None:
-    """Zeroed counters for ``rows`` (sequence, KV head) pairs, or None where the separate merge
-    kernel must run instead: more pairs than the buffer holds, or a first use while a graph is
-    being captured (allocated then, the buffer would belong to that graph's memory pool)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _counters[device] = torch.zeros(
-            _COUNTERS_PER_DEVICE, dtype=torch.int32, device=device
-        )
-    return counters if rows <= counters.numel() else None
-
-
 @cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -522,13 +408,6 @@ def plan_splits(
         splits = max(1, min(wanted, triton.cdiv(max_seq_len, config.min_split_tokens)))
     split_tokens = triton.cdiv(triton.cdiv(max_seq_len, splits), config.block_n) * config.block_n
     return triton.cdiv(max_seq_len, split_tokens), split_tokens
-
-
-def merge_chunk(group: int, head_dim: int) -> int:
-    """Splits the fused merge reads at once: about 8K float32 values of [splits, group,
-    head_dim], 64 registers a thread at 4 warps, fewer than the key loop before it holds.
-    Not a function of the split count, which would compile a variant per count."""
-    return max(1, 8192 // (triton.next_power_of_2(group) * head_dim))
 
 
 def default_config(head_dim: int, block_size: int, fp8: bool = False) -> DecodeConfig:
@@ -608,12 +487,9 @@ def launch_decode(
         num_seqs, num_kv_heads, max_seq_len, _num_sms(device), config
     )
     single = num_splits == 1
-    counters = None
     if single:
         part_out = part_lse = out  # unused by the kernel
     else:
-        if config.merge_in_kernel:
-            counters = _split_counters(device, num_seqs * num_kv_heads)
         part_out = torch.empty(
             (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=device
         )
@@ -638,7 +514,6 @@ def launch_decode(
         part_lse,
         k_scale if fp8 else seq_lens,  # unused without FP8
         v_scale if fp8 else seq_lens,
-        seq_lens if counters is None else counters,  # unused without the fused merge
         scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -655,15 +530,12 @@ def launch_decode(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         SINGLE_SPLIT=single,
-        MERGE=counters is not None,
-        MERGE_GROUP=triton.next_power_of_2(group),
-        MERGE_CHUNK=merge_chunk(group, head_dim),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **dims,
         **pdl,
     )
-    if not single and counters is None:
+    if not single:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,

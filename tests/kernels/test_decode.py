@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paged_checks import CPU_DTYPES, GPU_DTYPES, assert_close, poisoned_like
 
-from berth.kernels import decode, paged_decode_attention, reference
+from berth.kernels import paged_decode_attention, reference
 from berth.kernels.decode import DecodeConfig, default_config, launch_decode, plan_splits
 from berth.kernels.synthetic import PagedBatch, random_paged_batch
 
@@ -47,14 +46,11 @@ def run_decode(
 # Small steps and splits so the interpreter walks several pages, splits and a merge.
 SPLIT = DecodeConfig(block_n=16, split_waves=4, min_split_tokens=16)
 SINGLE = DecodeConfig(block_n=16, min_split_tokens=10**6)
-MERGE_KERNEL = replace(SPLIT, merge_in_kernel=False)  # the splits merged by a second kernel
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 8])
-@pytest.mark.parametrize(
-    "config", [SPLIT, MERGE_KERNEL, SINGLE], ids=["split", "merge-kernel", "single"]
-)
+@pytest.mark.parametrize("config", [SPLIT, SINGLE], ids=["split", "single"])
 def test_decode_matches_reference_across_gqa_ratios(
     device: torch.device, dtype: torch.dtype, group: int, config: DecodeConfig
 ) -> None:
@@ -105,54 +101,6 @@ def test_decode_any_small_batch_matches_reference(
     block_n = max(block_n, block_size)
     config = DecodeConfig(block_n=block_n, split_waves=4, min_split_tokens=min_split)
     run_decode(lens, group, 1, 16, block_size, torch.float16, device, config)
-
-
-def test_fused_merge_leaves_its_counters_zero_for_the_next_launch(device: torch.device) -> None:
-    """Each (sequence, KV head) pair's last split resets its counter: launches in a row, on
-    new data each time, all merge correctly and leave every counter at zero."""
-    for seed in range(3):
-        torch.manual_seed(seed)
-        run_decode([70, 33, 5], 8, 2, 32, 16, torch.float16, device, SPLIT)
-        counters = decode._counters[_indexed(device)]
-        assert counters.count_nonzero().item() == 0
-
-
-def test_fused_merge_falls_back_when_the_pairs_outnumber_the_counters(
-    device: torch.device, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """More (sequence, KV head) pairs than the counter buffer holds: the merge kernel runs."""
-    run_decode([40], 4, 2, 32, 16, torch.float16, device, SPLIT)  # the buffer exists now
-    key = _indexed(device)
-    monkeypatch.setitem(decode._counters, key, decode._counters[key][:3])
-    merges = []
-    real = decode._merge_splits_kernel
-    monkeypatch.setattr(decode, "_merge_splits_kernel", _Recording(real, merges))
-    run_decode([70, 33], 4, 2, 32, 16, torch.float16, device, SPLIT)  # 4 pairs > 3
-    assert merges == [(2, 4)]
-
-
-def _expected(query: torch.Tensor, batch: PagedBatch, scale: float) -> torch.Tensor:
-    """The float64 reference of a decode over ``batch``."""
-    return reference.paged_decode_attention(
-        query.double(), batch.k_cache.double(), batch.v_cache.double(), batch.block_tables,
-        batch.seq_lens, scale,
-    )  # fmt: skip
-
-
-def _indexed(device: torch.device) -> torch.device:
-    """The device as a tensor on it names it (``cuda:0``, not ``cuda``): the counters' key."""
-    return torch.empty(0, device=device).device
-
-
-class _Recording:
-    """A Triton kernel whose launch grids are noted before it runs."""
-
-    def __init__(self, kernel: Any, grids: list[tuple[int, ...]]) -> None:
-        self.kernel, self.grids = kernel, grids
-
-    def __getitem__(self, grid: tuple[int, ...]) -> Any:
-        self.grids.append(grid)
-        return self.kernel[grid]
 
 
 def test_decode_default_config_and_no_max_seq_len(device: torch.device) -> None:
@@ -267,52 +215,6 @@ def test_decode_long_context_small_batch_on_gpu(device: torch.device) -> None:
 def test_decode_hundreds_of_sequences_on_gpu(device: torch.device) -> None:
     lens = torch.randint(1, 2048, (300,)).tolist()
     run_decode(lens, 32, 8, 128, 16, torch.bfloat16, device, share_first_page=True)
-
-
-@pytest.mark.gpu
-def test_fused_merge_survives_many_replays_on_gpu(device: torch.device) -> None:
-    """256 split programs race to their pairs' counters on the device, replay after replay:
-    every replay's output is the reference's and the counters end at zero (a lost arrival, a
-    merge before a split's stores land, or a counter not reset would each show)."""
-    batch = random_paged_batch([32768], 8, 128, 16, torch.bfloat16, device)
-    query = torch.randn(1, 32, 128, dtype=torch.bfloat16, device=device)
-    out = torch.empty_like(query)
-    args = (query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, 0.08, out)
-    paged_decode_attention(*args, max_seq_len=32768)  # 32 splits x 8 KV heads
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        paged_decode_attention(*args, max_seq_len=32768)
-    for i in range(20):
-        query.copy_(torch.randn_like(query))
-        batch.seq_lens.fill_(32768 - 1000 * i)
-        out.fill_(float("nan"))
-        for _ in range(10):
-            graph.replay()
-        assert_close(out, _expected(query, batch, 0.08), torch.bfloat16)
-    assert decode._counters[_indexed(device)].count_nonzero().item() == 0
-
-
-@pytest.mark.gpu
-def test_decode_first_launched_inside_a_capture_merges_by_kernel(device: torch.device) -> None:
-    """No counters yet when a graph captures the first split launch: the buffer is not made
-    inside the capture (it would belong to the graph's pool); the merge kernel runs instead."""
-    saved = decode._counters.pop(_indexed(device), None)
-    try:
-        batch = random_paged_batch([3000], 8, 128, 16, torch.bfloat16, device)
-        query = torch.randn(1, 32, 128, dtype=torch.bfloat16, device=device)
-        out = torch.full_like(query, float("nan"))
-        args = (query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, 0.08)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream), torch.cuda.graph(graph):  # no eager launch first
-            paged_decode_attention(*args, out, max_seq_len=3000)
-        assert _indexed(device) not in decode._counters
-        graph.replay()
-        assert_close(out, _expected(query, batch, 0.08), torch.bfloat16)
-    finally:
-        if saved is not None:
-            decode._counters[_indexed(device)] = saved
 
 
 @pytest.mark.gpu

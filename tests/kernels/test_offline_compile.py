@@ -19,10 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = {"q_ptr": "bf16", "block_tables_ptr": "i32", "seq_lens_ptr": "i32", "out_ptr": "bf16",
           "part_out_ptr": "fp32", "part_lse_ptr": "fp32", "k_scale_ptr": "fp32",
-          "v_scale_ptr": "fp32", "counters_ptr": "i32"}  # fmt: skip
-SHAPE = {"GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "BLOCK_N": 128, "MERGE_GROUP": 4,
-         "MERGE_CHUNK": 16}  # fmt: skip
-WORDS = {"HALF_DIM": 64, "HW_CVT": True}
+          "v_scale_ptr": "fp32"}  # fmt: skip
+SHAPE = {"GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "BLOCK_N": 128}
 COMPILE = """
 import json, sys
 from berth.kernels import decode
@@ -51,7 +49,7 @@ def test_fp8_words_kernel_builds_for_sm90_without_byte_loads_or_spills(
     built = compile_sm90(
         "_decode_fp8_words_kernel",
         {**COMMON, "k_words_ptr": "i16", "v_words_ptr": "i16"},
-        {**SHAPE, **WORDS, "SINGLE_SPLIT": single_split, "MERGE": not single_split},
+        {**SHAPE, "HALF_DIM": 64, "SINGLE_SPLIT": single_split, "HW_CVT": True},
     )
     assert built["ops"].get("F2FP.F16.E4M3.UNPACK_B", 0) > 0, "no pair conversion in the loop"
     assert built["ops"].get("LDS.U8", 0) == 0
@@ -64,7 +62,6 @@ def test_decode_kernel_builds_for_sm90(fp8: bool) -> None:
     built = compile_sm90(
         "_decode_kernel",
         {**COMMON, "k_cache_ptr": cache, "v_cache_ptr": cache},
-        {**SHAPE, "HEAD_DIM": 128, "SINGLE_SPLIT": False, "FP8": fp8, "MERGE": True},
+        {**SHAPE, "HEAD_DIM": 128, "SINGLE_SPLIT": False, "FP8": fp8},
     )
     assert any(op.startswith("HMMA") for op in built["ops"])
-    assert built["stack"] == 0  # the fused merge's tiles fit beside the key loop's registers
