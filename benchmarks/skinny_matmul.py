@@ -39,9 +39,8 @@ def configs(sweep: bool) -> list[SkinnyConfig]:
     grid = []
     for block_n in (16, 32, 64):
         for block_k in (128, 256):
-            for prefetch in (0, 4):
-                for stages in (3, 4):
-                    grid.append(SkinnyConfig(block_n, block_k, prefetch, 4, stages))
+            for stages in (3, 4):
+                grid.append(SkinnyConfig(block_n, block_k, 4, stages))
     return grid
 
 

@@ -4,10 +4,12 @@ At a few rows a linear only streams its weight: the floor is the weight's bytes 
 read rate. cuBLAS reaches 85-100 % of it on the large matrices of a decode step, but 60-76 % on
 the small ones (Llama-3-8B's QKV, 50 MB, and O, 34 MB, on an H200:
 ``benchmarks/results/blas-tuning-h200.md``), a fixed cost per kernel of a few microseconds.
-This kernel hides some of it: launched as a programmatic dependent (PDL), it starts while the
-kernel before it finishes, and asks L2 for the start of its weight slice before it waits for
-that kernel's output (the weights never depend on it). One program owns ``BLOCK_N`` output
-columns over all of K, the rows padded to 16 for the tensor cores.
+This kernel does better there (H100, ``benchmarks/results/skinny-matmul-h100-20261207.json``:
+O 81 % against 71 %, QKV 86 % against 82 %, down 93-94 % against 89-91 %; gate/up ties): one
+program owns ``BLOCK_N`` output columns over all of K in ``BLOCK_K`` steps, four in flight, the
+rows padded to 16 for the tensor cores, and it is launched as a programmatic dependent (PDL), so
+it starts while the kernel before it finishes. The engine captures it into a decode graph only
+for the linears it measured faster at start-up (``blas_choice.choose_skinny``).
 """
 
 from __future__ import annotations
@@ -26,26 +28,14 @@ MAX_ROWS = 16  # above this the weight is read once per 16 rows: cuBLAS's tiles 
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    """Launch shape: output columns per program, K per step, prefetched steps, Triton's knobs."""
+    """Launch shape: output columns per program, K per step, Triton's knobs. The default was the
+    fastest of a grid for O and down (H100 sweep; asking L2 for the first weight steps before
+    the PDL wait, ``prefetch.global.L2``, won nowhere and was dropped)."""
 
     block_n: int = 32
     block_k: int = 256
-    prefetch_steps: int = 4  # weight steps asked of L2 before the wait (0: none)
     num_warps: int = 4
     num_stages: int = 4
-
-
-@triton.jit
-def _prefetch_l2(ptrs):  # type: ignore[no-untyped-def]
-    """Ask L2 for the lines at ``ptrs`` without waiting for them (PTX ``prefetch``)."""
-    return tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
-        "=r,l",
-        [ptrs],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
 
 
 @triton.jit
@@ -62,20 +52,12 @@ def _skinny_matmul_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH_STEPS: tl.constexpr,
-    PREFETCH: tl.constexpr,  # the prefetch instruction exists (a GPU, not the interpreter)
     PDL: tl.constexpr = False,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    if PREFETCH:  # the last program's columns past N ask for row N - 1's lines again
-        w_lines = w_ptr + tl.minimum(cols, N - 1).to(tl.int64)[:, None] * stride_wn
-        # One 128-byte line per 64 bf16 values: a [BLOCK_N, BLOCK_K // 64] grid of lines a step.
-        lines = tl.arange(0, BLOCK_K // 64) * 64
-        for step in tl.static_range(PREFETCH_STEPS):
-            _prefetch_l2(w_lines + step * BLOCK_K + lines[None, :])
     if PDL:  # x is the output of the kernel before
         gdc_wait()
         gdc_launch_dependents()
@@ -110,8 +92,8 @@ def skinny_matmul(
         raise ValueError(f"x has {m} rows; this kernel takes 1 to {MAX_ROWS}")
     if k % 64:
         raise ValueError(f"in_features {k} is not a multiple of 64")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}")
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x and weight must both be bf16 or fp16, got {x.dtype}, {weight.dtype}")
     checks.check_unit_last_stride("x", x)
     checks.check_unit_last_stride("weight", weight)
     if out is None:
@@ -122,10 +104,7 @@ def skinny_matmul(
     block_k = min(config.block_k, triton.next_power_of_2(k))
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k,
-        PREFETCH_STEPS=min(config.prefetch_steps, k // block_k),
-        PREFETCH=x.device.type == "cuda" and config.prefetch_steps > 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k, num_warps=config.num_warps, num_stages=config.num_stages,
         **checks.launch_options(x.device),
     )  # fmt: skip
     return out

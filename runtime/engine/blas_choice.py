@@ -46,18 +46,23 @@ def preferred(library: str) -> Iterator[None]:
         torch.backends.cuda.preferred_blas_library(before)
 
 
-def time_matmuls(weights: Sequence[torch.Tensor], rows: int, replays: int = 5) -> float:
-    """Median ms of one CUDA-graph replay of ``rows`` rows times each weight (``x @ w.T``,
-    as ``nn.Linear``), in order: the matmuls of a decode step, under the preferred library.
-    Each weight is read once per replay, so the model's weights (larger than L2) stream from
-    memory as they do in a step."""
+def time_matmuls(
+    weights: Sequence[torch.Tensor],
+    rows: int,
+    replays: int = 5,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.linear,
+) -> float:
+    """Median ms of one CUDA-graph replay of ``rows`` rows times each weight (``x @ w.T`` by
+    ``matmul``, ``nn.Linear``'s by default), in order: the matmuls of a decode step, under the
+    preferred library. Each weight is read once per replay, so the model's weights (larger than
+    L2) stream from memory as they do in a step."""
     device, dtype = weights[0].device, weights[0].dtype
     inputs = {k: torch.randn(rows, k, dtype=dtype, device=device)
               for k in {w.shape[1] for w in weights}}  # fmt: skip
 
     def run() -> None:
         for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+            matmul(inputs[w.shape[1]], w)
 
     with torch.inference_mode():
         return replay_ms(run, replays, device)
@@ -109,5 +114,44 @@ def choose(
         "decode graphs' matmuls: %s",
         ", ".join(f"{lib} at {rows} rows ({gains[rows]:.3f}x)" for rows, lib in picked.items())
         or f"{DEFAULT} at every batch size",
+    )
+    return choice
+
+
+def choose_skinny(
+    kinds: Mapping[str, Sequence[torch.Tensor]],
+    library_for_size: Mapping[int, str],
+    max_rows: int,
+) -> dict[int, frozenset[str]]:
+    """Per decode batch size up to ``max_rows``, the kinds of projection (each kind's weights in
+    layer order) whose skinny kernel ran their matmuls faster than the size's BLAS library by
+    ``MIN_GAIN`` (``pick``), logged. A kind the kernel cannot run (it raises) stays on BLAS."""
+    from berth.kernels.skinny_matmul import skinny_matmul
+
+    choice: dict[int, frozenset[str]] = {}
+    gains: dict[tuple[int, str], float] = {}
+    for rows, library in library_for_size.items():
+        if rows > max_rows:
+            continue
+        won = set()
+        for kind, weights in kinds.items():
+            with preferred(library):
+                blas = time_matmuls(weights, rows)
+            try:
+                skinny = time_matmuls(weights, rows, matmul=skinny_matmul)
+            except (RuntimeError, ValueError) as e:
+                log.warning(
+                    "skinny kernel for %s at %d rows failed (%s): BLAS there", kind, rows, e
+                )
+                continue
+            if pick({library: blas, "skinny": skinny}, default=library) == "skinny":
+                won.add(kind)
+                gains[rows, kind] = blas / skinny
+        choice[rows] = frozenset(won)
+    torch.cuda.empty_cache()  # the timing graphs' pools
+    log.info(
+        "decode graphs' skinny-kernel projections: %s",
+        ", ".join(f"{kind} at {rows} rows ({gain:.3f}x)" for (rows, kind), gain in gains.items())
+        or "none (BLAS everywhere)",
     )
     return choice

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from berth.runtime.engine.decode_linear import DecodeLinear
 from berth.runtime.engine.layers import Pointwise
 from berth.runtime.engine.model_config import ModelConfig
 
@@ -88,10 +89,10 @@ class Attention(nn.Module):
         )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
+        self.qkv_proj = DecodeLinear(
+            "qkv", config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = DecodeLinear("o", self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.scale = self.head_dim**-0.5
@@ -160,8 +161,10 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, pointwise: Pointwise) -> None:
         super().__init__()
         self.pointwise = pointwise
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = DecodeLinear(
+            "gate_up", config.hidden_size, 2 * config.intermediate_size, bias=False
+        )
+        self.down_proj = DecodeLinear("down", config.intermediate_size, config.hidden_size, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.pointwise.silu_and_mul(self.gate_up_proj(x)))

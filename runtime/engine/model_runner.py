@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
-from berth.runtime.engine import blas_choice
+from berth.runtime.engine import blas_choice, decode_linear
 from berth.runtime.engine.budget import KvPlan, plan_kv_pool
 from berth.runtime.engine.config import EngineConfig
 from berth.runtime.engine.kv_arena import (
@@ -349,6 +349,8 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
         self.blas_for_size: dict[int, str] = {}  # the BLAS library each decode graph uses
+        # The projections (decode_linear) each decode graph runs on the skinny kernel.
+        self.skinny_for_size: dict[int, frozenset[str]] = {}
         self.num_graph_replays = 0
         # Prefill/mixed graphs by token count; each has room for ``graph_seqs`` sequences.
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -748,8 +750,15 @@ class ModelRunner:
             self.prefill_graph_sizes = []
             torch.cuda.synchronize(dev)
         decode_sizes = graph_batch_sizes(n)
+        projections = decode_linear.by_kind(self.model)
         if config.decode_blas == "measured":
             self.blas_for_size = blas_choice.choose(self._matmul_weights(), decode_sizes)
+            if self.dtype in (torch.bfloat16, torch.float16):
+                self.skinny_for_size = blas_choice.choose_skinny(
+                    {kind: [m.weight for m in ms] for kind, ms in projections.items()},
+                    self.blas_for_size,
+                    decode_linear.MAX_ROWS,
+                )
         else:
             self.blas_for_size = dict.fromkeys(decode_sizes, config.decode_blas)
         for size in reversed(decode_sizes):
@@ -761,7 +770,11 @@ class ModelRunner:
                 max_seq_len=self.max_model_len,
             )
             step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta, size)
-            with blas_choice.preferred(self.blas_for_size[size]):
+            skinny = self.skinny_for_size.get(size, frozenset())
+            with (
+                blas_choice.preferred(self.blas_for_size[size]),
+                decode_linear.skinny(projections, skinny),
+            ):
                 graph = self._capture(step, pool)
             pool = graph.pool()
             self.graphs[size] = graph

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from berth.kernels.skinny_matmul import MAX_ROWS, SkinnyConfig, skinny_matmul
 
-SMALL = SkinnyConfig(block_n=16, block_k=64, prefetch_steps=2)
+SMALL = SkinnyConfig(block_n=16, block_k=64)
 
 
 @pytest.mark.parametrize("rows", [1, 3, MAX_ROWS])
@@ -55,3 +55,10 @@ def test_llama_shapes_on_gpu(device: torch.device, rows: int) -> None:
         x = torch.randn(rows, k, dtype=torch.bfloat16, device=device)
         w = torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02
         torch.testing.assert_close(skinny_matmul(x, w), F.linear(x, w), atol=2e-2, rtol=2e-2)
+
+
+def test_rejects_float32(device: torch.device) -> None:
+    """fp32 would run the tensor cores in TF32: refused rather than silently less exact."""
+    x, w = torch.randn(2, 64, device=device), torch.randn(8, 64, device=device)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        skinny_matmul(x, w)

@@ -1,0 +1,78 @@
+"""The decoder's projections: the skinny kernel only where the runner turned it on, only for few
+rows and no bias, and the switch back off after a capture (the GPU side: test_engine_gpu.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from berth.kernels import skinny_matmul as kernel
+from berth.runtime.engine import Engine, EngineConfig
+from berth.runtime.engine.decode_linear import MAX_ROWS, DecodeLinear, by_kind, skinny
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of each skinny kernel call."""
+    seen: list[int] = []
+    real = kernel.skinny_matmul
+
+    def recording(x: torch.Tensor, w: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return real(x, w, *args, **kw)
+
+    monkeypatch.setattr(kernel, "skinny_matmul", recording)
+    return seen
+
+
+def test_limit_matches_the_kernel() -> None:
+    assert MAX_ROWS == kernel.MAX_ROWS
+
+
+def test_skinny_projection_matches_linear_up_to_the_row_limit(calls: list[int]) -> None:
+    torch.manual_seed(0)
+    proj = DecodeLinear("o", 128, 96, bias=False).half()
+    proj.skinny = True
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, 128, dtype=torch.float16)
+        torch.testing.assert_close(proj(x), F.linear(x, proj.weight), atol=2e-2, rtol=1e-2)
+    assert calls == [1, MAX_ROWS]  # 17 rows went to nn.Linear
+
+
+def test_off_by_default_and_never_with_a_bias(calls: list[int]) -> None:
+    x = torch.randn(2, 64, dtype=torch.float16)
+    plain = DecodeLinear("qkv", 64, 64, bias=False).half()
+    biased = DecodeLinear("qkv", 64, 64, bias=True).half()
+    biased.skinny = True
+    plain(x), biased(x)
+    assert calls == []
+
+
+def test_capture_switch_turns_on_the_chosen_kinds_and_everything_off_after() -> None:
+    model = torch.nn.Sequential(
+        DecodeLinear("qkv", 64, 64, bias=False),
+        DecodeLinear("o", 64, 64, bias=False),
+        DecodeLinear("qkv", 64, 64, bias=False),
+        DecodeLinear("qkv", 64, 64, bias=True),  # Qwen2's: never skinny, not grouped
+    )
+    kinds = by_kind(model)
+    assert {k: len(v) for k, v in kinds.items()} == {"qkv": 2, "o": 1}
+    with skinny(kinds, {"o"}):
+        assert [m.skinny for m in model] == [False, True, False, False]
+    assert not any(m.skinny for m in model)
+    with pytest.raises(RuntimeError), skinny(kinds, {"qkv", "o"}):
+        raise RuntimeError("a capture that fails")
+    assert not any(m.skinny for m in model)
+
+
+def test_every_layer_offers_its_four_projections(tiny_model: Path) -> None:
+    engine = Engine(EngineConfig(model=str(tiny_model), device="cpu"))
+    kinds = by_kind(engine.runner.model)
+    layers = engine.model_config.num_layers
+    assert {k: len(v) for k, v in kinds.items()} == dict.fromkeys(
+        ("qkv", "o", "gate_up", "down"), layers
+    )
