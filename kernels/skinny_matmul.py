@@ -38,6 +38,11 @@ class SkinnyConfig:
     num_stages: int = 4
 
 
+# What the engine tries per kind of projection at start-up: the default, shorter K steps (QKV's
+# best on the H100) and wider column tiles over three stages (gate/up's).
+CANDIDATES = (SkinnyConfig(), SkinnyConfig(block_k=128), SkinnyConfig(block_n=64, num_stages=3))
+
+
 @triton.jit
 def _skinny_matmul_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: pointer args
     x_ptr,  # [M, K]

@@ -12,11 +12,16 @@ captures each decode graph under the faster one; eager steps keep PyTorch's defa
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from berth.kernels.skinny_matmul import SkinnyConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,32 +127,37 @@ def choose_skinny(
     kinds: Mapping[str, Sequence[torch.Tensor]],
     library_for_size: Mapping[int, str],
     max_rows: int,
-) -> dict[int, frozenset[str]]:
+) -> dict[int, dict[str, SkinnyConfig]]:
     """Per decode batch size up to ``max_rows``, the kinds of projection (each kind's weights in
-    layer order) whose skinny kernel ran their matmuls faster than the size's BLAS library by
-    ``MIN_GAIN`` (``pick``), logged. A kind the kernel cannot run (it raises) stays on BLAS."""
-    from berth.kernels.skinny_matmul import skinny_matmul
+    layer order) whose skinny kernel, at the fastest of its candidate configs, ran their matmuls
+    faster than the size's BLAS library by ``MIN_GAIN`` (``pick``), with that config; logged. A
+    kind the kernel cannot run (it raises) stays on BLAS."""
+    from berth.kernels.skinny_matmul import CANDIDATES, skinny_matmul
 
-    choice: dict[int, frozenset[str]] = {}
+    choice: dict[int, dict[str, SkinnyConfig]] = {}
     gains: dict[tuple[int, str], float] = {}
     for rows, library in library_for_size.items():
         if rows > max_rows:
             continue
-        won = set()
+        choice[rows] = {}
         for kind, weights in kinds.items():
             with preferred(library):
                 blas = time_matmuls(weights, rows)
             try:
-                skinny = time_matmuls(weights, rows, matmul=skinny_matmul)
+                times = {
+                    config: time_matmuls(weights, rows, matmul=functools.partial(
+                        skinny_matmul, config=config))
+                    for config in CANDIDATES
+                }  # fmt: skip
             except (RuntimeError, ValueError) as e:
                 log.warning(
                     "skinny kernel for %s at %d rows failed (%s): BLAS there", kind, rows, e
                 )
                 continue
-            if pick({library: blas, "skinny": skinny}, default=library) == "skinny":
-                won.add(kind)
-                gains[rows, kind] = blas / skinny
-        choice[rows] = frozenset(won)
+            best = min(times, key=times.__getitem__)
+            if pick({library: blas, "skinny": times[best]}, default=library) == "skinny":
+                choice[rows][kind] = best
+                gains[rows, kind] = blas / times[best]
     torch.cuda.empty_cache()  # the timing graphs' pools
     log.info(
         "decode graphs' skinny-kernel projections: %s",

@@ -5,17 +5,22 @@ the time. cuBLAS streams the large weights at 90-100 % of the read rate but the 
 60-80 %; ``berth.kernels.skinny_matmul`` does better on some (``kernels/skinny_matmul.py``).
 Which kernel wins depends on the card, the shape and the row count, so the runner measures both
 at start-up for each kind of projection and decode batch size (``blas_choice.choose_skinny``)
-and turns ``skinny`` on for the kinds that won while it captures that size's graph. Eager steps
-and anything above ``MAX_ROWS`` rows, or with a bias, stay on ``nn.Linear``.
+and gives the kinds that won their fastest launch config (``skinny``) while it captures that
+size's graph. Eager steps and anything above ``MAX_ROWS`` rows, or with a bias, stay on
+``nn.Linear``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from berth.kernels.skinny_matmul import SkinnyConfig
 
 # The skinny kernel's row limit (kernels/skinny_matmul.py), repeated here so that importing the
 # model does not import Triton.
@@ -24,18 +29,20 @@ MAX_ROWS = 16
 
 class DecodeLinear(nn.Linear):
     """``nn.Linear`` with a ``kind`` (the projection it is in every layer: qkv, o, gate_up,
-    down) and a ``skinny`` switch the runner sets while capturing a decode graph."""
+    down) and a ``skinny`` launch config the runner sets while capturing a decode graph (None:
+    ``nn.Linear``)."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.kind = kind
-        self.skinny = False
+        self.skinny: SkinnyConfig | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skinny and self.bias is None and x.dim() == 2 and x.shape[0] <= MAX_ROWS:
+        config = self.skinny
+        if config is not None and self.bias is None and x.dim() == 2 and x.shape[0] <= MAX_ROWS:
             from berth.kernels.skinny_matmul import skinny_matmul
 
-            return skinny_matmul(x, self.weight)
+            return skinny_matmul(x, self.weight, config=config)
         return super().forward(x)
 
 
@@ -51,16 +58,16 @@ def by_kind(model: nn.Module) -> dict[str, list[DecodeLinear]]:
 
 @contextlib.contextmanager
 def skinny(
-    projections: Mapping[str, Sequence[DecodeLinear]], kinds: Collection[str]
+    projections: Mapping[str, Sequence[DecodeLinear]], configs: Mapping[str, SkinnyConfig]
 ) -> Iterator[None]:
-    """The projections of ``kinds`` run the skinny kernel inside the block (a decode graph's
-    capture), every projection runs ``nn.Linear`` after it."""
+    """The projections of each kind in ``configs`` run the skinny kernel with its config inside
+    the block (a decode graph's capture); every projection runs ``nn.Linear`` after it."""
     for kind, modules in projections.items():
         for module in modules:
-            module.skinny = kind in kinds
+            module.skinny = configs.get(kind)
     try:
         yield
     finally:
         for modules in projections.values():
             for module in modules:
-                module.skinny = False
+                module.skinny = None

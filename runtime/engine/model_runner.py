@@ -65,6 +65,8 @@ from berth.runtime.engine.weights import load_weights
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE as _PoolHandle
 
+    from berth.kernels.skinny_matmul import SkinnyConfig
+
 log = logging.getLogger(__name__)
 
 _PAD_TOKENS = np.array([[0], [0], [-1]])  # token id, position, slot of a padding row
@@ -350,7 +352,7 @@ class ModelRunner:
         self.graph_sizes: list[int] = []
         self.blas_for_size: dict[int, str] = {}  # the BLAS library each decode graph uses
         # The projections (decode_linear) each decode graph runs on the skinny kernel.
-        self.skinny_for_size: dict[int, frozenset[str]] = {}
+        self.skinny_for_size: dict[int, dict[str, SkinnyConfig]] = {}
         self.num_graph_replays = 0
         # Prefill/mixed graphs by token count; each has room for ``graph_seqs`` sequences.
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -770,7 +772,7 @@ class ModelRunner:
                 max_seq_len=self.max_model_len,
             )
             step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta, size)
-            skinny = self.skinny_for_size.get(size, frozenset())
+            skinny = self.skinny_for_size.get(size, {})
             with (
                 blas_choice.preferred(self.blas_for_size[size]),
                 decode_linear.skinny(projections, skinny),

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from berth.kernels import skinny_matmul as kernel
+from berth.kernels.skinny_matmul import SkinnyConfig
 from berth.runtime.engine import Engine, EngineConfig
 from berth.runtime.engine.decode_linear import MAX_ROWS, DecodeLinear, by_kind, skinny
 
@@ -36,7 +37,7 @@ def test_limit_matches_the_kernel() -> None:
 def test_skinny_projection_matches_linear_up_to_the_row_limit(calls: list[int]) -> None:
     torch.manual_seed(0)
     proj = DecodeLinear("o", 128, 96, bias=False).half()
-    proj.skinny = True
+    proj.skinny = SkinnyConfig(block_n=16, block_k=64)
     for rows in (1, MAX_ROWS, MAX_ROWS + 1):
         x = torch.randn(rows, 128, dtype=torch.float16)
         torch.testing.assert_close(proj(x), F.linear(x, proj.weight), atol=2e-2, rtol=1e-2)
@@ -47,7 +48,7 @@ def test_off_by_default_and_never_with_a_bias(calls: list[int]) -> None:
     x = torch.randn(2, 64, dtype=torch.float16)
     plain = DecodeLinear("qkv", 64, 64, bias=False).half()
     biased = DecodeLinear("qkv", 64, 64, bias=True).half()
-    biased.skinny = True
+    biased.skinny = SkinnyConfig()
     plain(x), biased(x)
     assert calls == []
 
@@ -61,12 +62,13 @@ def test_capture_switch_turns_on_the_chosen_kinds_and_everything_off_after() -> 
     )
     kinds = by_kind(model)
     assert {k: len(v) for k, v in kinds.items()} == {"qkv": 2, "o": 1}
-    with skinny(kinds, {"o"}):
-        assert [m.skinny for m in model] == [False, True, False, False]
-    assert not any(m.skinny for m in model)
-    with pytest.raises(RuntimeError), skinny(kinds, {"qkv", "o"}):
+    config = SkinnyConfig(block_k=128)
+    with skinny(kinds, {"o": config}):
+        assert [m.skinny for m in model] == [None, config, None, None]
+    assert all(m.skinny is None for m in model)
+    with pytest.raises(RuntimeError), skinny(kinds, {"qkv": config, "o": config}):
         raise RuntimeError("a capture that fails")
-    assert not any(m.skinny for m in model)
+    assert all(m.skinny is None for m in model)
 
 
 def test_every_layer_offers_its_four_projections(tiny_model: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from berth.kernels.skinny_matmul import SkinnyConfig
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice, decode_linear
 from berth.runtime.engine.sampler import Sampler, allowed_only
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
@@ -80,17 +81,18 @@ def test_decode_graphs_with_skinny_projections_match_eager(
     capture every projection is back on nn.Linear for the eager ones."""
 
     def everywhere(kinds, library_for_size, max_rows):  # type: ignore[no-untyped-def]
-        return {rows: frozenset(kinds) for rows in library_for_size if rows <= max_rows}
+        config = SkinnyConfig(block_k=128)
+        return {rows: dict.fromkeys(kinds, config) for rows in library_for_size if rows <= max_rows}
 
     monkeypatch.setattr(blas_choice, "choose_skinny", everywhere)
     prompts = [[(5 * i + j) % 500 + 1 for j in range(6 + 7 * i)] for i in range(12)]
     kw = {"model": str(tiny_model), "device": "cuda", "dtype": "bfloat16", "max_num_seqs": 32,
           "kv_cache_bytes": 64 << 20}  # fmt: skip
     graphed = Engine(EngineConfig(**kw))  # type: ignore[arg-type]
-    assert graphed.runner.skinny_for_size[16] == {"qkv", "o", "gate_up", "down"}
+    assert set(graphed.runner.skinny_for_size[16]) == {"qkv", "o", "gate_up", "down"}
     assert 32 not in graphed.runner.skinny_for_size
     projections = decode_linear.by_kind(graphed.runner.model)
-    assert not any(m.skinny for ms in projections.values() for m in ms)
+    assert all(m.skinny is None for ms in projections.values() for m in ms)
     eager = Engine(EngineConfig(**kw, enforce_eager=True))  # type: ignore[arg-type]
     for batch in (prompts[:1], prompts[:5], prompts):  # graphs of 1, 8 and 16 rows
         a, b = _decode_logits(graphed, batch), _decode_logits(eager, batch)
@@ -113,8 +115,8 @@ def test_measured_blas_gives_every_decode_graph_a_library(tiny_model: Path) -> N
     assert set(engine.runner.blas_for_size) == set(engine.runner.graphs)
     assert set(engine.runner.blas_for_size.values()) <= set(blas_choice.LIBRARIES)
     assert set(engine.runner.skinny_for_size) == {1, 2, 4, 8, 16}  # measured up to 16 rows
-    for kinds in engine.runner.skinny_for_size.values():
-        assert kinds <= {"qkv", "o", "gate_up", "down"}
+    for configs in engine.runner.skinny_for_size.values():
+        assert set(configs) <= {"qkv", "o", "gate_up", "down"}
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     outs = engine.generate([[3, 5, 7, 9]] * 40, params)
     assert len({tuple(o.new_token_ids) for o in outs}) == 1  # one prompt, one greedy answer
