@@ -555,6 +555,10 @@ def main() -> None:
     )
     report["engine_start_s"] = time.perf_counter() - t0
     report["decode_blas"] = {str(k): v for k, v in engine.runner.blas_for_size.items()}
+    report["decode_skinny"] = {
+        str(rows): {kind: str(config) for kind, config in configs.items()}
+        for rows, configs in engine.runner.skinny_for_size.items()
+    }
     freeze_startup_heap("benchmark")  # as the engine process does: no long full collections
     report["kernels"] = engine.runner.kernel_backend
     report["cuda_graphs"] = bool(engine.runner.graphs)
