@@ -57,14 +57,12 @@ def _skinny_matmul_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SILU_MUL: tl.constexpr = False,  # out = silu(x @ w[:N].T) * (x @ w[N:].T), [M, N]
     PDL: tl.constexpr = False,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    up_rows = w_rows + N * stride_wn  # SILU_MUL: the up half's rows of the same columns
     if PDL:  # x is the output of the kernel before
         gdc_wait()
         gdc_launch_dependents()
@@ -72,23 +70,13 @@ def _skinny_matmul_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
     row_ok = rows < M
     x_rows = x_ptr + rows[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
         x = tl.load(x_rows + k0 + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_ok = col_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_rows + k0 + ks[None, :], mask=w_ok, other=0.0)
+        w = tl.load(w_rows + k0 + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-        if SILU_MUL:
-            up = tl.dot(x, tl.trans(tl.load(up_rows + k0 + ks[None, :], mask=w_ok, other=0.0)), up)
-    dtype = out_ptr.dtype.element_ty
-    result = acc.to(dtype)
-    if SILU_MUL:  # rounded as the unfused steps round: gate and up, silu(gate), the product
-        gate = result.to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dtype)
-        result = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
     dst = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(dst, result, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def skinny_matmul(
@@ -96,23 +84,15 @@ def skinny_matmul(
     weight: torch.Tensor,
     out: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
-    silu_mul: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T`` (``F.linear`` without a bias) for ``x`` of at most ``MAX_ROWS`` rows;
-    ``weight`` [N, K] with unit last stride, K a multiple of 64 (every model's hidden size).
-
-    With ``silu_mul`` the weight is a fused gate/up projection [2I, K] and the result is
-    ``silu(gate) * up`` [M, I], as ``silu_and_mul`` of the product: one kernel, not two."""
+    ``weight`` [N, K] with unit last stride, K a multiple of 64 (every model's hidden size)."""
     checks.check_device(x=x, weight=weight)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x [M, K] and weight [N, K] expected, got {list(x.shape)} and "
                          f"{list(weight.shape)}")  # fmt: skip
     m, k = x.shape
     n = weight.shape[0]
-    if silu_mul:
-        if n % 2:
-            raise ValueError(f"a gate/up weight has an even number of rows, got {n}")
-        n //= 2
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"x has {m} rows; this kernel takes 1 to {MAX_ROWS}")
     if k % 64:
@@ -129,8 +109,7 @@ def skinny_matmul(
     block_k = min(config.block_k, triton.next_power_of_2(k))
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k, num_warps=config.num_warps, num_stages=config.num_stages,
         **checks.launch_options(x.device),
     )  # fmt: skip
     return out

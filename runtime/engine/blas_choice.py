@@ -133,7 +133,6 @@ def choose_skinny(
     faster than the size's BLAS library by ``MIN_GAIN`` (``pick``), with that config; logged. A
     kind the kernel cannot run (it raises) stays on BLAS."""
     from berth.kernels.skinny_matmul import CANDIDATES, skinny_matmul
-    from berth.runtime.engine.decode_linear import SILU_MUL_KIND
 
     choice: dict[int, dict[str, SkinnyConfig]] = {}
     gains: dict[tuple[int, str], float] = {}
@@ -145,11 +144,9 @@ def choose_skinny(
             with preferred(library):
                 blas = time_matmuls(weights, rows)
             try:
-                # The gate/up kind with its SiLU-and-mul, as it runs on the skinny kernel: still
-                # against the product alone on BLAS (the unfused SiLU's kernel not counted).
                 times = {
                     config: time_matmuls(weights, rows, matmul=functools.partial(
-                        skinny_matmul, config=config, silu_mul=kind == SILU_MUL_KIND))
+                        skinny_matmul, config=config))
                     for config in CANDIDATES
                 }  # fmt: skip
             except (RuntimeError, ValueError) as e:

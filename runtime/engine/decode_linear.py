@@ -13,7 +13,7 @@ size's graph. Eager steps and anything above ``MAX_ROWS`` rows, or with a bias, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 # The skinny kernel's row limit (kernels/skinny_matmul.py), repeated here so that importing the
 # model does not import Triton.
 MAX_ROWS = 16
-# The projection whose product SiLU-and-mul consumes: on the skinny kernel the two are one kernel.
-SILU_MUL_KIND = "gate_up"
 
 
 class DecodeLinear(nn.Linear):
@@ -46,18 +44,6 @@ class DecodeLinear(nn.Linear):
 
             return skinny_matmul(x, self.weight, config=config)
         return super().forward(x)
-
-    def forward_silu_mul(
-        self, x: torch.Tensor, silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
-        """A gate/up projection followed by ``silu_and_mul``; on the skinny kernel, in the same
-        kernel (``SILU_MUL_KIND``: the measurement timed it so)."""
-        config = self.skinny
-        if config is not None and self.bias is None and x.dim() == 2 and x.shape[0] <= MAX_ROWS:
-            from berth.kernels.skinny_matmul import skinny_matmul
-
-            return skinny_matmul(x, self.weight, config=config, silu_mul=True)
-        return silu_and_mul(self(x))
 
 
 def by_kind(model: nn.Module) -> dict[str, list[DecodeLinear]]:

@@ -167,7 +167,7 @@ class MLP(nn.Module):
         self.down_proj = DecodeLinear("down", config.intermediate_size, config.hidden_size, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.forward_silu_mul(x, self.pointwise.silu_and_mul))
+        return self.down_proj(self.pointwise.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

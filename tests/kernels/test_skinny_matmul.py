@@ -23,24 +23,6 @@ def test_matches_linear(device: torch.device, rows: int, n: int, k: int) -> None
     torch.testing.assert_close(out, F.linear(x, w), atol=2e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_silu_mul_matches_the_unfused_steps(device: torch.device, rows: int) -> None:
-    """Gate/up product then SiLU-and-mul in one kernel: the same as the two steps."""
-    torch.manual_seed(rows)
-    x = torch.randn(rows, 128, dtype=torch.float16, device=device)
-    w = torch.randn(2 * 40, 128, dtype=torch.float16, device=device) * 0.1
-    gate, up = F.linear(x, w).chunk(2, dim=-1)
-    got = skinny_matmul(x, w, config=SMALL, silu_mul=True)
-    assert got.shape == (rows, 40)
-    torch.testing.assert_close(got, F.silu(gate) * up, atol=2e-2, rtol=1e-2)
-
-
-def test_silu_mul_needs_an_even_weight(device: torch.device) -> None:
-    x = torch.randn(1, 64, dtype=torch.float16, device=device)
-    with pytest.raises(ValueError, match="even number of rows"):
-        skinny_matmul(x, torch.randn(7, 64, dtype=torch.float16, device=device), silu_mul=True)
-
-
 def test_strided_rows(device: torch.device) -> None:
     """x and w as row views of larger tensors (a fused projection's slices)."""
     x = torch.randn(4, 256, dtype=torch.float16, device=device)[:, :128]
@@ -73,10 +55,6 @@ def test_llama_shapes_on_gpu(device: torch.device, rows: int) -> None:
         x = torch.randn(rows, k, dtype=torch.bfloat16, device=device)
         w = torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02
         torch.testing.assert_close(skinny_matmul(x, w), F.linear(x, w), atol=2e-2, rtol=2e-2)
-    gate, up = F.linear(x, w := torch.randn(28672, 4096, dtype=torch.bfloat16, device=device)
-                        * 0.02).chunk(2, dim=-1)  # fmt: skip
-    torch.testing.assert_close(skinny_matmul(x, w, silu_mul=True), F.silu(gate) * up,
-                               atol=2e-2, rtol=2e-2)  # fmt: skip
 
 
 def test_rejects_float32(device: torch.device) -> None:
