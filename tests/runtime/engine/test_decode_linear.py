@@ -30,24 +30,28 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
+# The interpreter on the CPU (CI), the compiled kernel where a GPU is.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_limit_matches_the_kernel() -> None:
     assert MAX_ROWS == kernel.MAX_ROWS
 
 
 def test_skinny_projection_matches_linear_up_to_the_row_limit(calls: list[int]) -> None:
     torch.manual_seed(0)
-    proj = DecodeLinear("o", 128, 96, bias=False).half()
+    proj = DecodeLinear("o", 128, 96, bias=False).half().to(DEVICE)
     proj.skinny = SkinnyConfig(block_n=16, block_k=64)
     for rows in (1, MAX_ROWS, MAX_ROWS + 1):
-        x = torch.randn(rows, 128, dtype=torch.float16)
+        x = torch.randn(rows, 128, dtype=torch.float16, device=DEVICE)
         torch.testing.assert_close(proj(x), F.linear(x, proj.weight), atol=2e-2, rtol=1e-2)
     assert calls == [1, MAX_ROWS]  # 17 rows went to nn.Linear
 
 
 def test_off_by_default_and_never_with_a_bias(calls: list[int]) -> None:
-    x = torch.randn(2, 64, dtype=torch.float16)
-    plain = DecodeLinear("qkv", 64, 64, bias=False).half()
-    biased = DecodeLinear("qkv", 64, 64, bias=True).half()
+    x = torch.randn(2, 64, dtype=torch.float16, device=DEVICE)
+    plain = DecodeLinear("qkv", 64, 64, bias=False).half().to(DEVICE)
+    biased = DecodeLinear("qkv", 64, 64, bias=True).half().to(DEVICE)
     biased.skinny = SkinnyConfig()
     plain(x), biased(x)
     assert calls == []
