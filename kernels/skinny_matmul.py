@@ -5,7 +5,8 @@ read rate. cuBLAS reaches 85-100 % of it on the large matrices of a decode step,
 the small ones (Llama-3-8B's QKV, 50 MB, and O, 34 MB, on an H200:
 ``benchmarks/results/blas-tuning-h200.md``), a fixed cost per kernel of a few microseconds.
 This kernel does better there (H100, ``benchmarks/results/skinny-matmul-h100-20261207.json``:
-O 81 % against 71 %, QKV 86 % against 82 %, down 93-94 % against 89-91 %; gate/up ties): one
+O 81 % against 71 %, QKV 86 % against 82 %, down 93-94 % against 89-91 %; gate/up ties; on an
+H200 QKV 1.10x and O 1.12x cuBLAS, ``skinny-matmul-h200-20261207.json``): one
 program owns ``BLOCK_N`` output columns over all of K in ``BLOCK_K`` steps, four in flight, the
 rows padded to 16 for the tensor cores, and it is launched as a programmatic dependent (PDL), so
 it starts while the kernel before it finishes. The engine captures it into a decode graph only
@@ -109,7 +110,8 @@ def skinny_matmul(
     block_k = min(config.block_k, triton.next_power_of_2(k))
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
         **checks.launch_options(x.device),
     )  # fmt: skip
     return out

@@ -43,7 +43,9 @@ class EngineConfig:
     # Prefill/mixed steps of up to this many tokens replay CUDA graphs (0: they run eagerly).
     max_prefill_graph_tokens: int = 2048
     # The BLAS library of the decode graphs' matmuls: "measured" (per batch size, whichever of
-    # cuBLAS and cuBLASLt ran the model's matmuls faster at start-up), "cublas" or "cublaslt".
+    # cuBLAS and cuBLASLt ran the model's matmuls faster at start-up, and up to 16 rows Berth's
+    # skinny kernel for each kind of projection it ran faster), "cublas" or "cublaslt" (every
+    # decode graph on that library alone).
     decode_blas: str = "measured"
     seed: int = 0
     budget: GpuBudget | None = None  # the pod's GPU memory share (``budget.read_budget``)

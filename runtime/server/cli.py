@@ -198,7 +198,8 @@ def _env(name: str) -> str:
     show_default=True,
     type=click.Choice(DECODE_BLAS),
     help="BLAS library of the decode graphs' matmuls: measured per batch size at start-up "
-    "(whichever of cuBLAS and cuBLASLt is faster there), or one for all.",
+    "(whichever of cuBLAS and cuBLASLt is faster there, and up to 16 rows Berth's skinny kernel "
+    "for the projections it runs faster), or one library for all.",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
