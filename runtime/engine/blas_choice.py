@@ -123,6 +123,14 @@ def choose(
     return choice
 
 
+def pick_skinny(blas_ms: float, skinny_ms: Mapping[SkinnyConfig, float]) -> SkinnyConfig | None:
+    """The skinny kernel's fastest config, if it beats BLAS by ``MIN_GAIN``; else None (BLAS)."""
+    if not skinny_ms:
+        return None
+    best = min(skinny_ms, key=skinny_ms.__getitem__)
+    return best if blas_ms > skinny_ms[best] * MIN_GAIN else None
+
+
 def choose_skinny(
     kinds: Mapping[str, Sequence[torch.Tensor]],
     library_for_size: Mapping[int, str],
@@ -154,8 +162,8 @@ def choose_skinny(
                     "skinny kernel for %s at %d rows failed (%s): BLAS there", kind, rows, e
                 )
                 continue
-            best = min(times, key=times.__getitem__)
-            if pick({library: blas, "skinny": times[best]}, default=library) == "skinny":
+            best = pick_skinny(blas, times)
+            if best is not None:
                 choice[rows][kind] = best
                 gains[rows, kind] = blas / times[best]
     torch.cuda.empty_cache()  # the timing graphs' pools

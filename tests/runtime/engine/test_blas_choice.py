@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from berth.kernels.skinny_matmul import CANDIDATES, SkinnyConfig
 from berth.runtime.engine import EngineConfig, blas_choice
-from berth.runtime.engine.blas_choice import DEFAULT, MIN_GAIN, pick
+from berth.runtime.engine.blas_choice import DEFAULT, MIN_GAIN, pick, pick_skinny
 
 times_ms = st.dictionaries(
     st.sampled_from(["cublaslt", "other"]),
@@ -43,6 +44,30 @@ def test_another_library_only_when_it_beats_the_default_by_the_margin(
 )
 def test_measured_picks(times: dict[str, float], expected: str) -> None:
     assert pick(times) == expected
+
+
+@given(
+    st.floats(0.01, 100.0),
+    st.dictionaries(st.sampled_from(CANDIDATES), st.floats(0.01, 100.0), max_size=3),
+)
+def test_the_skinny_kernel_only_where_its_best_config_beats_blas_by_the_margin(
+    blas: float, skinny: dict[SkinnyConfig, float]
+) -> None:
+    chosen = pick_skinny(blas, skinny)
+    if chosen is None:
+        assert not skinny or blas <= min(skinny.values()) * MIN_GAIN
+    else:
+        assert skinny[chosen] == min(skinny.values())
+        assert blas > skinny[chosen] * MIN_GAIN
+
+
+def test_skinny_picks_measured_on_the_h200() -> None:
+    """QKV at one row on an H200 (skinny-matmul-h200-20261207.json): 16.5 us on cuBLAS, 15.0 on
+    the default config; gate/up 55.7 against 56.3: stays on BLAS."""
+    default, short_k = CANDIDATES[0], CANDIDATES[1]
+    assert pick_skinny(16.5, {default: 15.0, short_k: 15.3}) == default
+    assert pick_skinny(55.7, {default: 56.3}) is None
+    assert pick_skinny(10.0, {default: 9.9}) is None  # 1 %: within the noise
 
 
 def test_a_time_for_the_default_is_required() -> None:
