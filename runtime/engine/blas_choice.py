@@ -138,8 +138,10 @@ def choose_skinny(
 ) -> dict[int, dict[str, SkinnyConfig]]:
     """Per decode batch size up to ``max_rows``, the kinds of projection (each kind's weights in
     layer order) whose skinny kernel, at the fastest of its candidate configs, ran their matmuls
-    faster than the size's BLAS library by ``MIN_GAIN`` (``pick``), with that config; logged. A
-    kind the kernel cannot run (it raises) stays on BLAS."""
+    faster than the size's BLAS library by ``MIN_GAIN`` (``pick_skinny``), with that config;
+    logged. A kind the kernel cannot run on this GPU (it fails to compile, to launch or to
+    capture, whatever the error) stays on BLAS: the kernel is an optimisation, never a reason
+    for the engine not to start."""
     from berth.kernels.skinny_matmul import CANDIDATES, skinny_matmul
 
     choice: dict[int, dict[str, SkinnyConfig]] = {}
@@ -157,7 +159,7 @@ def choose_skinny(
                         skinny_matmul, config=config))
                     for config in CANDIDATES
                 }  # fmt: skip
-            except (RuntimeError, ValueError) as e:
+            except Exception as e:  # an optional kernel: any failure keeps BLAS
                 log.warning(
                     "skinny kernel for %s at %d rows failed (%s): BLAS there", kind, rows, e
                 )

@@ -102,6 +102,25 @@ def test_decode_graphs_with_skinny_projections_match_eager(
                 engine.step()
 
 
+def test_a_skinny_kernel_that_cannot_run_leaves_blas(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up measurement meets a kernel that fails (as one that does not compile for
+    this GPU would): the engine starts, every projection on BLAS."""
+    from berth.kernels import skinny_matmul as kernel
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise Exception("no kernel for this GPU")  # whatever Triton raises
+
+    monkeypatch.setattr(kernel, "skinny_matmul", broken)
+    engine = Engine(EngineConfig(model=str(tiny_model), device="cuda", dtype="bfloat16",
+                                 max_num_seqs=16, kv_cache_bytes=64 << 20))  # fmt: skip
+    assert set(engine.runner.skinny_for_size) == {1, 2, 4, 8, 16}
+    assert not any(engine.runner.skinny_for_size.values())
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert len(engine.generate([[3, 5, 7]], params)[0].new_token_ids) == 4
+
+
 def test_measured_blas_gives_every_decode_graph_a_library(tiny_model: Path) -> None:
     engine = Engine(
         EngineConfig(
