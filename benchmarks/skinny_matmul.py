@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -118,12 +119,41 @@ def main() -> None:
     report = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
         "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         "read_bytes_per_s": read,
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "skinny-matmul.json").write_text(json.dumps(report, indent=1))
+    table = render(report)
+    print(table)
+    (args.out / "skinny-matmul.md").write_text(table)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The results as a Markdown table: per kind and row count, each kernel's time per linear
+    and its share of the read rate, and the skinny kernel's speed-up over cuBLAS."""
+    lines = [
+        f"# A decode step's linears at few rows on {report['gpu']}",
+        "",
+        f"{report['date']}; torch {report['torch']}, triton {report['triton']}, CUDA "
+        f"{report['cuda']}; HBM read measured in this run {report['read_bytes_per_s'] / 1e12:.2f}"
+        " TB/s. Times per linear (one graph of a kind's linears, one per layer).",
+        "",
+        "| kind (N x K) | rows | cuBLAS (us) | of read | cuBLASLt (us) | of read | skinny, best "
+        "(us) | of read | best config | vs cuBLAS |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['kind']} ({r['n']} x {r['k']}) | {r['rows']} | {r['cublas']:.1f} | "
+            f"{r['cublas_of_read']:.0%} | {r['cublaslt']:.1f} | {r['cublaslt_of_read']:.0%} | "
+            f"{r['triton_best']:.1f} | {r['triton_best_of_read']:.0%} | "
+            f"{r['triton_best_config']} | {r['cublas'] / r['triton_best']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the small ones (Llama-3-8B's QKV, 50 MB, and O, 34 MB, on an H200:
 ``benchmarks/results/blas-tuning-h200.md``), a fixed cost per kernel of a few microseconds.
 This kernel does better there (H100, ``benchmarks/results/skinny-matmul-h100-20261207.json``:
 O 81 % against 71 %, QKV 86 % against 82 %, down 93-94 % against 89-91 %; gate/up ties; on an
-H200 QKV 1.10x and O 1.12x cuBLAS, ``skinny-matmul-h200-20261207.json``): one
+H200 QKV 1.03-1.09x and O 1.08-1.12x cuBLAS, ``skinny-matmul-h200-20261207.md``): one
 program owns ``BLOCK_N`` output columns over all of K in ``BLOCK_K`` steps, four in flight, the
 rows padded to 16 for the tensor cores, and it is launched as a programmatic dependent (PDL), so
 it starts while the kernel before it finishes. The engine captures it into a decode graph only
