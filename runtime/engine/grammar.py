@@ -1,5 +1,6 @@
-"""JSON schemas, regular expressions, choices and Lark texts as llguidance grammars, for the server (which checks them before the engine sees
-a request) and the engine (``structured``); no torch here, so the server process can import it.
+"""JSON schemas, regular expressions, choices and Lark texts as llguidance grammars, for the
+server (which checks them before the engine sees a request) and the engine (``structured``); no
+torch here, so the server process can import it.
 
 llguidance is Rust: a fault inside it surfaces as pyo3's ``PanicException``, which derives from
 ``BaseException``, not ``Exception`` (fuzzing schemas found one: an error message cut inside a

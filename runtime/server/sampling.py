@@ -236,7 +236,7 @@ def request_grammar(
     if lark is None and answer is not None:
         if thinking is None:
             return schema_grammar(*answer)
-        (schema, param), lark = answer, json_lark(answer[0])
+        lark, param = json_lark(answer[0]), answer[1]
     if lark is None:
         return None
     with _named(param):
