@@ -3,7 +3,8 @@ against cuBLAS and cuBLASLt, per kind of linear, on one GPU, against the read ra
 
 Each kind (QKV, O, gate/up, down of a model shape) runs as one CUDA graph of its linears, one
 per layer, each with its own weight, so every weight streams from HBM as in a step; the kernels
-follow each other as the step's do, the Triton ones as programmatic dependents. Reported: the
+follow each other as the step's do, the Triton ones as programmatic dependents. The timing is
+the engine's own start-up measurement (``blas_choice.time_matmuls``). Reported: the
 median replay over the linears, the weights' read rate it implies as a fraction of the measured
 read rate, and the fastest Triton launch config of a small grid. Results are checked against
 ``F.linear`` first.
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from blas_tuning import linear_shapes  # benchmarks/blas_tuning.py
 from engine import measure_bandwidth  # benchmarks/engine.py
 
 from berth.kernels.skinny_matmul import SkinnyConfig, skinny_matmul
-from berth.runtime.engine.blas_choice import preferred, replay_ms
+from berth.runtime.engine.blas_choice import preferred, time_matmuls
 
 
 def configs(sweep: bool) -> list[SkinnyConfig]:
@@ -43,24 +44,6 @@ def configs(sweep: bool) -> list[SkinnyConfig]:
             for stages in (3, 4):
                 grid.append(SkinnyConfig(block_n, block_k, 4, stages))
     return grid
-
-
-def run_library(x: torch.Tensor, weights: list[torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        for w in weights:
-            F.linear(x, w)
-
-    return run
-
-
-def run_skinny(
-    x: torch.Tensor, weights: list[torch.Tensor], outs: list[torch.Tensor], config: SkinnyConfig
-) -> Callable[[], None]:
-    def run() -> None:
-        for w, o in zip(weights, outs, strict=True):
-            skinny_matmul(x, w, o, config)
-
-    return run
 
 
 def main() -> None:
@@ -81,12 +64,11 @@ def main() -> None:
         nbytes = n * k * 2
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k, dtype=dtype, device=device)
-            outs = [torch.empty(rows, n, dtype=dtype, device=device) for _ in weights]
             ref = F.linear(x, weights[0])
             row: dict[str, Any] = {"kind": kind, "rows": rows, "n": n, "k": k, "count": count}
             for library in ("cublas", "cublaslt"):
                 with preferred(library):
-                    ms = replay_ms(run_library(x, weights), 7)
+                    ms = time_matmuls(weights, rows, replays=7)
                 row[library] = ms / count * 1e3  # us per linear
             best: tuple[float, str] | None = None
             for config in configs(args.sweep):
@@ -95,7 +77,8 @@ def main() -> None:
                 if not err < 1e-2:
                     print(f"FAIL {kind} {rows} {config}: rel err {err:.1e}", flush=True)
                     continue
-                ms = replay_ms(run_skinny(x, weights, outs, config), 7)
+                skinny = functools.partial(skinny_matmul, config=config)
+                ms = time_matmuls(weights, rows, replays=7, matmul=skinny)
                 us = ms / count * 1e3
                 if config == SkinnyConfig():
                     row["triton_default"] = us

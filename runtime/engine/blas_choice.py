@@ -70,28 +70,20 @@ def time_matmuls(
             matmul(inputs[w.shape[1]], w)
 
     with torch.inference_mode():
-        return replay_ms(run, replays, device)
-
-
-def replay_ms(
-    run: Callable[[], None], replays: int = 5, device: torch.device | None = None
-) -> float:
-    """Median ms of one replay of a CUDA graph of ``run`` on ``device`` (default: the current
-    one), run once first outside the capture (libraries load handles, workspaces, kernels)."""
-    run()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        run()  # outside the capture: the library's handles, workspaces and kernels load
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
         graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+        times = []
+        for _ in range(replays):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
     return statistics.median(times)
 
 
