@@ -39,8 +39,7 @@ from typing import Any
 import torch
 
 from berth.kernels.checks import programmatic_launch
-from berth.runtime.engine import Engine, EngineConfig, SamplingParams, model_runner
-from berth.runtime.engine.blas_choice import time_matmuls
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice, model_runner
 from berth.runtime.engine.config import DECODE_BLAS
 from berth.runtime.engine.model import AttentionOps
 from berth.runtime.engine.model_config import ModelConfig
@@ -113,7 +112,7 @@ def time_linears(model: torch.nn.Module, batch: int, repeats: int = 11) -> dict[
     FLOPs do, so a bytes-only roofline understates the step, and this is the floor beside it."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     flops = sum(2 * batch * m.in_features * m.out_features for m in linears)
-    ms = time_matmuls([m.weight for m in linears], batch, replays=repeats)
+    ms = blas_choice.time_matmuls([m.weight for m in linears], batch, replays=repeats)
     return {"linears_ms": ms, "linears_tflops": flops / (ms * 1e-3) / 1e12}
 
 
@@ -426,6 +425,12 @@ def use_unfused_rope() -> None:
     model_runner.attention_ops = attention_ops
 
 
+def use_unfused_norms() -> None:
+    """The RMSNorms as kernels of their own in the decode graphs from now on in this process
+    (the engine before they ran inside the skinny kernel): the other side of a side-by-side."""
+    model_runner.FUSE_NORMS = False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3-8b", help="test-model shape to generate")
@@ -469,6 +474,18 @@ def main() -> None:
         "--unfused-rope",
         action="store_true",
         help="RoPE and the KV cache write as separate kernels (the engine before the fused one)",
+    )
+    ap.add_argument(
+        "--unfused-norms",
+        action="store_true",
+        help="the decode graphs' RMSNorms as kernels of their own, not inside the skinny kernel",
+    )
+    ap.add_argument(
+        "--skinny-min-gain",
+        type=float,
+        default=blas_choice.SKINNY_MIN_GAIN,
+        help="the start-up measurement puts a kind of projection on the skinny kernel where it "
+        "beats BLAS by this factor (below 1: also where it is that much slower)",
     )
     ap.add_argument(
         "--no-pdl",
@@ -536,6 +553,10 @@ def main() -> None:
     report["programmatic_launch"] = programmatic_launch(torch.device("cuda"))
     if args.unfused_rope:
         use_unfused_rope()
+    report["fused_norms"] = not args.unfused_norms
+    if args.unfused_norms:
+        use_unfused_norms()
+    report["skinny_min_gain"] = blas_choice.SKINNY_MIN_GAIN = args.skinny_min_gain
     t0 = time.perf_counter()
     engine = Engine(
         EngineConfig(

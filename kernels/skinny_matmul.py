@@ -55,29 +55,59 @@ def _skinny_matmul_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
     stride_xm,
     stride_wn,
     stride_om,
+    sums_ptr,  # NORM: [num_sums, MAX_ROWS] float32, x's squared row sums in parts
+    num_sums,
+    norm_ptr,  # NORM: [K], the RMSNorm's weight
+    eps,
+    residual_ptr,  # RESIDUAL: [M, N]
+    stride_rm,
+    sums_out_ptr,  # RESIDUAL: [programs, MAX_ROWS] float32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr = False,  # x is a residual stream: RMSNorm it on the way in
+    SUMS_PAD: tl.constexpr = 1,  # num_sums rounded up to a power of two
+    RESIDUAL: tl.constexpr = False,  # out = residual + x @ w.T, and its squared sums
     PDL: tl.constexpr = False,
 ):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    if PDL:  # x is the output of the kernel before
+    if PDL:  # x (and the sums, the residual) are the kernel before's output
         gdc_wait()
         gdc_launch_dependents()
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     x_rows = x_ptr + rows[:, None] * stride_xm
+    if NORM:  # Hugging Face's RMSNorm: statistics in fp32, scaled in x's type, then weighted
+        parts = tl.arange(0, SUMS_PAD)
+        sums = tl.load(sums_ptr + parts[:, None] * BLOCK_M + rows[None, :],
+                       mask=(parts < num_sums)[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
+        rstd = tl.math.rsqrt(tl.sum(sums, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
         x = tl.load(x_rows + k0 + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            weight = tl.load(norm_ptr + k0 + ks, mask=k_ok, other=0.0)
+            # the product of two 16-bit values is exact in fp32: one rounding, as PyTorch's
+            x = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+            x = (x * weight[None, :].to(tl.float32)).to(x_ptr.dtype.element_ty)
         w = tl.load(w_rows + k0 + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    mask = row_ok[:, None] & col_ok[None, :]
+    out = acc.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:  # rounded as PyTorch rounds ``residual + x @ w.T`` in the model's type
+        residual = tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask,
+                           other=0.0)  # fmt: skip
+        out = (out.to(tl.float32) + residual.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        squares = out.to(tl.float32)
+        squares = tl.where(mask, squares * squares, 0.0)
+        tl.store(sums_out_ptr + pid * BLOCK_M + rows, tl.sum(squares, axis=1))
     dst = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(dst, out, mask=mask)
 
 
 def skinny_matmul(
@@ -88,12 +118,68 @@ def skinny_matmul(
 ) -> torch.Tensor:
     """``x @ weight.T`` (``F.linear`` without a bias) for ``x`` of at most ``MAX_ROWS`` rows;
     ``weight`` [N, K] with unit last stride, K a multiple of 64 (every model's hidden size)."""
+    _, n = _check(x, weight)
+    out = _output(x, n, out)
+    _launch(x, weight, out, config)
+    return out
+
+
+def skinny_matmul_add(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    config: SkinnyConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x @ weight.T`` (a layer's output added to the residual stream, as a new
+    tensor) and its squared row sums in parts, float32 [programs, MAX_ROWS], one part per
+    program's columns: the statistics of the RMSNorm that follows, which
+    ``skinny_matmul_normed`` sums, so that no separate kernel reads the stream for them."""
+    m, n = _check(x, weight)
+    if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
+        raise ValueError(f"residual must be [{m}, {n}] {x.dtype} with unit last stride, got "
+                         f"{list(residual.shape)} {residual.dtype}")  # fmt: skip
+    config = config or SkinnyConfig()
+    sums = torch.empty((triton.cdiv(n, config.block_n), MAX_ROWS), dtype=torch.float32,
+                       device=x.device)  # fmt: skip
+    out = _output(x, n, None)
+    _launch(x, weight, out, config, residual=residual, residual_stride=residual.stride(0),
+            sums_out=sums, RESIDUAL=True)  # fmt: skip
+    return out, sums
+
+
+def skinny_matmul_normed(
+    x: torch.Tensor,
+    sums: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    config: SkinnyConfig | None = None,
+) -> torch.Tensor:
+    """``rms_norm(x) @ weight.T`` where ``sums`` (from ``skinny_matmul_add``) hold x's squared
+    row sums in parts: the RMSNorm (Hugging Face's arithmetic, ``layers.rms_norm``) is applied
+    to x as it is loaded, so the norm needs no kernel of its own."""
+    _, n = _check(x, weight)
+    k = x.shape[1]
+    if sums.dim() != 2 or sums.shape[1] != MAX_ROWS or sums.dtype != torch.float32:
+        raise ValueError(f"sums must be float32 [parts, {MAX_ROWS}], got {list(sums.shape)} "
+                         f"{sums.dtype}")  # fmt: skip
+    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"norm_weight must be [{k}] {x.dtype}, got {list(norm_weight.shape)} "
+                         f"{norm_weight.dtype}")  # fmt: skip
+    checks.check_device(x=x, sums=sums, norm_weight=norm_weight)
+    out = _output(x, n, None)
+    _launch(x, weight, out, config, sums=sums.contiguous(), num_sums=sums.shape[0],
+            norm=norm_weight.contiguous(), eps=eps, NORM=True,
+            SUMS_PAD=triton.next_power_of_2(sums.shape[0]))  # fmt: skip
+    return out
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
     checks.check_device(x=x, weight=weight)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x [M, K] and weight [N, K] expected, got {list(x.shape)} and "
                          f"{list(weight.shape)}")  # fmt: skip
     m, k = x.shape
-    n = weight.shape[0]
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"x has {m} rows; this kernel takes 1 to {MAX_ROWS}")
     if k % 64:
@@ -102,16 +188,42 @@ def skinny_matmul(
         raise ValueError(f"x and weight must both be bf16 or fp16, got {x.dtype}, {weight.dtype}")
     checks.check_unit_last_stride("x", x)
     checks.check_unit_last_stride("weight", weight)
+    return m, weight.shape[0]
+
+
+def _output(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    m = x.shape[0]
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {n}] {x.dtype} with unit last stride")
+    return out
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    config: SkinnyConfig | None,
+    sums: torch.Tensor | None = None,
+    num_sums: int = 0,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    residual_stride: int = 0,
+    sums_out: torch.Tensor | None = None,
+    **flags: int | bool,
+) -> None:
+    m, k = x.shape
+    n = weight.shape[0]
     config = config or SkinnyConfig()
     block_k = min(config.block_k, triton.next_power_of_2(k))
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=block_k,
+        x if sums is None else sums, num_sums, x if norm is None else norm, eps,
+        x if residual is None else residual, residual_stride,
+        x if sums_out is None else sums_out,
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
-        **checks.launch_options(x.device),
+        **flags, **checks.launch_options(x.device),
     )  # fmt: skip
-    return out

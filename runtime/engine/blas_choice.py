@@ -30,6 +30,8 @@ LIBRARIES = (DEFAULT, "cublaslt")
 # Another library must beat the default by this factor to be picked: the replays of one graph
 # differ by about 1 %, and a pick within the noise would only make start-up less repeatable.
 MIN_GAIN = 1.02
+# The skinny kernel must beat BLAS by this factor (``pick_skinny``).
+SKINNY_MIN_GAIN = MIN_GAIN
 
 
 def pick(times_ms: Mapping[str, float], default: str = DEFAULT, min_gain: float = MIN_GAIN) -> str:
@@ -116,11 +118,12 @@ def choose(
 
 
 def pick_skinny(blas_ms: float, skinny_ms: Mapping[SkinnyConfig, float]) -> SkinnyConfig | None:
-    """The skinny kernel's fastest config, if it beats BLAS by ``MIN_GAIN``; else None (BLAS)."""
+    """The skinny kernel's fastest config, if it beats BLAS by ``SKINNY_MIN_GAIN``; else None
+    (BLAS)."""
     if not skinny_ms:
         return None
     best = min(skinny_ms, key=skinny_ms.__getitem__)
-    return best if blas_ms > skinny_ms[best] * MIN_GAIN else None
+    return best if blas_ms > skinny_ms[best] * SKINNY_MIN_GAIN else None
 
 
 def choose_skinny(
@@ -130,7 +133,7 @@ def choose_skinny(
 ) -> dict[int, dict[str, SkinnyConfig]]:
     """Per decode batch size up to ``max_rows``, the kinds of projection (each kind's weights in
     layer order) whose skinny kernel, at the fastest of its candidate configs, ran their matmuls
-    faster than the size's BLAS library by ``MIN_GAIN`` (``pick_skinny``), with that config;
+    faster than the size's BLAS library by ``SKINNY_MIN_GAIN`` (``pick_skinny``), with that config;
     logged. A kind the kernel cannot run on this GPU (it fails to compile, to launch or to
     capture, whatever the error) stays on BLAS: the kernel is an optimisation, never a reason
     for the engine not to start."""

@@ -30,12 +30,15 @@ MAX_ROWS = 16
 class DecodeLinear(nn.Linear):
     """``nn.Linear`` with a ``kind`` (the projection it is in every layer: qkv, o, gate_up,
     down) and a ``skinny`` launch config the runner sets while capturing a decode graph (None:
-    ``nn.Linear``)."""
+    ``nn.Linear``). With ``fuse_norms`` also set, a layer hands the RMSNorm between two such
+    projections to the kernel: the first adds its output to the residual stream and sums its
+    squares (``add``), the second normalizes as it loads (``normed``), see ``fuses_norm``."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.kind = kind
         self.skinny: SkinnyConfig | None = None
+        self.fuse_norms = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         config = self.skinny
@@ -44,6 +47,30 @@ class DecodeLinear(nn.Linear):
 
             return skinny_matmul(x, self.weight, config=config)
         return super().forward(x)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + self(x)`` as a new tensor, and its squared row sums in parts (what
+        ``normed`` takes); only where ``fuses_norm`` said so."""
+        from berth.kernels.skinny_matmul import skinny_matmul_add
+
+        return skinny_matmul_add(x, self.weight, residual, self.skinny)
+
+    def normed(
+        self, x: torch.Tensor, sums: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """``self(rms_norm(x, weight, eps))`` with x's squared sums from ``add``."""
+        from berth.kernels.skinny_matmul import skinny_matmul_normed
+
+        return skinny_matmul_normed(x, sums, weight, eps, self.weight, self.skinny)
+
+
+def fuses_norm(producer: DecodeLinear, consumer: DecodeLinear, rows: int) -> bool:
+    """Whether the RMSNorm between ``producer``'s output (added to the residual stream) and
+    ``consumer``'s input runs inside the skinny kernel: both run it, with norms fused, and the
+    step has at most ``MAX_ROWS`` rows."""
+    return rows <= MAX_ROWS and all(
+        p.skinny is not None and p.fuse_norms and p.bias is None for p in (producer, consumer)
+    )
 
 
 def by_kind(model: nn.Module) -> dict[str, list[DecodeLinear]]:
@@ -58,16 +85,21 @@ def by_kind(model: nn.Module) -> dict[str, list[DecodeLinear]]:
 
 @contextlib.contextmanager
 def skinny(
-    projections: Mapping[str, Sequence[DecodeLinear]], configs: Mapping[str, SkinnyConfig]
+    projections: Mapping[str, Sequence[DecodeLinear]],
+    configs: Mapping[str, SkinnyConfig],
+    fuse_norms: bool = False,
 ) -> Iterator[None]:
     """The projections of each kind in ``configs`` run the skinny kernel with its config inside
-    the block (a decode graph's capture); every projection runs ``nn.Linear`` after it."""
+    the block (a decode graph's capture), with the RMSNorms between two of them fused into it
+    if ``fuse_norms``; every projection runs ``nn.Linear`` after it."""
     for kind, modules in projections.items():
         for module in modules:
             module.skinny = configs.get(kind)
+            module.fuse_norms = fuse_norms
     try:
         yield
     finally:
         for modules in projections.values():
             for module in modules:
                 module.skinny = None
+                module.fuse_norms = False

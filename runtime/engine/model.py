@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from berth.runtime.engine.decode_linear import DecodeLinear
+from berth.runtime.engine.decode_linear import DecodeLinear, fuses_norm
 from berth.runtime.engine.layers import Pointwise
 from berth.runtime.engine.model_config import ModelConfig
 
@@ -47,6 +47,17 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # int32 [B], tokens in the cache including the new ones
     query_start_loc: torch.Tensor | None  # int32 [B+1]; None = decode (one token per sequence)
     max_seq_len: int  # upper bound of seq_lens (decode kernel split count)
+
+
+class Stream(NamedTuple):
+    """What passes from one decoder layer to the next: its output ``x``, not yet added to the
+    ``residual`` stream (None before the first layer), or, where the skinny kernel added it
+    already (``DecodeLinear.add``), x None and ``sums``, the stream's squared row sums in parts:
+    the next RMSNorm's statistics, which the next QKV projection normalizes by as it loads."""
+
+    x: torch.Tensor | None
+    residual: torch.Tensor | None
+    sums: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -104,10 +115,12 @@ class Attention(nn.Module):
         self.v_scale: torch.Tensor | None = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        """Attention of the QKV projection's output ``qkv`` [T, (Hq + 2 Hkv) D]: [T, Hq D], the
+        O projection's input (the layer runs both projections, so it can fuse their norms)."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -154,7 +167,7 @@ class Attention(nn.Module):
                 value=v,
                 **scales,
             )
-        return self.o_proj(o.reshape(t, self.q_size))
+        return o.reshape(t, self.q_size)
 
 
 class MLP(nn.Module):
@@ -165,9 +178,6 @@ class MLP(nn.Module):
             "gate_up", config.hidden_size, 2 * config.intermediate_size, bias=False
         )
         self.down_proj = DecodeLinear("down", config.intermediate_size, config.hidden_size, False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.pointwise.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -181,22 +191,41 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
+        stream: Stream,
         cos: torch.Tensor,
         sin: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` is the previous layer's output, not yet added to the ``residual`` stream."""
+        next_qkv: DecodeLinear | None = None,
+    ) -> Stream:
+        """``next_qkv``: the next layer's QKV projection (None in the last layer), which takes
+        this layer's output with the RMSNorm between them fused where ``fuses_norm``."""
         pw, norm1, norm2 = self.pointwise, self.input_layernorm, self.post_attention_layernorm
-        if residual is None:
-            residual = x
-            x = pw.rms_norm(x, norm1.weight, norm1.eps)
+        attn, mlp = self.self_attn, self.mlp
+        if stream.sums is not None:  # the last layer's output is in the stream: norm it here
+            residual = stream.residual
+            assert residual is not None
+            qkv = attn.qkv_proj.normed(residual, stream.sums, norm1.weight, norm1.eps)
         else:
-            x, residual = pw.add_rms_norm(x, residual, norm1.weight, norm1.eps)
-        x = self.self_attn(x, cos, sin, meta)
-        x, residual = pw.add_rms_norm(x, residual, norm2.weight, norm2.eps)
-        return self.mlp(x), residual
+            assert stream.x is not None
+            if stream.residual is None:
+                residual = stream.x
+                x = pw.rms_norm(stream.x, norm1.weight, norm1.eps)
+            else:
+                x, residual = pw.add_rms_norm(stream.x, stream.residual, norm1.weight, norm1.eps)
+            qkv = attn.qkv_proj(x)
+        o = attn(qkv, cos, sin, meta)
+        rows = o.shape[0]
+        if fuses_norm(attn.o_proj, mlp.gate_up_proj, rows):
+            residual, sums = attn.o_proj.add(o, residual)
+            gate_up = mlp.gate_up_proj.normed(residual, sums, norm2.weight, norm2.eps)
+        else:
+            x, residual = pw.add_rms_norm(attn.o_proj(o), residual, norm2.weight, norm2.eps)
+            gate_up = mlp.gate_up_proj(x)
+        x = pw.silu_and_mul(gate_up)
+        if next_qkv is not None and fuses_norm(mlp.down_proj, next_qkv, rows):
+            residual, sums = mlp.down_proj.add(x, residual)
+            return Stream(None, residual, sums)
+        return Stream(mlp.down_proj(x), residual)
 
 
 class DecoderModel(nn.Module):
@@ -271,11 +300,13 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.cos_sin[positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0], cos_sin[:, 1]
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, cos, sin, meta)
+        layers = cast(list[DecoderLayer], list(self.model.layers))
+        stream = Stream(x, None)
+        for i, layer in enumerate(layers):
+            following = layers[i + 1].self_attn.qkv_proj if i + 1 < len(layers) else None
+            stream = layer(stream, cos, sin, meta, following)
         norm = self.model.norm
-        return self.pointwise.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
+        return self.pointwise.add_rms_norm(stream.x, stream.residual, norm.weight, norm.eps)[0]
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of ``hidden``; into ``out`` [rows, vocab] when given (a CUDA graph writes

@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 
 _PAD_TOKENS = np.array([[0], [0], [-1]])  # token id, position, slot of a padding row
 PENDING = -1  # an input token the host has not seen yet (the engine's placeholder)
+# The RMSNorms between two projections that a decode graph runs on the skinny kernel run inside
+# it (decode_linear.fuses_norm); False keeps them as kernels of their own (a side-by-side).
+FUSE_NORMS = True
 # The previous step's sampled ids on the device, and the sequences of its rows.
 PendingTokens = tuple[torch.Tensor, list[Sequence]]
 
@@ -775,7 +778,7 @@ class ModelRunner:
             skinny = self.skinny_for_size.get(size, {})
             with (
                 blas_choice.preferred(self.blas_for_size[size]),
-                decode_linear.skinny(projections, skinny),
+                decode_linear.skinny(projections, skinny, FUSE_NORMS),
             ):
                 graph = self._capture(step, pool)
             pool = graph.pool()

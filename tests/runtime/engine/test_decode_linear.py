@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from berth.kernels import skinny_matmul as kernel
 from berth.kernels.skinny_matmul import SkinnyConfig
-from berth.runtime.engine import Engine, EngineConfig
+from berth.runtime.engine import Engine, EngineConfig, SamplingParams
 from berth.runtime.engine.decode_linear import MAX_ROWS, DecodeLinear, by_kind, skinny
 
 
@@ -82,3 +82,38 @@ def test_every_layer_offers_its_four_projections(tiny_model: Path) -> None:
     assert {k: len(v) for k, v in kinds.items()} == dict.fromkeys(
         ("qkv", "o", "gate_up", "down"), layers
     )
+
+
+def test_fused_norms_give_the_unfused_tokens(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every projection on the kernel, with and without the RMSNorms fused into it (the O and
+    down projections' epilogue adds to the residual stream, the gate/up and next QKV
+    projections' prologue normalizes): the same greedy tokens, and the fused run calls the
+    fused kernels, per decode step of a layer one of each kind per norm (the first layer's
+    input norm and the final norm stay apart)."""
+    engine = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float16"))
+    layers = engine.model_config.num_layers
+    kinds = by_kind(engine.runner.model)
+    configs = dict.fromkeys(kinds, SkinnyConfig(block_n=16, block_k=64))
+    fused: list[str] = []
+    for name in ("skinny_matmul_add", "skinny_matmul_normed"):
+        real = getattr(kernel, name)
+
+        def recording(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            fused.append(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(kernel, name, recording)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    with skinny(kinds, configs):
+        apart = [out.new_token_ids for out in engine.generate(prompts, params)]
+    assert fused == []
+    with skinny(kinds, configs, fuse_norms=True):
+        together = [out.new_token_ids for out in engine.generate(prompts, params)]
+    assert together == apart
+    per_step = fused[: 2 * (2 * layers - 1)]
+    assert per_step.count("skinny_matmul_add") == per_step.count("skinny_matmul_normed")
+    assert per_step.count("skinny_matmul_add") == 2 * layers - 1
+    assert all(not m.fuse_norms and m.skinny is None for ms in kinds.values() for m in ms)

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from berth.kernels.skinny_matmul import SkinnyConfig
-from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice, decode_linear
+from berth.runtime.engine import (
+    Engine,
+    EngineConfig,
+    SamplingParams,
+    blas_choice,
+    decode_linear,
+    model_runner,
+)
 from berth.runtime.engine.sampler import Sampler, allowed_only
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
 from berth.runtime.engine.token_counts import TokenCounts
@@ -73,12 +80,15 @@ def test_decode_graphs_captured_under_either_blas_library_match_eager(
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
+@pytest.mark.parametrize("fuse_norms", [True, False])
 def test_decode_graphs_with_skinny_projections_match_eager(
-    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, fuse_norms: bool
 ) -> None:
     """Every projection of every graph up to 16 rows captured on the skinny kernel (the start-up
-    measurement forced to pick it everywhere): the same logits as eager steps, and after the
-    capture every projection is back on nn.Linear for the eager ones."""
+    measurement forced to pick it everywhere), with the RMSNorms between them inside it or not:
+    the same logits as eager steps, and after the capture every projection is back on
+    nn.Linear for the eager ones."""
+    monkeypatch.setattr(model_runner, "FUSE_NORMS", fuse_norms)
 
     def everywhere(kinds, library_for_size, max_rows):  # type: ignore[no-untyped-def]
         config = SkinnyConfig(block_k=128)
