@@ -57,7 +57,6 @@ def _skinny_matmul_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
     stride_om,
     sums_ptr,  # NORM: [num_sums, MAX_ROWS] float32, x's squared row sums in parts
     num_sums,
-    norm_ptr,  # NORM: [K], the RMSNorm's weight
     eps,
     residual_ptr,  # RESIDUAL: [M, N]
     stride_rm,
@@ -65,7 +64,7 @@ def _skinny_matmul_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr = False,  # x is a residual stream: RMSNorm it on the way in
+    NORM: tl.constexpr = False,  # x is a residual stream: the product scaled by x's RMSNorm
     SUMS_PAD: tl.constexpr = 1,  # num_sums rounded up to a power of two
     RESIDUAL: tl.constexpr = False,  # out = residual + x @ w.T, and its squared sums
     PDL: tl.constexpr = False,
@@ -81,23 +80,18 @@ def _skinny_matmul_kernel(  # type: ignore[no-untyped-def]  # Triton kernel: poi
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     x_rows = x_ptr + rows[:, None] * stride_xm
-    if NORM:  # Hugging Face's RMSNorm: statistics in fp32, scaled in x's type, then weighted
-        parts = tl.arange(0, SUMS_PAD)
-        sums = tl.load(sums_ptr + parts[:, None] * BLOCK_M + rows[None, :],
-                       mask=(parts < num_sums)[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
-        rstd = tl.math.rsqrt(tl.sum(sums, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
         x = tl.load(x_rows + k0 + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:
-            weight = tl.load(norm_ptr + k0 + ks, mask=k_ok, other=0.0)
-            # the product of two 16-bit values is exact in fp32: one rounding, as PyTorch's
-            x = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
-            x = (x * weight[None, :].to(tl.float32)).to(x_ptr.dtype.element_ty)
         w = tl.load(w_rows + k0 + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     mask = row_ok[:, None] & col_ok[None, :]
+    if NORM:  # a row's RMSNorm is one scale of its product (the norm's weight is in w)
+        parts = tl.arange(0, SUMS_PAD)
+        sums = tl.load(sums_ptr + parts[:, None] * BLOCK_M + rows[None, :],
+                       mask=(parts < num_sums)[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
+        acc = acc * tl.math.rsqrt(tl.sum(sums, axis=0) / K + eps)[:, None]
     out = acc.to(out_ptr.dtype.element_ty)
     if RESIDUAL:  # rounded as PyTorch rounds ``residual + x @ w.T`` in the model's type
         residual = tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask,
@@ -150,27 +144,23 @@ def skinny_matmul_add(
 def skinny_matmul_normed(
     x: torch.Tensor,
     sums: torch.Tensor,
-    norm_weight: torch.Tensor,
     eps: float,
     weight: torch.Tensor,
     config: SkinnyConfig | None = None,
 ) -> torch.Tensor:
-    """``rms_norm(x) @ weight.T`` where ``sums`` (from ``skinny_matmul_add``) hold x's squared
-    row sums in parts: the RMSNorm (Hugging Face's arithmetic, ``layers.rms_norm``) is applied
-    to x as it is loaded, so the norm needs no kernel of its own."""
+    """``rms_norm(x) @ weight.T``, the RMSNorm without a weight of its own (the model folds the
+    norm's weight into the projection's, ``CausalLM.fold_norms``), ``sums`` (from
+    ``skinny_matmul_add``) x's squared row sums in parts. A row's norm is then one scale of its
+    product, applied to the fp32 accumulator: the loop over K is the plain product's (scaling
+    x as it loads doubled the loop's instructions and made the kernel issue-bound)."""
     _, n = _check(x, weight)
-    k = x.shape[1]
     if sums.dim() != 2 or sums.shape[1] != MAX_ROWS or sums.dtype != torch.float32:
         raise ValueError(f"sums must be float32 [parts, {MAX_ROWS}], got {list(sums.shape)} "
                          f"{sums.dtype}")  # fmt: skip
-    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
-        raise ValueError(f"norm_weight must be [{k}] {x.dtype}, got {list(norm_weight.shape)} "
-                         f"{norm_weight.dtype}")  # fmt: skip
-    checks.check_device(x=x, sums=sums, norm_weight=norm_weight)
+    checks.check_device(x=x, sums=sums)
     out = _output(x, n, None)
-    _launch(x, weight, out, config, sums=sums.contiguous(), num_sums=sums.shape[0],
-            norm=norm_weight.contiguous(), eps=eps, NORM=True,
-            SUMS_PAD=triton.next_power_of_2(sums.shape[0]))  # fmt: skip
+    _launch(x, weight, out, config, sums=sums.contiguous(), num_sums=sums.shape[0], eps=eps,
+            NORM=True, SUMS_PAD=triton.next_power_of_2(sums.shape[0]))  # fmt: skip
     return out
 
 
@@ -207,7 +197,6 @@ def _launch(
     config: SkinnyConfig | None,
     sums: torch.Tensor | None = None,
     num_sums: int = 0,
-    norm: torch.Tensor | None = None,
     eps: float = 0.0,
     residual: torch.Tensor | None = None,
     residual_stride: int = 0,
@@ -220,7 +209,7 @@ def _launch(
     block_k = min(config.block_k, triton.next_power_of_2(k))
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        x if sums is None else sums, num_sums, x if norm is None else norm, eps,
+        x if sums is None else sums, num_sums, eps,
         x if residual is None else residual, residual_stride,
         x if sums_out is None else sums_out,
         BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=block_k,

@@ -55,13 +55,12 @@ class DecodeLinear(nn.Linear):
 
         return skinny_matmul_add(x, self.weight, residual, self.skinny)
 
-    def normed(
-        self, x: torch.Tensor, sums: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> torch.Tensor:
-        """``self(rms_norm(x, weight, eps))`` with x's squared sums from ``add``."""
+    def normed(self, x: torch.Tensor, sums: torch.Tensor, eps: float) -> torch.Tensor:
+        """``self(rms_norm(x))`` with x's squared sums from ``add``, for a projection whose
+        weight holds the norm's (``CausalLM.fold_norms``)."""
         from berth.kernels.skinny_matmul import skinny_matmul_normed
 
-        return skinny_matmul_normed(x, sums, weight, eps, self.weight, self.skinny)
+        return skinny_matmul_normed(x, sums, eps, self.weight, self.skinny)
 
 
 def fuses_norm(producer: DecodeLinear, consumer: DecodeLinear, rows: int) -> bool:

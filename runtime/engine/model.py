@@ -188,6 +188,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, ops, pointwise)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, pointwise)
+        self.norms_folded = False  # the norms' weights are in the projections (fold_norms)
 
     def forward(
         self,
@@ -204,7 +205,7 @@ class DecoderLayer(nn.Module):
         if stream.sums is not None:  # the last layer's output is in the stream: norm it here
             residual = stream.residual
             assert residual is not None
-            qkv = attn.qkv_proj.normed(residual, stream.sums, norm1.weight, norm1.eps)
+            qkv = attn.qkv_proj.normed(residual, stream.sums, norm1.eps)
         else:
             assert stream.x is not None
             if stream.residual is None:
@@ -215,14 +216,14 @@ class DecoderLayer(nn.Module):
             qkv = attn.qkv_proj(x)
         o = attn(qkv, cos, sin, meta)
         rows = o.shape[0]
-        if fuses_norm(attn.o_proj, mlp.gate_up_proj, rows):
+        if self.norms_folded and fuses_norm(attn.o_proj, mlp.gate_up_proj, rows):
             residual, sums = attn.o_proj.add(o, residual)
-            gate_up = mlp.gate_up_proj.normed(residual, sums, norm2.weight, norm2.eps)
+            gate_up = mlp.gate_up_proj.normed(residual, sums, norm2.eps)
         else:
             x, residual = pw.add_rms_norm(attn.o_proj(o), residual, norm2.weight, norm2.eps)
             gate_up = mlp.gate_up_proj(x)
         x = pw.silu_and_mul(gate_up)
-        if next_qkv is not None and fuses_norm(mlp.down_proj, next_qkv, rows):
+        if self.norms_folded and next_qkv is not None and fuses_norm(mlp.down_proj, next_qkv, rows):
             residual, sums = mlp.down_proj.add(x, residual)
             return Stream(None, residual, sums)
         return Stream(mlp.down_proj(x), residual)
@@ -279,6 +280,25 @@ class CausalLM(nn.Module):
         dtype = self.model.norm.weight.dtype
         with torch.no_grad():
             self.cos_sin.copy_(torch.stack((emb.cos(), emb.sin()), dim=1).to(dtype))
+
+    def fold_norms(self) -> None:
+        """Multiply each decoder layer's RMSNorm weight into the projection after it (QKV,
+        gate/up) and set the norm's to ones; a no-op the second time. ``rms_norm(x, g) @ W.T``
+        is ``rms_norm(x, 1) @ (W * g).T``, rounded once more in the model's type: so the
+        skinny kernel can apply a layer's norm as one scale per row of its product
+        (``skinny_matmul_normed``), its loop as plain as an unnormed product's. Every path
+        (eager, prefill, decode graphs) runs the folded weights. The final norm stays: the LM
+        head may be the embedding."""
+        with torch.no_grad():
+            for module in self.model.layers:
+                layer = cast(DecoderLayer, module)
+                for norm, proj in (
+                    (layer.input_layernorm, layer.self_attn.qkv_proj),
+                    (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
+                ):
+                    proj.weight.mul_(norm.weight.to(proj.weight.dtype)[None, :])
+                    norm.weight.fill_(1.0)
+                layer.norms_folded = True
 
     def part_rows(self, fused: str, index: int) -> tuple[int, int]:
         """Row range of part ``index`` inside fused parameter ``fused``."""

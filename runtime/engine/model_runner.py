@@ -309,6 +309,7 @@ class ModelRunner:
         self.weight_arena = WeightArena(model, self.device)  # the weights' own range
         self.model = model.eval()
         load_weights(self.model, model_config, Path(config.model))
+        self.model.fold_norms()
         self.model.init_rope()
         if config.standby:
             self.weight_arena.keep_host_copy()
