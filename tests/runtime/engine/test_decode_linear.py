@@ -93,7 +93,7 @@ def test_fused_norms_give_the_unfused_tokens(
     fused kernels, per decode step of a layer one of each kind per norm (the first layer's
     input norm and the final norm stay apart)."""
     engine = Engine(EngineConfig(model=str(tiny_model), device=DEVICE.type, dtype="float16",
-                                 enforce_eager=True))  # fmt: skip
+                                 enforce_eager=True, kv_cache_bytes=64 << 20))  # fmt: skip
     layers = engine.model_config.num_layers
     kinds = by_kind(engine.runner.model)
     configs = dict.fromkeys(kinds, SkinnyConfig(block_n=16, block_k=64))
