@@ -425,10 +425,10 @@ def use_unfused_rope() -> None:
     model_runner.attention_ops = attention_ops
 
 
-def use_unfused_norms() -> None:
-    """The RMSNorms as kernels of their own in the decode graphs from now on in this process
-    (the engine before they ran inside the skinny kernel): the other side of a side-by-side."""
-    model_runner.FUSE_NORMS = False
+def use_fused_norms() -> None:
+    """The norm weights folded into the projections and the decode graphs' RMSNorms inside the
+    skinny kernel from now on in this process (``model_runner.FUSE_NORMS``, off by default)."""
+    model_runner.FUSE_NORMS = True
 
 
 def main() -> None:
@@ -476,9 +476,9 @@ def main() -> None:
         help="RoPE and the KV cache write as separate kernels (the engine before the fused one)",
     )
     ap.add_argument(
-        "--unfused-norms",
+        "--fused-norms",
         action="store_true",
-        help="the decode graphs' RMSNorms as kernels of their own, not inside the skinny kernel",
+        help="the decode graphs' RMSNorms inside the skinny kernel (model_runner.FUSE_NORMS)",
     )
     ap.add_argument(
         "--skinny-min-gain",
@@ -553,9 +553,9 @@ def main() -> None:
     report["programmatic_launch"] = programmatic_launch(torch.device("cuda"))
     if args.unfused_rope:
         use_unfused_rope()
-    report["fused_norms"] = not args.unfused_norms
-    if args.unfused_norms:
-        use_unfused_norms()
+    report["fused_norms"] = args.fused_norms
+    if args.fused_norms:
+        use_fused_norms()
     report["skinny_min_gain"] = blas_choice.SKINNY_MIN_GAIN = args.skinny_min_gain
     t0 = time.perf_counter()
     engine = Engine(

@@ -71,9 +71,13 @@ log = logging.getLogger(__name__)
 
 _PAD_TOKENS = np.array([[0], [0], [-1]])  # token id, position, slot of a padding row
 PENDING = -1  # an input token the host has not seen yet (the engine's placeholder)
-# The RMSNorms between two projections that a decode graph runs on the skinny kernel run inside
-# it (decode_linear.fuses_norm); False keeps them as kernels of their own (a side-by-side).
-FUSE_NORMS = True
+# True: the layers' norm weights are folded into the projections at load (CausalLM.fold_norms)
+# and the RMSNorms between two projections that a decode graph runs on the skinny kernel run
+# inside it (decode_linear.fuses_norm). Off by default: on an H100 it took 0.07 ms (1.2 %) off
+# a batch-1 decode step and nothing at 16 (benchmarks/results/engine-fused-norms-h100.md), and
+# with it on, the tiny model's 17-row decode graph (32 rows, no fused kernel in it) gave logits
+# unlike the eager step's while every graph of up to 16 rows matched; the cause is not found.
+FUSE_NORMS = False
 # The previous step's sampled ids on the device, and the sequences of its rows.
 PendingTokens = tuple[torch.Tensor, list[Sequence]]
 
@@ -309,7 +313,8 @@ class ModelRunner:
         self.weight_arena = WeightArena(model, self.device)  # the weights' own range
         self.model = model.eval()
         load_weights(self.model, model_config, Path(config.model))
-        self.model.fold_norms()
+        if FUSE_NORMS:
+            self.model.fold_norms()
         self.model.init_rope()
         if config.standby:
             self.weight_arena.keep_host_copy()

@@ -94,6 +94,7 @@ def test_fused_norms_give_the_unfused_tokens(
     input norm and the final norm stay apart)."""
     engine = Engine(EngineConfig(model=str(tiny_model), device=DEVICE.type, dtype="float16",
                                  enforce_eager=True, kv_cache_bytes=64 << 20))  # fmt: skip
+    engine.runner.model.fold_norms()  # as the runner does where it fuses norms
     layers = engine.model_config.num_layers
     kinds = by_kind(engine.runner.model)
     configs = dict.fromkeys(kinds, SkinnyConfig(block_n=16, block_k=64))
