@@ -32,7 +32,8 @@ class DecodeLinear(nn.Linear):
     down) and a ``skinny`` launch config the runner sets while capturing a decode graph (None:
     ``nn.Linear``). With ``fuse_norms`` also set, a layer hands the RMSNorm between two such
     projections to the kernel: the first adds its output to the residual stream and sums its
-    squares (``add``), the second normalizes as it loads (``normed``), see ``fuses_norm``."""
+    squares (``add``), the second scales its product by each row's 1/rms, the norm's weight
+    folded into its own (``normed``); see ``fuses_norm``."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)

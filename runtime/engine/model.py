@@ -53,7 +53,7 @@ class Stream(NamedTuple):
     """What passes from one decoder layer to the next: its output ``x``, not yet added to the
     ``residual`` stream (None before the first layer), or, where the skinny kernel added it
     already (``DecodeLinear.add``), x None and ``sums``, the stream's squared row sums in parts:
-    the next RMSNorm's statistics, which the next QKV projection normalizes by as it loads."""
+    the next RMSNorm's statistics, by which the next QKV projection scales its product."""
 
     x: torch.Tensor | None
     residual: torch.Tensor | None
@@ -171,9 +171,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, pointwise: Pointwise) -> None:
+    """The feed-forward block's two projections (the layer runs them, around SiLU-and-mul)."""
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.pointwise = pointwise
         self.gate_up_proj = DecodeLinear(
             "gate_up", config.hidden_size, 2 * config.intermediate_size, bias=False
         )
@@ -187,7 +188,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, ops, pointwise)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, pointwise)
+        self.mlp = MLP(config)
         self.norms_folded = False  # the norms' weights are in the projections (fold_norms)
 
     def forward(
