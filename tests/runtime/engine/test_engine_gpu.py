@@ -46,29 +46,33 @@ def _decode_logits(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
     return logits
 
 
+# With the norms folded and fused (model_runner.FUSE_NORMS, off by default), a 17-row step (the
+# 32-row graph, no fused kernel in it) gave logits unlike eager on an H100, twice; every graph
+# of up to 16 rows matched. The cause is not found: the variants below split it (folded weights
+# without fusion; fusion with prefill steps eager), each marked so that its outcome is reported.
+_UNEXPLAINED = pytest.mark.xfail(reason="17 rows with fused norms: cause not found", strict=False)
+
+
 @pytest.mark.parametrize(
-    ("batch", "fuse_norms"),
+    ("batch", "norms"),
     [
-        (1, False),
-        (3, False),
-        (17, False),
-        (1, True),
-        (3, True),
-        pytest.param(
-            17,
-            True,
-            marks=pytest.mark.xfail(
-                reason="with norms folded and fused, the 17-row step (a 32-row graph without "
-                "fused kernels) gave logits unlike eager on an H100; cause not found",
-                strict=False,
-            ),
-        ),
+        (1, "apart"),
+        (3, "apart"),
+        (17, "apart"),
+        (1, "fused"),
+        (3, "fused"),
+        pytest.param(17, "fused", marks=_UNEXPLAINED),
+        pytest.param(17, "folded only", marks=_UNEXPLAINED),
+        pytest.param(17, "fused, prefill eager", marks=_UNEXPLAINED),
     ],
 )
 def test_cuda_graph_decode_matches_eager(
-    batch: int, fuse_norms: bool, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    batch: int, norms: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(model_runner, "FUSE_NORMS", fuse_norms)
+    monkeypatch.setattr(model_runner, "FUSE_NORMS", norms != "apart")
+    if norms == "folded only":  # the weights folded at load, every graph captured unfused
+        capture = decode_linear.skinny
+        monkeypatch.setattr(decode_linear, "skinny", lambda p, c, f=False: capture(p, c, False))
     prompts = [[(7 * i + j) % 500 + 1 for j in range(5 + 9 * i)] for i in range(batch)]
     kw = {
         "model": str(tiny_model),
@@ -77,7 +81,8 @@ def test_cuda_graph_decode_matches_eager(
         "max_num_seqs": 32,
         "kv_cache_bytes": 64 << 20,
     }
-    graphed = Engine(EngineConfig(**kw))  # type: ignore[arg-type]
+    prefill_graphs = {"max_prefill_graph_tokens": 0} if norms == "fused, prefill eager" else {}
+    graphed = Engine(EngineConfig(**kw, **prefill_graphs))  # type: ignore[arg-type]
     assert graphed.runner.graphs, "no CUDA graphs were captured"
     eager = Engine(EngineConfig(**kw, enforce_eager=True))  # type: ignore[arg-type]
     a, b = _decode_logits(graphed, prompts), _decode_logits(eager, prompts)
