@@ -89,7 +89,8 @@ def test_fused_norms_give_the_unfused_tokens(
 ) -> None:
     """Every projection on the kernel, with and without the RMSNorms fused into it (the O and
     down projections' epilogue adds to the residual stream, the gate/up and next QKV
-    projections' prologue normalizes): the same greedy tokens, and the fused run calls the
+    projections scale their product by each row's 1/rms, the norms' weights folded into
+    theirs): the same greedy tokens, and the fused run calls the
     fused kernels, per decode step of a layer one of each kind per norm (the first layer's
     input norm and the final norm stay apart)."""
     engine = Engine(EngineConfig(model=str(tiny_model), device=DEVICE.type, dtype="float16",
