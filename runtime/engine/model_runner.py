@@ -357,6 +357,10 @@ class ModelRunner:
             torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)
         ]
         self._host_flip = 0
+        # Marks the queued copies out of the pinned staging buffers above (and the prefill
+        # graphs'): the next step writes those buffers only once the copies have run
+        # (``_await_staging``).
+        self._staged: torch.cuda.Event | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes: list[int] = []
         self.blas_for_size: dict[int, str] = {}  # the BLAS library each decode graph uses
@@ -517,9 +521,28 @@ class ModelRunner:
         mixed step given ``scored``, those rows' prompt log-probabilities (queued on the device,
         their copy to the host started). A decode step scores nothing: a prompt's last token
         alone is never scored (its row is the sampled one)."""
+        self._await_staging()
         if batch.is_decode:
             return self._decode(batch, pending), None
         return self._prefill(batch, pending, scored)
+
+    def _await_staging(self) -> None:
+        """Wait until the last step's copies out of the pinned staging buffers have run.
+
+        The host writes the next step's inputs into them while the device still runs the step
+        before: pipelined, the host has only seen the step before that end. The copies are
+        queued right behind it and have nearly always run by then; but while the device is
+        held up there (another process's time slice on a shared GPU, a long kernel queued in
+        between), overwriting them would feed this step's inputs to the last one, which would
+        then write its keys and values at this step's slots. An event query when they have run."""
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            staged.synchronize()
+
+    def _staging_copied(self) -> None:
+        """Mark the staging copies just queued (``_await_staging``)."""
+        self._staged = torch.cuda.Event()
+        self._staged.record()
 
     def _fill_block_tables(self, seqs: list[Sequence], rows: int, grown: list[Sequence]) -> int:
         """Write the sequences' block tables into the pinned host rows; return the widest.
@@ -576,6 +599,7 @@ class ModelRunner:
             self.d_block_tables[:rows, :width].copy_(
                 self.h_block_tables[:rows, :width], non_blocking=True
             )
+            self._staging_copied()
             self._fill_pending(self.d_tokens[0], seqs, pending, from_device)
             self.graphs[graph_size].replay()
             self.num_graph_replays += 1
@@ -714,6 +738,7 @@ class ModelRunner:
         _copy_pending(self.d_prefill_tokens[0], step.pending_at, owners, pending)
         self.d_prefill_seqs.copy_(self.h_prefill_seqs, non_blocking=True)
         self.d_block_tables[:b, :width].copy_(self.h_block_tables[:b, :width], non_blocking=True)
+        self._staging_copied()
         self.prefill_graphs[size].replay()
         self.num_prefill_graph_replays += 1
         return self.d_hidden[:size]

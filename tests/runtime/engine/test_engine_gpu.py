@@ -214,6 +214,58 @@ def test_an_engine_dropped_with_a_step_in_flight_leaves_the_device_usable(
     assert torch.ones(4, device="cuda").sum().item() == 4
 
 
+def test_a_device_held_up_between_steps_runs_each_step_on_its_own_inputs(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host writes a step's inputs into pinned staging buffers while the device runs the
+    step before, and the copies out of them are queued. Here the device is held up right
+    before each step's copies (as another process's time slice on a shared GPU can), so the
+    host gets two steps ahead: it must wait for the last copies before writing (``_await_staging``),
+    or the held-up step runs on the next one's positions and slots. Decode and mixed steps
+    (prompts arriving while others decode), graphed; the greedy tokens equal a run that
+    nothing held up."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[(11 * i + j) % 500 + 1 for j in range(7 + 5 * i)] for i in range(8)]
+    engine = Engine(
+        EngineConfig(
+            model=str(tiny_model), device="cuda", dtype="bfloat16", max_num_seqs=16,
+            kv_cache_bytes=64 << 20,
+        )
+    )  # fmt: skip
+    assert engine.runner.graphs and engine.runner.prefill_graphs
+
+    def run(tag: str) -> dict[str, list[int]]:
+        tokens: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts[:4]):
+            engine.add_request(f"{tag}{i}", p, params)
+        steps = 0
+        while engine.has_unfinished():
+            if steps == 3:  # the rest arrive while the first ones decode
+                for i, p in enumerate(prompts[4:], start=4):
+                    engine.add_request(f"{tag}{i}", p, params)
+            for out in engine.step():
+                tokens.setdefault(out.request_id[len(tag) :], []).extend(out.new_token_ids)
+            steps += 1
+        return tokens
+
+    want = run("free-")
+    runner = engine.runner
+    execute = runner.execute
+    held = 0
+
+    def held_up(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal held
+        torch.cuda._sleep(20_000_000)  # some milliseconds of device time before the copies
+        held += 1
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", held_up)
+    got = run("held-")
+    assert held > 12 and runner.num_graph_replays and runner.num_prefill_graph_replays
+    assert got == want
+    assert all(len(t) == 12 for t in got.values())
+
+
 def test_the_sampler_draws_behind_a_running_step_without_waiting_for_it() -> None:
     """The engine draws a sampled batch's tokens right after launching it, while the device
     still runs the step: nothing in a draw may wait for the stream (a pageable host-to-device
