@@ -73,10 +73,9 @@ _PAD_TOKENS = np.array([[0], [0], [-1]])  # token id, position, slot of a paddin
 PENDING = -1  # an input token the host has not seen yet (the engine's placeholder)
 # True: the layers' norm weights are folded into the projections at load (CausalLM.fold_norms)
 # and the RMSNorms between two projections that a decode graph runs on the skinny kernel run
-# inside it (decode_linear.fuses_norm). Off by default: on an H100 it took 0.05-0.06 ms (1 %)
-# off a steady batch-1 decode step and 0.03 ms at 16 (results: engine-fused-norms-h100.md), and
-# with it on, the tiny model's 17-row decode graph (32 rows, no fused kernel in it) gave logits
-# unlike the eager step's while every graph of up to 16 rows matched; the cause is not found.
+# inside it (decode_linear.fuses_norm). Off by default: on an H100 it took 0.05-0.08 ms (1 %)
+# off a steady batch-1 decode step and nothing at 16 (results: engine-fused-norms-h100.md), not
+# yet measured on an H200, and folding rounds the weights once more in the model's type.
 FUSE_NORMS = False
 # The previous step's sampled ids on the device, and the sequences of its rows.
 PendingTokens = tuple[torch.Tensor, list[Sequence]]
