@@ -59,6 +59,7 @@ from berth.runtime.engine.prompt_logprobs import PromptLogprobs, PromptRows, sco
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
 from berth.runtime.engine.token_counts import TokenCounts
+from berth.runtime.engine.uploads import upload
 from berth.runtime.engine.weight_arena import WeightArena
 from berth.runtime.engine.weights import load_weights
 
@@ -272,7 +273,10 @@ def _copy_pending(
     rows = {id(s): i for i, s in enumerate(sampled_seqs)}
     src = [rows[id(s)] for s in owners]
     dev = input_ids.device
-    input_ids[torch.tensor(missing, device=dev)] = sampled[torch.tensor(src, device=dev)]
+    # Uploaded through pinned memory: a plain copy of the indices would wait for the step
+    # still running, the one whose sampled ids these are.
+    index = upload(torch.tensor([missing, src], dtype=torch.int64), dev)
+    input_ids[index[0]] = sampled[index[1]]
 
 
 class ModelRunner:
@@ -457,9 +461,9 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers, K and V)."""
         self.forget_block_tables()
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
-        self.arena.copy_blocks(src, dst)
+        src, dst = zip(*copies, strict=True)
+        pairs = upload(torch.tensor([src, dst], dtype=torch.int64), self.device)
+        self.arena.copy_blocks(pairs[0], pairs[1])
 
     def synchronize(self) -> None:
         """Wait for the device to finish the step (a no-op on the CPU)."""
@@ -649,7 +653,7 @@ class ModelRunner:
         step = step_inputs(batch, self.np_block_tables, self.block_size)
         owners = [batch.seqs[r] for r in step.pending_rows]
         dev = self.device
-        rows = torch.tensor(step.sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
+        rows = upload(torch.tensor(step.sample_rows, dtype=torch.int64), dev)
         size = next((t for t in self.prefill_graph_sizes if t >= step.num_tokens), 0)
         if size and b + (step.num_tokens < size) <= self.graph_seqs:
             # The sampled rows and their logits go to buffers allocated once, not per step (a

@@ -227,3 +227,16 @@ def test_growth_the_device_refuses_keeps_the_pool_and_is_logged_once_per_stall(
         for n in (CPU_LOAD.request_chunks, CPU_LOAD.request_chunks + 1)
     ]
     assert engine.pool.num_blocks == (CPU_LOAD.request_chunks + 1) * arena.layout.chunk_blocks
+
+
+def test_the_runner_copies_whole_blocks_for_copy_on_write(tiny_model: Path) -> None:
+    """``ModelRunner.copy_blocks``: each (source, destination) pair copies the source block's
+    keys and values in every layer; the other blocks stay as they were."""
+    engine = Engine(EngineConfig(model=str(tiny_model), device="cpu", dtype="float32",
+                                 kv_cache_bytes=8 << 20))  # fmt: skip
+    kv = engine.runner.arena.tensor
+    kv.zero_()
+    kv[:, :, 3].normal_()
+    engine.runner.copy_blocks([(3, 5), (3, 6)])
+    assert torch.equal(kv[:, :, 5], kv[:, :, 3]) and torch.equal(kv[:, :, 6], kv[:, :, 3])
+    assert kv[:, :, 4].eq(0).all() and kv[:, :, 7].eq(0).all() and kv[:, :, 3].ne(0).any()

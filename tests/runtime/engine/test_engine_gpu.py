@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -294,6 +295,45 @@ def test_a_device_held_up_between_steps_runs_each_step_on_its_own_inputs(
     assert held > 12 and runner.num_graph_replays and runner.num_prefill_graph_replays
     assert got == want
     assert all(len(t) == 12 for t in got.values())
+
+
+def test_steps_whose_inputs_are_still_on_the_device_are_launched_without_waiting(
+    tiny_model: Path,
+) -> None:
+    """A prompt arriving while others decode makes a mixed step, and a request ending makes a
+    decode step over fewer rows; either takes its decoders' input tokens from the step before's
+    sampled ids, still on the device, by index (``_copy_pending``). Both must be launched while
+    the step before still runs: a plain copy of the indices to the device would wait for it."""
+    engine = Engine(
+        EngineConfig(
+            model=str(tiny_model), device="cuda", dtype="bfloat16", max_num_seqs=16,
+            kv_cache_bytes=64 << 20,
+        )
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"a{i}", list(range(1 + i, 40 + i)), params)
+    for _ in range(4):  # the prompts in, decoding from the device's sampled ids
+        engine.step()
+
+    def launched_behind_a_sleep() -> float:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(500_000_000)  # about a quarter second of device time queued first
+        start = time.perf_counter()
+        engine.step()
+        took = time.perf_counter() - start
+        assert not torch.cuda.current_stream().query()  # the sleep still runs: nothing waited
+        return took
+
+    engine.add_request("late", list(range(5, 60)), params)
+    assert launched_behind_a_sleep() < 0.1
+    assert engine.last_step_batch == (4, 55 + 3)  # the late prompt beside three decodes
+    engine.step()
+    engine.abort_request("a1")
+    assert launched_behind_a_sleep() < 0.1
+    assert engine.last_step_batch == (3, 3)  # decodes only, one row fewer than the last step
+    while engine.has_unfinished():
+        engine.step()
 
 
 def test_the_sampler_draws_behind_a_running_step_without_waiting_for_it() -> None:
