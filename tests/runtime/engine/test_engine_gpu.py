@@ -81,8 +81,8 @@ def _assert_decode_steps_match(got: _FirstSteps, want: _FirstSteps) -> None:
 
 # With the norms folded (model_runner.FUSE_NORMS, off by default), a 17-row step gave logits
 # unlike eager on an H100 in one row, until the rows were compared as above. Bisected on an
-# H100 (2026-12-07): it took folded weights and a graphed prompt step, not the fused kernels,
-# and the keys and values that step wrote matched the eager step's (to 5 %). So the row's decode
+# H200 and an H100 (2026-12-07): it took folded weights and a graphed prompt step, not the fused
+# kernels, and the keys and values that step wrote matched the eager step's (to 5 %). So the row's decode
 # input, the prompt step's greedy choice, is what differed; compared as above, every variant
 # below passes on the H100 that failed before.
 
