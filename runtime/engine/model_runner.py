@@ -59,7 +59,7 @@ from berth.runtime.engine.prompt_logprobs import PromptLogprobs, PromptRows, sco
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
 from berth.runtime.engine.token_counts import TokenCounts
-from berth.runtime.engine.uploads import upload
+from berth.runtime.engine.uploads import upload_values
 from berth.runtime.engine.weight_arena import WeightArena
 from berth.runtime.engine.weights import load_weights
 
@@ -275,7 +275,7 @@ def _copy_pending(
     dev = input_ids.device
     # Uploaded through pinned memory: a plain copy of the indices would wait for the step
     # still running, the one whose sampled ids these are.
-    index = upload(torch.tensor([missing, src], dtype=torch.int64), dev)
+    index = upload_values([missing, src], dev)
     input_ids[index[0]] = sampled[index[1]]
 
 
@@ -462,7 +462,7 @@ class ModelRunner:
         """Copy-on-write: duplicate whole blocks (all layers, K and V)."""
         self.forget_block_tables()
         src, dst = zip(*copies, strict=True)
-        pairs = upload(torch.tensor([src, dst], dtype=torch.int64), self.device)
+        pairs = upload_values([src, dst], self.device)
         self.arena.copy_blocks(pairs[0], pairs[1])
 
     def synchronize(self) -> None:
@@ -653,7 +653,7 @@ class ModelRunner:
         step = step_inputs(batch, self.np_block_tables, self.block_size)
         owners = [batch.seqs[r] for r in step.pending_rows]
         dev = self.device
-        rows = upload(torch.tensor(step.sample_rows, dtype=torch.int64), dev)
+        rows = upload_values(step.sample_rows, dev)
         size = next((t for t in self.prefill_graph_sizes if t >= step.num_tokens), 0)
         if size and b + (step.num_tokens < size) <= self.graph_seqs:
             # The sampled rows and their logits go to buffers allocated once, not per step (a

@@ -27,7 +27,7 @@ import torch
 from berth.runtime.engine.outputs import TokenLogprob
 from berth.runtime.engine.scheduler import ScheduledBatch
 from berth.runtime.engine.sequence import Sequence
-from berth.runtime.engine.uploads import upload
+from berth.runtime.engine.uploads import upload_values
 
 ROW_SLICE = 128  # rows of [rows, vocab] float32 computed at once
 
@@ -111,8 +111,8 @@ def score(
 ) -> PromptLogprobs:
     """Queue the scoring of ``rows`` on the device, ``ROW_SLICE`` rows at a time."""
     dev = hidden.device
-    index = upload(torch.tensor(rows.rows, dtype=torch.int64), dev)
-    targets = upload(torch.tensor(rows.targets, dtype=torch.int64), dev)
+    index = upload_values(rows.rows, dev)
+    targets = upload_values(rows.targets, dev)
     r, n = len(rows.rows), rows.top
     picked = torch.empty(r, dtype=torch.float32, device=dev)
     ranks = torch.empty(r, dtype=torch.int64, device=dev)

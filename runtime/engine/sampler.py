@@ -26,14 +26,7 @@ from berth.kernels.penalties import penalize_
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.outputs import TokenLogprob
 from berth.runtime.engine.token_counts import OUTPUT_COUNT, PenaltyRows
-from berth.runtime.engine.uploads import upload
-
-
-def _on(
-    device: torch.device, values: list[int] | list[float] | list[bool], dtype: torch.dtype
-) -> torch.Tensor:
-    """``values`` as a tensor on ``device``, without waiting for it (``uploads``)."""
-    return upload(torch.tensor(values, dtype=dtype), device)
+from berth.runtime.engine.uploads import upload, upload_values
 
 
 @dataclass(eq=False)
@@ -141,8 +134,8 @@ class Sampler:
         # place on one copy, so that at most three such tensors live at once.
         vocab = logits.shape[1]
         dev = logits.device
-        temperature = _on(
-            dev, [p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32
+        temperature = upload_values(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], dev, torch.float32
         )
         x = logits.to(torch.float32, copy=True).div_(temperature[:, None])
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -150,18 +143,20 @@ class Sampler:
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
             sorted_x, order = x.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=dev)[None, :]
-            cut = ranks >= _on(dev, top_k, torch.int64)[:, None]
+            cut = ranks >= upload_values(top_k, dev, torch.int64)[:, None]
             if any(p < 1.0 for p in top_p):  # over what top-k kept, renormalised
                 probs = sorted_x.masked_fill(cut, -torch.inf).softmax(dim=-1)
                 before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
-                cut |= before > _on(dev, top_p, torch.float32)[:, None]
+                cut |= before > upload_values(top_p, dev, torch.float32)[:, None]
             cut[:, 0] = False
             x = torch.empty_like(x).scatter_(-1, order, sorted_x.masked_fill(cut, -torch.inf))
         probs = x.softmax(dim=-1)
         del x
         min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
-            floor = _on(dev, min_p, torch.float32)[:, None] * probs.amax(dim=-1, keepdim=True)
+            floor = upload_values(min_p, dev, torch.float32)[:, None] * probs.amax(
+                dim=-1, keepdim=True
+            )
             probs.masked_fill_(probs < floor, 0.0)
         shared = [i for i, g in enumerate(generators) if g is None]
         if len(shared) == len(generators):  # no seeded row: one draw, as below, in place
@@ -169,7 +164,7 @@ class Sampler:
         else:
             noise = torch.empty_like(probs)
             if shared:
-                noise[_on(dev, shared, torch.int64)] = torch.empty(
+                noise[upload_values(shared, dev, torch.int64)] = torch.empty(
                     len(shared), vocab, device=dev
                 ).exponential_(generator=self.generator)
             for i, g in enumerate(generators):
@@ -177,7 +172,7 @@ class Sampler:
                     noise[i].exponential_(generator=g)
         sampled = probs.div_(noise).argmax(dim=-1)
         if any(greedy):
-            mask = _on(dev, greedy, torch.bool)
+            mask = upload_values(greedy, dev, torch.bool)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
 
@@ -201,7 +196,9 @@ def _adjusted(
     if biased:  # into the flat copy: index_put_ with accumulate costs 0.3 ms of host time
         at, bias = zip(*biased, strict=True)
         x.view(-1).index_add_(
-            0, _on(dev, list(at), torch.int64), _on(dev, list(bias), torch.float32)
+            0,
+            upload_values(list(at), dev, torch.int64),
+            upload_values(list(bias), dev, torch.float32),
         )
     if penalties is not None:
         if x.is_cuda:  # one pass (``kernels.penalties``); the same rule as ``penalize``
@@ -236,7 +233,7 @@ def _mask(logits: torch.Tensor, banned: list[frozenset[int]]) -> torch.Tensor:
     dev = logits.device
     # The -inf made on the device: a Python scalar would be copied there from pageable memory,
     # which waits for the stream (the GPU test in sync-debug mode caught it).
-    at = (_on(dev, rows, torch.int64), _on(dev, cols, torch.int64))
+    at = (upload_values(rows, dev, torch.int64), upload_values(cols, dev, torch.int64))
     masked.index_put_(at, masked.new_full((), -torch.inf))
     return masked
 
@@ -255,6 +252,6 @@ def allowed_only(logits: torch.Tensor, rows: list[int], words: torch.Tensor) -> 
         unpacked = np.unpackbits(words.numpy().view(np.uint8), axis=1, bitorder="little")
         keep = torch.from_numpy(unpacked[:, :vocab]).bool()
     out = logits.clone()
-    index = _on(dev, rows, torch.int64)
+    index = upload_values(rows, dev, torch.int64)
     out[index] = out[index].masked_fill(~keep, -torch.inf)
     return out

@@ -19,7 +19,7 @@ import torch
 
 from berth.runtime.engine.config import SamplingParams
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
-from berth.runtime.engine.uploads import upload
+from berth.runtime.engine.uploads import upload_values
 
 PROMPT_BIT = 1 << 24  # an output count stays below it: no context holds 16M tokens
 OUTPUT_COUNT = PROMPT_BIT - 1
@@ -29,14 +29,6 @@ def _settings(params: SamplingParams) -> np.ndarray:
     return np.array(
         [params.frequency_penalty, params.presence_penalty, params.repetition_penalty],
         dtype=np.float32,
-    )
-
-
-def _upload(values: np.ndarray | list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
-    """``values`` (int64 unless an array says otherwise) on ``device``, without waiting for
-    it (``uploads``)."""
-    return upload(
-        torch.from_numpy(np.asarray(values, dtype=getattr(values, "dtype", np.int64))), device
     )
 
 
@@ -92,10 +84,10 @@ class TokenCounts:
         in some request's latency, for an odd count."""
         n = len(batch_rows)
         pad = [0] * (n % 2)
-        both = _upload([batch_rows + pad, table_rows + pad], self.device)
+        both = upload_values([batch_rows + pad, table_rows + pad], self.device)
         at = both[:, :n]
         if params is not None:
-            values = _upload(_settings(params), self.device).expand(len(table_rows), 3)
+            values = upload_values(_settings(params), self.device).expand(len(table_rows), 3)
             self.settings.index_copy_(0, at[1], values)
         return PenaltyRows(
             self.table,
@@ -138,7 +130,7 @@ class TokenCounts:
         if any(t < 0 for t in outputs):
             raise RuntimeError(f"{seq.request_id}: a token before slot {slot} is not known yet")
         self._last = None
-        self.settings[row] = _upload(_settings(seq.params), self.device)
+        self.settings[row] = upload_values(_settings(seq.params), self.device)
         self.table[row].zero_()
         prompt = np.empty(0, dtype=np.int64)
         if seq.params.repetition_penalty != 1:
@@ -147,7 +139,9 @@ class TokenCounts:
         if len(ids):
             add = np.ones(len(ids), dtype=np.int32)
             add[: len(prompt)] = PROMPT_BIT
-            self.table[row].index_add_(0, _upload(ids, self.device), _upload(add, self.device))
+            self.table[row].index_add_(
+                0, upload_values(ids, self.device), upload_values(add, self.device)
+            )
 
     def release(self, seq: Sequence) -> None:
         """``seq`` ended: its row is free (a count still in flight lands before a reuse's

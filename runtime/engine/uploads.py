@@ -7,6 +7,9 @@ lost. Staged through pinned memory, the copy is queued and the host goes on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 
@@ -15,3 +18,13 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def upload_values(
+    values: np.ndarray | Sequence[object], device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``values`` (a list, nested lists or a numpy array) as a tensor on ``device``, without
+    waiting for it: of ``dtype``, else an array's own type or int64."""
+    if dtype is None and not isinstance(values, np.ndarray):
+        dtype = torch.int64
+    return upload(torch.as_tensor(values, dtype=dtype), device)
