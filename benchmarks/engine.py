@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from berth.kernels.checks import programmatic_launch
-from berth.kernels.l2_prefetch import PrefetchConfig
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choice, model_runner
 from berth.runtime.engine.config import DECODE_BLAS
 from berth.runtime.engine.model import AttentionOps
@@ -426,15 +425,6 @@ def use_unfused_rope() -> None:
     model_runner.attention_ops = attention_ops
 
 
-L2_PREFETCH_VARIANTS = {
-    "bulk": PrefetchConfig(),
-    "bulk-early": PrefetchConfig(early=True),
-    "bulk-64k": PrefetchConfig(chunk=65536),
-    "line": PrefetchConfig(bulk=False),
-    "line-early": PrefetchConfig(bulk=False, early=True),
-}
-
-
 def use_fused_norms() -> None:
     """The norm weights folded into the projections and the decode graphs' RMSNorms inside the
     skinny kernel from now on in this process (``model_runner.FUSE_NORMS``, off by default)."""
@@ -490,14 +480,6 @@ def main() -> None:
         action="store_true",
         help="the decode graphs' RMSNorms inside the skinny kernel (model_runner.FUSE_NORMS)",
     )
-    ap.add_argument(
-        "--l2-prefetch",
-        choices=sorted(L2_PREFETCH_VARIANTS),
-        default="",
-        help="the decode graphs ask L2 for each O projection's weight before RoPE and attention "
-        "(model_runner.L2_PREFETCH; kernels/l2_prefetch.py)",
-    )
-    ap.add_argument("--l2-prefetch-max-rows", type=int, default=model_runner.L2_PREFETCH_MAX_ROWS)
     ap.add_argument(
         "--skinny-min-gain",
         type=float,
@@ -575,10 +557,6 @@ def main() -> None:
     if args.fused_norms:
         use_fused_norms()
     report["skinny_min_gain"] = blas_choice.SKINNY_MIN_GAIN = args.skinny_min_gain
-    report["l2_prefetch"] = args.l2_prefetch
-    report["l2_prefetch_max_rows"] = args.l2_prefetch_max_rows
-    model_runner.L2_PREFETCH = L2_PREFETCH_VARIANTS.get(args.l2_prefetch)
-    model_runner.L2_PREFETCH_MAX_ROWS = args.l2_prefetch_max_rows
     t0 = time.perf_counter()
     engine = Engine(
         EngineConfig(

@@ -95,25 +95,14 @@ def _dump(cubin: bytes, flag: str) -> str:
         ).stdout
 
 
-def _instructions(cubin: bytes) -> list[tuple[int, str]]:
-    """The kernel's SASS as (address, instruction text)."""
+def main_loop_opcodes(cubin: bytes) -> Counter[str]:
+    """Opcodes of the kernel's largest loop (the body between a backward branch and its
+    target), one count per instruction a thread issues per iteration."""
     instructions: list[tuple[int, str]] = []
     for line in _dump(cubin, "-sass").splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
             instructions.append((int(m.group(1), 16), m.group(2)))
-    return instructions
-
-
-def opcodes(cubin: bytes) -> list[str]:
-    """Every instruction's opcode, in program order."""
-    return [_opcode(text) for _, text in _instructions(cubin)]
-
-
-def main_loop_opcodes(cubin: bytes) -> Counter[str]:
-    """Opcodes of the kernel's largest loop (the body between a backward branch and its
-    target), one count per instruction a thread issues per iteration."""
-    instructions = _instructions(cubin)
     best: list[str] = []
     for address, text in instructions:
         target = re.search(r"BRA\b.*?0x([0-9a-f]+)", text)

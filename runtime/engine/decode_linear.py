@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from berth.kernels.l2_prefetch import PrefetchConfig
     from berth.kernels.skinny_matmul import SkinnyConfig
 
 # The skinny kernel's row limit (kernels/skinny_matmul.py), repeated here so that importing the
@@ -41,18 +40,6 @@ class DecodeLinear(nn.Linear):
         self.kind = kind
         self.skinny: SkinnyConfig | None = None
         self.fuse_norms = False
-        # Set while a decode graph is captured: the layer asks L2 for this weight before the
-        # kernels that precede the projection (``prefetch``).
-        self.l2_prefetch: PrefetchConfig | None = None
-
-    def prefetch(self) -> None:
-        """Ask L2 for the weight now, if a decode graph's capture set ``l2_prefetch``: called
-        where the kernels up to this projection read little (the O projection's, before RoPE
-        and attention)."""
-        if self.l2_prefetch is not None:
-            from berth.kernels.l2_prefetch import l2_prefetch
-
-            l2_prefetch(self.weight, self.l2_prefetch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         config = self.skinny
@@ -116,20 +103,3 @@ def skinny(
             for module in modules:
                 module.skinny = None
                 module.fuse_norms = False
-
-
-@contextlib.contextmanager
-def prefetched(
-    projections: Mapping[str, Sequence[DecodeLinear]], configs: Mapping[str, PrefetchConfig]
-) -> Iterator[None]:
-    """The projections of each kind in ``configs`` have their weight asked of L2 ahead of use
-    inside the block (a decode graph's capture); none after it."""
-    for kind, modules in projections.items():
-        for module in modules:
-            module.l2_prefetch = configs.get(kind)
-    try:
-        yield
-    finally:
-        for modules in projections.values():
-            for module in modules:
-                module.l2_prefetch = None

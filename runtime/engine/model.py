@@ -120,7 +120,6 @@ class Attention(nn.Module):
         """Attention of the QKV projection's output ``qkv`` [T, (Hq + 2 Hkv) D]: [T, Hq D], the
         O projection's input (the layer runs both projections, so it can fuse their norms)."""
         t = qkv.shape[0]
-        self.o_proj.prefetch()  # RoPE and attention at a few rows leave HBM idle
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)

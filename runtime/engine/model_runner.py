@@ -66,7 +66,6 @@ from berth.runtime.engine.weights import load_weights
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE as _PoolHandle
 
-    from berth.kernels.l2_prefetch import PrefetchConfig
     from berth.kernels.skinny_matmul import SkinnyConfig
 
 log = logging.getLogger(__name__)
@@ -79,10 +78,6 @@ PENDING = -1  # an input token the host has not seen yet (the engine's placehold
 # off a steady batch-1 decode step and nothing at 16 (results: engine-fused-norms-h100.md), not
 # yet measured on an H200, and folding rounds the weights once more in the model's type.
 FUSE_NORMS = False
-# The O projection's weight asked of L2 before RoPE and attention, in the decode graphs of at
-# most L2_PREFETCH_MAX_ROWS rows (kernels/l2_prefetch.py); None: never.
-L2_PREFETCH: PrefetchConfig | None = None
-L2_PREFETCH_MAX_ROWS = 16
 # The previous step's sampled ids on the device, and the sequences of its rows.
 PendingTokens = tuple[torch.Tensor, list[Sequence]]
 
@@ -815,11 +810,9 @@ class ModelRunner:
             )
             step = functools.partial(self._decode_logits, self.d_tokens[:, :size], meta, size)
             skinny = self.skinny_for_size.get(size, {})
-            prefetch = {"o": L2_PREFETCH} if L2_PREFETCH and size <= L2_PREFETCH_MAX_ROWS else {}
             with (
                 blas_choice.preferred(self.blas_for_size[size]),
                 decode_linear.skinny(projections, skinny, FUSE_NORMS),
-                decode_linear.prefetched(projections, prefetch),
             ):
                 graph = self._capture(step, pool)
             pool = graph.pool()

@@ -1,7 +1,6 @@
 """The decode kernels' GPU build, checked without a GPU: each compiles for sm_90 with the
-ptxas Triton ships (the FP8 kernel's and the L2 prefetch's inline PTX included), the FP8 cache
-read as words keeps its point (no byte-wise shared-memory loads and no register spills in its
-main loop), and the prefetch issues its requests on the right side of the PDL wait.
+ptxas Triton ships (the FP8 kernel's inline PTX included), and the FP8 cache read as words keeps
+its point: no byte-wise shared-memory loads and no register spills in its main loop.
 
 Compiled in a fresh interpreter: this directory's tests run Triton's interpreter, whose kernels
 cannot be compiled."""
@@ -23,23 +22,20 @@ COMMON = {"q_ptr": "bf16", "block_tables_ptr": "i32", "seq_lens_ptr": "i32", "ou
           "v_scale_ptr": "fp32"}  # fmt: skip
 SHAPE = {"GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "BLOCK_N": 128}
 COMPILE = """
-import importlib, json, sys
-from berth.kernels.offline_compile import compile_for, main_loop_opcodes, opcodes
-module, name, pointers, constexprs = json.loads(sys.argv[1])
-kernel = getattr(importlib.import_module("berth.kernels." + module), name)
-compiled = compile_for(kernel, pointers, constexprs)
-print(json.dumps({"ops": main_loop_opcodes(compiled.cubin), "all": opcodes(compiled.cubin),
-                  "stack": compiled.stack_bytes}))
+import json, sys
+from berth.kernels import decode
+from berth.kernels.offline_compile import compile_for, main_loop_opcodes
+name, pointers, constexprs = json.loads(sys.argv[1])
+compiled = compile_for(getattr(decode, name), pointers, constexprs)
+print(json.dumps({"ops": main_loop_opcodes(compiled.cubin), "stack": compiled.stack_bytes}))
 """
 
 
-def compile_sm90(
-    kernel: str, pointers: dict[str, str], constexprs: dict[str, Any], module: str = "decode"
-) -> Any:
+def compile_sm90(kernel: str, pointers: dict[str, str], constexprs: dict[str, Any]) -> Any:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run(
-        [sys.executable, "-c", COMPILE, json.dumps([module, kernel, pointers, constexprs])],
+        [sys.executable, "-c", COMPILE, json.dumps([kernel, pointers, constexprs])],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -69,24 +65,3 @@ def test_decode_kernel_builds_for_sm90(fp8: bool) -> None:
         {**SHAPE, "HEAD_DIM": 128, "SINGLE_SPLIT": False, "FP8": fp8},
     )
     assert any(op.startswith("HMMA") for op in built["ops"])
-
-
-@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "lines"])
-@pytest.mark.parametrize("early", [False, True], ids=["after-wait", "early"])
-def test_l2_prefetch_kernel_builds_for_sm90_on_its_side_of_the_wait(
-    bulk: bool, early: bool
-) -> None:
-    built = compile_sm90(
-        "_l2_prefetch_kernel",
-        {"data_ptr": "u8"},
-        {"CHUNK": 16384 if bulk else 128, "PER_PROGRAM": 128, "BULK": bulk, "EARLY": early,
-         "PDL": True},
-        module="l2_prefetch",
-    )  # fmt: skip
-    ops = built["all"]
-    prefetch = "UBLKPF.L2" if bulk else "CCTL.E.PML2"  # cp.async.bulk.prefetch / prefetch
-    assert ops.count(prefetch) == 1, ops
-    # griddepcontrol.wait is ACQBULK: the kernel's end must follow the one before it either way.
-    assert ops.count("ACQBULK") == 1, ops
-    assert (ops.index(prefetch) < ops.index("ACQBULK")) == early, ops
-    assert not any(op.startswith(("LDG", "LD.")) for op in ops), "the weight must not reach the SMs"

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from berth.kernels import skinny_matmul as kernel
-from berth.kernels.l2_prefetch import PrefetchConfig
 from berth.kernels.skinny_matmul import SkinnyConfig
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams
-from berth.runtime.engine.decode_linear import MAX_ROWS, DecodeLinear, by_kind, prefetched, skinny
+from berth.runtime.engine.decode_linear import MAX_ROWS, DecodeLinear, by_kind, skinny
 
 
 @pytest.fixture
@@ -74,27 +73,6 @@ def test_capture_switch_turns_on_the_chosen_kinds_and_everything_off_after() -> 
     with pytest.raises(RuntimeError), skinny(kinds, {"qkv": config, "o": config}):
         raise RuntimeError("a capture that fails")
     assert all(m.skinny is None for m in model)
-
-
-def test_prefetch_switch_asks_l2_only_for_the_chosen_kinds_inside_the_capture(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from berth.kernels import l2_prefetch
-
-    asked: list[tuple[int, PrefetchConfig | None]] = []
-    monkeypatch.setattr(l2_prefetch, "l2_prefetch", lambda t, c=None: asked.append((t.numel(), c)))
-    model = torch.nn.Sequential(DecodeLinear("qkv", 64, 32, bias=False),
-                                DecodeLinear("o", 32, 64, bias=False))  # fmt: skip
-    config = PrefetchConfig(early=True)
-    for m in model:
-        m.prefetch()  # outside a capture: nothing
-    with prefetched(by_kind(model), {"o": config}):
-        for m in model:
-            m.prefetch()
-    for m in model:
-        m.prefetch()
-    assert asked == [(32 * 64, config)]
-    assert all(m.l2_prefetch is None for m in model)
 
 
 def test_every_layer_offers_its_four_projections(tiny_model: Path) -> None:

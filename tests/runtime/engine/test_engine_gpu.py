@@ -11,7 +11,6 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from berth.kernels.l2_prefetch import PrefetchConfig
 from berth.kernels.skinny_matmul import SkinnyConfig
 from berth.runtime.engine import (
     Engine,
@@ -166,46 +165,6 @@ def test_decode_graphs_with_skinny_projections_match_eager(
     for batch in (prompts[:1], prompts[:5], prompts):  # graphs of 1, 8 and 16 rows
         _assert_decode_steps_match(_first_steps(graphed, batch), _first_steps(eager, batch))
         for engine in (graphed, eager):  # the aborted requests' last tokens come back
-            while engine.has_unfinished():
-                engine.step()
-
-
-@pytest.mark.parametrize(
-    "config",
-    [PrefetchConfig(), PrefetchConfig(early=True), PrefetchConfig(bulk=False)],
-    ids=["bulk", "bulk-early", "lines"],
-)
-def test_decode_graphs_that_prefetch_the_o_weight_match_eager(
-    config: PrefetchConfig, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each layer of the graphs up to ``L2_PREFETCH_MAX_ROWS`` rows asks L2 for its O weight
-    before RoPE and attention (launched as a programmatic dependent, early or after the wait):
-    the logits are eager's, and the kernel after it still sees the QKV product."""
-    from berth.kernels import l2_prefetch as kernel
-
-    launches: list[int] = []
-    real = kernel.l2_prefetch
-
-    def counted(tensor: torch.Tensor, cfg: PrefetchConfig | None = None) -> None:
-        launches.append(tensor.numel())
-        real(tensor, cfg)
-
-    monkeypatch.setattr(kernel, "l2_prefetch", counted)
-    monkeypatch.setattr(model_runner, "L2_PREFETCH", config)
-    monkeypatch.setattr(model_runner, "L2_PREFETCH_MAX_ROWS", 8)
-    prompts = [[(3 * i + j) % 500 + 1 for j in range(4 + 5 * i)] for i in range(12)]
-    kw = {"model": str(tiny_model), "device": "cuda", "dtype": "bfloat16", "max_num_seqs": 32,
-          "kv_cache_bytes": 64 << 20}  # fmt: skip
-    graphed = Engine(EngineConfig(**kw))  # type: ignore[arg-type]
-    model = graphed.runner.model
-    small = [n for n in graphed.runner.graph_sizes if n <= 8]
-    assert small and len(launches) >= len(small) * len(model.model.layers)
-    assert set(launches) == {model.model.layers[0].self_attn.o_proj.weight.numel()}
-    assert all(m.l2_prefetch is None for ms in decode_linear.by_kind(model).values() for m in ms)
-    eager = Engine(EngineConfig(**kw, enforce_eager=True))  # type: ignore[arg-type]
-    for batch in (prompts[:1], prompts[:5], prompts):  # graphs of 1 and 8 rows, then 16 without
-        _assert_decode_steps_match(_first_steps(graphed, batch), _first_steps(eager, batch))
-        for engine in (graphed, eager):
             while engine.has_unfinished():
                 engine.step()
 
