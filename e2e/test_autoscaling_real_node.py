@@ -7,7 +7,7 @@ never share a GPU): four clients scale it to two; down to one client, the surplu
 Service's rotation and is parked by the autoscaler while the scale-down delay keeps it, then it
 goes while that client keeps sending; idle, the last replica parks (scale to
 standby, not to zero: the node agent's ledger and ``status.standbyReplicas`` say so, the
-Deployment keeps it); two clients wake it and the count goes back up. Every request of the test
+Deployment keeps it); four clients wake it and the count goes back up. Every request of the test
 is counted and none may fail.
 """
 
@@ -46,11 +46,15 @@ NAME = "elastic"
 BODY = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
 MAX_REQUESTS = 5000  # per load: a bound if a phase outlasts its wait (the tiny model serves ~50/s)
 AUTOSCALING = {
-    "targetConcurrency": 1,
+    # Two requests per replica: one closed-loop client can read as two in flight for a moment
+    # (its last request still counted on one pod, its next already on the other, the two pods
+    # scraped a second apart), and at a target of one that kept the active count at two until
+    # the scale-down removed the surplus before it could park (CI, 2026-12-07).
+    "targetConcurrency": 2,
     "targetUtilization": 1.0,
     "stableWindowSeconds": 6,  # the CRD's least
     "panicWindowSeconds": 2,
-    "scaleDownDelaySeconds": 20,  # the surplus stays a while: out of the rotation and parked
+    "scaleDownDelaySeconds": 30,  # the surplus stays a while: out of the rotation and parked
     "metrics": "Prometheus",
 }
 
@@ -158,7 +162,7 @@ def test_real_pods_scale_up_under_load_down_while_serving_park_when_idle_and_wak
         wait_for("Prometheus to scrape the runtime",
                  lambda: first in per_pod(prometheus, running), timeout=60)  # fmt: skip
 
-        # Up: four clients on one replica targeted at one request each; two is the most.
+        # Up: four clients on one replica targeted at two requests each; two is the most.
         loads.append(load := Load(url, clients=4))
         scaled = wait_for(
             "two replicas Ready under load",
@@ -246,7 +250,7 @@ def test_real_pods_scale_up_under_load_down_while_serving_park_when_idle_and_wak
         assert deployment_replicas(cluster, namespace) == 1
 
         # Load returns: the requests wake the parked replica, and the count goes back up.
-        loads.append(burst := Load(url, clients=2))
+        loads.append(burst := Load(url, clients=4))
         wait_for(
             "the parked replica active again",
             lambda: (
