@@ -46,10 +46,10 @@ NAME = "elastic"
 BODY = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
 MAX_REQUESTS = 5000  # per load: a bound if a phase outlasts its wait (the tiny model serves ~50/s)
 AUTOSCALING = {
-    # Two requests per replica: one closed-loop client can read as two in flight for a moment
-    # (its last request still counted on one pod, its next already on the other, the two pods
-    # scraped a second apart), and at a target of one that kept the active count at two until
-    # the scale-down removed the surplus before it could park (CI, 2026-12-07).
+    # Two requests per replica: one closed-loop client (tens of requests a second, spread over
+    # both pods) often reads as one in flight on each, the two pods being scraped at different
+    # instants. At a target of one that kept the active count at two until the scale-down
+    # removed the surplus before it could park (CI, 2026-12-07); it never reads as more than two.
     "targetConcurrency": 2,
     "targetUtilization": 1.0,
     "stableWindowSeconds": 6,  # the CRD's least
