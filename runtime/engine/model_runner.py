@@ -461,9 +461,8 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (all layers, K and V)."""
         self.forget_block_tables()
-        src, dst = zip(*copies, strict=True)
-        pairs = upload_values([src, dst], self.device)
-        self.arena.copy_blocks(pairs[0], pairs[1])
+        pairs = upload_values(copies, self.device)  # [n, 2]: (source, destination)
+        self.arena.copy_blocks(pairs[:, 0], pairs[:, 1])
 
     def synchronize(self) -> None:
         """Wait for the device to finish the step (a no-op on the CPU)."""

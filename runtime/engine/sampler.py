@@ -154,9 +154,8 @@ class Sampler:
         del x
         min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
-            floor = upload_values(min_p, dev, torch.float32)[:, None] * probs.amax(
-                dim=-1, keepdim=True
-            )
+            least = upload_values(min_p, dev, torch.float32)[:, None]
+            floor = least * probs.amax(dim=-1, keepdim=True)
             probs.masked_fill_(probs < floor, 0.0)
         shared = [i for i, g in enumerate(generators) if g is None]
         if len(shared) == len(generators):  # no seeded row: one draw, as below, in place
@@ -196,9 +195,7 @@ def _adjusted(
     if biased:  # into the flat copy: index_put_ with accumulate costs 0.3 ms of host time
         at, bias = zip(*biased, strict=True)
         x.view(-1).index_add_(
-            0,
-            upload_values(list(at), dev, torch.int64),
-            upload_values(list(bias), dev, torch.float32),
+            0, upload_values(at, dev, torch.int64), upload_values(bias, dev, torch.float32)
         )
     if penalties is not None:
         if x.is_cuda:  # one pass (``kernels.penalties``); the same rule as ``penalize``
