@@ -481,6 +481,12 @@ def main() -> None:
         help="the decode graphs' RMSNorms inside the skinny kernel (model_runner.FUSE_NORMS)",
     )
     ap.add_argument(
+        "--unfilled-steps",
+        action="store_true",
+        help="prompt tokens beside decodes held to the cap, not raised to fill the step's graph "
+        "(the engine before Scheduler.step_sizes)",
+    )
+    ap.add_argument(
         "--skinny-min-gain",
         type=float,
         default=blas_choice.SKINNY_MIN_GAIN,
@@ -575,6 +581,9 @@ def main() -> None:
         )
     )
     report["engine_start_s"] = time.perf_counter() - t0
+    report["filled_steps"] = not args.unfilled_steps
+    if args.unfilled_steps:
+        engine.scheduler.step_sizes = []
     report["decode_blas"] = {str(k): v for k, v in engine.runner.blas_for_size.items()}
     report["decode_skinny"] = {
         str(rows): {kind: str(config) for kind, config in configs.items()}

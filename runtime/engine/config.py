@@ -36,7 +36,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     # While sequences decode, a step computes at most this many prompt tokens besides them, so
-    # that a burst of prompts lengthens each decode step by a bounded amount (None: no cap).
+    # that a burst of prompts lengthens each decode step by a bounded amount (None: no cap);
+    # raised to fill the step's CUDA graph, whose padded rows are computed anyway.
     max_prefill_tokens_while_decoding: int | None = 512
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs

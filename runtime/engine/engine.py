@@ -81,6 +81,7 @@ class Engine:
         )
         self.scheduler = Scheduler(config, self.pool)
         self.scheduler.max_pool_blocks = self.runner.max_kv_blocks
+        self.scheduler.step_sizes = self.runner.prefill_graph_sizes
         pool_tokens = self.runner.max_kv_blocks * config.block_size
         if pool_tokens < self.max_model_len:
             # A longer sequence could never be held. One asked for by name is refused at start

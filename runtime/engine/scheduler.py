@@ -5,7 +5,9 @@ then waiting ones in arrival order (FCFS), their prompts cut into chunks so that
 never stalls everyone's decoding. While any sequence decodes, prompt tokens get a smaller share
 (``max_prefill_tokens_while_decoding``): a step's time grows with its prompt tokens, and every
 decoding sequence waits for the whole step, so this bounds the inter-token latency a burst of
-prompts causes, at the price of a longer time to first token for long prompts. When the pool
+prompts causes, at the price of a longer time to first token for long prompts. A step the runner
+pads up to a graph's token count computes the padding anyway, so the cap rises to fill it with
+prompt tokens (``fill_padded_step``). When the pool
 runs out of blocks the newest running sequence is preempted: it drops its blocks and later
 computes them again (mostly from the prefix cache).
 """
@@ -13,6 +15,7 @@ computes them again (mostly from the prefix cache).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Sizes
 from dataclasses import dataclass, field
 
 from berth.runtime.engine.block_manager import KvBlockPool
@@ -40,6 +43,16 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
 
+def fill_padded_step(decodes: int, cap: int, step_sizes: Sizes[int]) -> int:
+    """Prompt tokens a step may compute beside ``decodes`` decoding sequences: ``cap``, raised
+    so that the step fills the padded size it runs at anyway (the smallest of the ascending
+    ``step_sizes`` that holds ``decodes + cap``; the runner's graphs compute every padded row).
+    A step larger than every size runs unpadded and keeps the cap. The step is no longer, only
+    fuller: 60 decodes beside 512 prompt tokens replay the 640-token graph either way."""
+    size = next((s for s in step_sizes if s >= decodes + cap), None)
+    return cap if size is None else size - decodes
+
+
 def _arrival(seq: Sequence) -> int:
     return seq.arrival
 
@@ -56,6 +69,9 @@ class Scheduler:
         # The most blocks the pool can ever have (an elastic pool's limit); a request that
         # cannot fit even then is refused, one that fits it waits for the pool to grow.
         self.max_pool_blocks: int | None = None
+        # Token counts the runner pads a prefill or mixed step up to (its graphs' sizes,
+        # ascending; empty where steps run eagerly): the cap beside decodes fills them.
+        self.step_sizes: list[int] = []
         # Blocks a sequence held back at the last admission for lack of memory needs, all of
         # its prompt and next token (0: none was): an elastic pool grows to hold them too.
         self.blocked_blocks = 0
@@ -118,9 +134,11 @@ class Scheduler:
 
     def _prompt_budget(self, budget: int, decodes: int) -> int:
         """Prompt tokens this step may compute: the rest of the budget, capped while any
-        sequence decodes."""
+        sequence decodes (the cap filling the step's padding)."""
         cap = self.max_prefill_tokens_while_decoding
-        return budget if cap is None or decodes == 0 else min(budget, cap)
+        if cap is None or decodes == 0:
+            return budget
+        return min(budget, fill_padded_step(decodes, cap, self.step_sizes))
 
     def _room_for_decodes(self, decodes: list[Sequence]) -> bool:
         """The common step, every running sequence decoding: only those whose next token

@@ -162,6 +162,7 @@ def test_graphed_prefill_and_mixed_steps_match_eager(tiny_model: Path) -> None:
         if not eager:
             assert engine.runner.num_prefill_graph_replays >= len(prompts) // 2
             assert engine.runner.prefill_graph_sizes[-1] == 256
+            assert engine.scheduler.step_sizes == engine.runner.prefill_graph_sizes
     graphed, eager_out = outputs[False], outputs[True]
     assert all(len(t) == 12 for t in graphed.values())
     # The graphs run the fused (compiled) pointwise ops, eager steps torch's: fp32 rounding

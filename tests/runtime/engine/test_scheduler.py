@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from berth.runtime.engine.block_manager import KvBlockPool
 from berth.runtime.engine.config import EngineConfig, SamplingParams
-from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler
+from berth.runtime.engine.model_runner import prefill_graph_sizes
+from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler, fill_padded_step
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
 
 
@@ -66,6 +70,45 @@ def test_prompt_tokens_are_capped_while_sequences_decode() -> None:
         _run(s, batch)
     # second is chunked 4 at a time, third (FCFS) gets the cap's rest once second is done
     assert chunks == [[4], [4], [4], [4], [4], [1, 3]]
+
+
+@given(
+    decodes=st.integers(1, 600),
+    cap=st.integers(1, 2048),
+    budget=st.sampled_from([64, 256, 512, 2048, 8192]),
+    graph_tokens=st.sampled_from([0, 256, 2048]),
+)
+def test_the_cap_fills_the_padded_step_and_never_lengthens_it(
+    decodes: int, cap: int, budget: int, graph_tokens: int
+) -> None:
+    sizes = prefill_graph_sizes(budget, graph_tokens)
+    filled = fill_padded_step(decodes, cap, sizes)
+    assert filled >= cap
+
+    def padded(tokens: int) -> int:  # what the step computes: its graph's size, or itself
+        return next((s for s in sizes if s >= tokens), tokens)
+
+    assert padded(decodes + filled) == padded(decodes + cap)  # the same graph, never larger
+    if filled > cap:
+        assert decodes + filled in sizes  # a graph's size exactly: no padding left
+    if not sizes or decodes + cap > sizes[-1]:
+        assert filled == cap  # unpadded (eager) steps keep the cap
+
+
+def test_prompt_tokens_beside_decodes_fill_the_step_the_graph_pads_to() -> None:
+    """Three decodes and a cap of 6 make a 9-token step; the runner would replay its 16-token
+    graph for it, so the prompt takes 13 tokens, in the same step time."""
+    s = _scheduler(max_num_batched_tokens=32, max_prefill_tokens_while_decoding=6)
+    s.step_sizes = [8, 16, 32]
+    for name, first_id in (("a", 100), ("b", 200), ("c", 300)):
+        s.add(Sequence(name, list(range(first_id, first_id + 3)), 3, SamplingParams(), 40))
+    _run(s, s.schedule())  # a, b and c decode from now on
+    s.add(_seq("long", 40))
+    batch = s.schedule()
+    assert batch.num_new_tokens == [1, 1, 1, 13] and batch.num_tokens == 16
+    _run(s, batch)
+    s.step_sizes = []  # steps run eagerly: nothing is padded, the cap holds
+    assert s.schedule().num_new_tokens == [1, 1, 1, 6]
 
 
 def test_without_the_cap_prompts_fill_the_budget_beside_decodes() -> None:
