@@ -123,14 +123,25 @@ def run_engine(
     output_len: int,
     rng: random.Random,
     sampling: SamplingParams = GREEDY,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Submit ``concurrency`` requests at once and record every step until all finish."""
+    """Submit ``concurrency`` requests at once and record every step until all finish. With
+    ``rounds`` above 1, a closed loop: each request that finishes is replaced by a new one
+    until ``rounds * concurrency`` have been submitted, so arrivals spread out over the steps
+    (the way a serving benchmark holds a concurrency, vLLM's ``--max-concurrency``) instead
+    of all prompts landing in the first steps."""
     vocab = engine.model_config.vocab_size
     params = dataclasses.replace(sampling, max_tokens=output_len, ignore_eos=True)
-    for i in range(concurrency):
-        engine.add_request(
-            f"c{concurrency}-{i}", [rng.randrange(vocab) for _ in range(prompt_len)], params
-        )
+    submitted = 0
+
+    def submit() -> None:
+        nonlocal submitted
+        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+        engine.add_request(f"c{concurrency}-{submitted}", prompt, params)
+        submitted += 1
+
+    for _ in range(concurrency):
+        submit()
     token_times: dict[str, list[float]] = {}
     decode_steps: list[tuple[float, float, int]] = []  # (wall, host, kv tokens read)
     calls: list[dict[str, Any]] = []  # every step call: what it waited for, what it launched
@@ -156,11 +167,14 @@ def run_engine(
                 "outputs": len(outputs),
             }
         )
-        launched, last_end = engine.last_step_batch, t1
+        waited_for, launched, last_end = launched, engine.last_step_batch, t1
         for out in outputs:
             token_times.setdefault(out.request_id, []).append(t1)
+            if out.finished and submitted < rounds * concurrency:
+                submit()
         decoding = (
             len(outputs) == concurrency
+            and waited_for[0] == waited_for[1]  # the call waited for a decode batch
             and all(s.num_computed_tokens >= s.num_prompt_tokens for s in running)
             and len(running) == concurrency
         )
@@ -183,9 +197,10 @@ def run_engine(
         # cudaMalloc failures that made torch empty its cache and synchronize the device
         "allocator_retries": allocator_retries(engine) - retries,
         "concurrency": concurrency,
+        "rounds": rounds,
         "total_s": total,
-        "output_tokens": concurrency * output_len,
-        "tokens_per_s": concurrency * output_len / total,
+        "output_tokens": submitted * output_len,
+        "tokens_per_s": submitted * output_len / total,
         "decode_steps": len(decode_steps),
         "step_ms": 1e3 * statistics.median(w for w, _, _ in decode_steps),
         "host_ms": 1e3 * statistics.median(h for _, h, _ in decode_steps),
@@ -438,6 +453,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="requests per concurrency slot: 1 submits them all at once (a burst); above 1 a "
+        "closed loop replaces each finished request until this many per slot have run",
+    )
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument(
         "--hf-tokens", type=int, default=17, help="generate length for the HF step time"
@@ -616,12 +638,13 @@ def main() -> None:
     report["engine"] = []
     host_profiled = {int(c) for c in args.host_profile.split(",") if c}
     for c in concurrencies:
-        r = run_engine(engine, c, args.prompt_len, args.output_len, rng, sampling)
+        r = run_engine(engine, c, args.prompt_len, args.output_len, rng, sampling, args.rounds)
         kv_bytes = r["kv_tokens_mean"] * engine.runner.block_bytes / engine.config.block_size
         r["roofline_ms"] = 1e3 * (weight_bytes + kv_bytes) / bw["read"]
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
         # The issue's ideal: every prompt prefilled at the measured matmul rate, then the
-        # decode steps at their roofline; what fraction of its rate the run reached.
+        # decode steps at their roofline; what fraction of its rate the run reached (per
+        # round: a closed loop's rounds each add as many prompts and steps).
         ideal_s = (
             c * prefill_flops(engine.runner.model, mc, args.prompt_len) / rate
             + args.output_len * r["roofline_ms"] / 1e3

@@ -117,7 +117,10 @@ def main() -> None:
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(
-        max_tokens=args.rounds * args.steps + 64, temperature=0.0, ignore_eos=True
+        # the first prompts decode while the last are admitted (a few per step beside decodes)
+        max_tokens=args.rounds * args.steps + args.concurrency + 64,
+        temperature=0.0,
+        ignore_eos=True,
     )
     for i in range(args.concurrency):
         engine.add_request(str(i), [rng.randrange(vocab) for _ in range(args.prompt_len)], params)
