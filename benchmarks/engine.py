@@ -545,6 +545,7 @@ def main() -> None:
         "model": args.model,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
+        "rounds": args.rounds,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_prefill_graph_tokens": args.max_prefill_graph_tokens,
         "max_prefill_tokens_while_decoding": args.max_prefill_tokens_while_decoding,
@@ -701,6 +702,13 @@ def render(report: dict[str, Any]) -> str:
         f"Time to first token, 512-token prompt, idle engine: **{report['ttft_ms']:.1f} ms** (median of 5).",
         "",
     ]
+    rounds = report.get("rounds", 1)
+    if rounds > 1:
+        lines += [
+            f"End to end as a closed loop: each concurrency slot ran {rounds} requests one after "
+            "another (a finished request replaced at once), not one burst.",
+            "",
+        ]
     if "prefill_chunk" in report:
         p = report["prefill_chunk"]
         lines += [
