@@ -181,7 +181,8 @@ def _env(name: str) -> str:
     default=512,
     show_default=True,
     type=click.IntRange(0),
-    help="Prompt tokens per step while sequences decode (bounds inter-token latency; 0: no cap).",
+    help="Prompt tokens per step while sequences decode (bounds inter-token latency; raised to "
+    "fill the CUDA graph the step is padded to; 0: no cap).",
 )
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
