@@ -8,10 +8,13 @@
 #            per cap on prompt tokens while decoding (the scheduling trade-off)
 #   skinny   benchmarks/skinny_matmul.py --sweep: the skinny kernel against cuBLAS and cuBLASLt
 #            per kind of projection at 1, 8 and 16 rows (what the engine measures at start-up)
+#   fill     benchmarks/engine.py at ${ENGINE_CONCURRENCY:-64}: the prompt cap beside decodes filled
+#            to the step's padded graph (the default) against held to the cap (--unfilled-steps),
+#            each as a closed loop of ${FILL_ROUNDS:-4} rounds, then the default as one burst
 #   bench    benchmarks/engine.py on the llama-3-8b shape, variants side by side on one card:
 #            the landed engine (prefill/mixed steps eager, no cap on prompt tokens beside
 #            decodes, 8,192-token steps) and the new defaults, with a bf16 and an FP8 KV cache
-# Usage: benchmarks/engine_device.sh [tests] [kernels] [prefill] [burst] [skinny] [bench]
+# Usage: benchmarks/engine_device.sh [tests] [kernels] [prefill] [burst] [skinny] [fill] [bench]
 #   (default: tests kernels prefill bench, issue 23's targets in one call)
 # ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv[:flag] ..." overrides the variants (flag: one
 # more engine.py flag without its dashes, e.g. unfused-rope, or no-pdl: no programmatic
@@ -48,6 +51,14 @@ for part in $parts; do
   skinny)
     timeout 200 python3 benchmarks/skinny_matmul.py --out "$OUT" --sweep 2>&1 \
       | tee "$OUT/skinny.log" | grep -E "^\| [a-z_]+ \(|FAIL|Error" | head -20 ;;
+  fill)
+    for v in "filled:${FILL_ROUNDS:-4}:" "unfilled:${FILL_ROUNDS:-4}:unfilled-steps" "burst:1:"; do
+      IFS=: read -r tag rounds flag <<<"$v"
+      echo "== $tag: $rounds round(s) per slot${flag:+, --$flag}"
+      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/engine.py --concurrency "${ENGINE_CONCURRENCY:-64}" \
+        --skip-hf --out "$OUT" --tag="-$tag" --rounds "$rounds" ${flag:+--$flag} ${ENGINE_ARGS:-} 2>&1 \
+        | tee "$OUT/engine-$tag.log" | grep -E "^\| [0-9]|TTFT|engine up|Error|error" | head -12
+    done ;;
   bench)
     common="--concurrency ${ENGINE_CONCURRENCY:-1,64,256} --skip-hf --out $OUT ${ENGINE_ARGS:-}"
     for v in ${ENGINE_VARIANTS:-landed:8192:0:0:auto new:2048:2048:512:auto new-fp8:2048:2048:512:fp8}; do
