@@ -133,11 +133,14 @@ def run_engine(
     vocab = engine.model_config.vocab_size
     params = dataclasses.replace(sampling, max_tokens=output_len, ignore_eos=True)
     submitted = 0
+    arrived: dict[str, float] = {}  # a request's submission, from which its TTFT counts
 
     def submit() -> None:
         nonlocal submitted
         prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
-        engine.add_request(f"c{concurrency}-{submitted}", prompt, params)
+        request_id = f"c{concurrency}-{submitted}"
+        arrived[request_id] = time.perf_counter()
+        engine.add_request(request_id, prompt, params)
         submitted += 1
 
     for _ in range(concurrency):
@@ -149,6 +152,7 @@ def run_engine(
     launched = (0, 0)
     retries = allocator_retries(engine)
     start = time.perf_counter()
+    arrived = dict.fromkeys(arrived, start)  # the first ones count from the run's start
     last_end = start  # an output's gap, as ITL counts it, runs from the previous call's end
     while engine.has_unfinished():
         running = list(engine.scheduler.running)
@@ -190,7 +194,7 @@ def run_engine(
             f"such steps; raise --output-len above {output_len}"
         )
     itl = [b - a for times in token_times.values() for a, b in itertools.pairwise(times)]
-    ttft = sorted(times[0] - start for times in token_times.values())
+    ttft = sorted(times[0] - arrived[rid] for rid, times in token_times.items())
     itl_p99 = sorted(itl)[int(0.99 * len(itl))]
     return {
         "slow_calls": slow_calls(calls, 1e3 * itl_p99),

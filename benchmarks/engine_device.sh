@@ -8,13 +8,16 @@
 #            per cap on prompt tokens while decoding (the scheduling trade-off)
 #   skinny   benchmarks/skinny_matmul.py --sweep: the skinny kernel against cuBLAS and cuBLASLt
 #            per kind of projection at 1, 8 and 16 rows (what the engine measures at start-up)
+#   mixed    benchmarks/mixed_probe.py at 256: each step of a burst's ramp timed alone, and the
+#            kernels of the mixed steps at 64, 128 and 250 sequences profiled (what a mixed
+#            step's 29 ms at 256 is made of; the decode rows go through the prefill kernel)
 #   fill     benchmarks/engine.py at ${ENGINE_CONCURRENCY:-64}: the prompt cap beside decodes filled
 #            to the step's padded graph (the default) against held to the cap (--unfilled-steps),
 #            each as a closed loop of ${FILL_ROUNDS:-4} rounds, then the default as one burst
 #   bench    benchmarks/engine.py on the llama-3-8b shape, variants side by side on one card:
 #            the landed engine (prefill/mixed steps eager, no cap on prompt tokens beside
 #            decodes, 8,192-token steps) and the new defaults, with a bf16 and an FP8 KV cache
-# Usage: benchmarks/engine_device.sh [tests] [kernels] [prefill] [burst] [skinny] [fill] [bench]
+# Usage: benchmarks/engine_device.sh [tests] [kernels] [prefill] [burst] [skinny] [mixed] [fill] [bench]
 #   (default: tests kernels prefill bench, issue 23's targets in one call)
 # ENGINE_VARIANTS="tag:budget:graph_tokens:cap:kv[:flag] ..." overrides the variants (flag: one
 # more engine.py flag without its dashes, e.g. unfused-rope, or no-pdl: no programmatic
@@ -51,6 +54,9 @@ for part in $parts; do
   skinny)
     timeout 200 python3 benchmarks/skinny_matmul.py --out "$OUT" --sweep 2>&1 \
       | tee "$OUT/skinny.log" | grep -E "^\| [a-z_]+ \(|FAIL|Error" | head -20 ;;
+  mixed)
+    timeout "${MIXED_TIMEOUT:-300}" python3 benchmarks/mixed_probe.py --concurrency 256 --output-len 320 \
+      --kv-cache-gib 40 --profile 64,128,250 --out "$OUT/mixed" 2>&1 | tee "$OUT/mixed.log" | tail -8 ;;
   fill)
     for v in "filled:${FILL_ROUNDS:-4}:" "unfilled:${FILL_ROUNDS:-4}:unfilled-steps" "burst:1:"; do
       IFS=: read -r tag rounds flag <<<"$v"

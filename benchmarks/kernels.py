@@ -238,6 +238,31 @@ def fp8_decode(
     }
 
 
+def decode_rows_as_chunks(
+    paged: list[tuple[PagedBatch, torch.Tensor]], ref: torch.Tensor, decode_s: float, log: list[str]
+) -> dict[str, float]:
+    """The same decode rows through the prefill kernel, as a mixed step computes its decoding
+    sequences (chunks of one token, beside the prompt chunks, in one launch): its time against
+    the decode kernel's, which says what a mixed step's decode rows cost over a decode step's."""
+    pb0, q0 = paged[0]
+    starts = torch.arange(q0.shape[0] + 1, dtype=torch.int32, device=q0.device)
+    out = launch_prefill(q0, pb0.k_cache, pb0.v_cache, pb0.block_tables, pb0.seq_lens, starts,
+                         SCALE, None, None)  # fmt: skip
+    err = rel_err(out, ref)
+    if not err < 2e-2:
+        log.append(f"FAIL decode rows through the prefill kernel: err {err}")
+        return {}
+    t = time_per_call(
+        [
+            functools.partial(launch_prefill, q, pb.k_cache, pb.v_cache, pb.block_tables,
+                              pb.seq_lens, starts, SCALE, None, None)
+            for pb, q in paged
+        ]
+    )  # fmt: skip
+    log.append(f"  as chunks of one through the prefill kernel: {t * 1e6:.1f} us")
+    return {"as_chunks_us": t * 1e6, "as_chunks_vs_decode": t / decode_s}
+
+
 def bench_decode(
     peak_read: float, sweep: bool, log: list[str], shapes: list[tuple[int, int]]
 ) -> list[dict[str, object]]:
@@ -294,6 +319,7 @@ def bench_decode(
                             "sdpa_us": sdpa_time[(batch, context)] * 1e6,
                             "vs_sdpa": sdpa_time[(batch, context)] / t, "err": err,
                             **fp8_decode(paged, ref, context, t, log, grid),
+                            **decode_rows_as_chunks(paged, ref, t, log),
                         }
                     )  # fmt: skip
                 if best is None or t < best[0]:
@@ -479,15 +505,17 @@ def report(bw: dict[str, float], decode: list[dict], prefill: list[dict]) -> str
         "",
         "| batch x context | page | time (us) | KV TB/s | of measured read | SDPA contiguous (us) | vs SDPA | rel err "
         "| FP8 cache (us) | FP8 vs bf16 cache | FP8 rel err | FP8 read as bytes (us) "
-        "| bytes vs bf16 cache |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| bytes vs bf16 cache | as chunks of one (us) | vs decode kernel |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in decode:
         lines.append(
             f"| {r['batch']} x {r['context']} | {r['page']} | {r['us']:.1f} | {r['tbps']:.2f} | "
             f"{r['frac']:.0%} | {r['sdpa_us']:.1f} | {r['vs_sdpa']:.2f}x | {r['err']:.1e} | "
             f"{r['fp8_us']:.1f} | {r['fp8_speedup']:.2f}x | {r['fp8_err']:.1e} | "
-            f"{r['fp8_bytes_us']:.1f} | {r['fp8_bytes_speedup']:.2f}x |"
+            f"{r['fp8_bytes_us']:.1f} | {r['fp8_bytes_speedup']:.2f}x | "
+            f"{r.get('as_chunks_us', float('nan')):.1f} | "
+            f"{r.get('as_chunks_vs_decode', float('nan')):.2f}x |"
         )
     lines += [
         "",
@@ -511,6 +539,9 @@ def report(bw: dict[str, float], decode: list[dict], prefill: list[dict]) -> str
         "as 16-bit words (two values each), launched as the engine launches it (its own split "
         "plan, 8 programs per SM); 'read as bytes' is the previous FP8 kernel, timed on the "
         "same inputs with the same plan.",
+        "As chunks of one: the same decode rows through the prefill kernel (query_start_loc "
+        "0, 1, ..., B), as a mixed step computes its decoding sequences beside the prompt "
+        "chunks; its time over the decode kernel's.",
         "SDPA baselines: decode with `enable_gqa=True` over contiguous [B, Hkv, L, D]; prefill the "
         "faster of `enable_gqa=True` and K/V expanded to all heads, bottom-right causal.",
         "Prefill TFLOP/s: the chunks' own K/V passed as key/value, as the engine does (K packed, "

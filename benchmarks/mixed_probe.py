@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--profile", default="15,16,17")
+    parser.add_argument("--kv-cache-gib", type=float, default=24.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model_dir = Path(args.model_dir)
@@ -39,17 +40,18 @@ def main() -> None:
         make_model(args.model, model_dir, seed=0, dtype="bfloat16", device="cuda")
     engine = Engine(EngineConfig(model=str(model_dir), dtype="bfloat16", device="cuda",
                                  max_model_len=args.prompt_len + args.output_len + 256,
-                                 max_num_seqs=args.concurrency, kv_cache_bytes=24 << 30))  # fmt: skip
+                                 max_num_seqs=args.concurrency,
+                                 kv_cache_bytes=int(args.kv_cache_gib * (1 << 30))))  # fmt: skip
     runner = engine.runner
     real_execute = runner.execute
     timing: dict[str, Any] = {}
 
-    def timed_execute(batch: Any, pending: Any) -> torch.Tensor:
+    def timed_execute(*args: Any, **kwargs: Any) -> Any:
         torch.cuda.synchronize()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         t0 = time.perf_counter()
-        out = real_execute(batch, pending)
+        out = real_execute(*args, **kwargs)
         timing["host_ms"] = 1e3 * (time.perf_counter() - t0)
         stop.record()
         stop.synchronize()
@@ -63,7 +65,8 @@ def main() -> None:
     for i in range(args.concurrency):
         engine.add_request(str(i), [rng.randrange(vocab) for _ in range(args.prompt_len)], params)
     wanted = {int(b) for b in args.profile.split(",") if b}
-    rows, profiles = [], {}
+    rows: list[dict[str, Any]] = []
+    profiles: dict[int | str, str] = {}
     while engine.has_unfinished() and len(rows) < args.concurrency + 8:
         seqs = len(engine.scheduler.running) + (1 if engine.scheduler.waiting else 0)
         timing.clear()
