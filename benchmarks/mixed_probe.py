@@ -46,12 +46,12 @@ def main() -> None:
     real_execute = runner.execute
     timing: dict[str, Any] = {}
 
-    def timed_execute(*args: Any, **kwargs: Any) -> Any:
+    def timed_execute(*call: Any, **kwargs: Any) -> Any:
         torch.cuda.synchronize()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         t0 = time.perf_counter()
-        out = real_execute(*args, **kwargs)
+        out = real_execute(*call, **kwargs)
         timing["host_ms"] = 1e3 * (time.perf_counter() - t0)
         stop.record()
         stop.synchronize()
