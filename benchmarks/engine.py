@@ -43,6 +43,7 @@ from berth.runtime.engine import Engine, EngineConfig, SamplingParams, blas_choi
 from berth.runtime.engine.config import DECODE_BLAS
 from berth.runtime.engine.model import AttentionOps
 from berth.runtime.engine.model_config import ModelConfig
+from berth.runtime.engine.scheduler import padded_size
 from berth.runtime.engine.testmodels import make_model
 from berth.runtime.server.heap import freeze_startup_heap
 
@@ -341,7 +342,7 @@ def graph_launch_cost(engine: Engine, concurrency: int, repeats: int = 20) -> di
     step while the one before runs. Tells the launch's own CPU cost from back-pressure. The
     replays rewrite the last step's KV slots, so the requests must be aborted after."""
     runner = engine.runner
-    size = next((g for g in runner.graph_sizes if g >= concurrency), 0)
+    size = padded_size(runner.graph_sizes, concurrency)
     if not size or runner.device.type != "cuda":
         return {}
     graph = runner.graphs[size]

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_breakdown import _Stub
 
 from berth.runtime.engine import Engine, EngineConfig, SamplingParams
-from berth.runtime.engine.scheduler import ScheduledBatch
+from berth.runtime.engine.scheduler import ScheduledBatch, padded_size
 from berth.runtime.engine.testmodels import make_model
 
 # The runner's prefill/mixed graph sizes at 2,048-token steps (``prefill_graph_sizes`` of the
@@ -68,7 +68,7 @@ class StepCosts:
         """Decodes' step plus every prompt row computed, the padding of the graph included."""
         if tokens == decodes:
             return float(np.interp(decodes, *self.decode_ms))
-        rows = next((s for s in graph_sizes if s >= tokens), tokens)
+        rows = padded_size(graph_sizes, tokens) or tokens
         base = float(np.interp(decodes, *self.decode_ms)) if decodes else 0.0
         return base + 1e-3 * float(np.interp(decodes, *self.prompt_us)) * (rows - decodes)
 

@@ -56,7 +56,7 @@ from berth.runtime.engine.memory_profile import (
 from berth.runtime.engine.model import AttentionMetadata, AttentionOps, CausalLM, DecoderLayer
 from berth.runtime.engine.model_config import DTYPES, ModelConfig
 from berth.runtime.engine.prompt_logprobs import PromptLogprobs, PromptRows, score
-from berth.runtime.engine.scheduler import ScheduledBatch
+from berth.runtime.engine.scheduler import ScheduledBatch, padded_size
 from berth.runtime.engine.sequence import Sequence
 from berth.runtime.engine.token_counts import TokenCounts
 from berth.runtime.engine.uploads import upload_values
@@ -578,7 +578,7 @@ class ModelRunner:
         seqs = batch.seqs
         b = len(seqs)
         bs = self.block_size
-        graph_size = next((g for g in self.graph_sizes if g >= b), 0)
+        graph_size = padded_size(self.graph_sizes, b)
         rows = graph_size or b
         tokens, seq_lens = self.np_tokens, self.np_seq_lens
         # The usual step: the same sequences as the last one, whose input tokens are all still
@@ -653,7 +653,7 @@ class ModelRunner:
         owners = [batch.seqs[r] for r in step.pending_rows]
         dev = self.device
         rows = upload_values(step.sample_rows, dev)
-        size = next((t for t in self.prefill_graph_sizes if t >= step.num_tokens), 0)
+        size = padded_size(self.prefill_graph_sizes, step.num_tokens)
         if size and b + (step.num_tokens < size) <= self.graph_seqs:
             # The sampled rows and their logits go to buffers allocated once, not per step (a
             # fresh cudaMalloc beside a KV arena that holds the rest of the share can fail,

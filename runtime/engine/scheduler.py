@@ -43,14 +43,20 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
 
+def padded_size(sizes: Sizes[int], tokens: int) -> int:
+    """The smallest of the ascending graph ``sizes`` that holds ``tokens`` (0: none does, the
+    step runs unpadded): what the runner pads a step to, and what the scheduler fills."""
+    return next((s for s in sizes if s >= tokens), 0)
+
+
 def fill_padded_step(decodes: int, cap: int, step_sizes: Sizes[int]) -> int:
     """Prompt tokens a step may compute beside ``decodes`` decoding sequences: ``cap``, raised
     so that the step fills the padded size it runs at anyway (the smallest of the ascending
     ``step_sizes`` that holds ``decodes + cap``; the runner's graphs compute every padded row).
     A step larger than every size runs unpadded and keeps the cap. The step is no longer, only
     fuller: 60 decodes beside 512 prompt tokens replay the 640-token graph either way."""
-    size = next((s for s in step_sizes if s >= decodes + cap), None)
-    return cap if size is None else size - decodes
+    size = padded_size(step_sizes, decodes + cap)
+    return size - decodes if size else cap
 
 
 def _arrival(seq: Sequence) -> int:

@@ -8,7 +8,12 @@ from hypothesis import strategies as st
 from berth.runtime.engine.block_manager import KvBlockPool
 from berth.runtime.engine.config import EngineConfig, SamplingParams
 from berth.runtime.engine.model_runner import prefill_graph_sizes
-from berth.runtime.engine.scheduler import ScheduledBatch, Scheduler, fill_padded_step
+from berth.runtime.engine.scheduler import (
+    ScheduledBatch,
+    Scheduler,
+    fill_padded_step,
+    padded_size,
+)
 from berth.runtime.engine.sequence import Sequence, SequenceStatus
 
 
@@ -86,7 +91,7 @@ def test_the_cap_fills_the_padded_step_and_never_lengthens_it(
     assert filled >= cap
 
     def padded(tokens: int) -> int:  # what the step computes: its graph's size, or itself
-        return next((s for s in sizes if s >= tokens), tokens)
+        return padded_size(sizes, tokens) or tokens
 
     assert padded(decodes + filled) == padded(decodes + cap)  # the same graph, never larger
     if filled > cap:
